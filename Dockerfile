@@ -1,0 +1,143 @@
+# syntax=docker/dockerfile:1.7
+#
+# Images of the CLIP embedding service, one file, several targets:
+#
+#   gateway  the Python gRPC gateway (CPU-only torch, non-root, no build tools)
+#   triton   NVIDIA Triton Inference Server + the exported TorchScript model repository
+#   models   just the model repository on busybox, for the chart's init-container mode
+#
+#   docker build --target gateway -t clip-service-gateway:0.1.0 .
+#   docker build --target triton  -t clip-service-triton:0.1.0 \
+#       --build-arg MODEL_NAME=ViT-B-32 --build-arg PRETRAINED=laion2b_s34b_b79k .
+#
+# The export stage downloads pretrained weights (Hugging Face / open_clip hub), so the
+# machine running `docker build` needs internet access. PRETRAINED=none exports random
+# weights (smoke tests); PRETRAINED=/ctx/<path in the build context> a local checkpoint.
+# GATEWAY_BACKEND=embedded keeps the TorchScript weights in the gateway image (and makes
+# embedded its default backend), for a single-container deployment without Triton.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The Triton image's libtorch must load TorchScript written by the export stage's torch
+# (2.14.1): TorchScript files load in the same or a newer libtorch, not an older one. Check
+# the NGC support matrix when changing either side.
+ARG TRITON_TAG=26.10
+ARG BUSYBOX_IMAGE=busybox:1.37
+
+# ---------------------------------------------------------------------------- builder
+FROM ${PYTHON_IMAGE} AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
+
+RUN python -m venv /opt/venv
+
+# torch first, in its own layer: it is most of the image and changes least often. The CPU
+# index gives wheels without the ~4 GB of CUDA libraries the gateway never uses (the
+# GPU work happens in Triton).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
+        torch==2.14.1 torchvision==0.29.1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protos ./protos
+COPY service ./service
+# torch and torchvision are already satisfied, so pip keeps the CPU builds.
+RUN pip install --no-cache-dir . \
+    && python -c "import torch; assert torch.version.cuda is None, 'CUDA torch crept in'" \
+    && clipsvc --help > /dev/null
+
+# ---------------------------------------------------------------------------- export
+FROM builder AS export
+
+ARG MODEL_NAME=ViT-B-32
+ARG PRETRAINED=laion2b_s34b_b79k
+# Extra `clipsvc export` flags, e.g. "--max-batch-size 64 --instances 2".
+ARG EXPORT_ARGS=""
+
+# The cache mount keeps downloaded weights across rebuilds without putting them in a
+# layer; the bind mount exposes the build context at /ctx, so PRETRAINED=/ctx/demo/<file>
+# exports a local checkpoint without copying it into the image.
+# EXPORT_ARGS stays unquoted on purpose: it is split into separate flags.
+RUN --mount=type=cache,target=/root/.cache \
+    --mount=type=bind,source=.,target=/ctx \
+    clipsvc export \
+        --model "${MODEL_NAME}" \
+        --pretrained "${PRETRAINED}" \
+        --out /export \
+        --flavor pytorch \
+        ${EXPORT_ARGS} \
+    && test -f /export/metadata.json \
+    && test -f /export/clip_image/1/model.pt \
+    && test -f /export/clip_text/1/model.pt
+
+# ---------------------------------------------------------------------------- gateway-models
+# The gateway needs metadata.json (model id, image size, tokenizer) even with
+# backend=triton; the TorchScript weights only with backend=embedded. Drop them otherwise
+# so the gateway image does not carry hundreds of MB it never reads.
+FROM export AS gateway-models
+ARG GATEWAY_BACKEND=triton
+RUN if [ "${GATEWAY_BACKEND}" != "embedded" ]; then \
+        find /export -name model.pt -delete; \
+    fi
+
+# ---------------------------------------------------------------------------- gateway
+FROM ${PYTHON_IMAGE} AS gateway
+
+ARG GATEWAY_BACKEND=triton
+LABEL org.opencontainers.image.title="clip-service-gateway" \
+      org.opencontainers.image.description="CLIP embeddings over gRPC (gateway)"
+
+# A fixed numeric uid: Kubernetes' runAsNonRoot can only verify a numeric USER.
+RUN groupadd --system --gid 10001 clip \
+    && useradd --system --uid 10001 --gid clip --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin clip
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=gateway-models /export /opt/clip/model_repository
+
+# Caches point at /tmp because production runs with a read-only root filesystem and an
+# emptyDir on /tmp. HF_HUB_OFFLINE: the CLIP tokenizer ships its vocabulary, and a
+# gateway must never stall on a hub download at start.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1 \
+    XDG_CACHE_HOME=/tmp/.cache \
+    CLIP_HOST=0.0.0.0 \
+    CLIP_PORT=50051 \
+    CLIP_METRICS_PORT=9090 \
+    CLIP_BACKEND=${GATEWAY_BACKEND} \
+    CLIP_MODEL_REPOSITORY=/opt/clip/model_repository
+
+USER 10001:10001
+WORKDIR /opt/clip
+EXPOSE 50051 9090
+
+# No HEALTHCHECK: Kubernetes ignores it (the chart uses kubelet gRPC probes), and a
+# plaintext check would report a TLS-enabled gateway as unhealthy.
+ENTRYPOINT ["clipsvc"]
+CMD ["serve"]
+
+# ---------------------------------------------------------------------------- models
+FROM ${BUSYBOX_IMAGE} AS models
+COPY --from=export /export /models
+USER 65534:65534
+
+# ---------------------------------------------------------------------------- triton
+FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3 AS triton
+
+LABEL org.opencontainers.image.title="clip-service-triton" \
+      org.opencontainers.image.description="Triton Inference Server with the CLIP encoders"
+
+COPY --from=export /export /models
+
+# The NGC image's non-root user (triton-server) has uid 1000.
+USER 1000:1000
+EXPOSE 8000 8001 8002
+
+# The NGC entrypoint (/opt/nvidia/nvidia_entrypoint.sh) stays; it runs CMD.
+CMD ["tritonserver", "--model-repository=/models", "--strict-model-config=true", \
+     "--exit-timeout-secs=30", "--log-verbose=0"]

@@ -1,0 +1,62 @@
+# One entry point for people and CI. `make run` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+CLIPSVC := $(VENV)/bin/clipsvc
+MODEL_REPO := model_repository
+DEMO_WEIGHTS := demo/clip-demo-shapes.pt
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help install system-deps model run demo test lint proto bench bench-gpu clean
+
+help:
+	@echo "make run     install, export the demo model, show it classifying, start the gateway"
+	@echo "make test    install everything the tests need (redis-server, helm), run the suite"
+	@echo "make lint    ruff check + format check"
+	@echo "make bench   benchmarks (figures, not tests) into bench/results/"
+	@echo "make proto   regenerate gRPC stubs from protos/"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Real servers the integration tests start: Debian's redis-server and a helm binary.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@bash scripts/install_helm.sh
+
+$(MODEL_REPO)/metadata.json: $(DEMO_WEIGHTS) $(VENV)/.installed service/export.py service/encoders.py service/triton_config.py service/triton_python_backend/model.py
+	$(CLIPSVC) export --model clip-demo-shapes --pretrained $(DEMO_WEIGHTS) --flavor python --out $(MODEL_REPO)
+
+model: $(MODEL_REPO)/metadata.json
+
+run: model
+	$(PY) -m service.demo.showcase --repository $(MODEL_REPO)
+	$(CLIPSVC) serve --model-repository $(MODEL_REPO)
+
+demo: model
+	$(PY) -m service.demo.showcase --repository $(MODEL_REPO)
+
+test: install system-deps model
+	$(PY) -m pytest -q -ra
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+proto: install
+	PY=$(PY) bash scripts/gen_protos.sh
+
+bench: model
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(MODEL_REPO)/clip_image $(MODEL_REPO)/clip_text $(MODEL_REPO)/metadata.json .pytest_cache

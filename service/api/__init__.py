@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (`make proto`); hand-written code lives elsewhere."""

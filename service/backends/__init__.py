@@ -1,0 +1,1 @@
+"""Where the encoders run: in-process TorchScript or a Triton Inference Server."""

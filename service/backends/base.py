@@ -1,0 +1,39 @@
+"""The small interface every backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """Runs the two exported encoders on already-prepared tensors.
+
+    Errors are `service.errors` types: BackendUnavailable (not reachable / not ready),
+    Overloaded (its queue is full), DeadlineExceeded, BackendFailure (anything else).
+    """
+
+    #: "embedded" or "triton"; used in metrics labels and GetModelInfo.
+    name: str
+    #: Most items one `embed_*` call may carry.
+    max_batch_size: int
+
+    async def start(self) -> None:
+        """Connect / load; may be called before the backend is reachable."""
+
+    async def ready(self) -> bool:
+        """True when an inference would succeed now (server up, models loaded)."""
+
+    async def embed_images(
+        self, pixels_uint8: np.ndarray, *, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """`uint8 [B,3,S,S]` → L2-normalized `float32 [B,D]`."""
+
+    async def embed_texts(
+        self, token_ids: np.ndarray, *, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """`int64 [B,L]` (L ≤ context length, end-of-text inside) → `float32 [B,D]`."""
+
+    async def aclose(self) -> None:
+        """Release connections, threads and models."""

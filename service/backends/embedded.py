@@ -1,0 +1,144 @@
+"""The encoders run in-process (TorchScript), behind the gateway's own batching queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.core.batching import BatchQueue
+from service.errors import BackendFailure, BackendUnavailable, DeadlineExceeded
+from service.metrics import Metrics
+from service.model_metadata import ModelMetadata
+from service.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class EmbeddedBackend:
+    """TorchScript `clip_image`/`clip_text` from a model repository, on one model thread."""
+
+    name = "embedded"
+
+    def __init__(
+        self,
+        repository: Path,
+        metadata: ModelMetadata,
+        *,
+        metrics: Metrics,
+        device: str = "cpu",
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.002,
+        torch_threads: int = 0,
+    ) -> None:
+        self._repository = Path(repository)
+        self._metadata = metadata
+        self._metrics = metrics
+        self._device = torch.device(device)
+        self._torch_threads = torch_threads
+        self.max_batch_size = max_batch_size
+        # One thread owns the model: torch already uses every core inside a forward pass.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._queue = BatchQueue(
+            self._forward,
+            self._executor,
+            max_batch_size=max_batch_size,
+            max_wait_s=max_wait_s,
+            metrics=metrics,
+        )
+        self._modules: dict[str, torch.jit.ScriptModule] = {}
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, metadata: ModelMetadata, metrics: Metrics
+    ) -> EmbeddedBackend:
+        """Build from the settings object."""
+        return cls(
+            settings.model_repository,
+            metadata,
+            metrics=metrics,
+            device=settings.device,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000.0,
+            torch_threads=settings.torch_threads,
+        )
+
+    @property
+    def batches_run(self) -> int:
+        """Forward passes run so far (proves that concurrent calls were merged)."""
+        return self._queue.batches_run
+
+    async def start(self) -> None:
+        """Load both modules on the model thread and start the queue."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+        self._queue.start()
+
+    def _load(self) -> None:
+        if self._torch_threads > 0:
+            torch.set_num_threads(self._torch_threads)
+        for modality, model in (
+            ("image", self._metadata.image_model),
+            ("text", self._metadata.text_model),
+        ):
+            path = self._repository / model / "1" / "model.pt"
+            if not path.is_file():
+                raise BackendUnavailable(f"{path} not found; export the model first")
+            self._modules[modality] = torch.jit.load(str(path), map_location=self._device).eval()
+        _LOGGER.info("loaded encoders from %s on %s", self._repository, self._device)
+
+    def _forward(self, modality: str, rows: np.ndarray) -> np.ndarray:
+        module = self._modules[modality]
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = module(torch.from_numpy(rows).to(self._device))
+                return out.to("cpu", torch.float32).numpy()
+        except Exception:
+            self._metrics.backend_errors.labels(self.name, modality).inc()
+            raise
+        finally:
+            self._metrics.backend_latency.labels(self.name, modality).observe(
+                time.perf_counter() - started
+            )
+
+    async def ready(self) -> bool:
+        """Loaded and the queue owner alive."""
+        return len(self._modules) == 2
+
+    async def _submit(self, modality: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        if not self._modules:
+            raise BackendUnavailable("encoders are not loaded yet")
+        try:
+            return await asyncio.wait_for(self._queue.submit(modality, rows), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{modality} embedding did not finish within {timeout_s:.3f}s"
+            ) from None
+        except (BackendUnavailable, DeadlineExceeded, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise BackendFailure(f"{modality} encoder failed: {exc}") from exc
+
+    async def embed_images(
+        self, pixels_uint8: np.ndarray, *, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """`uint8 [B,3,S,S]` → `float32 [B,D]`, batched with concurrent callers."""
+        return await self._submit("image", pixels_uint8, timeout_s)
+
+    async def embed_texts(
+        self, token_ids: np.ndarray, *, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """`int64 [B,L]` → `float32 [B,D]`, batched with callers of the same length L."""
+        return await self._submit("text", token_ids, timeout_s)
+
+    async def aclose(self) -> None:
+        """Stop the queue and the model thread."""
+        await self._queue.aclose()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._modules.clear()

@@ -1,0 +1,294 @@
+"""Python client for `clip.v1.ClipService`: sync (`ClipClient`) and asyncio (`AsyncClipClient`).
+
+Vectors come back as numpy arrays (`float32 [N, D]`); they travel as packed float32
+bytes, which is smaller and faster than repeated floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
+
+ImageInput = bytes | str | Path
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Vectors of one call with per-item flags."""
+
+    vectors: np.ndarray
+    truncated: list[bool]
+    cached: list[bool]
+    model: str
+
+
+@dataclass(frozen=True)
+class Label:
+    """One zero-shot label's result."""
+
+    label: str
+    probability: float
+    score: float
+
+
+def decode_embedding(message: clip_pb2.Embedding) -> np.ndarray:
+    """One `Embedding` message → `float32 [D]`, whatever format it was sent in."""
+    if message.packed:
+        dtype = "<f2" if len(message.packed) == 2 * message.dim else "<f4"
+        return np.frombuffer(message.packed, dtype=dtype).astype(np.float32)
+    return np.asarray(message.values, dtype=np.float32)
+
+
+def _image_bytes(image: ImageInput) -> bytes:
+    return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+
+def _embeddings(response: clip_pb2.EmbedResponse, dim_hint: int = 0) -> Embeddings:
+    vectors = [decode_embedding(e) for e in response.embeddings]
+    matrix = np.stack(vectors) if vectors else np.zeros((0, dim_hint), dtype=np.float32)
+    return Embeddings(
+        vectors=matrix,
+        truncated=[e.truncated for e in response.embeddings],
+        cached=[e.cached for e in response.embeddings],
+        model=response.model,
+    )
+
+
+def _item(value: str | bytes | Path) -> clip_pb2.Item:
+    if isinstance(value, str):
+        return clip_pb2.Item(text=value)
+    return clip_pb2.Item(image=_image_bytes(value))
+
+
+def _classify_request(
+    images: Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str], top_k: int
+) -> clip_pb2.ClassifyRequest:
+    return clip_pb2.ClassifyRequest(
+        images=[_image_bytes(i) for i in images],
+        labels=list(labels),
+        templates=list(templates),
+        top_k=top_k,
+    )
+
+
+def _labels(response: clip_pb2.ClassifyResponse) -> list[list[Label]]:
+    return [
+        [Label(s.label, s.probability, s.score) for s in result.labels]
+        for result in response.results
+    ]
+
+
+def _connect(
+    transport: Any,
+    target: str,
+    api_key: str | None,
+    tls: bool,
+    tls_ca: bytes | None,
+    max_message_bytes: int,
+) -> tuple[Any, list[tuple[str, str]]]:
+    """A channel from `grpc` or `grpc.aio` (same factory names) and the call metadata."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
+    if tls or tls_ca:
+        creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+        return transport.secure_channel(target, creds, options=options), metadata
+    return transport.insecure_channel(target, options=options), metadata
+
+
+_PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
+
+
+def _text_request(texts: Sequence[str]) -> clip_pb2.EmbedTextRequest:
+    return clip_pb2.EmbedTextRequest(texts=list(texts), format=_PACKED)
+
+
+def _image_request(images: Sequence[ImageInput]) -> clip_pb2.EmbedImageRequest:
+    return clip_pb2.EmbedImageRequest(images=[_image_bytes(i) for i in images], format=_PACKED)
+
+
+def _similarity_request(
+    queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path]
+) -> clip_pb2.SimilarityRequest:
+    return clip_pb2.SimilarityRequest(
+        queries=[_item(q) for q in queries], candidates=[_item(c) for c in candidates]
+    )
+
+
+def stream_request(item_id: str, value: str | bytes) -> clip_pb2.StreamRequest:
+    """One EmbedStream message: a str is a text, bytes an encoded image."""
+    if isinstance(value, str):
+        return clip_pb2.StreamRequest(id=item_id, text=value, format=_PACKED)
+    return clip_pb2.StreamRequest(id=item_id, image=value, format=_PACKED)
+
+
+class ClipClient:
+    """Blocking client. `with ClipClient("localhost:50051") as c: c.embed_text([...])`."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: bytes | None = None,
+        timeout_s: float | None = 60.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self._channel, self._metadata = _connect(
+            grpc, target, api_key, tls, tls_ca, max_message_bytes
+        )
+        self.stub = clip_pb2_grpc.ClipServiceStub(self._channel)
+        self._timeout = timeout_s
+
+    def __enter__(self) -> ClipClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _call(self, method: str, request: Any) -> Any:
+        return getattr(self.stub, method)(request, timeout=self._timeout, metadata=self._metadata)
+
+    def embed_text(self, texts: Sequence[str]) -> Embeddings:
+        """`float32 [N, D]` for `texts`."""
+        return _embeddings(self._call("EmbedText", _text_request(texts)))
+
+    def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
+        """`float32 [N, D]` for encoded images (bytes or file paths)."""
+        return _embeddings(self._call("EmbedImage", _image_request(images)))
+
+    def similarity(
+        self, queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine `[Q, C]`, softmax probabilities `[Q, C]`); str = text, bytes/Path = image."""
+        return _matrices(self._call("Similarity", _similarity_request(queries, candidates)))
+
+    def classify(
+        self,
+        images: Sequence[ImageInput],
+        labels: Sequence[str],
+        *,
+        templates: Sequence[str] = (),
+        top_k: int = 0,
+    ) -> list[list[Label]]:
+        """Zero-shot labels per image, most probable first."""
+        return _labels(self._call("Classify", _classify_request(images, labels, templates, top_k)))
+
+    def model_info(self) -> clip_pb2.ModelInfo:
+        """What the server serves."""
+        return self._call("GetModelInfo", clip_pb2.GetModelInfoRequest())
+
+    def embed_stream(
+        self, items: Iterable[tuple[str, str | bytes]]
+    ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+        """Bulk: (id, text or image bytes) in → (id, vector or None, error or None) out."""
+        requests = (stream_request(item_id, value) for item_id, value in items)
+        for answer in self.stub.EmbedStream(requests, metadata=self._metadata):
+            yield _stream_answer(answer)
+
+
+class AsyncClipClient:
+    """asyncio client with the same methods as `ClipClient`, awaited."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: bytes | None = None,
+        timeout_s: float | None = 60.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self._channel, self._metadata = _connect(
+            grpc.aio, target, api_key, tls, tls_ca, max_message_bytes
+        )
+        self.stub = clip_pb2_grpc.ClipServiceStub(self._channel)
+        self._timeout = timeout_s
+
+    async def __aenter__(self) -> AsyncClipClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def _call(self, method: str, request: Any) -> Any:
+        stub_method = getattr(self.stub, method)
+        return await stub_method(request, timeout=self._timeout, metadata=self._metadata)
+
+    async def embed_text(self, texts: Sequence[str]) -> Embeddings:
+        """`float32 [N, D]` for `texts`."""
+        return _embeddings(await self._call("EmbedText", _text_request(texts)))
+
+    async def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
+        """`float32 [N, D]` for encoded images (bytes or file paths)."""
+        return _embeddings(await self._call("EmbedImage", _image_request(images)))
+
+    async def similarity(
+        self, queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine `[Q, C]`, softmax probabilities `[Q, C]`)."""
+        return _matrices(await self._call("Similarity", _similarity_request(queries, candidates)))
+
+    async def classify(
+        self,
+        images: Sequence[ImageInput],
+        labels: Sequence[str],
+        *,
+        templates: Sequence[str] = (),
+        top_k: int = 0,
+    ) -> list[list[Label]]:
+        """Zero-shot labels per image, most probable first."""
+        request = _classify_request(images, labels, templates, top_k)
+        return _labels(await self._call("Classify", request))
+
+    async def model_info(self) -> clip_pb2.ModelInfo:
+        """What the server serves."""
+        return await self._call("GetModelInfo", clip_pb2.GetModelInfoRequest())
+
+    async def embed_stream(
+        self,
+        items: AsyncIterable[tuple[str, str | bytes]] | Iterable[tuple[str, str | bytes]],
+    ) -> AsyncIterator[tuple[str, np.ndarray | None, str | None]]:
+        """Bulk over EmbedStream: (id, text or image bytes) in; (id, vector, error) as they come."""
+
+        async def requests() -> AsyncIterator[clip_pb2.StreamRequest]:
+            if isinstance(items, AsyncIterable):
+                async for item_id, value in items:
+                    yield stream_request(item_id, value)
+            else:
+                for item_id, value in items:
+                    yield stream_request(item_id, value)
+
+        async for answer in self.stub.EmbedStream(requests(), metadata=self._metadata):
+            yield _stream_answer(answer)
+
+
+def _matrices(response: clip_pb2.SimilarityResponse) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.array([list(r.scores) for r in response.rows], dtype=np.float32)
+    probs = np.array([list(r.probabilities) for r in response.rows], dtype=np.float32)
+    return scores, probs
+
+
+def _stream_answer(answer: clip_pb2.StreamResponse) -> tuple[str, np.ndarray | None, str | None]:
+    if answer.WhichOneof("result") == "embedding":
+        return answer.id, decode_embedding(answer.embedding), None
+    return answer.id, None, f"{answer.error.code}: {answer.error.message}"

@@ -1,0 +1,185 @@
+"""Client commands of `clipsvc`: embed-text, embed-image, classify, similarity, info, embed-dir."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from service.client import AsyncClipClient, ClipClient
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        default=os.environ.get("CLIP_TARGET", "127.0.0.1:50051"),
+        help="server address host:port [env CLIP_TARGET]",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("CLIP_API_KEY"),
+        help="API key sent as 'authorization: Bearer' [env CLIP_API_KEY]",
+    )
+    p.add_argument("--tls", action="store_true", help="use TLS")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA bundle to verify the server")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-call deadline in seconds")
+
+
+def _client(args: argparse.Namespace) -> ClipClient:
+    ca = args.tls_ca.read_bytes() if args.tls_ca else None
+    return ClipClient(
+        args.target, api_key=args.api_key, tls=args.tls, tls_ca=ca, timeout_s=args.timeout
+    )
+
+
+def _print_vectors(vectors: np.ndarray, names: list[str], full: bool) -> None:
+    for name, vec in zip(names, vectors, strict=True):
+        shown = vec.tolist() if full else [*np.round(vec[:6], 4).tolist(), "..."]
+        print(json.dumps({"input": name, "dim": len(vec), "vector": shown}))
+
+
+def _cmd_embed_text(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.embed_text(args.texts)
+    _print_vectors(result.vectors, args.texts, args.full)
+    return 0
+
+
+def _cmd_embed_image(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.embed_image([Path(f) for f in args.files])
+    _print_vectors(result.vectors, args.files, args.full)
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        results = client.classify(
+            [Path(f) for f in args.images],
+            args.labels,
+            templates=args.templates or (),
+            top_k=args.top_k,
+        )
+    for name, labels in zip(args.images, results, strict=True):
+        print(name)
+        for label in labels:
+            print(f"  {label.probability:7.2%}  {label.label}  (cosine {label.score:.3f})")
+    return 0
+
+
+def _parse_item(value: str) -> str | Path:
+    return Path(value[1:]) if value.startswith("@") else value
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        scores, probs = client.similarity(
+            [_parse_item(q) for q in args.queries], [_parse_item(c) for c in args.candidates]
+        )
+    for i, query in enumerate(args.queries):
+        print(query)
+        for j, candidate in enumerate(args.candidates):
+            print(f"  cosine {scores[i, j]: .4f}  p {probs[i, j]:7.2%}  {candidate}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.model_info()
+    print(json.dumps({f.name: v for f, v in info.ListFields()}, indent=2))
+    return 0
+
+
+def _cmd_embed_dir(args: argparse.Namespace) -> int:
+    root = Path(args.directory)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        print(f"no images under {root}", file=sys.stderr)
+        return 1
+    return asyncio.run(_embed_dir(args, root, files))
+
+
+async def _embed_dir(args: argparse.Namespace, root: Path, files: list[Path]) -> int:
+    ca = args.tls_ca.read_bytes() if args.tls_ca else None
+    vectors: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    started = time.perf_counter()
+
+    async def items() -> AsyncIterator[tuple[str, bytes]]:
+        # Read lazily: the stream's flow control keeps only a window of files in memory.
+        for index, path in enumerate(files):
+            yield str(index), path.read_bytes()
+
+    async with AsyncClipClient(
+        args.target, api_key=args.api_key, tls=args.tls, tls_ca=ca, timeout_s=None
+    ) as client:
+        with tqdm(total=len(files), unit="img", desc="embedding") as bar:
+            async for item_id, vector, error in client.embed_stream(items()):
+                if vector is not None:
+                    vectors[int(item_id)] = vector
+                else:
+                    errors[int(item_id)] = error or "unknown error"
+                bar.update()
+    done = sorted(vectors)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, np.stack([vectors[i] for i in done]) if done else np.zeros((0, 0), np.float32))
+    index_path = out.with_suffix(".paths.txt")
+    index_path.write_text("".join(f"{files[i].relative_to(root)}\n" for i in done))
+    seconds = time.perf_counter() - started
+    print(
+        f"embedded {len(done)}/{len(files)} images in {seconds:.1f}s "
+        f"({len(done) / max(seconds, 1e-9):.1f} img/s) → {out} (row i = line i of {index_path})"
+    )
+    for i, message in sorted(errors.items()):
+        print(f"  failed: {files[i].relative_to(root)}: {message}")
+    return 0 if not errors else 2
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the client commands on the `clipsvc` parser."""
+    p = sub.add_parser("embed-text", help="Embed texts.")
+    _common(p)
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--full", action="store_true", help="print whole vectors")
+    p.set_defaults(func=_cmd_embed_text)
+
+    p = sub.add_parser("embed-image", help="Embed image files.")
+    _common(p)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--full", action="store_true", help="print whole vectors")
+    p.set_defaults(func=_cmd_embed_image)
+
+    p = sub.add_parser("classify", help="Zero-shot classify images against labels.")
+    _common(p)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--labels", nargs="+", required=True)
+    p.add_argument("--templates", nargs="*", help="prompt templates with one {} each")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("similarity", help="Cosine similarity; @path means an image file.")
+    _common(p)
+    p.add_argument("--queries", nargs="+", required=True)
+    p.add_argument("--candidates", nargs="+", required=True)
+    p.set_defaults(func=_cmd_similarity)
+
+    p = sub.add_parser("info", help="Show the served model.")
+    _common(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("embed-dir", help="Embed every image under a folder into a .npy file.")
+    _common(p)
+    p.add_argument("directory")
+    p.add_argument("--out", required=True, help="output .npy (a .paths.txt lists the rows)")
+    p.set_defaults(func=_cmd_embed_dir)

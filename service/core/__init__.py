@@ -1,0 +1,1 @@
+"""The pipeline without transport: validation, preprocessing, cache, batching, zero-shot."""

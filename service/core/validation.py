@@ -1,0 +1,136 @@
+"""Request checks that need no model: counts, sizes, labels, templates, top_k.
+
+Every refusal is an `InvalidInput` naming the field, the item index and the rule, so a
+caller can fix the request without guessing. Image content is checked while decoding
+(`image_preprocess.py`); this module checks what can be known before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.errors import InvalidInput
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The caller-facing limits (all settings; see the README's limits table)."""
+
+    max_items: int = 256
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_text_chars: int = 10_000
+    max_labels: int = 1000
+    max_templates: int = 32
+    max_label_chars: int = 300
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The limits named in `settings`."""
+        return cls(
+            max_items=settings.max_items,
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_text_chars=settings.max_text_chars,
+            max_labels=settings.max_labels,
+            max_templates=settings.max_templates,
+            max_label_chars=settings.max_label_chars,
+        )
+
+
+def check_count(n: int, field: str, limit: int, *, allow_empty: bool = False) -> None:
+    """Refuse empty requests (unless allowed) and more than `limit` items."""
+    if n == 0 and not allow_empty:
+        raise InvalidInput(f"no {field} given; send at least one", field=field)
+    if n > limit:
+        raise InvalidInput(
+            f"{n} {field} in one request, over the limit of {limit}; split the request",
+            field=field,
+        )
+
+
+def check_texts(texts: Sequence[str], limits: Limits, field: str = "texts") -> None:
+    """Count and per-text length (characters) of a text batch."""
+    check_count(len(texts), field, limits.max_items)
+    for index, text in enumerate(texts):
+        check_text(text, limits, field, index)
+
+
+def check_text(text: str, limits: Limits, field: str = "texts", index: int | None = None) -> None:
+    """One text's length in characters (truncation to the context length is not an error)."""
+    if len(text) > limits.max_text_chars:
+        raise InvalidInput(
+            f"text is {len(text)} characters, over the limit of {limits.max_text_chars}",
+            field=field,
+            index=index,
+        )
+
+
+def check_image_sizes(images: Sequence[bytes], limits: Limits, field: str = "images") -> None:
+    """Count, emptiness and byte size of an image batch, before any decoding."""
+    check_count(len(images), field, limits.max_items)
+    for index, image in enumerate(images):
+        check_image_size(image, limits, field, index)
+
+
+def check_image_size(
+    image: bytes, limits: Limits, field: str = "images", index: int | None = None
+) -> None:
+    """One encoded image: not empty, not over the byte limit."""
+    if not image:
+        raise InvalidInput("image is empty (0 bytes)", field=field, index=index)
+    if len(image) > limits.max_image_bytes:
+        raise InvalidInput(
+            f"image is {len(image)} bytes, over the limit of {limits.max_image_bytes} bytes",
+            field=field,
+            index=index,
+        )
+
+
+def check_labels(labels: Sequence[str], templates: Sequence[str], limits: Limits) -> None:
+    """Zero-shot labels (non-empty, unique, bounded) and templates (exactly one `{}`)."""
+    check_count(len(labels), "labels", limits.max_labels)
+    seen: dict[str, int] = {}
+    for index, label in enumerate(labels):
+        if not label.strip():
+            raise InvalidInput("label is empty", field="labels", index=index)
+        if len(label) > limits.max_label_chars:
+            raise InvalidInput(
+                f"label is {len(label)} characters, over the limit of {limits.max_label_chars}",
+                field="labels",
+                index=index,
+            )
+        if label in seen:
+            raise InvalidInput(
+                f"label {label!r} repeats labels[{seen[label]}]; labels must be unique",
+                field="labels",
+                index=index,
+            )
+        seen[label] = index
+    check_count(len(templates), "templates", limits.max_templates, allow_empty=True)
+    for index, template in enumerate(templates):
+        if len(template) > limits.max_label_chars:
+            raise InvalidInput(
+                f"template is {len(template)} characters, over the limit of "
+                f"{limits.max_label_chars}",
+                field="templates",
+                index=index,
+            )
+        if template.count("{}") != 1:
+            raise InvalidInput(
+                f"template {template!r} must hold exactly one '{{}}' where the label goes "
+                f"(found {template.count('{}')})",
+                field="templates",
+                index=index,
+            )
+
+
+def check_top_k(top_k: int, n_labels: int) -> int:
+    """0 means all labels; a top_k past the label count is clamped to it."""
+    if top_k < 0:
+        raise InvalidInput(
+            f"top_k is {top_k}; use 0 (all labels) or a positive number", field="top_k"
+        )
+    return n_labels if top_k == 0 else min(top_k, n_labels)

@@ -1,0 +1,1 @@
+"""The demo CLIP: a synthetic captioned-shapes data set and the script that trains on it."""

@@ -1,0 +1,35 @@
+"""One error hierarchy for the whole service; `server/status.py` maps it to gRPC codes."""
+
+from __future__ import annotations
+
+
+class ClipError(Exception):
+    """Base of every error the service raises on purpose."""
+
+
+class InvalidInput(ClipError):
+    """The caller sent something we refuse (INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str, *, field: str | None = None, index: int | None = None):
+        where = ""
+        if field is not None:
+            where = f"{field}[{index}]: " if index is not None else f"{field}: "
+        super().__init__(where + message)
+        self.field = field
+        self.index = index
+
+
+class Overloaded(ClipError):
+    """Too much work queued or a request over a size limit (RESOURCE_EXHAUSTED)."""
+
+
+class BackendUnavailable(ClipError):
+    """The model backend is not reachable or not ready (UNAVAILABLE)."""
+
+
+class DeadlineExceeded(ClipError):
+    """The caller's deadline passed before the work finished (DEADLINE_EXCEEDED)."""
+
+
+class BackendFailure(ClipError):
+    """The backend answered with an error that is not the caller's fault (INTERNAL)."""

@@ -1,0 +1,114 @@
+"""Every Prometheus metric the gateway exports, in one registry per server.
+
+Names follow Prometheus conventions: `clip_` prefix, base units (`_seconds`,
+`_bytes`), `_total` on counters. Labels only take values from small fixed sets
+(RPC method, status code, modality, cache level, backend, stage).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The gateway's metric families, bound to their own registry (tests make many)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "clip_requests",
+            "RPCs finished, by method and gRPC status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "clip_request_duration_seconds",
+            "Wall time of an RPC from arrival to answer, by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "clip_requests_in_flight", "RPCs being handled now, by method.", ["method"], registry=r
+        )
+        self.auth_failures = Counter(
+            "clip_auth_failures", "Calls refused as UNAUTHENTICATED.", registry=r
+        )
+        self.items = Counter(
+            "clip_items_embedded",
+            "Inputs embedded (cache hits included), by modality.",
+            ["modality"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "clip_cache_hits", "Cache lookups that found a vector, by level.", ["level"], registry=r
+        )
+        self.cache_misses = Counter(
+            "clip_cache_misses",
+            "Cache lookups that found nothing, by level.",
+            ["level"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "clip_cache_errors",
+            "Cache operations that failed (the request went on without the cache), by level.",
+            ["level"],
+            registry=r,
+        )
+        self.cache_breaker_open = Gauge(
+            "clip_cache_breaker_open",
+            "1 while the Redis circuit breaker is open (Redis is skipped), else 0.",
+            registry=r,
+        )
+        self.backend_latency = Histogram(
+            "clip_backend_duration_seconds",
+            "Time of one backend call (a batch), by backend and modality.",
+            ["backend", "modality"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "clip_backend_errors",
+            "Backend calls that failed, by backend and modality.",
+            ["backend", "modality"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "clip_batch_size",
+            "Items per forward pass of the batching queue, by modality.",
+            ["modality"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "clip_queue_wait_seconds",
+            "Time an item waited in the batching queue before its batch ran, by modality.",
+            ["modality"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queued_items = Gauge(
+            "clip_queued_items", "Items admitted and waiting for the backend.", registry=r
+        )
+        self.rejected_items = Counter(
+            "clip_rejected_items",
+            "Items refused with RESOURCE_EXHAUSTED because the queue was full.",
+            registry=r,
+        )
+        self.preprocess_latency = Histogram(
+            "clip_preprocess_duration_seconds",
+            "Time to turn one input into a tensor, by stage (image_decode, tokenize).",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "clip_build_info",
+            "Always 1; labels say which build, model and backend serve.",
+            ["version", "model", "backend"],
+            registry=r,
+        )

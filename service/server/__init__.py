@@ -1,0 +1,1 @@
+"""gRPC transport: server wiring, servicer, interceptors, health."""

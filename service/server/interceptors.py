@@ -1,0 +1,175 @@
+"""Cross-cutting concerns, once for every RPC: metrics, error → status, API keys.
+
+Handlers raise `service.errors` types and never catch them; `ObservabilityInterceptor`
+turns them into status codes (the table in `status.py`), logs unexpected errors with
+their traceback as INTERNAL, and counts every call by method and code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from service.errors import ClipError
+from service.metrics import Metrics
+from service.server.status import status_for
+
+_LOGGER = logging.getLogger(__name__)
+# Probes and tooling stay open when API keys are configured.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def _method_name(details: grpc.HandlerCallDetails) -> str:
+    return details.method.rsplit("/", 1)[-1] or details.method
+
+
+async def _abort_for(error: BaseException, context: grpc.aio.ServicerContext) -> None:
+    code = status_for(error)
+    if isinstance(error, ClipError):
+        message = str(error)
+    else:
+        _LOGGER.error("unexpected error", exc_info=error)
+        message = f"internal error ({type(error).__name__}); the failure was logged"
+    await context.abort(code, message)
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    around: Callable[[Callable[..., Any], bool], Callable[..., Any]],
+) -> grpc.RpcMethodHandler:
+    """Rebuild `handler` with its behaviour wrapped, whatever its streaming kind."""
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+    )
+    for attr, factory, streams_out in kinds:
+        behaviour = getattr(handler, attr)
+        if behaviour is not None:
+            return factory(
+                around(behaviour, streams_out),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Counts requests by method and code, times them, and maps errors to status codes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def _observed(
+        self, method: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        metrics = self._metrics
+        started = time.perf_counter()
+        metrics.in_flight.labels(method).inc()
+        code = "OK"
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            if context.code() is None:  # not aborted on purpose by the handler
+                code = status_for(exc).name
+                await _abort_for(exc, context)
+            raise
+        finally:
+            set_code = context.code()
+            if isinstance(set_code, grpc.StatusCode):
+                code = set_code.name
+            metrics.in_flight.labels(method).dec()
+            metrics.request_latency.labels(method).observe(time.perf_counter() - started)
+            metrics.requests.labels(method, code).inc()
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = _method_name(handler_call_details)
+        observed = self._observed
+
+        def around(behaviour: Callable[..., Any], streams_out: bool) -> Callable[..., Any]:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with observed(method, context):
+                    return await behaviour(request, context)
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with observed(method, context):
+                    async for response in behaviour(request, context):
+                        yield response
+
+            return stream if streams_out else unary
+
+        return _wrap(handler, around)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <key>` on every RPC except health and reflection."""
+
+    def __init__(self, keys: frozenset[str], metrics: Metrics) -> None:
+        self._keys = [k.encode() for k in keys]
+        self._metrics = metrics
+
+    def _allowed(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
+        presented = b""
+        for name, value in metadata or ():
+            if name.lower() == "authorization":
+                raw = value if isinstance(value, bytes) else value.encode()
+                if raw[:7].lower() == b"bearer ":
+                    presented = raw[7:].strip()
+                break
+        # Compare against every key, always, so timing reveals nothing about which matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(presented, key)
+        return matched and bool(presented)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method.startswith(_OPEN_PREFIXES) or self._allowed(
+            handler_call_details.invocation_metadata
+        ):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        metrics = self._metrics
+
+        def around(behaviour: Callable[..., Any], streams_out: bool) -> Callable[..., Any]:
+            async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                metrics.auth_failures.inc()
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or invalid API key; send metadata 'authorization: Bearer <key>'",
+                )
+
+            if streams_out:
+
+                async def deny_stream(
+                    request: Any, context: grpc.aio.ServicerContext
+                ) -> AsyncIterator[Any]:
+                    await deny(request, context)
+                    yield  # pragma: no cover - abort raised above
+
+                return deny_stream
+            return deny
+
+        return _wrap(handler, around)

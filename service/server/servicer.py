@@ -1,0 +1,239 @@
+"""`clip.v1.ClipService`: one thin function per RPC, proto ⇄ embedder.
+
+Errors are raised, never caught here: the interceptor maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+
+from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
+from service.core import validation
+from service.core.embedder import Embedded, Embedder
+from service.core.zero_shot import DEFAULT_TEMPLATES, cosine, softmax_scores
+from service.errors import ClipError, InvalidInput
+from service.server.status import status_for
+
+_LOGGER = logging.getLogger(__name__)
+# Stream items worked on at once per stream: enough to fill batches, bounded for memory.
+_STREAM_WINDOW = 64
+
+
+def _vector_message(item: Embedded, fmt: int) -> clip_pb2.Embedding:
+    vec = item.vector
+    message = clip_pb2.Embedding(truncated=item.truncated, cached=item.cached, dim=len(vec))
+    if fmt == clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES:
+        message.packed = vec.astype("<f4").tobytes()
+    elif fmt == clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES:
+        message.packed = vec.astype("<f2").tobytes()
+    else:
+        message.values.extend(vec.tolist())
+    return message
+
+
+def _check_format(fmt: int) -> int:
+    if fmt not in clip_pb2.VectorFormat.values():
+        raise InvalidInput(f"unknown vector format {fmt}", field="format")
+    return fmt
+
+
+class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
+    """Thin translation between the protobuf API and the `Embedder`."""
+
+    def __init__(self, embedder: Embedder, *, backend_timeout_s: float) -> None:
+        self._embedder = embedder
+        self._backend_timeout_s = backend_timeout_s
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self._backend_timeout_s
+        return max(0.0, min(remaining, self._backend_timeout_s))
+
+    async def EmbedText(
+        self, request: clip_pb2.EmbedTextRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.EmbedResponse:
+        fmt = _check_format(request.format)
+        items = await self._embedder.embed_texts(
+            list(request.texts), timeout_s=self._timeout(context)
+        )
+        return clip_pb2.EmbedResponse(
+            embeddings=[_vector_message(i, fmt) for i in items], model=self._embedder.model_id
+        )
+
+    async def EmbedImage(
+        self, request: clip_pb2.EmbedImageRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.EmbedResponse:
+        fmt = _check_format(request.format)
+        items = await self._embedder.embed_images(
+            list(request.images), timeout_s=self._timeout(context)
+        )
+        return clip_pb2.EmbedResponse(
+            embeddings=[_vector_message(i, fmt) for i in items], model=self._embedder.model_id
+        )
+
+    async def Similarity(
+        self, request: clip_pb2.SimilarityRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.SimilarityResponse:
+        limits = self._embedder.limits
+        validation.check_count(len(request.queries), "queries", limits.max_items)
+        validation.check_count(len(request.candidates), "candidates", limits.max_items)
+        timeout = self._timeout(context)
+        queries, candidates = await asyncio.gather(
+            self._embed_items(request.queries, "queries", timeout),
+            self._embed_items(request.candidates, "candidates", timeout),
+        )
+        cos = cosine(queries, candidates)
+        meta = self._embedder.metadata
+        probs = softmax_scores(cos, meta.logit_scale, meta.logit_bias)
+        rows = [
+            clip_pb2.Row(scores=cos[i].tolist(), probabilities=probs[i].tolist())
+            for i in range(len(cos))
+        ]
+        return clip_pb2.SimilarityResponse(rows=rows, model=self._embedder.model_id)
+
+    async def _embed_items(
+        self, items: Sequence[clip_pb2.Item], field: str, timeout_s: float
+    ) -> np.ndarray:
+        text_at: list[int] = []
+        image_at: list[int] = []
+        for index, item in enumerate(items):
+            kind = item.WhichOneof("kind")
+            if kind == "text":
+                text_at.append(index)
+            elif kind == "image":
+                image_at.append(index)
+            else:
+                raise InvalidInput("item has neither text nor image set", field=field, index=index)
+        texts = [items[i].text for i in text_at]
+        images = [items[i].image for i in image_at]
+        try:
+            text_vecs, image_vecs = await asyncio.gather(
+                self._embedder.embed_texts(texts, timeout_s=timeout_s) if texts else _none(),
+                self._embedder.embed_images(images, timeout_s=timeout_s) if images else _none(),
+            )
+        except InvalidInput as exc:
+            raise _reindex(exc, field, text_at if exc.field == "texts" else image_at) from None
+        out = np.zeros((len(items), self._embedder.metadata.embedding_dim), dtype=np.float32)
+        for positions, vecs in ((text_at, text_vecs), (image_at, image_vecs)):
+            for position, item in zip(positions, vecs, strict=True):
+                out[position] = item.vector
+        return out
+
+    async def Classify(
+        self, request: clip_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.ClassifyResponse:
+        templates = list(request.templates) or list(DEFAULT_TEMPLATES)
+        results = await self._embedder.classify(
+            list(request.images),
+            list(request.labels),
+            templates,
+            request.top_k,
+            timeout_s=self._timeout(context),
+        )
+        return clip_pb2.ClassifyResponse(
+            results=[
+                clip_pb2.Classification(
+                    labels=[
+                        clip_pb2.LabelScore(label=r.label, probability=r.probability, score=r.score)
+                        for r in ranked
+                    ]
+                )
+                for ranked in results
+            ],
+            model=self._embedder.model_id,
+        )
+
+    async def GetModelInfo(
+        self, request: clip_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.ModelInfo:
+        meta = self._embedder.metadata
+        return clip_pb2.ModelInfo(
+            model_name=meta.model_name,
+            pretrained=meta.pretrained,
+            embedding_dim=meta.embedding_dim,
+            image_size=meta.image_size,
+            context_length=meta.context_length,
+            logit_scale=meta.logit_scale,
+            backend=self._embedder.backend.name,
+            model_id=meta.model_id,
+            weights_sha256=meta.weights_sha256,
+        )
+
+    async def EmbedStream(
+        self,
+        request_iterator: AsyncIterator[clip_pb2.StreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[clip_pb2.StreamResponse]:
+        answers: asyncio.Queue[clip_pb2.StreamResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(_STREAM_WINDOW)
+        workers: set[asyncio.Task[None]] = set()
+
+        async def work(request: clip_pb2.StreamRequest) -> None:
+            try:
+                await answers.put(await self._stream_item(request, context))
+            finally:
+                window.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(work(request))
+                    workers.add(task)
+                    task.add_done_callback(workers.discard)
+                if workers:
+                    await asyncio.gather(*list(workers))
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            for task in list(workers):
+                task.cancel()
+
+    async def _stream_item(
+        self, request: clip_pb2.StreamRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.StreamResponse:
+        try:
+            fmt = _check_format(request.format)
+            kind = request.WhichOneof("input")
+            timeout = self._timeout(context)
+            if kind == "text":
+                items = await self._embedder.embed_texts([request.text], timeout_s=timeout)
+            elif kind == "image":
+                items = await self._embedder.embed_images([request.image], timeout_s=timeout)
+            else:
+                raise InvalidInput("message has neither text nor image set")
+            return clip_pb2.StreamResponse(id=request.id, embedding=_vector_message(items[0], fmt))
+        except Exception as exc:
+            if not isinstance(exc, ClipError):
+                _LOGGER.error("stream item %r failed", request.id, exc_info=exc)
+            message = str(exc).removeprefix("texts[0]: ").removeprefix("images[0]: ")
+            if not isinstance(exc, ClipError):
+                message = f"internal error ({type(exc).__name__}); the failure was logged"
+            return clip_pb2.StreamResponse(
+                id=request.id,
+                error=clip_pb2.StreamError(code=status_for(exc).name, message=message),
+            )
+
+
+async def _none() -> list[Embedded]:
+    return []
+
+
+def _reindex(exc: InvalidInput, field: str, positions: list[int]) -> InvalidInput:
+    """Name the item's index in the caller's list, not in the per-modality sub-list."""
+    reason = str(exc).split(": ", 1)[-1] if exc.index is not None else str(exc)
+    index = positions[exc.index] if exc.index is not None else None
+    return InvalidInput(reason, field=field, index=index)

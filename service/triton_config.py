@@ -1,0 +1,90 @@
+"""Renders Triton `config.pbtxt` for the two encoders, in either flavor.
+
+`pytorch`: `platform: "pytorch_libtorch"`, KIND_GPU, for NVIDIA's Triton image.
+`python`: the python backend (`model.py` loads the same `model.pt`), KIND_CPU, for the
+`tritonserver` binary of the pip wheel, which ships only that backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FLAVORS = ("pytorch", "python")
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """Dynamic-batching and queueing knobs written into both configs."""
+
+    max_batch_size: int = 32
+    instances: int = 1
+    max_queue_delay_us: int = 2000
+    # Overload turns into fast refusals instead of growing latency.
+    max_queue_size: int = 256
+    queue_timeout_us: int = 10_000_000
+    torch_threads: int = 0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor (batch dimension left out, as Triton wants)."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+def render_config(
+    *,
+    name: str,
+    flavor: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    batching: BatchingOptions,
+) -> str:
+    """The text of one `config.pbtxt`."""
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
+    lines = [f'name: "{name}"']
+    if flavor == "pytorch":
+        lines.append('platform: "pytorch_libtorch"')
+    else:
+        lines.append('backend: "python"')
+    lines.append(f"max_batch_size: {batching.max_batch_size}")
+    lines += _tensors("input", inputs) + _tensors("output", outputs)
+    kind = "KIND_GPU" if flavor == "pytorch" else "KIND_CPU"
+    lines += [
+        "instance_group [",
+        f"  {{ count: {batching.instances} kind: {kind} }}",
+        "]",
+        "dynamic_batching {",
+        f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}",
+        "  default_queue_policy {",
+        "    timeout_action: REJECT",
+        f"    default_timeout_microseconds: {batching.queue_timeout_us}",
+        "    allow_timeout_override: true",
+        f"    max_queue_size: {batching.max_queue_size}",
+        "  }",
+        "}",
+    ]
+    params = (
+        {"TORCH_THREADS": str(batching.torch_threads)}
+        if flavor == "python"
+        else {
+            "INFERENCE_MODE": "true",
+            "DISABLE_CUDNN": "false",
+        }
+    )
+    for key, value in params.items():
+        lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def _tensors(kind: str, specs: list[TensorSpec]) -> list[str]:
+    out = [f"{kind} ["]
+    for i, spec in enumerate(specs):
+        dims = ", ".join(str(d) for d in spec.dims)
+        sep = "," if i < len(specs) - 1 else ""
+        out.append(f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ {dims} ] }}{sep}')
+    out.append("]")
+    return out

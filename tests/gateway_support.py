@@ -1,0 +1,74 @@
+"""Helpers for tests that run the gateway: start in-process on free ports, read metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.api.clip.v1 import clip_pb2_grpc
+from service.server.app import Gateway, build_gateway
+from service.settings import Settings
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for subprocesses that need a fixed one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gateway_settings(repository: Path, **overrides: Any) -> Settings:
+    """Loopback, free ports, fast batching: the test defaults."""
+    base = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "model_repository": repository,
+        "shutdown_grace_s": 5.0,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """Start a gateway, wait for SERVING, stop it afterwards."""
+    gateway = build_gateway(settings)
+    await gateway.start()
+    try:
+        await gateway.wait_until_serving(120)
+        yield gateway
+    finally:
+        await gateway.stop(1.0)
+
+
+@contextlib.asynccontextmanager
+async def stub_for(port: int) -> AsyncIterator[clip_pb2_grpc.ClipServiceStub]:
+    """A ClipService stub on a loopback channel."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield clip_pb2_grpc.ClipServiceStub(channel)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """`/metrics` parsed with prometheus-client's parser → {'name{k="v",...}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def sample(samples: dict[str, float], name: str, **labels: str) -> float:
+    """One value from `scrape()`; 0 when the series does not exist yet."""
+    key = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return samples.get(f"{name}{{{key}}}", 0.0)
