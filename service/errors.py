@@ -15,6 +15,8 @@ class InvalidInput(ClipError):
         if field is not None:
             where = f"{field}[{index}]: " if index is not None else f"{field}: "
         super().__init__(where + message)
+        #: The rule that was broken, without the "field[index]: " prefix.
+        self.reason = message
         self.field = field
         self.index = index
 

@@ -37,7 +37,7 @@ from service.core.zero_shot import (
     rank,
     softmax_scores,
 )
-from service.errors import InvalidInput, Overloaded
+from service.errors import BackendFailure, InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.model_metadata import ModelMetadata
 
@@ -45,6 +45,13 @@ _LOGGER = logging.getLogger(__name__)
 # Label sets are embedded in waves of this many prompts so one huge set cannot take the
 # whole admission budget at once.
 _LABEL_WAVE = 256
+
+Run = Callable[[float | None], Awaitable[list["Embedded"]]]
+Prepare = Callable[[list[int]], Awaitable[Run]]
+
+
+class _Abandoned(Exception):
+    """The request that owned a key failed on another item; the waiter computes again."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ class Embedder:
             for image in images
         ]
         return await self._embed(
-            "image", keys, lambda idx: self._prepare_images(images, idx, field), timeout_s
+            "image", keys, lambda idx: self._prepare_images(images, idx, field), timeout_s, field
         )
 
     async def label_embeddings(
@@ -160,6 +167,8 @@ class Embedder:
         """Zero-shot: each image's labels ranked by softmax(logit_scale × cosine)."""
         validation.check_labels(labels, templates, self.limits)
         k = validation.check_top_k(top_k, len(labels))
+        # Checked here too (embed_images repeats it) so a bad image refuses the call
+        # before any label prompt is embedded.
         validation.check_image_sizes(images, self.limits)
         images_task = self.embed_images(images, timeout_s=timeout_s)
         labels_task = self.label_embeddings(labels, templates, timeout_s=timeout_s)
@@ -187,46 +196,66 @@ class Embedder:
             for t in texts
         ]
         return await self._embed(
-            "text", keys, lambda idx: self._prepare_texts(texts, idx), timeout_s
+            "text", keys, lambda idx: self._prepare_texts(texts, idx), timeout_s, "texts"
         )
 
     async def _embed(
         self,
         modality: str,
         keys: list[str],
-        compute: Callable[
-            [list[int]], Awaitable[Callable[[float | None], Awaitable[list[Embedded]]]]
-        ],
+        prepare: Prepare,
         timeout_s: float | None,
+        field: str,
     ) -> list[Embedded]:
         self._metrics.items.labels(modality).inc(len(keys))
+        for _ in range(3):
+            try:
+                return await self._embed_once(keys, prepare, timeout_s, field)
+            except _Abandoned:
+                continue  # another request owned some of our keys and failed on its own input
+        raise BackendFailure("could not embed: concurrent requests kept failing on shared inputs")
+
+    async def _embed_once(
+        self, keys: list[str], prepare: Prepare, timeout_s: float | None, field: str
+    ) -> list[Embedded]:
         unique = list(dict.fromkeys(keys))
         found = dict(zip(unique, await self.cache.get_many(unique), strict=True))
         results: dict[str, Embedded] = {
             k: Embedded(v, cached=True) for k, v in found.items() if v is not None
         }
         waiting: dict[str, asyncio.Future[Embedded]] = {}
-        owned: list[str] = []
-        for key in unique:
-            if key in results:
-                continue
-            if key in self._inflight:
-                waiting[key] = self._inflight[key]
-            else:
-                owned.append(key)
+        owned = [k for k in unique if k not in results and k not in self._inflight]
+        waiting.update({k: self._inflight[k] for k in unique if k in self._inflight})
         if owned:
-            first_index = {k: keys.index(k) for k in owned}
-            run = await compute([first_index[k] for k in owned])  # prepare: may raise
             self._admit(len(owned))
             loop = asyncio.get_running_loop()
             futures = {k: loop.create_future() for k in owned}
+            # Claimed before the first await, so a concurrent identical miss waits for us.
             self._inflight.update(futures)
+            try:
+                run = await prepare([keys.index(k) for k in owned])
+            except BaseException as exc:
+                failed = (
+                    keys[exc.index]
+                    if isinstance(exc, InvalidInput) and exc.index is not None
+                    else None
+                )
+                self._settle(owned, futures, exc, only=failed)
+                raise
             task = loop.create_task(self._finish(owned, futures, run, timeout_s))
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
             waiting.update(futures)
         if waiting:
-            done = await asyncio.gather(*(asyncio.shield(f) for f in waiting.values()))
-            results.update(zip(waiting, done, strict=True))
+            outcomes = await asyncio.gather(
+                *(asyncio.shield(f) for f in waiting.values()), return_exceptions=True
+            )
+            for key, outcome in zip(waiting, outcomes, strict=True):
+                if isinstance(outcome, InvalidInput):
+                    # Same bytes as the item that failed elsewhere: name our own index.
+                    raise InvalidInput(outcome.reason, field=field, index=keys.index(key))
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                results[key] = outcome
         return [results[k] for k in keys]
 
     def _admit(self, n: int) -> None:
@@ -239,36 +268,47 @@ class Embedder:
         self._queued += n
         self._metrics.queued_items.set(self._queued)
 
+    def _settle(
+        self,
+        keys: list[str],
+        futures: dict[str, asyncio.Future[Embedded]],
+        exc: BaseException | None = None,
+        only: str | None = None,
+    ) -> None:
+        """Release owned keys; after a failure, waiters on keys that did not fail retry."""
+        self._queued -= len(keys)
+        self._metrics.queued_items.set(self._queued)
+        for key in keys:
+            future = futures[key]
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+            if exc is not None and not future.done():
+                future.set_exception(exc if only in (None, key) else _Abandoned())
+                future.exception()  # mark retrieved: there may be no waiter
+
     async def _finish(
         self,
         keys: list[str],
         futures: dict[str, asyncio.Future[Embedded]],
-        run: Callable[[float | None], Awaitable[list[Embedded]]],
+        run: Run,
         timeout_s: float | None,
     ) -> None:
         try:
             embedded = await run(timeout_s)
         except BaseException as exc:
-            for key in keys:
-                if not futures[key].done():
-                    futures[key].set_exception(exc)
-                    futures[key].exception()  # mark retrieved: a lone owner may be gone
+            self._settle(keys, futures, exc)
             raise
-        else:
-            for key, item in zip(keys, embedded, strict=True):
-                futures[key].set_result(item)
+        for key, item in zip(keys, embedded, strict=True):
+            futures[key].set_result(item)
+        try:
+            # Keys stay claimed until the cache holds them, so a late identical miss
+            # finds either the claim or the cached vector, never a gap between the two.
             await self.cache.put_many([(k, e.vector) for k, e in zip(keys, embedded, strict=True)])
         finally:
-            self._queued -= len(keys)
-            self._metrics.queued_items.set(self._queued)
-            for key in keys:
-                if self._inflight.get(key) is futures[key]:
-                    del self._inflight[key]
+            self._settle(keys, futures)
 
     # ------------------------------------------------------------------ preparation
-    async def _prepare_texts(
-        self, texts: Sequence[str], indices: list[int]
-    ) -> Callable[[float | None], Awaitable[list[Embedded]]]:
+    async def _prepare_texts(self, texts: Sequence[str], indices: list[int]) -> Run:
         started = time.perf_counter()
         tokens = [self.tokenizer.tokenize(texts[i]) for i in indices]
         self._metrics.preprocess_latency.labels("tokenize").observe(time.perf_counter() - started)
@@ -300,9 +340,7 @@ class Embedder:
             for v, t in zip(vectors, tokens, strict=True)
         ]
 
-    async def _prepare_images(
-        self, images: Sequence[bytes], indices: list[int], field: str
-    ) -> Callable[[float | None], Awaitable[list[Embedded]]]:
+    async def _prepare_images(self, images: Sequence[bytes], indices: list[int], field: str) -> Run:
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
             *(loop.run_in_executor(self._decode_pool, self._decode, images[i]) for i in indices),
@@ -310,7 +348,7 @@ class Embedder:
         )
         for i, result in zip(indices, decoded, strict=True):
             if isinstance(result, InvalidInput):
-                raise InvalidInput(str(result), field=field, index=i)
+                raise InvalidInput(result.reason, field=field, index=i)
             if isinstance(result, BaseException):
                 raise result
         pixels = np.stack(decoded)  # type: ignore[arg-type]

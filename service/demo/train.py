@@ -195,7 +195,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--minutes",
         type=float,
-        default=13.0,
+        default=12.5,
         help="training time budget; the schedule shortens to fit it",
     )
     ap.add_argument(

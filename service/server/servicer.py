@@ -219,7 +219,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         except Exception as exc:
             if not isinstance(exc, ClipError):
                 _LOGGER.error("stream item %r failed", request.id, exc_info=exc)
-            message = str(exc).removeprefix("texts[0]: ").removeprefix("images[0]: ")
+            message = exc.reason if isinstance(exc, InvalidInput) else str(exc)
             if not isinstance(exc, ClipError):
                 message = f"internal error ({type(exc).__name__}); the failure was logged"
             return clip_pb2.StreamResponse(
@@ -234,6 +234,5 @@ async def _none() -> list[Embedded]:
 
 def _reindex(exc: InvalidInput, field: str, positions: list[int]) -> InvalidInput:
     """Name the item's index in the caller's list, not in the per-modality sub-list."""
-    reason = str(exc).split(": ", 1)[-1] if exc.index is not None else str(exc)
     index = positions[exc.index] if exc.index is not None else None
-    return InvalidInput(reason, field=field, index=index)
+    return InvalidInput(exc.reason, field=field, index=index)
