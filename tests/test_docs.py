@@ -41,3 +41,20 @@ def test_cli_commands_in_the_readme_exist() -> None:
         if "bin/clipsvc " in line
     }
     assert used and used <= commands, used - commands
+
+
+def test_chart_and_dockerfile_only_set_real_settings() -> None:
+    import re
+    from dataclasses import fields
+
+    from service.settings import Settings
+
+    known = {"CLIP_" + f.name.upper() for f in fields(Settings)}
+    sources = [REPO / "Dockerfile", *sorted((REPO / "helm").rglob("*.yaml"))]
+    used = {
+        name
+        for path in sources
+        for name in re.findall(r"\bCLIP_[A-Z0-9_]+\b", path.read_text())
+    }
+    assert used, "no CLIP_* settings found in the deployment files"
+    assert used <= known, f"unknown settings: {sorted(used - known)}"
