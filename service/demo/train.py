@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from service.demo import shapes
+from service.encoders import TextEncoder
 
 MODEL_NAME = "clip-demo-shapes"
 # Different streams from the training seed, so every evaluation image is fresh.
@@ -41,31 +42,21 @@ def _set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encode_text_trimmed(model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
-    """`CLIP.encode_text` run on only the first L token positions (L = longest caption).
+def encode_text_trimmed(text_encoder: TextEncoder, text: torch.Tensor) -> torch.Tensor:
+    """Normalized text features from only the first L positions (L = longest caption).
 
-    The text tower is causal and pools at the end-of-text token, so positions after it
-    never reach the output: cutting the padding gives the same features and the same
-    gradients, about 5x faster for ~12-token captions (checked in `_check_trimmed`).
+    The exported graph's `TextEncoder` (sharing the model's parameters) is the same
+    shortcut the service serves with: same features and gradients as `encode_text`,
+    about 5x faster for ~12-token captions (checked in `_check_trimmed`).
     """
     length = int((text != 0).sum(dim=1).max())
-    text = text[:, :length]
-    x = model.token_embedding(text) + model.positional_embedding[:length]
-    # A sliced mask view sends attention down a slow path: make it contiguous.
-    mask = model.attn_mask[:length, :length].contiguous()
-    x = model.transformer(x, attn_mask=mask)
-    x = model.ln_final(x)
-    # text_pool_type "argmax": the end-of-text token has the largest id.
-    x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
-    return x @ model.text_projection
+    return text_encoder(text[:, :length])
 
 
-def _check_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> None:
-    # Guards the shortcut above against an open_clip whose text tower differs.
-    if getattr(model, "text_pool_type", None) != "argmax" or not hasattr(model, "attn_mask"):
-        raise RuntimeError("encode_text_trimmed assumes open_clip's CLIP with argmax pooling")
+def _check_trimmed(model: torch.nn.Module, text_encoder: TextEncoder, tokens: torch.Tensor) -> None:
     with torch.no_grad():
-        diff = (encode_text_trimmed(model, tokens) - model.encode_text(tokens)).abs().max()
+        want = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+        diff = (encode_text_trimmed(text_encoder, tokens) - want).abs().max()
     if float(diff) > 1e-4:
         raise RuntimeError(f"trimmed text encoding differs from encode_text by {float(diff)}")
 
@@ -238,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     captions = torch.stack(
         [tokenizer([t.format(f"{c} {s}") for t in shapes.TEMPLATES]) for c, s in pairs]
     )  # [pairs, templates, 77]
-    _check_trimmed(model, captions[:4, :3].reshape(-1, captions.shape[-1]))
+    # Raises on a text tower whose pooling cannot be trimmed (not argmax).
+    text_encoder = TextEncoder(model)
+    _check_trimmed(model, text_encoder, captions[:4, :3].reshape(-1, captions.shape[-1]))
 
     rng = random.Random(args.seed)
     pool = ImagePool(rng, preprocess, pairs, args.pool_per_pair)
@@ -263,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     step = 0
     total = args.steps
     steps_s = 0.0  # wall time spent in training steps so far (evals excluded)
+    shortened = False  # whether the lr schedule ever deviated from the step plan
     bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
     while step < total:
         if step >= 20:
@@ -274,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             left = budget_s - (time.monotonic() - t_train) - BUDGET_MARGIN_S
             total = min(args.steps, step + max(1, int(left / (steps_s / step))))
             bar.total = total
+            shortened |= total < args.steps
         t_step = time.monotonic()
         progress = step / total
         lr = _lr_at(progress, args.lr, args.warmup)
@@ -287,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = captions[torch.tensor(ids), torch.tensor(templates)]
 
         image_features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
-        text_features = torch.nn.functional.normalize(encode_text_trimmed(model, text), dim=-1)
+        text_features = encode_text_trimmed(text_encoder, text)
         loss = loss_fn(image_features, text_features, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -329,10 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"done: {step} steps x {args.batch_size} in {train_s:.0f}s training, "
         f"{total_s:.0f}s total; saved {args.out} ({size_mb:.1f} MB)"
     )
-    if step < args.steps:
+    if shortened:
+        # Even a run that recovers to the full step count followed a squeezed schedule
+        # for a while, so its weights depend on the machine's load.
         print(
-            f"note: cut from {args.steps} planned steps to fit --minutes {args.minutes:g}; "
-            "this run is not bit-reproducible"
+            f"note: the {args.steps}-step plan was shortened (to {step} steps at the end) "
+            f"to fit --minutes {args.minutes:g}: this run is not bit-reproducible; "
+            "a larger --minutes avoids that"
         )
     print(
         f"zero-shot 48-way on fresh images ({args.eval_n}/pair, seed "
