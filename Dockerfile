@@ -41,11 +41,12 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY protos ./protos
 COPY service ./service
-# torch and torchvision are already satisfied, so pip keeps the CPU builds.
-RUN pip install --no-cache-dir . \
+# torch and torchvision are already satisfied, so pip keeps the CPU builds; the
+# constraints pin everything else to the versions the test suite ran with.
+RUN pip install --no-cache-dir -c constraints.txt . \
     && python -c "import torch; assert torch.version.cuda is None, 'CUDA torch crept in'" \
     && clipsvc --help > /dev/null
 

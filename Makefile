@@ -17,10 +17,12 @@ help:
 	@echo "make bench   benchmarks (figures, not tests) into bench/results/"
 	@echo "make proto   regenerate gRPC stubs from protos/"
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package to the set the suite was run with (protobuf must
+# be at least the version the committed stubs were generated for).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,triton]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -175,7 +175,7 @@ def test_builder_installs_cpu_torch_with_the_project_pins(dockerfile: Dockerfile
     torch_run = next(run for run in builder.all("RUN") if "torch==" in run)
     assert "--index-url" in torch_run
     assert builder.all("RUN").index(torch_run) < next(
-        i for i, run in enumerate(builder.all("RUN")) if "pip install --no-cache-dir ." in run
+        i for i, run in enumerate(builder.all("RUN")) if "-c constraints.txt ." in run
     )
 
 
