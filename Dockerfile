@@ -104,6 +104,7 @@ COPY --from=gateway-models /export /opt/clip/model_repository
 # gateway must never stall on a hub download at start.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    OMP_WAIT_POLICY=PASSIVE \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     XDG_CACHE_HOME=/tmp/.cache \

@@ -60,5 +60,8 @@ proto: install
 bench: model
 	$(PY) -m bench.run_all
 
+bench-gpu:
+	bash bench/gpu.sh
+
 clean:
 	rm -rf $(MODEL_REPO)/clip_image $(MODEL_REPO)/clip_text $(MODEL_REPO)/metadata.json .pytest_cache

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `clipsvc` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub at run time
+    # Before torch loads OpenMP: idle workers that spin starve the decode threads and the
+    # event loop sharing the cores; measured 10-200x slower forward passes (bench/README).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -83,7 +83,7 @@ class Settings:
     redis_url: str = _opt("", "Redis URL for the shared cache ('' = in-process cache only).")
     cache_ttl_s: int = _opt(7 * 24 * 3600, "Time to live of a Redis cache entry, in seconds.")
     local_cache_items: int = _opt(10_000, "Entries in the in-process LRU (0 disables it).")
-    redis_timeout_s: float = _opt(0.05, "Timeout of each Redis call.")
+    redis_timeout_s: float = _opt(0.1, "Timeout of each Redis call.")
     redis_breaker_failures: int = _opt(
         3, "Consecutive Redis errors that open the breaker (Redis skipped for a while)."
     )

@@ -317,6 +317,8 @@ class TritonProcess:
         venv_bin = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
         env["VIRTUAL_ENV"] = sys.prefix
+        # The python stub runs torch: sleeping (not spinning) OpenMP workers, as the gateway.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if self.installation.external_libs.is_dir():
             libs = str(self.installation.external_libs)
             old = env.get("LD_LIBRARY_PATH")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import os
+
+# Before torch loads OpenMP, as `clipsvc` does: in-process gateways share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

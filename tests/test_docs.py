@@ -52,9 +52,7 @@ def test_chart_and_dockerfile_only_set_real_settings() -> None:
     known = {"CLIP_" + f.name.upper() for f in fields(Settings)}
     sources = [REPO / "Dockerfile", *sorted((REPO / "helm").rglob("*.yaml"))]
     used = {
-        name
-        for path in sources
-        for name in re.findall(r"\bCLIP_[A-Z0-9_]+\b", path.read_text())
+        name for path in sources for name in re.findall(r"\bCLIP_[A-Z0-9_]+\b", path.read_text())
     }
     assert used, "no CLIP_* settings found in the deployment files"
     assert used <= known, f"unknown settings: {sorted(used - known)}"

@@ -84,7 +84,7 @@ async def test_a_failed_owner_does_not_fail_a_waiter_on_a_good_item(
     assert err.value.index == 1
     result = await waiter
     assert result[0].vector.shape == (64,)
-    assert embedder._queued == 0 and not embedder._inflight
+    assert embedder.admission.admitted == 0 and not embedder._inflight
 
 
 async def test_waiter_on_a_bad_item_gets_its_own_index(demo_model: ExportedModel) -> None:
@@ -101,11 +101,11 @@ async def test_waiter_on_a_bad_item_gets_its_own_index(demo_model: ExportedModel
 async def test_admission_refuses_past_the_bound_and_releases(demo_model: ExportedModel) -> None:
     backend = CountingBackend(delay_s=0.2)
     embedder = _embedder(demo_model, backend)
-    embedder._max_queued = 6
+    embedder.admission.limit = 6
     first = asyncio.create_task(embedder.embed_texts([f"x{i}" for i in range(4)]))
     await asyncio.sleep(0.05)
     with pytest.raises(Overloaded):
         await embedder.embed_texts([f"y{i}" for i in range(4)])
     await first
-    assert embedder._queued == 0
+    assert embedder.admission.admitted == 0
     assert len(await embedder.embed_texts([f"y{i}" for i in range(4)])) == 4

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.core.admission import Admission
 from service.core.batching import BatchQueue
 from service.errors import BackendFailure, BackendUnavailable, DeadlineExceeded
 from service.metrics import Metrics
@@ -35,6 +36,7 @@ class EmbeddedBackend:
         max_batch_size: int = 32,
         max_wait_s: float = 0.002,
         torch_threads: int = 0,
+        admission: Admission | None = None,
     ) -> None:
         self._repository = Path(repository)
         self._metadata = metadata
@@ -50,14 +52,19 @@ class EmbeddedBackend:
             max_batch_size=max_batch_size,
             max_wait_s=max_wait_s,
             metrics=metrics,
+            admission=admission,
         )
         self._modules: dict[str, torch.jit.ScriptModule] = {}
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, metadata: ModelMetadata, metrics: Metrics
+        cls,
+        settings: Settings,
+        metadata: ModelMetadata,
+        metrics: Metrics,
+        admission: Admission | None = None,
     ) -> EmbeddedBackend:
-        """Build from the settings object."""
+        """Build from the settings object (`admission` lets batches wait for arrivals)."""
         return cls(
             settings.model_repository,
             metadata,
@@ -66,6 +73,7 @@ class EmbeddedBackend:
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000.0,
             torch_threads=settings.torch_threads,
+            admission=admission,
         )
 
     @property

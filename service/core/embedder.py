@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import numpy as np
 
 from service.backends.base import Backend
 from service.core import validation
+from service.core.admission import Admission
 from service.core.cache import EmbeddingCache
 from service.core.cache_keys import embedding_key, label_set_key
 from service.core.image_preprocess import (
@@ -37,7 +39,7 @@ from service.core.zero_shot import (
     rank,
     softmax_scores,
 )
-from service.errors import BackendFailure, InvalidInput, Overloaded
+from service.errors import BackendFailure, InvalidInput
 from service.metrics import Metrics
 from service.model_metadata import ModelMetadata
 
@@ -85,6 +87,7 @@ class Embedder:
         limits: Limits,
         metrics: Metrics,
         options: EmbedderOptions | None = None,
+        admission: Admission | None = None,
     ) -> None:
         options = options or EmbedderOptions()
         self.backend = backend
@@ -92,8 +95,7 @@ class Embedder:
         self.metadata = metadata
         self.limits = limits
         self._metrics = metrics
-        self._max_queued = options.max_queued_items
-        self._queued = 0
+        self.admission = admission or Admission(options.max_queued_items, metrics)
         self.tokenizer = TextTokenizer(metadata.context_length, options.text_length_buckets)
         self._image_spec = ImageSpec(metadata.image_size, metadata.interpolation)
         self._image_limits = ImageLimits(
@@ -104,7 +106,7 @@ class Embedder:
             f"pp{PREPROCESS_VERSION}/{metadata.image_size}/{metadata.interpolation}/{exif}"
         )
         self._decode_pool = ThreadPoolExecutor(
-            max_workers=options.decode_threads or None, thread_name_prefix="decode"
+            max_workers=options.decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
         )
         self._inflight: dict[str, asyncio.Future[Embedded]] = {}
 
@@ -227,7 +229,7 @@ class Embedder:
         owned = [k for k in unique if k not in results and k not in self._inflight]
         waiting.update({k: self._inflight[k] for k in unique if k in self._inflight})
         if owned:
-            self._admit(len(owned))
+            self.admission.admit(len(owned))
             loop = asyncio.get_running_loop()
             futures = {k: loop.create_future() for k in owned}
             # Claimed before the first await, so a concurrent identical miss waits for us.
@@ -258,33 +260,25 @@ class Embedder:
                 results[key] = outcome
         return [results[k] for k in keys]
 
-    def _admit(self, n: int) -> None:
-        if self._queued + n > self._max_queued:
-            self._metrics.rejected_items.inc(n)
-            raise Overloaded(
-                f"server busy: {self._queued} items queued, limit {self._max_queued}; "
-                "retry with backoff"
-            )
-        self._queued += n
-        self._metrics.queued_items.set(self._queued)
-
     def _settle(
         self,
         keys: list[str],
         futures: dict[str, asyncio.Future[Embedded]],
-        exc: BaseException | None = None,
+        exc: BaseException,
         only: str | None = None,
     ) -> None:
-        """Release owned keys; after a failure, waiters on keys that did not fail retry."""
-        self._queued -= len(keys)
-        self._metrics.queued_items.set(self._queued)
+        """After a failure: release and unclaim; waiters on keys that did not fail retry."""
+        self.admission.release(len(keys))
+        self._unclaim(keys, futures)
         for key in keys:
-            future = futures[key]
-            if self._inflight.get(key) is future:
+            if not futures[key].done():
+                futures[key].set_exception(exc if only in (None, key) else _Abandoned())
+                futures[key].exception()  # mark retrieved: there may be no waiter
+
+    def _unclaim(self, keys: list[str], futures: dict[str, asyncio.Future[Embedded]]) -> None:
+        for key in keys:
+            if self._inflight.get(key) is futures[key]:
                 del self._inflight[key]
-            if exc is not None and not future.done():
-                future.set_exception(exc if only in (None, key) else _Abandoned())
-                future.exception()  # mark retrieved: there may be no waiter
 
     async def _finish(
         self,
@@ -300,12 +294,13 @@ class Embedder:
             raise
         for key, item in zip(keys, embedded, strict=True):
             futures[key].set_result(item)
+        self.admission.release(len(keys))  # out of the backend: no longer queued work
         try:
             # Keys stay claimed until the cache holds them, so a late identical miss
             # finds either the claim or the cached vector, never a gap between the two.
             await self.cache.put_many([(k, e.vector) for k, e in zip(keys, embedded, strict=True)])
         finally:
-            self._settle(keys, futures)
+            self._unclaim(keys, futures)
 
     # ------------------------------------------------------------------ preparation
     async def _prepare_texts(self, texts: Sequence[str], indices: list[int]) -> Run:

@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from service import __version__
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.backends.base import Backend
+from service.core.admission import Admission
 from service.core.cache import EmbeddingCache
 from service.core.embedder import Embedder, EmbedderOptions
 from service.core.validation import Limits
@@ -29,7 +30,9 @@ from service.settings import Settings
 _LOGGER = logging.getLogger(__name__)
 
 
-def make_backend(settings: Settings, metadata: ModelMetadata, metrics: Metrics) -> Backend:
+def make_backend(
+    settings: Settings, metadata: ModelMetadata, metrics: Metrics, admission: Admission
+) -> Backend:
     """The backend the settings ask for."""
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
@@ -37,7 +40,7 @@ def make_backend(settings: Settings, metadata: ModelMetadata, metrics: Metrics) 
         return TritonBackend.from_settings(settings, metrics)
     from service.backends.embedded import EmbeddedBackend
 
-    return EmbeddedBackend.from_settings(settings, metadata, metrics)
+    return EmbeddedBackend.from_settings(settings, metadata, metrics, admission)
 
 
 @dataclass
@@ -102,8 +105,10 @@ class Gateway:
 def build_embedder(settings: Settings, metrics: Metrics) -> Embedder:
     """Backend + cache + pipeline as the settings describe (not started)."""
     metadata = ModelMetadata.load(settings.model_repository)
+    admission = Admission(settings.max_queued_items, metrics)
     return Embedder(
-        backend=make_backend(settings, metadata, metrics),
+        backend=make_backend(settings, metadata, metrics, admission),
+        admission=admission,
         cache=EmbeddingCache.from_settings(settings, metrics),
         metadata=metadata,
         limits=Limits.from_settings(settings),
