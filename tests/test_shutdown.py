@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import free_port
+from tests.gateway_support import free_port, sample, scrape
 from tests.hostile_inputs import photo_like
 
 
@@ -35,12 +35,13 @@ async def _wait_serving(port: int, timeout_s: float = 90) -> None:
 
 
 @pytest.fixture
-def server_process(demo_model: ExportedModel) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+def server_process(vit_model: ExportedModel) -> tuple[subprocess.Popen[bytes], int, int]:
+    # ViT-B-32 on the CPU: a few calls are seconds of forward passes, easy to catch mid-way.
+    port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "CLIP_PORT": str(port),
-        "CLIP_METRICS_PORT": "-1",
+        "CLIP_METRICS_PORT": str(metrics_port),
         "CLIP_HOST": "127.0.0.1",
         "CLIP_SHUTDOWN_GRACE_S": "30",
     }
@@ -51,35 +52,42 @@ def server_process(demo_model: ExportedModel) -> tuple[subprocess.Popen[bytes], 
             "service.cli",
             "serve",
             "--model-repository",
-            str(demo_model.repository),
+            str(vit_model.repository),
         ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    yield process, port
+    yield process, port, metrics_port
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
 
 
 async def test_sigterm_drains_in_flight_calls(
-    server_process: tuple[subprocess.Popen[bytes], int],
+    server_process: tuple[subprocess.Popen[bytes], int, int],
 ) -> None:
-    process, port = server_process
+    process, port, metrics_port = server_process
     await _wait_serving(port)
-    images = [encode(photo_like(300, 200, seed=i), "PNG") for i in range(24)]
+    # Distinct images (no cache or single-flight shortcuts), 8 per call.
+    images = [encode(photo_like(96, 96, seed=i), "JPEG") for i in range(6 * 8)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = clip_pb2_grpc.ClipServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
 
         async def embed(i: int) -> clip_pb2.EmbedResponse:
-            request = clip_pb2.EmbedImageRequest(images=images[i:] + images[:i])
-            return await stub.EmbedImage(request, timeout=60)
+            request = clip_pb2.EmbedImageRequest(images=images[i * 8 : (i + 1) * 8])
+            return await stub.EmbedImage(request, timeout=120)
 
-        calls = [asyncio.create_task(embed(i)) for i in range(12)]
-        await asyncio.sleep(0.3)  # the calls are in flight now
+        calls = [asyncio.create_task(embed(i)) for i in range(6)]
+        for _ in range(200):  # until the server holds all six calls
+            samples = await asyncio.to_thread(scrape, metrics_port)
+            if sample(samples, "clip_requests_in_flight", method="EmbedImage") == 6:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the six calls never were in flight together")
         assert not any(c.done() for c in calls), "work finished before SIGTERM; make it bigger"
         process.send_signal(signal.SIGTERM)
         status = None
@@ -92,9 +100,11 @@ async def test_sigterm_drains_in_flight_calls(
             except grpc.aio.AioRpcError:
                 break  # already closed for new calls: also correct
             await asyncio.sleep(0.02)
-        results = await asyncio.gather(*calls)
-    assert all(len(r.embeddings) == 24 for r in results), "an in-flight call was dropped"
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    output = process.stdout.read().decode() if process.wait(60) is not None else ""
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{failed[0]}\n--- server output ---\n{output[-3000:]}"
+    assert all(len(r.embeddings) == 8 for r in results), "an in-flight call was dropped"
     assert status in (None, health_pb2.HealthCheckResponse.NOT_SERVING)
     assert process.wait(30) == 0
-    output = process.stdout.read().decode()
     assert "shutting down" in output and "stopped" in output
