@@ -137,7 +137,7 @@ def export_model(
     files: dict[str, int] = {}
     towers = {
         IMAGE_MODEL: (image_ts, TensorSpec(IMAGE_INPUT, "TYPE_UINT8", (3, image_size, image_size))),
-        TEXT_MODEL: (text_ts, TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,))),
+        TEXT_MODEL: (text_ts, TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,), ragged=True)),
     }
     for name, (module, input_spec) in towers.items():
         version_dir = out_dir / name / "1"

@@ -32,6 +32,8 @@ class TensorSpec:
     name: str
     data_type: str
     dims: tuple[int, ...]
+    #: Variable-length input (token ids): may the dynamic batcher merge different lengths?
+    ragged: bool = False
 
 
 def render_config(
@@ -51,7 +53,10 @@ def render_config(
     else:
         lines.append('backend: "python"')
     lines.append(f"max_batch_size: {batching.max_batch_size}")
-    lines += _tensors("input", inputs) + _tensors("output", outputs)
+    # Only the python flavor's model.py takes mixed lengths in one execute() (it groups
+    # them by shape); libtorch needs one dense tensor, so there lengths batch separately.
+    ragged = flavor == "python"
+    lines += _tensors("input", inputs, ragged) + _tensors("output", outputs, False)
     kind = "KIND_GPU" if flavor == "pytorch" else "KIND_CPU"
     lines += [
         "instance_group [",
@@ -80,11 +85,14 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def _tensors(kind: str, specs: list[TensorSpec]) -> list[str]:
+def _tensors(kind: str, specs: list[TensorSpec], ragged: bool) -> list[str]:
     out = [f"{kind} ["]
     for i, spec in enumerate(specs):
         dims = ", ".join(str(d) for d in spec.dims)
         sep = "," if i < len(specs) - 1 else ""
-        out.append(f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ {dims} ] }}{sep}')
+        extra = " allow_ragged_batch: true" if ragged and spec.ragged else ""
+        out.append(
+            f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ {dims} ]{extra} }}{sep}'
+        )
     out.append("]")
     return out

@@ -162,3 +162,28 @@ async def test_slow_triton_gives_deadline_exceeded_and_gateway_stays_responsive(
         await _wait_health(triton_gateway.port, health_pb2.HealthCheckResponse.SERVING)
         reply = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["recovered"]), timeout=30)
     assert len(reply.embeddings) == 1
+
+
+async def test_mixed_caption_lengths_batch_together_in_triton(
+    triton_gateway: Gateway, embedded_gateway: Gateway, triton: TritonProcess
+) -> None:
+    """Ragged batching: different length buckets still share Triton executions."""
+    texts = [("word " * (1 + (i * 7) % 40)) + f"mixed {i}" for i in range(48)]
+    before = await inference_statistics(triton.grpc_url, "clip_text")
+    async with (
+        AsyncClipClient(f"127.0.0.1:{triton_gateway.port}") as via_triton,
+        AsyncClipClient(f"127.0.0.1:{embedded_gateway.port}") as in_process,
+    ):
+        got = await asyncio.gather(*(via_triton.embed_text([t]) for t in texts))
+        want = await in_process.embed_text(texts)
+    assert np.abs(np.concatenate([g.vectors for g in got]) - want.vectors).max() <= 1e-5
+    deadline = time.monotonic() + 5
+    while True:
+        after = await inference_statistics(triton.grpc_url, "clip_text")
+        requests = after["inference_count"] - before["inference_count"]
+        if requests >= 48 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    executions = after["execution_count"] - before["execution_count"]
+    assert requests == 48
+    assert executions <= 48 / 3, f"48 mixed-length calls ran as {executions} executions"

@@ -70,3 +70,10 @@ def test_tensor_shapes(exported: dict[str, Path]) -> None:
     assert list(image.input[0].dims) == [3, 64, 64]
     assert text.input[0].data_type == model_config_pb2.TYPE_INT64
     assert list(text.input[0].dims) == [-1]  # any token length: padding is cut
+    assert text.input[0].allow_ragged_batch  # model.py groups mixed lengths itself
+    assert not image.input[0].allow_ragged_batch
+
+
+def test_libtorch_text_input_is_not_ragged(exported: dict[str, Path]) -> None:
+    text = _parse(exported["pytorch"] / "clip_text" / "config.pbtxt")
+    assert not text.input[0].allow_ragged_batch  # one dense tensor per execution
