@@ -1,0 +1,1 @@
+"""Benchmarks of the CLIP service: figures, never tests. See bench/README.md."""

@@ -1,0 +1,333 @@
+"""Where the time goes on the image path with 32 concurrent single-image callers.
+
+    python -m bench.profile_images --model ViT-B-32 --seconds 30
+
+The gateway runs in this process (so its threads can be read from /proc/self/task);
+the callers run in a child process. While they call, this script records:
+- CPU seconds per gateway thread: the event loop, the model thread and torch's OpenMP
+  workers (the forward pass), the decode pool (JPEG decode, resize, crop), gRPC's
+  own threads;
+- the gateway's stage histograms (decode, queue wait, backend call, whole request);
+- a pyinstrument profile of the event-loop thread (what Python does between awaits).
+
+Writes bench/results/profile-images-<model>.md and .txt (pyinstrument text; `--html`
+adds pyinstrument's interactive page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from bench.common import (
+    RESULTS_DIR,
+    RawClip,
+    add_threading_arguments,
+    apply_threading,
+    channel_options,
+    closed_loop,
+    fmt,
+    histogram_means,
+    machine_info,
+    md_table,
+    model_repository,
+    photo_pool,
+    scrape_metrics,
+    section,
+    threading_note,
+    unique_jpeg,
+)
+from service.api.clip.v1 import clip_pb2
+
+STAGES = (
+    ("clip_request_duration_seconds", "whole EmbedImage call, in the gateway"),
+    ("clip_preprocess_duration_seconds", "decode + resize + crop of one image"),
+    ("clip_queue_wait_seconds", "one item waiting in the batching queue"),
+    ("clip_backend_duration_seconds", "one forward pass (a batch), on the model thread"),
+    ("clip_batch_size", "items per forward pass (not seconds)"),
+)
+
+
+# ---------------------------------------------------------------------------- the callers
+async def drive(target: str, concurrency: int, seconds: float) -> None:
+    """Child process: single-image callers; prints START after warm-up, then a JSON result."""
+    jpegs = photo_pool(64, (640, 480), seed=3)
+    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+        client = RawClip(channel)
+
+        async def call(i: int) -> int:
+            request = clip_pb2.EmbedImageRequest(
+                images=[unique_jpeg(jpegs[i % len(jpegs)], i)],
+                format=clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES,
+            )
+            await client.embed_image(request.SerializeToString(), timeout=600)
+            return 1
+
+        result = await closed_loop(
+            call,
+            label=f"images c{concurrency}",
+            concurrency=concurrency,
+            seconds=seconds,
+            min_calls=2 * concurrency,
+            progress=False,
+            before_measure=lambda: print("START", flush=True),
+        )
+    summary = {
+        "items_per_s": result.items_per_s,
+        "p50_ms": result.percentile_ms(50),
+        "p99_ms": result.percentile_ms(99),
+        "calls": result.calls,
+        "seconds": result.seconds,
+        "errors": dict(result.errors),
+    }
+    print("RESULT " + json.dumps(summary), flush=True)
+
+
+# ---------------------------------------------------------------------------- threads
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """{tid: (name, CPU seconds)} for every thread of this process."""
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for entry in os.scandir("/proc/self/task"):
+        tid = int(entry.name)
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                native = comm.read().strip()
+        except OSError:
+            continue
+        name = names.get(tid) or f"native:{native}"
+        out[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def group_of(name: str) -> str:
+    """Which part of the gateway a thread belongs to."""
+    if name == "MainThread":
+        return "event loop (grpc.aio, protobuf, hashing, asyncio)"
+    if name.startswith("model"):
+        return "model thread (forward pass, calling thread)"
+    if name.startswith("decode"):
+        return "decode pool (PIL decode, resize, crop)"
+    if name == "native:python":
+        # Threads started by native code inherit the process name: here torch's OpenMP
+        # workers (gRPC names its own, e.g. 'event_engine').
+        return "native threads named 'python' (torch's OpenMP workers: forward pass)"
+    if name.startswith("native:"):
+        return f"native thread '{name[7:]}'"
+    return f"python thread '{name.rstrip('0123456789_-')}'"
+
+
+# ---------------------------------------------------------------------------- timeline
+class Timeline:
+    """Wall time of a few gateway methods per call, by wrapping them on the live objects.
+
+    The histograms time the stages themselves; this adds the waits between them (for a
+    decode thread, for the batch ahead). It wraps private attributes of the gateway, so
+    a method that is renamed is skipped, not an error.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+        self.batches: list[int] = []
+        self.recording = False
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+        self.seconds[label] = []
+
+        async def timed(*args: object, **kwargs: object) -> object:
+            started = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                if self.recording:
+                    self.seconds[label].append(time.perf_counter() - started)
+
+        setattr(owner, name, timed)
+
+    def record_batches(self, queue: object) -> None:
+        """Keep the size of every batch the embedded queue runs, in order."""
+        original = getattr(queue, "_run", None)
+        if original is None:
+            return
+
+        async def run(batch: list[object]) -> object:
+            if self.recording:
+                self.batches.append(len(batch))
+            return await original(batch)
+
+        setattr(queue, "_run", run)  # noqa: B010  (`queue` is an `object` here)
+
+    def rows(self) -> list[list[str]]:
+        return [
+            [label, str(len(v)), fmt(1000 * sum(v) / len(v)) if v else "–"]
+            for label, v in self.seconds.items()
+        ]
+
+
+# ---------------------------------------------------------------------------- main
+async def profile(args: argparse.Namespace) -> int:
+    from pyinstrument import Profiler
+
+    from tests.gateway_support import gateway_settings, running_gateway
+
+    section(f"profile: {args.model}, {args.concurrency} concurrent single-image callers")
+    info = machine_info()
+    info.append(("threads", threading_note(args.torch_threads)))
+    repository = model_repository(args.model)
+    settings = gateway_settings(
+        repository,
+        local_cache_items=0,
+        redis_url="",
+        torch_threads=args.torch_threads,
+        log_level="WARNING",
+    )
+    async with running_gateway(settings) as gateway:
+        target = f"127.0.0.1:{gateway.port}"
+        timeline = Timeline()
+        embedder = gateway.embedder
+        timeline.wrap(embedder, "embed_images", "Embedder.embed_images: all of one call's work")
+        timeline.wrap(
+            embedder, "_prepare_images", "decode step, waiting for a decode thread included"
+        )
+        queue = getattr(embedder.backend, "_queue", None)
+        timeline.wrap(queue, "submit", "batching queue: waiting for the batch ahead + own forward")
+        timeline.record_batches(queue)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.profile_images", "--drive", target,
+            "--concurrency", str(args.concurrency), "--seconds", str(args.seconds),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert child.stdout is not None
+        profiler = Profiler(interval=0.001, async_mode="disabled")
+        before_cpu: dict[int, tuple[str, float]] = {}
+        before_metrics: dict[str, float] = {}
+        started = 0.0
+        summary: dict[str, object] = {}
+        print("  callers warming up ...", flush=True)
+        while line := (await child.stdout.readline()).decode():
+            if line.startswith("START"):
+                print(f"  measuring for ≥ {args.seconds:g} s ...", flush=True)
+                before_metrics = scrape_metrics(gateway.metrics_port or 0)
+                before_cpu = thread_cpu()
+                started = time.perf_counter()
+                timeline.recording = True
+                profiler.start()
+            elif line.startswith("RESULT"):
+                summary = json.loads(line.split(" ", 1)[1])
+        if profiler.is_running:
+            profiler.stop()
+        timeline.recording = False
+        wall = time.perf_counter() - started
+        after_cpu = thread_cpu()
+        after_metrics = scrape_metrics(gateway.metrics_port or 0)
+        await child.wait()
+
+    groups: dict[str, float] = {}
+    for tid, (name, seconds) in after_cpu.items():
+        spent = seconds - before_cpu.get(tid, (name, 0.0))[1]
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + spent
+    total_cpu = sum(groups.values())
+    cpu_rows = [
+        [group, f"{spent:.1f}", f"{spent / wall:.2f}", f"{100 * spent / total_cpu:.0f} %"]
+        for group, spent in sorted(groups.items(), key=lambda kv: -kv[1])
+        if spent >= 0.05
+    ]
+    stage_rows = []
+    for metric, meaning in STAGES:
+        for labels, mean in sorted(histogram_means(before_metrics, after_metrics, metric).items()):
+            if "EmbedImage" in labels or "image" in labels:
+                unit = mean if metric == "clip_batch_size" else mean * 1000
+                stage_rows.append([f"`{metric}{labels}`", meaning, fmt(unit)])
+    out = args.results_dir / f"profile-images-{args.model}{'-' + args.tag if args.tag else ''}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    text_profile = profiler.output_text(unicode=True, color=False, show_all=False)
+    out.with_suffix(".txt").write_text(text_profile)
+    if args.html:
+        out.with_suffix(".html").write_text(profiler.output_html())
+    parts = [
+        f"# Profile: {args.model}, {args.concurrency} concurrent single-image callers",
+        "",
+        md_table(["", ""], info),
+        "",
+        "In-process embedded gateway, cache off, distinct 640×480 JPEG photos; the callers "
+        "run in a child process. Result of the callers: "
+        f"{fmt(float(summary.get('items_per_s', float('nan'))))} images/s, p50 "  # type: ignore[arg-type]
+        f"{fmt(float(summary.get('p50_ms', float('nan'))))} ms, p99 "  # type: ignore[arg-type]
+        f"{fmt(float(summary.get('p99_ms', float('nan'))))} ms, errors "  # type: ignore[arg-type]
+        f"{summary.get('errors', {})} (the profiler slows the event loop somewhat).",
+        "",
+        f"## CPU by gateway thread ({wall:.1f} s of wall time, {total_cpu:.1f} CPU s)",
+        "",
+        md_table(["threads", "CPU s", "cores", "share"], cpu_rows),
+        "",
+        "## Stage means (gateway histograms, this window)",
+        "",
+        md_table(["series", "what", "mean (ms; batch: items)"], stage_rows),
+        "",
+        "## Per-call timeline (wrapped gateway methods, this window)",
+        "",
+        md_table(["step", "calls", "mean ms"], timeline.rows()),
+        "",
+        "Batch sizes in the order the queue ran them (first 40): "
+        + (", ".join(str(n) for n in timeline.batches[:40]) or "–")
+        + ".",
+        "",
+        "## Event-loop thread (pyinstrument)",
+        "",
+        f"Full tree: `{out.with_suffix('.txt').name}`"
+        + (f", `{out.with_suffix('.html').name}`." if args.html else "."),
+        "",
+        "```",
+        "\n".join(text_profile.splitlines()[:80]),
+        "```",
+        "",
+    ]
+    report = "\n".join(parts)
+    out.with_suffix(".md").write_text(report)
+    section("summary")
+    print("\n".join(parts[4 : parts.index("## Event-loop thread (pyinstrument)")]))
+    print(f"wrote {out.with_suffix('.md')} (+ .txt{', .html' if args.html else ''})")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="ViT-B-32", choices=("clip-demo-shapes", "ViT-B-32"))
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--tag", default="", help="suffix for the result file names")
+    parser.add_argument("--html", action="store_true", help="also write pyinstrument's HTML")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--drive", metavar="TARGET", help=argparse.SUPPRESS)
+    add_threading_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.drive:
+        asyncio.run(drive(args.drive, args.concurrency, args.seconds))
+        return 0
+    apply_threading(args, "bench.profile_images")
+    return asyncio.run(profile(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
