@@ -69,13 +69,3 @@ async def test_shapes_and_kinds_never_share_a_batch() -> None:
     )
     await queue.aclose()
     assert sorted(sizes) == [("image", 1, (8,)), ("text", 3, (16,)), ("text", 6, (8,))]
-
-
-async def test_steady_load_waits_for_the_last_batchs_callers() -> None:
-    """Callers of the last batch of 8 come back a little apart: still one batch of 8."""
-    queue, sizes = _queue(None, last_forward_s=0.4)
-    queue._last_batch_rows = 8
-    queue.start()
-    await _late_submits(queue, 8, 0.03)
-    await queue.aclose()
-    assert [s[1] for s in sizes] == [8]

@@ -10,9 +10,8 @@ A fixed short wait alone splits steady load into alternating tiny and big batche
 (measured 2, 30, 2, 30 with 32 callers): when a batch finishes, its callers' next
 items are still being decoded while the first one to arrive runs nearly alone. So
 while admitted items are still on their way (admission count > rows queued and
-running), or while the batch is still smaller than the last one (steady load: the
-last batch's callers are sending their next calls), the batch is held open longer:
-at most a quarter of the last forward pass, which bounds the latency this can add.
+running), the batch is held open longer: at most a quarter of the last forward
+pass, which bounds the latency this can add.
 """
 
 from __future__ import annotations
@@ -71,7 +70,6 @@ class BatchQueue:
         self._admission = admission
         self._rows_running = 0
         self._last_forward_s = 0.0
-        self._last_batch_rows = 0
         self._entries: deque[_Entry] = deque()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -118,23 +116,18 @@ class BatchQueue:
         started = time.perf_counter()
         deadline = started + self._max_wait_s
         hold_until = started + max(self._max_wait_s, _HOLD_FRACTION * self._last_forward_s)
-        while (count := self._count_head_group()) < self.max_batch_size:
+        while self._count_head_group() < self.max_batch_size:
             now = time.perf_counter()
-            until = hold_until if self._expecting_more(count) else deadline
+            until = hold_until if self._arriving() > 0 else deadline
             if now >= until:
                 break
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), until - now)
             except TimeoutError:
-                if not self._expecting_more(self._count_head_group()):
-                    break
-                if time.perf_counter() >= hold_until:
+                if self._arriving() == 0 or time.perf_counter() >= hold_until:
                     break
         return self._take_head_group()
-
-    def _expecting_more(self, count: int) -> bool:
-        return self._arriving() > 0 or count < self._last_batch_rows
 
     def _arriving(self) -> int:
         """Admitted rows not yet queued nor running: still being decoded or tokenized."""
@@ -192,7 +185,6 @@ class BatchQueue:
         finally:
             self._rows_running = 0
             self._last_forward_s = time.perf_counter() - forward_started
-            self._last_batch_rows = len(rows)
         self.batches_run += 1
         start = 0
         for entry in batch:
