@@ -186,4 +186,6 @@ async def test_mixed_caption_lengths_batch_together_in_triton(
         await asyncio.sleep(0.1)
     executions = after["execution_count"] - before["execution_count"]
     assert requests == 48
-    assert executions <= 48 / 3, f"48 mixed-length calls ran as {executions} executions"
+    # Without ragged batching these ran as ~40 executions (mean batch 1.2, bench/README);
+    # with it they share executions, how many depends on arrival timing.
+    assert executions <= 48 / 2, f"48 mixed-length calls ran as {executions} executions"
