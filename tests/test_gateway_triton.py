@@ -86,6 +86,19 @@ async def _wait_health(port: int, status: int, timeout_s: float = 30) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _counts_since(
+    triton: TritonProcess, model: str, before: dict[str, int], expected: int
+) -> tuple[int, int]:
+    """(inferences, executions) of `model` since `before`, once `expected` were counted."""
+    deadline = time.monotonic() + 5
+    while True:  # Triton updates its statistics just after answering
+        after = await inference_statistics(triton.grpc_url, model)
+        inferences = after["inference_count"] - before["inference_count"]
+        if inferences >= expected or time.monotonic() > deadline:
+            return inferences, after["execution_count"] - before["execution_count"]
+        await asyncio.sleep(0.1)
+
+
 async def test_triton_vectors_equal_embedded(
     triton_gateway: Gateway, embedded_gateway: Gateway
 ) -> None:
@@ -110,14 +123,7 @@ async def test_concurrent_calls_reach_triton_as_fewer_executions(
     images = [encode(photo_like(64, 64, seed=900 + i), "PNG") for i in range(64)]
     async with AsyncClipClient(f"127.0.0.1:{triton_gateway.port}") as client:
         await asyncio.gather(*(client.embed_image([image]) for image in images))
-    deadline = time.monotonic() + 5
-    while True:  # Triton updates its statistics just after answering
-        after = await inference_statistics(triton.grpc_url, "clip_image")
-        inferences = after["inference_count"] - before["inference_count"]
-        if inferences >= 64 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    executions = after["execution_count"] - before["execution_count"]
+    inferences, executions = await _counts_since(triton, "clip_image", before, 64)
     assert inferences == 64
     assert executions <= 64 / 4, f"64 single-image calls ran as {executions} executions"
 
@@ -177,14 +183,7 @@ async def test_mixed_caption_lengths_batch_together_in_triton(
         got = await asyncio.gather(*(via_triton.embed_text([t]) for t in texts))
         want = await in_process.embed_text(texts)
     assert np.abs(np.concatenate([g.vectors for g in got]) - want.vectors).max() <= 1e-5
-    deadline = time.monotonic() + 5
-    while True:
-        after = await inference_statistics(triton.grpc_url, "clip_text")
-        requests = after["inference_count"] - before["inference_count"]
-        if requests >= 48 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    executions = after["execution_count"] - before["execution_count"]
+    requests, executions = await _counts_since(triton, "clip_text", before, 48)
     assert requests == 48
     # Without ragged batching these ran as ~40 executions (mean batch 1.2, bench/README);
     # with it they share executions, how many depends on arrival timing.
