@@ -17,10 +17,10 @@ from service.server.app import Gateway, build_gateway
 from service.settings import Settings
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for subprocesses that need a fixed one)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 

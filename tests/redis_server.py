@@ -24,6 +24,8 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
+from tests.gateway_support import free_port
+
 _DEFAULT_EXECUTABLE = "/usr/bin/redis-server"
 _PORT_ATTEMPTS = 5
 
@@ -63,7 +65,7 @@ class RedisServer:
         last_error: RedisServerError | None = None
         # A port found free can be taken before redis binds it: then try another.
         for _ in range(_PORT_ATTEMPTS):
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
             try:
                 self._launch()
                 return self
@@ -173,12 +175,6 @@ class RedisServer:
                     f"{self.start_timeout_s} s: {_tail(log_path)}"
                 )
             time.sleep(0.01)  # poll interval, not a wait for readiness
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _pings(host: str, port: int) -> bool:
