@@ -32,6 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from tqdm import tqdm
 
+from service.process_group import end_group, free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MODELS_DIR = REPO_ROOT / "bench" / ".models"
@@ -412,13 +414,6 @@ def wait_serving(target: str, timeout_s: float, alive: Callable[[], bool] = lamb
     raise TimeoutError(f"gateway at {target} not SERVING within {timeout_s}s")
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    from tests.gateway_support import free_port as _free
-
-    return _free()
-
-
 class GatewayProcess:
     """`python -m service.cli serve` on loopback, in its own process, on free ports.
 
@@ -510,12 +505,7 @@ class GatewayProcess:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_group(process, signal.SIGTERM, grace_s=30.0)
 
     def __enter__(self) -> GatewayProcess:
         return self.start()

@@ -134,10 +134,10 @@ def cpu_seconds(pid: int) -> float:
 
 def group_rss_mb(pgid: int) -> float:
     """Summed RSS of a process group (tritonserver and its python stubs)."""
-    from service.triton_launcher import process_group_members
+    from service.process_group import group_members
 
     total = 0.0
-    for pid in process_group_members(pgid):
+    for pid in group_members(pgid):
         with contextlib.suppress(OSError):
             total += memory_mb(pid)[0]
     return total

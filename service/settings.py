@@ -51,10 +51,17 @@ class Settings:
     )
     device: str = _opt("cpu", "Torch device of the embedded backend (cpu, cuda, cuda:1).")
     torch_threads: int = _opt(0, "Intra-op threads of the embedded backend (0 = torch default).")
-    # --- batching (embedded backend)
-    max_batch_size: int = _opt(32, "Most items the embedded backend runs in one forward pass.")
+    # --- batching (the gateway's queue, in front of either backend)
+    max_batch_size: int = _opt(
+        32, "Most items in one backend call (Triton: also capped by the model's max_batch_size)."
+    )
     max_batch_wait_ms: float = _opt(
         2.0, "How long the batching queue waits for more items once it has some."
+    )
+    max_inflight_batches: int = _opt(
+        1,
+        "Batches sent to Triton at once; more keeps a fast GPU busy through round trips "
+        "(the embedded backend runs one at a time).",
     )
     max_queued_items: int = _opt(
         2048, "Items waiting for the backend before new calls get RESOURCE_EXHAUSTED."

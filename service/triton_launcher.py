@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+
+from service.process_group import end_group, free_port
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -221,9 +222,9 @@ class TritonProcess:
             )
             for _ in range(attempts):
                 ports = TritonPorts(
-                    self._requested.grpc or _free_port(self.host),
-                    self._requested.http or _free_port(self.host),
-                    self._requested.metrics or _free_port(self.host),
+                    self._requested.grpc or free_port(self.host),
+                    self._requested.http or free_port(self.host),
+                    self._requested.metrics or free_port(self.host),
                 )
                 try:
                     self._launch(ports)
@@ -370,7 +371,7 @@ class TritonProcess:
                 log_file.close()
         # Registered at once so that an interrupted start or a forgotten object
         # leaves nothing running.
-        finalizer = weakref.finalize(self, _end_group, process, signal.SIGKILL, 0.0, shm_prefix)
+        finalizer = weakref.finalize(self, _end_server, process, signal.SIGKILL, 0.0, shm_prefix)
         started = time.monotonic()
         try:
             self._wait_ready(process, ports)
@@ -423,72 +424,26 @@ class TritonProcess:
             self._finalizer = None
         if process is None:
             return None
-        code = _end_group(process, sig, grace_s, self._shm_prefix)
-        _LOGGER.info("tritonserver (pid %d) ended with %s", process.pid, code)
-        return code
+        return _end_server(process, sig, grace_s, self._shm_prefix)
 
 
-def process_group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, read from /proc."""
-    if pgid <= 0:
-        raise ValueError(f"not a process group id: {pgid}")
-    members: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: fields follow the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
-
-
-def _end_group(
+def _end_server(
     process: subprocess.Popen[bytes], sig: signal.Signals, grace_s: float, shm_prefix: str
 ) -> int:
-    pgid = process.pid
-    # Only signal the group while its leader is unreaped: after wait() the id may be
-    # reused. Stubs outliving a dead leader are handled below.
-    if process.poll() is None:
-        _signal_group(pgid, sig)
-        try:
-            process.wait(timeout=grace_s if sig != signal.SIGKILL else 10.0)
-        except subprocess.TimeoutExpired:
-            _LOGGER.warning(
-                "tritonserver (pid %d) ignored SIGTERM for %.0f s: SIGKILL", pgid, grace_s
-            )
-            _signal_group(pgid, signal.SIGKILL)
-            process.wait()
-    # The python stubs exit on their own once the server is gone; give them a moment
-    # and then make sure no member of the group is left.
-    deadline = time.monotonic() + 2.0
-    while process_group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if process_group_members(pgid):
-        _signal_group(pgid, signal.SIGKILL)
+    code, killed = end_group(process, sig, grace_s if sig != signal.SIGKILL else 10.0)
+    if killed and sig != signal.SIGKILL:
+        _LOGGER.warning(
+            "tritonserver (pid %d) or a stub outlived SIGTERM (%.0f s): SIGKILLed",
+            process.pid,
+            grace_s,
+        )
     # A killed server cannot unlink its shared-memory regions; they would pile up in
     # /dev/shm (RAM) across fault tests.
     if shm_prefix:
         for region in Path("/dev/shm").glob(f"{shm_prefix}*"):
             region.unlink(missing_ok=True)
-    return int(process.returncode)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    _LOGGER.info("tritonserver (pid %d) ended with %s", process.pid, code)
+    return code
 
 
 def _http_ok(url: str, timeout_s: float) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,13 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.api.clip.v1 import clip_pb2_grpc
 from service.server.app import Gateway, build_gateway
 from service.settings import Settings
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for subprocesses that need a fixed one)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def gateway_settings(repository: Path, **overrides: Any) -> Settings:

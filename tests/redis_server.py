@@ -24,7 +24,7 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
-from tests.gateway_support import free_port
+from service.process_group import end_group, free_port
 
 _DEFAULT_EXECUTABLE = "/usr/bin/redis-server"
 _PORT_ATTEMPTS = 5
@@ -80,7 +80,7 @@ class RedisServer:
             self._finalizer.detach()
             self._finalizer = None
         if process is not None:
-            _end_group(process, signal.SIGKILL if kill else signal.SIGTERM)
+            end_group(process, signal.SIGKILL if kill else signal.SIGTERM)
 
     def restart(self, *, kill: bool = False) -> None:
         """Stop and start again on the same port (the data set starts empty)."""
@@ -150,7 +150,7 @@ class RedisServer:
             start_new_session=True,
         )
         # Registered at once so that even an interrupted start leaves no process.
-        finalizer = weakref.finalize(self, _end_group, process, signal.SIGKILL)
+        finalizer = weakref.finalize(self, end_group, process, signal.SIGKILL)
         try:
             self._wait_ready(process, log_path)
         except BaseException:
@@ -184,23 +184,6 @@ def _pings(host: str, port: int) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
-
-
-def _end_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    # Only signal while the leader is unreaped: after wait() its id may be reused.
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, sig)
-        # A paused (SIGSTOPped) server would not act on SIGTERM until continued.
-        os.killpg(process.pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def _tail(log_path: Path, n_chars: int = 2000) -> str:

@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
+from service.backends.batched import BatchedBackend
 from service.core.admission import Admission
 from service.core.batching import BatchQueue
+from service.errors import BackendFailure, DeadlineExceeded
 from service.metrics import Metrics
 
 
-def _queue(admission: Admission | None, last_forward_s: float = 0.0) -> tuple[BatchQueue, list]:
+def _queue(
+    admission: Admission | None, last_batch_s: float = 0.0, **options: object
+) -> tuple[BatchQueue, list]:
     sizes: list[tuple[str, int, tuple[int, ...]]] = []
 
-    def run(kind: str, rows: np.ndarray) -> np.ndarray:
+    async def run(kind: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
         sizes.append((kind, len(rows), rows.shape[1:]))
         return rows.reshape(len(rows), -1)[:, :1].astype(np.float32)
 
     queue = BatchQueue(
         run,
-        ThreadPoolExecutor(1),
-        max_batch_size=8,
+        max_batch_size=lambda: 8,
         max_wait_s=0.002,
         metrics=Metrics(),
         admission=admission,
+        **options,  # type: ignore[arg-type]
     )
-    queue._last_forward_s = last_forward_s
+    queue._last_batch_s = last_batch_s
     return queue, sizes
 
 
@@ -42,7 +46,7 @@ async def _late_submits(queue: BatchQueue, n: int, delay_s: float) -> list[np.nd
 async def test_holds_the_batch_open_while_admitted_items_are_on_their_way() -> None:
     admission = Admission(100, Metrics())
     admission.admit(8)  # 8 items admitted; 7 of them still "decoding" for 30 ms
-    queue, sizes = _queue(admission, last_forward_s=0.4)
+    queue, sizes = _queue(admission, last_batch_s=0.4)
     queue.start()
     answers = await _late_submits(queue, 8, 0.03)
     await queue.aclose()
@@ -51,7 +55,7 @@ async def test_holds_the_batch_open_while_admitted_items_are_on_their_way() -> N
 
 
 async def test_without_arrivals_a_batch_goes_after_the_short_wait() -> None:
-    queue, sizes = _queue(None, last_forward_s=0.4)
+    queue, sizes = _queue(None, last_batch_s=0.4)
     queue.start()
     await _late_submits(queue, 8, 0.03)
     await queue.aclose()
@@ -69,3 +73,120 @@ async def test_shapes_and_kinds_never_share_a_batch() -> None:
     )
     await queue.aclose()
     assert sorted(sizes) == [("image", 1, (8,)), ("text", 3, (16,)), ("text", 6, (8,))]
+
+
+async def test_in_flight_batches_are_bounded_and_overlap() -> None:
+    running, most = 0, 0
+    release = asyncio.Event()
+
+    async def run(kind: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return np.zeros((len(rows), 1), dtype=np.float32)
+
+    # Shapes differ, so the three entries are three batches.
+    for inflight, expected in ((1, 1), (2, 2)):
+        running, most = 0, 0
+        release.clear()
+        queue = BatchQueue(
+            run, max_batch_size=lambda: 8, max_wait_s=0.001, metrics=Metrics(),
+            max_inflight=inflight,
+        )  # fmt: skip
+        queue.start()
+        calls = [
+            asyncio.ensure_future(queue.submit("text", np.ones((1, n), dtype=np.int64)))
+            for n in (8, 16, 24)
+        ]
+        await asyncio.sleep(0.05)
+        assert most == expected
+        release.set()
+        await asyncio.gather(*calls)
+        await queue.aclose()
+        assert queue.batches_run == 3
+
+
+async def test_a_batch_gets_the_longest_deadline_of_its_callers() -> None:
+    timeouts: list[float | None] = []
+
+    async def run(kind: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        timeouts.append(timeout_s)
+        return np.zeros((len(rows), 1), dtype=np.float32)
+
+    queue = BatchQueue(run, max_batch_size=lambda: 8, max_wait_s=0.02, metrics=Metrics())
+    queue.start()
+    rows = np.ones((1, 4), dtype=np.int64)
+    await asyncio.gather(queue.submit("image", rows, 5.0), queue.submit("image", rows, 9.0))
+    await asyncio.gather(queue.submit("image", rows, 5.0), queue.submit("image", rows, None))
+    await queue.aclose()
+    assert len(timeouts) == 2
+    assert timeouts[0] is not None and 8.5 < timeouts[0] <= 9.0
+    assert timeouts[1] is None  # one caller waits forever: so may the batch
+
+
+async def test_a_failed_batch_fails_its_callers_and_the_queue_goes_on() -> None:
+    calls = 0
+
+    async def run(kind: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return np.zeros((len(rows), 1), dtype=np.float32)
+
+    queue = BatchQueue(run, max_batch_size=lambda: 8, max_wait_s=0.001, metrics=Metrics())
+    queue.start()
+    rows = np.ones((1, 4), dtype=np.int64)
+    first = await asyncio.gather(queue.submit("image", rows), return_exceptions=True)
+    assert isinstance(first[0], RuntimeError)
+    assert (await queue.submit("image", rows)).shape == (1, 1)
+    await queue.aclose()
+
+
+class _SlowInner:
+    """A backend whose batch limit is learnt late and whose calls take `delay_s`."""
+
+    name = "fake"
+
+    def __init__(self, delay_s: float) -> None:
+        self.max_batch_size = 64
+        self.delay_s = delay_s
+        self.calls: list[tuple[str, int, float | None]] = []
+
+    async def start(self) -> None:
+        self.max_batch_size = 4  # like Triton once it has read the model configs
+
+    async def ready(self) -> bool:
+        return True
+
+    async def embed_images(self, rows: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
+        self.calls.append(("image", len(rows), timeout_s))
+        await asyncio.sleep(self.delay_s)
+        return np.zeros((len(rows), 2), dtype=np.float32)
+
+    async def embed_texts(self, rows: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
+        raise ValueError("text tower exploded")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_batched_backend_follows_the_inner_limit_and_maps_errors() -> None:
+    inner = _SlowInner(delay_s=0.05)
+    backend = BatchedBackend(inner, metrics=Metrics(), max_batch_size=32, max_wait_s=0.01)
+    assert backend.max_batch_size == 32
+    await backend.start()
+    assert backend.max_batch_size == 4 and backend.name == "fake"
+    rows = np.zeros((1, 3, 2, 2), dtype=np.uint8)
+    out = await asyncio.gather(*(backend.embed_images(rows, timeout_s=5) for _ in range(8)))
+    assert [o.shape for o in out] == [(1, 2)] * 8
+    assert [c[1] for c in inner.calls] == [4, 4]  # merged, never past the inner limit
+    with pytest.raises(BackendFailure, match="text encoder failed: text tower exploded"):
+        await backend.embed_texts(np.ones((1, 8), dtype=np.int64))
+    with pytest.raises(DeadlineExceeded):
+        await backend.embed_images(rows, timeout_s=0.02)
+    await asyncio.sleep(0.1)  # the abandoned batch still runs to its end
+    assert backend.batches_run == 3  # the failed text batch does not count
+    await backend.aclose()

@@ -14,8 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
+from service.process_group import free_port
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import free_port, sample, scrape
+from tests.gateway_support import sample, scrape
 from tests.hostile_inputs import photo_like
 
 

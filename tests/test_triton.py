@@ -31,12 +31,12 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.model_metadata import IMAGE_MODEL, TEXT_MODEL, ModelMetadata
+from service.process_group import group_members
 from service.settings import Settings
 from service.triton_config import BatchingOptions
 from service.triton_launcher import (
     TritonError,
     TritonProcess,
-    process_group_members,
     server_version,
 )
 from tests.triton_server import (
@@ -203,6 +203,30 @@ async def test_concurrent_single_images_are_batched_by_triton(
     np.testing.assert_allclose(np.concatenate(results), batched, atol=1e-5, rtol=0)
 
 
+async def test_concurrent_texts_of_mixed_lengths_share_executions(
+    backend: TritonBackend, triton: TritonProcess, text_module: torch.jit.ScriptModule
+) -> None:
+    """Ragged batching: the dynamic batcher merges different token lengths (model.py groups)."""
+    lengths = [8, 16, 24, 32] * 8
+    texts = [f"caption number {i}" for i in range(len(lengths))]
+    rows = [token_ids([t], n) for t, n in zip(texts, lengths, strict=True)]
+    before = await inference_statistics(triton.grpc_url, TEXT_MODEL)
+    results = await asyncio.gather(*(backend.embed_texts(r, timeout_s=30) for r in rows))
+    deadline = time.monotonic() + 5
+    while True:
+        after = await inference_statistics(triton.grpc_url, TEXT_MODEL)
+        inferences = after["inference_count"] - before["inference_count"]
+        executions = after["execution_count"] - before["execution_count"]
+        if inferences >= len(rows) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert inferences == len(rows)
+    # Without allow_ragged_batch each length would run alone: about one execution a call.
+    assert executions <= len(rows) / 2, f"{executions} executions for {len(rows)} texts"
+    for got, r in zip(results, rows, strict=True):
+        np.testing.assert_allclose(got, run_module(text_module, r), atol=1e-5, rtol=0)
+
+
 async def test_latency_and_errors_are_recorded(backend: TritonBackend, metrics: Metrics) -> None:
     before = _sample(metrics, "clip_backend_duration_seconds_count", modality="text")
     await backend.embed_texts(token_ids(["a green star"], 8))
@@ -285,7 +309,7 @@ async def test_killed_triton_fails_fast_and_is_found_again_after_restart(
         pgid = triton.pid
         assert pgid is not None
         triton.kill()
-        assert process_group_members(pgid) == []
+        assert group_members(pgid) == []
 
         for _ in range(5):
             started = time.monotonic()
@@ -405,16 +429,16 @@ def test_triton_command_starts_and_stops_cleanly(repository: Path, tmp_path: Pat
                     http = line.split(" http ")[1].split()[0]
             time.sleep(0.1)
         assert server_version(http)
-        assert process_group_members(server_pid)
+        assert group_members(server_pid)
         launcher.send_signal(signal.SIGINT)  # Ctrl-C
         assert launcher.wait(timeout=30) == 0, log.read_text()
         assert "tritonserver stopped" in log.read_text()
-        assert process_group_members(server_pid) == []
+        assert group_members(server_pid) == []
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-        if server_pid is not None and process_group_members(server_pid):
+        if server_pid is not None and group_members(server_pid):
             os.killpg(server_pid, signal.SIGKILL)
 
 

@@ -1,4 +1,4 @@
-"""The encoders run in-process (TorchScript), behind the gateway's own batching queue."""
+"""The encoders run in-process (TorchScript) on one model thread; batching is in front of it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.core.admission import Admission
-from service.core.batching import BatchQueue
-from service.errors import BackendFailure, BackendUnavailable, DeadlineExceeded
+from service.errors import BackendFailure, BackendUnavailable
 from service.metrics import Metrics
 from service.model_metadata import ModelMetadata
 from service.settings import Settings
@@ -34,9 +32,7 @@ class EmbeddedBackend:
         metrics: Metrics,
         device: str = "cpu",
         max_batch_size: int = 32,
-        max_wait_s: float = 0.002,
         torch_threads: int = 0,
-        admission: Admission | None = None,
     ) -> None:
         self._repository = Path(repository)
         self._metadata = metadata
@@ -46,46 +42,26 @@ class EmbeddedBackend:
         self.max_batch_size = max_batch_size
         # One thread owns the model: torch already uses every core inside a forward pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._queue = BatchQueue(
-            self._forward,
-            self._executor,
-            max_batch_size=max_batch_size,
-            max_wait_s=max_wait_s,
-            metrics=metrics,
-            admission=admission,
-        )
         self._modules: dict[str, torch.jit.ScriptModule] = {}
 
     @classmethod
     def from_settings(
-        cls,
-        settings: Settings,
-        metadata: ModelMetadata,
-        metrics: Metrics,
-        admission: Admission | None = None,
+        cls, settings: Settings, metadata: ModelMetadata, metrics: Metrics
     ) -> EmbeddedBackend:
-        """Build from the settings object (`admission` lets batches wait for arrivals)."""
+        """Build from the settings object."""
         return cls(
             settings.model_repository,
             metadata,
             metrics=metrics,
             device=settings.device,
             max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_batch_wait_ms / 1000.0,
             torch_threads=settings.torch_threads,
-            admission=admission,
         )
 
-    @property
-    def batches_run(self) -> int:
-        """Forward passes run so far (proves that concurrent calls were merged)."""
-        return self._queue.batches_run
-
     async def start(self) -> None:
-        """Load both modules on the model thread and start the queue."""
+        """Load both modules on the model thread."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load)
-        self._queue.start()
 
     def _load(self) -> None:
         if self._torch_threads > 0:
@@ -120,37 +96,31 @@ class EmbeddedBackend:
             )
 
     async def ready(self) -> bool:
-        """Loaded and the queue owner alive."""
+        """Both modules loaded."""
         return len(self._modules) == 2
-
-    async def _submit(self, modality: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
-        if not self._modules:
-            raise BackendUnavailable("encoders are not loaded yet")
-        try:
-            return await asyncio.wait_for(self._queue.submit(modality, rows), timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"{modality} embedding did not finish within {timeout_s:.3f}s"
-            ) from None
-        except (BackendUnavailable, DeadlineExceeded, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise BackendFailure(f"{modality} encoder failed: {exc}") from exc
 
     async def embed_images(
         self, pixels_uint8: np.ndarray, *, timeout_s: float | None = None
     ) -> np.ndarray:
-        """`uint8 [B,3,S,S]` → `float32 [B,D]`, batched with concurrent callers."""
-        return await self._submit("image", pixels_uint8, timeout_s)
+        """`uint8 [B,3,S,S]` → `float32 [B,D]` (a forward pass cannot be cut short: no timeout)."""
+        return await self._run("image", pixels_uint8)
 
     async def embed_texts(
         self, token_ids: np.ndarray, *, timeout_s: float | None = None
     ) -> np.ndarray:
-        """`int64 [B,L]` → `float32 [B,D]`, batched with callers of the same length L."""
-        return await self._submit("text", token_ids, timeout_s)
+        """`int64 [B,L]` → `float32 [B,D]`."""
+        return await self._run("text", token_ids)
 
     async def aclose(self) -> None:
-        """Stop the queue and the model thread."""
-        await self._queue.aclose()
+        """Stop the model thread and drop the modules."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._modules.clear()
+
+    async def _run(self, modality: str, rows: np.ndarray) -> np.ndarray:
+        if not self._modules:
+            raise BackendUnavailable("encoders are not loaded yet")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._forward, modality, rows)
+        except Exception as exc:
+            raise BackendFailure(f"{modality} encoder failed: {exc}") from exc

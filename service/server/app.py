@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from service import __version__
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.backends.base import Backend
+from service.backends.batched import BatchedBackend
 from service.core.admission import Admission
 from service.core.cache import EmbeddingCache
 from service.core.embedder import Embedder, EmbedderOptions
@@ -33,14 +34,26 @@ _LOGGER = logging.getLogger(__name__)
 def make_backend(
     settings: Settings, metadata: ModelMetadata, metrics: Metrics, admission: Admission
 ) -> Backend:
-    """The backend the settings ask for."""
+    """The backend the settings ask for, behind the gateway's batching queue."""
+    inner: Backend
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
 
-        return TritonBackend.from_settings(settings, metrics)
-    from service.backends.embedded import EmbeddedBackend
+        inner = TritonBackend.from_settings(settings, metrics)
+        inflight = settings.max_inflight_batches
+    else:
+        from service.backends.embedded import EmbeddedBackend
 
-    return EmbeddedBackend.from_settings(settings, metadata, metrics, admission)
+        inner = EmbeddedBackend.from_settings(settings, metadata, metrics)
+        inflight = 1  # one model thread: a second batch would only wait for it, half full
+    return BatchedBackend(
+        inner,
+        metrics=metrics,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000.0,
+        max_inflight=inflight,
+        admission=admission,
+    )
 
 
 @dataclass

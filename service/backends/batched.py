@@ -1,0 +1,100 @@
+"""Any backend behind the gateway's batching queue: single-item calls become batches.
+
+The embedded backend needs it to batch at all. In front of Triton it also pays: the
+queue knows which admitted items are still being decoded and holds the batch for
+them, which Triton's dynamic batcher cannot see (see `service.core.batching`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from service.backends.base import Backend
+from service.core.admission import Admission
+from service.core.batching import BatchQueue
+from service.errors import BackendFailure, ClipError, DeadlineExceeded
+from service.metrics import Metrics
+
+
+class BatchedBackend:
+    """Implements `Backend` by queueing calls and running them on `inner` in batches."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_inflight: int = 1,
+        admission: Admission | None = None,
+    ) -> None:
+        """`max_batch_size` caps batches further than `inner.max_batch_size` may."""
+        self.inner = inner
+        self.name = inner.name
+        self._limit = max_batch_size
+        self._queue = BatchQueue(
+            self._run_batch,
+            max_batch_size=lambda: self.max_batch_size,
+            max_wait_s=max_wait_s,
+            metrics=metrics,
+            admission=admission,
+            max_inflight=max_inflight,
+        )
+
+    @property
+    def max_batch_size(self) -> int:
+        """The smaller of our cap and the backend's (Triton's is read from its config)."""
+        return min(self._limit, self.inner.max_batch_size)
+
+    @property
+    def batches_run(self) -> int:
+        """Batches the backend answered so far (proves that concurrent calls were merged)."""
+        return self._queue.batches_run
+
+    async def start(self) -> None:
+        """Start the backend, then the queue."""
+        await self.inner.start()
+        self._queue.start()
+
+    async def ready(self) -> bool:
+        """The backend's own readiness."""
+        return await self.inner.ready()
+
+    async def embed_images(
+        self, pixels_uint8: np.ndarray, *, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """`uint8 [B,3,S,S]` → `float32 [B,D]`, batched with concurrent callers."""
+        return await self._submit("image", pixels_uint8, timeout_s)
+
+    async def embed_texts(
+        self, token_ids: np.ndarray, *, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """`int64 [B,L]` → `float32 [B,D]`, batched with callers of the same length L."""
+        return await self._submit("text", token_ids, timeout_s)
+
+    async def aclose(self) -> None:
+        """Stop the queue, then the backend."""
+        await self._queue.aclose()
+        await self.inner.aclose()
+
+    async def _submit(self, modality: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        try:
+            return await asyncio.wait_for(self._queue.submit(modality, rows, timeout_s), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{modality} embedding did not finish within {timeout_s:.3f}s"
+            ) from None
+        except (ClipError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise BackendFailure(f"{modality} encoder failed: {exc}") from exc
+
+    async def _run_batch(
+        self, modality: str, rows: np.ndarray, timeout_s: float | None
+    ) -> np.ndarray:
+        if modality == "image":
+            return await self.inner.embed_images(rows, timeout_s=timeout_s)
+        return await self.inner.embed_texts(rows, timeout_s=timeout_s)
