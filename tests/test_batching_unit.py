@@ -167,7 +167,10 @@ class _SlowInner:
         return np.zeros((len(rows), 2), dtype=np.float32)
 
     async def embed_texts(self, rows: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
-        raise ValueError("text tower exploded")
+        self.calls.append(("text", rows.shape[1], timeout_s))
+        if rows[0, 0] < 0:
+            raise ValueError("text tower exploded")
+        return np.zeros((len(rows), 2), dtype=np.float32)
 
     async def aclose(self) -> None:
         pass
@@ -184,9 +187,22 @@ async def test_batched_backend_follows_the_inner_limit_and_maps_errors() -> None
     assert [o.shape for o in out] == [(1, 2)] * 8
     assert [c[1] for c in inner.calls] == [4, 4]  # merged, never past the inner limit
     with pytest.raises(BackendFailure, match="text encoder failed: text tower exploded"):
-        await backend.embed_texts(np.ones((1, 8), dtype=np.int64))
+        await backend.embed_texts(np.full((1, 8), -1, dtype=np.int64))
     with pytest.raises(DeadlineExceeded):
         await backend.embed_images(rows, timeout_s=0.02)
     await asyncio.sleep(0.1)  # the abandoned batch still runs to its end
     assert backend.batches_run == 3  # the failed text batch does not count
     await backend.aclose()
+
+
+async def test_text_batches_lose_the_columns_after_their_last_end_of_text() -> None:
+    inner = _SlowInner(delay_s=0.0)
+    backend = BatchedBackend(inner, metrics=Metrics(), max_batch_size=8, max_wait_s=0.01)
+    await backend.start()
+    eot = 49407
+    short = np.array([[eot - 1, 5, eot, 0, 0, 0, 0, 0]])  # end-of-text at column 2
+    longer = np.array([[eot - 1, 5, 6, 7, eot, 0, 0, 0]])  # at column 4
+    await asyncio.gather(backend.embed_texts(short), backend.embed_texts(longer))
+    await backend.embed_texts(short)
+    await backend.aclose()
+    assert [c[1] for c in inner.calls] == [5, 3]  # one batch to column 4, then alone to 2

@@ -78,10 +78,6 @@ class EmbeddedBackend:
 
     def _forward(self, modality: str, rows: np.ndarray) -> np.ndarray:
         module = self._modules[modality]
-        if modality == "text":
-            # Rows share a bucket length; cut the columns after the batch's last
-            # end-of-text (the highest id in each row): exact for a causal tower, and less work.
-            rows = rows[:, : int(rows.argmax(axis=1).max()) + 1]
         started = time.perf_counter()
         try:
             with torch.inference_mode():
