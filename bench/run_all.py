@@ -5,8 +5,9 @@
     python -m bench.run_all --omp-wait-policy inherit   # as the environment says
 
 Steps, each in its own process (a failure is reported and the next step still runs):
-throughput on the demo model; throughput on ViT-B-32 with Triton (without in
-`--quick`); the cache benchmark; a short load run. Results go to bench/results/.
+throughput on the demo model; throughput on ViT-B-32 with Triton and 3 paired image
+rounds (without either in `--quick`); the cache benchmark; a short load run. Results go
+to bench/results/.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
                 *ends,
                 *threads,
                 *tagged,
-                *([] if args.quick else ["--with-triton"]),
+                *([] if args.quick else ["--with-triton", "--paired-rounds", "3"]),
             ],
             f"throughput-ViT-B-32{tag}.md",
         ),

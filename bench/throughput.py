@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import itertools
 import sys
@@ -228,6 +229,7 @@ async def measure_service(
     concurrencies: Sequence[int],
     args: argparse.Namespace,
     batching: Callable[[], dict[str, tuple[float, float]]],
+    kinds: Sequence[str] = (IMAGES, SHORT, MIX),
 ) -> list[Point]:
     """The gateway at `target` at each concurrency, for each kind of input.
 
@@ -238,7 +240,7 @@ async def measure_service(
     counter = itertools.count(10_000_000)  # distinct inputs across the whole run
     async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
         calls = service_calls(RawClip(channel), inputs)
-        for kind, call in calls.items():
+        for kind, call in ((k, calls[k]) for k in kinds):
             modality = "image" if kind == IMAGES else "text"
             for concurrency in concurrencies:
                 marks: dict[str, tuple[float, float]] = {}
@@ -303,6 +305,111 @@ def triton_batching_reader(
         }
 
     return read
+
+
+# ---------------------------------------------------------------------------- paired rounds
+@dataclass
+class PairedRound:
+    """Each service path at the top concurrency between two raw measurements at the top batch."""
+
+    #: raw items/s measured before the first path, then after each path.
+    raw: list[float]
+    service: dict[str, float]
+
+    def ratios(self) -> dict[str, float]:
+        """Each path ÷ the mean of the raw measurements just before and just after it."""
+        return {
+            path: value / ((self.raw[i] + self.raw[i + 1]) / 2)
+            for i, (path, value) in enumerate(self.service.items())
+        }
+
+
+async def paired_image_rounds(
+    raw: RawModule,
+    inputs: Inputs,
+    repository: Path,
+    metadata: ModelMetadata,
+    args: argparse.Namespace,
+    gateway_settings: dict[str, object],
+) -> list[PairedRound]:
+    """The image target as N rounds of raw → service → raw → ..., each ratio within its round.
+
+    A sweep measures the service minutes after the raw module, and the machine drifts
+    meanwhile; here each service point sits between two raw points seconds away, and
+    the median of the rounds is what to read.
+    """
+    from service.triton_launcher import TritonProcess
+
+    rounds: list[PairedRound] = []
+    with contextlib.ExitStack() as stack:
+        readers: dict[str, tuple[str, Callable[[], dict[str, tuple[float, float]]]]] = {}
+        embedded = stack.enter_context(
+            GatewayProcess(
+                repository, log_name="paired-embedded", backend="embedded",
+                device=args.device, **gateway_settings,
+            )
+        )  # fmt: skip
+        readers["embedded"] = (embedded.target, embedded_batching(embedded.metrics_port))
+        if args.with_triton:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-triton-"))
+            triton = TritonProcess(
+                repository_variant(repository, args.torch_threads),
+                workdir=Path(workdir),
+                startup_timeout_s=300,
+            )
+            stack.callback(triton.close)
+            await asyncio.to_thread(triton.start)
+            gateway = stack.enter_context(
+                GatewayProcess(
+                    repository, log_name="paired-triton", backend="triton",
+                    triton_url=triton.grpc_url, **gateway_settings,
+                )
+            )  # fmt: skip
+            readers["triton"] = (gateway.target, triton_batching_reader(triton.grpc_url, metadata))
+        for n in range(args.paired_rounds):
+            print(f"  round {n + 1} of {args.paired_rounds}", flush=True)
+            this = PairedRound([_raw_images(raw, inputs, args)], {})
+            for path, (target, reader) in readers.items():
+                point = (
+                    await measure_service(
+                        path, target, inputs, [args.top], args, reader, kinds=(IMAGES,)
+                    )
+                )[0]
+                this.service[path] = point.result.items_per_s
+                this.raw.append(_raw_images(raw, inputs, args))
+            rounds.append(this)
+            print(
+                "    ratios: " + ", ".join(f"{p} {v:.2f}×" for p, v in this.ratios().items()),
+                flush=True,
+            )
+    return rounds
+
+
+def _raw_images(raw: RawModule, inputs: Inputs, args: argparse.Namespace) -> float:
+    return measure_raw(raw, inputs, [args.top], args, which=(IMAGES,))[0].result.items_per_s
+
+
+def paired_ratios(rounds: Sequence[PairedRound], top: int) -> list[Ratio]:
+    """Median over the rounds of service ÷ raw images, against the image target."""
+    if not rounds:
+        return []
+    return [
+        Ratio(
+            f"{path}: images c{top} ÷ raw images b{top}, median of {len(rounds)} paired rounds",
+            float(np.median([r.ratios()[path] for r in rounds])),
+            IMAGE_TARGET,
+        )
+        for path in rounds[0].service
+    ]
+
+
+def paired_rows(rounds: Sequence[PairedRound]) -> list[list[str]]:
+    """One table row per round: the raw items/s in order, then items/s and ratio per path."""
+    return [
+        [str(n + 1), " → ".join(fmt(v) for v in r.raw)]
+        + [f"{fmt(r.service[p])} ({ratio:.2f}×)" for p, ratio in r.ratios().items()]
+        for n, r in enumerate(rounds)
+    ]
 
 
 # ---------------------------------------------------------------------------- report
@@ -393,6 +500,7 @@ def write_report(
     args: argparse.Namespace,
     points: Sequence[Point],
     rechecks: Sequence[Point],
+    rounds: Sequence[PairedRound],
     baselines: dict[str, float],
     ratio_lines: Sequence[Ratio],
     inputs: Inputs,
@@ -469,6 +577,28 @@ def write_report(
             baseline_rows(points, rechecks, baselines, args.top),
         ),
         "",
+        *(
+            [
+                "## Paired rounds (images)",
+                "",
+                f"Each round measures the raw module at batch {args.top}, then each service "
+                f"path at {args.top} callers followed by the raw module again; a path's ratio "
+                "uses the mean of the raw points just before and after it, and the image "
+                "verdicts below with `median` use the median round.",
+                "",
+                md_table(
+                    [
+                        "round",
+                        "raw items/s, in order",
+                        *(f"{p} items/s (÷ raw)" for p in rounds[0].service),
+                    ],
+                    paired_rows(rounds),
+                ),
+                "",
+            ]
+            if rounds
+            else []
+        ),
         "## Ratios",
         "",
         md_table(
@@ -582,6 +712,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="1,8,32",
         help="raw module batch sizes (must include the last concurrency)",
     )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=0,
+        help="afterwards, N rounds of raw images → service images, each ratio within its round",
+    )
     parser.add_argument("--tag", default="", help="suffix for the result file names")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument(
@@ -667,6 +803,12 @@ async def run(args: argparse.Namespace) -> int:
     if not args.quick:  # --quick trusts the first raw points: one pass saves ~1 min on ViT
         section("raw module again (drift check of the ratio baselines)")
         rechecks = measure_raw(raw, inputs, [args.top], args)
+    rounds: list[PairedRound] = []
+    if args.paired_rounds > 0:
+        section(f"paired rounds: images, raw b{args.top} then service c{args.top}")
+        rounds = await paired_image_rounds(
+            raw, inputs, repository, metadata, args, gateway_settings
+        )
     del raw
     gc.collect()
     baselines: dict[str, float] = {}
@@ -675,13 +817,13 @@ async def run(args: argparse.Namespace) -> int:
         values = [p.result.items_per_s for p in (first, again) if p is not None]
         baselines[kind] = float(np.mean(values)) if values else float("nan")
 
-    ratio_lines = ratios(points, baselines, args.top)
+    ratio_lines = ratios(points, baselines, args.top) + paired_ratios(rounds, args.top)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.device == "cpu" else f"-{args.device.replace(':', '')}"
     suffix += f"-{args.tag}" if args.tag else ""
     out_md = args.results_dir / f"throughput-{args.model}{suffix}.md"
     text = write_report(
-        args, points, rechecks, baselines, ratio_lines, inputs, info, tokenizer, out_md
+        args, points, rechecks, rounds, baselines, ratio_lines, inputs, info, tokenizer, out_md
     )
     plot(
         points,

@@ -206,3 +206,23 @@ async def test_text_batches_lose_the_columns_after_their_last_end_of_text() -> N
     await backend.embed_texts(short)
     await backend.aclose()
     assert [c[1] for c in inner.calls] == [5, 3]  # one batch to column 4, then alone to 2
+
+
+async def test_a_backlog_waits_briefly_for_the_callers_just_answered() -> None:
+    # 3 entries queued while the last batch (0.4 s) ran; 5 callers return 20 ms later,
+    # without having been admitted yet: the backlog lingers (up to 40 ms) and they merge.
+    queue, sizes = _queue(None, last_batch_s=0.4)
+    first = [
+        asyncio.ensure_future(queue.submit("image", np.full((1, 3), i, dtype=np.int64)))
+        for i in range(3)
+    ]
+    await asyncio.sleep(0)
+    queue.start()
+
+    async def returning(i: int) -> np.ndarray:
+        await asyncio.sleep(0.02)
+        return await queue.submit("image", np.full((1, 3), i, dtype=np.int64))
+
+    await asyncio.gather(*first, *(returning(i) for i in range(3, 8)))
+    await queue.aclose()
+    assert [s[1] for s in sizes] == [8]
