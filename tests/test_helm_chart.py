@@ -304,6 +304,7 @@ def test_gateway_settings_come_from_the_configmap(rendered: dict[str, Rendered])
     assert all(key.startswith("CLIP_") for key in data)
     assert all(isinstance(value, str) for value in data.values())
     assert data["CLIP_BACKEND"] == "triton"
+    assert data["CLIP_MAX_BATCH_SIZE"] == "32" and data["CLIP_MAX_INFLIGHT_BATCHES"] == "1"
     assert data["CLIP_METRICS_PORT"] == str(port_numbers(c)["metrics"])
     # The Triton URL names this release's Triton Service and its gRPC port.
     triton_svc = r.one("Service", "triton")
@@ -695,6 +696,10 @@ BAD_VALUES = {
     "model-source": ({"triton": {"modelRepository": {"source": "s3"}}}, "source"),
     "zero-gpus": ({"triton": {"gpu": {"count": 0}}}, "triton.gpu.count"),
     "backend": ({"gateway": {"backend": "onnx"}}, "gateway.backend"),
+    "zero-inflight": (
+        {"gateway": {"limits": {"maxInflightBatches": 0}}},
+        "gateway.limits.maxInflightBatches",
+    ),
     "extra-config-name": ({"gateway": {"extraConfig": {"PORT": "1"}}}, "extraConfig"),
 }
 
