@@ -220,8 +220,9 @@ class BatchQueue:
                 entry.future.cancel()  # the queue is closing: nobody is left waiting
             raise
         except Exception as exc:
-            # Backend errors (Triton down, deadline) are expected and counted elsewhere.
-            log = _LOGGER.warning if isinstance(exc, ClipError) else _LOGGER.exception
+            # Backend errors (Triton down, a deadline) are counted and logged by the backend
+            # once per outage; a line per failed batch would flood the log during one.
+            log = _LOGGER.debug if isinstance(exc, ClipError) else _LOGGER.exception
             log("batch of %d %s rows failed: %s", len(rows), kind, exc)
             for entry in batch:
                 if not entry.future.done():
