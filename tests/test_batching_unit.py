@@ -226,3 +226,22 @@ async def test_a_backlog_waits_briefly_for_the_callers_just_answered() -> None:
     await asyncio.gather(*first, *(returning(i) for i in range(3, 8)))
     await queue.aclose()
     assert [s[1] for s in sizes] == [8]
+
+
+async def test_an_entry_over_a_limit_that_shrank_still_runs() -> None:
+    limit = [8]
+    sizes: list[int] = []
+
+    async def run(kind: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        sizes.append(len(rows))
+        return np.zeros((len(rows), 1), dtype=np.float32)
+
+    queue = BatchQueue(run, max_batch_size=lambda: limit[0], max_wait_s=0.001, metrics=Metrics())
+    big = asyncio.ensure_future(queue.submit("image", np.ones((6, 4), dtype=np.int64)))
+    small = asyncio.ensure_future(queue.submit("image", np.ones((1, 4), dtype=np.int64)))
+    await asyncio.sleep(0)
+    limit[0] = 4  # e.g. Triton's config, read after these were queued
+    queue.start()
+    await asyncio.wait_for(asyncio.gather(big, small), 2.0)
+    await queue.aclose()
+    assert sizes == [6, 1]

@@ -192,7 +192,9 @@ class BatchQueue:
         kept: deque[_Entry] = deque()
         size = 0
         for entry in self._entries:
-            fits = size + len(entry.rows) <= self.max_batch_size
+            # The head always goes, even past a limit that shrank after it was queued
+            # (Triton's, read late): else it would block the queue; the backend splits it.
+            fits = not batch or size + len(entry.rows) <= self.max_batch_size
             if entry.group == head.group and fits and not entry.future.done():
                 batch.append(entry)
                 size += len(entry.rows)
