@@ -228,6 +228,7 @@ async def test_a_backlog_waits_briefly_for_the_callers_just_answered() -> None:
     assert [s[1] for s in sizes] == [8]
 
 
+@pytest.mark.timeout(10)  # the bug this guards against was a busy loop: a hang
 async def test_an_entry_over_a_limit_that_shrank_still_runs() -> None:
     limit = [8]
     sizes: list[int] = []
