@@ -26,7 +26,7 @@ import gc
 import itertools
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,8 @@ MIX = "caption mix"
 PHOTO_SIZE = (640, 480)
 POOL = 64
 PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
+#: Reads (items, batches) so far per modality; their change over a point is its mean batch.
+Batching = Callable[[], dict[str, tuple[float, float]]]
 
 
 @dataclass
@@ -228,7 +230,7 @@ async def measure_service(
     inputs: Inputs,
     concurrencies: Sequence[int],
     args: argparse.Namespace,
-    batching: Callable[[], dict[str, tuple[float, float]]],
+    batching: Batching,
     kinds: Sequence[str] = (IMAGES, SHORT, MIX),
 ) -> list[Point]:
     """The gateway at `target` at each concurrency, for each kind of input.
@@ -275,7 +277,7 @@ async def measure_service(
     return points
 
 
-def embedded_batching(metrics_port: int) -> Callable[[], dict[str, tuple[float, float]]]:
+def embedded_batching(metrics_port: int) -> Batching:
     """(items, batches) per modality from the gateway's clip_batch_size histogram."""
 
     def read() -> dict[str, tuple[float, float]]:
@@ -291,9 +293,7 @@ def embedded_batching(metrics_port: int) -> Callable[[], dict[str, tuple[float, 
     return read
 
 
-def triton_batching_reader(
-    url: str, metadata: ModelMetadata
-) -> Callable[[], dict[str, tuple[float, float]]]:
+def triton_batching_reader(url: str, metadata: ModelMetadata) -> Batching:
     """(inferences, executions) per modality from Triton's statistics."""
 
     def read() -> dict[str, tuple[float, float]]:
@@ -324,6 +324,41 @@ class PairedRound:
         }
 
 
+@contextlib.asynccontextmanager
+async def service_path(
+    path: str,
+    repository: Path,
+    metadata: ModelMetadata,
+    args: argparse.Namespace,
+    gateway_settings: dict[str, object],
+) -> AsyncIterator[tuple[str, Batching]]:
+    """A running gateway for `path` (embedded, or triton with its tritonserver).
+
+    Yields its gRPC target and the reader of its (items, batches) counters.
+    """
+    if path == "embedded":
+        with GatewayProcess(
+            repository, log_name="embedded", backend="embedded", device=args.device,
+            **gateway_settings,
+        ) as gateway:  # fmt: skip
+            yield gateway.target, embedded_batching(gateway.metrics_port)
+        return
+    from service.triton_launcher import TritonProcess
+
+    with tempfile.TemporaryDirectory(prefix="bench-triton-") as workdir:
+        triton_repository = repository_variant(repository, args.torch_threads)
+        triton = TritonProcess(triton_repository, workdir=Path(workdir), startup_timeout_s=300)
+        try:
+            await asyncio.to_thread(triton.start)
+            with GatewayProcess(
+                repository, log_name="triton-gateway", backend="triton",
+                triton_url=triton.grpc_url, **gateway_settings,
+            ) as gateway:  # fmt: skip
+                yield gateway.target, triton_batching_reader(triton.grpc_url, metadata)
+        finally:
+            await asyncio.to_thread(triton.close)
+
+
 async def paired_image_rounds(
     raw: RawModule,
     inputs: Inputs,
@@ -338,34 +373,14 @@ async def paired_image_rounds(
     meanwhile; here each service point sits between two raw points seconds away, and
     the median of the rounds is what to read.
     """
-    from service.triton_launcher import TritonProcess
-
     rounds: list[PairedRound] = []
-    with contextlib.ExitStack() as stack:
-        readers: dict[str, tuple[str, Callable[[], dict[str, tuple[float, float]]]]] = {}
-        embedded = stack.enter_context(
-            GatewayProcess(
-                repository, log_name="paired-embedded", backend="embedded",
-                device=args.device, **gateway_settings,
+    async with contextlib.AsyncExitStack() as stack:
+        readers = {
+            path: await stack.enter_async_context(
+                service_path(path, repository, metadata, args, gateway_settings)
             )
-        )  # fmt: skip
-        readers["embedded"] = (embedded.target, embedded_batching(embedded.metrics_port))
-        if args.with_triton:
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-triton-"))
-            triton = TritonProcess(
-                repository_variant(repository, args.torch_threads),
-                workdir=Path(workdir),
-                startup_timeout_s=300,
-            )
-            stack.callback(triton.close)
-            await asyncio.to_thread(triton.start)
-            gateway = stack.enter_context(
-                GatewayProcess(
-                    repository, log_name="paired-triton", backend="triton",
-                    triton_url=triton.grpc_url, **gateway_settings,
-                )
-            )  # fmt: skip
-            readers["triton"] = (gateway.target, triton_batching_reader(triton.grpc_url, metadata))
+            for path in ("embedded", *(["triton"] if args.with_triton else []))
+        }
         for n in range(args.paired_rounds):
             print(f"  round {n + 1} of {args.paired_rounds}", flush=True)
             this = PairedRound([_raw_images(raw, inputs, args)], {})
@@ -763,41 +778,21 @@ async def run(args: argparse.Namespace) -> int:
         "redis_url": "",
         "torch_threads": args.torch_threads,
     }
-    if not args.no_embedded:
-        section("service: embedded gateway")
-        with GatewayProcess(
-            repository,
-            log_name="embedded",
-            backend="embedded",
-            device=args.device,
-            **gateway_settings,
-        ) as gateway:
-            points += await measure_service(
-                "embedded", gateway.target, inputs, args.concurrencies, args,
-                embedded_batching(gateway.metrics_port),
-            )  # fmt: skip
-
-    if args.with_triton:
-        section("service: gateway + tritonserver")
-        from service.triton_launcher import TritonProcess
-
-        if args.device != "cpu":
+    wanted = {
+        "embedded": ("embedded gateway", not args.no_embedded),
+        "triton": ("gateway + tritonserver", args.with_triton),
+    }
+    for path in (p for p, (_, on) in wanted.items() if on):
+        section(f"service: {wanted[path][0]}")
+        if path == "triton" and args.device != "cpu":
             print("  note: the pip tritonserver runs the python backend on the CPU only")
-        with tempfile.TemporaryDirectory(prefix="bench-triton-") as workdir:
-            triton_repository = repository_variant(repository, args.torch_threads)
-            triton = TritonProcess(triton_repository, workdir=Path(workdir), startup_timeout_s=300)
-            try:
-                await asyncio.to_thread(triton.start)
-                with GatewayProcess(
-                    repository, log_name="triton-gateway", backend="triton",
-                    triton_url=triton.grpc_url, **gateway_settings,
-                ) as gateway:  # fmt: skip
-                    points += await measure_service(
-                        "triton", gateway.target, inputs, args.concurrencies, args,
-                        triton_batching_reader(triton.grpc_url, metadata),
-                    )  # fmt: skip
-            finally:
-                await asyncio.to_thread(triton.close)
+        async with service_path(path, repository, metadata, args, gateway_settings) as (
+            target,
+            batching,
+        ):
+            points += await measure_service(
+                path, target, inputs, args.concurrencies, args, batching
+            )
 
     rechecks: list[Point] = []
     if not args.quick:  # --quick trusts the first raw points: one pass saves ~1 min on ViT

@@ -15,9 +15,9 @@ running), the batch is held open longer: at most a quarter of the last batch's
 duration, which bounds the latency this can add. Once split, closed-loop callers would
 stay split (10 wait while 22 run, then 22 wait while 10 run): so a backlog that queued
 while a batch ran waits a little (a tenth of that batch) for the callers just answered,
-and the halves merge again. Triton's dynamic batcher cannot do
-this (it does not know what the gateway is still decoding): in front of Triton the
-same queue turned a mean batch of 14 into 32.
+and the halves merge again. Triton's dynamic batcher cannot do this (it does not know
+what the gateway is still decoding): in front of Triton the same queue turned a mean
+batch of 14 into 32.
 """
 
 from __future__ import annotations
