@@ -503,9 +503,8 @@ class GatewayProcess:
     def stop(self) -> None:
         """SIGTERM (graceful), then SIGKILL after 30 s."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        end_group(process, signal.SIGTERM, grace_s=30.0)
+        if process is not None:
+            end_group(process, signal.SIGTERM, grace_s=30.0)
 
     def __enter__(self) -> GatewayProcess:
         return self.start()
