@@ -35,7 +35,7 @@ system-deps:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 	@bash scripts/install_helm.sh
 
-$(MODEL_REPO)/metadata.json: $(DEMO_WEIGHTS) $(VENV)/.installed service/export.py service/encoders.py service/triton_config.py service/triton_python_backend/model.py
+$(MODEL_REPO)/metadata.json: $(DEMO_WEIGHTS) $(VENV)/.installed service/model/export.py service/model/encoders.py service/model/triton_config.py service/model/triton_python_model.py
 	$(CLIPSVC) export --model clip-demo-shapes --pretrained $(DEMO_WEIGHTS) --flavor python --out $(MODEL_REPO)
 
 model: $(MODEL_REPO)/metadata.json

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from tqdm import tqdm
 
-from service.process_group import end_group, free_port
+from service.processes.child_server import end_group, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -62,8 +62,8 @@ def model_repository(model: str, pretrained: str | None = None) -> Path:
     target = MODELS_DIR / f"{model}-{tag}"
     if (target / "metadata.json").is_file():
         return target
-    from service.export import export_model
-    from service.triton_config import BatchingOptions
+    from service.model.export import export_model
+    from service.model.triton_config import BatchingOptions
 
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -134,7 +134,7 @@ def cpu_seconds(pid: int) -> float:
 
 def group_rss_mb(pgid: int) -> float:
     """Summed RSS of a process group (tritonserver and its python stubs)."""
-    from service.process_group import group_members
+    from service.processes.child_server import group_members
 
     total = 0.0
     for pid in group_members(pgid):
@@ -452,7 +452,7 @@ async def self_started(
             parts.append(" + real redis-server")
         triton_pgid: int | None = None
         if args.triton:
-            from service.triton_launcher import TritonProcess
+            from service.processes.triton_server import TritonProcess
 
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-triton-"))
             triton = stack.enter_context(

@@ -61,7 +61,7 @@ from bench.common import (
 from service.api.clip.v1 import clip_pb2
 from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.core.text_tokenize import TextTokenizer, Tokens
-from service.model_metadata import ModelMetadata
+from service.model.metadata import ModelMetadata
 
 # The targets of the issues, defined for ViT-B-32 with 32 concurrent single-item callers.
 TEXT_TARGET = 4.0  # short captions through the service ÷ 77-padded raw module at batch 32
@@ -343,7 +343,7 @@ async def service_path(
         ) as gateway:  # fmt: skip
             yield gateway.target, embedded_batching(gateway.metrics_port)
         return
-    from service.triton_launcher import TritonProcess
+    from service.processes.triton_server import TritonProcess
 
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as workdir:
         triton_repository = repository_variant(repository, args.torch_threads)

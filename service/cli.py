@@ -35,8 +35,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     _setup_logging("WARNING")
-    from service.export import export_model
-    from service.triton_config import BatchingOptions
+    from service.model.export import export_model
+    from service.model.triton_config import BatchingOptions
 
     batching = BatchingOptions(
         max_batch_size=args.max_batch_size,
@@ -105,11 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     Settings.add_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
     _add_export(sub)
-    from service import client_cli, triton_launcher
+    from service import client_cli
+    from service.processes import triton_server
 
     triton = sub.add_parser("triton", help="Run the pip tritonserver on a model repository.")
-    triton_launcher.add_triton_arguments(triton)
-    triton.set_defaults(func=triton_launcher.run_triton)
+    triton_server.add_triton_arguments(triton)
+    triton.set_defaults(func=triton_server.run_triton)
     client_cli.add_commands(sub)
     return parser
 

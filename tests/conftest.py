@@ -33,7 +33,7 @@ class ExportedModel:
 
 
 def _export(name: str, checkpoint: Path, out: Path, flavor: str = "python") -> ExportedModel:
-    from service.export import export_model, load_open_clip
+    from service.model.export import export_model, load_open_clip
 
     export_model(name, str(checkpoint), out, flavor=flavor, progress=False)
     clip, _ = load_open_clip(name, str(checkpoint))
@@ -50,7 +50,7 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
 @pytest.fixture(scope="session")
 def vit_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExportedModel]:
     """A random-weight ViT-B-32 (the production architecture), exported from a checkpoint."""
-    from service.export import load_open_clip
+    from service.model.export import load_open_clip
 
     torch.manual_seed(1234)
     clip, _ = load_open_clip("ViT-B-32", "none")

@@ -24,7 +24,7 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
-from service.process_group import end_group, free_port
+from service.processes.child_server import end_group, free_port
 
 _DEFAULT_EXECUTABLE = "/usr/bin/redis-server"
 _PORT_ATTEMPTS = 5

@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.backends.batched import BatchedBackend
 from service.core.admission import Admission
+from service.core.batched_backend import BatchedBackend
 from service.core.batching import BatchQueue
 from service.errors import BackendFailure, DeadlineExceeded
 from service.metrics import Metrics

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.client import AsyncClipClient
-from service.export import export_model
+from service.model.export import export_model
 from service.server.app import Gateway
 from tests.conftest import ExportedModel, encode
 from tests.gateway_support import gateway_settings, running_gateway, sample, scrape

@@ -12,7 +12,7 @@ from service.core.embedder import Embedder
 from service.core.validation import Limits
 from service.errors import InvalidInput, Overloaded
 from service.metrics import Metrics
-from service.model_metadata import ModelMetadata
+from service.model.metadata import ModelMetadata
 from tests.conftest import ExportedModel, encode
 from tests.hostile_inputs import photo_like
 

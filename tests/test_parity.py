@@ -10,7 +10,7 @@ from PIL import Image
 
 from service.core.image_preprocess import ImageSpec, to_model_pixels
 from service.core.text_tokenize import TextTokenizer
-from service.model_metadata import ModelMetadata
+from service.model.metadata import ModelMetadata
 from tests.conftest import ExportedModel
 
 TOL = 1e-5

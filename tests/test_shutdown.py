@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
-from service.process_group import free_port
+from service.processes.child_server import free_port
 from tests.conftest import ExportedModel, encode
 from tests.gateway_support import sample, scrape
 from tests.hostile_inputs import photo_like

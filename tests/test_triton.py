@@ -30,15 +30,15 @@ from service.errors import (
     Overloaded,
 )
 from service.metrics import Metrics
-from service.model_metadata import IMAGE_MODEL, TEXT_MODEL, ModelMetadata
-from service.process_group import group_members
-from service.settings import Settings
-from service.triton_config import BatchingOptions
-from service.triton_launcher import (
+from service.model.metadata import IMAGE_MODEL, TEXT_MODEL, ModelMetadata
+from service.model.triton_config import BatchingOptions
+from service.processes.child_server import group_members
+from service.processes.triton_server import (
     TritonError,
     TritonProcess,
     server_version,
 )
+from service.settings import Settings
 from tests.triton_server import (
     add_model_variant,
     export_demo_repository,
@@ -404,7 +404,7 @@ def test_triton_errors_map_to_service_errors(
 def test_triton_command_starts_and_stops_cleanly(repository: Path, tmp_path: Path) -> None:
     log = tmp_path / "clipsvc-triton.out"
     command = [
-        sys.executable, "-m", "service.triton_launcher",
+        sys.executable, "-m", "service.processes.triton_server",
         "--repository", str(repository),
         "--port", "0", "--http-port", "0", "--metrics-port", "0",
         "--log-file", str(tmp_path / "tritonserver.log"),

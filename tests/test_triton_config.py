@@ -8,8 +8,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from service.export import export_model
-from service.triton_config import BatchingOptions
+from service.model.export import export_model
+from service.model.triton_config import BatchingOptions
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from service.model_metadata import (
+from service.model.metadata import (
     IMAGE_INPUT,
     IMAGE_MODEL,
     OUTPUT,
@@ -38,8 +38,8 @@ from service.model_metadata import (
     TEXT_MODEL,
     ModelMetadata,
 )
-from service.triton_config import BatchingOptions, TensorSpec, render_config
-from service.triton_launcher import TritonError, TritonInstallation, TritonProcess
+from service.model.triton_config import BatchingOptions, TensorSpec, render_config
+from service.processes.triton_server import TritonError, TritonInstallation, TritonProcess
 
 DEMO_MODEL = "clip-demo-shapes"
 
@@ -59,7 +59,7 @@ def export_demo_repository(
     pretrained: str = "none",
 ) -> ModelMetadata:
     """Export the demo CLIP (random weights unless `pretrained`) for the pip Triton."""
-    from service.export import export_model
+    from service.model.export import export_model
 
     summary = export_model(
         DEMO_MODEL,

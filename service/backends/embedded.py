@@ -13,7 +13,7 @@ import torch
 
 from service.errors import BackendFailure, BackendUnavailable
 from service.metrics import Metrics
-from service.model_metadata import ModelMetadata
+from service.model.metadata import ModelMetadata
 from service.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)

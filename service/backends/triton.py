@@ -35,7 +35,7 @@ from service.errors import (
     Overloaded,
 )
 from service.metrics import Metrics
-from service.model_metadata import IMAGE_INPUT, IMAGE_MODEL, OUTPUT, TEXT_INPUT, TEXT_MODEL
+from service.model.metadata import IMAGE_INPUT, IMAGE_MODEL, OUTPUT, TEXT_INPUT, TEXT_MODEL
 from service.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)

@@ -29,9 +29,7 @@ from service.core.image_preprocess import (
     ImageSpec,
     preprocess_image_bytes,
 )
-from service.core.text_tokenize import TextTokenizer, Tokens
-from service.core.validation import Limits
-from service.core.zero_shot import (
+from service.core.scoring import (
     Ranked,
     cosine,
     ensemble,
@@ -39,9 +37,11 @@ from service.core.zero_shot import (
     rank,
     softmax_scores,
 )
+from service.core.text_tokenize import TextTokenizer, Tokens
+from service.core.validation import Limits
 from service.errors import BackendFailure, InvalidInput
 from service.metrics import Metrics
-from service.model_metadata import ModelMetadata
+from service.model.metadata import ModelMetadata
 
 _LOGGER = logging.getLogger(__name__)
 # Label sets are embedded in waves of this many prompts so one huge set cannot take the

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from service.demo import shapes
-from service.encoders import TextEncoder
+from service.model.encoders import TextEncoder
 
 MODEL_NAME = "clip-demo-shapes"
 # Different streams from the training seed, so every evaluation image is fresh.
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
 
-    from service import model_configs
+    from service.model import configs as model_configs
 
     t_start = time.monotonic()
     torch.set_num_threads(args.threads)

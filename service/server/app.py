@@ -16,13 +16,13 @@ from prometheus_client import start_http_server
 from service import __version__
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.backends.base import Backend
-from service.backends.batched import BatchedBackend
 from service.core.admission import Admission
+from service.core.batched_backend import BatchedBackend
 from service.core.cache import EmbeddingCache
 from service.core.embedder import Embedder, EmbedderOptions
 from service.core.validation import Limits
 from service.metrics import Metrics
-from service.model_metadata import ModelMetadata
+from service.model.metadata import ModelMetadata
 from service.server.health import HealthMonitor
 from service.server.interceptors import ApiKeyInterceptor, ObservabilityInterceptor
 from service.server.servicer import ClipServicer

@@ -15,7 +15,7 @@ import numpy as np
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core import validation
 from service.core.embedder import Embedded, Embedder
-from service.core.zero_shot import DEFAULT_TEMPLATES, cosine, softmax_scores
+from service.core.scoring import DEFAULT_TEMPLATES, cosine, softmax_scores
 from service.errors import ClipError, InvalidInput
 from service.server.status import status_for
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from service.process_group import end_group, free_port
+from service.processes.child_server import end_group, free_port
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -589,7 +589,7 @@ def run_triton(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m service.triton_launcher ...`: the same as `clipsvc triton ...`."""
+    """`python -m service.processes.triton_server ...`: the same as `clipsvc triton ...`."""
     parser = argparse.ArgumentParser(prog="clipsvc triton", description=run_triton.__doc__)
     add_triton_arguments(parser)
     args = parser.parse_args(argv)

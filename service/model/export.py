@@ -16,9 +16,9 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from service import model_configs
-from service.encoders import script_encoders
-from service.model_metadata import (
+from service.model import configs as model_configs
+from service.model.encoders import script_encoders
+from service.model.metadata import (
     IMAGE_INPUT,
     IMAGE_MODEL,
     OUTPUT,
@@ -26,10 +26,10 @@ from service.model_metadata import (
     TEXT_MODEL,
     ModelMetadata,
 )
-from service.triton_config import BatchingOptions, TensorSpec, render_config
+from service.model.triton_config import BatchingOptions, TensorSpec, render_config
 
 _LOGGER = logging.getLogger(__name__)
-_PYTHON_MODEL = Path(__file__).resolve().parent / "triton_python_backend" / "model.py"
+_PYTHON_MODEL = Path(__file__).resolve().parent / "triton_python_model.py"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""What describes and produces a model: encoders, export, metadata, Triton configs."""

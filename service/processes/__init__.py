@@ -1,0 +1,1 @@
+"""Child servers run locally: the pip tritonserver launcher and the process-group helper."""

@@ -1,1 +1,0 @@
-"""Triton python-backend `model.py` for the pip `tritonserver` (copied by the export)."""
