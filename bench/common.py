@@ -63,7 +63,7 @@ def model_repository(model: str, pretrained: str | None = None) -> Path:
     if (target / "metadata.json").is_file():
         return target
     from service.model.export import export_model
-    from service.model.triton_config import BatchingOptions
+    from service.settings import BatchingOptions
 
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -204,7 +204,7 @@ async def profile(args: argparse.Namespace) -> int:
         timeline.wrap(
             embedder, "_prepare_images", "decode step, waiting for a decode thread included"
         )
-        queue = getattr(embedder.backend, "_queue", None)
+        queue = getattr(embedder._backend, "_queue", None)
         timeline.wrap(queue, "submit", "batching queue: waiting for the batch ahead + own forward")
         timeline.record_batches(queue)
         child = await asyncio.create_subprocess_exec(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from service.settings import Settings, _show
+from service.settings import Settings, show_value
 
 
 def main() -> None:
     print("| flag | environment | default | meaning |")
     print("| --- | --- | --- | --- |")
     for f in fields(Settings):
-        default = _show(f.default)
+        default = show_value(f.default)
         if f.name == "model_repository":
             default = "model_repository"
         flag = "--" + f.name.replace("_", "-")

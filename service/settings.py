@@ -1,7 +1,11 @@
-"""The one settings object: every field is a `--flag` with a `CLIP_*` environment twin.
+"""Every setting, in one module: what `clipsvc serve`, `export` and `triton` can be told.
 
-Built once (in the CLI, or by tests with `Settings(...)`) and passed down explicitly;
-nothing reads the environment at import time.
+Each group is a frozen dataclass whose fields are `--flags`; a field's annotation is its
+type (parsed from strings the same way for flags and environment variables) and its
+help text is its documentation. `Settings` (the gateway's) gives every field a
+`CLIP_*` environment twin. Built once in the CLI (or by tests with `Settings(...)`)
+and handed to `service.wiring`, the only reader; nothing reads the environment at
+import time. Bad values raise `ValueError`; only the CLI turns that into an exit.
 """
 
 from __future__ import annotations
@@ -9,23 +13,152 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 _SECRET_FIELDS = {"api_keys", "redis_url"}
+_REQUIRED: Any = dataclasses.MISSING
+
+
+class SettingsError(ValueError):
+    """A setting's value is malformed or not allowed (the CLI's usage error)."""
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A field: its default, its help text, and optional `choices` / `env` (a fixed name)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
+class FlagSet:
+    """Turns a frozen dataclass into `--flags` and parses them by the fields' annotations.
+
+    Precedence: defaults < environment (where the field has a twin) < flags.
+    """
+
+    #: Environment twin of field `x` is `ENV_PREFIX + X`; None = only fields with `env=`.
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    def replace(self, **changes: Any) -> typing.Self:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise SettingsError(
+                    f"bad value for {f.name}: {value!r}; choose one of {', '.join(choices)}"
+                )
+
+    @classmethod
+    def env_name(cls, f: dataclasses.Field[Any]) -> str | None:
+        """The environment variable that sets field `f`, if any."""
+        if "env" in f.metadata:
+            return str(f.metadata["env"])
+        return None if cls.ENV_PREFIX is None else cls.ENV_PREFIX + f.name.upper()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one `--flag` per field (values stay strings until `from_sources`)."""
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):  # type: ignore[arg-type]
+            flag = "--" + f.name.replace("_", "-")
+            env = cls.env_name(f)
+            help_text = str(f.metadata["help"]) + (f" [env {env}]" if env else "")
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if _base_type(hints[f.name]) is bool:
+                parser.add_argument(
+                    flag,
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
+                continue
+            if not required:
+                help_text += f" (default: {show_value(f.default)})"
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                required=required and env is None,
+                choices=f.metadata.get("choices"),
+                help=help_text,
+            )
+
+    @classmethod
+    def from_sources(
+        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> typing.Self:
+        """Defaults, overridden by environment twins, overridden by flags."""
+        environ = os.environ if environ is None else environ
+        given = vars(args) if args is not None else {}
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            env = cls.env_name(f)
+            if f.name in given:
+                values[f.name] = parse_value(f.name, hints[f.name], given[f.name])
+            elif env is not None and env in environ:
+                values[f.name] = parse_value(f.name, hints[f.name], environ[env])
+        return cls(**values)
+
+
+def _base_type(annotation: Any) -> Any:
+    """`X | None` → X; anything else unchanged."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def parse_value(name: str, annotation: Any, raw: Any) -> Any:
+    """A flag's or variable's text → the field's type; SettingsError naming the field."""
+    if not isinstance(raw, str):
+        return raw  # already typed (a bool flag, or a caller passing values)
+    optional = _base_type(annotation) is not annotation
+    kind = _base_type(annotation)
+    text = raw.strip()
+    try:
+        if optional and text == "":
+            return None
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("not a boolean (true/false, 1/0, yes/no, on/off)")
+        if kind in (int, float, str, Path):
+            return kind(text)
+        if typing.get_origin(kind) is tuple:
+            (item,) = {a for a in typing.get_args(kind) if a is not Ellipsis}
+            return tuple(item(p.strip()) for p in text.split(",") if p.strip())
+    except ValueError as exc:
+        raise SettingsError(f"bad value for {name}: {raw!r} ({exc})") from None
+    raise TypeError(f"{name}: no parser for the annotation {annotation!r}")
+
+
+def show_value(value: Any) -> str:
+    """A default as the help text and the README table show it."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "''"
+    return repr(value) if value == "" else str(value)
+
+
 @dataclass(frozen=True)
-class Settings:
-    """Everything the gateway can be told. The help text is the documentation."""
+class Settings(FlagSet):
+    """Everything the gateway (`clipsvc serve`) can be told. The help text is the documentation."""
+
+    ENV_PREFIX: ClassVar[str | None] = "CLIP_"
 
     # --- transport
     host: str = _opt("0.0.0.0", "Address the gRPC server binds to.")
@@ -105,10 +238,12 @@ class Settings:
     tls_client_ca: Path | None = _opt(None, "PEM CA bundle; when set, clients need a certificate.")
     log_level: str = _opt("INFO", "Log level.")
 
-    # ---------------------------------------------------------------- helpers
-    def replace(self, **changes: Any) -> Settings:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Bucket edges are a set: sorted and unique whatever order they were given in.
+        object.__setattr__(
+            self, "text_length_buckets", tuple(sorted(set(self.text_length_buckets)))
+        )
 
     def all_api_keys(self) -> frozenset[str]:
         """Keys from --api-keys and --api-keys-file together."""
@@ -130,97 +265,53 @@ class Settings:
             out[f.name] = value
         return out
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add one `--flag` per field; its default comes from `CLIP_<FIELD>` if set."""
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            env = "CLIP_" + f.name.upper()
-            kind = _field_type(f)
-            help_text = f"{f.metadata['help']} [env {env}]"
-            if kind is bool:
-                parser.add_argument(
-                    flag,
-                    dest=f.name,
-                    action=argparse.BooleanOptionalAction,
-                    default=argparse.SUPPRESS,
-                    help=help_text,
-                )
-            else:
-                parser.add_argument(
-                    flag,
-                    dest=f.name,
-                    default=argparse.SUPPRESS,
-                    choices=f.metadata.get("choices"),
-                    help=help_text + f" (default: {_show(f.default)})",
-                )
 
-    @classmethod
-    def from_sources(
-        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
-    ) -> Settings:
-        """Defaults, overridden by `CLIP_*` variables, overridden by flags."""
-        environ = os.environ if environ is None else environ
-        given = vars(args) if args is not None else {}
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw: Any = None
-            if f.name in given:
-                raw = given[f.name]
-            elif "CLIP_" + f.name.upper() in environ:
-                raw = environ["CLIP_" + f.name.upper()]
-            if raw is not None:
-                values[f.name] = _convert(f, raw)
-        return cls(**values)
+@dataclass(frozen=True)
+class BatchingOptions(FlagSet):
+    """Triton's dynamic-batching and queueing knobs, written into both `config.pbtxt`."""
+
+    max_batch_size: int = _opt(32, "Triton max_batch_size.")
+    instances: int = _opt(1, "Model instances per device.")
+    max_queue_delay_us: int = _opt(
+        2000, "Dynamic batcher's wait for a fuller batch, in microseconds."
+    )
+    # Overload turns into fast refusals instead of growing latency.
+    max_queue_size: int = _opt(256, "Requests Triton queues before refusing new ones.")
+    queue_timeout_us: int = _opt(
+        10_000_000, "Longest a request waits in Triton's queue before it is refused."
+    )
+    torch_threads: int = _opt(0, "Python flavor: torch threads per instance (0 = torch default).")
 
 
-def _field_type(f: dataclasses.Field[Any]) -> type:
-    default = f.default
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    if isinstance(default, tuple):
-        return tuple
-    if isinstance(default, Path) or f.name.endswith(("_file", "_cert", "_key", "_ca")):
-        return Path
-    return str
+@dataclass(frozen=True)
+class ExportSettings(FlagSet):
+    """What `clipsvc export` is told (with `BatchingOptions` for the Triton configs)."""
+
+    model: str = _opt(_REQUIRED, "open_clip model name (ViT-B-32, clip-demo-shapes).")
+    out: Path = _opt(_REQUIRED, "Output model repository directory.")
+    pretrained: str = _opt("none", "Pretrained tag, a checkpoint PATH, or 'none'.")
+    flavor: str = _opt(
+        "python",
+        "pytorch: libtorch backend on GPU (NGC image); python: pip tritonserver.",
+        choices=("pytorch", "python"),
+    )
 
 
-def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
-    kind = _field_type(f)
-    if not isinstance(raw, str):
-        return raw
-    text = raw.strip()
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind is tuple:
-            parts = [p.strip() for p in text.split(",") if p.strip()]
-            if f.name == "text_length_buckets":
-                return tuple(sorted({int(p) for p in parts}))
-            return tuple(parts)
-        if kind is Path:
-            return Path(text) if text else None
-    except ValueError as exc:
-        raise SystemExit(f"bad value for {f.name}: {raw!r} ({exc})") from exc
-    choices: Sequence[str] | None = f.metadata.get("choices")
-    if choices and text not in choices:
-        raise SystemExit(f"bad value for {f.name}: {raw!r}; choose one of {', '.join(choices)}")
-    return text
+@dataclass(frozen=True)
+class TritonServerSettings(FlagSet):
+    """What `clipsvc triton` (the pip tritonserver run locally) is told."""
 
-
-def _show(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value) or "''"
-    return repr(value) if value == "" else str(value)
+    repository: Path = _opt(
+        DEFAULT_MODEL_REPOSITORY,
+        "Exported model repository, python flavor (`clipsvc export --flavor python`).",
+        env="CLIP_MODEL_REPOSITORY",
+    )
+    host: str = _opt("127.0.0.1", "Address all three endpoints bind to.")
+    port: int = _opt(8001, "gRPC port; 0 picks a free one.")
+    http_port: int = _opt(8000, "HTTP/REST port.")
+    metrics_port: int = _opt(8002, "Triton's /metrics port.")
+    log_file: Path | None = _opt(None, "Write the server's log here instead of to this terminal.")
+    startup_timeout: float = _opt(
+        120.0, "Seconds to wait for the server and every model to be ready."
+    )
+    stop_grace: float = _opt(10.0, "Seconds the server gets to exit after SIGTERM before SIGKILL.")

@@ -12,8 +12,9 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.clip.v1 import clip_pb2_grpc
-from service.server.app import Gateway, build_gateway
+from service.server.app import Gateway
 from service.settings import Settings
+from service.wiring import build_gateway
 
 
 def gateway_settings(repository: Path, **overrides: Any) -> Settings:

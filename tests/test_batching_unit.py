@@ -28,7 +28,7 @@ def _queue(
         max_batch_size=lambda: 8,
         max_wait_s=0.002,
         metrics=Metrics(),
-        admission=admission,
+        admitted=None if admission is None else (lambda: admission.admitted),
         **options,  # type: ignore[arg-type]
     )
     queue._last_batch_s = last_batch_s
@@ -178,7 +178,9 @@ class _SlowInner:
 
 async def test_batched_backend_follows_the_inner_limit_and_maps_errors() -> None:
     inner = _SlowInner(delay_s=0.05)
-    backend = BatchedBackend(inner, metrics=Metrics(), max_batch_size=32, max_wait_s=0.01)
+    backend = BatchedBackend(
+        inner, metrics=Metrics(), max_batch_size=32, max_wait_s=0.01, max_inflight=1
+    )
     assert backend.max_batch_size == 32
     await backend.start()
     assert backend.max_batch_size == 4 and backend.name == "fake"
@@ -197,7 +199,9 @@ async def test_batched_backend_follows_the_inner_limit_and_maps_errors() -> None
 
 async def test_text_batches_lose_the_columns_after_their_last_end_of_text() -> None:
     inner = _SlowInner(delay_s=0.0)
-    backend = BatchedBackend(inner, metrics=Metrics(), max_batch_size=8, max_wait_s=0.01)
+    backend = BatchedBackend(
+        inner, metrics=Metrics(), max_batch_size=8, max_wait_s=0.01, max_inflight=1
+    )
     await backend.start()
     eot = 49407
     short = np.array([[eot - 1, 5, eot, 0, 0, 0, 0, 0]])  # end-of-text at column 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -12,10 +13,11 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.core.cache import EmbeddingCache
+from service.core.cache import EmbeddingCache, RedisOptions
 from service.core.cache_keys import embedding_key, label_set_key
 from service.metrics import Metrics
 from service.settings import Settings
+from service.wiring import build_cache
 from tests.redis_server import RedisServer
 
 MODEL = "clip-demo-shapes/demo@3fa2c1d0"
@@ -111,16 +113,25 @@ def vec(seed: int, dim: int = 8) -> np.ndarray:
 def fake_cache(
     fake: FakeRedis, metrics: Metrics, clock: Callable[[], float] | None = None, **kwargs: Any
 ) -> EmbeddingCache:
-    options: dict[str, Any] = {
-        "local_items": 0,
-        "timeout_s": 1.0,
-        "breaker_failures": 3,
-        "breaker_reset_s": 5.0,
-    }
-    options.update(kwargs)
+    return EmbeddingCache(
+        metrics=metrics,
+        client=cast(aioredis.Redis, fake),
+        **_split_options({"url": "", "timeout_s": 1.0}, kwargs, clock),
+    )
+
+
+def _split_options(
+    redis_defaults: dict[str, Any], kwargs: dict[str, Any], clock: Callable[[], float] | None
+) -> dict[str, Any]:
+    """Test shorthand → EmbeddingCache keywords: Redis fields go into `RedisOptions`."""
+    redis_fields = {f.name for f in dataclasses.fields(RedisOptions)}
+    redis = {"ttl_s": 600, "breaker_failures": 3, "breaker_reset_s": 5.0, **redis_defaults}
+    redis.update({k: v for k, v in kwargs.items() if k in redis_fields})
+    options: dict[str, Any] = {"local_items": 0, "redis": RedisOptions(**redis)}
+    options.update({k: v for k, v in kwargs.items() if k not in redis_fields})
     if clock is not None:
         options["clock"] = clock
-    return EmbeddingCache(metrics=metrics, client=cast(aioredis.Redis, fake), **options)
+    return options
 
 
 # ---------------------------------------------------------------------- keys
@@ -372,14 +383,14 @@ async def test_slow_redis_is_cut_off_by_the_timeout() -> None:
     assert sample(metrics, "clip_cache_errors_total", level="redis") == 2
 
 
-def test_from_settings_and_describe_hide_the_password() -> None:
+def test_wiring_takes_the_redis_settings_and_describe_hides_the_password() -> None:
     settings = Settings(
         redis_url="redis://:s3cret@cache.internal:6380/2?password=s3cret",
         local_cache_items=123,
         redis_timeout_s=0.05,
         redis_breaker_failures=4,
     )
-    cache = EmbeddingCache.from_settings(settings, Metrics())
+    cache = build_cache(settings, Metrics())
     text = cache.describe()
     assert "s3cret" not in text
     assert text.startswith("local LRU 123 + redis://cache.internal:6380/2")
@@ -407,9 +418,8 @@ async def make_cache() -> AsyncIterator[Callable[..., EmbeddingCache]]:
     made: list[EmbeddingCache] = []
 
     def make(url: str, metrics: Metrics, **kwargs: Any) -> EmbeddingCache:
-        options: dict[str, Any] = {"local_items": 0, "timeout_s": 1.0, "ttl_s": 600}
-        options.update(kwargs)
-        cache = EmbeddingCache(metrics=metrics, redis_url=url, **options)
+        options = _split_options({"url": url, "timeout_s": 1.0}, kwargs, None)
+        cache = EmbeddingCache(metrics=metrics, **options)
         made.append(cache)
         return cache
 

@@ -7,10 +7,11 @@ import io
 import numpy as np
 import pytest
 
+from service.core.scoring import Scorer
 from service.demo.shapes import HELD_OUT_PAIRS, LABELS, TEMPLATES, TRAIN_PAIRS, make_eval_set
 from service.metrics import Metrics
-from service.server.app import build_embedder
 from service.settings import Settings
+from service.wiring import build_embedder
 from tests.conftest import ExportedModel
 
 # A seed the training script never uses (it trains on 0.. and evaluates on 10_000+).
@@ -19,7 +20,8 @@ EVAL_SEED = 987_654
 
 async def _accuracy(model: ExportedModel, pairs: tuple[tuple[str, str], ...], n: int) -> float:
     embedder = build_embedder(Settings(model_repository=model.repository), Metrics())
-    await embedder.backend.start()
+    await embedder.start()
+    scorer = Scorer(embedder)
     try:
         images, truth = make_eval_set(EVAL_SEED, n, pairs)
         blobs = []
@@ -29,13 +31,12 @@ async def _accuracy(model: ExportedModel, pairs: tuple[tuple[str, str], ...], n:
             blobs.append(buffer.getvalue())
         predicted: list[str] = []
         for start in range(0, len(blobs), 128):
-            ranked = await embedder.classify(
-                blobs[start : start + 128], list(LABELS), list(TEMPLATES), top_k=1
+            ranked = await scorer.classify(
+                blobs[start : start + 128], list(LABELS), list(TEMPLATES), top_k=1, timeout_s=None
             )
             predicted += [r[0].label for r in ranked]
     finally:
         await embedder.aclose()
-        await embedder.backend.aclose()
     return float(np.mean([p == LABELS[t] for p, t in zip(predicted, truth, strict=True)]))
 
 

@@ -7,12 +7,14 @@ import asyncio
 import numpy as np
 import pytest
 
+from service.core.admission import Admission
 from service.core.cache import EmbeddingCache
-from service.core.embedder import Embedder
-from service.core.validation import Limits
+from service.core.embedder import Embedder, EmbedderOptions
 from service.errors import InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.model.metadata import ModelMetadata
+from service.settings import Settings
+from service.wiring import build_limits
 from tests.conftest import ExportedModel, encode
 from tests.hostile_inputs import photo_like
 
@@ -48,26 +50,33 @@ class CountingBackend:
     async def aclose(self) -> None: ...
 
 
-def _embedder(model: ExportedModel, backend: CountingBackend, **limits: int) -> Embedder:
+def _embedder(
+    model: ExportedModel, backend: CountingBackend, *, admit: int = 2048, **limits: int
+) -> Embedder:
     metrics = Metrics()
     return Embedder(
         backend=backend,
         cache=EmbeddingCache(metrics=metrics, local_items=100),
         metadata=ModelMetadata.load(model.repository),
-        limits=Limits(**limits),
+        limits=build_limits(Settings().replace(**limits)),
         metrics=metrics,
+        admission=Admission(admit, metrics),
+        options=EmbedderOptions(
+            decode_threads=2, exif_transpose=True, text_length_buckets=(8, 16, 24, 32, 48, 77)
+        ),
     )
 
 
-async def test_texts_are_padded_to_buckets_and_chunked(demo_model: ExportedModel) -> None:
+async def test_texts_are_padded_to_buckets(demo_model: ExportedModel) -> None:
     backend = CountingBackend()
     embedder = _embedder(demo_model, backend)
     texts = ["a", "b c", "word " * 12, "word " * 30] + [f"t{i}" for i in range(5)]
     out = await embedder.embed_texts(texts)
     assert len(out) == len(texts)
     shapes = sorted(shape for _, shape in backend.calls)
-    # 7 short texts → bucket 8 in chunks of ≤ 4; a 14-token text → 16; a 32-token one → 32.
-    assert shapes == [(1, 16), (1, 32), (3, 8), (4, 8)]
+    # 7 short texts → bucket 8 in one call (the batching queue cuts it to the backend's
+    # limit); a 14-token text → 16; a 32-token one → 32.
+    assert shapes == [(1, 16), (1, 32), (7, 8)]
 
 
 async def test_a_failed_owner_does_not_fail_a_waiter_on_a_good_item(
@@ -84,7 +93,7 @@ async def test_a_failed_owner_does_not_fail_a_waiter_on_a_good_item(
     assert err.value.index == 1
     result = await waiter
     assert result[0].vector.shape == (64,)
-    assert embedder.admission.admitted == 0 and not embedder._inflight
+    assert embedder.admitted == 0 and not len(embedder._flights)
 
 
 async def test_waiter_on_a_bad_item_gets_its_own_index(demo_model: ExportedModel) -> None:
@@ -100,12 +109,11 @@ async def test_waiter_on_a_bad_item_gets_its_own_index(demo_model: ExportedModel
 
 async def test_admission_refuses_past_the_bound_and_releases(demo_model: ExportedModel) -> None:
     backend = CountingBackend(delay_s=0.2)
-    embedder = _embedder(demo_model, backend)
-    embedder.admission.limit = 6
+    embedder = _embedder(demo_model, backend, admit=6)
     first = asyncio.create_task(embedder.embed_texts([f"x{i}" for i in range(4)]))
     await asyncio.sleep(0.05)
     with pytest.raises(Overloaded):
         await embedder.embed_texts([f"y{i}" for i in range(4)])
     await first
-    assert embedder.admission.admitted == 0
+    assert embedder.admitted == 0
     assert len(await embedder.embed_texts([f"y{i}" for i in range(4)])) == 4

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
+from service.settings import (
+    BatchingOptions,
+    ExportSettings,
+    Settings,
+    SettingsError,
+    TritonServerSettings,
+    parse_value,
+)
 
 
 def _parse(argv: list[str], environ: dict[str, str]) -> Settings:
@@ -40,7 +48,7 @@ def test_lists_paths_and_buckets() -> None:
     [({"CLIP_PORT": "fifty"}, "port"), ({"CLIP_BACKEND": "gpu"}, "choose one of")],
 )
 def test_bad_values_stop_with_a_message(env: dict[str, str], says: str) -> None:
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(SettingsError) as err:
         _parse([], env)
     assert says in str(err.value)
 
@@ -49,6 +57,39 @@ def test_every_field_has_help_and_an_environment_twin() -> None:
     parser = argparse.ArgumentParser()
     Settings.add_arguments(parser)
     helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
-    assert set(helps) == set(Settings.__dataclass_fields__)
+    assert set(helps) == {f.name for f in dataclasses.fields(Settings)}
     for name, text in helps.items():
         assert f"[env CLIP_{name.upper()}]" in text
+
+
+def test_types_come_from_annotations_not_from_names() -> None:
+    # A str field whose name ends like a path field (`_key`) stays a str.
+    assert parse_value("hmac_key", str, " secret ") == "secret"
+    assert parse_value("tls_key", Path | None, "") is None
+    assert parse_value("ratio", float, "0.5") == 0.5
+    assert parse_value("buckets", tuple[int, ...], "8, 16") == (8, 16)
+    with pytest.raises(SettingsError, match="ratio"):
+        parse_value("ratio", float, "half")
+
+
+def test_constructing_with_a_bad_choice_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="choose one of embedded, triton"):
+        Settings(backend="gpu")
+
+
+def test_export_and_triton_flags_share_the_typed_definitions() -> None:
+    parser = argparse.ArgumentParser()
+    ExportSettings.add_arguments(parser)
+    BatchingOptions.add_arguments(parser)
+    args = parser.parse_args(["--model", "ViT-B-32", "--out", "repo", "--max-batch-size", "8"])
+    export = ExportSettings.from_sources(args, {})
+    assert (export.model, export.out, export.flavor) == ("ViT-B-32", Path("repo"), "python")
+    assert BatchingOptions.from_sources(args, {}) == BatchingOptions(max_batch_size=8)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "repo"])  # --model is required
+    triton = argparse.ArgumentParser()
+    TritonServerSettings.add_arguments(triton)
+    # `clipsvc triton` keeps its one environment twin, and only that one.
+    env = {"CLIP_MODEL_REPOSITORY": "/models", "CLIP_PORT": "9999"}
+    parsed = TritonServerSettings.from_sources(triton.parse_args([]), env)
+    assert parsed.repository == Path("/models") and parsed.port == 8001

@@ -23,6 +23,7 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from service.backends.triton import TritonBackend
+from service.core.admission import Admission
 from service.errors import (
     BackendFailure,
     BackendUnavailable,
@@ -31,14 +32,14 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.model.metadata import IMAGE_MODEL, TEXT_MODEL, ModelMetadata
-from service.model.triton_config import BatchingOptions
 from service.processes.child_server import group_members
 from service.processes.triton_server import (
     TritonError,
     TritonProcess,
     server_version,
 )
-from service.settings import Settings
+from service.settings import BatchingOptions, Settings
+from service.wiring import build_backend
 from tests.triton_server import (
     add_model_variant,
     export_demo_repository,
@@ -94,7 +95,10 @@ def metrics() -> Metrics:
 @pytest.fixture(scope="module")
 async def backend(triton: TritonProcess, metrics: Metrics) -> AsyncIterator[TritonBackend]:
     """A started backend on the module's server."""
-    backend = TritonBackend(url=triton.grpc_url, default_timeout_s=20.0, metrics=metrics)
+    # 7 is no default anywhere: after start() the limit can only be the configs' 32.
+    backend = TritonBackend(
+        url=triton.grpc_url, default_timeout_s=20.0, max_batch_size=7, metrics=metrics
+    )
     await backend.start()
     yield backend
     await backend.aclose()
@@ -137,7 +141,7 @@ async def test_start_reads_the_model_configs(
     backend: TritonBackend, triton: TritonProcess, metadata: ModelMetadata
 ) -> None:
     assert backend.name == "triton"
-    assert backend.max_batch_size == BatchingOptions().max_batch_size
+    assert backend.max_batch_size == BatchingOptions().max_batch_size != 7  # read, not kept
     assert backend.embedding_dim == metadata.embedding_dim
     assert await backend.ready()
     assert server_version(triton.http_url)
@@ -264,7 +268,10 @@ async def test_a_full_triton_queue_gives_overloaded(
     triton: TritonProcess, metadata: ModelMetadata
 ) -> None:
     backend = TritonBackend(
-        url=triton.grpc_url, image_model=TINY_QUEUE_MODEL, default_timeout_s=30.0
+        url=triton.grpc_url,
+        image_model=TINY_QUEUE_MODEL,
+        default_timeout_s=30.0,
+        max_batch_size=32,
     )
     await backend.start()
     try:
@@ -356,7 +363,7 @@ async def test_unreachable_triton_at_start_is_not_fatal() -> None:
         await backend.aclose()
 
 
-def test_from_settings_takes_the_triton_fields() -> None:
+def test_wiring_gives_the_triton_backend_its_settings() -> None:
     settings = Settings(
         triton_url="10.0.0.5:9001",
         triton_image_model="img",
@@ -365,7 +372,10 @@ def test_from_settings_takes_the_triton_fields() -> None:
         backend_timeout_s=7.5,
         max_batch_size=16,
     )
-    backend = TritonBackend.from_settings(settings)
+    admission = Admission(8, Metrics())
+    batched = build_backend(settings.replace(backend="triton"), None, Metrics(), admission)  # type: ignore[arg-type]
+    backend = batched.inner  # type: ignore[attr-defined]
+    assert isinstance(backend, TritonBackend)
     assert backend.url == "10.0.0.5:9001"
     assert backend.model_version == "3"
     assert backend.default_timeout_s == 7.5
@@ -393,7 +403,7 @@ def test_from_settings_takes_the_triton_fields() -> None:
 def test_triton_errors_map_to_service_errors(
     status: str, message: str, error: type[Exception]
 ) -> None:
-    backend = TritonBackend(url="127.0.0.1:1")
+    backend = TritonBackend(url="127.0.0.1:1", default_timeout_s=1.0, max_batch_size=8)
     mapped = backend._map_error(
         backend._models["image"], InferenceServerException(msg=message, status=status)
     )

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from service.model.export import export_model
-from service.model.triton_config import BatchingOptions
+from service.settings import BatchingOptions
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
     repository = export_demo_repository(tmp / "repo")          # random-weight demo CLIP
     with start_triton(repository, workdir=tmp / "triton") as triton:
-        backend = TritonBackend(url=triton.grpc_url, default_timeout_s=10)
+        backend = TritonBackend(url=triton.grpc_url, default_timeout_s=10, max_batch_size=32)
         ...
         triton.kill()             # a crash: the whole process group, at once
         triton.start()            # same ports again, blocks until ready
@@ -38,8 +38,9 @@ from service.model.metadata import (
     TEXT_MODEL,
     ModelMetadata,
 )
-from service.model.triton_config import BatchingOptions, TensorSpec, render_config
+from service.model.triton_config import TensorSpec, render_config
 from service.processes.triton_server import TritonError, TritonInstallation, TritonProcess
+from service.settings import BatchingOptions
 
 DEMO_MODEL = "clip-demo-shapes"
 

@@ -37,3 +37,12 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections, threads and models."""
+
+
+def split_rows(rows: np.ndarray, step: int) -> list[np.ndarray]:
+    """`rows` cut into consecutive pieces of at most `step` rows (one piece when it fits)."""
+    if step < 1:
+        raise ValueError(f"step must be at least 1, not {step}")
+    if len(rows) <= step:
+        return [rows]
+    return [rows[start : start + step] for start in range(0, len(rows), step)]

@@ -14,7 +14,6 @@ import torch
 from service.errors import BackendFailure, BackendUnavailable
 from service.metrics import Metrics
 from service.model.metadata import ModelMetadata
-from service.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,9 +29,9 @@ class EmbeddedBackend:
         metadata: ModelMetadata,
         *,
         metrics: Metrics,
-        device: str = "cpu",
-        max_batch_size: int = 32,
-        torch_threads: int = 0,
+        device: str,
+        max_batch_size: int,
+        torch_threads: int,
     ) -> None:
         self._repository = Path(repository)
         self._metadata = metadata
@@ -43,20 +42,6 @@ class EmbeddedBackend:
         # One thread owns the model: torch already uses every core inside a forward pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._modules: dict[str, torch.jit.ScriptModule] = {}
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, metadata: ModelMetadata, metrics: Metrics
-    ) -> EmbeddedBackend:
-        """Build from the settings object."""
-        return cls(
-            settings.model_repository,
-            metadata,
-            metrics=metrics,
-            device=settings.device,
-            max_batch_size=settings.max_batch_size,
-            torch_threads=settings.torch_threads,
-        )
 
     async def start(self) -> None:
         """Load both modules on the model thread."""

@@ -27,6 +27,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
+from service.backends.base import split_rows
 from service.errors import (
     BackendFailure,
     BackendUnavailable,
@@ -36,7 +37,6 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.model.metadata import IMAGE_INPUT, IMAGE_MODEL, OUTPUT, TEXT_INPUT, TEXT_MODEL
-from service.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -87,12 +87,12 @@ class TritonBackend:
         self,
         *,
         url: str,
+        default_timeout_s: float,
+        max_batch_size: int,
         image_model: str = IMAGE_MODEL,
         text_model: str = TEXT_MODEL,
         model_version: str = "",
-        default_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
-        max_batch_size: int = 32,
         ready_timeout_s: float = _READY_TIMEOUT_S,
     ) -> None:
         """Prepare (not connect); `max_batch_size` holds until the models' configs are read."""
@@ -115,19 +115,6 @@ class TritonBackend:
         self._stale = False
         self._reachable = True  # logged on change only, not on every failed call
         self._retiring: set[asyncio.Task[None]] = set()
-
-    @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> TritonBackend:
-        """A backend for `settings.triton_url` and its model names."""
-        return cls(
-            url=settings.triton_url,
-            image_model=settings.triton_image_model,
-            text_model=settings.triton_text_model,
-            model_version=settings.triton_model_version,
-            default_timeout_s=settings.backend_timeout_s,
-            metrics=metrics,
-            max_batch_size=settings.max_batch_size,
-        )
 
     @property
     def image_model(self) -> str:
@@ -216,8 +203,7 @@ class TritonBackend:
             deadline = asyncio.get_running_loop().time() + budget_s
             # Triton refuses a request over its max_batch_size; split it instead (the
             # chunks run concurrently and Triton may batch them back together).
-            step = model.max_batch_size or self.max_batch_size
-            chunks = [rows[i : i + step] for i in range(0, rows.shape[0], step)]
+            chunks = split_rows(rows, model.max_batch_size or self.max_batch_size)
             results = await asyncio.gather(
                 *(self._infer(model, chunk, deadline) for chunk in chunks),
                 return_exceptions=True,

@@ -3,16 +3,17 @@
 The embedded backend needs it to batch at all. In front of Triton it also pays: the
 queue knows which admitted items are still being decoded and holds the batch for
 them, which Triton's dynamic batcher cannot see (see `service.core.batching`).
+This is also the one place where a call's rows are cut to the batch limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import numpy as np
 
-from service.backends.base import Backend
-from service.core.admission import Admission
+from service.backends.base import Backend, split_rows
 from service.core.batching import BatchQueue
 from service.errors import BackendFailure, ClipError, DeadlineExceeded
 from service.metrics import Metrics
@@ -28,10 +29,11 @@ class BatchedBackend:
         metrics: Metrics,
         max_batch_size: int,
         max_wait_s: float,
-        max_inflight: int = 1,
-        admission: Admission | None = None,
+        max_inflight: int,
+        admitted: Callable[[], int] | None = None,
     ) -> None:
-        """`max_batch_size` caps batches further than `inner.max_batch_size` may."""
+        """`max_batch_size` caps batches further than `inner.max_batch_size` may;
+        `admitted` counts items taken in upstream and not yet answered (see the queue)."""
         self.inner = inner
         self.name = inner.name
         self._limit = max_batch_size
@@ -40,7 +42,7 @@ class BatchedBackend:
             max_batch_size=lambda: self.max_batch_size,
             max_wait_s=max_wait_s,
             metrics=metrics,
-            admission=admission,
+            admitted=admitted,
             max_inflight=max_inflight,
         )
 
@@ -66,13 +68,13 @@ class BatchedBackend:
     async def embed_images(
         self, pixels_uint8: np.ndarray, *, timeout_s: float | None = None
     ) -> np.ndarray:
-        """`uint8 [B,3,S,S]` → `float32 [B,D]`, batched with concurrent callers."""
+        """`uint8 [B,3,S,S]` (any B) → `float32 [B,D]`, batched with concurrent callers."""
         return await self._submit("image", pixels_uint8, timeout_s)
 
     async def embed_texts(
         self, token_ids: np.ndarray, *, timeout_s: float | None = None
     ) -> np.ndarray:
-        """`int64 [B,L]` → `float32 [B,D]`, batched with callers of the same length L."""
+        """`int64 [B,L]` (any B) → `float32 [B,D]`, batched with callers of the same L."""
         return await self._submit("text", token_ids, timeout_s)
 
     async def aclose(self) -> None:
@@ -81,8 +83,12 @@ class BatchedBackend:
         await self.inner.aclose()
 
     async def _submit(self, modality: str, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        chunks = split_rows(rows, self.max_batch_size)
         try:
-            return await asyncio.wait_for(self._queue.submit(modality, rows, timeout_s), timeout_s)
+            outputs = await asyncio.wait_for(
+                asyncio.gather(*(self._queue.submit(modality, c, timeout_s) for c in chunks)),
+                timeout_s,
+            )
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{modality} embedding did not finish within {timeout_s:.3f}s"
@@ -91,6 +97,7 @@ class BatchedBackend:
             raise
         except Exception as exc:
             raise BackendFailure(f"{modality} encoder failed: {exc}") from exc
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     async def _run_batch(
         self, modality: str, rows: np.ndarray, timeout_s: float | None

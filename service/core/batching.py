@@ -1,23 +1,23 @@
 """The gateway's batching queue: concurrent calls → one backend call, for every backend.
 
-Each entry holds its rows, a future for the answer and its arrival time. One owner
-task pops entries of the head's kind and shape until the batch is full or the wait is
-over, hands the batch to the backend, and gives each entry its slice. While batches
-run (at most `max_inflight` at once), new entries pile up and form the next one.
-Entries whose caller is gone are skipped; a failed batch fails every entry in it, and
-only those.
+Contract:
+- `submit(modality, rows)` returns exactly the backend's outputs for `rows`, in order,
+  or raises the error of the batch they ran in (a failed batch fails its entries only).
+- Entries of one modality and row shape are merged, head first, up to `max_batch_size()`
+  rows; the head entry always runs, even past a limit that shrank after it was queued.
+- At most `max_inflight` batches run at once; entries whose caller is gone are skipped.
+- The queue imports nothing from its callers: what it needs to know about arrivals
+  (`admitted()`: rows taken in but not yet answered) and limits is injected.
 
-A fixed short wait alone splits steady load into alternating tiny and big batches
-(measured 2, 30, 2, 30 with 32 callers): when a batch finishes, its callers' next
-items are still being decoded while the first one to arrive runs nearly alone. So
-while admitted items are still on their way (admission count > rows queued and
-running), the batch is held open longer: at most a quarter of the last batch's
-duration, which bounds the latency this can add. Once split, closed-loop callers would
-stay split (10 wait while 22 run, then 22 wait while 10 run): so a backlog that queued
-while a batch ran waits a little (a tenth of that batch) for the callers just answered,
-and the halves merge again. Triton's dynamic batcher cannot do this (it does not know
-what the gateway is still decoding): in front of Triton the same queue turned a mean
-batch of 14 into 32.
+Why the hold: a fixed short wait alone splits steady load into alternating tiny and big
+batches (when a batch finishes, its callers' next items are still being decoded while
+the first to arrive runs nearly alone). So while admitted rows are still on their way
+(admitted > rows queued and running), a batch is held open, at most a quarter of the
+last batch's duration, which bounds the latency this adds. Closed-loop callers once
+split would stay split, so a backlog that queued while a batch ran waits a tenth of
+that batch for the callers just answered, and the halves merge again. Triton's dynamic
+batcher cannot do this: it does not know what the gateway is still decoding. The
+measurements behind this are in bench/README.md ("Batching").
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.core.admission import Admission
 from service.errors import ClipError
 from service.metrics import Metrics
 
@@ -41,13 +40,13 @@ _HOLD_FRACTION = 0.25
 # Share of it a backlog waits for the callers the last batch just answered to come back.
 _LINGER_FRACTION = 0.1
 
-#: Runs one batch: (kind, rows, timeout in seconds or None) → outputs, one row per input.
+#: Runs one batch: (modality, rows, timeout in seconds or None) → outputs, one row per input.
 RunBatch = Callable[[str, np.ndarray, float | None], Awaitable[np.ndarray]]
 
 
 @dataclass
 class _Entry:
-    kind: str
+    modality: str
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
     #: `time.perf_counter()` after which the caller no longer waits; None = no deadline.
@@ -56,12 +55,12 @@ class _Entry:
 
     @property
     def group(self) -> Hashable:
-        # Only same-kind, same-shape rows can be stacked into one tensor.
-        return (self.kind, self.rows.shape[1:])
+        # Only same-modality, same-shape rows can be stacked into one tensor.
+        return (self.modality, self.rows.shape[1:])
 
 
 class BatchQueue:
-    """Merges `submit` calls of the same kind and shape into batches of ≤ max_batch_size."""
+    """Merges `submit` calls of the same modality and shape into batches of ≤ max_batch_size."""
 
     def __init__(
         self,
@@ -70,17 +69,18 @@ class BatchQueue:
         max_batch_size: Callable[[], int],
         max_wait_s: float,
         metrics: Metrics,
-        admission: Admission | None = None,
+        admitted: Callable[[], int] | None = None,
         max_inflight: int = 1,
     ) -> None:
-        """`max_batch_size` is asked before each batch (a Triton model's limit is learnt late)."""
+        """`max_batch_size` is asked before each batch (a Triton model's limit is learnt late);
+        `admitted` counts rows taken in upstream and not yet answered (None: no hold)."""
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, not {max_inflight}")
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._metrics = metrics
-        self._admission = admission
+        self._admitted = admitted
         self._slots = asyncio.Semaphore(max_inflight)
         self._rows_running = 0
         self._last_batch_s = 0.0
@@ -113,7 +113,7 @@ class BatchQueue:
                 entry.future.cancel()
 
     async def submit(
-        self, kind: str, rows: np.ndarray, timeout_s: float | None = None
+        self, modality: str, rows: np.ndarray, timeout_s: float | None = None
     ) -> np.ndarray:
         """Queue `rows` (≤ max_batch_size of them) and wait for their outputs.
 
@@ -124,7 +124,7 @@ class BatchQueue:
             raise ValueError(f"{len(rows)} rows is more than max_batch_size {self.max_batch_size}")
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        self._entries.append(_Entry(kind, rows, future, deadline))
+        self._entries.append(_Entry(modality, rows, future, deadline))
         self._wakeup.set()
         return await future
 
@@ -168,10 +168,10 @@ class BatchQueue:
 
     def _arriving(self) -> int:
         """Admitted rows not yet queued nor running: still being decoded or tokenized."""
-        if self._admission is None:
+        if self._admitted is None:
             return 0
         queued = sum(len(e.rows) for e in self._entries if not e.future.done())
-        return self._admission.admitted - queued - self._rows_running
+        return self._admitted() - queued - self._rows_running
 
     def _live_head(self) -> _Entry | None:
         while self._entries and self._entries[0].future.done():
@@ -204,19 +204,19 @@ class BatchQueue:
         return batch
 
     async def _run(self, batch: list[_Entry]) -> None:
-        kind = batch[0].kind
+        modality = batch[0].modality
         rows = np.concatenate([e.rows for e in batch]) if len(batch) > 1 else batch[0].rows
         now = time.perf_counter()
         for entry in batch:
-            self._metrics.queue_wait.labels(kind).observe(now - entry.enqueued)
-        self._metrics.batch_size.labels(kind).observe(len(rows))
+            self._metrics.queue_wait.labels(modality).observe(now - entry.enqueued)
+        self._metrics.batch_size.labels(modality).observe(len(rows))
         deadlines = [e.deadline for e in batch if e.deadline is not None]
         # The batch serves its most patient caller; the others stop waiting on their own.
         timeout_s = max(deadlines) - now if len(deadlines) == len(batch) else None
         self._rows_running += len(rows)
         started = time.perf_counter()
         try:
-            outputs = await self._run_batch(kind, rows, timeout_s)
+            outputs = await self._run_batch(modality, rows, timeout_s)
         except asyncio.CancelledError:
             for entry in batch:
                 entry.future.cancel()  # the queue is closing: nobody is left waiting
@@ -225,7 +225,7 @@ class BatchQueue:
             # Backend errors (Triton down, a deadline) are counted and logged by the backend
             # once per outage; a line per failed batch would flood the log during one.
             log = _LOGGER.debug if isinstance(exc, ClipError) else _LOGGER.exception
-            log("batch of %d %s rows failed: %s", len(rows), kind, exc)
+            log("batch of %d %s rows failed: %s", len(rows), modality, exc)
             for entry in batch:
                 if not entry.future.done():
                     entry.future.set_exception(exc)

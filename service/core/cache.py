@@ -17,7 +17,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -26,9 +27,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service.metrics import Metrics
-
-if TYPE_CHECKING:
-    from service.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -101,6 +99,18 @@ class CircuitBreaker:
         self._trial_in_flight = False
 
 
+@dataclass(frozen=True)
+class RedisOptions:
+    """How the shared level is reached and trusted (no defaults: `Settings` holds them)."""
+
+    #: `redis://…`; '' with no `client` = no shared level.
+    url: str
+    ttl_s: int
+    timeout_s: float
+    breaker_failures: int
+    breaker_reset_s: float
+
+
 class EmbeddingCache:
     """Two-level embedding cache (LRU, then Redis); never raises because of Redis."""
 
@@ -109,31 +119,34 @@ class EmbeddingCache:
         *,
         metrics: Metrics,
         local_items: int,
-        redis_url: str = "",
-        ttl_s: int = 7 * 24 * 3600,
-        timeout_s: float = 0.05,
-        breaker_failures: int = 3,
-        breaker_reset_s: float = 5.0,
+        redis: RedisOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
         client: aioredis.Redis | None = None,
     ) -> None:
         """Build the cache; no I/O happens here (Redis connects on first use).
 
-        `client` replaces the client made from `redis_url` (tests pass fakes).
+        `redis` None = the LRU alone; `client` replaces the client made from
+        `redis.url` (tests pass fakes; `redis` still gives timeouts and the breaker).
         """
         if local_items < 0:
             raise ValueError(f"local_items must be >= 0, got {local_items}")
-        if ttl_s < 1:
-            raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if redis is None:
+            if client is not None:
+                raise ValueError("a redis client needs RedisOptions (timeouts, breaker)")
+            redis = RedisOptions(
+                url="", ttl_s=1, timeout_s=1.0, breaker_failures=1, breaker_reset_s=0.0
+            )  # unused: there is no shared level
+        if redis.ttl_s < 1:
+            raise ValueError(f"ttl_s must be >= 1, got {redis.ttl_s}")
+        if redis.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {redis.timeout_s}")
         self._local_items = local_items
         self._local: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._redis_url = redis_url
-        self._ttl_s = ttl_s
-        self._timeout_s = timeout_s
-        self._breaker_failures = breaker_failures
-        self._breaker_reset_s = breaker_reset_s
+        self._redis_url = redis.url
+        self._ttl_s = redis.ttl_s
+        self._timeout_s = redis.timeout_s
+        self._breaker_failures = redis.breaker_failures
+        self._breaker_reset_s = redis.breaker_reset_s
 
         self._local_hits = metrics.cache_hits.labels(level="local")
         self._local_misses = metrics.cache_misses.labels(level="local")
@@ -143,81 +156,78 @@ class EmbeddingCache:
         self._breaker_gauge = metrics.cache_breaker_open
         self._breaker_gauge.set(0)
         self._breaker = CircuitBreaker(
-            failures=breaker_failures,
-            reset_s=breaker_reset_s,
+            failures=redis.breaker_failures,
+            reset_s=redis.breaker_reset_s,
             clock=clock,
             on_change=self._breaker_changed,
         )
 
         self._client: aioredis.Redis | None = client
-        if self._client is None and redis_url:
+        if self._client is None and redis.url:
             self._client = aioredis.Redis.from_url(
-                redis_url,
+                redis.url,
                 decode_responses=False,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
+                socket_timeout=redis.timeout_s,
+                socket_connect_timeout=redis.timeout_s,
                 # One immediate retry: after a Redis restart a pooled socket can be
                 # dead; redis-py drops it and the retry reconnects, so the first call
                 # after a restart succeeds. More retries would only burn the timeout.
                 retry=Retry(NoBackoff(), 1),
             )
 
-    @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics) -> EmbeddingCache:
-        """The cache the settings ask for (LRU only when `redis_url` is empty)."""
-        return cls(
-            metrics=metrics,
-            local_items=settings.local_cache_items,
-            redis_url=settings.redis_url,
-            ttl_s=settings.cache_ttl_s,
-            timeout_s=settings.redis_timeout_s,
-            breaker_failures=settings.redis_breaker_failures,
-            breaker_reset_s=settings.redis_breaker_reset_s,
-        )
-
     # ------------------------------------------------------------------ public API
     async def get_many(
         self, keys: Sequence[str], *, size: int | None = None
     ) -> list[np.ndarray | None]:
-        """The cached vector for each key (None where missing), in the order given.
+        """The cached vector for each key (None where missing), in the order given:
+        `get_local`, then `get_shared` for what the LRU missed."""
+        results = self.get_local(keys)
+        missing = [key for key, vector in zip(keys, results, strict=True) if vector is None]
+        if missing:
+            shared = dict(zip(missing, await self.get_shared(missing, size=size), strict=True))
+            results = [
+                shared.get(key) if v is None else v for key, v in zip(keys, results, strict=True)
+            ]
+        return results
 
-        Returned arrays are float32, 1-D and read-only (they may be shared with the
-        LRU). `size`, when given, is the expected number of floats per value; a Redis
-        value of any other length is treated as corrupt (a miss and an error).
+    def get_local(self, keys: Sequence[str]) -> list[np.ndarray | None]:
+        """The LRU's vector for each key (None where missing); never suspends.
+
+        Returned arrays are float32, 1-D and read-only (they are shared with the LRU).
         """
-        results: list[np.ndarray | None] = [None] * len(keys)
-        missing: dict[str, list[int]] = {}
-        for index, key in enumerate(keys):
-            vector = self._local_get(key)
-            if vector is None:
-                missing.setdefault(key, []).append(index)
-            else:
-                results[index] = vector
+        results = [self._local_get(key) for key in keys]
         if self._local_items:
-            n_missing = sum(len(indexes) for indexes in missing.values())
+            n_missing = sum(vector is None for vector in results)
             self._local_hits.inc(len(keys) - n_missing)
             self._local_misses.inc(n_missing)
-        if not missing or self._client is None:
-            return results
+        return results
 
+    async def get_shared(
+        self, keys: Sequence[str], *, size: int | None = None
+    ) -> list[np.ndarray | None]:
+        """Redis's vector for each key (None where missing, corrupt or Redis is down).
+
+        `size`, when given, is the expected number of floats per value; a value of any
+        other length is treated as corrupt (a miss and an error). Hits fill the LRU.
+        """
+        results: list[np.ndarray | None] = [None] * len(keys)
+        if not keys or self._client is None:
+            return results
         client = self._client
-        unique_keys = list(missing)
+        unique_keys = list(dict.fromkeys(keys))
         raw_values = await self._call_redis("MGET", lambda: client.mget(unique_keys))
         if raw_values is None:
             return results
-        hits = misses = 0
+        found: dict[str, np.ndarray] = {}
         for key, raw in zip(unique_keys, raw_values, strict=True):
-            indexes = missing[key]
             vector = self._decode(key, raw, size) if raw is not None else None
-            if vector is None:
-                misses += len(indexes)
-                continue
-            hits += len(indexes)
-            self._local_put(key, vector)
-            for index in indexes:
-                results[index] = vector
+            if vector is not None:
+                self._local_put(key, vector)
+                found[key] = vector
+        results = [found.get(key) for key in keys]
+        hits = sum(vector is not None for vector in results)
         self._redis_hits.inc(hits)
-        self._redis_misses.inc(misses)
+        self._redis_misses.inc(len(keys) - hits)
         return results
 
     async def put_many(self, entries: Sequence[tuple[str, np.ndarray]]) -> None:

@@ -1,9 +1,9 @@
 """The embedding pipeline: validate → cache lookup → prepare misses → backend → cache fill.
 
-Handlers only talk to this class. Identical misses, within one request or across
-concurrent ones, are computed once: the first caller starts a task that owns the key
-and the others await it; the task is shielded, so a caller that cancels does not fail
-the others waiting on the same work.
+Handlers and health only talk to this class; it owns the backend's and the cache's
+lifecycles. Identical misses, within one request or across concurrent ones, are
+computed once (`single_flight.py`); the work runs in its own task, so a caller that
+cancels does not fail the others waiting on the same key.
 """
 
 from __future__ import annotations
@@ -29,14 +29,8 @@ from service.core.image_preprocess import (
     ImageSpec,
     preprocess_image_bytes,
 )
-from service.core.scoring import (
-    Ranked,
-    cosine,
-    ensemble,
-    prompts,
-    rank,
-    softmax_scores,
-)
+from service.core.scoring import ensemble, prompts
+from service.core.single_flight import Abandoned, SingleFlight
 from service.core.text_tokenize import TextTokenizer, Tokens
 from service.core.validation import Limits
 from service.errors import BackendFailure, InvalidInput
@@ -47,17 +41,12 @@ _LOGGER = logging.getLogger(__name__)
 # Label sets are embedded in waves of this many prompts so one huge set cannot take the
 # whole admission budget at once.
 _LABEL_WAVE = 256
-
-Run = Callable[[float | None], Awaitable[list["Embedded"]]]
-Prepare = Callable[[list[int]], Awaitable[Run]]
-
-
-class _Abandoned(Exception):
-    """The request that owned a key failed on another item; the waiter computes again."""
+# A request retries its shared keys this often when their owners fail on other inputs.
+_CLAIM_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
-class Embedded:
+class EmbeddingResult:
     """One input's vector and how it was made."""
 
     vector: np.ndarray
@@ -65,14 +54,19 @@ class Embedded:
     truncated: bool = False
 
 
+#: Runs prepared inputs on the backend: timeout → one result per input, in order.
+Run = Callable[[float | None], Awaitable[list[EmbeddingResult]]]
+#: Prepares the inputs at these indexes (decode, tokenize) → how to run them.
+Prepare = Callable[[list[int]], Awaitable[Run]]
+
+
 @dataclass(frozen=True)
 class EmbedderOptions:
-    """Pipeline knobs that are not caller-facing limits."""
+    """Pipeline knobs that are not caller-facing limits (defaults live in `Settings`)."""
 
-    max_queued_items: int = 2048
-    decode_threads: int = 0
-    exif_transpose: bool = True
-    text_length_buckets: tuple[int, ...] = (8, 16, 24, 32, 48, 77)
+    decode_threads: int
+    exif_transpose: bool
+    text_length_buckets: tuple[int, ...]
 
 
 class Embedder:
@@ -86,16 +80,16 @@ class Embedder:
         metadata: ModelMetadata,
         limits: Limits,
         metrics: Metrics,
-        options: EmbedderOptions | None = None,
-        admission: Admission | None = None,
+        admission: Admission,
+        options: EmbedderOptions,
     ) -> None:
-        options = options or EmbedderOptions()
-        self.backend = backend
-        self.cache = cache
+        """`admission` is shared with the batching queue in front of `backend` (its hold)."""
+        self._backend = backend
+        self._cache = cache
         self.metadata = metadata
         self.limits = limits
         self._metrics = metrics
-        self.admission = admission or Admission(options.max_queued_items, metrics)
+        self._admission = admission
         self.tokenizer = TextTokenizer(metadata.context_length, options.text_length_buckets)
         self._image_spec = ImageSpec(metadata.image_size, metadata.interpolation)
         self._image_limits = ImageLimits(
@@ -108,24 +102,59 @@ class Embedder:
         self._decode_pool = ThreadPoolExecutor(
             max_workers=options.decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
         )
-        self._inflight: dict[str, asyncio.Future[Embedded]] = {}
+        self._flights: SingleFlight[str, EmbeddingResult] = SingleFlight()
 
     @property
     def model_id(self) -> str:
         """Identity of the served weights (responses and cache keys)."""
         return self.metadata.model_id
 
+    @property
+    def admitted(self) -> int:
+        """Items admitted for the backend and not answered yet (0 when idle)."""
+        return self._admission.admitted
+
+    @property
+    def backend_name(self) -> str:
+        """Where the encoders run ("embedded", "triton")."""
+        return self._backend.name
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Start the backend; it may not be reachable yet (health keeps asking)."""
+        try:
+            await self._backend.start()
+        except Exception as exc:  # e.g. Triton not up yet: health says so, we keep trying
+            _LOGGER.warning("backend not started yet: %s", exc)
+
+    async def ready(self) -> bool:
+        """Whether the backend says an inference would succeed now."""
+        return await self._backend.ready()
+
+    async def warmup(self) -> None:
+        """One tiny forward pass per tower, bypassing the cache (proves inference works)."""
+        size = self.metadata.image_size
+        await self._backend.embed_images(np.zeros((1, 3, size, size), dtype=np.uint8))
+        ids = self.tokenizer.pad([self.tokenizer.tokenize("warm up")], 8)
+        await self._backend.embed_texts(ids)
+
+    async def aclose(self) -> None:
+        """Stop the decode threads, the backend and the cache."""
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        await self._backend.aclose()
+        await self._cache.aclose()
+
     # ------------------------------------------------------------------ public API
     async def embed_texts(
         self, texts: Sequence[str], *, timeout_s: float | None = None, field: str = "texts"
-    ) -> list[Embedded]:
+    ) -> list[EmbeddingResult]:
         """Vectors for `texts`, in order; validates count and lengths first."""
         validation.check_texts(texts, self.limits, field)
         return await self._embed_texts(texts, timeout_s)
 
     async def embed_images(
         self, images: Sequence[bytes], *, timeout_s: float | None = None, field: str = "images"
-    ) -> list[Embedded]:
+    ) -> list[EmbeddingResult]:
         """Vectors for encoded `images`, in order; refuses the first bad image by index."""
         validation.check_image_sizes(images, self.limits, field)
         keys = [
@@ -142,7 +171,7 @@ class Embedder:
         """`[n_labels, D]`: each label's template ensemble, cached per (label, templates)."""
         fp = self.tokenizer.fingerprint
         keys = [label_set_key(self.model_id, [label], list(templates), fp) for label in labels]
-        found = await self.cache.get_many(keys)
+        found = await self._cache.get_many(keys)
         missing = [i for i, vec in enumerate(found) if vec is None]
         if missing:
             texts = [text for i in missing for text in prompts(labels[i], templates)]
@@ -154,45 +183,13 @@ class Embedder:
             fresh = [(keys[i], ensemble(per_label[j])) for j, i in enumerate(missing)]
             for (_, vec), i in zip(fresh, missing, strict=True):
                 found[i] = vec
-            await self.cache.put_many(fresh)
+            await self._cache.put_many(fresh)
         return np.stack([vec for vec in found if vec is not None])
 
-    async def classify(
-        self,
-        images: Sequence[bytes],
-        labels: Sequence[str],
-        templates: Sequence[str],
-        top_k: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> list[list[Ranked]]:
-        """Zero-shot: each image's labels ranked by softmax(logit_scale × cosine)."""
-        validation.check_labels(labels, templates, self.limits)
-        k = validation.check_top_k(top_k, len(labels))
-        # Checked here too (embed_images repeats it) so a bad image refuses the call
-        # before any label prompt is embedded.
-        validation.check_image_sizes(images, self.limits)
-        images_task = self.embed_images(images, timeout_s=timeout_s)
-        labels_task = self.label_embeddings(labels, templates, timeout_s=timeout_s)
-        embedded, label_matrix = await asyncio.gather(images_task, labels_task)
-        image_matrix = np.stack([e.vector for e in embedded])
-        cos = cosine(image_matrix, label_matrix)
-        probs = softmax_scores(cos, self.metadata.logit_scale, self.metadata.logit_bias)
-        return [rank(labels, cos[i], probs[i], k) for i in range(len(images))]
-
-    async def warmup(self) -> None:
-        """One tiny forward pass per tower, bypassing the cache (proves inference works)."""
-        size = self.metadata.image_size
-        await self.backend.embed_images(np.zeros((1, 3, size, size), dtype=np.uint8))
-        ids = self.tokenizer.pad([self.tokenizer.tokenize("warm up")], 8)
-        await self.backend.embed_texts(ids)
-
-    async def aclose(self) -> None:
-        """Stop the decode threads (backend and cache are closed by their owner)."""
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
-
     # ------------------------------------------------------------------ pipeline
-    async def _embed_texts(self, texts: Sequence[str], timeout_s: float | None) -> list[Embedded]:
+    async def _embed_texts(
+        self, texts: Sequence[str], timeout_s: float | None
+    ) -> list[EmbeddingResult]:
         keys = [
             embedding_key(self.model_id, "text", t.encode("utf-8"), self.tokenizer.fingerprint)
             for t in texts
@@ -208,99 +205,117 @@ class Embedder:
         prepare: Prepare,
         timeout_s: float | None,
         field: str,
-    ) -> list[Embedded]:
+    ) -> list[EmbeddingResult]:
         self._metrics.items.labels(modality).inc(len(keys))
-        for _ in range(3):
+        unique = list(dict.fromkeys(keys))
+        for _ in range(_CLAIM_ATTEMPTS):
             try:
-                return await self._embed_once(keys, prepare, timeout_s, field)
-            except _Abandoned:
+                results = await self._lookup_or_compute(keys, unique, prepare, timeout_s, field)
+                return [results[k] for k in keys]
+            except Abandoned:
                 continue  # another request owned some of our keys and failed on its own input
         raise BackendFailure("could not embed: concurrent requests kept failing on shared inputs")
 
-    async def _embed_once(
-        self, keys: list[str], prepare: Prepare, timeout_s: float | None, field: str
-    ) -> list[Embedded]:
-        unique = list(dict.fromkeys(keys))
-        found = dict(zip(unique, await self.cache.get_many(unique), strict=True))
-        results: dict[str, Embedded] = {
-            k: Embedded(v, cached=True) for k, v in found.items() if v is not None
-        }
-        waiting: dict[str, asyncio.Future[Embedded]] = {}
-        owned = [k for k in unique if k not in results and k not in self._inflight]
-        waiting.update({k: self._inflight[k] for k in unique if k in self._inflight})
-        if owned:
-            self.admission.admit(len(owned))
-            loop = asyncio.get_running_loop()
-            futures = {k: loop.create_future() for k in owned}
-            # Claimed before the first await, so a concurrent identical miss waits for us.
-            self._inflight.update(futures)
-            try:
-                run = await prepare([keys.index(k) for k in owned])
-            except BaseException as exc:
-                failed = (
-                    keys[exc.index]
-                    if isinstance(exc, InvalidInput) and exc.index is not None
-                    else None
-                )
-                self._settle(owned, futures, exc, only=failed)
-                raise
-            task = loop.create_task(self._finish(owned, futures, run, timeout_s))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-            waiting.update(futures)
-        if waiting:
-            outcomes = await asyncio.gather(
-                *(asyncio.shield(f) for f in waiting.values()), return_exceptions=True
-            )
-            for key, outcome in zip(waiting, outcomes, strict=True):
-                if isinstance(outcome, InvalidInput):
-                    # Same bytes as the item that failed elsewhere: name our own index.
-                    raise InvalidInput(outcome.reason, field=field, index=keys.index(key))
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                results[key] = outcome
-        return [results[k] for k in keys]
-
-    def _settle(
+    async def _lookup_or_compute(
         self,
         keys: list[str],
-        futures: dict[str, asyncio.Future[Embedded]],
-        exc: BaseException,
-        only: str | None = None,
-    ) -> None:
-        """After a failure: release and unclaim; waiters on keys that did not fail retry."""
-        self.admission.release(len(keys))
-        self._unclaim(keys, futures)
-        for key in keys:
-            if not futures[key].done():
-                futures[key].set_exception(exc if only in (None, key) else _Abandoned())
-                futures[key].exception()  # mark retrieved: there may be no waiter
+        unique: list[str],
+        prepare: Prepare,
+        timeout_s: float | None,
+        field: str,
+    ) -> dict[str, EmbeddingResult]:
+        """Each distinct key's vector: from the LRU, an owner's work, or our own.
 
-    def _unclaim(self, keys: list[str], futures: dict[str, asyncio.Future[Embedded]]) -> None:
-        for key in keys:
-            if self._inflight.get(key) is futures[key]:
-                del self._inflight[key]
+        The LRU lookup and the claim happen with no `await` between them, and an owner
+        fills the LRU before it releases a key: a key is always either cached or
+        claimed, so identical concurrent misses reach the backend once.
+        """
+        local = self._cache.get_local(unique)
+        results = {
+            k: EmbeddingResult(v, cached=True)
+            for k, v in zip(unique, local, strict=True)
+            if v is not None
+        }
+        owned, waiting = self._flights.claim(k for k in unique if k not in results)
+        if owned:
+            await self._start_owned(keys, owned, prepare, timeout_s)
+        outcomes = await self._flights.wait({**waiting, **owned})
+        for key, outcome in outcomes.items():
+            if isinstance(outcome, InvalidInput):
+                # Same bytes as the item that failed elsewhere: name our own index.
+                raise InvalidInput(outcome.reason, field=field, index=keys.index(key))
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results[key] = outcome
+        return results
+
+    async def _start_owned(
+        self,
+        keys: list[str],
+        owned: dict[str, asyncio.Future[EmbeddingResult]],
+        prepare: Prepare,
+        timeout_s: float | None,
+    ) -> None:
+        """Settle what the shared cache holds; admit, prepare and launch the rest."""
+        try:
+            shared = await self._cache.get_shared(list(owned), size=self.metadata.embedding_dim)
+        except BaseException as exc:
+            self._flights.fail(
+                owned, Abandoned() if isinstance(exc, asyncio.CancelledError) else exc
+            )
+            raise
+        hits = {k: v for k, v in zip(owned, shared, strict=True) if v is not None}
+        for key, vector in hits.items():
+            self._flights.resolve(owned, key, EmbeddingResult(vector, cached=True))
+        self._flights.release({k: owned[k] for k in hits})  # now in the LRU
+        todo = {k: f for k, f in owned.items() if k not in hits}
+        if not todo:
+            return
+        try:
+            self._admission.admit(len(todo))
+        except BaseException as exc:
+            self._flights.fail(todo, exc)
+            raise
+        try:
+            run = await prepare([keys.index(k) for k in todo])
+        except BaseException as exc:
+            # A bad input fails its own key; waiters on the others claim them again, and
+            # so do all waiters when this caller was cancelled (never their own error).
+            self._admission.release(len(todo))
+            if isinstance(exc, asyncio.CancelledError):
+                self._flights.fail(todo, Abandoned())
+            else:
+                culprit = None
+                if isinstance(exc, InvalidInput) and exc.index is not None:
+                    culprit = keys[exc.index]
+                self._flights.fail(todo, exc, culprit=culprit)
+            raise
+        task = asyncio.get_running_loop().create_task(self._finish(todo, run, timeout_s))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def _finish(
         self,
-        keys: list[str],
-        futures: dict[str, asyncio.Future[Embedded]],
+        owned: dict[str, asyncio.Future[EmbeddingResult]],
         run: Run,
         timeout_s: float | None,
     ) -> None:
         try:
             embedded = await run(timeout_s)
         except BaseException as exc:
-            self._settle(keys, futures, exc)
+            self._admission.release(len(owned))
+            self._flights.fail(owned, exc)
             raise
-        for key, item in zip(keys, embedded, strict=True):
-            futures[key].set_result(item)
-        self.admission.release(len(keys))  # out of the backend: no longer queued work
+        self._admission.release(len(owned))  # out of the backend: no longer queued work
+        for key, item in zip(owned, embedded, strict=True):
+            self._flights.resolve(owned, key, item)
         try:
             # Keys stay claimed until the cache holds them, so a late identical miss
             # finds either the claim or the cached vector, never a gap between the two.
-            await self.cache.put_many([(k, e.vector) for k, e in zip(keys, embedded, strict=True)])
+            await self._cache.put_many(
+                [(k, e.vector) for k, e in zip(owned, embedded, strict=True)]
+            )
         finally:
-            self._unclaim(keys, futures)
+            self._flights.release(owned)
 
     # ------------------------------------------------------------------ preparation
     async def _prepare_texts(self, texts: Sequence[str], indices: list[int]) -> Run:
@@ -308,30 +323,33 @@ class Embedder:
         tokens = [self.tokenizer.tokenize(texts[i]) for i in indices]
         self._metrics.preprocess_latency.labels("tokenize").observe(time.perf_counter() - started)
 
-        async def run(timeout_s: float | None) -> list[Embedded]:
+        async def run(timeout_s: float | None) -> list[EmbeddingResult]:
             return await self._run_texts(tokens, timeout_s)
 
         return run
 
-    async def _run_texts(self, tokens: list[Tokens], timeout_s: float | None) -> list[Embedded]:
+    async def _run_texts(
+        self, tokens: list[Tokens], timeout_s: float | None
+    ) -> list[EmbeddingResult]:
         # Pad each text only to its bucket edge; same-length rows batch together.
         by_length: dict[int, list[int]] = {}
         for i, t in enumerate(tokens):
             by_length.setdefault(self.tokenizer.bucket_length(len(t.ids)), []).append(i)
-        calls = []
-        step = self.backend.max_batch_size
-        for length, members in by_length.items():
-            for start in range(0, len(members), step):
-                chunk = members[start : start + step]
-                ids = self.tokenizer.pad([tokens[i] for i in chunk], length)
-                calls.append((chunk, self.backend.embed_texts(ids, timeout_s=timeout_s)))
-        outputs = await asyncio.gather(*(c for _, c in calls))
+        groups = list(by_length.items())
+        outputs = await asyncio.gather(
+            *(
+                self._backend.embed_texts(
+                    self.tokenizer.pad([tokens[i] for i in members], length), timeout_s=timeout_s
+                )
+                for length, members in groups
+            )
+        )
         vectors: list[np.ndarray | None] = [None] * len(tokens)
-        for (chunk, _), out in zip(calls, outputs, strict=True):
-            for row, i in enumerate(chunk):
+        for (_, members), out in zip(groups, outputs, strict=True):
+            for row, i in enumerate(members):
                 vectors[i] = out[row]
         return [
-            Embedded(np.asarray(v, dtype=np.float32), truncated=t.truncated)
+            EmbeddingResult(np.asarray(v, dtype=np.float32), truncated=t.truncated)
             for v, t in zip(vectors, tokens, strict=True)
         ]
 
@@ -348,13 +366,9 @@ class Embedder:
                 raise result
         pixels = np.stack(decoded)  # type: ignore[arg-type]
 
-        async def run(timeout_s: float | None) -> list[Embedded]:
-            step = self.backend.max_batch_size
-            chunks = [pixels[s : s + step] for s in range(0, len(pixels), step)]
-            outs = await asyncio.gather(
-                *(self.backend.embed_images(c, timeout_s=timeout_s) for c in chunks)
-            )
-            return [Embedded(np.asarray(v, dtype=np.float32)) for out in outs for v in out]
+        async def run(timeout_s: float | None) -> list[EmbeddingResult]:
+            out = await self._backend.embed_images(pixels, timeout_s=timeout_s)
+            return [EmbeddingResult(np.asarray(v, dtype=np.float32)) for v in out]
 
         return run
 

@@ -1,11 +1,26 @@
-"""Zero-shot scoring: prompt templates, label-embedding ensembles, softmax, ranking."""
+"""Scores between vectors: Similarity and zero-shot Classify, and the math under both.
+
+`Scorer` owns the two scoring calls (validation, splitting by modality, scoring,
+ranking) on top of an `Embedder`; the functions below it are the pure math.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from service.core import validation
+from service.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from service.core.embedder import Embedder, EmbeddingResult
+
+#: One Similarity item: a text, or the bytes of an encoded image.
+Item = str | bytes
 
 #: CLIP's ensemble when a caller gives none: the 7 templates the CLIP authors found to
 #: work best on ImageNet, plus the plain "a photo of a {}." prompt.
@@ -62,3 +77,103 @@ def rank(
     """The `top_k` labels by probability, highest first (ties keep label order)."""
     order = np.argsort(-prob_row, kind="stable")[:top_k]
     return [Ranked(labels[i], float(prob_row[i]), float(cos_row[i])) for i in order]
+
+
+@dataclass(frozen=True)
+class SimilarityResult:
+    """`[Q, C]` cosines and, per query, its probabilities over the candidates."""
+
+    scores: np.ndarray
+    probabilities: np.ndarray
+
+
+class Scorer:
+    """Similarity and zero-shot classification with one model's vectors and score rule."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self._embedder = embedder
+
+    async def similarity(
+        self, queries: Sequence[Item], candidates: Sequence[Item], *, timeout_s: float | None
+    ) -> SimilarityResult:
+        """Every query against every candidate (texts and images may mix on both sides)."""
+        limits = self._embedder.limits
+        validation.check_count(len(queries), "queries", limits.max_items)
+        validation.check_count(len(candidates), "candidates", limits.max_items)
+        query_vecs, candidate_vecs = await _gather_failing_fast(
+            self._embed_items(queries, "queries", timeout_s),
+            self._embed_items(candidates, "candidates", timeout_s),
+        )
+        cos = cosine(query_vecs, candidate_vecs)
+        meta = self._embedder.metadata
+        return SimilarityResult(cos, softmax_scores(cos, meta.logit_scale, meta.logit_bias))
+
+    async def classify(
+        self,
+        images: Sequence[bytes],
+        labels: Sequence[str],
+        templates: Sequence[str],
+        top_k: int,
+        *,
+        timeout_s: float | None,
+    ) -> list[list[Ranked]]:
+        """Zero-shot: each image's labels ranked by softmax(logit_scale × cosine)."""
+        embedder = self._embedder
+        templates = list(templates) or list(DEFAULT_TEMPLATES)
+        validation.check_labels(labels, templates, embedder.limits)
+        k = validation.check_top_k(top_k, len(labels))
+        # Checked here too (embed_images repeats it) so a bad image refuses the call
+        # before any label prompt is embedded.
+        validation.check_image_sizes(images, embedder.limits)
+        embedded, label_matrix = await _gather_failing_fast(
+            embedder.embed_images(images, timeout_s=timeout_s),
+            embedder.label_embeddings(labels, templates, timeout_s=timeout_s),
+        )
+        image_matrix = np.stack([e.vector for e in embedded])
+        cos = cosine(image_matrix, label_matrix)
+        meta = embedder.metadata
+        probs = softmax_scores(cos, meta.logit_scale, meta.logit_bias)
+        return [rank(labels, cos[i], probs[i], k) for i in range(len(images))]
+
+    async def _embed_items(
+        self, items: Sequence[Item], field: str, timeout_s: float | None
+    ) -> np.ndarray:
+        text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
+        image_at = [i for i, item in enumerate(items) if not isinstance(item, str)]
+        texts = [str(items[i]) for i in text_at]
+        images = [bytes(items[i]) for i in image_at]
+        embedder = self._embedder
+        try:
+            text_vecs, image_vecs = await _gather_failing_fast(
+                embedder.embed_texts(texts, timeout_s=timeout_s) if texts else _none(),
+                embedder.embed_images(images, timeout_s=timeout_s) if images else _none(),
+            )
+        except InvalidInput as exc:
+            raise _reindex(exc, field, text_at if exc.field == "texts" else image_at) from None
+        out = np.zeros((len(items), embedder.metadata.embedding_dim), dtype=np.float32)
+        for positions, vecs in ((text_at, text_vecs), (image_at, image_vecs)):
+            for position, item in zip(positions, vecs, strict=True):
+                out[position] = item.vector
+        return out
+
+
+async def _gather_failing_fast(*calls: Awaitable[Any]) -> list[Any]:
+    """`asyncio.gather` whose first failure cancels the sibling calls (no orphan work)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _none() -> list[EmbeddingResult]:
+    return []
+
+
+def _reindex(exc: InvalidInput, field: str, positions: list[int]) -> InvalidInput:
+    """Name the item's index in the caller's list, not in the per-modality sub-list."""
+    index = positions[exc.index] if exc.index is not None else None
+    return InvalidInput(exc.reason, field=field, index=index)

@@ -11,33 +11,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.errors import InvalidInput
-from service.settings import Settings
 
 
 @dataclass(frozen=True)
 class Limits:
-    """The caller-facing limits (all settings; see the README's limits table)."""
+    """The caller-facing limits (their defaults and meaning live in `Settings`)."""
 
-    max_items: int = 256
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
-    max_text_chars: int = 10_000
-    max_labels: int = 1000
-    max_templates: int = 32
-    max_label_chars: int = 300
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
-        """The limits named in `settings`."""
-        return cls(
-            max_items=settings.max_items,
-            max_image_bytes=settings.max_image_bytes,
-            max_image_pixels=settings.max_image_pixels,
-            max_text_chars=settings.max_text_chars,
-            max_labels=settings.max_labels,
-            max_templates=settings.max_templates,
-            max_label_chars=settings.max_label_chars,
-        )
+    max_items: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_text_chars: int
+    max_labels: int
+    max_templates: int
+    max_label_chars: int
 
 
 def check_count(n: int, field: str, limit: int, *, allow_empty: bool = False) -> None:

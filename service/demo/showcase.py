@@ -13,10 +13,11 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.core.scoring import Scorer
 from service.demo.shapes import HELD_OUT_PAIRS, LABELS, TEMPLATES, render
 from service.metrics import Metrics
-from service.server.app import build_embedder
 from service.settings import DEFAULT_MODEL_REPOSITORY, Settings
+from service.wiring import build_embedder
 
 _SHOWN = (
     ("red", "circle"),
@@ -31,7 +32,7 @@ _SHOWN = (
 
 async def _run(repository: Path, seed: int) -> int:
     embedder = build_embedder(Settings(model_repository=repository), Metrics())
-    await embedder.backend.start()
+    await embedder.start()
     try:
         rng = random.Random(seed)
         blobs = []
@@ -39,10 +40,11 @@ async def _run(repository: Path, seed: int) -> int:
             buffer = io.BytesIO()
             render(colour, shape, rng).save(buffer, "PNG")
             blobs.append(buffer.getvalue())
-        ranked = await embedder.classify(blobs, list(LABELS), list(TEMPLATES), top_k=3)
+        ranked = await Scorer(embedder).classify(
+            blobs, list(LABELS), list(TEMPLATES), top_k=3, timeout_s=None
+        )
     finally:
         await embedder.aclose()
-        await embedder.backend.aclose()
     print(f"\nzero-shot over {len(LABELS)} labels with {embedder.model_id}")
     print(f"{'rendered':<18} {'predicted':<18} {'p':>6}   runner-up")
     correct = 0

@@ -26,7 +26,8 @@ from service.model.metadata import (
     TEXT_MODEL,
     ModelMetadata,
 )
-from service.model.triton_config import BatchingOptions, TensorSpec, render_config
+from service.model.triton_config import TensorSpec, render_config
+from service.settings import BatchingOptions
 
 _LOGGER = logging.getLogger(__name__)
 _PYTHON_MODEL = Path(__file__).resolve().parent / "triton_python_model.py"

@@ -9,20 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.settings import BatchingOptions
+
 FLAVORS = ("pytorch", "python")
-
-
-@dataclass(frozen=True)
-class BatchingOptions:
-    """Dynamic-batching and queueing knobs written into both configs."""
-
-    max_batch_size: int = 32
-    instances: int = 1
-    max_queue_delay_us: int = 2000
-    # Overload turns into fast refusals instead of growing latency.
-    max_queue_size: int = 256
-    queue_timeout_us: int = 10_000_000
-    torch_threads: int = 0
 
 
 @dataclass(frozen=True)

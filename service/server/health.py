@@ -46,7 +46,7 @@ class HealthMonitor:
         if self._stopping:
             return False
         try:
-            ok = await asyncio.wait_for(self._embedder.backend.ready(), 5.0)
+            ok = await asyncio.wait_for(self._embedder.ready(), 5.0)
             if ok and not self.serving:
                 # Ready is not enough: only a forward pass proves inference works.
                 await asyncio.wait_for(self._embedder.warmup(), 60.0)

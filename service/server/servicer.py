@@ -10,12 +10,10 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-import numpy as np
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
-from service.core import validation
-from service.core.embedder import Embedded, Embedder
-from service.core.scoring import DEFAULT_TEMPLATES, cosine, softmax_scores
+from service.core.embedder import Embedder, EmbeddingResult
+from service.core.scoring import Item, Scorer
 from service.errors import ClipError, InvalidInput
 from service.server.status import status_for
 
@@ -24,7 +22,7 @@ _LOGGER = logging.getLogger(__name__)
 _STREAM_WINDOW = 64
 
 
-def _vector_message(item: Embedded, fmt: int) -> clip_pb2.Embedding:
+def _vector_message(item: EmbeddingResult, fmt: int) -> clip_pb2.Embedding:
     vec = item.vector
     message = clip_pb2.Embedding(truncated=item.truncated, cached=item.cached, dim=len(vec))
     if fmt == clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES:
@@ -43,10 +41,11 @@ def _check_format(fmt: int) -> int:
 
 
 class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
-    """Thin translation between the protobuf API and the `Embedder`."""
+    """Thin translation between the protobuf API and the `Embedder` / `Scorer`."""
 
-    def __init__(self, embedder: Embedder, *, backend_timeout_s: float) -> None:
+    def __init__(self, embedder: Embedder, scorer: Scorer, *, backend_timeout_s: float) -> None:
         self._embedder = embedder
+        self._scorer = scorer
         self._backend_timeout_s = backend_timeout_s
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
@@ -80,59 +79,24 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     async def Similarity(
         self, request: clip_pb2.SimilarityRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.SimilarityResponse:
-        limits = self._embedder.limits
-        validation.check_count(len(request.queries), "queries", limits.max_items)
-        validation.check_count(len(request.candidates), "candidates", limits.max_items)
-        timeout = self._timeout(context)
-        queries, candidates = await asyncio.gather(
-            self._embed_items(request.queries, "queries", timeout),
-            self._embed_items(request.candidates, "candidates", timeout),
+        result = await self._scorer.similarity(
+            _items(request.queries, "queries"),
+            _items(request.candidates, "candidates"),
+            timeout_s=self._timeout(context),
         )
-        cos = cosine(queries, candidates)
-        meta = self._embedder.metadata
-        probs = softmax_scores(cos, meta.logit_scale, meta.logit_bias)
         rows = [
-            clip_pb2.Row(scores=cos[i].tolist(), probabilities=probs[i].tolist())
-            for i in range(len(cos))
+            clip_pb2.Row(scores=scores.tolist(), probabilities=probabilities.tolist())
+            for scores, probabilities in zip(result.scores, result.probabilities, strict=True)
         ]
         return clip_pb2.SimilarityResponse(rows=rows, model=self._embedder.model_id)
-
-    async def _embed_items(
-        self, items: Sequence[clip_pb2.Item], field: str, timeout_s: float
-    ) -> np.ndarray:
-        text_at: list[int] = []
-        image_at: list[int] = []
-        for index, item in enumerate(items):
-            kind = item.WhichOneof("kind")
-            if kind == "text":
-                text_at.append(index)
-            elif kind == "image":
-                image_at.append(index)
-            else:
-                raise InvalidInput("item has neither text nor image set", field=field, index=index)
-        texts = [items[i].text for i in text_at]
-        images = [items[i].image for i in image_at]
-        try:
-            text_vecs, image_vecs = await asyncio.gather(
-                self._embedder.embed_texts(texts, timeout_s=timeout_s) if texts else _none(),
-                self._embedder.embed_images(images, timeout_s=timeout_s) if images else _none(),
-            )
-        except InvalidInput as exc:
-            raise _reindex(exc, field, text_at if exc.field == "texts" else image_at) from None
-        out = np.zeros((len(items), self._embedder.metadata.embedding_dim), dtype=np.float32)
-        for positions, vecs in ((text_at, text_vecs), (image_at, image_vecs)):
-            for position, item in zip(positions, vecs, strict=True):
-                out[position] = item.vector
-        return out
 
     async def Classify(
         self, request: clip_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.ClassifyResponse:
-        templates = list(request.templates) or list(DEFAULT_TEMPLATES)
-        results = await self._embedder.classify(
+        results = await self._scorer.classify(
             list(request.images),
             list(request.labels),
-            templates,
+            list(request.templates),
             request.top_k,
             timeout_s=self._timeout(context),
         )
@@ -160,7 +124,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             image_size=meta.image_size,
             context_length=meta.context_length,
             logit_scale=meta.logit_scale,
-            backend=self._embedder.backend.name,
+            backend=self._embedder.backend_name,
             model_id=meta.model_id,
             weights_sha256=meta.weights_sha256,
         )
@@ -228,11 +192,12 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             )
 
 
-async def _none() -> list[Embedded]:
-    return []
-
-
-def _reindex(exc: InvalidInput, field: str, positions: list[int]) -> InvalidInput:
-    """Name the item's index in the caller's list, not in the per-modality sub-list."""
-    index = positions[exc.index] if exc.index is not None else None
-    return InvalidInput(exc.reason, field=field, index=index)
+def _items(items: Sequence[clip_pb2.Item], field: str) -> list[Item]:
+    """Proto `Item`s → texts (str) and image bytes, refusing items with neither set."""
+    out: list[Item] = []
+    for index, item in enumerate(items):
+        kind = item.WhichOneof("kind")
+        if kind is None:
+            raise InvalidInput("item has neither text nor image set", field=field, index=index)
+        out.append(item.text if kind == "text" else item.image)
+    return out

@@ -1,0 +1,152 @@
+"""The one reader of `Settings`: builds the backend, cache, pipeline and server from them.
+
+Every part below gets plain values; each default lives once, in `service/settings.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from service import __version__
+from service.backends.base import Backend
+from service.core.admission import Admission
+from service.core.batched_backend import BatchedBackend
+from service.core.cache import EmbeddingCache, RedisOptions
+from service.core.embedder import Embedder, EmbedderOptions
+from service.core.scoring import Scorer
+from service.core.validation import Limits
+from service.metrics import Metrics
+from service.model.metadata import ModelMetadata
+from service.server.app import Gateway, ServerOptions, TlsFiles, build_server
+from service.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def build_backend(
+    settings: Settings, metadata: ModelMetadata, metrics: Metrics, admission: Admission
+) -> Backend:
+    """The backend the settings ask for, behind the gateway's batching queue."""
+    inner: Backend
+    if settings.backend == "triton":
+        from service.backends.triton import TritonBackend
+
+        inner = TritonBackend(
+            url=settings.triton_url,
+            image_model=settings.triton_image_model,
+            text_model=settings.triton_text_model,
+            model_version=settings.triton_model_version,
+            default_timeout_s=settings.backend_timeout_s,
+            metrics=metrics,
+            max_batch_size=settings.max_batch_size,
+        )
+        inflight = settings.max_inflight_batches
+    else:
+        from service.backends.embedded import EmbeddedBackend
+
+        inner = EmbeddedBackend(
+            settings.model_repository,
+            metadata,
+            metrics=metrics,
+            device=settings.device,
+            max_batch_size=settings.max_batch_size,
+            torch_threads=settings.torch_threads,
+        )
+        inflight = 1  # one model thread: a second batch would only wait for it, half full
+    return BatchedBackend(
+        inner,
+        metrics=metrics,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000.0,
+        max_inflight=inflight,
+        admitted=lambda: admission.admitted,
+    )
+
+
+def build_cache(settings: Settings, metrics: Metrics) -> EmbeddingCache:
+    """The in-process LRU, with Redis behind it when `redis_url` is set."""
+    redis = None
+    if settings.redis_url:
+        redis = RedisOptions(
+            url=settings.redis_url,
+            ttl_s=settings.cache_ttl_s,
+            timeout_s=settings.redis_timeout_s,
+            breaker_failures=settings.redis_breaker_failures,
+            breaker_reset_s=settings.redis_breaker_reset_s,
+        )
+    return EmbeddingCache(metrics=metrics, local_items=settings.local_cache_items, redis=redis)
+
+
+def build_limits(settings: Settings) -> Limits:
+    """The caller-facing limits named in `settings`."""
+    return Limits(
+        max_items=settings.max_items,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_text_chars=settings.max_text_chars,
+        max_labels=settings.max_labels,
+        max_templates=settings.max_templates,
+        max_label_chars=settings.max_label_chars,
+    )
+
+
+def build_embedder(settings: Settings, metrics: Metrics) -> Embedder:
+    """Backend + cache + pipeline as the settings describe (not started)."""
+    metadata = ModelMetadata.load(settings.model_repository)
+    admission = Admission(settings.max_queued_items, metrics)
+    return Embedder(
+        backend=build_backend(settings, metadata, metrics, admission),
+        cache=build_cache(settings, metrics),
+        metadata=metadata,
+        limits=build_limits(settings),
+        metrics=metrics,
+        admission=admission,
+        options=EmbedderOptions(
+            decode_threads=settings.decode_threads,
+            exif_transpose=settings.exif_transpose,
+            text_length_buckets=settings.text_length_buckets,
+        ),
+    )
+
+
+def server_options(settings: Settings) -> ServerOptions:
+    """The transport's settings as plain values."""
+    tls = None
+    if settings.tls_cert and settings.tls_key:
+        tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    return ServerOptions(
+        host=settings.host,
+        port=settings.port,
+        metrics_port=settings.metrics_port,
+        max_message_bytes=settings.max_message_bytes,
+        shutdown_grace_s=settings.shutdown_grace_s,
+        backend_timeout_s=settings.backend_timeout_s,
+        api_keys=settings.all_api_keys(),
+        tls=tls,
+    )
+
+
+def build_gateway(settings: Settings, *, metrics: Metrics | None = None) -> Gateway:
+    """Everything wired but not started; binds the gRPC port (0 = a free one)."""
+    metrics = metrics or Metrics()
+    embedder = build_embedder(settings, metrics)
+    metrics.build_info.labels(__version__, embedder.model_id, embedder.backend_name).set(1)
+    return build_server(server_options(settings), embedder, Scorer(embedder), metrics)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    gateway = build_gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _LOGGER.info(
+        "shutting down: NOT_SERVING, draining in-flight calls (%ss)", settings.shutdown_grace_s
+    )
+    await gateway.stop()
+    _LOGGER.info("stopped")
