@@ -33,7 +33,7 @@ from service.core.scoring import ensemble, prompts
 from service.core.single_flight import Abandoned, SingleFlight
 from service.core.text_tokenize import TextTokenizer, Tokens
 from service.core.validation import Limits
-from service.errors import BackendFailure, InvalidInput
+from service.errors import BackendFailure, DeadlineExceeded, InvalidInput
 from service.metrics import Metrics
 from service.model.metadata import ModelMetadata
 
@@ -150,7 +150,7 @@ class Embedder:
     ) -> list[EmbeddingResult]:
         """Vectors for `texts`, in order; validates count and lengths first."""
         validation.check_texts(texts, self.limits, field)
-        return await self._embed_texts(texts, timeout_s)
+        return await self._embed_texts(texts, _deadline(timeout_s))
 
     async def embed_images(
         self, images: Sequence[bytes], *, timeout_s: float | None = None, field: str = "images"
@@ -162,13 +162,18 @@ class Embedder:
             for image in images
         ]
         return await self._embed(
-            "image", keys, lambda idx: self._prepare_images(images, idx, field), timeout_s, field
+            "image",
+            keys,
+            lambda idx: self._prepare_images(images, idx, field),
+            _deadline(timeout_s),
+            field,
         )
 
     async def label_embeddings(
         self, labels: Sequence[str], templates: Sequence[str], *, timeout_s: float | None = None
     ) -> np.ndarray:
         """`[n_labels, D]`: each label's template ensemble, cached per (label, templates)."""
+        deadline = _deadline(timeout_s)
         fp = self.tokenizer.fingerprint
         keys = [label_set_key(self.model_id, [label], list(templates), fp) for label in labels]
         found = await self._cache.get_many(keys)
@@ -177,7 +182,7 @@ class Embedder:
             texts = [text for i in missing for text in prompts(labels[i], templates)]
             vectors: list[np.ndarray] = []
             for start in range(0, len(texts), _LABEL_WAVE):
-                wave = await self._embed_texts(texts[start : start + _LABEL_WAVE], timeout_s)
+                wave = await self._embed_texts(texts[start : start + _LABEL_WAVE], deadline)
                 vectors.extend(e.vector for e in wave)
             per_label = np.stack(vectors).reshape(len(missing), len(templates), -1)
             fresh = [(keys[i], ensemble(per_label[j])) for j, i in enumerate(missing)]
@@ -188,14 +193,14 @@ class Embedder:
 
     # ------------------------------------------------------------------ pipeline
     async def _embed_texts(
-        self, texts: Sequence[str], timeout_s: float | None
+        self, texts: Sequence[str], deadline: float | None
     ) -> list[EmbeddingResult]:
         keys = [
             embedding_key(self.model_id, "text", t.encode("utf-8"), self.tokenizer.fingerprint)
             for t in texts
         ]
         return await self._embed(
-            "text", keys, lambda idx: self._prepare_texts(texts, idx), timeout_s, "texts"
+            "text", keys, lambda idx: self._prepare_texts(texts, idx), deadline, "texts"
         )
 
     async def _embed(
@@ -203,17 +208,25 @@ class Embedder:
         modality: str,
         keys: list[str],
         prepare: Prepare,
-        timeout_s: float | None,
+        deadline: float | None,
         field: str,
     ) -> list[EmbeddingResult]:
         self._metrics.items.labels(modality).inc(len(keys))
         unique = list(dict.fromkeys(keys))
         for _ in range(_CLAIM_ATTEMPTS):
+            _check_deadline(deadline, f"{modality} embedding")
             try:
-                results = await self._lookup_or_compute(keys, unique, prepare, timeout_s, field)
+                async with asyncio.timeout_at(deadline):
+                    results = await self._lookup_or_compute(keys, unique, prepare, deadline, field)
                 return [results[k] for k in keys]
             except Abandoned:
-                continue  # another request owned some of our keys and failed on its own input
+                # Another request owned some of our keys and failed on its own input, or
+                # gave up (its deadline, its cancellation): claim them again, our budget.
+                continue
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"{modality} embedding passed the caller's deadline"
+                ) from None
         raise BackendFailure("could not embed: concurrent requests kept failing on shared inputs")
 
     async def _lookup_or_compute(
@@ -221,7 +234,7 @@ class Embedder:
         keys: list[str],
         unique: list[str],
         prepare: Prepare,
-        timeout_s: float | None,
+        deadline: float | None,
         field: str,
     ) -> dict[str, EmbeddingResult]:
         """Each distinct key's vector: from the LRU, an owner's work, or our own.
@@ -238,7 +251,7 @@ class Embedder:
         }
         owned, waiting = self._flights.claim(k for k in unique if k not in results)
         if owned:
-            await self._start_owned(keys, owned, prepare, timeout_s)
+            await self._start_owned(keys, owned, prepare, deadline)
         outcomes = await self._flights.wait({**waiting, **owned})
         for key, outcome in outcomes.items():
             if isinstance(outcome, InvalidInput):
@@ -254,7 +267,7 @@ class Embedder:
         keys: list[str],
         owned: dict[str, asyncio.Future[EmbeddingResult]],
         prepare: Prepare,
-        timeout_s: float | None,
+        deadline: float | None,
     ) -> None:
         """Settle what the shared cache holds; admit, prepare and launch the rest."""
         try:
@@ -290,20 +303,25 @@ class Embedder:
                     culprit = keys[exc.index]
                 self._flights.fail(todo, exc, culprit=culprit)
             raise
-        task = asyncio.get_running_loop().create_task(self._finish(todo, run, timeout_s))
+        # Its own task: a caller that gives up does not stop the work others wait for.
+        task = asyncio.get_running_loop().create_task(self._finish(todo, run, deadline))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def _finish(
         self,
         owned: dict[str, asyncio.Future[EmbeddingResult]],
         run: Run,
-        timeout_s: float | None,
+        deadline: float | None,
     ) -> None:
         try:
+            timeout_s = None if deadline is None else deadline - asyncio.get_running_loop().time()
             embedded = await run(timeout_s)
         except BaseException as exc:
             self._admission.release(len(owned))
-            self._flights.fail(owned, exc)
+            # The owner's deadline is not its waiters': they claim the keys again and
+            # compute within their own (the owner, past its deadline, stops there).
+            shared_error = Abandoned() if isinstance(exc, DeadlineExceeded) else exc
+            self._flights.fail(owned, shared_error)
             raise
         self._admission.release(len(owned))  # out of the backend: no longer queued work
         for key, item in zip(owned, embedded, strict=True):
@@ -380,3 +398,13 @@ class Embedder:
             self._metrics.preprocess_latency.labels("image_decode").observe(
                 time.perf_counter() - started
             )
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    """A caller's budget in seconds → the event loop's time when it ends (None: none)."""
+    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+
+def _check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+        raise DeadlineExceeded(f"{what} passed the caller's deadline")
