@@ -29,6 +29,11 @@ class BackendUnavailable(ClipError):
     """The model backend is not reachable or not ready (UNAVAILABLE)."""
 
 
+class ModelMismatch(ClipError):
+    """The backend serves another model than the gateway's metadata describes, or one
+    whose identity it cannot tell (FAILED_PRECONDITION); nothing is served meanwhile."""
+
+
 class DeadlineExceeded(ClipError):
     """The caller's deadline passed before the work finished (DEADLINE_EXCEEDED)."""
 

@@ -106,6 +106,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.model_mismatch = Gauge(
+            "clip_model_mismatch",
+            "1 while Triton serves another model than metadata.json describes (or one exported "
+            "without its identity): calls get FAILED_PRECONDITION, health NOT_SERVING.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "clip_build_info",
             "Always 1; labels say which build, model and backend serve.",

@@ -41,6 +41,9 @@ def build_backend(
             default_timeout_s=settings.backend_timeout_s,
             metrics=metrics,
             max_batch_size=settings.max_batch_size,
+            # Serve nothing until Triton serves the model this metadata.json describes.
+            expected_model_id=metadata.model_id if metadata is not None else None,
+            expected_weights_sha256=metadata.weights_sha256 if metadata is not None else None,
         )
         inflight = settings.max_inflight_batches
     else:

@@ -155,6 +155,7 @@ def export_model(
             inputs=[input_spec],
             outputs=[TensorSpec(OUTPUT, "TYPE_FP32", (embedding_dim,))],
             batching=batching,
+            parameters=metadata.triton_parameters(),
         )
         (out_dir / name / "config.pbtxt").write_text(config)
     metadata.save(out_dir)

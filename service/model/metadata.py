@@ -13,6 +13,10 @@ TEXT_MODEL = "clip_text"
 IMAGE_INPUT = "PIXELS__0"
 TEXT_INPUT = "TOKENS__0"
 OUTPUT = "EMBEDDINGS__0"
+# `parameters` of both `config.pbtxt` files: which export Triton serves (the gateway
+# compares them with its own metadata.json before it serves a vector).
+MODEL_ID_PARAMETER = "clip_model_id"
+WEIGHTS_PARAMETER = "clip_weights_sha256"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class ModelMetadata:
     def model_id(self) -> str:
         """Short identity used in responses and cache keys; changes when the weights do."""
         return f"{self.model_name}/{self.pretrained}@{self.weights_sha256[:12]}"
+
+    def triton_parameters(self) -> dict[str, str]:
+        """The identity stamped into each `config.pbtxt` as Triton `parameters`."""
+        return {MODEL_ID_PARAMETER: self.model_id, WEIGHTS_PARAMETER: self.weights_sha256}
 
     def save(self, directory: Path) -> Path:
         """Write `metadata.json` into `directory`."""

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.settings import BatchingOptions
@@ -32,8 +33,11 @@ def render_config(
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
     batching: BatchingOptions,
+    parameters: Mapping[str, str] | None = None,
 ) -> str:
-    """The text of one `config.pbtxt`."""
+    """The text of one `config.pbtxt`; `parameters` are added as string parameters
+    (the export stamps the model's identity this way, see `ModelMetadata.triton_parameters`).
+    """
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
     lines = [f'name: "{name}"']
@@ -69,8 +73,11 @@ def render_config(
             "DISABLE_CUDNN": "false",
         }
     )
+    params.update(parameters or {})
     for key, value in params.items():
-        lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+        lines.append(
+            f"parameters: {{ key: {_quote(key)} value: {{ string_value: {_quote(value)} }} }}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -85,3 +92,9 @@ def _tensors(kind: str, specs: list[TensorSpec], ragged: bool) -> list[str]:
         )
     out.append("]")
     return out
+
+
+def _quote(text: str) -> str:
+    """A protobuf text-format string literal (a checkpoint's file name may hold anything)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'

@@ -10,6 +10,7 @@ from service.errors import (
     ClipError,
     DeadlineExceeded,
     InvalidInput,
+    ModelMismatch,
     Overloaded,
 )
 
@@ -17,6 +18,7 @@ _CODES: dict[type[ClipError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ModelMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     BackendFailure: grpc.StatusCode.INTERNAL,
 }
