@@ -261,7 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from tests.redis_server import RedisServer
+    from service.processes.redis_server import RedisServer
 
     section(f"cache: {args.model}")
     info = machine_info()

@@ -445,7 +445,7 @@ async def self_started(
         settings: dict[str, object] = {"torch_threads": args.torch_threads}
         parts = [f"Self-started gateway ({args.model}, embedded LRU cache"]
         if args.redis:
-            from tests.redis_server import RedisServer
+            from service.processes.redis_server import RedisServer
 
             redis = stack.enter_context(RedisServer())
             settings["redis_url"] = redis.url

@@ -15,8 +15,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from service.core.cache import EmbeddingCache
 from service.core.cache_keys import embedding_key, label_set_key
 from service.metrics import Metrics
+from service.processes.redis_server import RedisServer
 from service.settings import Settings
-from tests.redis_server import RedisServer
 
 MODEL = "clip-demo-shapes/demo@3fa2c1d0"
 

@@ -11,11 +11,11 @@ import pytest
 
 from service.client import AsyncClipClient
 from service.model.export import export_model
+from service.processes.redis_server import RedisServer
 from service.server.app import Gateway
 from tests.conftest import ExportedModel, encode
 from tests.gateway_support import gateway_settings, running_gateway, sample, scrape
 from tests.hostile_inputs import photo_like
-from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
