@@ -25,7 +25,6 @@ import grpc
 
 from bench.common import (
     RESULTS_DIR,
-    GatewayProcess,
     LoadResult,
     RawClip,
     add_threading_arguments,
@@ -44,6 +43,7 @@ from bench.common import (
     unique_jpeg,
 )
 from service.api.clip.v1 import clip_pb2
+from service.processes.gateway import GatewayProcess
 
 PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
 WARM_SET = 64  # more than the highest concurrency: concurrent hits never share a key

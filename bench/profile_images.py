@@ -183,7 +183,7 @@ class Timeline:
 async def profile(args: argparse.Namespace) -> int:
     from pyinstrument import Profiler
 
-    from tests.gateway_support import gateway_settings, running_gateway
+    from service.processes.gateway import gateway_settings, running_gateway
 
     section(f"profile: {args.model}, {args.concurrency} concurrent single-image callers")
     info = machine_info()

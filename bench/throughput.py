@@ -36,7 +36,6 @@ import numpy as np
 from bench.common import (
     CAPTION_MIX,
     RESULTS_DIR,
-    GatewayProcess,
     LoadResult,
     RawClip,
     add_threading_arguments,
@@ -62,6 +61,7 @@ from service.api.clip.v1 import clip_pb2
 from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.core.text_tokenize import TextTokenizer, Tokens
 from service.model.metadata import ModelMetadata
+from service.processes.gateway import GatewayProcess
 
 # The targets of the issues, defined for ViT-B-32 with 32 concurrent single-item callers.
 TEXT_TARGET = 4.0  # short captions through the service ÷ 77-padded raw module at batch 32

@@ -1,44 +1,15 @@
-"""Helpers for tests that run the gateway: start in-process on free ports, read metrics."""
+"""Helpers for tests that talk to a gateway: a stub on a loopback channel, metrics read back."""
 
 from __future__ import annotations
 
 import contextlib
 import urllib.request
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.clip.v1 import clip_pb2_grpc
-from service.server.app import Gateway, build_gateway
-from service.settings import Settings
-
-
-def gateway_settings(repository: Path, **overrides: Any) -> Settings:
-    """Loopback, free ports, fast batching: the test defaults."""
-    base = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "metrics_port": 0,
-        "model_repository": repository,
-        "shutdown_grace_s": 5.0,
-    }
-    base.update(overrides)
-    return Settings(**base)
-
-
-@contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    """Start a gateway, wait for SERVING, stop it afterwards."""
-    gateway = build_gateway(settings)
-    await gateway.start()
-    try:
-        await gateway.wait_until_serving(120)
-        yield gateway
-    finally:
-        await gateway.stop(1.0)
 
 
 @contextlib.asynccontextmanager

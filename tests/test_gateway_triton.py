@@ -20,11 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient
+from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.redis_server import RedisServer
 from service.processes.triton_server import TritonProcess
 from service.server.app import Gateway
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import gateway_settings, running_gateway, stub_for
+from tests.gateway_support import stub_for
 from tests.hostile_inputs import photo_like
 from tests.triton_server import inference_statistics, require_triton, start_triton
 

@@ -21,10 +21,11 @@ from service.api.clip.v1 import clip_pb2
 from service.client import decode_embedding
 from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.errors import InvalidInput
+from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
 from tests import hostile_inputs as h
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import gateway_settings, running_gateway, stub_for
+from tests.gateway_support import stub_for
 
 OK = grpc.StatusCode.OK
 BAD = grpc.StatusCode.INVALID_ARGUMENT

@@ -3,74 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
-from service.processes.child_server import free_port
+from service.processes.gateway import GatewayProcess
 from tests.conftest import ExportedModel, encode
 from tests.gateway_support import sample, scrape
 from tests.hostile_inputs import photo_like
 
 
-async def _wait_serving(port: int, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError("server never became SERVING")
-
-
 @pytest.fixture
-def server_process(vit_model: ExportedModel) -> tuple[subprocess.Popen[bytes], int, int]:
+def gateway(vit_model: ExportedModel) -> Iterator[GatewayProcess]:
     # ViT-B-32 on the CPU: a few calls are seconds of forward passes, easy to catch mid-way.
-    port, metrics_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "CLIP_PORT": str(port),
-        "CLIP_METRICS_PORT": str(metrics_port),
-        "CLIP_HOST": "127.0.0.1",
-        "CLIP_SHUTDOWN_GRACE_S": "30",
-    }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--model-repository",
-            str(vit_model.repository),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    yield process, port, metrics_port
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
+    with GatewayProcess(vit_model.repository, shutdown_grace_s=30, log_level="INFO") as gateway:
+        yield gateway
 
 
-async def test_sigterm_drains_in_flight_calls(
-    server_process: tuple[subprocess.Popen[bytes], int, int],
-) -> None:
-    process, port, metrics_port = server_process
-    await _wait_serving(port)
+async def test_sigterm_drains_in_flight_calls(gateway: GatewayProcess) -> None:
+    port, metrics_port = gateway.port, gateway.metrics_port
     # Distinct images (no cache or single-flight shortcuts), 8 per call.
     images = [encode(photo_like(96, 96, seed=i), "JPEG") for i in range(6 * 8)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -90,7 +45,7 @@ async def test_sigterm_drains_in_flight_calls(
         else:
             raise AssertionError("the six calls never were in flight together")
         assert not any(c.done() for c in calls), "work finished before SIGTERM; make it bigger"
-        process.send_signal(signal.SIGTERM)
+        gateway.send_signal(signal.SIGTERM, group=False)  # as Kubernetes does
         status = None
         for _ in range(50):
             try:
@@ -102,10 +57,11 @@ async def test_sigterm_drains_in_flight_calls(
                 break  # already closed for new calls: also correct
             await asyncio.sleep(0.02)
         results = await asyncio.gather(*calls, return_exceptions=True)
-    output = process.stdout.read().decode() if process.wait(60) is not None else ""
+    exit_code = await asyncio.to_thread(gateway.wait, 60)
+    output = gateway.log_tail(100_000)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, f"{failed[0]}\n--- server output ---\n{output[-3000:]}"
     assert all(len(r.embeddings) == 8 for r in results), "an in-flight call was dropped"
     assert status in (None, health_pb2.HealthCheckResponse.NOT_SERVING)
-    assert process.wait(30) == 0
+    assert exit_code == 0
     assert "shutting down" in output and "stopped" in output

@@ -11,9 +11,9 @@ import pytest
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.client import AsyncClipClient
+from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import gateway_settings, running_gateway
 from tests.hostile_inputs import photo_like
 
 
