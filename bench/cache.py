@@ -37,13 +37,13 @@ from bench.common import (
     mixed_caption,
     model_repository,
     photo_pool,
-    scrape_metrics,
     section,
     threading_note,
     unique_jpeg,
 )
 from service.api.clip.v1 import clip_pb2
 from service.processes.gateway import GatewayProcess
+from service.processes.metric_samples import scrape
 
 PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
 WARM_SET = 64  # more than the highest concurrency: concurrent hits never share a key
@@ -109,7 +109,7 @@ def calls_for(
 
 def cache_counters(metrics_port: int) -> dict[str, float]:
     """Hits per level and errors so far."""
-    samples = scrape_metrics(metrics_port)
+    samples = scrape(metrics_port)
     out = {
         level: samples.get(f'clip_cache_hits_total{{level="{level}"}}', 0.0)
         for level in ("local", "redis")

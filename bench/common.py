@@ -417,13 +417,6 @@ def histogram_means(
     return means
 
 
-def scrape_metrics(port: int) -> dict[str, float]:
-    """The gateway's /metrics as {'name{labels}': value}."""
-    from tests.gateway_support import scrape
-
-    return scrape(port)
-
-
 # ---------------------------------------------------------------------------- reports
 def machine_info() -> list[tuple[str, str]]:
     """What the figures were measured on."""

@@ -12,8 +12,9 @@ from service.api.clip.v1 import clip_pb2
 from service.client import decode_embedding
 from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import sample, scrape, stub_for
+from tests.gateway_support import stub_for
 from tests.hostile_inputs import photo_like
 
 

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from service.core.cache import EmbeddingCache
 from service.core.cache_keys import embedding_key, label_set_key
 from service.metrics import Metrics
+from service.processes.metric_samples import sample
 from service.processes.redis_server import RedisServer
 from service.settings import Settings
 
@@ -97,11 +98,6 @@ async def until(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition never held")
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels or None)
-    return 0.0 if value is None else value
 
 
 def vec(seed: int, dim: int = 8) -> np.ndarray:
@@ -193,8 +189,8 @@ async def test_lru_evicts_least_recently_used() -> None:
         assert value is not None
         assert np.array_equal(value, vec(seed))
     assert len(cache) == 3
-    assert sample(metrics, "clip_cache_hits_total", level="local") == 4
-    assert sample(metrics, "clip_cache_misses_total", level="local") == 1
+    assert sample(metrics.registry, "clip_cache_hits_total", level="local") == 4
+    assert sample(metrics.registry, "clip_cache_misses_total", level="local") == 1
     assert cache.describe() == "local LRU 3"
 
 
@@ -216,7 +212,7 @@ async def test_lru_disabled_and_no_redis_is_a_null_cache() -> None:
     cache = EmbeddingCache(metrics=metrics, local_items=0)
     await cache.put_many([("k", vec(1))])
     assert await cache.get_many(["k", "k"]) == [None, None]
-    assert sample(metrics, "clip_cache_misses_total", level="local") == 0
+    assert sample(metrics.registry, "clip_cache_misses_total", level="local") == 0
     assert await cache.get_many([]) == []
 
 
@@ -234,10 +230,10 @@ async def test_one_mget_for_all_lru_misses_and_promotion() -> None:
     assert got[2] is None
     for value, seed in zip([got[0], got[1], got[3], got[4]], [3, 1, 2, 1], strict=True):
         assert value is not None and np.array_equal(value, vec(seed))
-    assert sample(metrics, "clip_cache_hits_total", level="local") == 1
-    assert sample(metrics, "clip_cache_misses_total", level="local") == 4
-    assert sample(metrics, "clip_cache_hits_total", level="redis") == 3
-    assert sample(metrics, "clip_cache_misses_total", level="redis") == 1
+    assert sample(metrics.registry, "clip_cache_hits_total", level="local") == 1
+    assert sample(metrics.registry, "clip_cache_misses_total", level="local") == 4
+    assert sample(metrics.registry, "clip_cache_hits_total", level="redis") == 3
+    assert sample(metrics.registry, "clip_cache_misses_total", level="redis") == 1
     # Promoted: the next lookup is served by the LRU without calling Redis.
     await cache.get_many(["r1", "r2"])
     assert fake.mget_calls == 1
@@ -250,13 +246,13 @@ async def test_corrupt_value_is_a_miss_and_an_error() -> None:
     fake.data.update({"odd": b"\x00" * 7, "empty": b"", "good": vec(1).tobytes()})
     got = await cache.get_many(["odd", "empty", "good"])
     assert got[0] is None and got[1] is None and got[2] is not None
-    assert sample(metrics, "clip_cache_errors_total", level="redis") == 2
-    assert sample(metrics, "clip_cache_misses_total", level="redis") == 2
-    assert sample(metrics, "clip_cache_hits_total", level="redis") == 1
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 2
+    assert sample(metrics.registry, "clip_cache_misses_total", level="redis") == 2
+    assert sample(metrics.registry, "clip_cache_hits_total", level="redis") == 1
     # With an expected size, a well-formed value of another length is corrupt too.
     got = await cache.get_many(["good"], size=16)
     assert got == [None]
-    assert sample(metrics, "clip_cache_errors_total", level="redis") == 3
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 3
     assert not cache.breaker_open  # bad data is not a Redis outage
 
 
@@ -269,8 +265,8 @@ async def test_breaker_opens_half_opens_and_closes() -> None:
     for _ in range(3):
         assert await cache.get_many(["k"]) == [None]
     assert fake.calls == 3
-    assert sample(metrics, "clip_cache_errors_total", level="redis") == 3
-    assert sample(metrics, "clip_cache_breaker_open") == 1
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 3
+    assert sample(metrics.registry, "clip_cache_breaker_open") == 1
     assert cache.breaker_open
 
     # Open: Redis is not called at all, for gets or puts.
@@ -286,7 +282,7 @@ async def test_breaker_opens_half_opens_and_closes() -> None:
     assert fake.calls == 4
     await cache.get_many(["k"])
     assert fake.calls == 4
-    assert sample(metrics, "clip_cache_breaker_open") == 1
+    assert sample(metrics.registry, "clip_cache_breaker_open") == 1
 
     # Redis is back: the next trial succeeds and closes the breaker.
     fake.failing = False
@@ -294,13 +290,13 @@ async def test_breaker_opens_half_opens_and_closes() -> None:
     clock.advance(5.0)
     (got,) = await cache.get_many(["k"])
     assert got is not None and np.array_equal(got, vec(7))
-    assert sample(metrics, "clip_cache_breaker_open") == 0
+    assert sample(metrics.registry, "clip_cache_breaker_open") == 0
     assert not cache.breaker_open
     # Closed again: failures must reach the threshold anew before it reopens.
     fake.failing = True
     for _ in range(2):
         await cache.get_many(["k"])
-    assert sample(metrics, "clip_cache_breaker_open") == 0
+    assert sample(metrics.registry, "clip_cache_breaker_open") == 0
 
 
 async def test_success_resets_the_consecutive_error_count() -> None:
@@ -313,8 +309,8 @@ async def test_success_resets_the_consecutive_error_count() -> None:
         await cache.get_many(["k"])
         fake.failing = False
         await cache.get_many(["k"])
-    assert sample(metrics, "clip_cache_errors_total", level="redis") == 6
-    assert sample(metrics, "clip_cache_breaker_open") == 0
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 6
+    assert sample(metrics.registry, "clip_cache_breaker_open") == 0
 
 
 async def test_half_open_lets_exactly_one_trial_through() -> None:
@@ -369,7 +365,7 @@ async def test_slow_redis_is_cut_off_by_the_timeout() -> None:
     got = await cache.get_many(["k", "other"])
     assert loop.time() - started < 1.0
     assert got[0] is not None and got[1] is None  # the LRU still serves
-    assert sample(metrics, "clip_cache_errors_total", level="redis") == 2
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 2
 
 
 def test_from_settings_and_describe_hide_the_password() -> None:
@@ -443,8 +439,8 @@ async def test_redis_round_trip_is_exact_and_has_a_ttl(
         assert 0 < redis_sync.ttl(key) <= 600
     # Stored as raw little-endian float32, readable by any client.
     assert redis_sync.get("k0") == tricky.astype("<f4").tobytes()
-    assert sample(metrics, "clip_cache_hits_total", level="redis") == 3
-    assert sample(metrics, "clip_cache_errors_total", level="redis") == 0
+    assert sample(metrics.registry, "clip_cache_hits_total", level="redis") == 3
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 0
 
 
 @pytest.mark.integration
@@ -485,8 +481,8 @@ async def test_corrupt_value_in_real_redis(
     cache = make_cache(redis_server.url, metrics)
     redis_sync.set("bad", b"\x01\x02\x03")
     assert await cache.get_many(["bad"]) == [None]
-    assert sample(metrics, "clip_cache_errors_total", level="redis") == 1
-    assert sample(metrics, "clip_cache_misses_total", level="redis") == 1
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 1
+    assert sample(metrics.registry, "clip_cache_misses_total", level="redis") == 1
 
 
 @pytest.mark.integration
@@ -504,7 +500,7 @@ async def test_pooled_connections_survive_a_redis_restart(
         results = await asyncio.gather(*(cache.get_many(["k"]) for _ in range(8)))
         for (value,) in results:
             assert value is not None and np.array_equal(value, vec(2))
-        assert sample(metrics, "clip_cache_errors_total", level="redis") == 0
+        assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 0
 
 
 @pytest.mark.integration
@@ -529,21 +525,21 @@ async def test_redis_outage_never_reaches_the_caller_and_recovery(
             await cache.put_many([(f"k{i}", vec(i))])
             (value,) = await cache.get_many([f"k{i}"])
             assert (value is not None) == (i < 10)
-        errors = sample(metrics, "clip_cache_errors_total", level="redis")
+        errors = sample(metrics.registry, "clip_cache_errors_total", level="redis")
         assert errors == 3  # then the breaker stopped the calls
-        assert sample(metrics, "clip_cache_breaker_open") == 1
+        assert sample(metrics.registry, "clip_cache_breaker_open") == 1
 
         server.restart()
         await cache.put_many([("after", vec(99))])
         assert await cache.get_many(["after"]) == [None]  # still open: Redis skipped
-        assert sample(metrics, "clip_cache_errors_total", level="redis") == errors
+        assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == errors
 
         clock.advance(5.0)
         await cache.put_many([("after", vec(99))])  # the half-open trial
-        assert sample(metrics, "clip_cache_breaker_open") == 0
+        assert sample(metrics.registry, "clip_cache_breaker_open") == 0
         (value,) = await cache.get_many(["after"])
         assert value is not None and np.array_equal(value, vec(99))
-        assert sample(metrics, "clip_cache_errors_total", level="redis") == errors
+        assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == errors
 
 
 @pytest.mark.integration
@@ -564,8 +560,8 @@ async def test_hung_redis_times_out_and_no_stale_reply_is_read_later(
             assert await cache.get_many(["a"]) == [None]
             await cache.put_many([("c", vec(3))])
             assert loop.time() - started < 1.0  # two calls, each cut at 0.1 s
-            assert sample(metrics, "clip_cache_errors_total", level="redis") == 2
-            assert sample(metrics, "clip_cache_breaker_open") == 1
+            assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 2
+            assert sample(metrics.registry, "clip_cache_breaker_open") == 1
         finally:
             server.resume()
         # The MGET for "a" is answered now, on a socket redis-py must have dropped:
@@ -573,7 +569,7 @@ async def test_hung_redis_times_out_and_no_stale_reply_is_read_later(
         clock.advance(5.0)
         (value,) = await cache.get_many(["b"])
         assert value is not None and np.array_equal(value, vec(2))
-        assert sample(metrics, "clip_cache_breaker_open") == 0
+        assert sample(metrics.registry, "clip_cache_breaker_open") == 0
 
 
 def test_redis_server_helper_leaves_nothing_running() -> None:

@@ -12,10 +12,10 @@ import pytest
 from service.client import AsyncClipClient
 from service.model.export import export_model
 from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
 from service.processes.redis_server import RedisServer
 from service.server.app import Gateway
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import sample, scrape
 from tests.hostile_inputs import photo_like
 
 

@@ -18,9 +18,10 @@ from PIL import Image
 from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient, ClipClient, decode_embedding
 from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import sample, scrape, stub_for
+from tests.gateway_support import stub_for
 
 TOL = 1e-5
 

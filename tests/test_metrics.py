@@ -10,9 +10,10 @@ import pytest
 from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient
 from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
 from tests.conftest import ExportedModel, encode
-from tests.gateway_support import sample, scrape, stub_for
+from tests.gateway_support import stub_for
 from tests.hostile_inputs import photo_like
 
 

@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
 from service.settings import Settings
 from tests.conftest import ExportedModel
-from tests.gateway_support import sample, scrape
 
 KEY_A = "key-alpha-0123456789"
 KEY_B = "key-bravo-9876543210"

@@ -33,6 +33,7 @@ from service.metrics import Metrics
 from service.model.metadata import IMAGE_MODEL, TEXT_MODEL, ModelMetadata
 from service.model.triton_config import BatchingOptions
 from service.processes.child_server import group_members
+from service.processes.metric_samples import sample
 from service.processes.triton_server import (
     TritonError,
     TritonProcess,
@@ -228,13 +229,15 @@ async def test_concurrent_texts_of_mixed_lengths_share_executions(
 
 
 async def test_latency_and_errors_are_recorded(backend: TritonBackend, metrics: Metrics) -> None:
-    before = _sample(metrics, "clip_backend_duration_seconds_count", modality="text")
+    labels = {"backend": "triton", "modality": "text"}
+    calls, errors = "clip_backend_duration_seconds_count", "clip_backend_errors_total"
+    before = sample(metrics.registry, calls, **labels)
     await backend.embed_texts(token_ids(["a green star"], 8))
-    assert _sample(metrics, "clip_backend_duration_seconds_count", modality="text") == before + 1
-    errors = _sample(metrics, "clip_backend_errors_total", modality="text")
+    assert sample(metrics.registry, calls, **labels) == before + 1
+    failed = sample(metrics.registry, errors, **labels)
     with pytest.raises(BackendFailure):
         await backend.embed_texts(np.zeros((1, 2, 3), dtype=np.int64))  # wrong rank
-    assert _sample(metrics, "clip_backend_errors_total", modality="text") == errors + 1
+    assert sample(metrics.registry, errors, **labels) == failed + 1
 
 
 async def test_bad_input_is_a_backend_failure_with_tritons_message(
@@ -460,8 +463,3 @@ def test_a_model_that_does_not_load_fails_the_start_with_its_log(tmp_path: Path)
         assert not triton.running
     finally:
         triton.close()
-
-
-def _sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, {"backend": "triton", **labels})
-    return value or 0.0
