@@ -88,13 +88,22 @@ def end_group(
             signal_group(pgid, signal.SIGKILL)
             process.wait()
             killed = True
-    deadline = time.monotonic() + _FOLLOWERS_GRACE_S
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if group_members(pgid):
+    if not _until_gone(pgid, _FOLLOWERS_GRACE_S):
         signal_group(pgid, signal.SIGKILL)
         killed = True
+        # SIGKILL is not instant: return once the members are gone (or zombies).
+        _until_gone(pgid, _KILL_WAIT_S)
     return int(process.returncode), killed
+
+
+def _until_gone(pgid: int, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for a group to have no live members; whether it has none."""
+    deadline = time.monotonic() + timeout_s
+    while group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class ChildServerError(RuntimeError):
