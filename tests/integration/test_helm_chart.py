@@ -21,7 +21,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from tests.helm_support import (
+from tests.support.helm import (
     CHART_DIR,
     NAMESPACE,
     RELEASE,

@@ -11,7 +11,9 @@ from service.demo.shapes import HELD_OUT_PAIRS, LABELS, TEMPLATES, TRAIN_PAIRS, 
 from service.metrics import Metrics
 from service.server.app import build_embedder
 from service.settings import Settings
-from tests.conftest import ExportedModel
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 # A seed the training script never uses (it trains on 0.. and evaluates on 10_000+).
 EVAL_SEED = 987_654

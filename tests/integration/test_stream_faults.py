@@ -13,8 +13,10 @@ from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.client import AsyncClipClient
 from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
-from tests.conftest import ExportedModel, encode
-from tests.hostile_inputs import photo_like
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

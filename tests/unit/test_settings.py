@@ -52,3 +52,10 @@ def test_every_field_has_help_and_an_environment_twin() -> None:
     assert set(helps) == set(Settings.__dataclass_fields__)
     for name, text in helps.items():
         assert f"[env CLIP_{name.upper()}]" in text
+
+
+def test_settings_log_masks_secrets() -> None:
+    key = "key-alpha-0123456789"
+    settings = Settings(api_keys=(key,), redis_url="redis://:hunter2@redis:6379/0")
+    shown = str(settings.masked())
+    assert key not in shown and "hunter2" not in shown

@@ -23,6 +23,8 @@ if mode == "crash":
     print("boom: cannot start", flush=True)
     sys.exit(3)
 listener = socket.socket()
+# As real servers do: a restart binds again while the last run's connections linger.
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind(("127.0.0.1", port))
 follower = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 if mode == "mute":

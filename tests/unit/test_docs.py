@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-README = (REPO / "README.md").read_text()
+from tests.support.paths import REPO_ROOT
+
+README = (REPO_ROOT / "README.md").read_text()
 
 
 def test_settings_table_matches_the_settings_object() -> None:
     table = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "settings_table.py")],
+        [sys.executable, str(REPO_ROOT / "scripts" / "settings_table.py")],
         check=True,
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=REPO_ROOT,
     ).stdout
     assert table.strip() in README, (
         "README settings table is stale: rerun scripts/settings_table.py"
@@ -27,7 +27,7 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one() -> None:
     first_block = README.split("```bash", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
     assert commands == ["make run", "make test"]
-    assert "make test" in (REPO / ".ci" / "run").read_text()
+    assert "make test" in (REPO_ROOT / ".ci" / "run").read_text()
 
 
 def test_cli_commands_in_the_readme_exist() -> None:
@@ -50,7 +50,7 @@ def test_chart_and_dockerfile_only_set_real_settings() -> None:
     from service.settings import Settings
 
     known = {"CLIP_" + f.name.upper() for f in fields(Settings)}
-    sources = [REPO / "Dockerfile", *sorted((REPO / "helm").rglob("*.yaml"))]
+    sources = [REPO_ROOT / "Dockerfile", *sorted((REPO_ROOT / "helm").rglob("*.yaml"))]
     used = {
         name for path in sources for name in re.findall(r"\bCLIP_[A-Z0-9_]+\b", path.read_text())
     }

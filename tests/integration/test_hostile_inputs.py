@@ -14,18 +14,17 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from service.api.clip.v1 import clip_pb2
 from service.client import decode_embedding
-from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
-from service.errors import InvalidInput
 from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
-from tests import hostile_inputs as h
-from tests.conftest import ExportedModel, encode
-from tests.gateway_support import stub_for
+from tests.support import hostile_inputs as h
+from tests.support.gateway import stub_for
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 OK = grpc.StatusCode.OK
 BAD = grpc.StatusCode.INVALID_ARGUMENT
@@ -63,14 +62,14 @@ def _txt(*texts: str) -> Callable[[], object]:
 
 
 def _cls(labels: list[str], templates: list[str] = (), top_k: int = 0) -> Callable[[], object]:
-    image = encode(h.photo_like(64, 64), "PNG")
+    image = encode(photo_like(64, 64), "PNG")
     return lambda: clip_pb2.ClassifyRequest(
         images=[image], labels=labels, templates=list(templates), top_k=top_k
     )
 
 
-JPEG = encode(h.photo_like(), "JPEG")
-PNG = encode(h.photo_like(), "PNG")
+JPEG = encode(photo_like(), "JPEG")
+PNG = encode(photo_like(), "PNG")
 CASES = [
     Case("empty image bytes", "EmbedImage", _img(b""), BAD, "images[0]: image is empty"),
     Case(
@@ -116,12 +115,12 @@ CASES = [
         BAD,
         "over the limit of 4194304 bytes",
     ),
-    Case("1x1", "EmbedImage", _img(encode(h.photo_like(1, 1), "PNG")), OK),
-    Case("1x20000", "EmbedImage", _img(encode(h.photo_like(1, 20000), "PNG")), OK),
-    Case("20000x1", "EmbedImage", _img(encode(h.photo_like(20000, 1), "PNG")), OK),
+    Case("1x1", "EmbedImage", _img(encode(photo_like(1, 1), "PNG")), OK),
+    Case("1x20000", "EmbedImage", _img(encode(photo_like(1, 20000), "PNG")), OK),
+    Case("20000x1", "EmbedImage", _img(encode(photo_like(20000, 1), "PNG")), OK),
     Case("animated gif", "EmbedImage", _img(h.animated_gif()[0]), OK),
     Case("multi-page tiff", "EmbedImage", _img(h.multipage_tiff()[0]), OK),
-    Case("cmyk jpeg", "EmbedImage", _img(encode(h.photo_like().convert("CMYK"), "JPEG")), OK),
+    Case("cmyk jpeg", "EmbedImage", _img(encode(photo_like().convert("CMYK"), "JPEG")), OK),
     Case("16-bit png", "EmbedImage", _img(h.sixteen_bit_png()), OK),
     Case("palette with transparency", "EmbedImage", _img(h.palette_with_transparency()), OK),
     Case("exif-rotated jpeg", "EmbedImage", _img(h.exif_rotated_jpeg()[0]), OK),
@@ -280,31 +279,3 @@ async def test_burst_of_bad_requests_leaves_the_server_correct(gateway: Gateway)
         assert OK not in codes
         assert gateway.health.serving
         np.testing.assert_array_equal(await _good_call(stub), baseline)
-
-
-_SEEDS = [
-    encode(h.photo_like(40, 30), fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
-]
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.sampled_from(_SEEDS),
-    cut=st.integers(min_value=0, max_value=2000),
-    flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8),
-    junk=st.binary(max_size=64),
-)
-def test_fuzz_decode_never_raises_anything_but_invalid_input(
-    seed: bytes, cut: int, flips: list[tuple[int, int]], junk: bytes
-) -> None:
-    """Mutated real images: either a correct uint8 [3,S,S] or InvalidInput, nothing else."""
-    data = bytearray(seed[: max(1, len(seed) - cut)] + junk)
-    for position, value in flips:
-        data[position % len(data)] = value
-    try:
-        pixels = preprocess_image_bytes(
-            bytes(data), ImageSpec(64), ImageLimits(max_bytes=1 << 20, max_pixels=4_000_000)
-        )
-    except InvalidInput:
-        return
-    assert pixels.shape == (3, 64, 64) and pixels.dtype == np.uint8

@@ -13,8 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import GatewayProcess
 from service.processes.metric_samples import sample, scrape
-from tests.conftest import ExportedModel, encode
-from tests.hostile_inputs import photo_like
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

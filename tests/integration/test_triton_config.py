@@ -11,6 +11,8 @@ from tritonclient.grpc import model_config_pb2
 from service.model.export import export_model
 from service.model.triton_config import BatchingOptions
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO_ROOT
 
 
 def _ruff(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ruff", *args], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "ruff", *args], cwd=REPO_ROOT, capture_output=True, text=True
     )
 
 

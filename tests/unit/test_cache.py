@@ -1,14 +1,13 @@
-"""The embedding cache and its keys: unit tests with fakes, then a real redis-server."""
+"""The embedding cache and its keys, with a fake Redis and clock (real Redis: integration)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
 import pytest
-import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -16,26 +15,13 @@ from service.core.cache import EmbeddingCache
 from service.core.cache_keys import embedding_key, label_set_key
 from service.metrics import Metrics
 from service.processes.metric_samples import sample
-from service.processes.redis_server import RedisServer
 from service.settings import Settings
+from tests.support.fakes import FakeClock
 
 MODEL = "clip-demo-shapes/demo@3fa2c1d0"
 
 
 # ---------------------------------------------------------------------- helpers
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class FakePipeline:
     def __init__(self, owner: FakeRedis) -> None:
         self._owner = owner
@@ -380,207 +366,3 @@ def test_from_settings_and_describe_hide_the_password() -> None:
     assert "s3cret" not in text
     assert text.startswith("local LRU 123 + redis://cache.internal:6380/2")
     assert "breaker 4 errors" in text
-
-
-# ---------------------------------------------------------------------- real redis-server
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-def redis_sync(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    client.config_resetstat()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-async def make_cache() -> AsyncIterator[Callable[..., EmbeddingCache]]:
-    made: list[EmbeddingCache] = []
-
-    def make(url: str, metrics: Metrics, **kwargs: Any) -> EmbeddingCache:
-        options: dict[str, Any] = {"local_items": 0, "timeout_s": 1.0, "ttl_s": 600}
-        options.update(kwargs)
-        cache = EmbeddingCache(metrics=metrics, redis_url=url, **options)
-        made.append(cache)
-        return cache
-
-    yield make
-    for cache in made:
-        await cache.aclose()
-
-
-def command_calls(client: redis.Redis, command: str) -> int:
-    stats = cast(dict[str, Any], client.info("commandstats"))
-    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
-
-
-@pytest.mark.integration
-async def test_redis_round_trip_is_exact_and_has_a_ttl(
-    redis_server: RedisServer,
-    redis_sync: redis.Redis,
-    make_cache: Callable[..., EmbeddingCache],
-) -> None:
-    metrics = Metrics()
-    cache = make_cache(redis_server.url, metrics, ttl_s=600)
-    tricky = np.array([0.0, -0.0, 1e-45, -3.4e38, np.pi, 1 / 3, np.inf], dtype=np.float32)
-    vectors = {f"k{i}": v for i, v in enumerate([tricky, vec(1, 512), vec(2, 1)])}
-    await cache.put_many(list(vectors.items()))
-    got = await cache.get_many(list(vectors))  # LRU disabled: this comes from Redis
-    for key, value in zip(vectors, got, strict=True):
-        assert value is not None
-        assert value.dtype == np.float32 and value.ndim == 1
-        assert np.array_equal(value, vectors[key])
-        assert value.tobytes() == vectors[key].tobytes()
-        assert 0 < redis_sync.ttl(key) <= 600
-    # Stored as raw little-endian float32, readable by any client.
-    assert redis_sync.get("k0") == tricky.astype("<f4").tobytes()
-    assert sample(metrics.registry, "clip_cache_hits_total", level="redis") == 3
-    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 0
-
-
-@pytest.mark.integration
-async def test_one_mget_per_get_and_one_pipeline_per_put(
-    redis_server: RedisServer,
-    redis_sync: redis.Redis,
-    make_cache: Callable[..., EmbeddingCache],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    cache = make_cache(redis_server.url, Metrics())
-    client = cache._client
-    assert client is not None
-    pipelines: list[object] = []
-    real_pipeline = client.pipeline
-
-    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipe = real_pipeline(*args, **kwargs)
-        pipelines.append(pipe)
-        return pipe
-
-    monkeypatch.setattr(client, "pipeline", counting_pipeline)
-    entries = [(f"k{i}", vec(i)) for i in range(20)]
-    await cache.put_many(entries)
-    assert len(pipelines) == 1
-    assert command_calls(redis_sync, "set") == 20
-    await cache.get_many([key for key, _ in entries] + ["missing", "k0"])
-    assert command_calls(redis_sync, "mget") == 1
-    assert command_calls(redis_sync, "get") == 0
-
-
-@pytest.mark.integration
-async def test_corrupt_value_in_real_redis(
-    redis_server: RedisServer,
-    redis_sync: redis.Redis,
-    make_cache: Callable[..., EmbeddingCache],
-) -> None:
-    metrics = Metrics()
-    cache = make_cache(redis_server.url, metrics)
-    redis_sync.set("bad", b"\x01\x02\x03")
-    assert await cache.get_many(["bad"]) == [None]
-    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 1
-    assert sample(metrics.registry, "clip_cache_misses_total", level="redis") == 1
-
-
-@pytest.mark.integration
-async def test_pooled_connections_survive_a_redis_restart(
-    make_cache: Callable[..., EmbeddingCache],
-) -> None:
-    with RedisServer() as server:
-        metrics = Metrics()
-        cache = make_cache(server.url, metrics)
-        await cache.put_many([("k", vec(1))])
-        # Several concurrent calls leave several connections in the pool.
-        await asyncio.gather(*(cache.get_many(["k"]) for _ in range(8)))
-        server.restart()  # every pooled socket is now dead
-        await cache.put_many([("k", vec(2))])
-        results = await asyncio.gather(*(cache.get_many(["k"]) for _ in range(8)))
-        for (value,) in results:
-            assert value is not None and np.array_equal(value, vec(2))
-        assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 0
-
-
-@pytest.mark.integration
-async def test_redis_outage_never_reaches_the_caller_and_recovery(
-    make_cache: Callable[..., EmbeddingCache],
-) -> None:
-    with RedisServer() as server:
-        metrics = Metrics()
-        clock = FakeClock()
-        cache = make_cache(
-            server.url,
-            metrics,
-            local_items=0,
-            timeout_s=0.5,
-            breaker_failures=3,
-            breaker_reset_s=5.0,
-            clock=clock,
-        )
-        for i in range(30):
-            if i == 10:
-                server.stop(kill=True)  # a crash, mid-loop
-            await cache.put_many([(f"k{i}", vec(i))])
-            (value,) = await cache.get_many([f"k{i}"])
-            assert (value is not None) == (i < 10)
-        errors = sample(metrics.registry, "clip_cache_errors_total", level="redis")
-        assert errors == 3  # then the breaker stopped the calls
-        assert sample(metrics.registry, "clip_cache_breaker_open") == 1
-
-        server.restart()
-        await cache.put_many([("after", vec(99))])
-        assert await cache.get_many(["after"]) == [None]  # still open: Redis skipped
-        assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == errors
-
-        clock.advance(5.0)
-        await cache.put_many([("after", vec(99))])  # the half-open trial
-        assert sample(metrics.registry, "clip_cache_breaker_open") == 0
-        (value,) = await cache.get_many(["after"])
-        assert value is not None and np.array_equal(value, vec(99))
-        assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == errors
-
-
-@pytest.mark.integration
-async def test_hung_redis_times_out_and_no_stale_reply_is_read_later(
-    make_cache: Callable[..., EmbeddingCache],
-) -> None:
-    with RedisServer() as server:
-        metrics = Metrics()
-        clock = FakeClock()
-        cache = make_cache(
-            server.url, metrics, timeout_s=0.1, breaker_failures=2, breaker_reset_s=5.0, clock=clock
-        )
-        await cache.put_many([("a", vec(1)), ("b", vec(2))])
-        loop = asyncio.get_running_loop()
-        server.pause()
-        try:
-            started = loop.time()
-            assert await cache.get_many(["a"]) == [None]
-            await cache.put_many([("c", vec(3))])
-            assert loop.time() - started < 1.0  # two calls, each cut at 0.1 s
-            assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 2
-            assert sample(metrics.registry, "clip_cache_breaker_open") == 1
-        finally:
-            server.resume()
-        # The MGET for "a" is answered now, on a socket redis-py must have dropped:
-        # reading "b" must give b's vector, never the late reply meant for "a".
-        clock.advance(5.0)
-        (value,) = await cache.get_many(["b"])
-        assert value is not None and np.array_equal(value, vec(2))
-        assert sample(metrics.registry, "clip_cache_breaker_open") == 0
-
-
-def test_redis_server_helper_leaves_nothing_running() -> None:
-    server = RedisServer()
-    with server:
-        first_port = server.port
-        assert server.running
-        server.restart()
-        assert server.port == first_port and server.running
-        process = server._process
-        assert process is not None
-        server.pause()  # stopping a paused server must still end it
-    assert not server.running
-    assert process.poll() is not None

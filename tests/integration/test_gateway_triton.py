@@ -24,10 +24,12 @@ from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.redis_server import RedisServer
 from service.processes.triton_server import TritonProcess
 from service.server.app import Gateway
-from tests.conftest import ExportedModel, encode
-from tests.gateway_support import stub_for
-from tests.hostile_inputs import photo_like
-from tests.triton_server import inference_statistics, require_triton, start_triton
+from tests.support.gateway import stub_for
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+from tests.support.triton import inference_statistics, require_triton, start_triton
+
+pytestmark = pytest.mark.integration
 
 TEXTS = ["a red circle", "", "a photo of a purple hexagon on a gradient", "star " * 90]
 

@@ -15,8 +15,10 @@ from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.processes.redis_server import RedisServer
 from service.server.app import Gateway
-from tests.conftest import ExportedModel, encode
-from tests.hostile_inputs import photo_like
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

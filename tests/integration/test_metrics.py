@@ -12,9 +12,11 @@ from service.client import AsyncClipClient
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
-from tests.conftest import ExportedModel, encode
-from tests.gateway_support import stub_for
-from tests.hostile_inputs import photo_like
+from tests.support.gateway import stub_for
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,11 @@ from service.client import AsyncClipClient, ClipClient, decode_embedding
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
-from tests.conftest import ExportedModel, encode
-from tests.gateway_support import stub_for
+from tests.support.gateway import stub_for
+from tests.support.images import encode
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 TOL = 1e-5
 

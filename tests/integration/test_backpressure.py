@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import numpy as np
+import pytest
 import torch
 
 from service.api.clip.v1 import clip_pb2
@@ -13,9 +14,11 @@ from service.client import decode_embedding
 from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
-from tests.conftest import ExportedModel, encode
-from tests.gateway_support import stub_for
-from tests.hostile_inputs import photo_like
+from tests.support.gateway import stub_for
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 
 async def _call(

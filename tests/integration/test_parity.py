@@ -11,7 +11,9 @@ from PIL import Image
 from service.core.image_preprocess import ImageSpec, to_model_pixels
 from service.core.text_tokenize import TextTokenizer
 from service.model.metadata import ModelMetadata
-from tests.conftest import ExportedModel
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
 
 TOL = 1e-5
 TEXTS = [

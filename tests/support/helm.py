@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO_ROOT
+
 CHART_DIR = REPO_ROOT / "helm" / "clip-service"
 LOCAL_HELM = REPO_ROOT / ".tools" / "helm" / "helm"
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install_helm.sh"

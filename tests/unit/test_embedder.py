@@ -1,4 +1,4 @@
-"""Embedder logic with a counting fake backend (unit level: no servers)."""
+"""Embedder logic with a counting fake backend and metadata in memory: no servers, no model."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from service.core.validation import Limits
 from service.errors import InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.model.metadata import ModelMetadata
-from tests.conftest import ExportedModel, encode
-from tests.hostile_inputs import photo_like
+from tests.support.images import encode, photo_like
 
 
 class CountingBackend:
@@ -48,20 +47,34 @@ class CountingBackend:
     async def aclose(self) -> None: ...
 
 
-def _embedder(model: ExportedModel, backend: CountingBackend, **limits: int) -> Embedder:
+# The demo model's metadata.json, as far as the pipeline reads it: shapes and the tokenizer.
+METADATA = ModelMetadata(
+    model_name="clip-demo-shapes",
+    pretrained="none",
+    weights_sha256="0" * 64,
+    embedding_dim=64,
+    image_size=64,
+    context_length=77,
+    logit_scale=100.0,
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+)
+
+
+def _embedder(backend: CountingBackend, **limits: int) -> Embedder:
     metrics = Metrics()
     return Embedder(
         backend=backend,
         cache=EmbeddingCache(metrics=metrics, local_items=100),
-        metadata=ModelMetadata.load(model.repository),
+        metadata=METADATA,
         limits=Limits(**limits),
         metrics=metrics,
     )
 
 
-async def test_texts_are_padded_to_buckets_and_chunked(demo_model: ExportedModel) -> None:
+async def test_texts_are_padded_to_buckets_and_chunked() -> None:
     backend = CountingBackend()
-    embedder = _embedder(demo_model, backend)
+    embedder = _embedder(backend)
     texts = ["a", "b c", "word " * 12, "word " * 30] + [f"t{i}" for i in range(5)]
     out = await embedder.embed_texts(texts)
     assert len(out) == len(texts)
@@ -70,11 +83,9 @@ async def test_texts_are_padded_to_buckets_and_chunked(demo_model: ExportedModel
     assert shapes == [(1, 16), (1, 32), (3, 8), (4, 8)]
 
 
-async def test_a_failed_owner_does_not_fail_a_waiter_on_a_good_item(
-    demo_model: ExportedModel,
-) -> None:
+async def test_a_failed_owner_does_not_fail_a_waiter_on_a_good_item() -> None:
     backend = CountingBackend()
-    embedder = _embedder(demo_model, backend)
+    embedder = _embedder(backend)
     good = encode(photo_like(300, 200, seed=1), "PNG")
     owner = asyncio.create_task(embedder.embed_images([good, b"broken"]))
     await asyncio.sleep(0)  # the owner claims `good` and starts decoding
@@ -87,8 +98,8 @@ async def test_a_failed_owner_does_not_fail_a_waiter_on_a_good_item(
     assert embedder.admission.admitted == 0 and not embedder._inflight
 
 
-async def test_waiter_on_a_bad_item_gets_its_own_index(demo_model: ExportedModel) -> None:
-    embedder = _embedder(demo_model, CountingBackend())
+async def test_waiter_on_a_bad_item_gets_its_own_index() -> None:
+    embedder = _embedder(CountingBackend())
     bad = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
     first = asyncio.create_task(embedder.embed_images([bad]))
     await asyncio.sleep(0)
@@ -98,9 +109,9 @@ async def test_waiter_on_a_bad_item_gets_its_own_index(demo_model: ExportedModel
     assert [r.index for r in results] == [0, 1]
 
 
-async def test_admission_refuses_past_the_bound_and_releases(demo_model: ExportedModel) -> None:
+async def test_admission_refuses_past_the_bound_and_releases() -> None:
     backend = CountingBackend(delay_s=0.2)
-    embedder = _embedder(demo_model, backend)
+    embedder = _embedder(backend)
     embedder.admission.limit = 6
     first = asyncio.create_task(embedder.embed_texts([f"x{i}" for i in range(4)]))
     await asyncio.sleep(0.05)

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from tests.conftest import encode
+from tests.support.images import encode, photo_like
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
@@ -31,17 +31,6 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
         + _chunk(b"IDAT", body)
         + _chunk(b"IEND", b"")
     )
-
-
-def photo_like(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
-    """A smooth colourful RGB image (compresses like a photo, unlike noise)."""
-    y, x = np.mgrid[0:height, 0:width]
-    rng = np.random.default_rng(seed)
-    phase = rng.uniform(0, 6.28, 3)
-    channels = [
-        127 + 120 * np.sin(x / (17 + 5 * i) + y / (23 + 3 * i) + phase[i]) for i in range(3)
-    ]
-    return Image.fromarray(np.stack(channels, axis=-1).astype(np.uint8))
 
 
 def truncated(blob: bytes, keep: float = 0.5) -> bytes:
