@@ -245,24 +245,26 @@ class ChildServer:
         with self._lock:
             if self.running:
                 raise self.error(f"{self.name} already running (pid {self.pid})")
+            self._end(signal.SIGKILL, _KILL_WAIT_S)  # reap one that exited on its own
             if self._ports is not None:  # a restart: the same address as before
                 attempts, fixed = 1, dict(self._ports)
             else:
                 picked = 0 in self._requested.values()
                 attempts, fixed = (self.port_attempts if picked else 1), None
+            failure = ""
             for attempt in range(1, attempts + 1):
                 ports = fixed or {
                     name: port or free_port(self.host) for name, port in self._requested.items()
                 }
                 try:
                     self._launch(ports)
+                    return self
                 except _ExitedEarly as exc:
-                    if attempt == attempts:
-                        raise self.error(str(exc)) from None
-                    _LOGGER.warning("%s did not start, trying other ports: %s", self.name, exc)
-                    continue
-                return self
-            raise AssertionError("unreachable: the last attempt returns or raises")
+                    failure = str(exc)
+                    _LOGGER.warning(
+                        "%s did not start (attempt %d of %d): %s", self.name, attempt, attempts, exc
+                    )
+            raise self.error(failure)
 
     def stop(self, grace_s: float | None = None, *, kill: bool = False) -> int | None:
         """End the process group: SIGTERM, SIGKILL after `grace_s`; `kill`: SIGKILL at once.
@@ -270,16 +272,9 @@ class ChildServer:
         Returns the exit code, None when it was not running.
         """
         with self._lock:
-            process, self._process = self._process, None
-            if self._finalizer is not None:
-                self._finalizer.detach()
-                self._finalizer = None
-            if process is None:
-                return None
             if kill:
-                return _end_child(self.name, process, signal.SIGKILL, _KILL_WAIT_S, self._cleanup)
-            grace = self.stop_grace_s if grace_s is None else grace_s
-            return _end_child(self.name, process, signal.SIGTERM, grace, self._cleanup)
+                return self._end(signal.SIGKILL, _KILL_WAIT_S)
+            return self._end(signal.SIGTERM, self.stop_grace_s if grace_s is None else grace_s)
 
     def kill(self) -> int | None:
         """SIGKILL the whole group at once, like a crash (for fault tests)."""
@@ -325,6 +320,15 @@ class ChildServer:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _end(self, sig: signal.Signals, grace_s: float) -> int | None:
+        process, self._process = self._process, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if process is None:
+            return None
+        return _end_child(self.name, process, sig, grace_s, self._cleanup)
+
     def _launch(self, ports: dict[str, int]) -> None:
         previous, self._ports = self._ports, ports
         try:

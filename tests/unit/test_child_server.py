@@ -136,14 +136,16 @@ def test_a_forgotten_server_is_ended_with_its_group() -> None:
     assert not workdir.exists()
 
 
-def test_a_signal_to_the_leader_alone_and_close_ends_the_rest() -> None:
+def test_after_a_signal_to_the_leader_alone_a_start_ends_the_rest_first() -> None:
     server = FakeServer().start()
-    pgid = server.pid
+    pgid, port = server.pid, server.bound_port()
     assert pgid is not None
     server.send_signal(signal.SIGTERM, group=False)  # as Kubernetes does: PID 1 only
     assert server.wait(10) == -signal.SIGTERM
-    assert group_members(pgid)  # the follower outlived its leader
-    server.close()
+    assert not server.running and group_members(pgid)  # the follower outlived its leader
+    server.start()
     assert group_members(pgid) == []
+    assert server.bound_port() == port and server.is_ready()
+    server.close()
     with pytest.raises(ChildServerError, match="not running"):
         server.send_signal(signal.SIGTERM)
