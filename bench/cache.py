@@ -25,7 +25,6 @@ import grpc
 
 from bench.common import (
     RESULTS_DIR,
-    GatewayProcess,
     LoadResult,
     RawClip,
     add_threading_arguments,
@@ -38,12 +37,13 @@ from bench.common import (
     mixed_caption,
     model_repository,
     photo_pool,
-    scrape_metrics,
     section,
     threading_note,
     unique_jpeg,
 )
 from service.api.clip.v1 import clip_pb2
+from service.processes.gateway import GatewayProcess
+from service.processes.metric_samples import scrape
 
 PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
 WARM_SET = 64  # more than the highest concurrency: concurrent hits never share a key
@@ -109,7 +109,7 @@ def calls_for(
 
 def cache_counters(metrics_port: int) -> dict[str, float]:
     """Hits per level and errors so far."""
-    samples = scrape_metrics(metrics_port)
+    samples = scrape(metrics_port)
     out = {
         level: samples.get(f'clip_cache_hits_total{{level="{level}"}}', 0.0)
         for level in ("local", "redis")
@@ -261,7 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from tests.redis_server import RedisServer
+    from service.processes.redis_server import RedisServer
 
     section(f"cache: {args.model}")
     info = machine_info()

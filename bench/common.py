@@ -1,4 +1,4 @@
-"""Shared parts of the benchmarks: models, inputs, load loops, a gateway subprocess, reports.
+"""Shared parts of the benchmarks: models, inputs, load loops, reports.
 
 Every figure a benchmark prints is measured in the same run as its baseline, so a
 ratio holds on a noisy shared machine even when the absolute numbers do not.
@@ -15,24 +15,18 @@ import itertools
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from tqdm import tqdm
-
-from service.processes.child_server import end_group, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -396,129 +390,6 @@ def channel_options() -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
 
 
-def wait_serving(target: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Block until grpc.health.v1 says SERVING (the model is loaded and warm)."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if not alive():
-                raise RuntimeError(f"gateway at {target} exited while starting")
-            try:
-                answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"gateway at {target} not SERVING within {timeout_s}s")
-
-
-class GatewayProcess:
-    """`python -m service.cli serve` on loopback, in its own process, on free ports.
-
-    Its own process so that its CPU and memory are its alone (RSS is then the
-    gateway's), and so that the load generator does not share its GIL.
-    """
-
-    def __init__(self, repository: Path, *, log_name: str = "gateway", **settings: object):
-        self.repository = Path(repository)
-        self.settings = settings
-        self.port = 0
-        self.metrics_port = 0
-        self._process: subprocess.Popen[bytes] | None = None
-        self._logdir = tempfile.TemporaryDirectory(prefix="bench-gateway-")
-        self.log_path = Path(self._logdir.name) / f"{log_name}.log"
-
-    @property
-    def target(self) -> str:
-        """`127.0.0.1:PORT`."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        """The gateway's process id."""
-        if self._process is None:
-            raise RuntimeError("not started")
-        return self._process.pid
-
-    @property
-    def alive(self) -> bool:
-        """True while the gateway process runs."""
-        return self._process is not None and self._process.poll() is None
-
-    def command(self) -> list[str]:
-        """The `serve` command line with every setting as a flag."""
-        command = [
-            sys.executable, "-m", "service.cli", "serve",
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--metrics-port", str(self.metrics_port),
-            "--model-repository", str(self.repository),
-            "--shutdown-grace-s", "2",
-            "--log-level", "WARNING",
-        ]  # fmt: skip
-        for name, value in self.settings.items():
-            flag = "--" + name.replace("_", "-")
-            if isinstance(value, bool):
-                command.append(flag if value else "--no-" + flag[2:])
-            elif isinstance(value, tuple | list):
-                command += [flag, ",".join(str(v) for v in value)]
-            else:
-                command += [flag, str(value)]
-        return command
-
-    def start(self, timeout_s: float = 300.0) -> GatewayProcess:
-        """Start and wait until SERVING."""
-        self.port, self.metrics_port = free_port(), free_port()
-        # CLIP_* variables of the caller's shell would silently change the settings.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
-        env["HF_HUB_OFFLINE"] = "1"
-        log = self.log_path.open("wb")
-        self._process = subprocess.Popen(
-            self.command(),
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        try:
-            wait_serving(self.target, timeout_s, lambda: self.alive)
-        except BaseException:
-            print(self.log_tail(), file=sys.stderr)
-            self.stop()
-            raise
-        return self
-
-    def log_tail(self, n_chars: int = 3000) -> str:
-        """The end of the gateway's log."""
-        try:
-            return self.log_path.read_text(errors="replace")[-n_chars:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        """SIGTERM (graceful), then SIGKILL after 30 s."""
-        process, self._process = self._process, None
-        if process is not None:
-            end_group(process, signal.SIGTERM, grace_s=30.0)
-
-    def __enter__(self) -> GatewayProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        self._logdir.cleanup()
-
-
 def memory_mb(pid: int) -> tuple[float, float]:
     """(resident set size, peak resident set size) of `pid` in MB, from /proc."""
     values: dict[str, float] = {}
@@ -544,13 +415,6 @@ def histogram_means(
         if d_count > 0:
             means[labels] = (total - before.get(key, 0.0)) / d_count
     return means
-
-
-def scrape_metrics(port: int) -> dict[str, float]:
-    """The gateway's /metrics as {'name{labels}': value}."""
-    from tests.gateway_support import scrape
-
-    return scrape(port)
 
 
 # ---------------------------------------------------------------------------- reports

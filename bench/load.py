@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 from bench.common import (
     RESULTS_DIR,
-    GatewayProcess,
     add_threading_arguments,
     apply_threading,
     channel_options,
@@ -53,9 +52,9 @@ from bench.common import (
     short_caption,
     threading_note,
     unique_jpeg,
-    wait_serving,
 )
 from service.api.clip.v1 import clip_pb2
+from service.processes.gateway import GatewayProcess, wait_serving
 
 MAX_CALLERS = 1024
 MAX_SECONDS = 3600.0
@@ -445,7 +444,7 @@ async def self_started(
         settings: dict[str, object] = {"torch_threads": args.torch_threads}
         parts = [f"Self-started gateway ({args.model}, embedded LRU cache"]
         if args.redis:
-            from tests.redis_server import RedisServer
+            from service.processes.redis_server import RedisServer
 
             redis = stack.enter_context(RedisServer())
             settings["redis_url"] = redis.url
@@ -473,7 +472,7 @@ async def self_started(
         note = "".join(parts) + f"; pid {gateway.pid})."
         print(f"  gateway {gateway.target} pid {gateway.pid}", flush=True)
         stats, elapsed, memory = await drive(gateway.target, args, gateway.pid, triton_pgid)
-        if not gateway.alive:
+        if not gateway.running:
             note += " The gateway process DIED during the run; see its log."
     return stats, elapsed, memory, note
 

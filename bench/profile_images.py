@@ -41,12 +41,12 @@ from bench.common import (
     md_table,
     model_repository,
     photo_pool,
-    scrape_metrics,
     section,
     threading_note,
     unique_jpeg,
 )
 from service.api.clip.v1 import clip_pb2
+from service.processes.metric_samples import scrape
 
 STAGES = (
     ("clip_request_duration_seconds", "whole EmbedImage call, in the gateway"),
@@ -183,7 +183,7 @@ class Timeline:
 async def profile(args: argparse.Namespace) -> int:
     from pyinstrument import Profiler
 
-    from tests.gateway_support import gateway_settings, running_gateway
+    from service.processes.gateway import gateway_settings, running_gateway
 
     section(f"profile: {args.model}, {args.concurrency} concurrent single-image callers")
     info = machine_info()
@@ -222,7 +222,7 @@ async def profile(args: argparse.Namespace) -> int:
         while line := (await child.stdout.readline()).decode():
             if line.startswith("START"):
                 print(f"  measuring for ≥ {args.seconds:g} s ...", flush=True)
-                before_metrics = scrape_metrics(gateway.metrics_port or 0)
+                before_metrics = scrape(gateway.metrics_port or 0)
                 before_cpu = thread_cpu()
                 started = time.perf_counter()
                 timeline.recording = True
@@ -234,7 +234,7 @@ async def profile(args: argparse.Namespace) -> int:
         timeline.recording = False
         wall = time.perf_counter() - started
         after_cpu = thread_cpu()
-        after_metrics = scrape_metrics(gateway.metrics_port or 0)
+        after_metrics = scrape(gateway.metrics_port or 0)
         await child.wait()
 
     groups: dict[str, float] = {}

@@ -36,7 +36,6 @@ import numpy as np
 from bench.common import (
     CAPTION_MIX,
     RESULTS_DIR,
-    GatewayProcess,
     LoadResult,
     RawClip,
     add_threading_arguments,
@@ -50,7 +49,6 @@ from bench.common import (
     model_repository,
     photo_pool,
     repository_variant,
-    scrape_metrics,
     section,
     short_caption,
     threading_note,
@@ -62,6 +60,8 @@ from service.api.clip.v1 import clip_pb2
 from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.core.text_tokenize import TextTokenizer, Tokens
 from service.model.metadata import ModelMetadata
+from service.processes.gateway import GatewayProcess
+from service.processes.metric_samples import scrape
 
 # The targets of the issues, defined for ViT-B-32 with 32 concurrent single-item callers.
 TEXT_TARGET = 4.0  # short captions through the service ÷ 77-padded raw module at batch 32
@@ -281,7 +281,7 @@ def embedded_batching(metrics_port: int) -> Batching:
     """(items, batches) per modality from the gateway's clip_batch_size histogram."""
 
     def read() -> dict[str, tuple[float, float]]:
-        samples = scrape_metrics(metrics_port)
+        samples = scrape(metrics_port)
         return {
             m: (
                 samples.get(f'clip_batch_size_sum{{modality="{m}"}}', 0.0),

@@ -12,41 +12,32 @@ the stub of the running Python, so a private folder of symlinks is built. The st
 ignores PYTHONPATH and finds its interpreter (and so torch) through `PATH`: the
 current virtual environment's `bin/` goes first.
 
-The server runs in its own session; its python stubs share the process group, so
-stopping ends the whole group. `clipsvc triton` runs it in the foreground
+The server runs in its own session (a `ChildServer`); its python stubs share the
+process group, so stopping ends the whole group. `clipsvc triton` runs it in the foreground
 (`add_triton_arguments` / `run_triton`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
-import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
-from service.processes.child_server import end_group, free_port
+from service.processes.child_server import ChildServer
 
 _LOGGER = logging.getLogger(__name__)
 
 _STUB_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
-_PORT_ATTEMPTS = 4
-_POLL_INTERVAL_S = 0.1
-_LOG_TAIL_CHARS = 3000
 
 
 class TritonError(RuntimeError):
@@ -121,8 +112,13 @@ class TritonPorts:
     metrics: int
 
 
-class TritonProcess:
+class TritonProcess(ChildServer):
     """One `tritonserver` process (and its python stubs) in its own process group."""
+
+    name = "tritonserver"
+    error = TritonError
+    port_names = ("grpc", "http", "metrics")
+    not_ready_hint = " (a model that fails to load keeps it unready)"
 
     def __init__(
         self,
@@ -151,32 +147,25 @@ class TritonProcess:
         if not self.repository.is_dir():
             raise TritonError(f"model repository {self.repository} is not a directory")
         self.installation = installation or TritonInstallation.find()
-        self.host = host
-        self._requested = TritonPorts(grpc_port, http_port, metrics_port)
-        self._ports: TritonPorts | None = None
-        self._own_workdir = workdir is None
-        self.workdir = (
-            Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        super().__init__(
+            host=host,
+            ports={"grpc": grpc_port, "http": http_port, "metrics": metrics_port},
+            workdir=workdir,
+            log_path=log_path,
+            inherit_output=inherit_output,
+            startup_timeout_s=startup_timeout_s,
+            stop_grace_s=stop_grace_s,
         )
-        self.log_path = (
-            Path(log_path) if log_path is not None else self.workdir / "tritonserver.log"
-        )
-        self.inherit_output = inherit_output
-        self.startup_timeout_s = startup_timeout_s
-        self.stop_grace_s = stop_grace_s
         self.extra_args = tuple(extra_args)
-        self._process: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize | None = None
         self._shm_prefix = ""
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ addresses
     @property
     def ports(self) -> TritonPorts:
         """The bound ports (known after the first start)."""
-        if self._ports is None:
-            raise TritonError("not started yet")
-        return self._ports
+        return TritonPorts(
+            self.bound_port("grpc"), self.bound_port("http"), self.bound_port("metrics")
+        )
 
     @property
     def grpc_url(self) -> str:
@@ -193,93 +182,36 @@ class TritonProcess:
         """`http://host:port/metrics`: Triton's own Prometheus metrics."""
         return f"http://{self.host}:{self.ports.metrics}/metrics"
 
-    @property
-    def pid(self) -> int | None:
-        """Process id of the server, which is also its process group id; None when stopped."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the server process is alive (not necessarily ready)."""
-        return self._process is not None and self._process.poll() is None
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> TritonProcess:
-        """Start and block until ready; on failure nothing is left running."""
-        with self._lock:
-            if self.running:
-                raise TritonError(f"already running (pid {self.pid})")
-            if self._ports is not None:
-                self._launch(self._ports)
-                return self
-            last_error: TritonError | None = None
-            # A port found free can be taken before Triton binds it; only ports we
-            # picked ourselves can be changed on a retry.
-            attempts = (
-                _PORT_ATTEMPTS
-                if 0 in (self._requested.grpc, self._requested.http, self._requested.metrics)
-                else 1
-            )
-            for _ in range(attempts):
-                ports = TritonPorts(
-                    self._requested.grpc or free_port(self.host),
-                    self._requested.http or free_port(self.host),
-                    self._requested.metrics or free_port(self.host),
-                )
-                try:
-                    self._launch(ports)
-                except TritonError as exc:
-                    last_error = exc
-                    if "exited" not in str(exc):
-                        raise
-                    _LOGGER.warning("tritonserver did not start, trying other ports: %s", exc)
-                    continue
-                self._ports = ports
-                return self
-            assert last_error is not None
-            raise last_error
-
-    def stop(self, grace_s: float | None = None) -> int | None:
-        """SIGTERM the process group, SIGKILL what is left after `grace_s`; the exit code."""
-        with self._lock:
-            return self._end(signal.SIGTERM, self.stop_grace_s if grace_s is None else grace_s)
-
-    def kill(self) -> int | None:
-        """SIGKILL the whole group at once, like a crash (for fault tests)."""
-        with self._lock:
-            return self._end(signal.SIGKILL, 0.0)
-
-    def restart(self, *, kill: bool = False) -> TritonProcess:
-        """Stop (or kill) and start again on the same ports; blocks until ready."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        """Stop the server and remove the working directory if it was made here."""
-        self.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
+    # ------------------------------------------------------------------ ChildServer
     def is_ready(self, timeout_s: float = 1.0) -> bool:
         """One `GET /v2/health/ready`: server up and (strict readiness) every model ready."""
         if self._ports is None:
             return False
         return _http_ok(f"{self.http_url}/v2/health/ready", timeout_s)
 
-    def log_tail(self, n_chars: int = _LOG_TAIL_CHARS) -> str:
-        """The end of the server's log (empty with `inherit_output`)."""
-        if self.inherit_output:
-            return ""
-        try:
-            return self.log_path.read_text(errors="replace")[-n_chars:].strip()
-        except OSError:
-            return ""
+    def startup_failure(self) -> str | None:
+        """Models that failed to load, once the server is live (waiting would not help)."""
+        # Triton opens its endpoints after loading the repository: live but not ready
+        # means a model failed (it stays up: --exit-on-error=false).
+        if not _http_ok(f"{self.http_url}/v2/health/live", 1.0):
+            return None
+        failed = _failed_models(self.http_url)
+        if not failed:
+            return None
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+        return f"models failed to load: {reasons}"
 
-    def command(self, ports: TritonPorts, shm_prefix: str) -> list[str]:
-        """The tritonserver command line for these ports and shared-memory prefix."""
+    def prepare(self) -> None:
+        """The backend directory, and a shared-memory prefix of this launch's own."""
+        self.installation.make_backend_directory(self.workdir / "backends")
+        self._shm_prefix = f"clipsvc_triton_{os.getpid()}_{uuid.uuid4().hex[:12]}_"
+
+    def cleanup_callback(self) -> Callable[[], None]:
+        """Removes the launch's /dev/shm regions, which a killed server cannot unlink."""
+        return functools.partial(_remove_shm_regions, self._shm_prefix)
+
+    def command(self, ports: Mapping[str, int]) -> list[str]:
+        """The tritonserver command line for these ports (after `prepare()`)."""
         backend_dir = self.workdir / "backends"
         return [
             str(self.installation.server),
@@ -298,15 +230,15 @@ class TritonProcess:
             # In-flight requests get this long after SIGTERM; our own grace follows.
             f"--exit-timeout-secs={max(1, int(self.stop_grace_s) - 2)}",
             f"--grpc-address={self.host}",
-            f"--grpc-port={ports.grpc}",
+            f"--grpc-port={ports['grpc']}",
             f"--http-address={self.host}",
-            f"--http-port={ports.http}",
+            f"--http-port={ports['http']}",
             f"--metrics-address={self.host}",
-            f"--metrics-port={ports.metrics}",
+            f"--metrics-port={ports['metrics']}",
             # The python backend names its /dev/shm regions `<prefix><counter>`; with
             # the default prefix two servers on one machine corrupt each other's
             # regions (boost::interprocess::lock_exception in the stub).
-            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             *self.extra_args,
         ]
 
@@ -326,124 +258,13 @@ class TritonProcess:
             env["LD_LIBRARY_PATH"] = f"{old}{os.pathsep}{libs}" if old else libs
         return env
 
-    def __enter__(self) -> TritonProcess:
-        if not self.running:
-            self.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ internals
-    def _launch(self, ports: TritonPorts) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.installation.make_backend_directory(self.workdir / "backends")
-        shm_prefix = f"clipsvc_triton_{os.getpid()}_{uuid.uuid4().hex[:12]}_"
-        command = self.command(ports, shm_prefix)
-        _LOGGER.info(
-            "starting tritonserver on %s (grpc %d, http %d, metrics %d), repository %s",
-            self.host, ports.grpc, ports.http, ports.metrics, self.repository,
-        )  # fmt: skip
-        _LOGGER.debug("tritonserver command: %s", " ".join(command))
-        log_file: IO[bytes] | None = None
-        if not self.inherit_output:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_file = self.log_path.open("ab")
-        try:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT if log_file is not None else None,
-                env=self.environment(),
-                cwd=self.workdir,
-                # Own session: Ctrl-C in a terminal reaches only us, and the group
-                # (server + python stubs) can be ended as one.
-                start_new_session=True,
-            )
-        finally:
-            if log_file is not None:
-                log_file.close()
-        # Registered at once so that an interrupted start or a forgotten object
-        # leaves nothing running.
-        finalizer = weakref.finalize(self, _end_server, process, signal.SIGKILL, 0.0, shm_prefix)
-        started = time.monotonic()
-        try:
-            self._wait_ready(process, ports)
-        except BaseException:
-            finalizer()
-            raise
-        self._process = process
-        self._shm_prefix = shm_prefix
-        self._finalizer = finalizer
-        _LOGGER.info(
-            "tritonserver ready in %.1f s (pid %d, grpc %s:%d)",
-            time.monotonic() - started, process.pid, self.host, ports.grpc,
-        )  # fmt: skip
-
-    def _wait_ready(self, process: subprocess.Popen[bytes], ports: TritonPorts) -> None:
-        base = f"http://{self.host}:{ports.http}"
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            code = process.poll()
-            if code is not None:
-                raise TritonError(
-                    f"tritonserver exited with {code} before it was ready "
-                    f"(grpc port {ports.grpc}); log tail:\n{self.log_tail()}"
-                )
-            if _http_ok(f"{base}/v2/health/ready", 1.0):
-                return
-            # Triton opens its endpoints after loading the repository: live but not
-            # ready means a model failed (it stays up: --exit-on-error=false). Waiting
-            # longer would not help, so fail now with the reasons.
-            if _http_ok(f"{base}/v2/health/live", 1.0):
-                failed = _failed_models(base)
-                if failed:
-                    reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
-                    raise TritonError(
-                        f"tritonserver started but models failed to load: {reasons}\n"
-                        f"log tail:\n{self.log_tail()}"
-                    )
-            if time.monotonic() > deadline:
-                raise TritonError(
-                    f"tritonserver was not ready within {self.startup_timeout_s:.0f} s "
-                    f"(a model that fails to load keeps it unready); log tail:\n"
-                    f"{self.log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL_S)  # poll interval, not a wait for readiness
-
-    def _end(self, sig: signal.Signals, grace_s: float) -> int | None:
-        process, self._process = self._process, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if process is None:
-            return None
-        return _end_server(process, sig, grace_s, self._shm_prefix)
-
-
-def _end_server(
-    process: subprocess.Popen[bytes], sig: signal.Signals, grace_s: float, shm_prefix: str
-) -> int:
-    code, killed = end_group(process, sig, grace_s if sig != signal.SIGKILL else 10.0)
-    if killed and sig != signal.SIGKILL:
-        _LOGGER.warning(
-            "tritonserver (pid %d) or a stub outlived SIGTERM (%.0f s): SIGKILLed",
-            process.pid,
-            grace_s,
-        )
+def _remove_shm_regions(prefix: str) -> None:
     # A killed server cannot unlink its shared-memory regions; they would pile up in
     # /dev/shm (RAM) across fault tests.
-    if shm_prefix:
-        for region in Path("/dev/shm").glob(f"{shm_prefix}*"):
+    if prefix:
+        for region in Path("/dev/shm").glob(f"{prefix}*"):
             region.unlink(missing_ok=True)
-    _LOGGER.info("tritonserver (pid %d) ended with %s", process.pid, code)
-    return code
 
 
 def _http_ok(url: str, timeout_s: float) -> bool:

@@ -1,0 +1,1 @@
+"""Unit tests: no servers, no exported model; fakes allowed."""

@@ -1,0 +1,1 @@
+"""Integration tests: real tritonserver, redis-server, helm, gRPC over loopback, exported models."""

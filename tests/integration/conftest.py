@@ -1,0 +1,41 @@
+"""Session fixtures of the integration tests: exported models (demo, random ViT-B-32), photos."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.support.images import real_photos
+from tests.support.models import ExportedModel, export_and_load
+from tests.support.paths import DEMO_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
+    """The trained demo CLIP, exported (python flavor) into a temporary repository."""
+    assert DEMO_WEIGHTS.is_file(), f"{DEMO_WEIGHTS} missing: the demo weights are committed"
+    return export_and_load("clip-demo-shapes", DEMO_WEIGHTS, tmp_path_factory.mktemp("demo_repo"))
+
+
+@pytest.fixture(scope="session")
+def vit_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExportedModel]:
+    """A random-weight ViT-B-32 (the production architecture), exported from a checkpoint."""
+    from service.model.export import load_open_clip
+
+    torch.manual_seed(1234)
+    clip, _ = load_open_clip("ViT-B-32", "none")
+    directory = tmp_path_factory.mktemp("vit")
+    checkpoint = directory / "vit-b-32-random.pt"
+    torch.save(clip.state_dict(), checkpoint)
+    exported = export_and_load("ViT-B-32", checkpoint, directory / "repo")
+    yield exported
+    checkpoint.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    """Real photos that ship inside scikit-image and scikit-learn."""
+    return real_photos()

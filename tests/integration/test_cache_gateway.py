@@ -1,0 +1,116 @@
+"""The gateway with a real redis-server: hits, isolation by model, outages, single flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import AsyncClipClient
+from service.model.export import export_model
+from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
+from service.processes.redis_server import RedisServer
+from service.server.app import Gateway
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture, different (random) weights: a different weights hash."""
+    out = tmp_path_factory.mktemp("other")
+    export_model("clip-demo-shapes", "none", out, progress=False)
+    return out
+
+
+def _settings(repository: Path, redis: RedisServer, **extra: object) -> object:
+    # The in-process LRU is off so every lookup has to go through Redis.
+    return gateway_settings(
+        repository, redis_url=redis.url, local_cache_items=0, redis_breaker_reset_s=0.5, **extra
+    )
+
+
+@pytest.fixture(scope="module")
+async def gateway(demo_model: ExportedModel, redis: RedisServer) -> AsyncIterator[Gateway]:
+    async with running_gateway(_settings(demo_model.repository, redis)) as gw:
+        yield gw
+
+
+def _backend_rows(gw: Gateway, modality: str) -> float:
+    return sample(scrape(gw.metrics_port), "clip_batch_size_sum", modality=modality)
+
+
+async def test_repeats_come_from_redis_and_are_identical(gateway: Gateway) -> None:
+    image = encode(photo_like(120, 90, seed=42), "JPEG")
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        text1 = await client.embed_text(["a redis cached text"])
+        image1 = await client.embed_image([image])
+        rows_text, rows_image = _backend_rows(gateway, "text"), _backend_rows(gateway, "image")
+        text2 = await client.embed_text(["a redis cached text"])
+        image2 = await client.embed_image([image])
+    assert text1.cached == [False] and text2.cached == [True]
+    assert image1.cached == [False] and image2.cached == [True]
+    np.testing.assert_array_equal(text1.vectors, text2.vectors)
+    np.testing.assert_array_equal(image1.vectors, image2.vectors)
+    assert _backend_rows(gateway, "text") == rows_text
+    assert _backend_rows(gateway, "image") == rows_image
+    samples = scrape(gateway.metrics_port)
+    assert sample(samples, "clip_cache_hits_total", level="redis") >= 2
+
+
+async def test_other_weights_never_hit_these_entries(
+    gateway: Gateway, other_weights: Path, redis: RedisServer
+) -> None:
+    text = "shared redis, different models"
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        ours = await client.embed_text([text])
+    async with running_gateway(_settings(other_weights, redis)) as other:
+        assert other.embedder.model_id != gateway.embedder.model_id
+        async with AsyncClipClient(f"127.0.0.1:{other.port}") as client:
+            theirs = await client.embed_text([text])
+            again = await client.embed_text([text])
+    assert theirs.cached == [False] and again.cached == [True]
+    assert np.abs(ours.vectors - theirs.vectors).max() > 1e-3
+
+
+async def test_identical_concurrent_misses_reach_the_backend_once(gateway: Gateway) -> None:
+    image = encode(photo_like(200, 150, seed=77), "PNG")
+    before = _backend_rows(gateway, "image")
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        results = await asyncio.gather(*(client.embed_image([image, image]) for _ in range(16)))
+    assert _backend_rows(gateway, "image") - before == 1
+    for result in results:
+        np.testing.assert_array_equal(result.vectors[0], results[0].vectors[1])
+
+
+async def test_redis_outage_fails_nothing_and_recovers(
+    gateway: Gateway, redis: RedisServer
+) -> None:
+    errors_before = sample(scrape(gateway.metrics_port), "clip_cache_errors_total", level="redis")
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        redis.stop(kill=True)
+        results = []
+        for i in range(12):  # every call must still succeed, without the cache
+            results.append(await client.embed_text([f"during the outage {i}", "same"]))
+        samples = scrape(gateway.metrics_port)
+        assert sample(samples, "clip_cache_errors_total", level="redis") > errors_before
+        assert sample(samples, "clip_cache_breaker_open") == 1
+        redis.restart()
+        await asyncio.sleep(0.6)  # past the breaker's reset interval
+        first = await client.embed_text(["after the outage"])
+        second = await client.embed_text(["after the outage"])
+    assert all(len(r.vectors) == 2 for r in results)
+    assert first.cached == [False] and second.cached == [True]
+    assert sample(scrape(gateway.metrics_port), "clip_cache_breaker_open") == 0

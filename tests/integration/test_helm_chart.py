@@ -1,0 +1,791 @@
+"""The Helm chart, rendered by a real `helm` and checked against the Kubernetes schemas.
+
+Each value set is rendered once per session (`rendered`); the checks then read the parsed
+manifests. Custom resources (ServiceMonitor) have no schema in kubernetes-validate and
+are checked field by field.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+from tests.support.helm import (
+    CHART_DIR,
+    NAMESPACE,
+    RELEASE,
+    Rendered,
+    container,
+    ensure_helm,
+    env_entries,
+    init_container,
+    leaf_paths,
+    mounts,
+    pod_spec,
+    port_numbers,
+    run_helm,
+    template,
+    volumes,
+)
+
+pytestmark = pytest.mark.integration
+
+K8S_VERSION = latest_version()
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "debug-log": {"gateway": {"logLevel": "DEBUG"}},
+    "external-redis": {
+        "redis": {"mode": "external", "external": {"url": "redis://:s3cret@cache.example:6379/2"}},
+    },
+    "external-redis-secret": {
+        "redis": {
+            "mode": "external",
+            "external": {"existingSecret": "shared-redis", "existingSecretKey": "url"},
+        },
+    },
+    "redis-auth": {
+        "redis": {"builtin": {"auth": {"enabled": True}}},
+        "gateway": {"apiKeys": {"enabled": True, "keys": ["key-one", "key-two"]}},
+    },
+    "pvc-models": {
+        "triton": {
+            "modelRepository": {
+                "source": "pvc",
+                "pvc": {"existingClaim": "clip-models", "subPath": "vit-b-32"},
+            },
+        },
+        # The gateway reads metadata.json from the same claim Triton serves.
+        "gateway": {"modelRepository": {"existingClaim": "clip-models", "subPath": "vit-b-32"}},
+    },
+    "init-container-models": {
+        "triton": {"modelRepository": {"source": "initContainer"}},
+    },
+    "monitoring": {
+        "monitoring": {
+            "podAnnotations": True,
+            "serviceMonitor": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "labels": {"release": "kube-prometheus-stack"},
+            },
+        },
+    },
+    "hpa-netpol": {
+        "gateway": {
+            "autoscaling": {
+                "enabled": True,
+                "minReplicas": 3,
+                "maxReplicas": 12,
+                "targetMemoryUtilizationPercentage": 80,
+            },
+            "probes": {"liveness": {"type": "tcp"}},
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "grpcFrom": [{"namespaceSelector": {"matchLabels": {"team": "search"}}}],
+        },
+    },
+    "cpu-triton": {"triton": {"gpu": {"enabled": False}, "tolerations": []}},
+    "cpu-triton-init": {
+        "triton": {"gpu": {"enabled": False}, "modelRepository": {"source": "initContainer"}},
+    },
+    "tls-api-keys": {
+        "gateway": {
+            "tls": {
+                "enabled": True,
+                "existingSecret": "clip-tls",
+                "clientCA": {"enabled": True, "existingSecret": "clip-client-ca"},
+            },
+            "apiKeys": {
+                "enabled": True,
+                "existingSecret": "clip-api-keys",
+                "existingSecretKey": "keys.txt",
+            },
+        },
+    },
+    "embedded-only": {
+        "gateway": {"backend": "embedded"},
+        "triton": {"enabled": False},
+        "redis": {"mode": "disabled"},
+    },
+    "long-names": {"fullnameOverride": "x" * 63},
+}
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """A real helm binary (installed into .tools/ on first use)."""
+    return ensure_helm()
+
+
+@pytest.fixture(scope="session")
+def rendered(helm: str) -> dict[str, Rendered]:
+    """Every value set rendered once."""
+    out: dict[str, Rendered] = {}
+    for name, values in VALUE_SETS.items():
+        done = template(helm, values)
+        assert done.returncode == 0, f"helm template failed for {name}:\n{done.stderr}"
+        out[name] = Rendered.from_yaml(done.stdout)
+    return out
+
+
+def _gateway(r: Rendered) -> dict[str, Any]:
+    return r.one("Deployment", "gateway")
+
+
+def _gateway_container(r: Rendered) -> dict[str, Any]:
+    return container(_gateway(r), "gateway")
+
+
+def _gateway_config(r: Rendered) -> dict[str, str]:
+    return r.one("ConfigMap", "gateway")["data"]
+
+
+def _triton(r: Rendered) -> dict[str, Any]:
+    return r.one("Deployment", "triton")
+
+
+# ------------------------------------------------------------------ lint and validity
+
+
+@pytest.mark.parametrize(
+    "name", ["defaults", "redis-auth", "cpu-triton", "tls-api-keys", "hpa-netpol", "embedded-only"]
+)
+def test_helm_lint_strict(helm: str, name: str) -> None:
+    done = run_helm(helm, "lint", "--strict", "--namespace", NAMESPACE, values=VALUE_SETS[name])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_manifests_validate_against_kubernetes_schemas(
+    rendered: dict[str, Rendered], name: str
+) -> None:
+    for doc in rendered[name].docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # CRD: no schema shipped; see test_service_monitors
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(
+                f"{name}: {doc['kind']}/{doc['metadata']['name']} at {where}: {exc.message}"
+            )
+
+
+def test_validator_rejects_a_broken_manifest(rendered: dict[str, Rendered]) -> None:
+    # Guards the test above against silently validating nothing.
+    broken = json.loads(json.dumps(_gateway(rendered["defaults"])))
+    pod_spec(broken)["containers"][0]["startupProbe"]["grpc"]["port"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_names_labels_and_selectors_are_consistent(
+    rendered: dict[str, Rendered], name: str
+) -> None:
+    r = rendered[name]
+    for doc in r.docs:
+        meta = doc["metadata"]
+        assert len(meta["name"]) <= 63, meta["name"]
+        assert meta.get("namespace") == (
+            "monitoring" if doc["kind"] == "ServiceMonitor" and name == "monitoring" else NAMESPACE
+        )
+        labels = meta["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+    for kind in ("Deployment", "Service", "ConfigMap", "Secret"):
+        names = [d["metadata"]["name"] for d in r.all(kind)]
+        assert len(names) == len(set(names)), f"duplicate {kind} names {names}"
+    deployments = r.all("Deployment")
+    for dep in deployments:
+        selector = dep["spec"]["selector"]["matchLabels"]
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items()
+    # Every Service selects exactly one Deployment's pods and targets ports they declare.
+    for svc in r.all("Service"):
+        selected = [
+            d
+            for d in deployments
+            if svc["spec"]["selector"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(selected) == 1, svc["metadata"]["name"]
+        declared = {p["name"] for c in pod_spec(selected[0])["containers"] for p in c["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in declared
+
+
+# ------------------------------------------------------------------ gateway
+
+
+def test_gateway_probes_are_grpc_on_the_grpc_port(rendered: dict[str, Rendered]) -> None:
+    c = _gateway_container(rendered["defaults"])
+    grpc_port = port_numbers(c)["grpc"]
+    assert grpc_port == int(_gateway_config(rendered["defaults"])["CLIP_PORT"]) == 50051
+    for probe in ("startupProbe", "readinessProbe"):
+        assert c[probe]["grpc"] == {"port": grpc_port, "service": ""}, probe
+    # Liveness asks the process-only health name, so a Triton outage restarts nothing.
+    assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
+    # Model loading gets minutes, not seconds, before the first liveness verdict.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+
+def test_tcp_liveness_leaves_readiness_on_grpc(rendered: dict[str, Rendered]) -> None:
+    c = _gateway_container(rendered["hpa-netpol"])
+    assert c["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert c["readinessProbe"]["grpc"]["port"] == port_numbers(c)["grpc"]
+
+
+def test_gateway_shutdown_fits_in_the_grace_period(rendered: dict[str, Rendered]) -> None:
+    dep = _gateway(rendered["defaults"])
+    c = _gateway_container(rendered["defaults"])
+    grace = float(_gateway_config(rendered["defaults"])["CLIP_SHUTDOWN_GRACE_S"])
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod_spec(dep)["terminationGracePeriodSeconds"] > grace + pre_stop
+
+
+def test_gateway_rollout_never_drops_capacity(rendered: dict[str, Rendered]) -> None:
+    strategy = _gateway(rendered["defaults"])["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+    pdb = rendered["defaults"].one("PodDisruptionBudget", "gateway")
+    assert (
+        pdb["spec"]["selector"]["matchLabels"]
+        == _gateway(rendered["defaults"])["spec"]["selector"]["matchLabels"]
+    )
+
+
+@pytest.mark.parametrize("component", ["gateway", "triton", "redis"])
+def test_pods_are_locked_down(rendered: dict[str, Rendered], component: str) -> None:
+    dep = rendered["defaults"].one("Deployment", component)
+    spec = pod_spec(dep)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] > 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["enableServiceLinks"] is False
+    for c in spec["containers"] + spec.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    main = container(dep, component)
+    assert main["resources"]["requests"]["memory"]
+    assert main["resources"]["limits"]["memory"]
+
+
+def test_gateway_has_a_writable_tmp(rendered: dict[str, Rendered]) -> None:
+    dep = _gateway(rendered["defaults"])
+    assert "emptyDir" in volumes(dep)["tmp"]
+    assert mounts(container(dep, "gateway"))["tmp"]["mountPath"] == "/tmp"
+
+
+def test_gateway_settings_come_from_the_configmap(rendered: dict[str, Rendered]) -> None:
+    r = rendered["defaults"]
+    c = _gateway_container(r)
+    cm = r.one("ConfigMap", "gateway")
+    assert c["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}}]
+    data = cm["data"]
+    assert all(key.startswith("CLIP_") for key in data)
+    assert all(isinstance(value, str) for value in data.values())
+    assert data["CLIP_BACKEND"] == "triton"
+    assert data["CLIP_MAX_BATCH_SIZE"] == "32" and data["CLIP_MAX_INFLIGHT_BATCHES"] == "1"
+    assert data["CLIP_METRICS_PORT"] == str(port_numbers(c)["metrics"])
+    # The Triton URL names this release's Triton Service and its gRPC port.
+    triton_svc = r.one("Service", "triton")
+    grpc_port = next(p["port"] for p in triton_svc["spec"]["ports"] if p["name"] == "grpc")
+    assert data["CLIP_TRITON_URL"] == f"{triton_svc['metadata']['name']}:{grpc_port}"
+    assert "CLIP_API_KEYS_FILE" not in data
+
+
+def test_gateway_service_has_named_ports(rendered: dict[str, Rendered]) -> None:
+    svc = rendered["defaults"].one("Service", "gateway")
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 50051 and ports["grpc"]["targetPort"] == "grpc"
+    assert ports["metrics"]["port"] == 9090 and ports["metrics"]["targetPort"] == "metrics"
+
+
+@pytest.mark.parametrize("component", ["gateway", "triton"])
+def test_headless_services_for_client_side_balancing(
+    rendered: dict[str, Rendered], component: str
+) -> None:
+    r = rendered["defaults"]
+    headless = r.one("Service", component, headless=True)
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == r.one("Service", component)["spec"]["selector"]
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+
+
+def test_config_change_rolls_the_pods(rendered: dict[str, Rendered]) -> None:
+    def checksums(name: str) -> dict[str, str]:
+        annotations = _gateway(rendered[name])["spec"]["template"]["metadata"]["annotations"]
+        return {k: v for k, v in annotations.items() if k.startswith("checksum/")}
+
+    before, after = checksums("defaults"), checksums("debug-log")
+    assert before["checksum/config"] != after["checksum/config"]
+    assert before["checksum/secret"] == after["checksum/secret"]
+
+
+def test_api_keys_and_tls_from_existing_secrets(rendered: dict[str, Rendered]) -> None:
+    r = rendered["tls-api-keys"]
+    dep = _gateway(r)
+    c = container(dep, "gateway")
+    data = _gateway_config(r)
+    vols, mnts = volumes(dep), mounts(c)
+
+    keys_volume = vols["api-keys"]["secret"]
+    assert keys_volume["secretName"] == "clip-api-keys"
+    assert keys_volume["items"] == [{"key": "keys.txt", "path": "api-keys"}]
+    assert mnts["api-keys"]["readOnly"] is True
+    assert "subPath" not in mnts["api-keys"]  # a subPath mount would never see rotations
+    assert data["CLIP_API_KEYS_FILE"] == f"{mnts['api-keys']['mountPath']}/api-keys"
+
+    assert vols["tls"]["secret"]["secretName"] == "clip-tls"
+    assert data["CLIP_TLS_CERT"] == f"{mnts['tls']['mountPath']}/tls.crt"
+    assert data["CLIP_TLS_KEY"] == f"{mnts['tls']['mountPath']}/tls.key"
+    assert vols["client-ca"]["secret"]["secretName"] == "clip-client-ca"
+    assert data["CLIP_TLS_CLIENT_CA"] == f"{mnts['client-ca']['mountPath']}/ca.crt"
+    # Existing Secrets are referenced, never created by the chart.
+    assert r.all("Secret") == []
+    # Kubelet gRPC probes cannot speak TLS: the chart falls back to TCP connects.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "grpc" not in c[probe]
+        assert c[probe]["tcpSocket"] == {"port": "grpc"}
+
+
+def test_inline_api_keys_become_a_mounted_secret(rendered: dict[str, Rendered]) -> None:
+    r = rendered["redis-auth"]
+    dep = _gateway(r)
+    secret_name = volumes(dep)["api-keys"]["secret"]["secretName"]
+    secret = r.named("Secret", secret_name)
+    keys = base64.b64decode(secret["data"]["api-keys"]).decode()
+    assert keys.splitlines() == ["key-one", "key-two"]
+    assert "key-one" not in json.dumps(r.one("ConfigMap", "gateway"))
+
+
+# ------------------------------------------------------------------ triton
+
+
+def test_triton_gets_gpus_by_default(rendered: dict[str, Rendered]) -> None:
+    c = container(_triton(rendered["defaults"]), "triton")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert "--model-repository=/models" in c["args"]
+    assert "--strict-model-config=true" in c["args"]
+    assert c["args"][0] == "tritonserver"
+    tolerations = pod_spec(_triton(rendered["defaults"]))["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+
+
+def test_triton_probes_use_the_v2_health_endpoints(rendered: dict[str, Rendered]) -> None:
+    c = container(_triton(rendered["defaults"]), "triton")
+    assert port_numbers(c) == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    startup = c["startupProbe"]
+    assert startup["httpGet"]["port"] == "http"
+    # Loading large TorchScript models onto a GPU can take many minutes.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    svc = rendered["defaults"].one("Service", "triton")
+    assert {p["name"] for p in svc["spec"]["ports"]} == {"http", "grpc", "metrics"}
+
+
+def test_triton_exit_timeout_fits_in_the_grace_period(rendered: dict[str, Rendered]) -> None:
+    dep = _triton(rendered["defaults"])
+    args = container(dep, "triton")["args"]
+    exit_timeout = int(next(a for a in args if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert pod_spec(dep)["terminationGracePeriodSeconds"] > exit_timeout
+
+
+def test_cpu_only_triton_has_no_gpus_and_rewrites_kind(rendered: dict[str, Rendered]) -> None:
+    dep = _triton(rendered["cpu-triton"])
+    c = container(dep, "triton")
+    for section in ("limits", "requests"):
+        assert not any("gpu" in key for key in c["resources"].get(section, {}))
+    assert "--allow-gpu-metrics=false" in c["args"]
+    served = next(a for a in c["args"] if a.startswith("--model-repository=")).split("=")[1]
+    rewrite = init_container(dep, "cpu-config")
+    assert rewrite is not None
+    script = rewrite["command"][-1]
+    assert "KIND_GPU/KIND_CPU" in script
+    assert env_entries(rewrite)["SERVED_REPOSITORY"]["value"] == served
+    assert mounts(c)["cpu-model-repository"]["mountPath"] == served
+    assert "tolerations" not in pod_spec(dep)
+
+
+def _fake_repository(root: Path) -> Path:
+    """A model repository shaped like `clipsvc export --flavor pytorch` output."""
+    for name in ("clip_image", "clip_text"):
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "1" / "model.pt").write_bytes(b"torchscript")
+        (root / name / "config.pbtxt").write_text(
+            f'name: "{name}"\nplatform: "pytorch_libtorch"\ninstance_group [\n'
+            "  { count: 2 kind: KIND_GPU gpus: [ 0, 1 ] }\n]\n"
+        )
+    (root / "metadata.json").write_text("{}")
+    return root
+
+
+def test_cpu_config_script_rewrites_only_the_configs(
+    rendered: dict[str, Rendered], tmp_path: Path
+) -> None:
+    # Runs the init container's script as rendered, against a repository on disk.
+    script = init_container(_triton(rendered["cpu-triton"]), "cpu-config")["command"]
+    assert script[:2] == ["bash", "-ec"]
+    source = _fake_repository(tmp_path / "models")
+    served = tmp_path / "served"
+    served.mkdir()
+    env = {
+        "PATH": os.environ["PATH"],
+        "MODEL_REPOSITORY": str(source),
+        "SERVED_REPOSITORY": str(served),
+    }
+    for _ in range(2):  # a restarted pod runs it again over the same emptyDir
+        done = subprocess.run(script, env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    for name in ("clip_image", "clip_text"):
+        config = (served / name / "config.pbtxt").read_text()
+        assert "KIND_CPU" in config and "KIND_GPU" not in config and "gpus" not in config
+        assert not (served / name / "config.pbtxt").is_symlink()
+        assert "KIND_GPU" in (source / name / "config.pbtxt").read_text()
+        weights = served / name / "1" / "model.pt"
+        assert weights.is_symlink()
+        assert weights.resolve() == (source / name / "1" / "model.pt").resolve()
+    assert (served / "metadata.json").read_text() == "{}"
+
+
+def test_fetch_models_default_command_copies_the_repository(
+    rendered: dict[str, Rendered], tmp_path: Path
+) -> None:
+    fetch = init_container(_triton(rendered["init-container-models"]), "fetch-models")
+    source = _fake_repository(tmp_path / "image-models")
+    target = tmp_path / "emptydir"
+    target.mkdir()
+    env = {"PATH": os.environ["PATH"], "SOURCE_PATH": str(source), "MODEL_REPOSITORY": str(target)}
+    for _ in range(2):
+        done = subprocess.run(
+            fetch["command"], env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+    assert (target / "clip_text" / "1" / "model.pt").read_bytes() == b"torchscript"
+    assert (target / "metadata.json").exists()
+
+
+def test_cpu_rewrite_runs_after_the_model_copy(rendered: dict[str, Rendered]) -> None:
+    init_names = [
+        c["name"] for c in pod_spec(_triton(rendered["cpu-triton-init"]))["initContainers"]
+    ]
+    assert init_names == ["fetch-models", "cpu-config"]
+
+
+def test_model_repository_from_a_pvc(rendered: dict[str, Rendered]) -> None:
+    r = rendered["pvc-models"]
+    dep = _triton(r)
+    claim = volumes(dep)["model-repository"]["persistentVolumeClaim"]
+    assert claim == {"claimName": "clip-models", "readOnly": True}
+    mount = mounts(container(dep, "triton"))["model-repository"]
+    assert mount == {
+        "name": "model-repository",
+        "mountPath": "/models",
+        "subPath": "vit-b-32",
+        "readOnly": True,
+    }
+    gateway = _gateway(r)
+    assert volumes(gateway)["model-repository"]["persistentVolumeClaim"]["claimName"] == (
+        "clip-models"
+    )
+    gw_mount = mounts(container(gateway, "gateway"))["model-repository"]
+    assert gw_mount["mountPath"] == _gateway_config(r)["CLIP_MODEL_REPOSITORY"]
+    assert gw_mount["readOnly"] is True
+
+
+def test_model_repository_from_an_init_container(rendered: dict[str, Rendered]) -> None:
+    dep = _triton(rendered["init-container-models"])
+    assert "emptyDir" in volumes(dep)["model-repository"]
+    fetch = init_container(dep, "fetch-models")
+    assert fetch is not None
+    assert fetch["image"].startswith("ghcr.io/example/clip-service-models:")
+    assert mounts(fetch)["model-repository"]["mountPath"] == "/models"
+    assert "readOnly" not in mounts(fetch)["model-repository"]
+    assert mounts(container(dep, "triton"))["model-repository"]["readOnly"] is True
+    assert env_entries(fetch)["MODEL_REPOSITORY"]["value"] == "/models"
+
+
+def test_image_model_repository_mounts_nothing(rendered: dict[str, Rendered]) -> None:
+    dep = _triton(rendered["defaults"])
+    assert "model-repository" not in volumes(dep)
+    assert "initContainers" not in pod_spec(dep)
+
+
+# ------------------------------------------------------------------ redis
+
+
+def test_builtin_redis_is_a_bounded_lru_cache(rendered: dict[str, Rendered]) -> None:
+    r = rendered["defaults"]
+    c = container(r.one("Deployment", "redis"), "redis")
+    args = c["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert args[args.index("--maxmemory") + 1] == "768mb"
+    assert args[args.index("--save") + 1] == ""
+    svc = r.one("Service", "redis")
+    assert _gateway_config(r)["CLIP_REDIS_URL"] == (
+        f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+    )
+
+
+def test_builtin_redis_password_from_a_secret(rendered: dict[str, Rendered]) -> None:
+    r = rendered["redis-auth"]
+    redis = container(r.one("Deployment", "redis"), "redis")
+    assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    secret_ref = env_entries(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    secret = r.named("Secret", secret_ref["name"])
+    assert len(base64.b64decode(secret["data"][secret_ref["key"]])) >= 16
+
+    gateway = _gateway_container(r)
+    names = [e["name"] for e in gateway["env"]]
+    # $(VAR) expansion only sees variables defined earlier in the list.
+    assert names.index("REDIS_PASSWORD") < names.index("CLIP_REDIS_URL")
+    assert env_entries(gateway)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret_ref
+    url = env_entries(gateway)["CLIP_REDIS_URL"]["value"]
+    assert url.startswith("redis://:$(REDIS_PASSWORD)@")
+    assert "CLIP_REDIS_URL" not in _gateway_config(r)
+    annotations = _gateway(r)["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/redis-secret" in annotations
+
+
+def test_external_redis_url_stays_secret(rendered: dict[str, Rendered]) -> None:
+    r = rendered["external-redis"]
+    assert r.maybe("Deployment", "redis") is None
+    assert r.maybe("Service", "redis") is None
+    assert "CLIP_REDIS_URL" not in _gateway_config(r)
+    ref = env_entries(_gateway_container(r))["CLIP_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    secret = r.named("Secret", ref["name"])
+    url = base64.b64decode(secret["data"][ref["key"]]).decode()
+    assert url == "redis://:s3cret@cache.example:6379/2"
+    assert "s3cret" not in json.dumps(r.one("ConfigMap", "gateway"))
+
+
+def test_external_redis_from_an_existing_secret(rendered: dict[str, Rendered]) -> None:
+    r = rendered["external-redis-secret"]
+    ref = env_entries(_gateway_container(r))["CLIP_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "shared-redis", "key": "url"}
+    assert r.all("Secret") == []
+
+
+def test_embedded_only_deploys_just_the_gateway(rendered: dict[str, Rendered]) -> None:
+    r = rendered["embedded-only"]
+    assert [d["metadata"]["name"] for d in r.all("Deployment")] == ["rel-clip-service-gateway"]
+    data = _gateway_config(r)
+    assert data["CLIP_BACKEND"] == "embedded"
+    assert "CLIP_TRITON_URL" not in data and "CLIP_REDIS_URL" not in data
+    assert "env" not in _gateway_container(r)
+
+
+# ------------------------------------------------------------------ scaling, network, scrape
+
+
+def test_hpa_owns_the_replica_count(rendered: dict[str, Rendered]) -> None:
+    r = rendered["hpa-netpol"]
+    hpa = r.one("HorizontalPodAutoscaler", "gateway")
+    dep = _gateway(r)
+    assert "replicas" not in dep["spec"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", dep["metadata"]["name"])
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    resources = {m["resource"]["name"] for m in hpa["spec"]["metrics"]}
+    assert resources == {"cpu", "memory"}
+    assert rendered["defaults"].maybe("HorizontalPodAutoscaler", "gateway") is None
+    assert rendered["defaults"].all("NetworkPolicy") == []
+
+
+def test_network_policies_isolate_triton_and_redis(rendered: dict[str, Rendered]) -> None:
+    r = rendered["hpa-netpol"]
+    gateway_pods = _gateway(r)["spec"]["selector"]["matchLabels"]
+
+    gw = r.one("NetworkPolicy", "gateway")["spec"]
+    rules = {rule["ports"][0]["port"]: rule for rule in gw["ingress"]}
+    assert rules["grpc"]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]
+    assert rules["metrics"]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+
+    for component in ("triton", "redis"):
+        spec = r.one("NetworkPolicy", component)["spec"]
+        assert (
+            spec["podSelector"]["matchLabels"]
+            == r.one("Deployment", component)["spec"]["selector"]["matchLabels"]
+        )
+        serving = spec["ingress"][0]
+        assert serving["from"] == [{"podSelector": {"matchLabels": gateway_pods}}]
+        assert "metrics" not in {p["port"] for p in serving["ports"]}
+
+
+def test_service_monitors(rendered: dict[str, Rendered]) -> None:
+    r = rendered["monitoring"]
+    monitors = r.all("ServiceMonitor")
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {
+        "gateway",
+        "triton",
+    }
+    for sm in monitors:
+        # No CRD schema here: check the fields the Prometheus Operator reads.
+        assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(sm) == {"apiVersion", "kind", "metadata", "spec"}
+        assert sm["metadata"]["namespace"] == "monitoring"
+        assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        spec = sm["spec"]
+        assert set(spec) <= {"selector", "endpoints", "namespaceSelector"}
+        assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        component = sm["metadata"]["labels"]["app.kubernetes.io/component"]
+        svc = r.one("Service", component)
+        assert spec["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        # The headless twin carries the same labels but no metrics port: excluded.
+        assert spec["selector"]["matchExpressions"] == [
+            {"key": "clip-service/headless", "operator": "DoesNotExist"}
+        ]
+        svc_ports = {p["name"] for p in svc["spec"]["ports"]}
+        for endpoint in spec["endpoints"]:
+            assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout"}
+            assert endpoint["port"] in svc_ports
+            assert endpoint["path"] == "/metrics"
+            assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+    annotations = _gateway(r)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9090"
+    assert rendered["defaults"].all("ServiceMonitor") == []
+
+
+def test_long_names_are_truncated_but_distinct(rendered: dict[str, Rendered]) -> None:
+    r = rendered["long-names"]
+    names = [d["metadata"]["name"] for d in r.docs]
+    assert all(len(n) <= 63 for n in names)
+    services = [s["metadata"]["name"] for s in r.all("Service")]
+    assert len(set(services)) == len(services) == 5
+    assert sorted(n[n.index("-") + 1 :] for n in services) == [
+        "gateway",
+        "gateway-headless",
+        "redis",
+        "triton",
+        "triton-headless",
+    ]
+
+
+# ------------------------------------------------------------------ values and schema
+
+
+BAD_VALUES = {
+    "replicaCount-string": ({"gateway": {"replicaCount": "two"}}, "gateway.replicaCount"),
+    "redis-mode": ({"redis": {"mode": "sometimes"}}, "redis.mode"),
+    "negative-port": ({"gateway": {"service": {"grpcPort": -1}}}, "gateway.service.grpcPort"),
+    "unknown-top-level": ({"replicas": 3}, "replicas"),
+    "unknown-nested": ({"gateway": {"replicas": 3}}, "replicas"),
+    "model-source": ({"triton": {"modelRepository": {"source": "s3"}}}, "source"),
+    "zero-gpus": ({"triton": {"gpu": {"count": 0}}}, "triton.gpu.count"),
+    "backend": ({"gateway": {"backend": "onnx"}}, "gateway.backend"),
+    "zero-inflight": (
+        {"gateway": {"limits": {"maxInflightBatches": 0}}},
+        "gateway.limits.maxInflightBatches",
+    ),
+    "extra-config-name": ({"gateway": {"extraConfig": {"PORT": "1"}}}, "extraConfig"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_schema_rejects_bad_values(helm: str, case: str) -> None:
+    values, where = BAD_VALUES[case]
+    done = template(helm, values)
+    assert done.returncode != 0
+    assert "don't meet the specifications of the schema" in done.stderr, done.stderr
+    assert where in done.stderr, done.stderr
+
+
+CROSS_FIELD_ERRORS = {
+    "grace-too-short": (
+        {"gateway": {"terminationGracePeriodSeconds": 20}},
+        "terminationGracePeriodSeconds",
+    ),
+    "pvc-without-claim": ({"triton": {"modelRepository": {"source": "pvc"}}}, "existingClaim"),
+    "keys-without-keys": ({"gateway": {"apiKeys": {"enabled": True}}}, "gateway.apiKeys"),
+    "tls-without-secret": ({"gateway": {"tls": {"enabled": True}}}, "gateway.tls"),
+    "external-without-url": ({"redis": {"mode": "external"}}, "redis.external"),
+    "triton-nowhere": ({"triton": {"enabled": False}}, "gateway.tritonUrl"),
+}
+
+
+@pytest.mark.parametrize("case", list(CROSS_FIELD_ERRORS))
+def test_cross_field_errors_fail_with_a_message(helm: str, case: str) -> None:
+    values, where = CROSS_FIELD_ERRORS[case]
+    done = template(helm, values)
+    assert done.returncode != 0
+    assert where in done.stderr, done.stderr
+
+
+def _params() -> dict[str, str]:
+    text = (CHART_DIR / "values.yaml").read_text()
+    return dict(re.findall(r"^\s*## @param (\S+) (.+)$", text, flags=re.MULTILINE))
+
+
+def test_every_value_is_documented_in_values_and_schema() -> None:
+    params = _params()
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+    def schema_node(path: str) -> dict[str, Any]:
+        node = schema
+        for key in path.split("."):
+            node = node["properties"][key]
+        return node
+
+    documented_prefixes = tuple(f"{p}." for p in params)
+    for path, value in leaf_paths(values):
+        if path.startswith(documented_prefixes):
+            continue  # inside a value documented as a whole (resources, securityContext)
+        if isinstance(value, dict) and value and path not in params:
+            continue  # a section: its children carry the docs
+        assert path in params, f"values.yaml: no ## @param for {path}"
+    for path, description in params.items():
+        node = schema_node(path)
+        assert node.get("description") == description, f"schema description of {path}"
+        assert "type" in node, f"schema type of {path}"
+
+
+def test_schema_is_strict_about_unknown_keys() -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    sections = [schema, *(schema["properties"][k] for k in ("gateway", "triton", "redis"))]
+    for node in sections:
+        assert node["additionalProperties"] is False
+        assert set(node["required"]) <= set(node["properties"])
+
+
+def test_notes_render_usage(helm: str, tmp_path: Path) -> None:
+    # `helm template` never prints NOTES.txt; render it through a throwaway template.
+    chart = tmp_path / "clip-service"
+    shutil.copytree(CHART_DIR, chart)
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "clip-service/templates/NOTES.txt" . | quote }}\n'
+    )
+    done = template(
+        helm, VALUE_SETS["redis-auth"], "--show-only", "templates/zz-notes.yaml", chart=chart
+    )
+    assert done.returncode == 0, done.stderr
+    notes = yaml.safe_load(done.stdout)["data"]["notes"]
+    assert f"port-forward svc/{RELEASE}-clip-service-gateway 50051:50051" in notes
+    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in notes
+    assert "authorization: Bearer $CLIP_API_KEY" in notes
+    assert f"{RELEASE}-clip-service-triton.{NAMESPACE}.svc:8002/metrics" in notes

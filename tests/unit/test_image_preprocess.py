@@ -1,0 +1,36 @@
+"""Where bytes become a tensor: mutated real images decode correctly or fail as InvalidInput."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
+from service.errors import InvalidInput
+from tests.support.images import encode, photo_like
+
+_SEEDS = [encode(photo_like(40, 30), fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(_SEEDS),
+    cut=st.integers(min_value=0, max_value=2000),
+    flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8),
+    junk=st.binary(max_size=64),
+)
+def test_fuzz_decode_never_raises_anything_but_invalid_input(
+    seed: bytes, cut: int, flips: list[tuple[int, int]], junk: bytes
+) -> None:
+    """Mutated real images: either a correct uint8 [3,S,S] or InvalidInput, nothing else."""
+    data = bytearray(seed[: max(1, len(seed) - cut)] + junk)
+    for position, value in flips:
+        data[position % len(data)] = value
+    try:
+        pixels = preprocess_image_bytes(
+            bytes(data), ImageSpec(64), ImageLimits(max_bytes=1 << 20, max_pixels=4_000_000)
+        )
+    except InvalidInput:
+        return
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == np.uint8

@@ -1,0 +1,23 @@
+"""One sample map from a `/metrics` page or a registry, and `sample()` reading either."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from service.processes.metric_samples import parse, sample
+
+
+def test_a_page_and_its_registry_give_the_same_samples() -> None:
+    registry = CollectorRegistry()
+    hits = Counter("hits", "Hits by level.", ["level"], registry=registry)
+    latency = Histogram("call_seconds", "Call time.", ["backend", "modality"], registry=registry)
+    hits.labels(level="redis").inc(3)
+    latency.labels(backend="triton", modality="text").observe(0.2)
+    page = parse(generate_latest(registry).decode())
+    assert page['hits_total{level="redis"}'] == 3
+    for source in (page, registry):
+        assert sample(source, "hits_total", level="redis") == 3
+        assert sample(source, "hits_total", level="local") == 0  # not counted yet
+        assert sample(source, "call_seconds_count", backend="triton", modality="text") == 1
+        # The labels must be the series' labels exactly, as with get_sample_value.
+        assert sample(source, "call_seconds_count", backend="triton") == 0
