@@ -59,6 +59,11 @@ class Metrics:
             ["level"],
             registry=r,
         )
+        self.cache_corrupt = Counter(
+            "clip_cache_corrupt",
+            "Shared-cache values refused on read (wrong length, flags or norm): served as misses.",
+            registry=r,
+        )
         self.cache_breaker_open = Gauge(
             "clip_cache_breaker_open",
             "1 while the Redis circuit breaker is open (Redis is skipped), else 0.",

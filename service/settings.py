@@ -167,6 +167,16 @@ class Settings(FlagSet):
     max_message_bytes: int = _opt(
         64 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes."
     )
+    max_concurrent_rpcs: int = _opt(
+        1024,
+        "RPCs handled at once (streams count while open); past it, RESOURCE_EXHAUSTED. With "
+        "--max-message-bytes it bounds the request bytes held. 0 = no limit.",
+    )
+    health_port: int = _opt(
+        -1,
+        "Plaintext port serving only grpc.health.v1, for probes when TLS or API keys are on "
+        "(0 picks a free one, -1 disables).",
+    )
     shutdown_grace_s: float = _opt(
         20.0, "Seconds in-flight calls get to finish after SIGTERM before they are cancelled."
     )
@@ -203,7 +213,13 @@ class Settings(FlagSet):
         (8, 16, 24, 32, 48, 77),
         "Token-length bucket edges: a text is padded to the edge of its bucket only.",
     )
-    decode_threads: int = _opt(0, "Threads decoding images (0 = number of CPUs).")
+    decode_threads: int = _opt(
+        0, "Threads decoding images (0 = the CPUs this process may use: affinity, cgroup quota)."
+    )
+    decode_budget_pixels: int = _opt(
+        64_000_000,
+        "Pixels all image decodes may hold at once; a decode past it waits (bounds memory).",
+    )
     # --- limits
     max_items: int = _opt(256, "Most texts or images in one request.")
     max_image_bytes: int = _opt(20 * 1024 * 1024, "Largest encoded image, in bytes.")
@@ -216,6 +232,10 @@ class Settings(FlagSet):
     max_labels: int = _opt(1000, "Most labels in one Classify call.")
     max_templates: int = _opt(32, "Most templates in one Classify call.")
     max_label_chars: int = _opt(300, "Longest label or template, in characters.")
+    max_prompts: int = _opt(
+        8192,
+        "Most prompts (labels × templates) in one Classify call; past it, INVALID_ARGUMENT.",
+    )
     exif_transpose: bool = _opt(
         True, "Rotate images by their EXIF orientation before preprocessing."
     )
@@ -223,6 +243,12 @@ class Settings(FlagSet):
     redis_url: str = _opt("", "Redis URL for the shared cache ('' = in-process cache only).")
     cache_ttl_s: int = _opt(7 * 24 * 3600, "Time to live of a Redis cache entry, in seconds.")
     local_cache_items: int = _opt(10_000, "Entries in the in-process LRU (0 disables it).")
+    local_cache_bytes: int = _opt(
+        256 * 1024 * 1024, "Bytes of vectors the in-process LRU may hold (with the entry cap)."
+    )
+    label_cache_items: int = _opt(
+        4096, "Zero-shot label ensembles kept in an LRU of their own (0 disables it)."
+    )
     redis_timeout_s: float = _opt(0.1, "Timeout of each Redis call.")
     redis_breaker_failures: int = _opt(
         3, "Consecutive Redis errors that open the breaker (Redis skipped for a while)."
@@ -244,16 +270,6 @@ class Settings(FlagSet):
         object.__setattr__(
             self, "text_length_buckets", tuple(sorted(set(self.text_length_buckets)))
         )
-
-    def all_api_keys(self) -> frozenset[str]:
-        """Keys from --api-keys and --api-keys-file together."""
-        keys = {k for k in self.api_keys if k}
-        if self.api_keys_file is not None:
-            for line in Path(self.api_keys_file).read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.add(line)
-        return frozenset(keys)
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with secrets hidden, for the start-up log."""

@@ -17,9 +17,11 @@ from service.core.cache import EmbeddingCache, RedisOptions
 from service.core.embedder import Embedder, EmbedderOptions
 from service.core.scoring import Scorer
 from service.core.validation import Limits
+from service.cpus import usable_cpus
 from service.metrics import Metrics
 from service.model.metadata import ModelMetadata
-from service.server.app import Gateway, ServerOptions, TlsFiles, build_server
+from service.server.app import Gateway, ServerOptions, build_server
+from service.server.credentials import ApiKeys, TlsFiles
 from service.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
@@ -79,7 +81,12 @@ def build_cache(settings: Settings, metrics: Metrics) -> EmbeddingCache:
             breaker_failures=settings.redis_breaker_failures,
             breaker_reset_s=settings.redis_breaker_reset_s,
         )
-    return EmbeddingCache(metrics=metrics, local_items=settings.local_cache_items, redis=redis)
+    return EmbeddingCache(
+        metrics=metrics,
+        local_items=settings.local_cache_items,
+        local_bytes=settings.local_cache_bytes,
+        redis=redis,
+    )
 
 
 def build_limits(settings: Settings) -> Limits:
@@ -92,6 +99,7 @@ def build_limits(settings: Settings) -> Limits:
         max_labels=settings.max_labels,
         max_templates=settings.max_templates,
         max_label_chars=settings.max_label_chars,
+        max_prompts=settings.max_prompts,
     )
 
 
@@ -99,15 +107,18 @@ def build_embedder(settings: Settings, metrics: Metrics) -> Embedder:
     """Backend + cache + pipeline as the settings describe (not started)."""
     metadata = ModelMetadata.load(settings.model_repository)
     admission = Admission(settings.max_queued_items, metrics)
+    cache = build_cache(settings, metrics)
     return Embedder(
         backend=build_backend(settings, metadata, metrics, admission),
-        cache=build_cache(settings, metrics),
+        cache=cache,
+        label_cache=cache.with_own_lru(settings.label_cache_items),
         metadata=metadata,
         limits=build_limits(settings),
         metrics=metrics,
         admission=admission,
         options=EmbedderOptions(
-            decode_threads=settings.decode_threads,
+            decode_threads=settings.decode_threads or usable_cpus(),
+            decode_budget_pixels=settings.decode_budget_pixels,
             exif_transpose=settings.exif_transpose,
             text_length_buckets=settings.text_length_buckets,
         ),
@@ -124,9 +135,11 @@ def server_options(settings: Settings) -> ServerOptions:
         port=settings.port,
         metrics_port=settings.metrics_port,
         max_message_bytes=settings.max_message_bytes,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        health_port=settings.health_port,
         shutdown_grace_s=settings.shutdown_grace_s,
         backend_timeout_s=settings.backend_timeout_s,
-        api_keys=settings.all_api_keys(),
+        api_keys=ApiKeys(frozenset(settings.api_keys), settings.api_keys_file),
         tls=tls,
     )
 

@@ -1,6 +1,15 @@
-"""Admission control: a bound on items admitted for the backend and not yet answered."""
+"""Admission control: bounds on work taken in and not yet done.
+
+`Admission` bounds items admitted for the backend (the event loop's side; past it,
+RESOURCE_EXHAUSTED at once). `PixelBudget` bounds the pixels being decoded at once
+(the decode threads' side; past it, a decode waits for others to finish).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 from service.errors import Overloaded
 from service.metrics import Metrics
@@ -32,3 +41,32 @@ class Admission:
         """Give back `n` places (answered, failed or abandoned)."""
         self.admitted -= n
         self._metrics.queued_items.set(self.admitted)
+
+
+class PixelBudget:
+    """Pixels decoded at once, across threads: `hold(n)` waits until `n` fit.
+
+    A canvas larger than the whole budget is held as the whole budget (it runs alone
+    rather than never), so the peak is about max(limit, the largest canvas).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the pixel budget must be at least 1, not {limit}")
+        self.limit = limit
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Block until `pixels` fit in the budget, keep them for the `with` block."""
+        weight = max(1, min(pixels, self.limit))
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use + weight <= self.limit)
+            self.in_use += weight
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= weight
+                self._changed.notify_all()

@@ -1,8 +1,12 @@
 """The embedding cache: an in-process LRU in front of an optional shared Redis.
 
 Lookups go LRU first, then one `MGET` for everything the LRU missed; fills go to
-the LRU and one pipelined batch of `SET key value EX ttl`. Values are float32
-little-endian bytes, so any gateway (any CPU) reads what another wrote.
+the LRU and one pipelined batch of `SET key value EX ttl`. A value is one flags byte
+(bit 0: the text was truncated) followed by the vector as float32 little-endian, so any
+gateway (any CPU) reads what another wrote. A value read back is checked (length for
+the caller's dimension, finite, unit length); anything else is a miss, counted in
+`clip_cache_corrupt_total`, and is overwritten when the vector is computed again.
+The LRU is bounded in entries and in bytes.
 
 Redis is an optimisation, never a dependency: every call is bounded by a timeout,
 every failure is counted and swallowed (the caller sees a miss), and a circuit
@@ -13,6 +17,7 @@ outage costs each request nothing instead of one timeout.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections import OrderedDict
@@ -31,6 +36,28 @@ from service.metrics import Metrics
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _WIRE_DTYPE = np.dtype("<f4")
+_FLAG_TRUNCATED = 0x01
+# An L2-normalised float32 vector's norm is 1 within rounding; far off = not ours.
+_NORM_TOLERANCE = 1e-3
+
+
+def encode_value(vector: np.ndarray, *, truncated: bool = False) -> bytes:
+    """A vector as a shared-cache value: one flags byte, then float32 little-endian."""
+    flags = bytes([_FLAG_TRUNCATED if truncated else 0])
+    return flags + np.asarray(vector, dtype=_WIRE_DTYPE).reshape(-1).tobytes()
+
+
+@dataclass(frozen=True)
+class CachedVector:
+    """A cached embedding: the vector (float32, 1-D, read-only) and how it was made."""
+
+    vector: np.ndarray
+    truncated: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the vector holds."""
+        return int(self.vector.nbytes)
 
 
 class CircuitBreaker:
@@ -119,12 +146,14 @@ class EmbeddingCache:
         *,
         metrics: Metrics,
         local_items: int,
+        local_bytes: int | None = None,
         redis: RedisOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
         client: aioredis.Redis | None = None,
     ) -> None:
         """Build the cache; no I/O happens here (Redis connects on first use).
 
+        `local_bytes` bounds the LRU's vectors in bytes too (None: entries only);
         `redis` None = the LRU alone; `client` replaces the client made from
         `redis.url` (tests pass fakes; `redis` still gives timeouts and the breaker).
         """
@@ -140,8 +169,12 @@ class EmbeddingCache:
             raise ValueError(f"ttl_s must be >= 1, got {redis.ttl_s}")
         if redis.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {redis.timeout_s}")
+        if local_bytes is not None and local_bytes < 0:
+            raise ValueError(f"local_bytes must be >= 0, got {local_bytes}")
         self._local_items = local_items
-        self._local: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._local_bytes_limit = local_bytes
+        self._local_bytes = 0
+        self._local: OrderedDict[str, CachedVector] = OrderedDict()
         self._redis_url = redis.url
         self._ttl_s = redis.ttl_s
         self._timeout_s = redis.timeout_s
@@ -153,6 +186,7 @@ class EmbeddingCache:
         self._redis_hits = metrics.cache_hits.labels(level="redis")
         self._redis_misses = metrics.cache_misses.labels(level="redis")
         self._redis_errors = metrics.cache_errors.labels(level="redis")
+        self._corrupt = metrics.cache_corrupt
         self._breaker_gauge = metrics.cache_breaker_open
         self._breaker_gauge.set(0)
         self._breaker = CircuitBreaker(
@@ -175,42 +209,50 @@ class EmbeddingCache:
                 retry=Retry(NoBackoff(), 1),
             )
 
+    def with_own_lru(self, local_items: int) -> EmbeddingCache:
+        """A cache with an LRU of its own (`local_items` entries, the same byte cap) that
+        shares this one's Redis client, breaker and metrics: one Redis, one breaker."""
+        if local_items < 0:
+            raise ValueError(f"local_items must be >= 0, got {local_items}")
+        other = copy.copy(self)
+        other._local_items = local_items
+        other._local = OrderedDict()
+        other._local_bytes = 0
+        return other
+
     # ------------------------------------------------------------------ public API
     async def get_many(
         self, keys: Sequence[str], *, size: int | None = None
-    ) -> list[np.ndarray | None]:
-        """The cached vector for each key (None where missing), in the order given:
+    ) -> list[CachedVector | None]:
+        """The cached entry for each key (None where missing), in the order given:
         `get_local`, then `get_shared` for what the LRU missed."""
         results = self.get_local(keys)
-        missing = [key for key, vector in zip(keys, results, strict=True) if vector is None]
+        missing = [key for key, entry in zip(keys, results, strict=True) if entry is None]
         if missing:
             shared = dict(zip(missing, await self.get_shared(missing, size=size), strict=True))
             results = [
-                shared.get(key) if v is None else v for key, v in zip(keys, results, strict=True)
+                shared.get(key) if e is None else e for key, e in zip(keys, results, strict=True)
             ]
         return results
 
-    def get_local(self, keys: Sequence[str]) -> list[np.ndarray | None]:
-        """The LRU's vector for each key (None where missing); never suspends.
-
-        Returned arrays are float32, 1-D and read-only (they are shared with the LRU).
-        """
+    def get_local(self, keys: Sequence[str]) -> list[CachedVector | None]:
+        """The LRU's entry for each key (None where missing); never suspends."""
         results = [self._local_get(key) for key in keys]
         if self._local_items:
-            n_missing = sum(vector is None for vector in results)
+            n_missing = sum(entry is None for entry in results)
             self._local_hits.inc(len(keys) - n_missing)
             self._local_misses.inc(n_missing)
         return results
 
     async def get_shared(
         self, keys: Sequence[str], *, size: int | None = None
-    ) -> list[np.ndarray | None]:
-        """Redis's vector for each key (None where missing, corrupt or Redis is down).
+    ) -> list[CachedVector | None]:
+        """Redis's entry for each key (None where missing, invalid or Redis is down).
 
         `size`, when given, is the expected number of floats per value; a value of any
-        other length is treated as corrupt (a miss and an error). Hits fill the LRU.
+        other length, or not a finite unit vector, is a miss. Hits fill the LRU.
         """
-        results: list[np.ndarray | None] = [None] * len(keys)
+        results: list[CachedVector | None] = [None] * len(keys)
         if not keys or self._client is None:
             return results
         client = self._client
@@ -218,27 +260,31 @@ class EmbeddingCache:
         raw_values = await self._call_redis("MGET", lambda: client.mget(unique_keys))
         if raw_values is None:
             return results
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, CachedVector] = {}
         for key, raw in zip(unique_keys, raw_values, strict=True):
-            vector = self._decode(key, raw, size) if raw is not None else None
-            if vector is not None:
-                self._local_put(key, vector)
-                found[key] = vector
+            entry = self._decode(key, raw, size) if raw is not None else None
+            if entry is not None:
+                self._local_put(key, entry)
+                found[key] = entry
         results = [found.get(key) for key in keys]
-        hits = sum(vector is not None for vector in results)
+        hits = sum(entry is not None for entry in results)
         self._redis_hits.inc(hits)
         self._redis_misses.inc(len(keys) - hits)
         return results
 
-    async def put_many(self, entries: Sequence[tuple[str, np.ndarray]]) -> None:
-        """Store vectors (flattened to float32) in the LRU and, in one pipeline, Redis."""
+    async def put_many(
+        self, entries: Sequence[tuple[str, np.ndarray]], *, truncated: Sequence[bool] = ()
+    ) -> None:
+        """Store vectors (flattened to float32) in the LRU and, in one pipeline, Redis;
+        `truncated[i]` (default False) is kept with the i-th vector."""
         packed: dict[str, bytes] = {}
-        for key, vector in entries:
+        for index, (key, vector) in enumerate(entries):
             stored = np.array(vector, dtype=np.float32, copy=True).reshape(-1)
             # Read-only because the same array is handed to every later reader.
             stored.flags.writeable = False
-            self._local_put(key, stored)
-            packed[key] = stored.astype(_WIRE_DTYPE, copy=False).tobytes()
+            cut = bool(truncated[index]) if index < len(truncated) else False
+            self._local_put(key, CachedVector(stored, cut))
+            packed[key] = encode_value(stored, truncated=cut)
         if not packed or self._client is None:
             return
         client = self._client
@@ -283,36 +329,53 @@ class EmbeddingCache:
         return len(self._local)
 
     # ------------------------------------------------------------------ internals
-    def _local_get(self, key: str) -> np.ndarray | None:
-        vector = self._local.get(key)
-        if vector is not None:
+    def _local_get(self, key: str) -> CachedVector | None:
+        entry = self._local.get(key)
+        if entry is not None:
             self._local.move_to_end(key)
-        return vector
+        return entry
 
-    def _local_put(self, key: str, vector: np.ndarray) -> None:
+    def _local_put(self, key: str, entry: CachedVector) -> None:
         if not self._local_items:
             return
-        self._local[key] = vector
-        self._local.move_to_end(key)
-        while len(self._local) > self._local_items:
-            self._local.popitem(last=False)
+        if self._local_bytes_limit is not None and entry.nbytes > self._local_bytes_limit:
+            return  # larger than the whole LRU: keeping it would evict everything
+        old = self._local.pop(key, None)
+        if old is not None:
+            self._local_bytes -= old.nbytes
+        self._local[key] = entry
+        self._local_bytes += entry.nbytes
+        while len(self._local) > self._local_items or (
+            self._local_bytes_limit is not None and self._local_bytes > self._local_bytes_limit
+        ):
+            _, evicted = self._local.popitem(last=False)
+            self._local_bytes -= evicted.nbytes
 
-    def _decode(self, key: str, raw: bytes, size: int | None) -> np.ndarray | None:
-        n_bytes = len(raw)
+    @property
+    def local_bytes(self) -> int:
+        """Bytes of vectors the LRU holds now."""
+        return self._local_bytes
+
+    def _decode(self, key: str, raw: bytes, size: int | None) -> CachedVector | None:
+        body = len(raw) - 1
         expected = None if size is None else size * _WIRE_DTYPE.itemsize
-        if n_bytes == 0 or n_bytes % _WIRE_DTYPE.itemsize or (expected not in (None, n_bytes)):
-            self._redis_errors.inc()
-            _LOGGER.warning(
-                "corrupt cache value for %s: %d bytes (expected %s); treated as a miss",
-                key,
-                n_bytes,
-                expected if expected is not None else "a multiple of 4",
-            )
+        problem = None
+        if body <= 0 or body % _WIRE_DTYPE.itemsize or (expected not in (None, body)):
+            problem = f"{len(raw)} bytes, expected 1 + {expected or 'a multiple of 4'}"
+        elif raw[0] & ~_FLAG_TRUNCATED:
+            problem = f"unknown flags {raw[0]:#04x}"
+        else:
+            # astype copies into a fresh native-endian array that owns its memory.
+            vector = np.frombuffer(raw, dtype=_WIRE_DTYPE, offset=1).astype(np.float32)
+            norm = float(np.linalg.norm(vector))
+            if not np.isfinite(norm) or abs(norm - 1.0) > _NORM_TOLERANCE:
+                problem = f"not a unit vector (norm {norm:.4g})"
+        if problem is not None:
+            self._corrupt.inc()
+            _LOGGER.warning("invalid cache value for %s: %s; treated as a miss", key, problem)
             return None
-        # astype copies into a fresh native-endian array that owns its memory.
-        vector = np.frombuffer(raw, dtype=_WIRE_DTYPE).astype(np.float32)
         vector.flags.writeable = False
-        return vector
+        return CachedVector(vector, truncated=bool(raw[0] & _FLAG_TRUNCATED))
 
     async def _call_redis(self, what: str, make_call: Callable[[], Awaitable[_T]]) -> _T | None:
         """Run one Redis call under the breaker and timeout; None if skipped or failed."""

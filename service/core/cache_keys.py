@@ -3,10 +3,10 @@
 A key names everything the cached vector depends on, so a changed model, weights
 file, tokenizer or preprocessing can never serve a stale vector:
 
-    clip:v1:emb:{model_id}:{modality}:{preprocess}:{sha256(prepared input)}
-    clip:v1:labelset:{model_id}:{preprocess}:{sha256(canonical labels + templates)}
+    clip:v2:emb:{model_id}:{modality}:{preprocess}:{sha256(prepared input)}
+    clip:v2:labelset:{model_id}:{preprocess}:{sha256(canonical labels + templates)}
 
-The readable parts stay readable (so `redis-cli --scan --pattern 'clip:v1:emb:demo*'`
+The readable parts stay readable (so `redis-cli --scan --pattern 'clip:v2:emb:demo*'`
 works) but are escaped: `%` → `%25` and `:` → `%3A`. No escaped part contains `:`,
 so splitting a key on `:` recovers the parts exactly, and two different inputs can
 never produce one key. Embedding and label-set keys differ in their third part and
@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 
 #: Bumped when the key layout or the stored value format changes.
-KEY_VERSION = "v1"
+KEY_VERSION = "v2"  # v2: a flags byte before the vector
 _PREFIX = f"clip:{KEY_VERSION}"
 
 

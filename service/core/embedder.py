@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import numpy as np
 
 from service.backends.base import Backend
 from service.core import validation
-from service.core.admission import Admission
+from service.core.admission import Admission, PixelBudget
 from service.core.cache import EmbeddingCache
 from service.core.cache_keys import embedding_key, label_set_key
 from service.core.image_preprocess import (
@@ -66,6 +65,8 @@ class EmbedderOptions:
 
     decode_threads: int
     exif_transpose: bool
+    #: None: decodes are bounded by the thread count only.
+    decode_budget_pixels: int | None
     text_length_buckets: tuple[int, ...]
 
 
@@ -77,15 +78,18 @@ class Embedder:
         *,
         backend: Backend,
         cache: EmbeddingCache,
+        label_cache: EmbeddingCache,
         metadata: ModelMetadata,
         limits: Limits,
         metrics: Metrics,
         admission: Admission,
         options: EmbedderOptions,
     ) -> None:
-        """`admission` is shared with the batching queue in front of `backend` (its hold)."""
+        """`admission` is shared with the batching queue in front of `backend` (its hold);
+        `label_cache` keeps zero-shot label ensembles apart from image and text vectors."""
         self._backend = backend
         self._cache = cache
+        self._label_cache = label_cache
         self.metadata = metadata
         self.limits = limits
         self._metrics = metrics
@@ -100,7 +104,12 @@ class Embedder:
             f"pp{PREPROCESS_VERSION}/{metadata.image_size}/{metadata.interpolation}/{exif}"
         )
         self._decode_pool = ThreadPoolExecutor(
-            max_workers=options.decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
+            max_workers=options.decode_threads, thread_name_prefix="decode"
+        )
+        self._pixel_budget = (
+            None
+            if options.decode_budget_pixels is None
+            else PixelBudget(options.decode_budget_pixels)
         )
         self._flights: SingleFlight[str, EmbeddingResult] = SingleFlight()
 
@@ -143,6 +152,7 @@ class Embedder:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         await self._backend.aclose()
         await self._cache.aclose()
+        await self._label_cache.aclose()
 
     # ------------------------------------------------------------------ public API
     async def embed_texts(
@@ -176,31 +186,36 @@ class Embedder:
         deadline = _deadline(timeout_s)
         fp = self.tokenizer.fingerprint
         keys = [label_set_key(self.model_id, [label], list(templates), fp) for label in labels]
-        found = await self._cache.get_many(keys)
+        size = self.metadata.embedding_dim
+        found = [e.vector if e else None for e in await self._label_cache.get_many(keys, size=size)]
         missing = [i for i, vec in enumerate(found) if vec is None]
         if missing:
             texts = [text for i in missing for text in prompts(labels[i], templates)]
             vectors: list[np.ndarray] = []
             for start in range(0, len(texts), _LABEL_WAVE):
-                wave = await self._embed_texts(texts[start : start + _LABEL_WAVE], deadline)
+                # Prompt vectors are not stored: only the ensembles are worth keeping, and
+                # thousands of prompts would evict the image and text vectors callers reuse.
+                wave = await self._embed_texts(
+                    texts[start : start + _LABEL_WAVE], deadline, store=False
+                )
                 vectors.extend(e.vector for e in wave)
             per_label = np.stack(vectors).reshape(len(missing), len(templates), -1)
             fresh = [(keys[i], ensemble(per_label[j])) for j, i in enumerate(missing)]
             for (_, vec), i in zip(fresh, missing, strict=True):
                 found[i] = vec
-            await self._cache.put_many(fresh)
+            await self._label_cache.put_many(fresh)
         return np.stack([vec for vec in found if vec is not None])
 
     # ------------------------------------------------------------------ pipeline
     async def _embed_texts(
-        self, texts: Sequence[str], deadline: float | None
+        self, texts: Sequence[str], deadline: float | None, *, store: bool = True
     ) -> list[EmbeddingResult]:
         keys = [
             embedding_key(self.model_id, "text", t.encode("utf-8"), self.tokenizer.fingerprint)
             for t in texts
         ]
         return await self._embed(
-            "text", keys, lambda idx: self._prepare_texts(texts, idx), deadline, "texts"
+            "text", keys, lambda idx: self._prepare_texts(texts, idx), deadline, "texts", store
         )
 
     async def _embed(
@@ -210,14 +225,18 @@ class Embedder:
         prepare: Prepare,
         deadline: float | None,
         field: str,
+        store: bool = True,
     ) -> list[EmbeddingResult]:
+        """`store` False: computed vectors are not put in the cache."""
         self._metrics.items.labels(modality).inc(len(keys))
         unique = list(dict.fromkeys(keys))
         for _ in range(_CLAIM_ATTEMPTS):
             _check_deadline(deadline, f"{modality} embedding")
             try:
                 async with asyncio.timeout_at(deadline):
-                    results = await self._lookup_or_compute(keys, unique, prepare, deadline, field)
+                    results = await self._lookup_or_compute(
+                        keys, unique, prepare, deadline, field, store
+                    )
                 return [results[k] for k in keys]
             except Abandoned:
                 # Another request owned some of our keys and failed on its own input, or
@@ -236,6 +255,7 @@ class Embedder:
         prepare: Prepare,
         deadline: float | None,
         field: str,
+        store: bool,
     ) -> dict[str, EmbeddingResult]:
         """Each distinct key's vector: from the LRU, an owner's work, or our own.
 
@@ -245,13 +265,13 @@ class Embedder:
         """
         local = self._cache.get_local(unique)
         results = {
-            k: EmbeddingResult(v, cached=True)
-            for k, v in zip(unique, local, strict=True)
-            if v is not None
+            k: EmbeddingResult(e.vector, cached=True, truncated=e.truncated)
+            for k, e in zip(unique, local, strict=True)
+            if e is not None
         }
         owned, waiting = self._flights.claim(k for k in unique if k not in results)
         if owned:
-            await self._start_owned(keys, owned, prepare, deadline)
+            await self._start_owned(keys, owned, prepare, deadline, store)
         outcomes = await self._flights.wait({**waiting, **owned})
         for key, outcome in outcomes.items():
             if isinstance(outcome, InvalidInput):
@@ -268,6 +288,7 @@ class Embedder:
         owned: dict[str, asyncio.Future[EmbeddingResult]],
         prepare: Prepare,
         deadline: float | None,
+        store: bool,
     ) -> None:
         """Settle what the shared cache holds; admit, prepare and launch the rest."""
         try:
@@ -278,8 +299,9 @@ class Embedder:
             )
             raise
         hits = {k: v for k, v in zip(owned, shared, strict=True) if v is not None}
-        for key, vector in hits.items():
-            self._flights.resolve(owned, key, EmbeddingResult(vector, cached=True))
+        for key, entry in hits.items():
+            result = EmbeddingResult(entry.vector, cached=True, truncated=entry.truncated)
+            self._flights.resolve(owned, key, result)
         self._flights.release({k: owned[k] for k in hits})  # now in the LRU
         todo = {k: f for k, f in owned.items() if k not in hits}
         if not todo:
@@ -304,7 +326,7 @@ class Embedder:
                 self._flights.fail(todo, exc, culprit=culprit)
             raise
         # Its own task: a caller that gives up does not stop the work others wait for.
-        task = asyncio.get_running_loop().create_task(self._finish(todo, run, deadline))
+        task = asyncio.get_running_loop().create_task(self._finish(todo, run, deadline, store))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def _finish(
@@ -312,6 +334,7 @@ class Embedder:
         owned: dict[str, asyncio.Future[EmbeddingResult]],
         run: Run,
         deadline: float | None,
+        store: bool,
     ) -> None:
         try:
             timeout_s = None if deadline is None else deadline - asyncio.get_running_loop().time()
@@ -329,17 +352,20 @@ class Embedder:
         try:
             # Keys stay claimed until the cache holds them, so a late identical miss
             # finds either the claim or the cached vector, never a gap between the two.
-            await self._cache.put_many(
-                [(k, e.vector) for k, e in zip(owned, embedded, strict=True)]
-            )
+            if store:
+                await self._cache.put_many(
+                    [(k, e.vector) for k, e in zip(owned, embedded, strict=True)],
+                    truncated=[e.truncated for e in embedded],
+                )
         finally:
             self._flights.release(owned)
 
     # ------------------------------------------------------------------ preparation
     async def _prepare_texts(self, texts: Sequence[str], indices: list[int]) -> Run:
-        started = time.perf_counter()
-        tokens = [self.tokenizer.tokenize(texts[i]) for i in indices]
-        self._metrics.preprocess_latency.labels("tokenize").observe(time.perf_counter() - started)
+        # Off the event loop: a batch of long texts must not delay health checks.
+        tokens = await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, self._tokenize, [texts[i] for i in indices]
+        )
 
         async def run(timeout_s: float | None) -> list[EmbeddingResult]:
             return await self._run_texts(tokens, timeout_s)
@@ -390,10 +416,21 @@ class Embedder:
 
         return run
 
+    def _tokenize(self, texts: list[str]) -> list[Tokens]:
+        started = time.perf_counter()
+        try:
+            return [self.tokenizer.tokenize(text) for text in texts]
+        finally:
+            self._metrics.preprocess_latency.labels("tokenize").observe(
+                time.perf_counter() - started
+            )
+
     def _decode(self, image_bytes: bytes) -> np.ndarray:
         started = time.perf_counter()
         try:
-            return preprocess_image_bytes(image_bytes, self._image_spec, self._image_limits)
+            return preprocess_image_bytes(
+                image_bytes, self._image_spec, self._image_limits, self._pixel_budget
+            )
         finally:
             self._metrics.preprocess_latency.labels("image_decode").observe(
                 time.perf_counter() - started

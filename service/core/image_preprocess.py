@@ -8,6 +8,7 @@ bit-identical to open_clip's while the wire carries 4× fewer bytes than float32
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.core.admission import PixelBudget
 from service.errors import InvalidInput
 
 #: Bumped whenever the bytes → tensor path changes; part of every image cache key.
@@ -54,6 +56,11 @@ class ImageLimits:
 
 def open_image(image_bytes: bytes, limits: ImageLimits) -> Image.Image:
     """Decode the header, check format and canvas size, then load the first frame."""
+    return _load_first_frame(_read_header(image_bytes, limits), limits)
+
+
+def _read_header(image_bytes: bytes, limits: ImageLimits) -> Image.Image:
+    """The image with only its header read: format and canvas size checked, no pixels."""
     if not image_bytes:
         raise InvalidInput("image is empty (0 bytes)")
     if len(image_bytes) > limits.max_bytes:
@@ -89,13 +96,20 @@ def open_image(image_bytes: bytes, limits: ImageLimits) -> Image.Image:
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
             f"{limits.max_pixels} pixels"
         )
+    return image
+
+
+def _load_first_frame(image: Image.Image, limits: ImageLimits) -> Image.Image:
+    """Decode the pixels of the first frame (GIF) or page (TIFF), rotated by EXIF."""
     try:
         image.seek(0)  # first frame of GIF / first page of TIFF
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
             if limits.exif_transpose:
-                image = ImageOps.exif_transpose(image)
+                # In place: a copy of the whole canvas when there is nothing to rotate
+                # would double the peak memory of every large image.
+                ImageOps.exif_transpose(image, in_place=True)
     except Image.DecompressionBombError as exc:
         raise InvalidInput(
             f"image declares a canvas over the limit of {limits.max_pixels} pixels ({exc})"
@@ -150,12 +164,26 @@ def _resize_crop_rgb(image: Image.Image, size: int, resample: Image.Resampling) 
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def preprocess_image_bytes(image_bytes: bytes, spec: ImageSpec, limits: ImageLimits) -> np.ndarray:
-    """Bytes → `uint8 [3,S,S]`; raises InvalidInput with the reason on bad input."""
-    image = open_image(image_bytes, limits)
-    try:
-        return to_model_pixels(image, spec)
-    except InvalidInput:
-        raise
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"image could not be converted: {exc}") from None
+def preprocess_image_bytes(
+    image_bytes: bytes,
+    spec: ImageSpec,
+    limits: ImageLimits,
+    budget: PixelBudget | None = None,
+) -> np.ndarray:
+    """Bytes → `uint8 [3,S,S]`; raises InvalidInput with the reason on bad input.
+
+    With a `budget`, the decode waits until its canvas fits in the pixels that all
+    decodes together may hold, so N large images cannot pass the memory bound.
+    """
+    image = _read_header(image_bytes, limits)
+    width, height = image.size
+    with budget.hold(width * height) if budget is not None else contextlib.nullcontext():
+        image = _load_first_frame(image, limits)
+        try:
+            return to_model_pixels(image, spec)
+        except InvalidInput:
+            raise
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"image could not be converted: {exc}") from None
+        finally:
+            image.close()  # the decoded canvas goes now, not at the next collection

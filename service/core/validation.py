@@ -24,6 +24,7 @@ class Limits:
     max_labels: int
     max_templates: int
     max_label_chars: int
+    max_prompts: int
 
 
 def check_count(n: int, field: str, limit: int, *, allow_empty: bool = False) -> None:
@@ -96,6 +97,13 @@ def check_labels(labels: Sequence[str], templates: Sequence[str], limits: Limits
             )
         seen[label] = index
     check_count(len(templates), "templates", limits.max_templates, allow_empty=True)
+    prompts = len(labels) * max(len(templates), 1)
+    if prompts > limits.max_prompts:
+        raise InvalidInput(
+            f"{len(labels)} labels × {len(templates)} templates is {prompts} prompts, over the "
+            f"limit of {limits.max_prompts}; send fewer labels or templates per call",
+            field="labels",
+        )
     for index, template in enumerate(templates):
         if len(template) > limits.max_label_chars:
             raise InvalidInput(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,20 +19,12 @@ from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core.embedder import Embedder
 from service.core.scoring import Scorer
 from service.metrics import Metrics
+from service.server.credentials import ApiKeys, TlsFiles, tls_server_credentials
 from service.server.health import HealthMonitor
 from service.server.interceptors import ApiKeyInterceptor, ObservabilityInterceptor
 from service.server.servicer import ClipServicer
 
 _LOGGER = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files for TLS on the gRPC port; with `client_ca`, clients need a certificate."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -44,9 +35,11 @@ class ServerOptions:
     port: int
     metrics_port: int
     max_message_bytes: int
+    max_concurrent_rpcs: int
+    health_port: int
     shutdown_grace_s: float
     backend_timeout_s: float
-    api_keys: frozenset[str]
+    api_keys: ApiKeys
     tls: TlsFiles | None
 
 
@@ -60,6 +53,8 @@ class Gateway:
     embedder: Embedder
     health: HealthMonitor
     metrics: Metrics
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
     metrics_port: int | None = None
     _metrics_http: Any = field(default=None, repr=False)
 
@@ -67,6 +62,8 @@ class Gateway:
         """Start the backend, the server and the health monitor (NOT_SERVING until warm)."""
         await self.embedder.start()
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         await self.health.start()
         if self.options.metrics_port >= 0:
             http, _thread = start_http_server(
@@ -96,6 +93,8 @@ class Gateway:
         """Graceful: NOT_SERVING, let in-flight calls finish (up to grace), then release."""
         grace = self.options.shutdown_grace_s if grace_s is None else grace_s
         await self.health.shutdown()
+        if self.health_server is not None:
+            await self.health_server.stop(0)  # probes see the port close: not ready
         await self.server.stop(grace)
         await self.embedder.aclose()
         if self._metrics_http is not None:
@@ -109,10 +108,11 @@ def build_server(
 ) -> Gateway:
     """The grpc.aio server around a built pipeline, bound but not started."""
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
-    if options.api_keys:
+    if options.api_keys.enabled:
         interceptors.append(ApiKeyInterceptor(options.api_keys, metrics))
     server = grpc.aio.server(
         interceptors=interceptors,
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs or None,
         options=[
             ("grpc.max_receive_message_length", options.max_message_bytes),
             ("grpc.max_send_message_length", options.max_message_bytes),
@@ -120,7 +120,13 @@ def build_server(
         ],
     )
     clip_pb2_grpc.add_ClipServiceServicer_to_server(
-        ClipServicer(embedder, scorer, backend_timeout_s=options.backend_timeout_s), server
+        ClipServicer(
+            embedder,
+            scorer,
+            backend_timeout_s=options.backend_timeout_s,
+            max_answer_bytes=options.max_message_bytes,
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -134,17 +140,20 @@ def build_server(
     )
     address = f"{options.host}:{options.port}"
     if options.tls is not None:
-        tls = options.tls
-        client_ca = tls.client_ca.read_bytes() if tls.client_ca else None
-        credentials = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
-        port = server.add_secure_port(address, credentials)
+        port = server.add_secure_port(address, tls_server_credentials(options.tls))
     else:
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     monitor = HealthMonitor(health_servicer, embedder)
-    return Gateway(options, server, port, embedder, monitor, metrics)
+    gateway = Gateway(options, server, port, embedder, monitor, metrics)
+    if options.health_port >= 0:
+        # Probes get the same health answers over plaintext, outside the RPC cap, auth
+        # and TLS of the main port (kubelet's gRPC probe speaks neither TLS nor keys).
+        gateway.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, gateway.health_server)
+        health_address = f"{options.host}:{options.health_port}"
+        gateway.health_port = gateway.health_server.add_insecure_port(health_address)
+        if gateway.health_port == 0:
+            raise OSError(f"could not bind {health_address}")
+    return gateway

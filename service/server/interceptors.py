@@ -19,6 +19,7 @@ import grpc
 
 from service.errors import ClipError
 from service.metrics import Metrics
+from service.server.credentials import ApiKeys
 from service.server.status import status_for
 
 _LOGGER = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <key>` on every RPC except health and reflection."""
 
-    def __init__(self, keys: frozenset[str], metrics: Metrics) -> None:
-        self._keys = [k.encode() for k in keys]
+    def __init__(self, keys: ApiKeys, metrics: Metrics) -> None:
+        self._keys = keys
         self._metrics = metrics
 
     def _allowed(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
@@ -137,7 +138,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                 break
         # Compare against every key, always, so timing reveals nothing about which matched.
         matched = False
-        for key in self._keys:
+        for key in self._keys.current():
             matched |= hmac.compare_digest(presented, key)
         return matched and bool(presented)
 

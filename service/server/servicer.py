@@ -14,12 +14,19 @@ import grpc
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core.embedder import Embedder, EmbeddingResult
 from service.core.scoring import Item, Scorer
-from service.errors import ClipError, InvalidInput
+from service.errors import ClipError, InvalidInput, Overloaded
 from service.server.status import status_for
 
 _LOGGER = logging.getLogger(__name__)
-# Stream items worked on at once per stream: enough to fill batches, bounded for memory.
+# Stream items read and not yet written back, per stream: enough to fill batches, and
+# the bound on what a client that writes without reading can make us hold.
 _STREAM_WINDOW = 64
+# Longest stream item id echoed back; a longer id gets a per-item INVALID_ARGUMENT.
+MAX_STREAM_ID_CHARS = 256
+# Protobuf framing per repeated element / message, rounded up (estimates, not exact).
+_PER_VECTOR_OVERHEAD = 24
+_PER_LABEL_OVERHEAD = 24
+_PER_SCORE_BYTES = 10
 
 
 def _vector_message(item: EmbeddingResult, fmt: int) -> clip_pb2.Embedding:
@@ -43,10 +50,32 @@ def _check_format(fmt: int) -> int:
 class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     """Thin translation between the protobuf API and the `Embedder` / `Scorer`."""
 
-    def __init__(self, embedder: Embedder, scorer: Scorer, *, backend_timeout_s: float) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        scorer: Scorer,
+        *,
+        backend_timeout_s: float,
+        max_answer_bytes: int,
+    ) -> None:
+        """`max_answer_bytes`: the send limit; answers that would pass it are refused
+        before any work is done."""
         self._embedder = embedder
         self._scorer = scorer
         self._backend_timeout_s = backend_timeout_s
+        self._max_answer_bytes = max_answer_bytes
+
+    def _check_answer_size(self, estimate: int, what: str) -> None:
+        if estimate > self._max_answer_bytes:
+            raise Overloaded(
+                f"the answer would be about {estimate} bytes ({what}), over the send limit of "
+                f"{self._max_answer_bytes} bytes (--max-message-bytes); split the request"
+            )
+
+    def _check_vectors_answer(self, n: int, fmt: int) -> None:
+        width = 2 if fmt == clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES else 4
+        per_vector = self._embedder.metadata.embedding_dim * width + _PER_VECTOR_OVERHEAD
+        self._check_answer_size(n * per_vector, f"{n} vectors")
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -58,6 +87,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         self, request: clip_pb2.EmbedTextRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
         fmt = _check_format(request.format)
+        self._check_vectors_answer(len(request.texts), fmt)
         items = await self._embedder.embed_texts(
             list(request.texts), timeout_s=self._timeout(context)
         )
@@ -69,6 +99,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         self, request: clip_pb2.EmbedImageRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
         fmt = _check_format(request.format)
+        self._check_vectors_answer(len(request.images), fmt)
         items = await self._embedder.embed_images(
             list(request.images), timeout_s=self._timeout(context)
         )
@@ -79,6 +110,11 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     async def Similarity(
         self, request: clip_pb2.SimilarityRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.SimilarityResponse:
+        n_queries, n_candidates = len(request.queries), len(request.candidates)
+        self._check_answer_size(
+            n_queries * (n_candidates * 2 * _PER_SCORE_BYTES + _PER_VECTOR_OVERHEAD),
+            f"{n_queries} × {n_candidates} scores",
+        )
         result = await self._scorer.similarity(
             _items(request.queries, "queries"),
             _items(request.candidates, "candidates"),
@@ -93,6 +129,10 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     async def Classify(
         self, request: clip_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.ClassifyResponse:
+        k = len(request.labels) if request.top_k <= 0 else min(request.top_k, len(request.labels))
+        longest = sorted((len(label.encode()) for label in request.labels), reverse=True)[:k]
+        per_image = sum(longest) + k * _PER_LABEL_OVERHEAD
+        self._check_answer_size(len(request.images) * per_image, f"{k} labels per image")
         results = await self._scorer.classify(
             list(request.images),
             list(request.labels),
@@ -134,15 +174,16 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         request_iterator: AsyncIterator[clip_pb2.StreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[clip_pb2.StreamResponse]:
-        answers: asyncio.Queue[clip_pb2.StreamResponse | None] = asyncio.Queue()
+        # A slot is taken when an item is read and freed only once its answer has been
+        # written: a client that writes and never reads stalls its own stream (HTTP/2
+        # flow control blocks the write), and we stop reading after `_STREAM_WINDOW`.
         window = asyncio.Semaphore(_STREAM_WINDOW)
+        answers: asyncio.Queue[clip_pb2.StreamResponse | None] = asyncio.Queue()
         workers: set[asyncio.Task[None]] = set()
 
         async def work(request: clip_pb2.StreamRequest) -> None:
-            try:
-                await answers.put(await self._stream_item(request, context))
-            finally:
-                window.release()
+            answer = await self._stream_item(request, context)
+            answers.put_nowait(answer)  # at most `_STREAM_WINDOW` wait here
 
         async def read() -> None:
             try:
@@ -154,12 +195,13 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
                 if workers:
                     await asyncio.gather(*list(workers))
             finally:
-                await answers.put(None)
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                window.release()  # written: the next item may be read
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
@@ -169,7 +211,13 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     async def _stream_item(
         self, request: clip_pb2.StreamRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.StreamResponse:
+        item_id = request.id[:MAX_STREAM_ID_CHARS]
         try:
+            if len(request.id) > MAX_STREAM_ID_CHARS:
+                raise InvalidInput(
+                    f"id is {len(request.id)} characters, over the limit of "
+                    f"{MAX_STREAM_ID_CHARS} (the answer carries its first {MAX_STREAM_ID_CHARS})"
+                )
             fmt = _check_format(request.format)
             kind = request.WhichOneof("input")
             timeout = self._timeout(context)
@@ -179,15 +227,15 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
                 items = await self._embedder.embed_images([request.image], timeout_s=timeout)
             else:
                 raise InvalidInput("message has neither text nor image set")
-            return clip_pb2.StreamResponse(id=request.id, embedding=_vector_message(items[0], fmt))
+            return clip_pb2.StreamResponse(id=item_id, embedding=_vector_message(items[0], fmt))
         except Exception as exc:
             if not isinstance(exc, ClipError):
-                _LOGGER.error("stream item %r failed", request.id, exc_info=exc)
+                _LOGGER.error("stream item %r failed", item_id, exc_info=exc)
             message = exc.reason if isinstance(exc, InvalidInput) else str(exc)
             if not isinstance(exc, ClipError):
                 message = f"internal error ({type(exc).__name__}); the failure was logged"
             return clip_pb2.StreamResponse(
-                id=request.id,
+                id=item_id,
                 error=clip_pb2.StreamError(code=status_for(exc).name, message=message),
             )
 

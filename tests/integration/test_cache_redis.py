@@ -21,7 +21,9 @@ pytestmark = pytest.mark.integration
 
 
 def vec(seed: int, dim: int = 8) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    """A unit vector, as every embedding is (the shared level refuses anything else)."""
+    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +76,19 @@ async def test_redis_round_trip_is_exact_and_has_a_ttl(
 ) -> None:
     metrics = Metrics()
     cache = make_cache(redis_server.url, metrics, ttl_s=600)
-    tricky = np.array([0.0, -0.0, 1e-45, -3.4e38, np.pi, 1 / 3, np.inf], dtype=np.float32)
+    # Signed zero, a subnormal and a value that is not exactly representable: a unit vector.
+    tricky = np.array([0.0, -0.0, 1e-45, 0.6, -0.8, 1e-4 / 3], dtype=np.float32)
     vectors = {f"k{i}": v for i, v in enumerate([tricky, vec(1, 512), vec(2, 1)])}
-    await cache.put_many(list(vectors.items()))
+    await cache.put_many(list(vectors.items()), truncated=[True, False, False])
     got = await cache.get_many(list(vectors))  # LRU disabled: this comes from Redis
     for key, value in zip(vectors, got, strict=True):
         assert value is not None
-        assert value.dtype == np.float32 and value.ndim == 1
-        assert np.array_equal(value, vectors[key])
-        assert value.tobytes() == vectors[key].tobytes()
+        assert value.vector.dtype == np.float32 and value.vector.ndim == 1
+        assert value.vector.tobytes() == vectors[key].tobytes()
         assert 0 < redis_sync.ttl(key) <= 600
-    # Stored as raw little-endian float32, readable by any client.
-    assert redis_sync.get("k0") == tricky.astype("<f4").tobytes()
+    assert [v.truncated for v in got if v is not None] == [True, False, False]
+    # A flags byte (bit 0: truncated), then raw little-endian float32: any client reads it.
+    assert redis_sync.get("k0") == b"\x01" + tricky.astype("<f4").tobytes()
     assert sample(metrics.registry, "clip_cache_hits_total", level="redis") == 3
     assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 0
 
@@ -126,7 +129,8 @@ async def test_corrupt_value_in_real_redis(
     cache = make_cache(redis_server.url, metrics)
     redis_sync.set("bad", b"\x01\x02\x03")
     assert await cache.get_many(["bad"]) == [None]
-    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 1
+    assert sample(metrics.registry, "clip_cache_corrupt_total") == 1
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 0
     assert sample(metrics.registry, "clip_cache_misses_total", level="redis") == 1
 
 
@@ -143,7 +147,7 @@ async def test_pooled_connections_survive_a_redis_restart(
     await cache.put_many([("k", vec(2))])
     results = await asyncio.gather(*(cache.get_many(["k"]) for _ in range(8)))
     for (value,) in results:
-        assert value is not None and np.array_equal(value, vec(2))
+        assert value is not None and np.array_equal(value.vector, vec(2))
     assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 0
 
 
@@ -181,7 +185,7 @@ async def test_redis_outage_never_reaches_the_caller_and_recovery(
     await cache.put_many([("after", vec(99))])  # the half-open trial
     assert sample(metrics.registry, "clip_cache_breaker_open") == 0
     (value,) = await cache.get_many(["after"])
-    assert value is not None and np.array_equal(value, vec(99))
+    assert value is not None and np.array_equal(value.vector, vec(99))
     assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == errors
 
 
@@ -210,7 +214,7 @@ async def test_hung_redis_times_out_and_no_stale_reply_is_read_later(
     # reading "b" must give b's vector, never the late reply meant for "a".
     clock.advance(5.0)
     (value,) = await cache.get_many(["b"])
-    assert value is not None and np.array_equal(value, vec(2))
+    assert value is not None and np.array_equal(value.vector, vec(2))
     assert sample(metrics.registry, "clip_cache_breaker_open") == 0
 
 

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.core.cache import EmbeddingCache
+from service.core.cache import EmbeddingCache, encode_value
 from service.core.cache_keys import embedding_key, label_set_key
 from service.metrics import Metrics
 from service.processes.metric_samples import sample
@@ -89,7 +89,9 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 def vec(seed: int, dim: int = 8) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    """A unit vector, as every embedding is (the shared level refuses anything else)."""
+    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
 
 
 def fake_cache(
@@ -105,7 +107,7 @@ def fake_cache(
 # ---------------------------------------------------------------------- keys
 def test_embedding_key_names_every_input() -> None:
     base = embedding_key(MODEL, "image", b"pixels", "img:1:exif")
-    assert base.startswith("clip:v1:")
+    assert base.startswith("clip:v2:")
     assert base == embedding_key(MODEL, "image", b"pixels", "img:1:exif")
     variants = {
         embedding_key("clip-demo-shapes/demo@ffffffff", "image", b"pixels", "img:1:exif"),
@@ -156,7 +158,7 @@ def test_label_set_key_is_unambiguous() -> None:
     assert len(set(keys)) == len(keys)
     assert label_set_key(MODEL, ("a", "b"), ("t",)) == keys[1]
     # A label set never shares a key with an embedding, whatever the payload.
-    assert not any(key.startswith("clip:v1:emb:") for key in keys)
+    assert not any(key.startswith("clip:v2:emb:") for key in keys)
 
 
 # ---------------------------------------------------------------------- local LRU
@@ -170,7 +172,7 @@ async def test_lru_evicts_least_recently_used() -> None:
     assert got[1] is None
     for value, seed in zip([got[0], got[2], got[3]], [1, 3, 4], strict=True):
         assert value is not None
-        assert np.array_equal(value, vec(seed))
+        assert np.array_equal(value.vector, vec(seed))
     assert len(cache) == 3
     assert sample(metrics.registry, "clip_cache_hits_total", level="local") == 4
     assert sample(metrics.registry, "clip_cache_misses_total", level="local") == 1
@@ -184,10 +186,10 @@ async def test_lru_values_are_private_float32_copies() -> None:
     original[0] = 99.0  # the caller's array changing later must not change the cache
     (got,) = await cache.get_many(["k"])
     assert got is not None
-    assert got.dtype == np.float32
-    assert np.array_equal(got, np.arange(4, dtype=np.float32))
+    assert got.vector.dtype == np.float32
+    assert np.array_equal(got.vector, np.arange(4, dtype=np.float32))
     with pytest.raises(ValueError):
-        got[0] = 1.0  # shared with later readers, so read-only
+        got.vector[0] = 1.0  # shared with later readers, so read-only
 
 
 async def test_lru_disabled_and_no_redis_is_a_null_cache() -> None:
@@ -204,15 +206,15 @@ async def test_one_mget_for_all_lru_misses_and_promotion() -> None:
     metrics = Metrics()
     fake = FakeRedis()
     cache = fake_cache(fake, metrics, local_items=10)
-    fake.data["r1"] = vec(1).tobytes()
-    fake.data["r2"] = vec(2).tobytes()
+    fake.data["r1"] = encode_value(vec(1))
+    fake.data["r2"] = encode_value(vec(2))
     await cache.put_many([("l1", vec(3))])
     assert fake.pipelines == 1
     got = await cache.get_many(["l1", "r1", "nope", "r2", "r1"])
     assert fake.mget_calls == 1
     assert got[2] is None
     for value, seed in zip([got[0], got[1], got[3], got[4]], [3, 1, 2, 1], strict=True):
-        assert value is not None and np.array_equal(value, vec(seed))
+        assert value is not None and np.array_equal(value.vector, vec(seed))
     assert sample(metrics.registry, "clip_cache_hits_total", level="local") == 1
     assert sample(metrics.registry, "clip_cache_misses_total", level="local") == 4
     assert sample(metrics.registry, "clip_cache_hits_total", level="redis") == 3
@@ -222,20 +224,33 @@ async def test_one_mget_for_all_lru_misses_and_promotion() -> None:
     assert fake.mget_calls == 1
 
 
-async def test_corrupt_value_is_a_miss_and_an_error() -> None:
+async def test_invalid_values_are_counted_misses() -> None:
     metrics = Metrics()
     fake = FakeRedis()
     cache = fake_cache(fake, metrics)
-    fake.data.update({"odd": b"\x00" * 7, "empty": b"", "good": vec(1).tobytes()})
-    got = await cache.get_many(["odd", "empty", "good"])
-    assert got[0] is None and got[1] is None and got[2] is not None
-    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 2
-    assert sample(metrics.registry, "clip_cache_misses_total", level="redis") == 2
+    fake.data.update(
+        {
+            "odd": b"\x00" * 8,  # a flags byte and 7 bytes: not whole floats
+            "empty": b"",
+            "no-flags": vec(1).astype("<f4").tobytes(),  # the v1 layout: 32 bytes, no flags
+            "bad-flags": b"\x80" + vec(1).astype("<f4").tobytes(),
+            "not-unit": encode_value(vec(1) * 3),
+            "nan": encode_value(np.full(8, np.nan, dtype=np.float32)),
+            "good": encode_value(vec(1), truncated=True),
+        }
+    )
+    keys = ["odd", "empty", "no-flags", "bad-flags", "not-unit", "nan", "good"]
+    got = await cache.get_many(keys, size=8)
+    assert [g is not None for g in got] == [False] * 6 + [True]
+    assert got[-1] is not None and got[-1].truncated
+    assert sample(metrics.registry, "clip_cache_corrupt_total") == 6
+    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 0
+    assert sample(metrics.registry, "clip_cache_misses_total", level="redis") == 6
     assert sample(metrics.registry, "clip_cache_hits_total", level="redis") == 1
-    # With an expected size, a well-formed value of another length is corrupt too.
-    got = await cache.get_many(["good"], size=16)
-    assert got == [None]
-    assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 3
+    # With an expected size, a well-formed value of another length is invalid too.
+    cache = fake_cache(fake, metrics)
+    assert await cache.get_many(["good"], size=16) == [None]
+    assert sample(metrics.registry, "clip_cache_corrupt_total") == 7
     assert not cache.breaker_open  # bad data is not a Redis outage
 
 
@@ -269,10 +284,10 @@ async def test_breaker_opens_half_opens_and_closes() -> None:
 
     # Redis is back: the next trial succeeds and closes the breaker.
     fake.failing = False
-    fake.data["k"] = vec(7).tobytes()
+    fake.data["k"] = encode_value(vec(7))
     clock.advance(5.0)
     (got,) = await cache.get_many(["k"])
-    assert got is not None and np.array_equal(got, vec(7))
+    assert got is not None and np.array_equal(got.vector, vec(7))
     assert sample(metrics.registry, "clip_cache_breaker_open") == 0
     assert not cache.breaker_open
     # Closed again: failures must reach the threshold anew before it reopens.

@@ -68,12 +68,16 @@ def _embedder(backend: CountingBackend, *, admit: int = 2048, **limits: int) -> 
     return Embedder(
         backend=backend,
         cache=EmbeddingCache(metrics=metrics, local_items=100),
+        label_cache=EmbeddingCache(metrics=metrics, local_items=100),
         metadata=METADATA,
         limits=build_limits(Settings().replace(**limits)),
         metrics=metrics,
         admission=Admission(admit, metrics),
         options=EmbedderOptions(
-            decode_threads=2, exif_transpose=True, text_length_buckets=(8, 16, 24, 32, 48, 77)
+            decode_threads=2,
+            exif_transpose=True,
+            decode_budget_pixels=None,
+            text_length_buckets=(8, 16, 24, 32, 48, 77),
         ),
     )
 

@@ -71,11 +71,17 @@ def _embedder(backend: GatedBackend) -> Embedder:
     return Embedder(
         backend=backend,
         cache=EmbeddingCache(metrics=metrics, local_items=100),
+        label_cache=EmbeddingCache(metrics=metrics, local_items=100),
         metadata=META,
         limits=build_limits(Settings()),
         metrics=metrics,
         admission=Admission(100, metrics),
-        options=EmbedderOptions(decode_threads=1, exif_transpose=True, text_length_buckets=(8,)),
+        options=EmbedderOptions(
+            decode_threads=1,
+            exif_transpose=True,
+            decode_budget_pixels=None,
+            text_length_buckets=(8,),
+        ),
     )
 
 

@@ -1,0 +1,86 @@
+"""A cache that cannot lie: invalid shared values are misses, flags survive, bounds hold.
+
+Real redis-server and a real gateway over gRPC (issue 14, items 2 and 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+import pytest
+import redis as redis_sync
+
+from service.client import AsyncClipClient
+from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
+from service.processes.redis_server import RedisServer
+from service.server.app import Gateway
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
+
+# Past the 77-token context: the text is cut and `truncated` is set.
+LONG_TEXT = "a photo of " + " ".join(f"word{i}" for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def gateway(demo_model: ExportedModel, redis: RedisServer) -> AsyncIterator[Gateway]:
+    redis_sync.Redis.from_url(redis.url).flushall()
+    # No LRU: every lookup reads Redis, so what Redis holds is what callers get.
+    settings = gateway_settings(demo_model.repository, redis_url=redis.url, local_cache_items=0)
+    async with running_gateway(settings) as gw:
+        yield gw
+
+
+def _only_key(redis: RedisServer, pattern: str) -> bytes:
+    keys = redis_sync.Redis.from_url(redis.url).keys(pattern)
+    assert len(keys) == 1, keys
+    return keys[0]
+
+
+async def test_a_short_value_under_a_real_key_is_a_counted_miss_and_is_overwritten(
+    gateway: Gateway, redis: RedisServer
+) -> None:
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        first = await client.embed_text(["a red circle"])
+        key = _only_key(redis, "clip:*:emb:*:text:*")
+        raw = redis_sync.Redis.from_url(redis.url)
+        raw.set(key, b"\x00\x00\x80\x3f")  # 4 bytes: once made EmbedText answer dim 1
+        lied = await client.embed_text(["a red circle"])
+        assert lied.vectors.shape == first.vectors.shape
+        np.testing.assert_array_equal(lied.vectors, first.vectors)
+        assert lied.cached == [False]  # recomputed, not served from the bad value
+        assert sample(scrape(gateway.metrics_port), "clip_cache_corrupt_total") == 1
+        assert len(raw.get(key)) == 1 + 4 * first.vectors.shape[1]  # overwritten
+        again = await client.embed_text(["a red circle"])
+        assert again.cached == [True]
+
+
+async def test_a_right_length_value_that_is_not_a_unit_vector_is_refused(
+    gateway: Gateway, redis: RedisServer
+) -> None:
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        first = await client.embed_text(["a blue star"])
+        key = _only_key(redis, "clip:*:emb:*:text:*")
+        dim = first.vectors.shape[1]
+        raw = redis_sync.Redis.from_url(redis.url)
+        raw.set(key, b"\x00" + np.full(dim, 7.0, dtype="<f4").tobytes())
+        second = await client.embed_text(["a blue star"])
+    np.testing.assert_array_equal(second.vectors, first.vectors)
+    assert sample(scrape(gateway.metrics_port), "clip_cache_corrupt_total") == 1
+
+
+async def test_truncated_survives_a_cache_hit(gateway: Gateway) -> None:
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        first = await client.embed_text([LONG_TEXT, "short"])
+        second = await client.embed_text([LONG_TEXT, "short"])
+    assert first.cached == [False, False] and second.cached == [True, True]
+    assert first.truncated == [True, False]
+    assert second.truncated == [True, False]

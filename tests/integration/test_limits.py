@@ -1,0 +1,164 @@
+"""Bounded work and memory at the gRPC edge (issue 13): every limit answers with a clear
+status before work is done, and the server stays up. Real gateway, real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
+from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
+from service.server.app import Gateway
+from service.server.servicer import MAX_STREAM_ID_CHARS
+from tests.support.models import ExportedModel
+
+pytestmark = pytest.mark.integration
+
+
+def _items_embedded(gw: Gateway, modality: str = "text") -> float:
+    return sample(scrape(gw.metrics_port), "clip_items_embedded_total", modality=modality)
+
+
+@pytest.fixture
+async def small_gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
+    settings = gateway_settings(
+        demo_model.repository,
+        max_message_bytes=64 * 1024,
+        max_prompts=40,
+        max_concurrent_rpcs=4,
+        health_port=0,
+    )
+    async with running_gateway(settings) as gw:
+        yield gw
+
+
+async def test_an_answer_past_the_send_limit_is_refused_before_any_work(
+    small_gateway: Gateway,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_gateway.port}") as channel:
+        stub = clip_pb2_grpc.ClipServiceStub(channel)
+        before = _items_embedded(small_gateway)
+        # 200 demo vectors of 64 floats are ~ 56 KB as values but small requests: fine.
+        ok = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["x"] * 100), timeout=30)
+        assert len(ok.embeddings) == 100
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.EmbedText(
+                clip_pb2.EmbedTextRequest(texts=[f"t{i}" for i in range(256)]), timeout=30
+            )
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(64 * 1024) in (err.value.details() or "")
+        assert _items_embedded(small_gateway) == before + 100  # the refused call did nothing
+        labels = [f"label number {i} " + "x" * 250 for i in range(40)]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Classify(
+                clip_pb2.ClassifyRequest(images=[b"\x89PNG"] * 10, labels=labels, templates=["{}"]),
+                timeout=30,
+            )
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_classify_prompts_are_capped(small_gateway: Gateway) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{small_gateway.port}") as channel:
+        stub = clip_pb2_grpc.ClipServiceStub(channel)
+        before = _items_embedded(small_gateway)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Classify(
+                clip_pb2.ClassifyRequest(
+                    images=[b"not decoded"],
+                    labels=[f"l{i}" for i in range(6)],  # × 8 default templates = 48 > 40
+                ),
+                timeout=30,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "48 prompts" in (err.value.details() or "")
+        assert _items_embedded(small_gateway) == before
+
+
+async def test_concurrent_rpcs_past_the_cap_are_refused_and_probes_still_answer(
+    small_gateway: Gateway,
+) -> None:
+    target = f"127.0.0.1:{small_gateway.port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = clip_pb2_grpc.ClipServiceStub(channel)
+        release = asyncio.Event()
+
+        async def requests() -> AsyncIterator[clip_pb2.StreamRequest]:
+            await release.wait()  # holds the stream open without sending
+            if False:
+                yield clip_pb2.StreamRequest()
+
+        held = [stub.EmbedStream(requests()) for _ in range(4)]
+        await asyncio.sleep(0.5)  # let the server accept the four streams
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["one more"]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The plaintext probe port is outside the cap.
+        assert small_gateway.health_port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{small_gateway.health_port}") as probe:
+            reply = await health_pb2_grpc.HealthStub(probe).Check(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=10
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        release.set()
+        for call in held:
+            async for _ in call:
+                pass
+        ok = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["after"]), timeout=30)
+        assert len(ok.embeddings) == 1
+
+
+async def test_a_stream_client_that_never_reads_stops_the_server_reading(
+    demo_model: ExportedModel,
+) -> None:
+    settings = gateway_settings(demo_model.repository)
+    n_sent = 2000
+    # A slow reader's receive window: no BDP probing to grow it past 64 KiB.
+    client_options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
+    async with running_gateway(settings) as gw:
+        target = f"127.0.0.1:{gw.port}"
+        async with grpc.aio.insecure_channel(target, options=client_options) as channel:
+            stub = clip_pb2_grpc.ClipServiceStub(channel)
+            before = _items_embedded(gw)
+
+            async def requests() -> AsyncIterator[clip_pb2.StreamRequest]:
+                for i in range(n_sent):
+                    yield clip_pb2.StreamRequest(id=f"{i:06d}" + "-" * 200, text=f"text {i}")
+
+            call = stub.EmbedStream(requests())
+            # Never read: wait until the server stops taking items in, then look.
+            seen, stable = -1.0, 0
+            while stable < 5:
+                await asyncio.sleep(0.2)
+                now = _items_embedded(gw) - before
+                stable = stable + 1 if now == seen else 0
+                seen = now
+            # The window (64) plus what HTTP/2 buffers: far below everything sent.
+            assert 0 < seen < n_sent / 2, seen
+            answers = [a async for a in call]  # reading again drains the rest
+    assert len(answers) == n_sent and all(a.WhichOneof("result") == "embedding" for a in answers)
+
+
+async def test_an_overlong_stream_id_is_a_per_item_error(gateway_default: Gateway) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway_default.port}") as channel:
+        stub = clip_pb2_grpc.ClipServiceStub(channel)
+        long_id = "i" * (MAX_STREAM_ID_CHARS + 1)
+
+        async def requests() -> AsyncIterator[clip_pb2.StreamRequest]:
+            yield clip_pb2.StreamRequest(id=long_id, text="a")
+            yield clip_pb2.StreamRequest(id="fine", text="b")
+
+        answers = {a.id: a async for a in stub.EmbedStream(requests())}
+    bad = answers[long_id[:MAX_STREAM_ID_CHARS]]
+    assert bad.error.code == "INVALID_ARGUMENT" and str(MAX_STREAM_ID_CHARS) in bad.error.message
+    assert answers["fine"].WhichOneof("result") == "embedding"
+
+
+@pytest.fixture
+async def gateway_default(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
+    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
+        yield gw
