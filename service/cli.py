@@ -55,6 +55,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_triton(args: argparse.Namespace) -> int:
+    _setup_logging("INFO")
     from service.processes.triton_server import run_triton
 
     return run_triton(TritonServerSettings.from_sources(args))

@@ -14,12 +14,11 @@ current virtual environment's `bin/` goes first.
 
 The server runs in its own session (a `ChildServer`); its python stubs share the
 process group, so stopping ends the whole group. `clipsvc triton` runs it in the foreground
-(`add_triton_arguments` / `run_triton`).
+(`run_triton`, flags from `service.settings.TritonServerSettings`).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import os
@@ -32,8 +31,12 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.processes.child_server import ChildServer
+
+if TYPE_CHECKING:
+    from service.settings import TritonServerSettings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -304,58 +307,7 @@ def server_version(http_url: str, timeout_s: float = 2.0) -> str:
 
 
 # ---------------------------------------------------------------------- CLI
-def add_triton_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `clipsvc triton`."""
-    from service.settings import DEFAULT_MODEL_REPOSITORY
-
-    parser.add_argument(
-        "--repository",
-        type=Path,
-        default=Path(os.environ.get("CLIP_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY)),
-        help="Exported model repository, python flavor (`clipsvc export --flavor python`) "
-        "[env CLIP_MODEL_REPOSITORY] (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="Address all three endpoints bind to (default: %(default)s).",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=8001,
-        help="gRPC port; 0 picks a free one (default: %(default)s).",
-    )
-    parser.add_argument(
-        "--http-port", type=int, default=8000, help="HTTP/REST port (default: %(default)s)."
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=8002,
-        help="Triton's /metrics port (default: %(default)s).",
-    )
-    parser.add_argument(
-        "--log-file",
-        type=Path,
-        default=None,
-        help="Write the server's log here instead of to this terminal.",
-    )
-    parser.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=120.0,
-        help="Seconds to wait for the server and every model to be ready (default: %(default)s).",
-    )
-    parser.add_argument(
-        "--stop-grace",
-        type=float,
-        default=10.0,
-        help="Seconds the server gets to exit after SIGTERM before SIGKILL (default: %(default)s).",
-    )
-
-
-def run_triton(args: argparse.Namespace) -> int:
+def run_triton(args: TritonServerSettings) -> int:
     """Run tritonserver in the foreground until Ctrl-C / SIGTERM; the exit status."""
     stop_requested = threading.Event()
 
@@ -411,13 +363,9 @@ def run_triton(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m service.processes.triton_server ...`: the same as `clipsvc triton ...`."""
-    parser = argparse.ArgumentParser(prog="clipsvc triton", description=run_triton.__doc__)
-    add_triton_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run_triton(args)
+    from service.cli import main as clipsvc
+
+    return clipsvc(["triton", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
