@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -162,3 +163,31 @@ async def test_an_overlong_stream_id_is_a_per_item_error(gateway_default: Gatewa
 async def gateway_default(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
     async with running_gateway(gateway_settings(demo_model.repository)) as gw:
         yield gw
+
+
+async def test_long_words_neither_stall_the_server_nor_take_minutes(
+    gateway_default: Gateway,
+) -> None:
+    # 64 single words of 10,000 random letters: open_clip's quadratic BPE, run on the event
+    # loop, took ~114-208 s here and timed out every health check meanwhile.
+    rng = np.random.default_rng(13)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    texts = ["".join(rng.choice(letters, 10_000)) for _ in range(64)]
+    target = f"127.0.0.1:{gateway_default.port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = clip_pb2_grpc.ClipServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        # 60 s is far above the ~2 s this takes now, and far below what it took before.
+        call = asyncio.ensure_future(
+            stub.EmbedText(clip_pb2.EmbedTextRequest(texts=texts), timeout=60)
+        )
+        answered = 0
+        while not call.done():
+            # Each check must answer within 5 s while the texts are tokenized.
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            answered += 1
+            await asyncio.sleep(0.05)
+        response = await call
+    assert len(response.embeddings) == 64 and all(e.truncated for e in response.embeddings)
+    assert answered >= 1
