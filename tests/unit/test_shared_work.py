@@ -15,20 +15,17 @@ from service.core.embedder import Embedder, EmbedderOptions
 from service.core.single_flight import Abandoned, SingleFlight
 from service.errors import DeadlineExceeded
 from service.metrics import Metrics
-from service.model.metadata import ModelMetadata
 from service.settings import Settings
 from service.wiring import build_limits
+from tests.support.fakes import model_metadata
 
-META = ModelMetadata(
+META = model_metadata(
     model_name="fake",
-    pretrained="none",
-    weights_sha256="0" * 64,
     embedding_dim=4,
     image_size=8,
-    context_length=77,
     logit_scale=10.0,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
+    mean=(0.5,) * 3,
+    std=(0.5,) * 3,
 )
 
 
