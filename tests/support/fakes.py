@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from service.model.metadata import ModelMetadata
+
 
 class FakeClock:
     """A monotonic clock the test moves by hand."""
@@ -14,3 +18,19 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def model_metadata(**overrides: Any) -> ModelMetadata:
+    """The metadata of a CLIP that was never exported: the demo model's unless overridden."""
+    fields: dict[str, Any] = {
+        "model_name": "clip-demo-shapes",
+        "pretrained": "none",
+        "weights_sha256": "0" * 64,
+        "embedding_dim": 64,
+        "image_size": 64,
+        "context_length": 77,
+        "logit_scale": 100.0,
+        "mean": (0.48145466, 0.4578275, 0.40821073),
+        "std": (0.26862954, 0.26130258, 0.27577711),
+    }
+    return ModelMetadata(**(fields | overrides))

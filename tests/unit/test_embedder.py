@@ -12,9 +12,9 @@ from service.core.cache import EmbeddingCache
 from service.core.embedder import Embedder, EmbedderOptions
 from service.errors import InvalidInput, Overloaded
 from service.metrics import Metrics
-from service.model.metadata import ModelMetadata
 from service.settings import Settings
 from service.wiring import build_limits
+from tests.support.fakes import model_metadata
 from tests.support.images import encode, photo_like
 
 
@@ -49,27 +49,13 @@ class CountingBackend:
     async def aclose(self) -> None: ...
 
 
-# The demo model's metadata.json, as far as the pipeline reads it: shapes and the tokenizer.
-METADATA = ModelMetadata(
-    model_name="clip-demo-shapes",
-    pretrained="none",
-    weights_sha256="0" * 64,
-    embedding_dim=64,
-    image_size=64,
-    context_length=77,
-    logit_scale=100.0,
-    mean=(0.48145466, 0.4578275, 0.40821073),
-    std=(0.26862954, 0.26130258, 0.27577711),
-)
-
-
 def _embedder(backend: CountingBackend, *, admit: int = 2048, **limits: int) -> Embedder:
     metrics = Metrics()
     return Embedder(
         backend=backend,
         cache=EmbeddingCache(metrics=metrics, local_items=100),
         label_cache=EmbeddingCache(metrics=metrics, local_items=100),
-        metadata=METADATA,
+        metadata=model_metadata(),
         limits=build_limits(Settings().replace(**limits)),
         metrics=metrics,
         admission=Admission(admit, metrics),

@@ -15,20 +15,17 @@ from service.core.embedder import Embedder, EmbedderOptions
 from service.core.single_flight import Abandoned, SingleFlight
 from service.errors import DeadlineExceeded
 from service.metrics import Metrics
-from service.model.metadata import ModelMetadata
 from service.settings import Settings
 from service.wiring import build_limits
+from tests.support.fakes import model_metadata
 
-META = ModelMetadata(
+META = model_metadata(
     model_name="fake",
-    pretrained="none",
-    weights_sha256="0" * 64,
     embedding_dim=4,
     image_size=8,
-    context_length=77,
     logit_scale=10.0,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
+    mean=(0.5,) * 3,
+    std=(0.5,) * 3,
 )
 
 
@@ -88,8 +85,10 @@ def _embedder(backend: GatedBackend) -> Embedder:
 async def test_the_owners_deadline_does_not_fail_a_patient_waiter() -> None:
     backend = GatedBackend()
     embedder = _embedder(backend)
-    owner = asyncio.create_task(embedder.embed_texts(["same text"], timeout_s=0.2))
-    await asyncio.sleep(0)  # the owner claims the key
+    # 3 s: time enough to tokenize one short text on a loaded machine and reach the backend.
+    owner = asyncio.create_task(embedder.embed_texts(["same text"], timeout_s=3.0))
+    while backend.calls == 0:  # the owner holds the key and waits at the backend
+        await asyncio.sleep(0.005)
     waiter = asyncio.create_task(embedder.embed_texts(["same text"], timeout_s=60))
     with pytest.raises(DeadlineExceeded):
         await owner
