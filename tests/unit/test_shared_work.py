@@ -37,6 +37,7 @@ class GatedBackend:
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
+        self.called = asyncio.Event()
         self.calls = 0
         self.timeouts: list[float | None] = []
 
@@ -47,6 +48,7 @@ class GatedBackend:
 
     async def _answer(self, rows: np.ndarray, timeout_s: float | None) -> np.ndarray:
         self.calls += 1
+        self.called.set()
         self.timeouts.append(timeout_s)
         try:
             await asyncio.wait_for(self.gate.wait(), timeout_s)
@@ -87,8 +89,7 @@ async def test_the_owners_deadline_does_not_fail_a_patient_waiter() -> None:
     embedder = _embedder(backend)
     # 3 s: time enough to tokenize one short text on a loaded machine and reach the backend.
     owner = asyncio.create_task(embedder.embed_texts(["same text"], timeout_s=3.0))
-    while backend.calls == 0:  # the owner holds the key and waits at the backend
-        await asyncio.sleep(0.005)
+    await backend.called.wait()  # the owner holds the key and waits at the backend
     waiter = asyncio.create_task(embedder.embed_texts(["same text"], timeout_s=60))
     with pytest.raises(DeadlineExceeded):
         await owner
