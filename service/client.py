@@ -97,6 +97,10 @@ def _connect(
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # A headless Service (`dns:///clip-gateway-headless:50051`) or `ipv4:a:p,b:p`:
+        # spread calls over every gateway. Behind a ClusterIP a gRPC client keeps one
+        # connection, so all its calls would go to one pod.
+        ("grpc.lb_policy_name", "round_robin"),
     ]
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
     if tls or tls_ca:

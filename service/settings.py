@@ -185,7 +185,12 @@ class Settings(FlagSet):
     model_repository: Path = _opt(
         DEFAULT_MODEL_REPOSITORY, "Exported model repository (metadata.json + clip_*/1/model.pt)."
     )
-    triton_url: str = _opt("127.0.0.1:8001", "Triton gRPC address host:port (backend=triton).")
+    triton_url: str = _opt(
+        "127.0.0.1:8001",
+        "Triton gRPC target (backend=triton): host:port, dns:///name:port (a headless "
+        "Service) or ipv4:a:p,b:p; calls go round robin over every address, and one that "
+        "finds its replica gone is retried on another within the deadline.",
+    )
     triton_image_model: str = _opt("clip_image", "Triton model name of the image encoder.")
     triton_text_model: str = _opt("clip_text", "Triton model name of the text encoder.")
     triton_model_version: str = _opt("", "Triton model version ('' = the server's policy).")

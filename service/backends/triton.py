@@ -73,7 +73,17 @@ _CHANNEL_ARGS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Every call goes to the next ready address of the target (`ipv4:a:p,b:p`, a headless
+    # `dns:///name:port`): all Triton replicas get work, not the first one connected.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
+# DNS is resolved again only when a connection fails; a `dns:` target's channel is
+# renewed this often so that replicas added by a scale-up get work too.
+_DNS_REFRESH_S = 30.0
+# Embedding calls are idempotent: one that found its replica gone is tried again (on
+# the next address) this many times in all, within the caller's deadline.
+_UNAVAILABLE_ATTEMPTS = 3
+_RETRY_PAUSE_S = 0.05
 # Keepalive: a connection whose pings go unanswered for this long is closed, and the
 # channel reconnects; without it a silently dead node holds calls until their deadlines
 # (and the connection for the kernel's ~15 minutes of TCP retransmissions).
@@ -328,25 +338,17 @@ class TritonBackend:
             if budget_s <= 0:
                 raise DeadlineExceeded("the deadline passed before the Triton call")
             deadline = asyncio.get_running_loop().time() + budget_s
-            channel = self._get_channel()
-            await self._ensure_identity(channel, deadline)
-            # Triton refuses a request over its max_batch_size; split it instead (the
-            # chunks run concurrently and Triton may batch them back together).
-            chunks = split_rows(rows, model.max_batch_size or self.max_batch_size)
-            results = await asyncio.gather(
-                *(self._infer(channel, model, chunk, deadline) for chunk in chunks),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-            if self._expected is not None and self._verified_at != (channel, channel.epoch):
-                # The connection changed (or a probe found another model) during the
-                # call: these vectors may come from a restarted or reloaded Triton.
-                # Return them only if it still serves our model.
-                await self._ensure_identity(self._get_channel(), deadline)
-            embeddings = [r for r in results if isinstance(r, np.ndarray)]
-            out = embeddings[0] if len(embeddings) == 1 else np.concatenate(embeddings)
+            for attempt in range(1, _UNAVAILABLE_ATTEMPTS + 1):
+                try:
+                    out = await self._embed_once(model, rows, deadline)
+                    break
+                except BackendUnavailable:
+                    # A replica died or restarts: the next address (or the restarted
+                    # server) may answer within the caller's deadline.
+                    remaining_s = deadline - asyncio.get_running_loop().time()
+                    if attempt == _UNAVAILABLE_ATTEMPTS or remaining_s <= _RETRY_PAUSE_S:
+                        raise
+                    await asyncio.sleep(_RETRY_PAUSE_S * attempt)
         except ClipError:
             if self._metrics is not None:
                 self._metrics.backend_errors.labels(self.name, modality).inc()
@@ -356,6 +358,30 @@ class TritonBackend:
                 time.perf_counter() - started
             )
         return out
+
+    async def _embed_once(
+        self, model: _TritonModel, rows: np.ndarray, deadline: float
+    ) -> np.ndarray:
+        """One try: the identity checked on the current channel, then every chunk."""
+        channel = self._get_channel()
+        await self._ensure_identity(channel, deadline)
+        # Triton refuses a request over its max_batch_size; split it instead (the
+        # chunks run concurrently and Triton may batch them back together).
+        chunks = split_rows(rows, model.max_batch_size or self.max_batch_size)
+        results = await asyncio.gather(
+            *(self._infer(channel, model, chunk, deadline) for chunk in chunks),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        if self._expected is not None and self._verified_at != (channel, channel.epoch):
+            # The connection changed (or a probe found another model) during the
+            # call: these vectors may come from a restarted or reloaded Triton.
+            # Return them only if it still serves our model.
+            await self._ensure_identity(self._get_channel(), deadline)
+        embeddings = [r for r in results if isinstance(r, np.ndarray)]
+        return embeddings[0] if len(embeddings) == 1 else np.concatenate(embeddings)
 
     async def _infer(
         self, channel: _Channel, model: _TritonModel, rows: np.ndarray, deadline: float
@@ -548,7 +574,9 @@ class TritonBackend:
         channel = self._channel
         if channel is None:
             channel = self._channel = self._new_channel(now)
-        elif channel.stale and now - channel.created >= _RECREATE_INTERVAL_S:
+        elif (channel.stale and now - channel.created >= _RECREATE_INTERVAL_S) or (
+            self.url.startswith("dns:") and now - channel.created >= _DNS_REFRESH_S
+        ):
             old, channel = channel, self._new_channel(now)
             self._channel = channel
             _LOGGER.debug("Triton at %s: replaced the gRPC channel", self.url)
