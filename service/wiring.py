@@ -6,6 +6,7 @@ Every part below gets plain values; each default lives once, in `service/setting
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 
@@ -91,16 +92,8 @@ def build_cache(settings: Settings, metrics: Metrics) -> EmbeddingCache:
 
 def build_limits(settings: Settings) -> Limits:
     """The caller-facing limits named in `settings`."""
-    return Limits(
-        max_items=settings.max_items,
-        max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels,
-        max_text_chars=settings.max_text_chars,
-        max_labels=settings.max_labels,
-        max_templates=settings.max_templates,
-        max_label_chars=settings.max_label_chars,
-        max_prompts=settings.max_prompts,
-    )
+    # Each limit is the setting of the same name.
+    return Limits(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(Limits)})
 
 
 def build_embedder(settings: Settings, metrics: Metrics) -> Embedder:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -86,23 +87,27 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     async def EmbedText(
         self, request: clip_pb2.EmbedTextRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
-        fmt = _check_format(request.format)
-        self._check_vectors_answer(len(request.texts), fmt)
-        items = await self._embedder.embed_texts(
-            list(request.texts), timeout_s=self._timeout(context)
-        )
-        return clip_pb2.EmbedResponse(
-            embeddings=[_vector_message(i, fmt) for i in items], model=self._embedder.model_id
+        return await self._embed(
+            self._embedder.embed_texts, list(request.texts), request.format, context
         )
 
     async def EmbedImage(
         self, request: clip_pb2.EmbedImageRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
-        fmt = _check_format(request.format)
-        self._check_vectors_answer(len(request.images), fmt)
-        items = await self._embedder.embed_images(
-            list(request.images), timeout_s=self._timeout(context)
+        return await self._embed(
+            self._embedder.embed_images, list(request.images), request.format, context
         )
+
+    async def _embed(
+        self,
+        embed: Callable[..., Awaitable[list[EmbeddingResult]]],
+        inputs: list[Any],
+        vector_format: int,
+        context: grpc.aio.ServicerContext,
+    ) -> clip_pb2.EmbedResponse:
+        fmt = _check_format(vector_format)
+        self._check_vectors_answer(len(inputs), fmt)
+        items = await embed(inputs, timeout_s=self._timeout(context))
         return clip_pb2.EmbedResponse(
             embeddings=[_vector_message(i, fmt) for i in items], model=self._embedder.model_id
         )
