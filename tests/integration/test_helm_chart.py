@@ -101,6 +101,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "cpu-triton-init": {
         "triton": {"gpu": {"enabled": False}, "modelRepository": {"source": "initContainer"}},
     },
+    "tls": {"gateway": {"tls": {"enabled": True, "existingSecret": "clip-tls"}}},
     "tls-api-keys": {
         "gateway": {
             "tls": {
@@ -121,6 +122,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "redis": {"mode": "disabled"},
     },
     "long-names": {"fullnameOverride": "x" * 63},
+    "sized": {
+        "gateway": {
+            "containerPorts": {"health": 8086},
+            "probes": {"grpcService": "clip.v1.ClipService"},
+        },
+    },
 }
 
 
@@ -161,7 +168,16 @@ def _triton(r: Rendered) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "name", ["defaults", "redis-auth", "cpu-triton", "tls-api-keys", "hpa-netpol", "embedded-only"]
+    "name",
+    [
+        "defaults",
+        "redis-auth",
+        "cpu-triton",
+        "tls-api-keys",
+        "hpa-netpol",
+        "embedded-only",
+        "sized",
+    ],
 )
 def test_helm_lint_strict(helm: str, name: str) -> None:
     done = run_helm(helm, "lint", "--strict", "--namespace", NAMESPACE, values=VALUE_SETS[name])
@@ -231,23 +247,52 @@ def test_names_labels_and_selectors_are_consistent(
 # ------------------------------------------------------------------ gateway
 
 
-def test_gateway_probes_are_grpc_on_the_grpc_port(rendered: dict[str, Rendered]) -> None:
-    c = _gateway_container(rendered["defaults"])
-    grpc_port = port_numbers(c)["grpc"]
-    assert grpc_port == int(_gateway_config(rendered["defaults"])["CLIP_PORT"]) == 50051
-    for probe in ("startupProbe", "readinessProbe"):
-        assert c[probe]["grpc"] == {"port": grpc_port, "service": ""}, probe
-    # Liveness asks the process-only health name, so a Triton outage restarts nothing.
-    assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
-    # Model loading gets minutes, not seconds, before the first liveness verdict.
+def _health_port(r: Rendered) -> int:
+    """The gateway's named `health` port, checked against the setting that opens it."""
+    c = _gateway_container(r)
+    port = port_numbers(c)["health"]
+    assert int(_gateway_config(r)["CLIP_HEALTH_PORT"]) == port
+    assert port not in (port_numbers(c)["grpc"], port_numbers(c)["metrics"])
+    return port
+
+
+@pytest.mark.parametrize("name", ["defaults", "tls", "redis-auth", "tls-api-keys"])
+def test_probes_ask_the_plaintext_health_port(rendered: dict[str, Rendered], name: str) -> None:
+    # Kubelet gRPC probes speak plaintext and send no API key: only the health port answers
+    # them truthfully whatever the gRPC port requires, so every probe goes there.
+    r = rendered[name]
+    c = _gateway_container(r)
+    health = _health_port(r)
+    # Startup and liveness ask the process-only name: neither a Triton outage nor a Triton
+    # still loading its models (15 min allowed) restarts a gateway.
+    assert c["startupProbe"]["grpc"] == {"port": health, "service": "liveness"}
+    assert c["livenessProbe"]["grpc"] == {"port": health, "service": "liveness"}
+    # Readiness asks the whole server: SERVING only after warm-up, while the backend answers.
+    assert c["readinessProbe"]["grpc"] == {"port": health, "service": ""}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "tcpSocket" not in c[probe], probe
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    # Probes reach pods directly; no Service publishes the health port.
+    for svc in r.all("Service"):
+        assert all(p["targetPort"] != "health" for p in svc["spec"]["ports"])
 
 
-def test_tcp_liveness_leaves_readiness_on_grpc(rendered: dict[str, Rendered]) -> None:
-    c = _gateway_container(rendered["hpa-netpol"])
+def test_health_port_and_readiness_service_from_values(rendered: dict[str, Rendered]) -> None:
+    c = _gateway_container(rendered["sized"])
+    assert _health_port(rendered["sized"]) == 8086
+    assert c["readinessProbe"]["grpc"] == {"port": 8086, "service": "clip.v1.ClipService"}
+    assert c["livenessProbe"]["grpc"] == {"port": 8086, "service": "liveness"}
+
+
+def test_tcp_liveness_leaves_the_other_probes_on_the_health_port(
+    rendered: dict[str, Rendered],
+) -> None:
+    r = rendered["hpa-netpol"]
+    c = _gateway_container(r)
     assert c["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
-    assert c["readinessProbe"]["grpc"]["port"] == port_numbers(c)["grpc"]
+    assert c["startupProbe"]["grpc"] == {"port": _health_port(r), "service": "liveness"}
+    assert c["readinessProbe"]["grpc"] == {"port": _health_port(r), "service": ""}
 
 
 def test_gateway_shutdown_fits_in_the_grace_period(rendered: dict[str, Rendered]) -> None:
@@ -362,10 +407,34 @@ def test_api_keys_and_tls_from_existing_secrets(rendered: dict[str, Rendered]) -
     assert data["CLIP_TLS_CLIENT_CA"] == f"{mnts['client-ca']['mountPath']}/ca.crt"
     # Existing Secrets are referenced, never created by the chart.
     assert r.all("Secret") == []
-    # Kubelet gRPC probes cannot speak TLS: the chart falls back to TCP connects.
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert "grpc" not in c[probe]
-        assert c[probe]["tcpSocket"] == {"port": "grpc"}
+
+
+@pytest.mark.parametrize("name", ["tls", "redis-auth", "tls-api-keys"])
+def test_keys_and_certificates_are_mounted_as_directories(
+    rendered: dict[str, Rendered], name: str
+) -> None:
+    # The gateway re-reads the key file and the certificates when they change; the kubelet
+    # updates a Secret mounted as a directory, but never a subPath mount.
+    r = rendered[name]
+    dep = _gateway(r)
+    c = container(dep, "gateway")
+    secret_mounts = {
+        mount["mountPath"]: mount
+        for volume, mount in mounts(c).items()
+        if "secret" in volumes(dep)[volume]
+    }
+    assert secret_mounts
+    for mount in secret_mounts.values():
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+        assert mount["readOnly"] is True
+    files = [
+        value
+        for key, value in _gateway_config(r).items()
+        if key in ("CLIP_API_KEYS_FILE", "CLIP_TLS_CERT", "CLIP_TLS_KEY", "CLIP_TLS_CLIENT_CA")
+    ]
+    assert files
+    for path in files:
+        assert str(Path(path).parent) in secret_mounts, path
 
 
 def test_inline_api_keys_become_a_mounted_secret(rendered: dict[str, Rendered]) -> None:
@@ -687,30 +756,51 @@ def test_long_names_are_truncated_but_distinct(rendered: dict[str, Rendered]) ->
 # ------------------------------------------------------------------ values and schema
 
 
-BAD_VALUES = {
-    "replicaCount-string": ({"gateway": {"replicaCount": "two"}}, "gateway.replicaCount"),
-    "redis-mode": ({"redis": {"mode": "sometimes"}}, "redis.mode"),
-    "negative-port": ({"gateway": {"service": {"grpcPort": -1}}}, "gateway.service.grpcPort"),
-    "unknown-top-level": ({"replicas": 3}, "replicas"),
-    "unknown-nested": ({"gateway": {"replicas": 3}}, "replicas"),
-    "model-source": ({"triton": {"modelRepository": {"source": "s3"}}}, "source"),
-    "zero-gpus": ({"triton": {"gpu": {"count": 0}}}, "triton.gpu.count"),
-    "backend": ({"gateway": {"backend": "onnx"}}, "gateway.backend"),
+SCHEMA_ERROR = "don't meet the specifications of the schema"
+TOO_SMALL = "greater than or equal to"
+
+#: values → (where the schema error must point, what it must say).
+BAD_VALUES: dict[str, tuple[dict[str, Any], str, str]] = {
+    "replicaCount-string": ({"gateway": {"replicaCount": "two"}}, "gateway.replicaCount", ""),
+    "redis-mode": ({"redis": {"mode": "sometimes"}}, "redis.mode", ""),
+    "negative-port": (
+        {"gateway": {"service": {"grpcPort": -1}}},
+        "gateway.service.grpcPort",
+        TOO_SMALL,
+    ),
+    "unknown-top-level": ({"replicas": 3}, "replicas", ""),
+    "unknown-nested": ({"gateway": {"replicas": 3}}, "replicas", ""),
+    "model-source": ({"triton": {"modelRepository": {"source": "s3"}}}, "source", ""),
+    "zero-gpus": ({"triton": {"gpu": {"count": 0}}}, "triton.gpu.count", TOO_SMALL),
+    "backend": ({"gateway": {"backend": "onnx"}}, "gateway.backend", ""),
     "zero-inflight": (
         {"gateway": {"limits": {"maxInflightBatches": 0}}},
         "gateway.limits.maxInflightBatches",
+        TOO_SMALL,
     ),
-    "extra-config-name": ({"gateway": {"extraConfig": {"PORT": "1"}}}, "extraConfig"),
+    "extra-config-name": ({"gateway": {"extraConfig": {"PORT": "1"}}}, "extraConfig", ""),
+    "privileged-health-port": (
+        {"gateway": {"containerPorts": {"health": 80}}},
+        "gateway.containerPorts.health",
+        TOO_SMALL,
+    ),
+    # Any other name is NOT_FOUND to the health service: the pod would never be ready.
+    "readiness-service": (
+        {"gateway": {"probes": {"grpcService": "liveness"}}},
+        "gateway.probes.grpcService",
+        "must be one of",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_VALUES))
 def test_schema_rejects_bad_values(helm: str, case: str) -> None:
-    values, where = BAD_VALUES[case]
+    values, where, why = BAD_VALUES[case]
     done = template(helm, values)
     assert done.returncode != 0
-    assert "don't meet the specifications of the schema" in done.stderr, done.stderr
+    assert SCHEMA_ERROR in done.stderr, done.stderr
     assert where in done.stderr, done.stderr
+    assert why in done.stderr, done.stderr
 
 
 CROSS_FIELD_ERRORS = {
@@ -723,6 +813,10 @@ CROSS_FIELD_ERRORS = {
     "tls-without-secret": ({"gateway": {"tls": {"enabled": True}}}, "gateway.tls"),
     "external-without-url": ({"redis": {"mode": "external"}}, "redis.external"),
     "triton-nowhere": ({"triton": {"enabled": False}}, "gateway.tritonUrl"),
+    "health-on-the-grpc-port": (
+        {"gateway": {"containerPorts": {"health": 50051}}},
+        "must be three different ports",
+    ),
 }
 
 
@@ -780,12 +874,20 @@ def test_notes_render_usage(helm: str, tmp_path: Path) -> None:
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
         '  notes: {{ include "clip-service/templates/NOTES.txt" . | quote }}\n'
     )
-    done = template(
-        helm, VALUE_SETS["redis-auth"], "--show-only", "templates/zz-notes.yaml", chart=chart
-    )
-    assert done.returncode == 0, done.stderr
-    notes = yaml.safe_load(done.stdout)["data"]["notes"]
-    assert f"port-forward svc/{RELEASE}-clip-service-gateway 50051:50051" in notes
-    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in notes
-    assert "authorization: Bearer $CLIP_API_KEY" in notes
-    assert f"{RELEASE}-clip-service-triton.{NAMESPACE}.svc:8002/metrics" in notes
+
+    def notes(name: str) -> str:
+        done = template(
+            helm, VALUE_SETS[name], "--show-only", "templates/zz-notes.yaml", chart=chart
+        )
+        assert done.returncode == 0, done.stderr
+        return yaml.safe_load(done.stdout)["data"]["notes"]
+
+    text = notes("redis-auth")
+    assert f"port-forward svc/{RELEASE}-clip-service-gateway 50051:50051" in text
+    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in text
+    assert "authorization: Bearer $CLIP_API_KEY" in text
+    assert f"{RELEASE}-clip-service-triton.{NAMESPACE}.svc:8002/metrics" in text
+    # Where the probes go, and how to ask the same question with TLS on.
+    assert f"port-forward deploy/{RELEASE}-clip-service-gateway 50052:50052" in text
+    assert "grpcurl -plaintext localhost:50052 grpc.health.v1.Health/Check" in text
+    assert "grpcurl -plaintext localhost:50052" in notes("tls")

@@ -171,6 +171,10 @@ Cross-field checks a JSON schema cannot express; they fail `helm template` with 
 {{- if le (int $g.terminationGracePeriodSeconds) (add (int $g.shutdownGraceSeconds) (int $g.preStopSleepSeconds) | int) }}
 {{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must exceed gateway.shutdownGraceSeconds + gateway.preStopSleepSeconds (%d + %d), or in-flight calls are killed" (int $g.terminationGracePeriodSeconds) (int $g.shutdownGraceSeconds) (int $g.preStopSleepSeconds)) }}
 {{- end }}
+{{- $ports := $g.containerPorts }}
+{{- if ne (len (uniq (list (int $ports.grpc) (int $ports.metrics) (int $ports.health)))) 3 }}
+{{- fail (printf "gateway.containerPorts grpc (%d), metrics (%d) and health (%d) must be three different ports" (int $ports.grpc) (int $ports.metrics) (int $ports.health)) }}
+{{- end }}
 {{- if and .Values.triton.enabled (le (int .Values.triton.terminationGracePeriodSeconds) (int .Values.triton.exitTimeoutSeconds)) }}
 {{- fail "triton.terminationGracePeriodSeconds must exceed triton.exitTimeoutSeconds" }}
 {{- end }}
