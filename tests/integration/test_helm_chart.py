@@ -29,6 +29,7 @@ from tests.support.helm import (
     container,
     ensure_helm,
     env_entries,
+    fake_kube_api,
     init_container,
     leaf_paths,
     mounts,
@@ -55,9 +56,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "external": {"existingSecret": "shared-redis", "existingSecretKey": "url"},
         },
     },
-    "redis-auth": {
-        "redis": {"builtin": {"auth": {"enabled": True}}},
+    "api-keys": {
         "gateway": {"apiKeys": {"enabled": True, "keys": ["key-one", "key-two"]}},
+    },
+    "redis-auth-existing": {
+        "redis": {"builtin": {"auth": {"existingSecret": "cache-pw", "existingSecretKey": "pw"}}},
+    },
+    "redis-open": {
+        "redis": {"builtin": {"auth": {"enabled": False}, "networkPolicy": {"enabled": False}}},
     },
     "pvc-models": {
         "triton": {
@@ -171,7 +177,8 @@ def _triton(r: Rendered) -> dict[str, Any]:
     "name",
     [
         "defaults",
-        "redis-auth",
+        "api-keys",
+        "redis-open",
         "cpu-triton",
         "tls-api-keys",
         "hpa-netpol",
@@ -256,7 +263,7 @@ def _health_port(r: Rendered) -> int:
     return port
 
 
-@pytest.mark.parametrize("name", ["defaults", "tls", "redis-auth", "tls-api-keys"])
+@pytest.mark.parametrize("name", ["defaults", "tls", "api-keys", "tls-api-keys"])
 def test_probes_ask_the_plaintext_health_port(rendered: dict[str, Rendered], name: str) -> None:
     # Kubelet gRPC probes speak plaintext and send no API key: only the health port answers
     # them truthfully whatever the gRPC port requires, so every probe goes there.
@@ -405,11 +412,14 @@ def test_api_keys_and_tls_from_existing_secrets(rendered: dict[str, Rendered]) -
     assert data["CLIP_TLS_KEY"] == f"{mnts['tls']['mountPath']}/tls.key"
     assert vols["client-ca"]["secret"]["secretName"] == "clip-client-ca"
     assert data["CLIP_TLS_CLIENT_CA"] == f"{mnts['client-ca']['mountPath']}/ca.crt"
-    # Existing Secrets are referenced, never created by the chart.
-    assert r.all("Secret") == []
+    # Existing Secrets are referenced, never created by the chart (the Redis password is
+    # the chart's own).
+    assert [s["metadata"]["labels"]["app.kubernetes.io/component"] for s in r.all("Secret")] == [
+        "redis"
+    ]
 
 
-@pytest.mark.parametrize("name", ["tls", "redis-auth", "tls-api-keys"])
+@pytest.mark.parametrize("name", ["tls", "api-keys", "tls-api-keys"])
 def test_keys_and_certificates_are_mounted_as_directories(
     rendered: dict[str, Rendered], name: str
 ) -> None:
@@ -438,7 +448,7 @@ def test_keys_and_certificates_are_mounted_as_directories(
 
 
 def test_inline_api_keys_become_a_mounted_secret(rendered: dict[str, Rendered]) -> None:
-    r = rendered["redis-auth"]
+    r = rendered["api-keys"]
     dep = _gateway(r)
     secret_name = volumes(dep)["api-keys"]["secret"]["secretName"]
     secret = r.named("Secret", secret_name)
@@ -605,36 +615,130 @@ def test_image_model_repository_mounts_nothing(rendered: dict[str, Rendered]) ->
 
 
 def test_builtin_redis_is_a_bounded_lru_cache(rendered: dict[str, Rendered]) -> None:
-    r = rendered["defaults"]
-    c = container(r.one("Deployment", "redis"), "redis")
+    c = container(rendered["defaults"].one("Deployment", "redis"), "redis")
     args = c["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
     assert args[args.index("--maxmemory") + 1] == "768mb"
     assert args[args.index("--save") + 1] == ""
-    svc = r.one("Service", "redis")
-    assert _gateway_config(r)["CLIP_REDIS_URL"] == (
-        f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+
+
+def _redis_password_refs(r: Rendered) -> tuple[dict[str, str], dict[str, str]]:
+    """Where Redis and the gateway take the password from (secretKeyRefs)."""
+    redis = container(r.one("Deployment", "redis"), "redis")
+    gateway = _gateway_container(r)
+    return (
+        env_entries(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"],
+        env_entries(gateway)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"],
     )
 
 
-def test_builtin_redis_password_from_a_secret(rendered: dict[str, Rendered]) -> None:
-    r = rendered["redis-auth"]
+def test_builtin_redis_requires_a_generated_password_by_default(
+    rendered: dict[str, Rendered],
+) -> None:
+    r = rendered["defaults"]
     redis = container(r.one("Deployment", "redis"), "redis")
     assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    secret_ref = env_entries(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    secret = r.named("Secret", secret_ref["name"])
-    assert len(base64.b64decode(secret["data"][secret_ref["key"]])) >= 16
+    assert "--protected-mode" not in redis["args"]
+    redis_ref, gateway_ref = _redis_password_refs(r)
+    assert gateway_ref == redis_ref
+    secret = r.named("Secret", redis_ref["name"])
+    assert secret["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"
+    password = base64.b64decode(secret["data"][redis_ref["key"]]).decode()
+    # URL-safe, because it goes into the gateway's redis:// URL unescaped.
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password), password
+    # The readiness probe's redis-cli authenticates from the same Secret.
+    assert env_entries(redis)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == redis_ref
 
     gateway = _gateway_container(r)
     names = [e["name"] for e in gateway["env"]]
     # $(VAR) expansion only sees variables defined earlier in the list.
     assert names.index("REDIS_PASSWORD") < names.index("CLIP_REDIS_URL")
-    assert env_entries(gateway)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret_ref
-    url = env_entries(gateway)["CLIP_REDIS_URL"]["value"]
-    assert url.startswith("redis://:$(REDIS_PASSWORD)@")
+    svc = r.one("Service", "redis")
+    assert env_entries(gateway)["CLIP_REDIS_URL"]["value"] == (
+        f"redis://:$(REDIS_PASSWORD)@{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+    )
     assert "CLIP_REDIS_URL" not in _gateway_config(r)
     annotations = _gateway(r)["spec"]["template"]["metadata"]["annotations"]
     assert "checksum/redis-secret" in annotations
+
+
+def test_generated_redis_password_survives_upgrades(helm: str) -> None:
+    # `helm upgrade` renders with `lookup` against the cluster: the Secret made at install
+    # must keep its password, or every running gateway is locked out of the cache until
+    # it restarts. A loopback API server plays the cluster.
+    name = f"{RELEASE}-clip-service-redis"
+    installed = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "type": "Opaque",
+        "data": {"redis-password": base64.b64encode(b"kept-from-install").decode()},
+    }
+
+    def render(*secrets: dict[str, Any]) -> tuple[Rendered, list[str]]:
+        with fake_kube_api(*secrets) as (kubeconfig, requests):
+            done = template(helm, None, "--dry-run=server", "--kubeconfig", str(kubeconfig))
+            assert done.returncode == 0, done.stderr
+            return Rendered.from_yaml(done.stdout), list(requests)
+
+    def password(r: Rendered) -> str:
+        return base64.b64decode(r.named("Secret", name)["data"]["redis-password"]).decode()
+
+    def checksum(r: Rendered) -> str:
+        return _gateway(r)["spec"]["template"]["metadata"]["annotations"]["checksum/redis-secret"]
+
+    upgrade, requests = render(installed)
+    assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{name}" in requests
+    assert password(upgrade) == "kept-from-install"
+    # Same Secret, same checksum: an upgrade does not roll the pods over the password.
+    assert checksum(render(installed)[0]) == checksum(upgrade)
+    # A first install finds nothing and generates one.
+    install, _ = render()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password(install))
+
+
+def test_builtin_redis_is_reachable_only_from_the_gateways_by_default(
+    rendered: dict[str, Rendered],
+) -> None:
+    r = rendered["defaults"]
+    assert r.maybe("NetworkPolicy", "gateway") is None  # networkPolicy.enabled stays off
+    spec = r.one("NetworkPolicy", "redis")["spec"]
+    assert (
+        spec["podSelector"]["matchLabels"]
+        == (r.one("Deployment", "redis")["spec"]["selector"]["matchLabels"])
+    )
+    assert spec["policyTypes"] == ["Ingress"]
+    gateway_pods = _gateway(r)["spec"]["selector"]["matchLabels"]
+    assert spec["ingress"] == [
+        {
+            "ports": [{"port": "redis", "protocol": "TCP"}],
+            "from": [{"podSelector": {"matchLabels": gateway_pods}}],
+        }
+    ]
+
+
+def test_builtin_redis_password_from_an_existing_secret(rendered: dict[str, Rendered]) -> None:
+    r = rendered["redis-auth-existing"]
+    redis_ref, gateway_ref = _redis_password_refs(r)
+    assert redis_ref == gateway_ref == {"name": "cache-pw", "key": "pw"}
+    assert r.all("Secret") == []
+    # Nothing of the chart's changes when that Secret does: no checksum to roll on.
+    annotations = _gateway(r)["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/redis-secret" not in annotations
+
+
+def test_builtin_redis_can_be_opened_explicitly(rendered: dict[str, Rendered]) -> None:
+    r = rendered["redis-open"]
+    redis = container(r.one("Deployment", "redis"), "redis")
+    assert "--requirepass" not in redis["args"]
+    assert redis["args"][redis["args"].index("--protected-mode") + 1] == "no"
+    assert "env" not in redis
+    assert r.all("Secret") == [] and r.all("NetworkPolicy") == []
+    svc = r.one("Service", "redis")
+    assert _gateway_config(r)["CLIP_REDIS_URL"] == (
+        f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+    )
+    assert "REDIS_PASSWORD" not in env_entries(_gateway_container(r))
 
 
 def test_external_redis_url_stays_secret(rendered: dict[str, Rendered]) -> None:
@@ -679,7 +783,6 @@ def test_hpa_owns_the_replica_count(rendered: dict[str, Rendered]) -> None:
     resources = {m["resource"]["name"] for m in hpa["spec"]["metrics"]}
     assert resources == {"cpu", "memory"}
     assert rendered["defaults"].maybe("HorizontalPodAutoscaler", "gateway") is None
-    assert rendered["defaults"].all("NetworkPolicy") == []
 
 
 def test_network_policies_isolate_triton_and_redis(rendered: dict[str, Rendered]) -> None:
@@ -790,6 +893,11 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str, str]] = {
         "gateway.probes.grpcService",
         "must be one of",
     ),
+    "redis-policy-string": (
+        {"redis": {"builtin": {"networkPolicy": {"enabled": "yes"}}}},
+        "redis.builtin.networkPolicy.enabled",
+        "Invalid type",
+    ),
 }
 
 
@@ -882,7 +990,7 @@ def test_notes_render_usage(helm: str, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         return yaml.safe_load(done.stdout)["data"]["notes"]
 
-    text = notes("redis-auth")
+    text = notes("api-keys")
     assert f"port-forward svc/{RELEASE}-clip-service-gateway 50051:50051" in text
     assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in text
     assert "authorization: Bearer $CLIP_API_KEY" in text
@@ -890,4 +998,8 @@ def test_notes_render_usage(helm: str, tmp_path: Path) -> None:
     # Where the probes go, and how to ask the same question with TLS on.
     assert f"port-forward deploy/{RELEASE}-clip-service-gateway 50052:50052" in text
     assert "grpcurl -plaintext localhost:50052 grpc.health.v1.Health/Check" in text
+    assert f"password in Secret {RELEASE}-clip-service-redis" in text
+    assert "only the gateways may connect" in text
     assert "grpcurl -plaintext localhost:50052" in notes("tls")
+    opened = notes("redis-open")
+    assert "NO password" in opened and "NO NetworkPolicy" in opened
