@@ -8,6 +8,7 @@ are checked field by field.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -130,10 +131,24 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "long-names": {"fullnameOverride": "x" * 63},
     "sized": {
         "gateway": {
+            "limits": {
+                "maxConcurrentRpcs": 300,
+                "maxPrompts": 2000,
+                "decodeBudgetPixels": 120_000_000,
+                "localCacheBytes": 536_870_912,
+                "labelCacheItems": 100,
+            },
+            "resources": {
+                "requests": {"cpu": "2", "memory": "2Gi"},
+                "limits": {"cpu": "3500m", "memory": "4Gi"},
+            },
             "containerPorts": {"health": 8086},
             "probes": {"grpcService": "clip.v1.ClipService"},
         },
     },
+    "decode-threads": {"gateway": {"decodeThreads": 6}},
+    # null removes a default: no CPU request or limit at all.
+    "no-cpu": {"gateway": {"resources": {"requests": {"cpu": None}}}},
 }
 
 
@@ -363,6 +378,84 @@ def test_gateway_settings_come_from_the_configmap(rendered: dict[str, Rendered])
     grpc_port = next(p["port"] for p in triton_svc["spec"]["ports"] if p["name"] == "grpc")
     assert data["CLIP_TRITON_URL"] == f"{triton_svc['metadata']['name']}:{grpc_port}"
     assert "CLIP_API_KEYS_FILE" not in data
+
+
+#: gateway.limits.<value> → the gateway setting it becomes (CLIP_<SETTING>).
+LIMIT_SETTINGS = {
+    "maxBatchSize": "max_batch_size",
+    "maxInflightBatches": "max_inflight_batches",
+    "maxItems": "max_items",
+    "maxImageBytes": "max_image_bytes",
+    "maxImagePixels": "max_image_pixels",
+    "maxMessageBytes": "max_message_bytes",
+    "maxConcurrentRpcs": "max_concurrent_rpcs",
+    "maxPrompts": "max_prompts",
+    "decodeBudgetPixels": "decode_budget_pixels",
+    "localCacheBytes": "local_cache_bytes",
+    "labelCacheItems": "label_cache_items",
+}
+
+
+def test_limits_become_gateway_settings(rendered: dict[str, Rendered]) -> None:
+    data = _gateway_config(rendered["sized"])
+    limits = VALUE_SETS["sized"]["gateway"]["limits"]
+    for value, setting in LIMIT_SETTINGS.items():
+        if value in limits:
+            assert data[f"CLIP_{setting.upper()}"] == str(limits[value]), value
+
+
+def test_chart_limits_default_to_the_gateway_defaults() -> None:
+    # The chart states every limit (so `helm get values --all` shows it), with the same
+    # defaults as `clipsvc serve`; only deliberate differences belong in values.yaml.
+    from service.settings import Settings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    limits = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["gateway"]["limits"]
+    assert set(limits) == set(LIMIT_SETTINGS)
+    for value, setting in LIMIT_SETTINGS.items():
+        assert limits[value] == defaults[setting], value
+
+
+def _decode_threads_env(r: Rendered) -> dict[str, Any] | None:
+    return env_entries(_gateway_container(r)).get("CLIP_DECODE_THREADS")
+
+
+def test_decode_threads_follow_the_cpu_limit(rendered: dict[str, Rendered]) -> None:
+    # Without a CPU limit there is no cgroup quota, and the process would count the
+    # node's CPUs; the downward API gives it the container's own (rounded up: 3500m → 4).
+    r = rendered["sized"]
+    assert _decode_threads_env(r) == {
+        "name": "CLIP_DECODE_THREADS",
+        "valueFrom": {
+            "resourceFieldRef": {
+                "containerName": "gateway",
+                "resource": "limits.cpu",
+                "divisor": "1",
+            }
+        },
+    }
+    assert "CLIP_DECODE_THREADS" not in _gateway_config(r)
+
+
+def test_decode_threads_follow_the_cpu_request_without_a_limit(
+    rendered: dict[str, Rendered],
+) -> None:
+    env = _decode_threads_env(rendered["defaults"])
+    assert env is not None
+    assert env["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "gateway",
+        "resource": "requests.cpu",
+        "divisor": "1",
+    }
+    # With no CPU figure at all the gateway counts the CPUs it may use itself.
+    assert _decode_threads_env(rendered["no-cpu"]) is None
+    assert "CLIP_DECODE_THREADS" not in _gateway_config(rendered["no-cpu"])
+
+
+def test_decode_threads_set_by_hand(rendered: dict[str, Rendered]) -> None:
+    r = rendered["decode-threads"]
+    assert _decode_threads_env(r) is None
+    assert _gateway_config(r)["CLIP_DECODE_THREADS"] == "6"
 
 
 def test_gateway_service_has_named_ports(rendered: dict[str, Rendered]) -> None:
@@ -766,7 +859,7 @@ def test_embedded_only_deploys_just_the_gateway(rendered: dict[str, Rendered]) -
     data = _gateway_config(r)
     assert data["CLIP_BACKEND"] == "embedded"
     assert "CLIP_TRITON_URL" not in data and "CLIP_REDIS_URL" not in data
-    assert "env" not in _gateway_container(r)
+    assert list(env_entries(_gateway_container(r))) == ["CLIP_DECODE_THREADS"]
 
 
 # ------------------------------------------------------------------ scaling, network, scrape
@@ -882,6 +975,37 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str, str]] = {
         TOO_SMALL,
     ),
     "extra-config-name": ({"gateway": {"extraConfig": {"PORT": "1"}}}, "extraConfig", ""),
+    "negative-rpc-cap": (
+        {"gateway": {"limits": {"maxConcurrentRpcs": -1}}},
+        "gateway.limits.maxConcurrentRpcs",
+        TOO_SMALL,
+    ),
+    "zero-prompts": (
+        {"gateway": {"limits": {"maxPrompts": 0}}},
+        "gateway.limits.maxPrompts",
+        TOO_SMALL,
+    ),
+    # Megapixels where pixels are meant: a budget of 64 would decode one image at a time.
+    "budget-in-megapixels": (
+        {"gateway": {"limits": {"decodeBudgetPixels": 64}}},
+        "gateway.limits.decodeBudgetPixels",
+        TOO_SMALL,
+    ),
+    "negative-cache-bytes": (
+        {"gateway": {"limits": {"localCacheBytes": -1}}},
+        "gateway.limits.localCacheBytes",
+        TOO_SMALL,
+    ),
+    "label-cache-string": (
+        {"gateway": {"limits": {"labelCacheItems": "many"}}},
+        "gateway.limits.labelCacheItems",
+        "Invalid type",
+    ),
+    "negative-decode-threads": (
+        {"gateway": {"decodeThreads": -1}},
+        "gateway.decodeThreads",
+        TOO_SMALL,
+    ),
     "privileged-health-port": (
         {"gateway": {"containerPorts": {"health": 80}}},
         "gateway.containerPorts.health",

@@ -197,3 +197,20 @@ Cross-field checks a JSON schema cannot express; they fail `helm template` with 
 {{- fail "gateway.autoscaling.minReplicas must not exceed maxReplicas" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The gateway resource its decode threads follow: limits.cpu when the container has a CPU
+limit, else requests.cpu when it has a request, else "" (the gateway then counts the CPUs
+it may use). Empty too when gateway.decodeThreads sets a number.
+*/}}
+{{- define "clip-service.decodeThreadsResource" -}}
+{{- $g := .Values.gateway }}
+{{- if eq (int $g.decodeThreads) 0 }}
+{{- $resources := $g.resources | default dict }}
+{{- if ($resources.limits | default dict).cpu }}
+{{- "limits.cpu" }}
+{{- else if ($resources.requests | default dict).cpu }}
+{{- "requests.cpu" }}
+{{- end }}
+{{- end }}
+{{- end }}
