@@ -8,6 +8,7 @@ are checked field by field.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from tests.support.helm import (
     container,
     ensure_helm,
     env_entries,
+    fake_kube_api,
     init_container,
     leaf_paths,
     mounts,
@@ -55,9 +57,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "external": {"existingSecret": "shared-redis", "existingSecretKey": "url"},
         },
     },
-    "redis-auth": {
-        "redis": {"builtin": {"auth": {"enabled": True}}},
+    "api-keys": {
         "gateway": {"apiKeys": {"enabled": True, "keys": ["key-one", "key-two"]}},
+    },
+    "redis-auth-existing": {
+        "redis": {"builtin": {"auth": {"existingSecret": "cache-pw", "existingSecretKey": "pw"}}},
+    },
+    "redis-open": {
+        "redis": {"builtin": {"auth": {"enabled": False}, "networkPolicy": {"enabled": False}}},
     },
     "pvc-models": {
         "triton": {
@@ -101,6 +108,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "cpu-triton-init": {
         "triton": {"gpu": {"enabled": False}, "modelRepository": {"source": "initContainer"}},
     },
+    "tls": {"gateway": {"tls": {"enabled": True, "existingSecret": "clip-tls"}}},
     "tls-api-keys": {
         "gateway": {
             "tls": {
@@ -121,6 +129,26 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "redis": {"mode": "disabled"},
     },
     "long-names": {"fullnameOverride": "x" * 63},
+    "sized": {
+        "gateway": {
+            "limits": {
+                "maxConcurrentRpcs": 300,
+                "maxPrompts": 2000,
+                "decodeBudgetPixels": 120_000_000,
+                "localCacheBytes": 536_870_912,
+                "labelCacheItems": 100,
+            },
+            "resources": {
+                "requests": {"cpu": "2", "memory": "2Gi"},
+                "limits": {"cpu": "3500m", "memory": "4Gi"},
+            },
+            "containerPorts": {"health": 8086},
+            "probes": {"grpcService": "clip.v1.ClipService"},
+        },
+    },
+    "decode-threads": {"gateway": {"decodeThreads": 6}},
+    # null removes a default: no CPU request or limit at all.
+    "no-cpu": {"gateway": {"resources": {"requests": {"cpu": None}}}},
 }
 
 
@@ -161,7 +189,17 @@ def _triton(r: Rendered) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "name", ["defaults", "redis-auth", "cpu-triton", "tls-api-keys", "hpa-netpol", "embedded-only"]
+    "name",
+    [
+        "defaults",
+        "api-keys",
+        "redis-open",
+        "cpu-triton",
+        "tls-api-keys",
+        "hpa-netpol",
+        "embedded-only",
+        "sized",
+    ],
 )
 def test_helm_lint_strict(helm: str, name: str) -> None:
     done = run_helm(helm, "lint", "--strict", "--namespace", NAMESPACE, values=VALUE_SETS[name])
@@ -231,23 +269,52 @@ def test_names_labels_and_selectors_are_consistent(
 # ------------------------------------------------------------------ gateway
 
 
-def test_gateway_probes_are_grpc_on_the_grpc_port(rendered: dict[str, Rendered]) -> None:
-    c = _gateway_container(rendered["defaults"])
-    grpc_port = port_numbers(c)["grpc"]
-    assert grpc_port == int(_gateway_config(rendered["defaults"])["CLIP_PORT"]) == 50051
-    for probe in ("startupProbe", "readinessProbe"):
-        assert c[probe]["grpc"] == {"port": grpc_port, "service": ""}, probe
-    # Liveness asks the process-only health name, so a Triton outage restarts nothing.
-    assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
-    # Model loading gets minutes, not seconds, before the first liveness verdict.
+def _health_port(r: Rendered) -> int:
+    """The gateway's named `health` port, checked against the setting that opens it."""
+    c = _gateway_container(r)
+    port = port_numbers(c)["health"]
+    assert int(_gateway_config(r)["CLIP_HEALTH_PORT"]) == port
+    assert port not in (port_numbers(c)["grpc"], port_numbers(c)["metrics"])
+    return port
+
+
+@pytest.mark.parametrize("name", ["defaults", "tls", "api-keys", "tls-api-keys"])
+def test_probes_ask_the_plaintext_health_port(rendered: dict[str, Rendered], name: str) -> None:
+    # Kubelet gRPC probes speak plaintext and send no API key: only the health port answers
+    # them truthfully whatever the gRPC port requires, so every probe goes there.
+    r = rendered[name]
+    c = _gateway_container(r)
+    health = _health_port(r)
+    # Startup and liveness ask the process-only name: neither a Triton outage nor a Triton
+    # still loading its models (15 min allowed) restarts a gateway.
+    assert c["startupProbe"]["grpc"] == {"port": health, "service": "liveness"}
+    assert c["livenessProbe"]["grpc"] == {"port": health, "service": "liveness"}
+    # Readiness asks the whole server: SERVING only after warm-up, while the backend answers.
+    assert c["readinessProbe"]["grpc"] == {"port": health, "service": ""}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "tcpSocket" not in c[probe], probe
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    # Probes reach pods directly; no Service publishes the health port.
+    for svc in r.all("Service"):
+        assert all(p["targetPort"] != "health" for p in svc["spec"]["ports"])
 
 
-def test_tcp_liveness_leaves_readiness_on_grpc(rendered: dict[str, Rendered]) -> None:
-    c = _gateway_container(rendered["hpa-netpol"])
+def test_health_port_and_readiness_service_from_values(rendered: dict[str, Rendered]) -> None:
+    c = _gateway_container(rendered["sized"])
+    assert _health_port(rendered["sized"]) == 8086
+    assert c["readinessProbe"]["grpc"] == {"port": 8086, "service": "clip.v1.ClipService"}
+    assert c["livenessProbe"]["grpc"] == {"port": 8086, "service": "liveness"}
+
+
+def test_tcp_liveness_leaves_the_other_probes_on_the_health_port(
+    rendered: dict[str, Rendered],
+) -> None:
+    r = rendered["hpa-netpol"]
+    c = _gateway_container(r)
     assert c["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
-    assert c["readinessProbe"]["grpc"]["port"] == port_numbers(c)["grpc"]
+    assert c["startupProbe"]["grpc"] == {"port": _health_port(r), "service": "liveness"}
+    assert c["readinessProbe"]["grpc"] == {"port": _health_port(r), "service": ""}
 
 
 def test_gateway_shutdown_fits_in_the_grace_period(rendered: dict[str, Rendered]) -> None:
@@ -313,6 +380,84 @@ def test_gateway_settings_come_from_the_configmap(rendered: dict[str, Rendered])
     assert "CLIP_API_KEYS_FILE" not in data
 
 
+#: gateway.limits.<value> → the gateway setting it becomes (CLIP_<SETTING>).
+LIMIT_SETTINGS = {
+    "maxBatchSize": "max_batch_size",
+    "maxInflightBatches": "max_inflight_batches",
+    "maxItems": "max_items",
+    "maxImageBytes": "max_image_bytes",
+    "maxImagePixels": "max_image_pixels",
+    "maxMessageBytes": "max_message_bytes",
+    "maxConcurrentRpcs": "max_concurrent_rpcs",
+    "maxPrompts": "max_prompts",
+    "decodeBudgetPixels": "decode_budget_pixels",
+    "localCacheBytes": "local_cache_bytes",
+    "labelCacheItems": "label_cache_items",
+}
+
+
+def test_limits_become_gateway_settings(rendered: dict[str, Rendered]) -> None:
+    data = _gateway_config(rendered["sized"])
+    limits = VALUE_SETS["sized"]["gateway"]["limits"]
+    for value, setting in LIMIT_SETTINGS.items():
+        if value in limits:
+            assert data[f"CLIP_{setting.upper()}"] == str(limits[value]), value
+
+
+def test_chart_limits_default_to_the_gateway_defaults() -> None:
+    # The chart states every limit (so `helm get values --all` shows it), with the same
+    # defaults as `clipsvc serve`; only deliberate differences belong in values.yaml.
+    from service.settings import Settings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    limits = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["gateway"]["limits"]
+    assert set(limits) == set(LIMIT_SETTINGS)
+    for value, setting in LIMIT_SETTINGS.items():
+        assert limits[value] == defaults[setting], value
+
+
+def _decode_threads_env(r: Rendered) -> dict[str, Any] | None:
+    return env_entries(_gateway_container(r)).get("CLIP_DECODE_THREADS")
+
+
+def test_decode_threads_follow_the_cpu_limit(rendered: dict[str, Rendered]) -> None:
+    # Without a CPU limit there is no cgroup quota, and the process would count the
+    # node's CPUs; the downward API gives it the container's own (rounded up: 3500m → 4).
+    r = rendered["sized"]
+    assert _decode_threads_env(r) == {
+        "name": "CLIP_DECODE_THREADS",
+        "valueFrom": {
+            "resourceFieldRef": {
+                "containerName": "gateway",
+                "resource": "limits.cpu",
+                "divisor": "1",
+            }
+        },
+    }
+    assert "CLIP_DECODE_THREADS" not in _gateway_config(r)
+
+
+def test_decode_threads_follow_the_cpu_request_without_a_limit(
+    rendered: dict[str, Rendered],
+) -> None:
+    env = _decode_threads_env(rendered["defaults"])
+    assert env is not None
+    assert env["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "gateway",
+        "resource": "requests.cpu",
+        "divisor": "1",
+    }
+    # With no CPU figure at all the gateway counts the CPUs it may use itself.
+    assert _decode_threads_env(rendered["no-cpu"]) is None
+    assert "CLIP_DECODE_THREADS" not in _gateway_config(rendered["no-cpu"])
+
+
+def test_decode_threads_set_by_hand(rendered: dict[str, Rendered]) -> None:
+    r = rendered["decode-threads"]
+    assert _decode_threads_env(r) is None
+    assert _gateway_config(r)["CLIP_DECODE_THREADS"] == "6"
+
+
 def test_gateway_service_has_named_ports(rendered: dict[str, Rendered]) -> None:
     svc = rendered["defaults"].one("Service", "gateway")
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
@@ -360,16 +505,43 @@ def test_api_keys_and_tls_from_existing_secrets(rendered: dict[str, Rendered]) -
     assert data["CLIP_TLS_KEY"] == f"{mnts['tls']['mountPath']}/tls.key"
     assert vols["client-ca"]["secret"]["secretName"] == "clip-client-ca"
     assert data["CLIP_TLS_CLIENT_CA"] == f"{mnts['client-ca']['mountPath']}/ca.crt"
-    # Existing Secrets are referenced, never created by the chart.
-    assert r.all("Secret") == []
-    # Kubelet gRPC probes cannot speak TLS: the chart falls back to TCP connects.
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert "grpc" not in c[probe]
-        assert c[probe]["tcpSocket"] == {"port": "grpc"}
+    # Existing Secrets are referenced, never created by the chart (the Redis password is
+    # the chart's own).
+    assert [s["metadata"]["labels"]["app.kubernetes.io/component"] for s in r.all("Secret")] == [
+        "redis"
+    ]
+
+
+@pytest.mark.parametrize("name", ["tls", "api-keys", "tls-api-keys"])
+def test_keys_and_certificates_are_mounted_as_directories(
+    rendered: dict[str, Rendered], name: str
+) -> None:
+    # The gateway re-reads the key file and the certificates when they change; the kubelet
+    # updates a Secret mounted as a directory, but never a subPath mount.
+    r = rendered[name]
+    dep = _gateway(r)
+    c = container(dep, "gateway")
+    secret_mounts = {
+        mount["mountPath"]: mount
+        for volume, mount in mounts(c).items()
+        if "secret" in volumes(dep)[volume]
+    }
+    assert secret_mounts
+    for mount in secret_mounts.values():
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+        assert mount["readOnly"] is True
+    files = [
+        value
+        for key, value in _gateway_config(r).items()
+        if key in ("CLIP_API_KEYS_FILE", "CLIP_TLS_CERT", "CLIP_TLS_KEY", "CLIP_TLS_CLIENT_CA")
+    ]
+    assert files
+    for path in files:
+        assert str(Path(path).parent) in secret_mounts, path
 
 
 def test_inline_api_keys_become_a_mounted_secret(rendered: dict[str, Rendered]) -> None:
-    r = rendered["redis-auth"]
+    r = rendered["api-keys"]
     dep = _gateway(r)
     secret_name = volumes(dep)["api-keys"]["secret"]["secretName"]
     secret = r.named("Secret", secret_name)
@@ -536,36 +708,130 @@ def test_image_model_repository_mounts_nothing(rendered: dict[str, Rendered]) ->
 
 
 def test_builtin_redis_is_a_bounded_lru_cache(rendered: dict[str, Rendered]) -> None:
-    r = rendered["defaults"]
-    c = container(r.one("Deployment", "redis"), "redis")
+    c = container(rendered["defaults"].one("Deployment", "redis"), "redis")
     args = c["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
     assert args[args.index("--maxmemory") + 1] == "768mb"
     assert args[args.index("--save") + 1] == ""
-    svc = r.one("Service", "redis")
-    assert _gateway_config(r)["CLIP_REDIS_URL"] == (
-        f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+
+
+def _redis_password_refs(r: Rendered) -> tuple[dict[str, str], dict[str, str]]:
+    """Where Redis and the gateway take the password from (secretKeyRefs)."""
+    redis = container(r.one("Deployment", "redis"), "redis")
+    gateway = _gateway_container(r)
+    return (
+        env_entries(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"],
+        env_entries(gateway)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"],
     )
 
 
-def test_builtin_redis_password_from_a_secret(rendered: dict[str, Rendered]) -> None:
-    r = rendered["redis-auth"]
+def test_builtin_redis_requires_a_generated_password_by_default(
+    rendered: dict[str, Rendered],
+) -> None:
+    r = rendered["defaults"]
     redis = container(r.one("Deployment", "redis"), "redis")
     assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    secret_ref = env_entries(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    secret = r.named("Secret", secret_ref["name"])
-    assert len(base64.b64decode(secret["data"][secret_ref["key"]])) >= 16
+    assert "--protected-mode" not in redis["args"]
+    redis_ref, gateway_ref = _redis_password_refs(r)
+    assert gateway_ref == redis_ref
+    secret = r.named("Secret", redis_ref["name"])
+    assert secret["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"
+    password = base64.b64decode(secret["data"][redis_ref["key"]]).decode()
+    # URL-safe, because it goes into the gateway's redis:// URL unescaped.
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password), password
+    # The readiness probe's redis-cli authenticates from the same Secret.
+    assert env_entries(redis)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == redis_ref
 
     gateway = _gateway_container(r)
     names = [e["name"] for e in gateway["env"]]
     # $(VAR) expansion only sees variables defined earlier in the list.
     assert names.index("REDIS_PASSWORD") < names.index("CLIP_REDIS_URL")
-    assert env_entries(gateway)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret_ref
-    url = env_entries(gateway)["CLIP_REDIS_URL"]["value"]
-    assert url.startswith("redis://:$(REDIS_PASSWORD)@")
+    svc = r.one("Service", "redis")
+    assert env_entries(gateway)["CLIP_REDIS_URL"]["value"] == (
+        f"redis://:$(REDIS_PASSWORD)@{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+    )
     assert "CLIP_REDIS_URL" not in _gateway_config(r)
     annotations = _gateway(r)["spec"]["template"]["metadata"]["annotations"]
     assert "checksum/redis-secret" in annotations
+
+
+def test_generated_redis_password_survives_upgrades(helm: str) -> None:
+    # `helm upgrade` renders with `lookup` against the cluster: the Secret made at install
+    # must keep its password, or every running gateway is locked out of the cache until
+    # it restarts. A loopback API server plays the cluster.
+    name = f"{RELEASE}-clip-service-redis"
+    installed = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "type": "Opaque",
+        "data": {"redis-password": base64.b64encode(b"kept-from-install").decode()},
+    }
+
+    def render(*secrets: dict[str, Any]) -> tuple[Rendered, list[str]]:
+        with fake_kube_api(*secrets) as (kubeconfig, requests):
+            done = template(helm, None, "--dry-run=server", "--kubeconfig", str(kubeconfig))
+            assert done.returncode == 0, done.stderr
+            return Rendered.from_yaml(done.stdout), list(requests)
+
+    def password(r: Rendered) -> str:
+        return base64.b64decode(r.named("Secret", name)["data"]["redis-password"]).decode()
+
+    def checksum(r: Rendered) -> str:
+        return _gateway(r)["spec"]["template"]["metadata"]["annotations"]["checksum/redis-secret"]
+
+    upgrade, requests = render(installed)
+    assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{name}" in requests
+    assert password(upgrade) == "kept-from-install"
+    # Same Secret, same checksum: an upgrade does not roll the pods over the password.
+    assert checksum(render(installed)[0]) == checksum(upgrade)
+    # A first install finds nothing and generates one.
+    install, _ = render()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password(install))
+
+
+def test_builtin_redis_is_reachable_only_from_the_gateways_by_default(
+    rendered: dict[str, Rendered],
+) -> None:
+    r = rendered["defaults"]
+    assert r.maybe("NetworkPolicy", "gateway") is None  # networkPolicy.enabled stays off
+    spec = r.one("NetworkPolicy", "redis")["spec"]
+    assert (
+        spec["podSelector"]["matchLabels"]
+        == (r.one("Deployment", "redis")["spec"]["selector"]["matchLabels"])
+    )
+    assert spec["policyTypes"] == ["Ingress"]
+    gateway_pods = _gateway(r)["spec"]["selector"]["matchLabels"]
+    assert spec["ingress"] == [
+        {
+            "ports": [{"port": "redis", "protocol": "TCP"}],
+            "from": [{"podSelector": {"matchLabels": gateway_pods}}],
+        }
+    ]
+
+
+def test_builtin_redis_password_from_an_existing_secret(rendered: dict[str, Rendered]) -> None:
+    r = rendered["redis-auth-existing"]
+    redis_ref, gateway_ref = _redis_password_refs(r)
+    assert redis_ref == gateway_ref == {"name": "cache-pw", "key": "pw"}
+    assert r.all("Secret") == []
+    # Nothing of the chart's changes when that Secret does: no checksum to roll on.
+    annotations = _gateway(r)["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/redis-secret" not in annotations
+
+
+def test_builtin_redis_can_be_opened_explicitly(rendered: dict[str, Rendered]) -> None:
+    r = rendered["redis-open"]
+    redis = container(r.one("Deployment", "redis"), "redis")
+    assert "--requirepass" not in redis["args"]
+    assert redis["args"][redis["args"].index("--protected-mode") + 1] == "no"
+    assert "env" not in redis
+    assert r.all("Secret") == [] and r.all("NetworkPolicy") == []
+    svc = r.one("Service", "redis")
+    assert _gateway_config(r)["CLIP_REDIS_URL"] == (
+        f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+    )
+    assert "REDIS_PASSWORD" not in env_entries(_gateway_container(r))
 
 
 def test_external_redis_url_stays_secret(rendered: dict[str, Rendered]) -> None:
@@ -593,7 +859,7 @@ def test_embedded_only_deploys_just_the_gateway(rendered: dict[str, Rendered]) -
     data = _gateway_config(r)
     assert data["CLIP_BACKEND"] == "embedded"
     assert "CLIP_TRITON_URL" not in data and "CLIP_REDIS_URL" not in data
-    assert "env" not in _gateway_container(r)
+    assert list(env_entries(_gateway_container(r))) == ["CLIP_DECODE_THREADS"]
 
 
 # ------------------------------------------------------------------ scaling, network, scrape
@@ -610,7 +876,6 @@ def test_hpa_owns_the_replica_count(rendered: dict[str, Rendered]) -> None:
     resources = {m["resource"]["name"] for m in hpa["spec"]["metrics"]}
     assert resources == {"cpu", "memory"}
     assert rendered["defaults"].maybe("HorizontalPodAutoscaler", "gateway") is None
-    assert rendered["defaults"].all("NetworkPolicy") == []
 
 
 def test_network_policies_isolate_triton_and_redis(rendered: dict[str, Rendered]) -> None:
@@ -687,30 +952,87 @@ def test_long_names_are_truncated_but_distinct(rendered: dict[str, Rendered]) ->
 # ------------------------------------------------------------------ values and schema
 
 
-BAD_VALUES = {
-    "replicaCount-string": ({"gateway": {"replicaCount": "two"}}, "gateway.replicaCount"),
-    "redis-mode": ({"redis": {"mode": "sometimes"}}, "redis.mode"),
-    "negative-port": ({"gateway": {"service": {"grpcPort": -1}}}, "gateway.service.grpcPort"),
-    "unknown-top-level": ({"replicas": 3}, "replicas"),
-    "unknown-nested": ({"gateway": {"replicas": 3}}, "replicas"),
-    "model-source": ({"triton": {"modelRepository": {"source": "s3"}}}, "source"),
-    "zero-gpus": ({"triton": {"gpu": {"count": 0}}}, "triton.gpu.count"),
-    "backend": ({"gateway": {"backend": "onnx"}}, "gateway.backend"),
+SCHEMA_ERROR = "don't meet the specifications of the schema"
+TOO_SMALL = "greater than or equal to"
+
+#: values → (where the schema error must point, what it must say).
+BAD_VALUES: dict[str, tuple[dict[str, Any], str, str]] = {
+    "replicaCount-string": ({"gateway": {"replicaCount": "two"}}, "gateway.replicaCount", ""),
+    "redis-mode": ({"redis": {"mode": "sometimes"}}, "redis.mode", ""),
+    "negative-port": (
+        {"gateway": {"service": {"grpcPort": -1}}},
+        "gateway.service.grpcPort",
+        TOO_SMALL,
+    ),
+    "unknown-top-level": ({"replicas": 3}, "replicas", ""),
+    "unknown-nested": ({"gateway": {"replicas": 3}}, "replicas", ""),
+    "model-source": ({"triton": {"modelRepository": {"source": "s3"}}}, "source", ""),
+    "zero-gpus": ({"triton": {"gpu": {"count": 0}}}, "triton.gpu.count", TOO_SMALL),
+    "backend": ({"gateway": {"backend": "onnx"}}, "gateway.backend", ""),
     "zero-inflight": (
         {"gateway": {"limits": {"maxInflightBatches": 0}}},
         "gateway.limits.maxInflightBatches",
+        TOO_SMALL,
     ),
-    "extra-config-name": ({"gateway": {"extraConfig": {"PORT": "1"}}}, "extraConfig"),
+    "extra-config-name": ({"gateway": {"extraConfig": {"PORT": "1"}}}, "extraConfig", ""),
+    "negative-rpc-cap": (
+        {"gateway": {"limits": {"maxConcurrentRpcs": -1}}},
+        "gateway.limits.maxConcurrentRpcs",
+        TOO_SMALL,
+    ),
+    "zero-prompts": (
+        {"gateway": {"limits": {"maxPrompts": 0}}},
+        "gateway.limits.maxPrompts",
+        TOO_SMALL,
+    ),
+    # Megapixels where pixels are meant: a budget of 64 would decode one image at a time.
+    "budget-in-megapixels": (
+        {"gateway": {"limits": {"decodeBudgetPixels": 64}}},
+        "gateway.limits.decodeBudgetPixels",
+        TOO_SMALL,
+    ),
+    "negative-cache-bytes": (
+        {"gateway": {"limits": {"localCacheBytes": -1}}},
+        "gateway.limits.localCacheBytes",
+        TOO_SMALL,
+    ),
+    "label-cache-string": (
+        {"gateway": {"limits": {"labelCacheItems": "many"}}},
+        "gateway.limits.labelCacheItems",
+        "Invalid type",
+    ),
+    "negative-decode-threads": (
+        {"gateway": {"decodeThreads": -1}},
+        "gateway.decodeThreads",
+        TOO_SMALL,
+    ),
+    "privileged-health-port": (
+        {"gateway": {"containerPorts": {"health": 80}}},
+        "gateway.containerPorts.health",
+        TOO_SMALL,
+    ),
+    # Any other name is NOT_FOUND to the health service: the pod would never be ready.
+    "readiness-service": (
+        {"gateway": {"probes": {"grpcService": "liveness"}}},
+        "gateway.probes.grpcService",
+        "must be one of",
+    ),
+    "redis-policy-string": (
+        {"redis": {"builtin": {"networkPolicy": {"enabled": "yes"}}}},
+        "redis.builtin.networkPolicy.enabled",
+        "Invalid type",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_VALUES))
 def test_schema_rejects_bad_values(helm: str, case: str) -> None:
-    values, where = BAD_VALUES[case]
+    values, where, why = BAD_VALUES[case]
     done = template(helm, values)
     assert done.returncode != 0
-    assert "don't meet the specifications of the schema" in done.stderr, done.stderr
+    assert SCHEMA_ERROR in done.stderr, done.stderr
     assert where in done.stderr, done.stderr
+    assert why in done.stderr, done.stderr
 
 
 CROSS_FIELD_ERRORS = {
@@ -723,6 +1045,10 @@ CROSS_FIELD_ERRORS = {
     "tls-without-secret": ({"gateway": {"tls": {"enabled": True}}}, "gateway.tls"),
     "external-without-url": ({"redis": {"mode": "external"}}, "redis.external"),
     "triton-nowhere": ({"triton": {"enabled": False}}, "gateway.tritonUrl"),
+    "health-on-the-grpc-port": (
+        {"gateway": {"containerPorts": {"health": 50051}}},
+        "must be three different ports",
+    ),
 }
 
 
@@ -780,12 +1106,24 @@ def test_notes_render_usage(helm: str, tmp_path: Path) -> None:
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
         '  notes: {{ include "clip-service/templates/NOTES.txt" . | quote }}\n'
     )
-    done = template(
-        helm, VALUE_SETS["redis-auth"], "--show-only", "templates/zz-notes.yaml", chart=chart
-    )
-    assert done.returncode == 0, done.stderr
-    notes = yaml.safe_load(done.stdout)["data"]["notes"]
-    assert f"port-forward svc/{RELEASE}-clip-service-gateway 50051:50051" in notes
-    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in notes
-    assert "authorization: Bearer $CLIP_API_KEY" in notes
-    assert f"{RELEASE}-clip-service-triton.{NAMESPACE}.svc:8002/metrics" in notes
+
+    def notes(name: str) -> str:
+        done = template(
+            helm, VALUE_SETS[name], "--show-only", "templates/zz-notes.yaml", chart=chart
+        )
+        assert done.returncode == 0, done.stderr
+        return yaml.safe_load(done.stdout)["data"]["notes"]
+
+    text = notes("api-keys")
+    assert f"port-forward svc/{RELEASE}-clip-service-gateway 50051:50051" in text
+    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in text
+    assert "authorization: Bearer $CLIP_API_KEY" in text
+    assert f"{RELEASE}-clip-service-triton.{NAMESPACE}.svc:8002/metrics" in text
+    # Where the probes go, and how to ask the same question with TLS on.
+    assert f"port-forward deploy/{RELEASE}-clip-service-gateway 50052:50052" in text
+    assert "grpcurl -plaintext localhost:50052 grpc.health.v1.Health/Check" in text
+    assert f"password in Secret {RELEASE}-clip-service-redis" in text
+    assert "only the gateways may connect" in text
+    assert "grpcurl -plaintext localhost:50052" in notes("tls")
+    opened = notes("redis-open")
+    assert "NO password" in opened and "NO NetworkPolicy" in opened

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +181,111 @@ def leaf_paths(values: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             path = f"{prefix}.{key}" if prefix else str(key)
             yield path, child
             yield from leaf_paths(child, path)
+
+
+class _FakeApiHandler(BaseHTTPRequestHandler):
+    """Answers what `helm template --dry-run=server` asks: discovery, then GETs by name."""
+
+    server: _FakeApiServer
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        self.server.requests.append(path)
+        found = self.server.objects.get(path)
+        if found is None:
+            self._answer(
+                404,
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": "NotFound",
+                    "code": 404,
+                },
+            )
+        else:
+            self._answer(200, found)
+
+    def _answer(self, code: int, body: Mapping[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the test reads `requests` instead."""
+
+
+class _FakeApiServer(ThreadingHTTPServer):
+    objects: dict[str, Mapping[str, Any]]
+    requests: list[str]
+
+
+@contextlib.contextmanager
+def fake_kube_api(*secrets: Mapping[str, Any]) -> Iterator[tuple[Path, list[str]]]:
+    """A loopback Kubernetes API holding `secrets` (v1 Secret manifests), for `lookup`.
+
+    Yields a kubeconfig path for `helm template --dry-run=server --kubeconfig ...` and the
+    list of paths helm asked for. Only GET by name is served; anything else is NotFound.
+    """
+    objects: dict[str, Mapping[str, Any]] = {
+        "/version": {"major": "1", "minor": "31", "gitVersion": "v1.31.0"},
+        "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+        "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": []},
+        "/api/v1": {
+            "kind": "APIResourceList",
+            "groupVersion": "v1",
+            "resources": [
+                {
+                    "name": "secrets",
+                    "singularName": "secret",
+                    "namespaced": True,
+                    "kind": "Secret",
+                    "verbs": ["get", "list"],
+                }
+            ],
+        },
+    }
+    for secret in secrets:
+        meta = secret["metadata"]
+        objects[f"/api/v1/namespaces/{meta['namespace']}/secrets/{meta['name']}"] = secret
+    server = _FakeApiServer(("127.0.0.1", 0), _FakeApiHandler)
+    server.objects = objects
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, name="fake-kube-api", daemon=True)
+    thread.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            kubeconfig = Path(tmp) / "kubeconfig"
+            host, port = server.server_address[:2]
+            kubeconfig.write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Config",
+                        "clusters": [
+                            {"name": "fake", "cluster": {"server": f"http://{host}:{port}"}}
+                        ],
+                        "users": [{"name": "fake", "user": {"token": "fake"}}],
+                        "contexts": [
+                            {
+                                "name": "fake",
+                                "context": {
+                                    "cluster": "fake",
+                                    "user": "fake",
+                                    "namespace": NAMESPACE,
+                                },
+                            }
+                        ],
+                        "current-context": "fake",
+                    }
+                )
+            )
+            kubeconfig.chmod(0o600)
+            yield kubeconfig, server.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

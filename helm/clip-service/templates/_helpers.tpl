@@ -171,6 +171,10 @@ Cross-field checks a JSON schema cannot express; they fail `helm template` with 
 {{- if le (int $g.terminationGracePeriodSeconds) (add (int $g.shutdownGraceSeconds) (int $g.preStopSleepSeconds) | int) }}
 {{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must exceed gateway.shutdownGraceSeconds + gateway.preStopSleepSeconds (%d + %d), or in-flight calls are killed" (int $g.terminationGracePeriodSeconds) (int $g.shutdownGraceSeconds) (int $g.preStopSleepSeconds)) }}
 {{- end }}
+{{- $ports := $g.containerPorts }}
+{{- if ne (len (uniq (list (int $ports.grpc) (int $ports.metrics) (int $ports.health)))) 3 }}
+{{- fail (printf "gateway.containerPorts grpc (%d), metrics (%d) and health (%d) must be three different ports" (int $ports.grpc) (int $ports.metrics) (int $ports.health)) }}
+{{- end }}
 {{- if and .Values.triton.enabled (le (int .Values.triton.terminationGracePeriodSeconds) (int .Values.triton.exitTimeoutSeconds)) }}
 {{- fail "triton.terminationGracePeriodSeconds must exceed triton.exitTimeoutSeconds" }}
 {{- end }}
@@ -191,5 +195,22 @@ Cross-field checks a JSON schema cannot express; they fail `helm template` with 
 {{- end }}
 {{- if and $g.autoscaling.enabled (gt (int $g.autoscaling.minReplicas) (int $g.autoscaling.maxReplicas)) }}
 {{- fail "gateway.autoscaling.minReplicas must not exceed maxReplicas" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The gateway resource its decode threads follow: limits.cpu when the container has a CPU
+limit, else requests.cpu when it has a request, else "" (the gateway then counts the CPUs
+it may use). Empty too when gateway.decodeThreads sets a number.
+*/}}
+{{- define "clip-service.decodeThreadsResource" -}}
+{{- $g := .Values.gateway }}
+{{- if eq (int $g.decodeThreads) 0 }}
+{{- $resources := $g.resources | default dict }}
+{{- if ($resources.limits | default dict).cpu }}
+{{- "limits.cpu" }}
+{{- else if ($resources.requests | default dict).cpu }}
+{{- "requests.cpu" }}
+{{- end }}
 {{- end }}
 {{- end }}
