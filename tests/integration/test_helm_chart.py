@@ -373,10 +373,12 @@ def test_gateway_settings_come_from_the_configmap(rendered: dict[str, Rendered])
     assert data["CLIP_BACKEND"] == "triton"
     assert data["CLIP_MAX_BATCH_SIZE"] == "32" and data["CLIP_MAX_INFLIGHT_BATCHES"] == "1"
     assert data["CLIP_METRICS_PORT"] == str(port_numbers(c)["metrics"])
-    # The Triton URL names this release's Triton Service and its gRPC port.
-    triton_svc = r.one("Service", "triton")
-    grpc_port = next(p["port"] for p in triton_svc["spec"]["ports"] if p["name"] == "grpc")
-    assert data["CLIP_TRITON_URL"] == f"{triton_svc['metadata']['name']}:{grpc_port}"
+    # Gateways dial the headless Triton Service (one address per pod, balanced per call)
+    # on the port the Triton container listens on.
+    headless = r.one("Service", "triton", headless=True)
+    triton = container(r.one("Deployment", "triton"), "triton")
+    grpc_port = port_numbers(triton)["grpc"]
+    assert data["CLIP_TRITON_URL"] == f"dns:///{headless['metadata']['name']}:{grpc_port}"
     assert "CLIP_API_KEYS_FILE" not in data
 
 
@@ -1127,3 +1129,21 @@ def test_notes_render_usage(helm: str, tmp_path: Path) -> None:
     assert "grpcurl -plaintext localhost:50052" in notes("tls")
     opened = notes("redis-open")
     assert "NO password" in opened and "NO NetworkPolicy" in opened
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("triton.example:8001", True),
+        ("dns:///triton-headless.ml.svc:8001", True),
+        ("ipv4:10.0.0.1:8001,10.0.0.2:8001", True),
+        ("http://triton:8001", False),
+        ("dns:///triton-headless", False),
+    ],
+)
+def test_the_triton_url_takes_any_grpc_target(helm: str, url: str, accepted: bool) -> None:
+    done = template(helm, {"gateway": {"tritonUrl": url}})
+    assert (done.returncode == 0) is accepted, done.stderr
+    if accepted:
+        cm = Rendered.from_yaml(done.stdout).one("ConfigMap", "gateway")
+        assert cm["data"]["CLIP_TRITON_URL"] == url

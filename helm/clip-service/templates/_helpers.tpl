@@ -102,6 +102,10 @@ Triton gRPC address the gateway calls.
 {{- define "clip-service.tritonUrl" -}}
 {{- if .Values.gateway.tritonUrl }}
 {{- .Values.gateway.tritonUrl }}
+{{- else if .Values.triton.service.headless }}
+{{- /* One address per ready Triton pod: the gateway sends each call to the next one
+     (round robin). Pod addresses take the container's gRPC port (triton/deployment.yaml). */}}
+{{- printf "dns:///%s:8001" (include "clip-service.componentName" (list . "triton-headless")) }}
 {{- else }}
 {{- printf "%s:%d" (include "clip-service.componentName" (list . "triton")) (int .Values.triton.service.grpcPort) }}
 {{- end }}
