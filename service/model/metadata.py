@@ -38,12 +38,21 @@ class ModelMetadata:
     image_input: str = IMAGE_INPUT
     text_input: str = TEXT_INPUT
     output: str = OUTPUT
+    #: How the encoders were exported (`clipsvc export --flavor`): "pytorch" or "python"
+    #: (TorchScript `model.pt`), "onnx" (`model.onnx`); "" in repositories exported before
+    #: this field existed, which are TorchScript.
+    flavor: str = ""
     versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
         """Short identity used in responses and cache keys; changes when the weights do."""
         return f"{self.model_name}/{self.pretrained}@{self.weights_sha256[:12]}"
+
+    @property
+    def is_onnx(self) -> bool:
+        """The encoders are `model.onnx` files (run by ONNX Runtime), not TorchScript."""
+        return self.flavor == "onnx"
 
     def save(self, directory: Path) -> Path:
         """Write `metadata.json` into `directory`."""
