@@ -33,6 +33,10 @@ class TritonPythonModel:
             import onnxruntime
 
             options = onnxruntime.SessionOptions()
+            # As the gateway's ONNX backend (service/model/onnx_graphs.py): no spinning
+            # threads, no memory plan for one shape (batch and text length vary).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.enable_mem_pattern = False
             threads = int(params.get("intra_op_thread_count", "0") or 0)
             if threads > 0:
                 options.intra_op_num_threads = threads

@@ -309,3 +309,96 @@ def test_a_model_that_cannot_export_says_so_and_writes_nothing(
     assert "aten::something_new" in message
     assert "--flavor pytorch" in message
     assert not any(tmp_path.iterdir())
+
+
+def _helm() -> str:
+    import shutil
+
+    for candidate in (os.environ.get("CLIP_HELM"), str(REPO_ROOT / ".tools/helm/helm"), "helm"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    raise AssertionError("no helm binary: run `make system-deps` (scripts/install_helm.sh)")
+
+
+def _cpu_config_script(*values: str) -> list[str]:
+    import subprocess
+
+    import yaml
+
+    sets = [arg for value in values for arg in ("--set", value)]
+    done = subprocess.run(
+        [_helm(), "template", "clip", str(REPO_ROOT / "helm" / "clip-service"), *sets],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for doc in yaml.safe_load_all(done.stdout):
+        if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"].endswith("triton"):
+            for init in doc["spec"]["template"]["spec"].get("initContainers", []):
+                if init["name"] == "cpu-config":
+                    return init["command"]
+    raise AssertionError("no cpu-config init container rendered")
+
+
+@pytest.mark.parametrize("flavor", ["onnx", "pytorch"])
+def test_chart_cpu_triton_drops_tensorrt_from_onnx_configs(flavor: str, tmp_path: Path) -> None:
+    """`triton.modelFlavor=onnx` + `gpu.enabled=false`: KIND_CPU and no GPU-only TensorRT."""
+    import subprocess
+
+    from service.model.triton_config import TensorSpec, render_config
+    from service.settings import BatchingOptions
+
+    source, served = tmp_path / "models", tmp_path / "served"
+    for name in ("clip_image", "clip_text"):
+        (source / name / "1").mkdir(parents=True)
+        (source / name / "1" / "model.onnx").write_bytes(b"onnx")
+        (source / name / "config.pbtxt").write_text(
+            render_config(
+                name=name,
+                flavor="onnx",
+                inputs=[TensorSpec("TOKENS__0", "TYPE_INT64", (-1,))],
+                outputs=[TensorSpec("EMBEDDINGS__0", "TYPE_FP32", (64,))],
+                batching=BatchingOptions(),
+                tensorrt=True,
+            )
+        )
+    served.mkdir()
+    script = _cpu_config_script("triton.gpu.enabled=false", f"triton.modelFlavor={flavor}")
+    env = {"PATH": os.environ["PATH"], "MODEL_REPOSITORY": str(source)}
+    done = subprocess.run(
+        script,
+        env={**env, "SERVED_REPOSITORY": str(served)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in ("clip_image", "clip_text"):
+        text = (served / name / "config.pbtxt").read_text()
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        assert config.platform == "onnxruntime_onnx"
+        # Only the onnx value strips the accelerator (pytorch configs never have one).
+        assert config.HasField("optimization") == (flavor == "pytorch")
+        assert (served / name / "1" / "model.onnx").is_symlink()
+
+
+def test_chart_schema_knows_the_flavors() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [
+            _helm(),
+            "template",
+            "clip",
+            str(REPO_ROOT / "helm" / "clip-service"),
+            "--set",
+            "triton.modelFlavor=tensorflow",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "modelFlavor" in done.stderr
