@@ -100,7 +100,7 @@ def export_model(
     """Export both encoders of an open_clip model into a Triton model repository.
 
     The files are written to a staging folder and checked against open_clip there; the
-    repository is only touched once the check passed.
+    repository's files are only touched once the check passed.
     """
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
@@ -117,7 +117,10 @@ def export_model(
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
     steps.update()
 
-    with tempfile.TemporaryDirectory(prefix="clip-export-") as staging_dir:
+    # Staged inside `out_dir`: the same filesystem, so the files are moved, not copied, and
+    # a large model does not have to fit in /tmp.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as staging_dir:
         staging = Path(staging_dir)
         if flavor == "onnx":
             steps.set_postfix_str("exporting encoders to ONNX")
@@ -156,7 +159,6 @@ def export_model(
             raise ValueError(
                 f"resize mode {metadata.resize_mode!r} is not supported (shortest only)"
             )
-        out_dir.mkdir(parents=True, exist_ok=True)
         towers = {
             IMAGE_MODEL: TensorSpec(IMAGE_INPUT, "TYPE_UINT8", (3, image_size, image_size)),
             TEXT_MODEL: TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,), ragged=True),
