@@ -15,6 +15,7 @@ ONNX Runtime, and exporting the scripted module stops at `prim::is_nested`.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,8 @@ def export_onnx(
         program.save(str(path), external_data=None)
     except Exception as exc:
         raise OnnxExportError(
-            f"the {what} cannot be exported to ONNX ({type(exc).__name__}: "
-            f"{_first_line(exc)}); export it with --flavor pytorch or --flavor python instead"
+            f"the {what} cannot be exported to ONNX ({_reason(exc)}); the TorchScript "
+            "flavors (--flavor pytorch or --flavor python) use another exporter and may work"
         ) from exc
     finally:
         quiet.setLevel(level)
@@ -109,6 +110,9 @@ def run_session(session, input_name: str, rows: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else "no message"
+def _reason(exc: BaseException) -> str:
+    """The root cause's type and first line: torch.onnx wraps it in a page of advice."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else 'no message'}"
