@@ -9,17 +9,26 @@
 #   docker build --target gateway -t clip-service-gateway:0.1.0 .
 #   docker build --target triton  -t clip-service-triton:0.1.0 \
 #       --build-arg MODEL_NAME=ViT-B-32 --build-arg PRETRAINED=laion2b_s34b_b79k .
+#   docker build --target triton  -t clip-service-triton:0.1.0-trt --build-arg FLAVOR=onnx-tensorrt .
+#   docker build --target gateway -t clip-service-gateway:0.1.0-embedded-onnx \
+#       --build-arg GATEWAY_BACKEND=embedded --build-arg FLAVOR=onnx .
 #
 # The export stage downloads pretrained weights (Hugging Face / open_clip hub), so the
 # machine running `docker build` needs internet access. PRETRAINED=none exports random
 # weights (smoke tests); PRETRAINED=/ctx/<path in the build context> a local checkpoint.
-# GATEWAY_BACKEND=embedded keeps the TorchScript weights in the gateway image (and makes
+# GATEWAY_BACKEND=embedded keeps the exported weights in the gateway image (and makes
 # embedded its default backend), for a single-container deployment without Triton.
+# FLAVOR picks what is exported: pytorch (TorchScript, the default), onnx (ONNX Runtime:
+# Triton's onnxruntime backend on CPU or GPU, and in-process in an embedded gateway) or
+# onnx-tensorrt (onnx with TensorRT fp16 on GPU instances). On the 2-core CPU measured,
+# onnx was not faster than TorchScript (bench/results/onnx-ViT-B-32.md), so pytorch stays
+# the default for the embedded image too.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # The Triton image's libtorch must load TorchScript written by the export stage's torch
 # (2.14.1): TorchScript files load in the same or a newer libtorch, not an older one. Check
-# the NGC support matrix when changing either side.
+# the NGC support matrix when changing either side. FLAVOR=onnx files are opset 20: the
+# image's ONNX Runtime must be 1.17 or newer.
 ARG TRITON_TAG=26.10
 ARG BUSYBOX_IMAGE=busybox:1.37
 
@@ -55,6 +64,8 @@ FROM builder AS export
 
 ARG MODEL_NAME=ViT-B-32
 ARG PRETRAINED=laion2b_s34b_b79k
+# pytorch | onnx | onnx-tensorrt (see the top of this file).
+ARG FLAVOR=pytorch
 # Extra `clipsvc export` flags, e.g. "--max-batch-size 64 --instances 2".
 ARG EXPORT_ARGS=""
 
@@ -62,26 +73,33 @@ ARG EXPORT_ARGS=""
 # layer; the bind mount exposes the build context at /ctx, so PRETRAINED=/ctx/demo/<file>
 # exports a local checkpoint without copying it into the image.
 # EXPORT_ARGS stays unquoted on purpose: it is split into separate flags.
+# FLAVOR becomes the export flags and the file every tower must then hold.
 RUN --mount=type=cache,target=/root/.cache \
     --mount=type=bind,source=.,target=/ctx \
-    clipsvc export \
+    case "${FLAVOR}" in \
+        pytorch) set -- --flavor pytorch; model_file=model.pt ;; \
+        onnx) set -- --flavor onnx; model_file=model.onnx ;; \
+        onnx-tensorrt) set -- --flavor onnx --tensorrt; model_file=model.onnx ;; \
+        *) echo "FLAVOR must be pytorch, onnx or onnx-tensorrt, not '${FLAVOR}'" >&2; exit 1 ;; \
+    esac \
+    && clipsvc export \
         --model "${MODEL_NAME}" \
         --pretrained "${PRETRAINED}" \
         --out /export \
-        --flavor pytorch \
+        "$@" \
         ${EXPORT_ARGS} \
     && test -f /export/metadata.json \
-    && test -f /export/clip_image/1/model.pt \
-    && test -f /export/clip_text/1/model.pt
+    && test -f "/export/clip_image/1/${model_file}" \
+    && test -f "/export/clip_text/1/${model_file}"
 
 # ---------------------------------------------------------------------------- gateway-models
 # The gateway needs metadata.json (model id, image size, tokenizer) even with
-# backend=triton; the TorchScript weights only with backend=embedded. Drop them otherwise
-# so the gateway image does not carry hundreds of MB it never reads.
+# backend=triton; the weights (model.pt or model.onnx) only with backend=embedded. Drop
+# them otherwise so the gateway image does not carry hundreds of MB it never reads.
 FROM export AS gateway-models
 ARG GATEWAY_BACKEND=triton
 RUN if [ "${GATEWAY_BACKEND}" != "embedded" ]; then \
-        find /export -name model.pt -delete; \
+        find /export \( -name model.pt -o -name 'model.onnx*' \) -delete; \
     fi
 
 # ---------------------------------------------------------------------------- gateway

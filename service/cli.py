@@ -48,6 +48,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export.pretrained,
         export.out,
         flavor=export.flavor,
+        tensorrt=export.tensorrt,
         batching=BatchingOptions.from_sources(args),
     )
     print(summary.render())

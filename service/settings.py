@@ -183,13 +183,14 @@ class Settings(FlagSet):
     # --- model and backend
     backend: str = _opt("embedded", "Where the encoders run.", choices=("embedded", "triton"))
     model_repository: Path = _opt(
-        DEFAULT_MODEL_REPOSITORY, "Exported model repository (metadata.json + clip_*/1/model.pt)."
+        DEFAULT_MODEL_REPOSITORY,
+        "Exported model repository (metadata.json + clip_*/1/model.pt or model.onnx).",
     )
     triton_url: str = _opt(
         "127.0.0.1:8001",
         "Triton gRPC target (backend=triton): host:port, dns:///name:port (a headless "
-        "Service) or ipv4:a:p,b:p; calls go round robin over every address, and one that "
-        "finds its replica gone is retried on another within the deadline.",
+        "Service) or ipv4:a:p,b:p; with dns:/ipv4: targets calls go round robin over every "
+        "address, and one that finds its replica gone is retried on another in the deadline.",
     )
     triton_image_model: str = _opt("clip_image", "Triton model name of the image encoder.")
     triton_text_model: str = _opt("clip_text", "Triton model name of the text encoder.")
@@ -198,7 +199,11 @@ class Settings(FlagSet):
         30.0, "Longest a backend call may take when the caller set no deadline."
     )
     device: str = _opt("cpu", "Torch device of the embedded backend (cpu, cuda, cuda:1).")
-    torch_threads: int = _opt(0, "Intra-op threads of the embedded backend (0 = torch default).")
+    torch_threads: int = _opt(
+        0,
+        "Intra-op threads of the embedded backend, TorchScript or ONNX Runtime "
+        "(0 = the runtime's default).",
+    )
     # --- batching (the gateway's queue, in front of either backend)
     max_batch_size: int = _opt(
         32, "Most items in one backend call (Triton: also capped by the model's max_batch_size)."
@@ -301,7 +306,11 @@ class BatchingOptions(FlagSet):
     queue_timeout_us: int = _opt(
         10_000_000, "Longest a request waits in Triton's queue before it is refused."
     )
-    torch_threads: int = _opt(0, "Python flavor: torch threads per instance (0 = torch default).")
+    torch_threads: int = _opt(
+        0,
+        "Threads per instance: torch's (python flavor) or ONNX Runtime's intra-op threads "
+        "(onnx flavor); 0 = the runtime's default.",
+    )
 
 
 @dataclass(frozen=True)
@@ -313,9 +322,19 @@ class ExportSettings(FlagSet):
     pretrained: str = _opt("none", "Pretrained tag, a checkpoint PATH, or 'none'.")
     flavor: str = _opt(
         "python",
-        "pytorch: libtorch backend on GPU (NGC image); python: pip tritonserver.",
-        choices=("pytorch", "python"),
+        "pytorch: libtorch backend on GPU (NGC image); python: pip tritonserver; "
+        "onnx: model.onnx for ONNX Runtime (NGC image on CPU or GPU, and clipsvc serve).",
+        choices=("pytorch", "python", "onnx"),
     )
+    tensorrt: bool = _opt(
+        False,
+        "onnx flavor: add TensorRT (fp16) as Triton's GPU execution accelerator (KIND_GPU).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tensorrt and self.flavor != "onnx":
+            raise SettingsError(f"--tensorrt needs --flavor onnx, not {self.flavor!r}")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,19 @@ def build_backend(
             expected_weights_sha256=metadata.weights_sha256 if metadata is not None else None,
         )
         inflight = settings.max_inflight_batches
+    elif metadata.is_onnx:  # the repository decides the in-process runtime, no flag
+        from service.backends.onnx import OnnxBackend
+
+        if settings.device != "cpu":
+            raise ValueError(f"the onnx flavor runs on the CPU in-process, not {settings.device}")
+        inner = OnnxBackend(
+            settings.model_repository,
+            metadata,
+            metrics=metrics,
+            max_batch_size=settings.max_batch_size,
+            intra_op_threads=settings.torch_threads,
+        )
+        inflight = 1
     else:
         from service.backends.embedded import EmbeddedBackend
 

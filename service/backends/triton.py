@@ -73,10 +73,13 @@ _CHANNEL_ARGS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
-    # Every call goes to the next ready address of the target (`ipv4:a:p,b:p`, a headless
-    # `dns:///name:port`): all Triton replicas get work, not the first one connected.
-    ("grpc.lb_policy_name", "round_robin"),
 ]
+# Targets that name several replicas (`ipv4:a:p,b:p`, a headless `dns:///name:port`):
+# every call goes to the next ready address, so all replicas get work, not the first one
+# connected. A plain host:port keeps pick-first: after a restart its channel reconnects on
+# the next call instead of failing calls until a reconnect backoff ends.
+_MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+_ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
 # DNS is resolved again only when a connection fails; a `dns:` target's channel is
 # renewed this often so that replicas added by a scale-up get work too.
 _DNS_REFRESH_S = 30.0
@@ -642,8 +645,10 @@ class TritonBackend:
 
     def _channel_args(self) -> list[tuple[str, Any]]:
         keepalive_s, timeout_s = self._keepalive
+        balance = [_ROUND_ROBIN] if self.url.startswith(_MULTI_ADDRESS_SCHEMES) else []
         return [
             *_CHANNEL_ARGS,
+            *balance,
             ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),

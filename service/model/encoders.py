@@ -76,10 +76,15 @@ class _MatMul(nn.Module):
         return x @ self.weight
 
 
-def script_encoders(clip: nn.Module) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
-    """TorchScript (scripted, not traced: the text length must stay dynamic) of both towers."""
+def build_encoders(clip: nn.Module) -> tuple[ImageEncoder, TextEncoder]:
+    """Both towers of an open_clip model wrapped as the exported graphs (eval mode)."""
     cfg = clip.visual.preprocess_cfg
     image = ImageEncoder(clip.visual, tuple(cfg["mean"]), tuple(cfg["std"])).eval()
-    text = TextEncoder(clip).eval()
+    return image, TextEncoder(clip).eval()
+
+
+def script_encoders(clip: nn.Module) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
+    """TorchScript (scripted, not traced: the text length must stay dynamic) of both towers."""
+    image, text = build_encoders(clip)
     with torch.no_grad():
         return torch.jit.script(image), torch.jit.script(text)

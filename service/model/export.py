@@ -1,6 +1,6 @@
 """open_clip → TorchScript → Triton model repository + `metadata.json`.
 
-`clipsvc export --model NAME --pretrained TAG|none|PATH --out DIR --flavor pytorch|python`
+`clipsvc export --model NAME --pretrained TAG|none|PATH --out DIR --flavor pytorch|python|onnx`
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from service.model import configs as model_configs
-from service.model.encoders import script_encoders
+from service.model.encoders import build_encoders, script_encoders
 from service.model.metadata import (
     IMAGE_INPUT,
     IMAGE_MODEL,
@@ -26,7 +28,8 @@ from service.model.metadata import (
     TEXT_MODEL,
     ModelMetadata,
 )
-from service.model.triton_config import TensorSpec, render_config
+from service.model.onnx_graphs import ONNX_FILE, export_onnx, open_session, run_session
+from service.model.triton_config import FLAVORS, TensorSpec, render_config
 from service.settings import BatchingOptions
 
 _LOGGER = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class ExportSummary:
             f"  model id      {m.model_id}",
             f"  embedding dim {m.embedding_dim}, image {m.image_size}px, "
             f"context {m.context_length} tokens, logit scale {m.logit_scale:.2f}",
+            f"  flavor        {m.flavor}",
             f"  check vs open_clip: max |diff| = {self.max_abs_diff:.2e}",
         ]
         total = 0
@@ -89,10 +93,17 @@ def export_model(
     out_dir: Path,
     *,
     flavor: str = "python",
+    tensorrt: bool = False,
     batching: BatchingOptions | None = None,
     progress: bool = True,
 ) -> ExportSummary:
-    """Export both encoders of an open_clip model into a Triton model repository."""
+    """Export both encoders of an open_clip model into a Triton model repository.
+
+    The files are written to a staging folder and checked against open_clip there; the
+    repository's files are only touched once the check passed.
+    """
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
     batching = batching or BatchingOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -100,65 +111,80 @@ def export_model(
 
     steps.set_postfix_str(f"loading {model_name}")
     clip, label = load_open_clip(model_name, pretrained)
-    steps.update()
-
-    steps.set_postfix_str("scripting encoders")
-    image_ts, text_ts = script_encoders(clip)
-    steps.update()
-
-    steps.set_postfix_str("checking against open_clip")
     cfg = clip.visual.preprocess_cfg
     image_size = int(cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0])
     context_length = int(clip.context_length)
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
-    max_diff = _self_check(clip, image_ts, text_ts, tokenizer, image_size)
     steps.update()
 
-    steps.set_postfix_str("writing repository")
-    embedding_dim = int(text_ts(torch.ones(1, 2, dtype=torch.long)).shape[-1])
-    logit_bias = getattr(clip, "logit_bias", None)
-    metadata = ModelMetadata(
-        model_name=model_name,
-        pretrained=label,
-        weights_sha256=weights_sha256(clip),
-        embedding_dim=embedding_dim,
-        image_size=image_size,
-        context_length=context_length,
-        logit_scale=float(clip.logit_scale.exp().item()),
-        logit_bias=None if logit_bias is None else float(logit_bias.item()),
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
-        interpolation=str(cfg.get("interpolation", "bicubic")),
-        resize_mode=str(cfg.get("resize_mode", "shortest")),
-        versions={"open_clip": open_clip.__version__, "torch": torch.__version__},
-    )
-    if metadata.resize_mode != "shortest":
-        raise ValueError(f"resize mode {metadata.resize_mode!r} is not supported (shortest only)")
+    # Staged inside `out_dir`: the same filesystem, so the files are moved, not copied, and
+    # a large model does not have to fit in /tmp.
     out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, int] = {}
-    towers = {
-        IMAGE_MODEL: (image_ts, TensorSpec(IMAGE_INPUT, "TYPE_UINT8", (3, image_size, image_size))),
-        TEXT_MODEL: (text_ts, TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,), ragged=True)),
-    }
-    for name, (module, input_spec) in towers.items():
-        version_dir = out_dir / name / "1"
-        version_dir.mkdir(parents=True, exist_ok=True)
-        torch.jit.save(module, str(version_dir / "model.pt"))
-        stale_model_py = version_dir / "model.py"
-        if flavor == "python":
-            shutil.copyfile(_PYTHON_MODEL, stale_model_py)
-        elif stale_model_py.exists():
-            stale_model_py.unlink()
-        config = render_config(
-            name=name,
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as staging_dir:
+        staging = Path(staging_dir)
+        if flavor == "onnx":
+            steps.set_postfix_str("exporting encoders to ONNX")
+            image_run, text_run = _stage_onnx(
+                clip, staging, image_size, context_length, batching.torch_threads
+            )
+        else:
+            steps.set_postfix_str("scripting encoders")
+            image_run, text_run = _stage_torchscript(clip, staging)
+        steps.update()
+
+        steps.set_postfix_str("checking against open_clip")
+        max_diff = _self_check(clip, image_run, text_run, tokenizer, image_size)
+        embedding_dim = int(text_run(torch.ones(1, 2, dtype=torch.long)).shape[-1])
+        steps.update()
+
+        steps.set_postfix_str("writing repository")
+        logit_bias = getattr(clip, "logit_bias", None)
+        metadata = ModelMetadata(
+            model_name=model_name,
+            pretrained=label,
+            weights_sha256=weights_sha256(clip),
+            embedding_dim=embedding_dim,
+            image_size=image_size,
+            context_length=context_length,
+            logit_scale=float(clip.logit_scale.exp().item()),
+            logit_bias=None if logit_bias is None else float(logit_bias.item()),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
             flavor=flavor,
-            inputs=[input_spec],
-            outputs=[TensorSpec(OUTPUT, "TYPE_FP32", (embedding_dim,))],
-            batching=batching,
-            parameters=metadata.triton_parameters(),
+            versions=_versions(flavor),
         )
-        (out_dir / name / "config.pbtxt").write_text(config)
+        if metadata.resize_mode != "shortest":
+            raise ValueError(
+                f"resize mode {metadata.resize_mode!r} is not supported (shortest only)"
+            )
+        towers = {
+            IMAGE_MODEL: TensorSpec(IMAGE_INPUT, "TYPE_UINT8", (3, image_size, image_size)),
+            TEXT_MODEL: TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,), ragged=True),
+        }
+        for name, input_spec in towers.items():
+            version_dir = out_dir / name / "1"
+            version_dir.mkdir(parents=True, exist_ok=True)
+            # Files of another flavor left by an earlier export would be served by mistake.
+            for stale in _MODEL_FILES:
+                (version_dir / stale).unlink(missing_ok=True)
+            for staged in sorted((staging / name).iterdir()):
+                shutil.move(str(staged), str(version_dir / staged.name))
+            if flavor == "python":
+                shutil.copyfile(_PYTHON_MODEL, version_dir / "model.py")
+            config = render_config(
+                name=name,
+                flavor=flavor,
+                inputs=[input_spec],
+                outputs=[TensorSpec(OUTPUT, "TYPE_FP32", (embedding_dim,))],
+                batching=batching,
+                tensorrt=tensorrt,
+                parameters=metadata.triton_parameters(),
+            )
+            (out_dir / name / "config.pbtxt").write_text(config)
     metadata.save(out_dir)
+    files: dict[str, int] = {}
     for path in sorted(out_dir.rglob("*")):
         if path.is_file():
             files[str(path.relative_to(out_dir))] = path.stat().st_size
@@ -169,31 +195,100 @@ def export_model(
     return ExportSummary(out_dir, metadata, files, time.perf_counter() - started, max_diff)
 
 
+#: What an export may have left in a version folder; a new export removes them all first.
+_MODEL_FILES = ("model.pt", "model.py", ONNX_FILE, ONNX_FILE + ".data")
+Encode = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _stage_torchscript(clip: torch.nn.Module, staging: Path) -> tuple[Encode, Encode]:
+    """Both towers scripted and saved as `<tower>/model.pt`; they also run the self-check."""
+    image_ts, text_ts = script_encoders(clip)
+    for name, module in ((IMAGE_MODEL, image_ts), (TEXT_MODEL, text_ts)):
+        (staging / name).mkdir()
+        torch.jit.save(module, str(staging / name / "model.pt"))
+    return image_ts, text_ts
+
+
+def _stage_onnx(
+    clip: torch.nn.Module, staging: Path, image_size: int, context_length: int, threads: int
+) -> tuple[Encode, Encode]:
+    """Both towers as `<tower>/model.onnx`; the self-check runs the files in ONNX Runtime."""
+    image, text = build_encoders(clip)
+    # Example sizes that differ from each other and from 1: torch.export would otherwise
+    # tie equal dimensions together or fix them at 1.
+    examples = {
+        IMAGE_MODEL: (image, torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)),
+        TEXT_MODEL: (text, torch.ones(2, min(5, context_length), dtype=torch.long)),
+    }
+    runs: list[Encode] = []
+    for name, (module, example) in examples.items():
+        (staging / name).mkdir()
+        path = staging / name / ONNX_FILE
+        input_name = IMAGE_INPUT if name == IMAGE_MODEL else TEXT_INPUT
+        export_onnx(
+            module,
+            example,
+            path,
+            input_name=input_name,
+            output_name=OUTPUT,
+            dynamic_length=context_length if name == TEXT_MODEL else None,
+            what=f"{name.removeprefix('clip_')} tower of {type(clip).__name__}",
+        )
+        session = open_session(path, intra_op_threads=threads)
+        runs.append(
+            lambda rows, s=session, n=input_name: torch.from_numpy(run_session(s, n, rows.numpy()))
+        )
+    return runs[0], runs[1]
+
+
+def _versions(flavor: str) -> dict[str, str]:
+    versions = {"open_clip": open_clip.__version__, "torch": torch.__version__}
+    if flavor == "onnx":
+        import onnx
+        import onnxruntime
+
+        versions |= {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return versions
+
+
 def _self_check(
     clip: torch.nn.Module,
-    image_ts: torch.jit.ScriptModule,
-    text_ts: torch.jit.ScriptModule,
+    encode_image: Encode,
+    encode_text: Encode,
     tokenizer: open_clip.tokenizer.SimpleTokenizer,
     image_size: int,
 ) -> float:
-    """Largest |exported - open_clip| on a random image and a short and a full text."""
+    """Largest |exported - open_clip| over random images (batches of 3 and 1) and texts of
+    several lengths (each alone, cut at its end-of-text and padded a little past it, and
+    all together at the full context)."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(
-        0, 256, (2, 3, image_size, image_size), dtype=torch.uint8, generator=generator
+        0, 256, (3, 3, image_size, image_size), dtype=torch.uint8, generator=generator
     )
     cfg = clip.visual.preprocess_cfg
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    tokens = tokenizer(["a photo of a cat", "x " * 200])
+    texts = ["", "a photo of a cat", "a diagram of " + "a red circle beside " * 4, "x " * 200]
+    tokens = tokenizer(texts)
+    diffs: list[float] = []
     with torch.no_grad():
         want_image = clip.encode_image((pixels.float() / 255 - mean) / std, normalize=True)
         want_text = clip.encode_text(tokens, normalize=True)
-        short = int((tokens != 0).sum(dim=1).max())
-        got_image = image_ts(pixels)
-        got_text = text_ts(tokens[:, :short])
-    diff = max(
-        (want_image - got_image).abs().max().item(), (want_text - got_text).abs().max().item()
-    )
+        diffs.append(_max_diff(want_image, encode_image(pixels)))
+        diffs.append(_max_diff(want_image[:1], encode_image(pixels[:1])))
+        context = tokens.shape[1]
+        for row, length in enumerate((tokens != 0).sum(dim=1).tolist()):
+            for cut in sorted({length, min(length + 5, context)}):
+                got = encode_text(tokens[row : row + 1, :cut].contiguous())
+                diffs.append(_max_diff(want_text[row : row + 1], got))
+        diffs.append(_max_diff(want_text, encode_text(tokens)))
+    diff = max(diffs)
     if diff > 1e-4:
         raise RuntimeError(f"exported encoders differ from open_clip by {diff:.2e}")
     return diff
+
+
+def _max_diff(want: torch.Tensor, got: torch.Tensor) -> float:
+    if got.shape != want.shape:
+        raise RuntimeError(f"exported encoder answered {tuple(got.shape)}, not {tuple(want.shape)}")
+    return float((want - got).abs().max().item())

@@ -42,6 +42,10 @@ class ModelMetadata:
     image_input: str = IMAGE_INPUT
     text_input: str = TEXT_INPUT
     output: str = OUTPUT
+    #: How the encoders were exported (`clipsvc export --flavor`): "pytorch" or "python"
+    #: (TorchScript `model.pt`), "onnx" (`model.onnx`); "" in repositories exported before
+    #: this field existed, which are TorchScript.
+    flavor: str = ""
     versions: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -52,6 +56,11 @@ class ModelMetadata:
     def triton_parameters(self) -> dict[str, str]:
         """The identity stamped into each `config.pbtxt` as Triton `parameters`."""
         return {MODEL_ID_PARAMETER: self.model_id, WEIGHTS_PARAMETER: self.weights_sha256}
+
+    @property
+    def is_onnx(self) -> bool:
+        """The encoders are `model.onnx` files (run by ONNX Runtime), not TorchScript."""
+        return self.flavor == "onnx"
 
     def save(self, directory: Path) -> Path:
         """Write `metadata.json` into `directory`."""

@@ -1,8 +1,11 @@
-"""Renders Triton `config.pbtxt` for the two encoders, in either flavor.
+"""Renders Triton `config.pbtxt` for the two encoders, in any flavor.
 
 `pytorch`: `platform: "pytorch_libtorch"`, KIND_GPU, for NVIDIA's Triton image.
 `python`: the python backend (`model.py` loads the same `model.pt`), KIND_CPU, for the
 `tritonserver` binary of the pip wheel, which ships only that backend.
+`onnx`: `platform: "onnxruntime_onnx"` (`model.onnx`) for NVIDIA's Triton image, KIND_AUTO
+(a GPU where the server has one, else the CPU); `tensorrt=True` adds TensorRT in fp16 as
+the GPU execution accelerator and asks for KIND_GPU.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from dataclasses import dataclass
 
 from service.settings import BatchingOptions
 
-FLAVORS = ("pytorch", "python")
+FLAVORS = ("pytorch", "python", "onnx")
+_PLATFORMS = {"pytorch": "pytorch_libtorch", "onnx": "onnxruntime_onnx"}
 
 
 @dataclass(frozen=True)
@@ -34,15 +38,18 @@ def render_config(
     outputs: list[TensorSpec],
     batching: BatchingOptions,
     parameters: Mapping[str, str] | None = None,
+    tensorrt: bool = False,
 ) -> str:
     """The text of one `config.pbtxt`; `parameters` are added as string parameters
     (the export stamps the model's identity this way, see `ModelMetadata.triton_parameters`).
     """
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
+    if tensorrt and flavor != "onnx":
+        raise ValueError(f"TensorRT needs the onnx flavor, not {flavor!r}")
     lines = [f'name: "{name}"']
-    if flavor == "pytorch":
-        lines.append('platform: "pytorch_libtorch"')
+    if flavor in _PLATFORMS:
+        lines.append(f'platform: "{_PLATFORMS[flavor]}"')
     else:
         lines.append('backend: "python"')
     lines.append(f"max_batch_size: {batching.max_batch_size}")
@@ -50,7 +57,9 @@ def render_config(
     # them by shape); libtorch needs one dense tensor, so there lengths batch separately.
     ragged = flavor == "python"
     lines += _tensors("input", inputs, ragged) + _tensors("output", outputs, False)
-    kind = "KIND_GPU" if flavor == "pytorch" else "KIND_CPU"
+    kind = {"pytorch": "KIND_GPU", "python": "KIND_CPU", "onnx": "KIND_AUTO"}[flavor]
+    if tensorrt:
+        kind = "KIND_GPU"  # TensorRT runs only on a GPU instance
     lines += [
         "instance_group [",
         f"  {{ count: {batching.instances} kind: {kind} }}",
@@ -65,14 +74,29 @@ def render_config(
         "  }",
         "}",
     ]
-    params = (
-        {"TORCH_THREADS": str(batching.torch_threads)}
-        if flavor == "python"
-        else {
-            "INFERENCE_MODE": "true",
-            "DISABLE_CUDNN": "false",
-        }
-    )
+    if tensorrt:
+        # Triton's onnxruntime backend compiles TensorRT engines for the graph at load
+        # (minutes) and again for input shapes it has not seen.
+        lines += [
+            "optimization { execution_accelerators {",
+            "  gpu_execution_accelerator : [ {",
+            '    name : "tensorrt"',
+            '    parameters { key: "precision_mode" value: "FP16" }',
+            "  } ]",
+            "} }",
+        ]
+    params: dict[str, str]
+    if flavor == "python":
+        params = {"TORCH_THREADS": str(batching.torch_threads)}
+    elif flavor == "onnx":
+        # The onnxruntime backend's own parameter; left out, ONNX Runtime picks.
+        params = (
+            {"intra_op_thread_count": str(batching.torch_threads)}
+            if batching.torch_threads > 0
+            else {}
+        )
+    else:
+        params = {"INFERENCE_MODE": "true", "DISABLE_CUDNN": "false"}
     params.update(parameters or {})
     for key, value in params.items():
         lines.append(

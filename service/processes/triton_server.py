@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
+# The python-backend model file, also installed as the python-based onnxruntime backend.
+_PYTHON_MODEL = Path(__file__).resolve().parent.parent / "model" / "triton_python_model.py"
 _STUB_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -89,7 +91,19 @@ class TritonInstallation:
         return found
 
     def make_backend_directory(self, into: Path) -> Path:
-        """Lay out `into/python/` as `--backend-directory` wants it; returns `into`."""
+        """Lay out `into/python/` as `--backend-directory` wants it; returns `into`.
+
+        Also `into/onnxruntime/model.py`: the wheel has no onnxruntime backend, so the
+        onnx flavor's `platform: "onnxruntime_onnx"` finds this python-based backend
+        (Triton runs a `<backends>/<name>/model.py` with the python backend's library)
+        and the same `model.py` as the python flavor runs `model.onnx` with ONNX Runtime.
+        """
+        onnx_dir = into / "onnxruntime"
+        onnx_dir.mkdir(parents=True, exist_ok=True)
+        onnx_model = onnx_dir / "model.py"
+        if onnx_model.is_symlink() or onnx_model.exists():
+            onnx_model.unlink()
+        onnx_model.symlink_to(_PYTHON_MODEL)
         python_dir = into / "python"
         python_dir.mkdir(parents=True, exist_ok=True)
         links = {
