@@ -49,6 +49,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export.out,
         flavor=export.flavor,
         tensorrt=export.tensorrt,
+        precision=export.precision,
         batching=BatchingOptions.from_sources(args),
     )
     print(summary.render())

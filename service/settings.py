@@ -326,6 +326,12 @@ class ExportSettings(FlagSet):
         "onnx: model.onnx for ONNX Runtime (NGC image on CPU or GPU, and clipsvc serve).",
         choices=("pytorch", "python", "onnx"),
     )
+    precision: str = _opt(
+        "fp32",
+        "Weights of the TorchScript towers: fp16 halves them for GPUs (inputs, normalisation "
+        "and outputs stay float32; the self-check wants cosine >= 0.999 against fp32).",
+        choices=("fp32", "fp16"),
+    )
     tensorrt: bool = _opt(
         False,
         "onnx flavor: add TensorRT (fp16) as Triton's GPU execution accelerator (KIND_GPU).",
@@ -335,6 +341,8 @@ class ExportSettings(FlagSet):
         super().__post_init__()
         if self.tensorrt and self.flavor != "onnx":
             raise SettingsError(f"--tensorrt needs --flavor onnx, not {self.flavor!r}")
+        if self.precision == "fp16" and self.flavor == "onnx":
+            raise SettingsError("--precision fp16 is for TorchScript; the onnx flavor: --tensorrt")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ with it) gives the same vectors as open_clip's 77-padded `encode_text` for much 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,12 +24,16 @@ class ImageEncoder(nn.Module):
         self.visual = visual
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        # The tower's dtype (float32, or float16 after `.half()`), read where TorchScript can.
+        weight = next(visual.parameters())
+        self.register_buffer("tower_dtype", torch.zeros(0, dtype=weight.dtype))
 
     def forward(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
-        # Same ops and order as torchvision's ToTensor + Normalize, so bit-identical.
+        # Same ops and order as torchvision's ToTensor + Normalize, so bit-identical; in
+        # float32 whatever the tower's precision (no-op casts for a float32 tower).
         x = pixels_uint8.to(torch.float32).div(255)
-        x = x.sub(self.mean).div(self.std)
-        return F.normalize(self.visual(x), dim=-1)
+        x = x.sub(self.mean).div(self.std).to(self.tower_dtype.dtype)
+        return F.normalize(self.visual(x).to(torch.float32), dim=-1)
 
 
 class TextEncoder(nn.Module):
@@ -62,7 +68,7 @@ class TextEncoder(nn.Module):
         x = self.ln_final(x)
         # End-of-text has the highest id, so argmax finds it (open_clip's 'argmax' pool).
         x = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
-        return F.normalize(self.projection(x), dim=-1)
+        return F.normalize(self.projection(x).to(torch.float32), dim=-1)
 
 
 class _MatMul(nn.Module):
@@ -76,15 +82,20 @@ class _MatMul(nn.Module):
         return x @ self.weight
 
 
-def build_encoders(clip: nn.Module) -> tuple[ImageEncoder, TextEncoder]:
-    """Both towers of an open_clip model wrapped as the exported graphs (eval mode)."""
+def build_encoders(clip: nn.Module, *, fp16: bool = False) -> tuple[ImageEncoder, TextEncoder]:
+    """Both towers of an open_clip model wrapped as the exported graphs (eval mode); with
+    `fp16`, a half-precision copy (inputs, normalisation and outputs stay float32)."""
+    if fp16:
+        clip = copy.deepcopy(clip).half()
     cfg = clip.visual.preprocess_cfg
     image = ImageEncoder(clip.visual, tuple(cfg["mean"]), tuple(cfg["std"])).eval()
     return image, TextEncoder(clip).eval()
 
 
-def script_encoders(clip: nn.Module) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
+def script_encoders(
+    clip: nn.Module, *, fp16: bool = False
+) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
     """TorchScript (scripted, not traced: the text length must stay dynamic) of both towers."""
-    image, text = build_encoders(clip)
+    image, text = build_encoders(clip, fp16=fp16)
     with torch.no_grad():
         return torch.jit.script(image), torch.jit.script(text)

@@ -45,6 +45,9 @@ class ExportSummary:
     files: dict[str, int]
     seconds: float
     max_abs_diff: float
+    #: The lowest cosine between an exported vector and open_clip's (1.0 within rounding
+    #: for fp32; the fp16 self-check wants at least 0.999).
+    worst_cosine: float
 
     def render(self) -> str:
         """Human-readable summary for the CLI."""
@@ -54,8 +57,9 @@ class ExportSummary:
             f"  model id      {m.model_id}",
             f"  embedding dim {m.embedding_dim}, image {m.image_size}px, "
             f"context {m.context_length} tokens, logit scale {m.logit_scale:.2f}",
-            f"  flavor        {m.flavor}",
-            f"  check vs open_clip: max |diff| = {self.max_abs_diff:.2e}",
+            f"  flavor        {m.flavor}, {m.precision}",
+            f"  check vs open_clip: max |diff| = {self.max_abs_diff:.2e}, "
+            f"worst cosine = {self.worst_cosine:.6f}",
         ]
         total = 0
         for name, size in sorted(self.files.items()):
@@ -94,6 +98,7 @@ def export_model(
     *,
     flavor: str = "python",
     tensorrt: bool = False,
+    precision: str = "fp32",
     batching: BatchingOptions | None = None,
     progress: bool = True,
 ) -> ExportSummary:
@@ -104,6 +109,10 @@ def export_model(
     """
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be fp32 or fp16, not {precision!r}")
+    if precision == "fp16" and flavor == "onnx":
+        raise ValueError("fp16 is for the TorchScript flavors; the onnx flavor has --tensorrt")
     batching = batching or BatchingOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -129,11 +138,18 @@ def export_model(
             )
         else:
             steps.set_postfix_str("scripting encoders")
-            image_run, text_run = _stage_torchscript(clip, staging)
+            image_run, text_run = _stage_torchscript(clip, staging, fp16=precision == "fp16")
         steps.update()
 
         steps.set_postfix_str("checking against open_clip")
-        max_diff = _self_check(clip, image_run, text_run, tokenizer, image_size)
+        max_diff, worst_cosine = _self_check(
+            clip,
+            image_run,
+            text_run,
+            tokenizer,
+            image_size,
+            min_cosine=_FP16_MIN_COSINE if precision == "fp16" else None,
+        )
         embedding_dim = int(text_run(torch.ones(1, 2, dtype=torch.long)).shape[-1])
         steps.update()
 
@@ -153,6 +169,7 @@ def export_model(
             interpolation=str(cfg.get("interpolation", "bicubic")),
             resize_mode=str(cfg.get("resize_mode", "shortest")),
             flavor=flavor,
+            precision=precision,
             versions=_versions(flavor),
         )
         if metadata.resize_mode != "shortest":
@@ -192,7 +209,9 @@ def export_model(
     steps.set_postfix_str("done")
     steps.update()
     steps.close()
-    return ExportSummary(out_dir, metadata, files, time.perf_counter() - started, max_diff)
+    return ExportSummary(
+        out_dir, metadata, files, time.perf_counter() - started, max_diff, worst_cosine
+    )
 
 
 #: What an export may have left in a version folder; a new export removes them all first.
@@ -200,9 +219,11 @@ _MODEL_FILES = ("model.pt", "model.py", ONNX_FILE, ONNX_FILE + ".data")
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _stage_torchscript(clip: torch.nn.Module, staging: Path) -> tuple[Encode, Encode]:
+def _stage_torchscript(
+    clip: torch.nn.Module, staging: Path, *, fp16: bool
+) -> tuple[Encode, Encode]:
     """Both towers scripted and saved as `<tower>/model.pt`; they also run the self-check."""
-    image_ts, text_ts = script_encoders(clip)
+    image_ts, text_ts = script_encoders(clip, fp16=fp16)
     for name, module in ((IMAGE_MODEL, image_ts), (TEXT_MODEL, text_ts)):
         (staging / name).mkdir()
         torch.jit.save(module, str(staging / name / "model.pt"))
@@ -257,10 +278,13 @@ def _self_check(
     encode_text: Encode,
     tokenizer: open_clip.tokenizer.SimpleTokenizer,
     image_size: int,
-) -> float:
-    """Largest |exported - open_clip| over random images (batches of 3 and 1) and texts of
-    several lengths (each alone, cut at its end-of-text and padded a little past it, and
-    all together at the full context)."""
+    *,
+    min_cosine: float | None = None,
+) -> tuple[float, float]:
+    """(largest |exported - open_clip|, lowest cosine) over random images (batches of 3
+    and 1) and texts of several lengths (each alone, cut at its end-of-text and padded a
+    little past it, and all together at the full context). Raises past 1e-4, or, with
+    `min_cosine` (fp16 towers against float32 open_clip), below that cosine."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(
         0, 256, (3, 3, image_size, image_size), dtype=torch.uint8, generator=generator
@@ -271,21 +295,35 @@ def _self_check(
     texts = ["", "a photo of a cat", "a diagram of " + "a red circle beside " * 4, "x " * 200]
     tokens = tokenizer(texts)
     diffs: list[float] = []
+    cosines: list[float] = []
+
+    def compare(want: torch.Tensor, got: torch.Tensor) -> None:
+        diffs.append(_max_diff(want, got))
+        cosines.append(float((want * got).sum(dim=-1).min().item()))
+
     with torch.no_grad():
         want_image = clip.encode_image((pixels.float() / 255 - mean) / std, normalize=True)
         want_text = clip.encode_text(tokens, normalize=True)
-        diffs.append(_max_diff(want_image, encode_image(pixels)))
-        diffs.append(_max_diff(want_image[:1], encode_image(pixels[:1])))
+        compare(want_image, encode_image(pixels))
+        compare(want_image[:1], encode_image(pixels[:1]))
         context = tokens.shape[1]
         for row, length in enumerate((tokens != 0).sum(dim=1).tolist()):
             for cut in sorted({length, min(length + 5, context)}):
                 got = encode_text(tokens[row : row + 1, :cut].contiguous())
-                diffs.append(_max_diff(want_text[row : row + 1], got))
-        diffs.append(_max_diff(want_text, encode_text(tokens)))
-    diff = max(diffs)
-    if diff > 1e-4:
+                compare(want_text[row : row + 1], got)
+        compare(want_text, encode_text(tokens))
+    diff, worst = max(diffs), min(cosines)
+    if min_cosine is not None:
+        if worst < min_cosine:
+            raise RuntimeError(
+                f"exported encoders reach cosine {worst:.6f} with open_clip, below {min_cosine}"
+            )
+    elif diff > 1e-4:
         raise RuntimeError(f"exported encoders differ from open_clip by {diff:.2e}")
-    return diff
+    return diff, worst
+
+
+_FP16_MIN_COSINE = 0.999
 
 
 def _max_diff(want: torch.Tensor, got: torch.Tensor) -> float:

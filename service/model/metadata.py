@@ -46,12 +46,16 @@ class ModelMetadata:
     #: (TorchScript `model.pt`), "onnx" (`model.onnx`); "" in repositories exported before
     #: this field existed, which are TorchScript.
     flavor: str = ""
+    #: Weights of the exported towers: "fp32", or "fp16" (`clipsvc export --precision`).
+    precision: str = "fp32"
     versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
-        """Short identity used in responses and cache keys; changes when the weights do."""
-        return f"{self.model_name}/{self.pretrained}@{self.weights_sha256[:12]}"
+        """Short identity used in responses and cache keys; changes when the weights do
+        (and with their precision: fp16 vectors never share cache entries with fp32 ones)."""
+        suffix = "" if self.precision == "fp32" else f"+{self.precision}"
+        return f"{self.model_name}/{self.pretrained}@{self.weights_sha256[:12]}{suffix}"
 
     def triton_parameters(self) -> dict[str, str]:
         """The identity stamped into each `config.pbtxt` as Triton `parameters`."""
