@@ -136,6 +136,10 @@ class FakeTriton:
     )
     #: rows → True when that call hangs until its gRPC deadline.
     hangs: Callable[[np.ndarray], bool] = lambda rows: False
+    #: When set, a hanging call's deadline passes when this event is set (not at its
+    #: client_timeout): the test decides what happened before it.
+    deadline_passes: asyncio.Event | None = None
+    hung_calls: int = 0
     live_hangs: bool = False
     #: Runs inside each infer call, before it answers.
     during_infer: Callable[[], None] = lambda: None
@@ -211,7 +215,11 @@ class FakeClient:
         array = np.frombuffer(rows, dtype=np.int64 if len(shape) == 2 else np.uint8)
         array = array.reshape(shape)
         if self.server.hangs(array):
-            await asyncio.sleep(kwargs.get("client_timeout") or 0)
+            self.server.hung_calls += 1
+            if self.server.deadline_passes is not None:
+                await self.server.deadline_passes.wait()
+            else:
+                await asyncio.sleep(kwargs.get("client_timeout") or 0)
             raise _deadline_error()
         self.server.during_infer()
         identity = self.server.identity[model_name]
@@ -386,17 +394,18 @@ async def test_a_slow_call_while_others_are_answered_costs_nothing(
     slow = np.array([[49406, 999, 49407]], dtype=np.int64)
     fake_triton.hangs = lambda rows: bool(rows[0, 1] == 999)
     fake_triton.live_hangs = True  # would make the channel stale if it were asked
-
-    async def slow_call() -> None:
-        with pytest.raises(DeadlineExceeded):
-            await fake_backend.embed_texts(slow, timeout_s=0.2)
-
-    async def fast_calls() -> None:
-        for _ in range(3):
-            await fake_backend.embed_texts(TOKENS)
-            await asyncio.sleep(0.01)
-
-    await asyncio.gather(slow_call(), fast_calls())
+    fake_triton.deadline_passes = asyncio.Event()
+    slow_call = asyncio.create_task(fake_backend.embed_texts(slow, timeout_s=60.0))
+    for _ in range(100):  # loop turns, no clock: until the slow call is at Triton
+        if fake_triton.hung_calls:
+            break
+        await asyncio.sleep(0)
+    assert fake_triton.hung_calls == 1
+    for _ in range(3):  # answered while the slow call is out
+        await fake_backend.embed_texts(TOKENS)
+    fake_triton.deadline_passes.set()
+    with pytest.raises(DeadlineExceeded):
+        await slow_call
     await _probes_done(fake_backend)
     assert fake_triton.live_calls == 0
     channel = fake_backend._channel
