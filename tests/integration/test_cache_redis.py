@@ -199,15 +199,23 @@ async def test_hung_redis_times_out_and_no_stale_reply_is_read_later(
         own_redis.url, metrics, timeout_s=0.1, breaker_failures=2, breaker_reset_s=5.0, clock=clock
     )
     await cache.put_many([("a", vec(1)), ("b", vec(2))])
-    loop = asyncio.get_running_loop()
+    # A cache on the same server with a 5 s timeout: its call begins first and must
+    # still be waiting when both of ours (0.1 s each) were cut. Timers fire in order, so
+    # this holds on any machine that does not stall ~5 s; no wall-clock bound.
+    patient = make_cache(own_redis.url, Metrics(), timeout_s=5.0)
+    await patient.put_many([("p", vec(4))])  # connected before the pause
     own_redis.pause()
     try:
-        started = loop.time()
+        waiting = asyncio.create_task(patient.get_many(["p"]))
+        await asyncio.sleep(0)  # its timeout has started
         assert await cache.get_many(["a"]) == [None]
         await cache.put_many([("c", vec(3))])
-        assert loop.time() - started < 1.0  # two calls, each cut at 0.1 s
+        assert not waiting.done()
         assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 2
         assert sample(metrics.registry, "clip_cache_breaker_open") == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
     finally:
         own_redis.resume()
     # The MGET for "a" is answered now, on a socket redis-py must have dropped:

@@ -49,6 +49,9 @@ def test_configs_parse_and_carry_batching_options(flavor: str, exported: dict[st
         assert policy.max_queue_size == 64
         assert policy.default_timeout_microseconds == 250_000
         assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        # Without it Triton ignores the queue timeout the gateway derives from the caller's
+        # deadline for each request and keeps its own.
+        assert policy.allow_timeout_override
         assert config.output[0].data_type == model_config_pb2.TYPE_FP32
         assert list(config.output[0].dims) == [64]
         assert (exported[flavor] / name / "1" / "model.pt").is_file()

@@ -1,4 +1,11 @@
-"""The batching queue: merging, shapes kept apart, holding a batch open for arrivals."""
+"""The batching queue: merging, shapes kept apart, holding a batch open for arrivals.
+
+No test here races a window. The hold and linger windows are fractions of the last
+batch's duration, which these tests set to 400 s: a window never closes during a test,
+however slow the machine, and the test ends as soon as the batch is full. Later
+arrivals come `LATER_S` after the first, long past the 2 ms short wait; asyncio fires
+timers in order, so a queue that did not hold would have sent its batch first.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,12 @@ from service.core.batched_backend import BatchedBackend
 from service.core.batching import BatchQueue
 from service.errors import BackendFailure, DeadlineExceeded
 from service.metrics import Metrics
+
+LONG_LAST_BATCH_S = 400.0  # hold window 100 s, linger 40 s: never reached in a test
+LATER_S = 0.05  # 25 short waits (2 ms): a queue that does not hold has gone by then
+# Bounds that only end a broken test: what they bound takes milliseconds (or, when
+# broken, the 100 s hold), and a loaded machine is slower by far less than this.
+PATIENT_S = 30.0
 
 
 def _queue(
@@ -35,31 +48,45 @@ def _queue(
     return queue, sizes
 
 
-async def _late_submits(queue: BatchQueue, n: int, delay_s: float) -> list[np.ndarray]:
-    async def one(i: int) -> np.ndarray:
-        await asyncio.sleep(0 if i == 0 else delay_s)
-        return await queue.submit("image", np.full((1, 3), i, dtype=np.int64))
+async def _later(queue: BatchQueue, first: int, n: int) -> list[np.ndarray]:
+    """`n` single-row submits, of rows `first`..., `LATER_S` from now."""
+    await asyncio.sleep(LATER_S)
+    return await asyncio.gather(
+        *(
+            queue.submit("image", np.full((1, 3), i, dtype=np.int64))
+            for i in range(first, first + n)
+        )
+    )
 
-    return await asyncio.gather(*(one(i) for i in range(n)))
+
+async def _turns(n: int = 100) -> None:
+    """Let ready callbacks run `n` times (no clock involved)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 async def test_holds_the_batch_open_while_admitted_items_are_on_their_way() -> None:
     admission = Admission(100, Metrics())
-    admission.admit(8)  # 8 items admitted; 7 of them still "decoding" for 30 ms
-    queue, sizes = _queue(admission, last_batch_s=0.4)
+    admission.admit(8)  # 8 items admitted; 7 of them still "decoding"
+    queue, sizes = _queue(admission, last_batch_s=LONG_LAST_BATCH_S)
     queue.start()
-    answers = await _late_submits(queue, 8, 0.03)
-    await queue.aclose()
-    assert [s[1] for s in sizes] == [8]
+    first = asyncio.ensure_future(queue.submit("image", np.full((1, 3), 0, dtype=np.int64)))
+    later = await _later(queue, 1, 7)
+    assert sizes == [("image", 8, (3,))]  # not [1, 7]: the first waited for the others
+    answers = [await first, *later]
     assert [int(a[0, 0]) for a in answers] == list(range(8))  # each caller gets its own row
+    await queue.aclose()
 
 
 async def test_without_arrivals_a_batch_goes_after_the_short_wait() -> None:
-    queue, sizes = _queue(None, last_batch_s=0.4)
+    queue, sizes = _queue(None, last_batch_s=LONG_LAST_BATCH_S)
     queue.start()
-    await _late_submits(queue, 8, 0.03)
+    # Nothing admitted is on its way: it goes after the 2 ms wait, not the 100 s hold.
+    alone = queue.submit("image", np.full((1, 3), 0, dtype=np.int64))
+    await asyncio.wait_for(alone, PATIENT_S)
+    await _later(queue, 1, 7)
     await queue.aclose()
-    assert sizes[0][1] == 1 and sum(s[1] for s in sizes) == 8
+    assert [s[1] for s in sizes] == [1, 7]
 
 
 async def test_shapes_and_kinds_never_share_a_batch() -> None:
@@ -87,12 +114,13 @@ async def test_in_flight_batches_are_bounded_and_overlap() -> None:
         running -= 1
         return np.zeros((len(rows), 1), dtype=np.float32)
 
-    # Shapes differ, so the three entries are three batches.
+    # Shapes differ, so the three entries are three batches. No wait (max_wait_s=0): a
+    # queue past its bound would start the next batch within a few loop turns.
     for inflight, expected in ((1, 1), (2, 2)):
         running, most = 0, 0
         release.clear()
         queue = BatchQueue(
-            run, max_batch_size=lambda: 8, max_wait_s=0.001, metrics=Metrics(),
+            run, max_batch_size=lambda: 8, max_wait_s=0.0, metrics=Metrics(),
             max_inflight=inflight,
         )  # fmt: skip
         queue.start()
@@ -100,7 +128,11 @@ async def test_in_flight_batches_are_bounded_and_overlap() -> None:
             asyncio.ensure_future(queue.submit("text", np.ones((1, n), dtype=np.int64)))
             for n in (8, 16, 24)
         ]
-        await asyncio.sleep(0.05)
+        for _ in range(100):
+            if running == expected:
+                break
+            await asyncio.sleep(0)
+        await _turns()
         assert most == expected
         release.set()
         await asyncio.gather(*calls)
@@ -122,7 +154,9 @@ async def test_a_batch_gets_the_longest_deadline_of_its_callers() -> None:
     await asyncio.gather(queue.submit("image", rows, 5.0), queue.submit("image", rows, None))
     await queue.aclose()
     assert len(timeouts) == 2
-    assert timeouts[0] is not None and 8.5 < timeouts[0] <= 9.0
+    # 9 s less the time spent queued; anything above 5 s is the longer one (4 s of slack
+    # for a 20 ms wait: safe on any machine).
+    assert timeouts[0] is not None and 5.0 < timeouts[0] <= 9.0
     assert timeouts[1] is None  # one caller waits forever: so may the batch
 
 
@@ -145,14 +179,15 @@ async def test_a_failed_batch_fails_its_callers_and_the_queue_goes_on() -> None:
     await queue.aclose()
 
 
-class _SlowInner:
-    """A backend whose batch limit is learnt late and whose calls take `delay_s`."""
+class _GatedInner:
+    """A backend whose batch limit is learnt late; image calls wait while `gate` is shut."""
 
     name = "fake"
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self) -> None:
         self.max_batch_size = 64
-        self.delay_s = delay_s
+        self.gate = asyncio.Event()
+        self.gate.set()
         self.calls: list[tuple[str, int, float | None]] = []
 
     async def start(self) -> None:
@@ -163,7 +198,7 @@ class _SlowInner:
 
     async def embed_images(self, rows: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
         self.calls.append(("image", len(rows), timeout_s))
-        await asyncio.sleep(self.delay_s)
+        await self.gate.wait()
         return np.zeros((len(rows), 2), dtype=np.float32)
 
     async def embed_texts(self, rows: np.ndarray, *, timeout_s: float | None = None) -> np.ndarray:
@@ -177,7 +212,7 @@ class _SlowInner:
 
 
 async def test_batched_backend_follows_the_inner_limit_and_maps_errors() -> None:
-    inner = _SlowInner(delay_s=0.05)
+    inner = _GatedInner()
     backend = BatchedBackend(
         inner, metrics=Metrics(), max_batch_size=32, max_wait_s=0.01, max_inflight=1
     )
@@ -190,15 +225,22 @@ async def test_batched_backend_follows_the_inner_limit_and_maps_errors() -> None
     assert [c[1] for c in inner.calls] == [4, 4]  # merged, never past the inner limit
     with pytest.raises(BackendFailure, match="text encoder failed: text tower exploded"):
         await backend.embed_texts(np.full((1, 8), -1, dtype=np.int64))
+    inner.gate.clear()
     with pytest.raises(DeadlineExceeded):
-        await backend.embed_images(rows, timeout_s=0.02)
-    await asyncio.sleep(0.1)  # the abandoned batch still runs to its end
+        # The gate is shut: only the deadline can end this call.
+        await asyncio.wait_for(backend.embed_images(rows, timeout_s=0.02), PATIENT_S)
+    assert backend.batches_run == 2
+    inner.gate.set()  # the abandoned batch still runs to its end
+    for _ in range(100):
+        if backend.batches_run == 3:
+            break
+        await asyncio.sleep(0)
     assert backend.batches_run == 3  # the failed text batch does not count
     await backend.aclose()
 
 
 async def test_text_batches_lose_the_columns_after_their_last_end_of_text() -> None:
-    inner = _SlowInner(delay_s=0.0)
+    inner = _GatedInner()
     backend = BatchedBackend(
         inner, metrics=Metrics(), max_batch_size=8, max_wait_s=0.01, max_inflight=1
     )
@@ -213,26 +255,21 @@ async def test_text_batches_lose_the_columns_after_their_last_end_of_text() -> N
 
 
 async def test_a_backlog_waits_briefly_for_the_callers_just_answered() -> None:
-    # 3 entries queued while the last batch (0.4 s) ran; 5 callers return 20 ms later,
-    # without having been admitted yet: the backlog lingers (up to 40 ms) and they merge.
-    queue, sizes = _queue(None, last_batch_s=0.4)
+    # 3 entries queued while the last batch ran; 5 callers come back later, without
+    # having been admitted: the backlog lingers (up to a tenth of that batch) and they merge.
+    queue, sizes = _queue(None, last_batch_s=LONG_LAST_BATCH_S)
     first = [
         asyncio.ensure_future(queue.submit("image", np.full((1, 3), i, dtype=np.int64)))
         for i in range(3)
     ]
     await asyncio.sleep(0)
     queue.start()
-
-    async def returning(i: int) -> np.ndarray:
-        await asyncio.sleep(0.02)
-        return await queue.submit("image", np.full((1, 3), i, dtype=np.int64))
-
-    await asyncio.gather(*first, *(returning(i) for i in range(3, 8)))
+    await asyncio.gather(*first, _later(queue, 3, 5))
     await queue.aclose()
     assert [s[1] for s in sizes] == [8]
 
 
-@pytest.mark.timeout(10)  # the bug this guards against was a busy loop: a hang
+@pytest.mark.timeout(60)  # the bug this guards against was a busy loop: a hang
 async def test_an_entry_over_a_limit_that_shrank_still_runs() -> None:
     limit = [8]
     sizes: list[int] = []
@@ -247,6 +284,6 @@ async def test_an_entry_over_a_limit_that_shrank_still_runs() -> None:
     await asyncio.sleep(0)
     limit[0] = 4  # e.g. Triton's config, read after these were queued
     queue.start()
-    await asyncio.wait_for(asyncio.gather(big, small), 2.0)
+    await asyncio.wait_for(asyncio.gather(big, small), PATIENT_S)
     await queue.aclose()
     assert sizes == [6, 1]

@@ -353,17 +353,27 @@ async def test_cancelled_trial_frees_the_half_open_slot() -> None:
 
 
 async def test_slow_redis_is_cut_off_by_the_timeout() -> None:
+    """Each call is cut at the cache's own timeout, whatever the machine's speed: two
+    calls of a cache with 0.02 s end while one call of a cache with 5 s still waits."""
     metrics = Metrics()
     fake = FakeRedis()
     fake.stall = asyncio.Event()  # never set: Redis hangs
     cache = fake_cache(fake, metrics, timeout_s=0.02, local_items=4)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    patient_fake = FakeRedis()
+    patient_fake.stall = asyncio.Event()
+    patient = fake_cache(patient_fake, Metrics(), timeout_s=5.0)
+    waiting = asyncio.create_task(patient.get_many(["k"]))
+    await until(lambda: patient_fake.mget_calls == 1)  # its 5 s have begun
     await cache.put_many([("k", vec(1))])
     got = await cache.get_many(["k", "other"])
-    assert loop.time() - started < 1.0
+    # Timers fire in order: only a loop stalled for ~5 s could let the 5 s one end first.
+    assert not waiting.done()
     assert got[0] is not None and got[1] is None  # the LRU still serves
     assert sample(metrics.registry, "clip_cache_errors_total", level="redis") == 2
+    assert (fake.mget_calls, fake.pipelines) == (1, 1)  # both reached Redis, neither ended
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
 
 def test_wiring_takes_the_redis_settings_and_describe_hides_the_password() -> None:

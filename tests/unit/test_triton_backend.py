@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from service.backends import triton as triton_module
 from service.backends.triton import TritonBackend
 from service.core.admission import Admission
 from service.errors import BackendFailure, BackendUnavailable, DeadlineExceeded, Overloaded
@@ -15,19 +17,21 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.wiring import build_backend
 
-FAST_FAIL_S = 2.0
+# A refused connection must not wait for the deadline: with a 60 s budget, the
+# answer (BackendUnavailable, not DeadlineExceeded) comes in far less than half of it.
+DEADLINE_S = 60.0
 
 
 async def test_unreachable_triton_at_start_is_not_fatal() -> None:
-    backend = TritonBackend(url="127.0.0.1:1", default_timeout_s=5.0, max_batch_size=8)
+    backend = TritonBackend(url="127.0.0.1:1", default_timeout_s=DEADLINE_S, max_batch_size=8)
     await backend.start()
     try:
         assert backend.max_batch_size == 8  # kept until configs can be read
         assert not await backend.ready()
         started = time.monotonic()
-        with pytest.raises(BackendUnavailable):
+        with pytest.raises(BackendUnavailable):  # not DeadlineExceeded: it did not wait
             await backend.embed_texts(np.ones((1, 4), dtype=np.int64))
-        assert time.monotonic() - started < FAST_FAIL_S
+        assert time.monotonic() - started < DEADLINE_S / 2
     finally:
         await backend.aclose()
 
@@ -78,3 +82,62 @@ def test_triton_errors_map_to_service_errors(
     )
     assert type(mapped) is error
     assert "request id" not in str(mapped)
+
+
+class _ResultStub:
+    def __init__(self, rows: int) -> None:
+        self._rows = rows
+
+    def as_numpy(self, name: str) -> np.ndarray:
+        return np.ones((self._rows, 4), dtype=np.float32) / 2
+
+
+class _RecordingClient:
+    """Stands in for `tritonclient.grpc.aio.InferenceServerClient`; records infer()."""
+
+    calls: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(self, url: str, channel_args: Any = None, **_: Any) -> None:
+        self.url = url
+
+    async def get_model_config(self, name: str, version: str = "", **_: Any) -> dict[str, Any]:
+        is_image = "image" in name
+        return {
+            "config": {
+                "name": name,
+                "max_batch_size": 8,
+                "input": [{"name": "IN", "data_type": "TYPE_UINT8" if is_image else "TYPE_INT64"}],
+                "output": [{"name": "OUT", "dims": ["4"]}],
+            }
+        }
+
+    async def infer(self, model_name: str, inputs: list[Any], **kwargs: Any) -> _ResultStub:
+        self.calls.append({"model": model_name, **kwargs})
+        return _ResultStub(inputs[0].shape()[0])
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_each_triton_request_carries_the_callers_remaining_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the gRPC deadline (`client_timeout`, s) and Triton's queue timeout (`timeout`,
+    µs): the caller's budget when given, the backend's default otherwise."""
+    monkeypatch.setattr(triton_module.triton_aio, "InferenceServerClient", _RecordingClient)
+    calls = _RecordingClient.calls = []
+    backend = TritonBackend(url="triton:8001", default_timeout_s=30.0, max_batch_size=8)
+    await backend.start()
+    try:
+        await backend.embed_texts(np.ones((1, 4), dtype=np.int64), timeout_s=2.5)
+        await backend.embed_images(np.zeros((1, 3, 2, 2), dtype=np.uint8))
+    finally:
+        await backend.aclose()
+    given, default = calls
+    # The budget less what the call itself spent before sending (bounded by the budget:
+    # these hold on any machine).
+    assert 0 < given["client_timeout"] <= 2.5
+    assert 0 < given["timeout"] <= 2_500_000
+    assert given["timeout"] == max(1, int(given["client_timeout"] * 1e6))
+    assert 2.5 < default["client_timeout"] <= 30.0
+    assert default["timeout"] == max(1, int(default["client_timeout"] * 1e6))
