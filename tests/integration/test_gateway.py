@@ -329,6 +329,11 @@ async def test_health_and_reflection(gateway: Gateway) -> None:
         for service in ("", "clip.v1.ClipService", "liveness"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # Watch too: a streaming handler that writes with context.write, through the
+            # same interceptors as the ClipService calls.
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=service))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
 
         async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
