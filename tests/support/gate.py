@@ -75,6 +75,8 @@ class Gate:
         self.calls: list[GateCall] = []
         #: Calls waiting at the gate now.
         self.waiting = 0
+        #: Rows handed to the batching queue in front of the backend, by modality.
+        self.arrivals: dict[str, int] = {"image": 0, "text": 0}
         self._closed = closed
         self._permits = 0
         self._changed = asyncio.Event()
@@ -120,9 +122,26 @@ class Gate:
             self.waiting -= 1
             self._notify()
 
+    def arrived(self, modality: str, rows: int) -> None:
+        """`rows` were handed to the batching queue (they join it on the next loop turn)."""
+        self.arrivals[modality] += rows
+        self._notify()
+
     def gated_calls(self) -> list[GateCall]:
         """The recorded calls of the gated modalities."""
         return [c for c in self.calls if c.modality in self.modalities]
+
+    async def wait_queued(
+        self, rows: int, modality: str = "image", timeout_s: float = 60.0
+    ) -> None:
+        """Until `rows` rows in all have been handed to the batching queue, and are in it."""
+        await self.wait_until(
+            lambda: self.arrivals[modality] >= rows, f"{rows} {modality} rows queued", timeout_s
+        )
+        # The queue takes a submission in a task that runs on the next turn of the loop
+        # (`asyncio.gather` schedules it): a few turns and every one of them is in.
+        for _ in range(5):
+            await asyncio.sleep(0)
 
     async def wait_until(self, condition: Any, what: str, timeout_s: float = 60.0) -> None:
         """Wait (event-driven) until `condition()` holds; `timeout_s` only catches a hang."""
@@ -246,6 +265,19 @@ def gated_wiring(gate: Passage) -> Iterator[None]:
     def build_backend(*args: Any, **kwargs: Any) -> Backend:
         batched = original(*args, **kwargs)
         batched.inner = GatedBackend(batched.inner, gate)
+        arrived = getattr(gate, "arrived", None)
+        if arrived is not None:  # count what reaches the batching queue, too
+            submit_images, submit_texts = batched.embed_images, batched.embed_texts
+
+            async def embed_images(pixels: np.ndarray, *, timeout_s: float | None = None) -> Any:
+                arrived("image", len(pixels))
+                return await submit_images(pixels, timeout_s=timeout_s)
+
+            async def embed_texts(ids: np.ndarray, *, timeout_s: float | None = None) -> Any:
+                arrived("text", len(ids))
+                return await submit_texts(ids, timeout_s=timeout_s)
+
+            batched.embed_images, batched.embed_texts = embed_images, embed_texts
         return batched
 
     with mock.patch.object(wiring, "build_backend", build_backend):
