@@ -119,8 +119,11 @@ class Scorer:
     ) -> list[list[Ranked]]:
         """Zero-shot: each image's labels ranked by softmax(logit_scale × cosine)."""
         embedder = self._embedder
+        # The caller's templates are checked against the limits; the default ensemble is ours.
+        validation.check_labels(
+            labels, templates, embedder.limits, ensemble_size=len(templates or DEFAULT_TEMPLATES)
+        )
         templates = list(templates) or list(DEFAULT_TEMPLATES)
-        validation.check_labels(labels, templates, embedder.limits)
         k = validation.check_top_k(top_k, len(labels))
         # Checked here too (embed_images repeats it) so a bad image refuses the call
         # before any label prompt is embedded.

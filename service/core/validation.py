@@ -76,8 +76,19 @@ def check_image_size(
         )
 
 
-def check_labels(labels: Sequence[str], templates: Sequence[str], limits: Limits) -> None:
-    """Zero-shot labels (non-empty, unique, bounded) and templates (exactly one `{}`)."""
+def check_labels(
+    labels: Sequence[str],
+    templates: Sequence[str],
+    limits: Limits,
+    *,
+    ensemble_size: int | None = None,
+) -> None:
+    """Zero-shot labels (non-empty, unique, bounded) and templates (exactly one `{}`).
+
+    `templates` are the caller's (the limits bound what callers send, not the default
+    ensemble); `ensemble_size` is how many templates each label is embedded with (the
+    prompt count), `len(templates)` when None.
+    """
     check_count(len(labels), "labels", limits.max_labels)
     seen: dict[str, int] = {}
     for index, label in enumerate(labels):
@@ -97,10 +108,11 @@ def check_labels(labels: Sequence[str], templates: Sequence[str], limits: Limits
             )
         seen[label] = index
     check_count(len(templates), "templates", limits.max_templates, allow_empty=True)
-    prompts = len(labels) * max(len(templates), 1)
+    per_label = max(len(templates) if ensemble_size is None else ensemble_size, 1)
+    prompts = len(labels) * per_label
     if prompts > limits.max_prompts:
         raise InvalidInput(
-            f"{len(labels)} labels × {len(templates)} templates is {prompts} prompts, over the "
+            f"{len(labels)} labels × {per_label} templates is {prompts} prompts, over the "
             f"limit of {limits.max_prompts}; send fewer labels or templates per call",
             field="labels",
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -116,7 +117,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     async for response in behaviour(request, context):
                         yield response
 
-            return stream if streams_out else unary
+            # A streaming handler is either an async generator or a coroutine that writes
+            # with `context.write` (grpc.health.v1's Watch): wrap each as what it is.
+            return stream if streams_out and not inspect.iscoroutinefunction(behaviour) else unary
 
         return _wrap(handler, around)
 

@@ -1,4 +1,9 @@
-"""Bounded in-flight work and callers that leave mid-batch."""
+"""Bounded in-flight work and callers that leave mid-batch.
+
+The backend sits behind a gate (`tests.support.gate`): work is held in the backend
+for as long as the test needs, so nothing here depends on the machine being slow
+enough for calls to still be running (or fast enough to be done) at some moment.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ import torch
 from service.api.clip.v1 import clip_pb2
 from service.client import decode_embedding
 from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
-from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.gateway import gateway_settings
 from service.processes.metric_samples import sample, scrape
+from tests.support.gate import Gate, gated_gateway
 from tests.support.gateway import stub_for
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -32,43 +39,90 @@ async def _call(
     return grpc.StatusCode.OK, reply
 
 
-async def test_queue_bound_refuses_at_once_and_recovers(vit_model: ExportedModel) -> None:
-    settings = gateway_settings(vit_model.repository, max_queued_items=8, max_batch_size=4)
-    images = [encode(photo_like(64, 64, seed=100 + i), "PNG") for i in range(48)]
-    async with running_gateway(settings) as gw, stub_for(gw.port) as stub:
-        results = await asyncio.gather(
-            *(_call(stub, images[i * 4 : i * 4 + 4], 120) for i in range(12))
-        )
-        codes = [code for code, _ in results]
-        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-        assert grpc.StatusCode.OK in codes
-        refusal = next(d for c, d in results if c == grpc.StatusCode.RESOURCE_EXHAUSTED)
-        assert "limit 8" in refusal and "retry" in refusal
-        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert sample(scrape(gw.metrics_port), "clip_rejected_items_total") > 0
-        assert gw.embedder.admitted == 0  # everything admitted was released
-        code, _ = await _call(stub, images[:2], 120)
-        assert code == grpc.StatusCode.OK
-
-
-async def test_callers_leaving_mid_batch_do_not_fail_the_others(vit_model: ExportedModel) -> None:
-    settings = gateway_settings(vit_model.repository, max_batch_size=16, max_batch_wait_ms=200)
-    images = [encode(photo_like(100, 80, seed=300 + i), "JPEG") for i in range(16)]
-    module = torch.jit.load(str(vit_model.repository / "clip_image" / "1" / "model.pt"))
-    spec, limits = ImageSpec(224), ImageLimits(1 << 24, 1 << 26)
+def _expected(model: ExportedModel, images: list[bytes]) -> np.ndarray:
+    module = torch.jit.load(str(model.repository / "clip_image" / "1" / "model.pt")).eval()
+    spec, limits = ImageSpec(64), ImageLimits(1 << 24, 1 << 26)
     pixels = np.stack([preprocess_image_bytes(b, spec, limits) for b in images])
     with torch.no_grad():
-        expected = module(torch.from_numpy(pixels)).numpy()
-    async with running_gateway(settings) as gw, stub_for(gw.port) as stub:
-        impatient = [asyncio.create_task(_call(stub, [images[i]], 0.25)) for i in range(0, 16, 2)]
-        patient = {i: asyncio.create_task(_call(stub, [images[i]], 120)) for i in range(1, 16, 2)}
-        cancelled = asyncio.create_task(_call(stub, [images[0]], 120))
-        await asyncio.sleep(0.1)
+        return module(torch.from_numpy(pixels)).numpy()
+
+
+async def test_queue_bound_refuses_at_once_and_recovers(demo_model: ExportedModel) -> None:
+    limit = 8
+    settings = gateway_settings(
+        demo_model.repository, max_queued_items=limit, max_batch_size=4, backend_timeout_s=600
+    )
+    images = [encode(photo_like(64, 64, seed=100 + i), "PNG") for i in range(16)]
+    gate = Gate()
+    async with gated_gateway(settings, gate) as gw, stub_for(gw.port) as stub:
+        gate.close()
+        # Two calls of four fill the bound exactly; the backend holds them.
+        held = [asyncio.create_task(_call(stub, images[i * 4 : i * 4 + 4], 300)) for i in range(2)]
+        await eventually(lambda: gw.embedder.admitted, lambda n: n == limit, what="8 admitted")
+        await gate.wait_waiting(1)
+        # Past the bound: refused at once, while the admitted work is still held (a call
+        # that waited for room would meet its deadline, generous for an answer at once).
+        for i in range(2, 4):
+            code, details = await _call(stub, images[i * 4 : i * 4 + 4], 30)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+            assert f"limit {limit}" in details and "retry" in details
+        code, _ = await _call(stub, images[8:9], 30)  # one more item does not fit either
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not any(task.done() for task in held) and gw.embedder.admitted == limit
+        rejected = await eventually(
+            lambda: sample(scrape(gw.metrics_port), "clip_rejected_items_total"),
+            lambda n: n == 9,
+            what="9 rejected items counted",
+            blocking=True,
+        )
+        assert rejected == 9
+        gate.open()
+        results = await asyncio.gather(*held)
+        assert [code for code, _ in results] == [grpc.StatusCode.OK] * 2
+        assert gw.embedder.admitted == 0  # everything admitted was released
+        code, reply = await _call(stub, images[8:16], 300)  # room again: a full bound's worth
+        assert code == grpc.StatusCode.OK and len(reply.embeddings) == 8
+
+
+async def test_callers_leaving_mid_batch_do_not_fail_the_others(
+    demo_model: ExportedModel,
+) -> None:
+    settings = gateway_settings(
+        demo_model.repository, max_batch_size=32, local_cache_items=0, backend_timeout_s=600
+    )
+    images = [encode(photo_like(100, 80, seed=300 + i), "JPEG") for i in range(18)]
+    expected = _expected(demo_model, images)
+    gate = Gate()
+    async with gated_gateway(settings, gate) as gw, stub_for(gw.port) as stub:
+        gate.close()
+        # A first call takes the model (one batch at a time), so the next 17 callers queue
+        # up behind it and then go to the backend together, as one batch.
+        queued_before = gate.arrivals["image"]  # the warm-up's
+        held_before = len(gate.gated_calls())
+        first = asyncio.create_task(_call(stub, [images[17]], 300))
+        await gate.wait_calls(held_before + 1)
+        # Long enough for the batch below to form on the slowest machine (the wait for it
+        # is event-driven); the gate then holds the batch past it on any machine.
+        impatient_s = 10.0
+        impatient = [
+            asyncio.create_task(_call(stub, [images[i]], impatient_s)) for i in range(0, 16, 2)
+        ]
+        patient = {i: asyncio.create_task(_call(stub, [images[i]], 300)) for i in range(1, 16, 2)}
+        cancelled = asyncio.create_task(_call(stub, [images[16]], 300))
+        await gate.wait_queued(queued_before + 18)  # decoded, and waiting behind the first
+        gate.allow(1)  # the first call's batch runs; the next batch forms and is held
+        assert (await first)[0] == grpc.StatusCode.OK
+        await gate.wait_calls(held_before + 2)
+        assert gate.gated_calls()[-1].rows == 17, gate.calls  # all 17 callers in one batch
+        assert not any(t.done() for t in [*impatient, *patient.values(), cancelled])
         cancelled.cancel()
-        late = await asyncio.gather(*impatient)
+        late = await asyncio.gather(*impatient)  # their deadlines pass inside the batch
+        assert gate.waiting == 1, "the batch was still held when they left"
+        gate.open()
         done = {i: await task for i, task in patient.items()}
-    assert all(code == grpc.StatusCode.DEADLINE_EXCEEDED for code, _ in late)
+    assert all(code == grpc.StatusCode.DEADLINE_EXCEEDED for code, _ in late), late
+    assert cancelled.cancelled()
     for i, (code, reply) in done.items():
-        assert code == grpc.StatusCode.OK
+        assert code == grpc.StatusCode.OK, reply
         got = decode_embedding(reply.embeddings[0])
         assert np.abs(got - expected[i]).max() <= 1e-5

@@ -20,9 +20,11 @@ from service.client import AsyncClipClient, ClipClient, decode_embedding
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
+from tests.support.gate import Gate, gated_gateway
 from tests.support.gateway import stub_for
-from tests.support.images import encode
+from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -80,22 +82,34 @@ async def test_embed_image_equals_open_clip_for_every_format(
     assert np.abs(got - _reference_images(demo_model, blobs)).max() <= TOL
 
 
-async def test_packed_formats_carry_the_same_vector(gateway: Gateway) -> None:
-    texts = ["a green hexagon"]
+async def test_packed_formats_carry_the_same_vector(
+    gateway: Gateway, photos: dict[str, Image.Image]
+) -> None:
+    """float32 bytes are the vector; float16 bytes are exactly that vector cast to '<f2'."""
+    texts = ["a green hexagon", "a photo of a blue star"]
+    images = [encode(photos["chelsea"], "JPEG"), encode(photos["coffee"].resize((90, 60)), "PNG")]
+    f32, f16 = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES, clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES
     async with stub_for(gateway.port) as stub:
-        floats = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=texts))
-        f32 = await stub.EmbedText(
-            clip_pb2.EmbedTextRequest(texts=texts, format=clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES)
-        )
-        f16 = await stub.EmbedText(
-            clip_pb2.EmbedTextRequest(texts=texts, format=clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES)
-        )
-    reference = np.asarray(floats.embeddings[0].values, dtype=np.float32)
-    assert not f32.embeddings[0].values and len(f32.embeddings[0].packed) == 4 * 64
-    assert len(f16.embeddings[0].packed) == 2 * 64
-    np.testing.assert_array_equal(np.frombuffer(f32.embeddings[0].packed, "<f4"), reference)
-    np.testing.assert_allclose(np.frombuffer(f16.embeddings[0].packed, "<f2"), reference, atol=1e-3)
-    np.testing.assert_array_equal(decode_embedding(f32.embeddings[0]), reference)
+        answers = {}
+        for fmt in (clip_pb2.VECTOR_FORMAT_FLOAT_LIST, f32, f16):
+            text_answer = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=texts, format=fmt))
+            image_request = clip_pb2.EmbedImageRequest(images=images, format=fmt)
+            image_answer = await stub.EmbedImage(image_request)
+            answers[fmt] = [*text_answer.embeddings, *image_answer.embeddings]
+    for floats, packed32, packed16 in zip(*answers.values(), strict=True):
+        reference = np.asarray(floats.values, dtype=np.float32)
+        assert reference.shape == (64,) and not floats.packed
+        assert not packed32.values and len(packed32.packed) == 4 * 64 and packed32.dim == 64
+        assert not packed16.values and len(packed16.packed) == 2 * 64 and packed16.dim == 64
+        np.testing.assert_array_equal(np.frombuffer(packed32.packed, "<f4"), reference)
+        # Exactly the float32 vector rounded to half precision, byte for byte.
+        assert packed16.packed == reference.astype("<f2").tobytes()
+        # The client decodes each format back to float32 with nothing lost or added.
+        np.testing.assert_array_equal(decode_embedding(packed32), reference)
+        decoded16 = decode_embedding(packed16)
+        assert decoded16.dtype == np.float32
+        np.testing.assert_array_equal(decoded16, reference.astype("<f2").astype(np.float32))
+        assert 0 < np.abs(decoded16 - reference).max() <= 1e-3  # half precision, not float32
 
 
 async def test_repeated_input_is_cached_and_identical(gateway: Gateway) -> None:
@@ -158,6 +172,86 @@ async def test_classify_ranks_labels_and_reuses_label_sets(
     for i, result in enumerate(full):
         for r in result:
             assert r.score == pytest.approx(float(cos[i, labels.index(r.label)]), abs=1e-5)
+
+
+# CLIP's 7 best ImageNet templates plus "a photo of a {}." (README, "Zero-shot"): written
+# out here, not imported, so a changed default ensemble fails this test.
+CLIP_DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+def _open_clip_zero_shot(
+    model: ExportedModel, blobs: list[bytes], labels: list[str], templates: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(cosines, probabilities `[images, labels]`, logit scale) from open_clip itself."""
+    tokenizer = open_clip.get_tokenizer(model.name)
+    with torch.no_grad():
+        per_label = []
+        for label in labels:
+            prompts = [template.replace("{}", label) for template in templates]
+            vectors = model.clip.encode_text(tokenizer(prompts), normalize=True)
+            mean = vectors.mean(dim=0)
+            per_label.append(mean / mean.norm())
+        label_matrix = torch.stack(per_label).double().numpy()
+        logit_scale = float(model.clip.logit_scale.exp())
+    cos = _reference_images(model, blobs).astype(np.float64) @ label_matrix.T
+    logits = logit_scale * cos
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return cos, exp / exp.sum(axis=1, keepdims=True), logit_scale
+
+
+@pytest.mark.parametrize(
+    "templates",
+    [(), ("a photo of a {}.", "a drawing of a {}.", "{}")],
+    ids=["default-ensemble", "three-templates"],
+)
+async def test_classify_is_softmax_of_scaled_cosine_with_open_clip_vectors(
+    gateway: Gateway,
+    demo_model: ExportedModel,
+    photos: dict[str, Image.Image],
+    templates: tuple[str, ...],
+) -> None:
+    from service.core.scoring import DEFAULT_TEMPLATES
+    from service.demo.shapes import TRAIN_PAIRS, make_eval_set
+
+    assert DEFAULT_TEMPLATES == CLIP_DEFAULT_TEMPLATES
+    shapes, _ = make_eval_set(4321, 1, TRAIN_PAIRS[:3])
+    blobs = [encode(image, "PNG") for image in shapes] + [encode(photos["chelsea"], "PNG")]
+    labels = [f"{c} {s}" for c, s in TRAIN_PAIRS[:3]] + ["white hexagon", "green star"]
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        results = await client.classify(blobs, labels, templates=templates)
+    cos, probs, logit_scale = _open_clip_zero_shot(
+        demo_model, blobs, labels, templates or CLIP_DEFAULT_TEMPLATES
+    )
+    # Vectors agree with open_clip within 1e-5, so cosines within ~2e-5 (3e-5 allowed) and
+    # logits within logit_scale times that. The demo model is sure of its answers (top
+    # probabilities near 1), so probabilities are compared as log-ratios, where a wrong
+    # scale, template ensemble or normalization shows however sure the model is.
+    logit_tol = 2 * logit_scale * 3e-5
+    compared = 0
+    for i, ranked in enumerate(results):
+        assert sorted(r.label for r in ranked) == sorted(labels)
+        got = np.array([r.probability for r in ranked], dtype=np.float64)
+        assert list(got) == sorted(got, reverse=True)
+        assert got.sum() == pytest.approx(1.0, abs=1e-5)
+        want = probs[i, [labels.index(r.label) for r in ranked]]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(
+            [r.score for r in ranked], cos[i, [labels.index(r.label) for r in ranked]], atol=3e-5
+        )
+        visible = want > 1e-30  # float32 holds these with full relative precision
+        log_ratio = np.log(got[visible]) - np.log(want[visible])
+        assert np.abs(log_ratio - log_ratio[0]).max() <= logit_tol, (i, log_ratio)
+        compared += int(visible.sum()) - 1
+    assert compared >= 2 * len(results), "too few labels to compare ratios on"
 
 
 async def test_model_info(gateway: Gateway) -> None:
@@ -235,6 +329,11 @@ async def test_health_and_reflection(gateway: Gateway) -> None:
         for service in ("", "clip.v1.ClipService", "liveness"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # Watch too: a streaming handler that writes with context.write, through the
+            # same interceptors as the ClipService calls.
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=service))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
 
         async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
@@ -246,13 +345,79 @@ async def test_health_and_reflection(gateway: Gateway) -> None:
     assert "clip.v1.ClipService" in names and "grpc.health.v1.Health" in names
 
 
-async def test_deadline_shorter_than_the_work(
-    gateway: Gateway, photos: dict[str, Image.Image]
-) -> None:
-    blobs = [encode(photos["astronaut"].rotate(i), "PNG") for i in range(64)]
-    async with stub_for(gateway.port) as stub:
+async def test_deadline_shorter_than_the_work(demo_model: ExportedModel) -> None:
+    """The gateway, not only the client library, honours the caller's deadline.
+
+    The forward pass is held at a gate that never opens during the call, so the work
+    cannot finish in time on any machine. Then, on the server's side: the backend call
+    was given the caller's remaining time (not `--backend-timeout-s`, an hour here), and
+    the gateway let go of the work at the deadline (admission released) while the
+    backend call is still held.
+    """
+    gate = Gate()
+    settings = gateway_settings(demo_model.repository, backend_timeout_s=3600.0)
+    blob = encode(photo_like(120, 90, seed=44), "PNG")
+    deadline_s = 2.0
+    async with gated_gateway(settings, gate) as gw, stub_for(gw.port) as stub:
+        before = await asyncio.to_thread(scrape, gw.metrics_port)
+        gate.close()
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=blobs), timeout=0.02)
+            await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[blob]), timeout=deadline_s)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        ok = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["still fine"]), timeout=30)
-    assert len(ok.embeddings) == 1
+        held = gate.gated_calls()[-1]
+        assert held.rows == 1 and gate.waiting == 1, gate.calls
+        assert held.timeout_s is not None and 0 < held.timeout_s <= deadline_s, held
+
+        # At the deadline the gateway stops waiting; one that ignored the deadline would
+        # hold the item for the hour of --backend-timeout-s.
+        await eventually(lambda: gw.embedder.admitted == 0, what="the work let go of")
+        assert gate.waiting == 1, "released only because the backend finished"
+
+        def counted() -> dict[str, float]:
+            after = scrape(gw.metrics_port)
+            return {
+                code: sample(after, "clip_requests_total", method="EmbedImage", code=code)
+                - sample(before, "clip_requests_total", method="EmbedImage", code=code)
+                for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")
+            }
+
+        codes = await eventually(
+            counted, lambda c: sum(c.values()) >= 1, what="the call counted", blocking=True
+        )
+        assert codes["OK"] == 0 and codes["DEADLINE_EXCEEDED"] + codes["CANCELLED"] == 1, codes
+        gate.open()
+        ok = await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[blob]), timeout=60)
+    assert len(ok.embeddings) == 1 and not ok.embeddings[0].cached
+
+
+async def test_not_serving_until_the_warm_up_inference_has_run(demo_model: ExportedModel) -> None:
+    """Health is NOT_SERVING while the warm-up forward pass has not run; liveness is SERVING."""
+    gate = Gate(closed=True)  # the warm-up's image forward pass waits here
+    settings = gateway_settings(demo_model.repository)
+    async with gated_gateway(settings, gate, wait_serving=False) as gw:
+        await gate.wait_waiting(1)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status(service: str) -> int:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                return reply.status
+
+            serving = health_pb2.HealthCheckResponse.SERVING
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            # Several probes while held: the health loop's own attempts change nothing.
+            for _ in range(3):
+                assert await status("") == not_serving
+                assert await status("clip.v1.ClipService") == not_serving
+                assert await status("liveness") == serving
+                await asyncio.sleep(0.1)
+            assert not gw.health.serving
+            assert gate.waiting == 1, "the warm-up is still held"
+            gate.open()
+            deadline = asyncio.get_running_loop().time() + 60
+            while await status("") != serving:  # the health loop probes every second
+                assert asyncio.get_running_loop().time() < deadline, "never SERVING"
+                await asyncio.sleep(0.05)
+            assert await status("clip.v1.ClipService") == serving
+    # SERVING came after a real forward pass of each tower.
+    assert {c.modality for c in gate.calls} == {"image", "text"}

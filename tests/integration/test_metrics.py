@@ -15,6 +15,7 @@ from service.server.app import Gateway
 from tests.support.gateway import stub_for
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,21 @@ async def test_every_family_moves(gateway: Gateway) -> None:
     async with stub_for(gateway.port) as stub:
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[b"junk"]))
-    after = scrape(gateway.metrics_port)
+    calls = (("EmbedText", "OK", 2), ("EmbedImage", "OK", 1), ("EmbedImage", "INVALID_ARGUMENT", 1))
+
+    def counted(samples: dict[str, float]) -> bool:
+        return all(
+            sample(samples, "clip_requests_total", method=m, code=c)
+            - sample(before, "clip_requests_total", method=m, code=c)
+            >= n
+            for m, c, n in calls
+        )
+
+    # A call is counted as the interceptor finishes, which may be just after the caller
+    # has its answer: wait for the counts (scraping in a thread, so the server runs).
+    after = await eventually(
+        lambda: scrape(gateway.metrics_port), counted, what="every call counted", blocking=True
+    )
 
     def moved(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)

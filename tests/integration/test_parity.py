@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import open_clip
 import pytest
@@ -35,8 +38,13 @@ def _load(model: ExportedModel, tower: str) -> torch.jit.ScriptModule:
     return torch.jit.load(str(model.repository / tower / "1" / "model.pt")).eval()
 
 
+@functools.cache
+def _open_clip_preprocess(name: str) -> Callable[[Image.Image], torch.Tensor]:
+    return open_clip.create_model_and_transforms(name, pretrained=None)[2]
+
+
 def _reference_image(model: ExportedModel, image: Image.Image) -> np.ndarray:
-    _, _, preprocess = open_clip.create_model_and_transforms(model.name, pretrained=None)
+    preprocess = _open_clip_preprocess(model.name)
     with torch.no_grad():
         return model.clip.encode_image(preprocess(image).unsqueeze(0), normalize=True)[0].numpy()
 
@@ -72,6 +80,45 @@ def test_image_embeddings_match_open_clip(
         for name, im in _images(photos).items()
     }
     assert max(worst.values()) <= TOL, worst
+
+
+def _pixels_off_by_a_little(image: Image.Image, size: int, how: str) -> np.ndarray:
+    """open_clip's resize + crop with one deliberate slip: a crop 1 pixel off, or bilinear
+    (`how="none"`: no slip, the same pixels as ours)."""
+    if how == "bilinear":
+        return to_model_pixels(image, ImageSpec(size, "bilinear"))
+    width, height = image.size  # not square: the long side has room to shift the crop
+    short = min(width, height)
+    new_w, new_h = int(size * width / short), int(size * height / short)
+    resized = image.convert("RGB").resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = round((new_w - size) / 2), round((new_h - size) / 2)
+    if how == "crop-shifted-1px":
+        left, top = (left + 1, top) if new_w > size else (left, top + 1)
+    crop = resized.crop((left, top, left + size, top + size))
+    return np.ascontiguousarray(np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("model_fixture", ["demo_model", "vit_model"])
+@pytest.mark.parametrize("how", ["crop-shifted-1px", "bilinear"])
+def test_parity_check_can_fail(
+    model_fixture: str, how: str, request: pytest.FixtureRequest, photos: dict[str, Image.Image]
+) -> None:
+    """Negative control: preprocessing one small step away from open_clip's is far past TOL."""
+    model: ExportedModel = request.getfixturevalue(model_fixture)
+    meta = ModelMetadata.load(model.repository)
+    assert meta.interpolation == "bicubic"
+    image_ts = _load(model, "clip_image")
+    for name in ("rocket", "chelsea", "coffee", "china"):
+        image = photos[name]
+        ours = to_model_pixels(image, ImageSpec(meta.image_size))
+        np.testing.assert_array_equal(_pixels_off_by_a_little(image, meta.image_size, "none"), ours)
+        pixels = _pixels_off_by_a_little(image, meta.image_size, how)
+        assert not np.array_equal(pixels, ours)
+        with torch.no_grad():
+            slipped = image_ts(torch.from_numpy(pixels)[None])[0].numpy()
+        worst = float(np.abs(_reference_image(model, image) - slipped).max())
+        print(f"{model.name} {how} {name}: {worst:.2e}")
+        assert worst > 10 * TOL, (name, worst)
 
 
 @pytest.mark.parametrize("model_fixture", ["demo_model", "vit_model"])

@@ -1,69 +1,166 @@
-"""`clipsvc serve` as a real process: SIGTERM flips health, drains in-flight calls, exits 0."""
+"""`clipsvc serve` as a real process and SIGTERM: NOT_SERVING, new calls refused, in-flight
+calls drained, and cancelled when `--shutdown-grace-s` runs out; exit 0 either way.
+
+The child is the real `clipsvc serve` with its backend behind a gate (`FileGate`): the
+in-flight calls are held there for as long as each test needs, on any machine, instead
+of being made big enough to still run when the signal lands.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
-from service.processes.gateway import GatewayProcess
+from service.client import decode_embedding
+from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.processes.metric_samples import sample, scrape
+from tests.support.gate import FileGate, GatedGatewayProcess
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CALLS, PER_CALL = 6, 4
+
 
 @pytest.fixture
-def gateway(vit_model: ExportedModel) -> Iterator[GatewayProcess]:
-    # ViT-B-32 on the CPU: a few calls are seconds of forward passes, easy to catch mid-way.
-    with GatewayProcess(vit_model.repository, shutdown_grace_s=30, log_level="INFO") as gateway:
+def gate(tmp_path: Path) -> FileGate:
+    return FileGate(tmp_path / "gate")
+
+
+def _gateway(model: ExportedModel, gate: FileGate, grace_s: float) -> GatedGatewayProcess:
+    return GatedGatewayProcess(
+        model.repository, gate, shutdown_grace_s=grace_s, log_level="INFO", local_cache_items=0
+    )
+
+
+def _images() -> list[bytes]:
+    # Distinct images (no cache or single-flight shortcuts).
+    return [encode(photo_like(96, 72, seed=500 + i), "JPEG") for i in range(CALLS * PER_CALL)]
+
+
+def _expected(model: ExportedModel, images: list[bytes]) -> np.ndarray:
+    module = torch.jit.load(str(model.repository / "clip_image" / "1" / "model.pt")).eval()
+    spec, limits = ImageSpec(64), ImageLimits(1 << 24, 1 << 26)
+    pixels = np.stack([preprocess_image_bytes(b, spec, limits) for b in images])
+    with torch.no_grad():
+        return module(torch.from_numpy(pixels)).numpy()
+
+
+async def _start_held_calls(
+    gateway: GatedGatewayProcess, stub: clip_pb2_grpc.ClipServiceStub, images: list[bytes]
+) -> list[asyncio.Task[clip_pb2.EmbedResponse]]:
+    """CALLS calls of PER_CALL images, all in the server and none able to finish."""
+    gateway.gate.close()
+
+    async def embed(i: int) -> clip_pb2.EmbedResponse:
+        request = clip_pb2.EmbedImageRequest(images=images[i * PER_CALL : (i + 1) * PER_CALL])
+        return await stub.EmbedImage(request, timeout=300)
+
+    calls = [asyncio.create_task(embed(i)) for i in range(CALLS)]
+    metrics_port = gateway.metrics_port
+    await eventually(
+        lambda: sample(scrape(metrics_port), "clip_requests_in_flight", method="EmbedImage"),
+        lambda n: n == CALLS,
+        what=f"{CALLS} calls in flight",
+        blocking=True,
+    )
+    await gateway.gate.wait_rows(1)  # the first batch is at the gate: nothing can finish
+    assert not any(c.done() for c in calls)
+    return calls
+
+
+async def _new_call_code(target: str) -> grpc.StatusCode:
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            await clip_pb2_grpc.ClipServiceStub(channel).EmbedText(
+                clip_pb2.EmbedTextRequest(texts=["a new call"]), timeout=10
+            )
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def draining_gateway(demo_model: ExportedModel, gate: FileGate) -> Iterator[GatedGatewayProcess]:
+    # A grace far longer than the test: the calls finish because the gate opens.
+    with _gateway(demo_model, gate, grace_s=120) as gateway:
         yield gateway
 
 
-async def test_sigterm_drains_in_flight_calls(gateway: GatewayProcess) -> None:
-    port, metrics_port = gateway.port, gateway.metrics_port
-    # Distinct images (no cache or single-flight shortcuts), 8 per call.
-    images = [encode(photo_like(96, 96, seed=i), "JPEG") for i in range(6 * 8)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+async def test_sigterm_flips_health_refuses_new_calls_and_drains_in_flight(
+    draining_gateway: GatedGatewayProcess, demo_model: ExportedModel
+) -> None:
+    gateway = draining_gateway
+    images = _images()
+    async with grpc.aio.insecure_channel(gateway.target) as channel:
         stub = clip_pb2_grpc.ClipServiceStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == SERVING
+        calls = await _start_held_calls(gateway, stub, images)
 
-        async def embed(i: int) -> clip_pb2.EmbedResponse:
-            request = clip_pb2.EmbedImageRequest(images=images[i * 8 : (i + 1) * 8])
-            return await stub.EmbedImage(request, timeout=120)
-
-        calls = [asyncio.create_task(embed(i)) for i in range(6)]
-        for _ in range(200):  # until the server holds all six calls
-            samples = await asyncio.to_thread(scrape, metrics_port)
-            if sample(samples, "clip_requests_in_flight", method="EmbedImage") == 6:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the six calls never were in flight together")
-        assert not any(c.done() for c in calls), "work finished before SIGTERM; make it bigger"
         gateway.send_signal(signal.SIGTERM, group=False)  # as Kubernetes does
-        status = None
-        for _ in range(50):
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                status = reply.status
-                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    break
-            except grpc.aio.AioRpcError:
-                break  # already closed for new calls: also correct
-            await asyncio.sleep(0.02)
+        # Health says so to a watcher at once; any error here fails the test.
+        assert (await asyncio.wait_for(watch.read(), 60)).status == NOT_SERVING
+        watch.cancel()  # a watch is a call too: the drain would wait for it
+        # New calls are refused while the held ones are still in flight.
+        # (A call that slipped in between NOT_SERVING and the listener closing is answered.)
+        refused: list[grpc.StatusCode] = []
+        deadline = asyncio.get_running_loop().time() + 60
+        while not refused or refused[-1] != grpc.StatusCode.UNAVAILABLE:
+            assert asyncio.get_running_loop().time() < deadline, refused
+            refused.append(await _new_call_code(gateway.target))
+        assert set(refused) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, refused
+        assert not any(c.done() for c in calls) and gateway.running
+
+        gateway.gate.open()
         results = await asyncio.gather(*calls, return_exceptions=True)
-    exit_code = await asyncio.to_thread(gateway.wait, 60)
+    exit_code = await asyncio.to_thread(gateway.wait, 120)
     output = gateway.log_tail(100_000)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, f"{failed[0]}\n--- server output ---\n{output[-3000:]}"
-    assert all(len(r.embeddings) == 8 for r in results), "an in-flight call was dropped"
-    assert status in (None, health_pb2.HealthCheckResponse.NOT_SERVING)
+    got = np.stack([decode_embedding(e) for r in results for e in r.embeddings])
+    assert got.shape == (CALLS * PER_CALL, 64), "an in-flight call was dropped"
+    assert np.abs(got - _expected(demo_model, images)).max() <= 1e-5
+    assert exit_code == 0
+    assert "shutting down" in output and "stopped" in output
+
+
+async def test_in_flight_calls_are_cancelled_when_the_grace_runs_out(
+    demo_model: ExportedModel, gate: FileGate
+) -> None:
+    grace_s = 3.0
+    with _gateway(demo_model, gate, grace_s=grace_s) as gateway:
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            stub = clip_pb2_grpc.ClipServiceStub(channel)
+            calls = await _start_held_calls(gateway, stub, _images())
+            signalled = time.monotonic()
+            gateway.send_signal(signal.SIGTERM, group=False)
+            ended: list[float] = []
+            for call in calls:
+                call.add_done_callback(lambda _: ended.append(time.monotonic()))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        exit_code = await asyncio.to_thread(gateway.wait, 120)
+        output = gateway.log_tail(100_000)
+    # The gate never opened: each call was cut off by the server, not answered.
+    codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else r for r in results]
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * CALLS, f"{codes}\n{output[-3000:]}"
+    # Not before the grace (a lower bound: a slow machine only adds to it); the upper
+    # bound is generous and only catches a server that never cancels.
+    assert min(ended) - signalled >= grace_s - 0.05, ended
+    assert max(ended) - signalled <= grace_s + 60, ended
     assert exit_code == 0
     assert "shutting down" in output and "stopped" in output

@@ -15,6 +15,7 @@ from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -63,12 +64,12 @@ async def test_disconnecting_stream_clients(gateway: Gateway) -> None:
         )
         assert all(r >= 3 for r in received)
         # Work already admitted drains; nothing stays queued or running for gone clients.
-        for _ in range(200):
-            if gateway.embedder.admitted == 0 and len(asyncio.all_tasks()) <= tasks_before + 2:
-                break
-            await asyncio.sleep(0.05)
-        assert gateway.embedder.admitted == 0
-        assert len(asyncio.all_tasks()) <= tasks_before + 2
+        await eventually(
+            lambda: (gateway.embedder.admitted, len(asyncio.all_tasks()) - tasks_before),
+            lambda state: state[0] == 0 and state[1] <= 2,
+            what="admitted work drained and the streams' tasks gone",
+            interval_s=0.05,
+        )
         assert gateway.health.serving
         after = await client.embed_text(["the same question"])
         streamed = [answer async for answer in client.embed_stream([("x", "the same question")])]
