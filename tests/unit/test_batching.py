@@ -220,15 +220,20 @@ async def test_batched_backend_follows_the_inner_limit_and_maps_errors() -> None
     await backend.start()
     assert backend.max_batch_size == 4 and backend.name == "fake"
     rows = np.zeros((1, 3, 2, 2), dtype=np.uint8)
-    out = await asyncio.gather(*(backend.embed_images(rows, timeout_s=5) for _ in range(8)))
+    out = await asyncio.gather(*(backend.embed_images(rows, timeout_s=PATIENT_S) for _ in range(8)))
     assert [o.shape for o in out] == [(1, 2)] * 8
     assert [c[1] for c in inner.calls] == [4, 4]  # merged, never past the inner limit
     with pytest.raises(BackendFailure, match="text encoder failed: text tower exploded"):
         await backend.embed_texts(np.full((1, 8), -1, dtype=np.int64))
     inner.gate.clear()
+    calls = len(inner.calls)
     with pytest.raises(DeadlineExceeded):
-        # The gate is shut: only the deadline can end this call.
-        await asyncio.wait_for(backend.embed_images(rows, timeout_s=0.02), PATIENT_S)
+        # The gate is shut: only the deadline can end this call. 1 s, so that its batch
+        # has reached the backend first (after the 10 ms wait: a hundredfold margin; a
+        # shorter deadline could pass first on a loaded machine, and a batch whose
+        # caller is gone before it starts is rightly skipped).
+        await asyncio.wait_for(backend.embed_images(rows, timeout_s=1.0), PATIENT_S)
+    assert len(inner.calls) == calls + 1  # its batch is at the backend, held
     assert backend.batches_run == 2
     inner.gate.set()  # the abandoned batch still runs to its end
     for _ in range(100):
