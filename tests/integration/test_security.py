@@ -61,8 +61,8 @@ async def _embed(channel: grpc.aio.Channel, key: str | None = None) -> grpc.Stat
     return grpc.StatusCode.OK
 
 
-async def _stream(channel: grpc.aio.Channel, key: str | None = None) -> list[object]:
-    """EmbedStream with two items: the answers, or the status code that ended it."""
+async def _stream(channel: grpc.aio.Channel, key: str) -> list[clip_pb2.StreamResponse]:
+    """EmbedStream with two items; the answers."""
 
     async def items() -> AsyncIterator[clip_pb2.StreamRequest]:
         yield clip_pb2.StreamRequest(id="a", text=PAYLOAD)
@@ -71,10 +71,19 @@ async def _stream(channel: grpc.aio.Channel, key: str | None = None) -> list[obj
     call = clip_pb2_grpc.ClipServiceStub(channel).EmbedStream(
         items(), metadata=_auth(key), timeout=20
     )
-    try:
-        return [answer async for answer in call]
-    except grpc.aio.AioRpcError as err:
-        return [err.code()]
+    return [answer async for answer in call]
+
+
+async def _stream_status(channel: grpc.aio.Channel, key: str | None) -> grpc.StatusCode:
+    """How the server ends an EmbedStream that is opened and closed without items.
+
+    No items: grpc's client reports INTERNAL ("Internal error from Core") instead of the
+    server's status when the server ends a call while the client is still writing to it,
+    as a refused stream does; without writes the server's own status comes through.
+    """
+    call = clip_pb2_grpc.ClipServiceStub(channel).EmbedStream(metadata=_auth(key), timeout=20)
+    await call.done_writing()
+    return await call.code()
 
 
 async def _reflected_services(channel: grpc.aio.Channel) -> list[str]:
@@ -103,9 +112,11 @@ async def test_api_keys(
             assert await _embed(channel, "") == grpc.StatusCode.UNAUTHENTICATED
             assert await _embed(channel, KEY_A) == grpc.StatusCode.OK
             assert await _embed(channel, KEY_B) == grpc.StatusCode.OK
-            # The streaming RPC is guarded too: refused before any item is answered.
-            assert await _stream(channel) == [grpc.StatusCode.UNAUTHENTICATED]
-            assert await _stream(channel, "wrong-key") == [grpc.StatusCode.UNAUTHENTICATED]
+            # The streaming RPC is guarded too (a server that let it through would end this
+            # empty stream with OK).
+            assert await _stream_status(channel, None) == grpc.StatusCode.UNAUTHENTICATED
+            assert await _stream_status(channel, "wrong-key") == grpc.StatusCode.UNAUTHENTICATED
+            assert await _stream_status(channel, KEY_A) == grpc.StatusCode.OK
             answers = await _stream(channel, KEY_B)
             assert sorted(a.id for a in answers) == ["a", "b"]
             assert all(a.WhichOneof("result") == "embedding" for a in answers)
@@ -128,7 +139,10 @@ async def test_api_keys(
 
         # Counted once each, as the interceptor finishes (polled: after the answer).
         counted = await eventually(
-            refusals, lambda c: c[0] >= 6, what="6 refusals counted", blocking=True
+            refusals,
+            lambda c: c[0] >= 6 and c[1] >= 4 and c[2] >= 2,
+            what="the refusals counted",
+            blocking=True,
         )
     assert counted == (6, 4, 2)
     logged = caplog.text
