@@ -147,6 +147,24 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
     },
     "decode-threads": {"gateway": {"decodeThreads": 6}},
+    "triton-scaled": {
+        "triton": {"replicaCount": 2, "gpu": {"count": 2, "instancesPerGpu": 3}},
+    },
+    "autoscaled": {
+        "gateway": {"autoscaling": {"enabled": True, "targetQueuedItems": 64}},
+        "triton": {
+            "autoscaling": {
+                "enabled": True,
+                "minReplicas": 2,
+                "maxReplicas": 6,
+                "targetQueueMicroseconds": 50000,
+            },
+        },
+        "monitoring": {
+            "serviceMonitor": {"enabled": True},
+            "prometheusAdapter": {"rules": True, "window": "3m"},
+        },
+    },
     # null removes a default: no CPU request or limit at all.
     "no-cpu": {"gateway": {"resources": {"requests": {"cpu": None}}}},
 }
@@ -199,6 +217,8 @@ def _triton(r: Rendered) -> dict[str, Any]:
         "hpa-netpol",
         "embedded-only",
         "sized",
+        "triton-scaled",
+        "autoscaled",
     ],
 )
 def test_helm_lint_strict(helm: str, name: str) -> None:
@@ -593,12 +613,12 @@ def test_cpu_only_triton_has_no_gpus_and_rewrites_kind(rendered: dict[str, Rende
         assert not any("gpu" in key for key in c["resources"].get(section, {}))
     assert "--allow-gpu-metrics=false" in c["args"]
     served = next(a for a in c["args"] if a.startswith("--model-repository=")).split("=")[1]
-    rewrite = init_container(dep, "cpu-config")
+    rewrite = init_container(dep, "model-config")
     assert rewrite is not None
     script = rewrite["command"][-1]
     assert "KIND_GPU/KIND_CPU" in script
     assert env_entries(rewrite)["SERVED_REPOSITORY"]["value"] == served
-    assert mounts(c)["cpu-model-repository"]["mountPath"] == served
+    assert mounts(c)["served-model-repository"]["mountPath"] == served
     assert "tolerations" not in pod_spec(dep)
 
 
@@ -619,7 +639,7 @@ def test_cpu_config_script_rewrites_only_the_configs(
     rendered: dict[str, Rendered], tmp_path: Path
 ) -> None:
     # Runs the init container's script as rendered, against a repository on disk.
-    script = init_container(_triton(rendered["cpu-triton"]), "cpu-config")["command"]
+    script = init_container(_triton(rendered["cpu-triton"]), "model-config")["command"]
     assert script[:2] == ["bash", "-ec"]
     source = _fake_repository(tmp_path / "models")
     served = tmp_path / "served"
@@ -664,7 +684,7 @@ def test_cpu_rewrite_runs_after_the_model_copy(rendered: dict[str, Rendered]) ->
     init_names = [
         c["name"] for c in pod_spec(_triton(rendered["cpu-triton-init"]))["initContainers"]
     ]
-    assert init_names == ["fetch-models", "cpu-config"]
+    assert init_names == ["fetch-models", "model-config"]
 
 
 def test_model_repository_from_a_pvc(rendered: dict[str, Rendered]) -> None:
@@ -880,6 +900,108 @@ def test_hpa_owns_the_replica_count(rendered: dict[str, Rendered]) -> None:
     assert rendered["defaults"].maybe("HorizontalPodAutoscaler", "gateway") is None
 
 
+def test_triton_pdb_only_with_two_or_more_replicas(rendered: dict[str, Rendered]) -> None:
+    # One replica: a PDB would block drains (or protect nothing), so none is rendered.
+    assert rendered["defaults"].maybe("PodDisruptionBudget", "triton") is None
+    for name in ("triton-scaled", "autoscaled"):
+        r = rendered[name]
+        pdb = r.one("PodDisruptionBudget", "triton")["spec"]
+        assert pdb["maxUnavailable"] == 1  # a drain may take one; the others keep serving
+        assert pdb["selector"]["matchLabels"] == _triton(r)["spec"]["selector"]["matchLabels"]
+
+
+def test_triton_hpa_scales_on_queue_time_per_request(rendered: dict[str, Rendered]) -> None:
+    r = rendered["autoscaled"]
+    dep = _triton(r)
+    assert "replicas" not in dep["spec"]
+    hpa = r.one("HorizontalPodAutoscaler", "triton")["spec"]
+    target = hpa["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", dep["metadata"]["name"])
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+    [metric] = hpa["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "50000"}
+    assert metric["pods"]["metric"]["name"] in _adapter_rules(r)
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert rendered["defaults"].maybe("HorizontalPodAutoscaler", "triton") is None
+    assert _triton(rendered["defaults"])["spec"]["replicas"] == 1
+
+
+def test_gateway_hpa_also_scales_on_queued_items(rendered: dict[str, Rendered]) -> None:
+    r = rendered["autoscaled"]
+    metrics = r.one("HorizontalPodAutoscaler", "gateway")["spec"]["metrics"]
+    [queued] = [m for m in metrics if m["type"] == "Pods"]
+    assert queued["pods"]["metric"]["name"] == "clip_queued_items"
+    assert queued["pods"]["target"] == {"type": "AverageValue", "averageValue": "64"}
+    assert queued["pods"]["metric"]["name"] in _adapter_rules(r)
+    assert {m["type"] for m in metrics} == {"Resource", "Pods"}
+    # Off by default: CPU alone, no custom metrics API needed.
+    others = rendered["hpa-netpol"].one("HorizontalPodAutoscaler", "gateway")["spec"]["metrics"]
+    assert {m["type"] for m in others} == {"Resource"}
+
+
+def _adapter_rules(r: Rendered) -> dict[str, dict[str, Any]]:
+    """prometheus-adapter rules of the adapter-rules ConfigMap, by the metric name served."""
+    config = yaml.safe_load(r.one("ConfigMap", "adapter-rules")["data"]["config.yaml"])
+    return {rule["name"]["as"]: rule for rule in config["rules"]}
+
+
+def test_adapter_rules_serve_what_the_autoscalers_read(rendered: dict[str, Rendered]) -> None:
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    rules = _adapter_rules(rendered["autoscaled"])
+    assert set(rules) == {"clip_queued_items", "clip_triton_queue_us_per_request"}
+    for rule in rules.values():
+        # Pods metrics: each series maps to the pod (and namespace) it was scraped from.
+        assert rule["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"},
+            "pod": {"resource": "pod"},
+        }
+        assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+        assert "by (<<.GroupBy>>)" in rule["metricsQuery"]
+    # The gateway rule reads a gauge this gateway really exports.
+    exported = generate_latest(Metrics().registry).decode()
+    assert re.search(r"^clip_queued_items ", exported, flags=re.MULTILINE)
+    assert rules["clip_queued_items"]["seriesQuery"].startswith("clip_queued_items{")
+    # Triton's: queue microseconds over successful requests, both as rates of the window.
+    triton = rules["clip_triton_queue_us_per_request"]
+    assert triton["seriesQuery"].startswith("nv_inference_queue_duration_us{")
+    numerator, denominator = triton["metricsQuery"].split(" / ")
+    assert "rate(nv_inference_queue_duration_us{<<.LabelMatchers>>}[3m])" in numerator
+    assert "rate(nv_inference_request_success{<<.LabelMatchers>>}[3m])" in denominator
+    assert rendered["defaults"].maybe("ConfigMap", "adapter-rules") is None
+
+
+def test_instances_per_gpu_rewrite_the_configs(
+    rendered: dict[str, Rendered], tmp_path: Path
+) -> None:
+    dep = _triton(rendered["triton-scaled"])
+    c = container(dep, "triton")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    served = next(a for a in c["args"] if a.startswith("--model-repository=")).split("=")[1]
+    assert mounts(c)["served-model-repository"]["mountPath"] == served
+    script = init_container(dep, "model-config")["command"]
+    source = _fake_repository(tmp_path / "models")
+    target = tmp_path / "served"
+    target.mkdir()
+    env = {
+        "PATH": os.environ["PATH"],
+        "MODEL_REPOSITORY": str(source),
+        "SERVED_REPOSITORY": str(target),
+    }
+    done = subprocess.run(script, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    for name in ("clip_image", "clip_text"):
+        config = (target / name / "config.pbtxt").read_text()
+        # Still on the GPUs, now 3 instances on each (the export said 2).
+        assert "{ count: 3 kind: KIND_GPU" in config
+        assert "count: 2" not in config
+    # Without the override the GPU pod serves the repository as exported: no init container.
+    assert init_container(_triton(rendered["defaults"]), "model-config") is None
+
+
 def test_network_policies_isolate_triton_and_redis(rendered: dict[str, Rendered]) -> None:
     r = rendered["hpa-netpol"]
     gateway_pods = _gateway(r)["spec"]["selector"]["matchLabels"]
@@ -1019,6 +1141,27 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str, str]] = {
         "gateway.probes.grpcService",
         "must be one of",
     ),
+    "zero-queue-target": (
+        {"triton": {"autoscaling": {"targetQueueMicroseconds": 0}}},
+        "triton.autoscaling.targetQueueMicroseconds",
+        TOO_SMALL,
+    ),
+    "negative-queued-items": (
+        {"gateway": {"autoscaling": {"targetQueuedItems": -1}}},
+        "gateway.autoscaling.targetQueuedItems",
+        TOO_SMALL,
+    ),
+    "negative-instances": (
+        {"triton": {"gpu": {"instancesPerGpu": -1}}},
+        "triton.gpu.instancesPerGpu",
+        TOO_SMALL,
+    ),
+    # A PromQL range needs a unit: "2 minutes" or "120" would break every rule.
+    "adapter-window": (
+        {"monitoring": {"prometheusAdapter": {"window": "120"}}},
+        "monitoring.prometheusAdapter.window",
+        "Does not match pattern",
+    ),
     "redis-policy-string": (
         {"redis": {"builtin": {"networkPolicy": {"enabled": "yes"}}}},
         "redis.builtin.networkPolicy.enabled",
@@ -1047,6 +1190,17 @@ CROSS_FIELD_ERRORS = {
     "tls-without-secret": ({"gateway": {"tls": {"enabled": True}}}, "gateway.tls"),
     "external-without-url": ({"redis": {"mode": "external"}}, "redis.external"),
     "triton-nowhere": ({"triton": {"enabled": False}}, "gateway.tritonUrl"),
+    "triton-hpa-without-triton": (
+        {
+            "triton": {"enabled": False, "autoscaling": {"enabled": True}},
+            "gateway": {"tritonUrl": "triton.example:8001"},
+        },
+        "triton.autoscaling.enabled needs triton.enabled",
+    ),
+    "triton-hpa-min-over-max": (
+        {"triton": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+        "triton.autoscaling.minReplicas",
+    ),
     "health-on-the-grpc-port": (
         {"gateway": {"containerPorts": {"health": 50051}}},
         "must be three different ports",

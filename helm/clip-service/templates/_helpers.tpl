@@ -156,14 +156,14 @@ Where the gateway mounts secrets and TLS material.
 {{- define "clip-service.clientCaDir" -}}/etc/clip/client-ca{{- end }}
 
 {{/*
-Directory tritonserver serves. In CPU mode an init container writes a copy there whose
-config.pbtxt files say KIND_CPU (the exported repository says KIND_GPU).
+Directory tritonserver serves. When the configs are rewritten (CPU mode, or an instance
+count per GPU) an init container writes a copy there whose config.pbtxt files say so.
 */}}
 {{- define "clip-service.tritonServedRepository" -}}
-{{- if .Values.triton.gpu.enabled }}
-{{- .Values.triton.modelRepository.path }}
+{{- if include "clip-service.tritonRewritesConfigs" . }}
+{{- "/served-model-repository" }}
 {{- else }}
-{{- "/cpu-model-repository" }}
+{{- .Values.triton.modelRepository.path }}
 {{- end }}
 {{- end }}
 
@@ -200,6 +200,13 @@ Cross-field checks a JSON schema cannot express; they fail `helm template` with 
 {{- if and $g.autoscaling.enabled (gt (int $g.autoscaling.minReplicas) (int $g.autoscaling.maxReplicas)) }}
 {{- fail "gateway.autoscaling.minReplicas must not exceed maxReplicas" }}
 {{- end }}
+{{- $ta := .Values.triton.autoscaling }}
+{{- if and $ta.enabled (not .Values.triton.enabled) }}
+{{- fail "triton.autoscaling.enabled needs triton.enabled=true" }}
+{{- end }}
+{{- if and $ta.enabled (gt (int $ta.minReplicas) (int $ta.maxReplicas)) }}
+{{- fail "triton.autoscaling.minReplicas must not exceed maxReplicas" }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -217,4 +224,28 @@ it may use). Empty too when gateway.decodeThreads sets a number.
 {{- "requests.cpu" }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+Names of the Pods metrics the autoscalers read through the custom metrics API; the
+prometheus-adapter rules (templates/adapter-rules.yaml) serve them under these names.
+*/}}
+{{- define "clip-service.gatewayQueueMetric" -}}clip_queued_items{{- end }}
+{{- define "clip-service.tritonQueueMetric" -}}clip_triton_queue_us_per_request{{- end }}
+
+{{/*
+Triton replicas the chart plans for: autoscaling.minReplicas when autoscaling, else
+replicaCount. A PodDisruptionBudget only makes sense from two.
+*/}}
+{{- define "clip-service.tritonMinReplicas" -}}
+{{- if .Values.triton.autoscaling.enabled }}{{ .Values.triton.autoscaling.minReplicas }}{{ else }}{{ .Values.triton.replicaCount }}{{ end }}
+{{- end }}
+
+{{/*
+Whether Triton's config.pbtxt files are rewritten at start (init container
+`model-config`): on CPU-only nodes (KIND_GPU → KIND_CPU) and when
+triton.gpu.instancesPerGpu overrides the exported instance count.
+*/}}
+{{- define "clip-service.tritonRewritesConfigs" -}}
+{{- if or (not .Values.triton.gpu.enabled) (gt (int .Values.triton.gpu.instancesPerGpu) 0) }}true{{ end }}
 {{- end }}
