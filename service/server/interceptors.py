@@ -27,6 +27,9 @@ _LOGGER = logging.getLogger(__name__)
 # Probes and tooling stay open when API keys are configured.
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
+#: A cancellation this close to the call's deadline is counted as DEADLINE_EXCEEDED.
+_DEADLINE_SLACK_S = 0.25
+
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
@@ -83,7 +86,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         try:
             yield
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            # grpc cancels the handler both when the caller gives up and when its deadline
+            # passes (no status is set then); the time left tells the two apart. The
+            # caller's own deadline timer usually fires first and cancels the stream, a
+            # little before the server's copy of the deadline (which started later, on
+            # arrival): a cancel that close to the deadline is the deadline.
+            remaining = context.time_remaining()
+            deadline = remaining is not None and remaining <= _DEADLINE_SLACK_S
+            code = "DEADLINE_EXCEEDED" if deadline else "CANCELLED"
             raise
         except Exception as exc:
             if context.code() is None:  # not aborted on purpose by the handler
