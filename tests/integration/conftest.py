@@ -11,6 +11,7 @@ from PIL import Image
 from tests.support.images import real_photos
 from tests.support.models import ExportedModel, export_and_load
 from tests.support.paths import DEMO_WEIGHTS
+from tests.support.triton import ModelControl
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +40,18 @@ def vit_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExportedMode
 def photos() -> dict[str, Image.Image]:
     """Real photos that ship inside scikit-image and scikit-learn."""
     return real_photos()
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory: pytest.TempPathFactory) -> ModelControl:
+    """Steers a module's controlled Triton model copies (one per module)."""
+    return ModelControl(tmp_path_factory.mktemp("control"))
+
+
+@pytest.fixture
+def control_reset(control: ModelControl) -> Iterator[None]:
+    """The gate open and no failure set, before and after the test (modules that hold
+    executions at a gate use it for every test: `pytest.mark.usefixtures`)."""
+    control.reset()
+    yield
+    control.reset()

@@ -345,6 +345,22 @@ async def test_health_and_reflection(gateway: Gateway) -> None:
     assert "clip.v1.ClipService" in names and "grpc.health.v1.Health" in names
 
 
+async def _embed_image_codes_since(before: dict[str, float], metrics_port: int) -> dict[str, float]:
+    """EmbedImage calls counted by code since `before`, once at least one is counted."""
+
+    def counted() -> dict[str, float]:
+        after = scrape(metrics_port)
+        return {
+            code: sample(after, "clip_requests_total", method="EmbedImage", code=code)
+            - sample(before, "clip_requests_total", method="EmbedImage", code=code)
+            for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")
+        }
+
+    return await eventually(
+        counted, lambda c: sum(c.values()) >= 1, what="the call counted", blocking=True
+    )
+
+
 async def test_a_caller_that_gives_up_is_counted_cancelled(demo_model: ExportedModel) -> None:
     """A cancel long before the deadline is CANCELLED in the metrics, not DEADLINE_EXCEEDED."""
     gate = Gate()
@@ -357,17 +373,7 @@ async def test_a_caller_that_gives_up_is_counted_cancelled(demo_model: ExportedM
         await eventually(lambda: gate.waiting == 1, what="the call held at the backend")
         call.cancel()
 
-        def counted() -> dict[str, float]:
-            after = scrape(gw.metrics_port)
-            return {
-                code: sample(after, "clip_requests_total", method="EmbedImage", code=code)
-                - sample(before, "clip_requests_total", method="EmbedImage", code=code)
-                for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")
-            }
-
-        codes = await eventually(
-            counted, lambda c: sum(c.values()) >= 1, what="the call counted", blocking=True
-        )
+        codes = await _embed_image_codes_since(before, gw.metrics_port)
         gate.open()
     assert codes == {"OK": 0, "DEADLINE_EXCEEDED": 0, "CANCELLED": 1}, codes
 
@@ -400,17 +406,7 @@ async def test_deadline_shorter_than_the_work(demo_model: ExportedModel) -> None
         await eventually(lambda: gw.embedder.admitted == 0, what="the work let go of")
         assert gate.waiting == 1, "released only because the backend finished"
 
-        def counted() -> dict[str, float]:
-            after = scrape(gw.metrics_port)
-            return {
-                code: sample(after, "clip_requests_total", method="EmbedImage", code=code)
-                - sample(before, "clip_requests_total", method="EmbedImage", code=code)
-                for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")
-            }
-
-        codes = await eventually(
-            counted, lambda c: sum(c.values()) >= 1, what="the call counted", blocking=True
-        )
+        codes = await _embed_image_codes_since(before, gw.metrics_port)
         # Counted as what the caller saw, whichever side noticed the deadline first.
         assert codes == {"OK": 0, "DEADLINE_EXCEEDED": 1, "CANCELLED": 0}, codes
         gate.open()

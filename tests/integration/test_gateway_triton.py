@@ -56,7 +56,12 @@ from tests.support.triton import (
     wait_pending,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(300),
+    # Whatever a test did, the next one starts with the gate open and no failure.
+    pytest.mark.usefixtures("control_reset"),
+]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -83,20 +88,6 @@ TOLERANCE = 1e-5
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def control(tmp_path_factory: pytest.TempPathFactory) -> ModelControl:
-    """Steers the controlled model copies."""
-    return ModelControl(tmp_path_factory.mktemp("control"))
-
-
-@pytest.fixture(autouse=True)
-def _gate_open(control: ModelControl) -> Iterator[None]:
-    """Whatever a test did, the next one starts with the gate open and no failure."""
-    control.reset()
-    yield
-    control.reset()
-
-
 @pytest.fixture(scope="module")
 def repository(
     demo_model: ExportedModel, tmp_path_factory: pytest.TempPathFactory, control: ModelControl

@@ -11,6 +11,7 @@ Triton's own pending-request gauge and statistics, never a race against the cloc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -54,7 +55,12 @@ from tests.support.triton import (
     wait_pending,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(300),
+    # Whatever a test did, the next one starts with the gate open and no failure.
+    pytest.mark.usefixtures("control_reset"),
+]
 
 # Batch limits that are no default anywhere (BatchingOptions, Settings, the fixtures'
 # constructor arguments): a backend can only know them by reading the configs.
@@ -75,20 +81,6 @@ FAIL_FAST_DEADLINE_S = 60.0
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def control(tmp_path_factory: pytest.TempPathFactory) -> ModelControl:
-    """Steers the controlled model copies."""
-    return ModelControl(tmp_path_factory.mktemp("control"))
-
-
-@pytest.fixture(autouse=True)
-def _gate_open(control: ModelControl) -> Iterator[None]:
-    """Whatever a test did, the next one starts with the gate open and no failure."""
-    control.reset()
-    yield
-    control.reset()
-
-
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory, control: ModelControl) -> Path:
     """The demo CLIP (random weights) exported for the pip Triton, plus its copies."""
@@ -144,45 +136,46 @@ def metrics() -> Metrics:
     return Metrics()
 
 
+@contextlib.asynccontextmanager
+async def started(backend: TritonBackend) -> AsyncIterator[TritonBackend]:
+    """`backend`, started, and closed afterwards."""
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
 @pytest.fixture(scope="module")
 async def backend(triton: TritonProcess, metrics: Metrics) -> AsyncIterator[TritonBackend]:
     """A started backend on the module's server (the exported models)."""
-    backend = TritonBackend(
-        url=triton.grpc_url, default_timeout_s=20.0, max_batch_size=7, metrics=metrics
-    )
-    await backend.start()
-    yield backend
-    await backend.aclose()
+    url = triton.grpc_url
+    async with started(
+        TritonBackend(url=url, default_timeout_s=20.0, max_batch_size=7, metrics=metrics)
+    ) as backend:
+        yield backend
 
 
 @pytest.fixture(scope="module")
 async def odd_backend(triton: TritonProcess) -> AsyncIterator[TritonBackend]:
     """A backend on the copies whose limits are 5 (image) and 3 (text); told 7."""
-    backend = TritonBackend(
-        url=triton.grpc_url,
-        default_timeout_s=PATIENT_S,
-        max_batch_size=7,
-        image_model=ODD_IMAGE_MODEL,
-        text_model=ODD_TEXT_MODEL,
-    )
-    await backend.start()
-    yield backend
-    await backend.aclose()
+    models = {"image_model": ODD_IMAGE_MODEL, "text_model": ODD_TEXT_MODEL}
+    url = triton.grpc_url
+    async with started(
+        TritonBackend(url=url, default_timeout_s=PATIENT_S, max_batch_size=7, **models)
+    ) as backend:
+        yield backend
 
 
 @pytest.fixture(scope="module")
 async def gated_backend(triton: TritonProcess) -> AsyncIterator[TritonBackend]:
     """A backend on the controlled copies (queue of 256)."""
-    backend = TritonBackend(
-        url=triton.grpc_url,
-        default_timeout_s=PATIENT_S,
-        max_batch_size=32,
-        image_model=GATED_IMAGE_MODEL,
-        text_model=GATED_TEXT_MODEL,
-    )
-    await backend.start()
-    yield backend
-    await backend.aclose()
+    models = {"image_model": GATED_IMAGE_MODEL, "text_model": GATED_TEXT_MODEL}
+    url = triton.grpc_url
+    async with started(
+        TritonBackend(url=url, default_timeout_s=PATIENT_S, max_batch_size=32, **models)
+    ) as backend:
+        yield backend
 
 
 @pytest.fixture(scope="module")
