@@ -32,8 +32,9 @@ _INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 # Past this many resized pixels (~50 MB of RGB) a full resize would allocate far more
-# than the crop keeps (1x20000 → 224x4480000), so only the source box that maps onto
-# the crop is resampled. Below it the path is open_clip's, bit for bit.
+# than the crop keeps (1x20000 → 224x4480000), so only the part that becomes the crop is
+# resampled (`_resize_only_the_crop`, within 1 of open_clip per channel). Below it the
+# path is open_clip's, bit for bit.
 _FULL_RESIZE_MAX_PIXELS = 4096 * 4096
 
 
@@ -144,16 +145,47 @@ def to_model_pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
         return _resize_crop_rgb(image.convert("RGB"), size, resample)
 
 
+def _resize_only_the_crop(
+    image: Image.Image,
+    resized: tuple[int, int],
+    crop: tuple[int, int, int, int],
+    resample: Image.Resampling,
+) -> Image.Image:
+    """`image.resize(resized).crop(crop)` without the full resize (extreme aspect ratios).
+
+    Pillow resizes in two passes, horizontal then vertical, rounding to uint8 between
+    them; one `resize(box=...)` call over the crop's source box may run the passes in the
+    other order and differ by up to ~20/255 on detailed images. So: the horizontal pass
+    on the crop's columns, over the source rows the vertical pass reads (plus a margin
+    wider than any filter's reach, so no kernel is clipped at the strip's edge), then the
+    vertical pass on the crop's rows. Each pass computes what the full resize computes
+    there; only the filter's float offsets differ, so channels agree within 1.
+    """
+    width, height = image.size
+    sx, sy = width / resized[0], height / resized[1]
+    top, bottom = crop[1] * sy, crop[3] * sy
+    # Filters reach at most 3 source pixels (Lanczos), times the scale when shrinking.
+    margin = 3.0 * max(sy, 1.0) + 2.0
+    first = max(0, int(top - margin))
+    last = min(height, int(bottom + margin) + 1)
+    strip = image.crop((0, first, width, last))
+    rows = last - first
+    columns = strip.resize(
+        (crop[2] - crop[0], rows), resample, box=(crop[0] * sx, 0, crop[2] * sx, rows)
+    )
+    return columns.resize(
+        (crop[2] - crop[0], crop[3] - crop[1]),
+        resample,
+        box=(0, top - first, crop[2] - crop[0], bottom - first),
+    )
+
+
 def _resize_crop_rgb(image: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
     width, height = image.size
     new_w, new_h = _resized_size(width, height, size)
     crop = _center_crop_box(new_w, new_h, size)
     if new_w * new_h > _FULL_RESIZE_MAX_PIXELS:
-        # Extreme aspect ratio (e.g. 20000x1): resample only the part of the source
-        # that lands in the crop. Same filter scale, so the result matches to rounding.
-        sx, sy = width / new_w, height / new_h
-        box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
-        image = image.resize((size, size), resample, box=box)
+        image = _resize_only_the_crop(image, (new_w, new_h), crop, resample)
     else:
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), resample)

@@ -318,10 +318,10 @@ def _extreme(width: int, height: int, kind: str) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-# Not listed, as it fails: a tall image wider than 1 pixel with detail at every pixel
-# (3x15000 noise) is up to 16/255 off open_clip, because Pillow 13 runs the two resampling
-# passes in another order for the crop's box than for the full resize (clipping between
-# passes differs). Found with issue 19; smooth content stays within 1.
+# 3x15000 noise was up to 16/255 off open_clip while the crop was one `resize(box=...)`
+# call (Pillow ran its two passes in the other order); at 224 px, wide noise such as
+# 9303x33 is where the float offsets of the crop's box round a bicubic coefficient
+# differently (2/255, the bound below); at the demo's 64 px, 25007x5 is 1 off.
 @pytest.mark.parametrize(
     ("width", "height", "kind"),
     [
@@ -331,13 +331,15 @@ def _extreme(width: int, height: int, kind: str) -> Image.Image:
         (20000, 1, "noise"),
         (15000, 3, "noise"),
         (3, 15000, "smooth"),
+        (3, 15000, "noise"),
+        (25007, 5, "noise"),
     ],
 )
 async def test_extreme_aspect_ratios_match_open_clip_within_rounding(
     gateway: Gateway, demo_model: ExportedModel, width: int, height: int, kind: str
 ) -> None:
     """README: past 16.7 M resized pixels only the part that becomes the crop is resampled,
-    "equal to within rounding": each uint8 channel value within 1 of open_clip's."""
+    "equal to within rounding": each uint8 channel value within 2 of open_clip's."""
     image = _extreme(width, height, kind)
     size = 64
     long_side = size * max(width, height) // min(width, height)
@@ -346,7 +348,7 @@ async def test_extreme_aspect_ratios_match_open_clip_within_rounding(
     resize, crop, to_mode, to_tensor, normalize = preprocess.transforms
     reference = np.asarray(to_mode(crop(resize(image))), dtype=np.int16).transpose(2, 0, 1)
     ours = to_model_pixels(image, ImageSpec(size))
-    assert np.abs(ours.astype(np.int16) - reference).max() <= 1
+    assert np.abs(ours.astype(np.int16) - reference).max() <= 2
     async with stub_for(gateway.port) as stub:
         reply = await stub.EmbedImage(
             clip_pb2.EmbedImageRequest(images=[encode(image, "PNG")]), timeout=60
