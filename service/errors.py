@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class ClipError(Exception):
-    """Base of every error the service raises on purpose."""
+    """Base of every error the service raises on purpose; its message is for the caller
+    (`server/status.caller_message` says where that is not so)."""
 
 
 class InvalidInput(ClipError):
@@ -39,4 +40,12 @@ class DeadlineExceeded(ClipError):
 
 
 class BackendFailure(ClipError):
-    """The backend answered with an error that is not the caller's fault (INTERNAL)."""
+    """The backend answered with an error that is not the caller's fault (INTERNAL).
+
+    The message quotes the backend's own error, which may carry a traceback, file paths
+    or code: it is for the log. Callers are told only which part failed (`source`).
+    """
+
+    def __init__(self, message: str, *, source: str = "the model backend") -> None:
+        super().__init__(message)
+        self.source = source

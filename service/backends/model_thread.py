@@ -90,7 +90,9 @@ class ModelThreadBackend:
         try:
             return await loop.run_in_executor(self._executor, self._forward, modality, rows)
         except Exception as exc:
-            raise BackendFailure(f"{modality} encoder failed: {exc}") from exc
+            raise BackendFailure(
+                f"{modality} encoder failed: {exc}", source=f"the {modality} encoder"
+            ) from exc
 
     def _forward(self, modality: str, rows: np.ndarray) -> np.ndarray:
         started = time.perf_counter()

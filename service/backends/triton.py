@@ -469,7 +469,9 @@ class TritonBackend:
             # NOT_FOUND: the model is not loaded (failed, or being reloaded).
             self._mark_unreachable(message, channel)
             return BackendUnavailable(f"Triton at {self.url} ({model.name}): {message}")
-        return BackendFailure(f"Triton {model.name}: {code or 'error'}: {message}")
+        return BackendFailure(
+            f"Triton {model.name}: {code or 'error'}: {message}", source=f"Triton {model.name}"
+        )
 
     # ------------------------------------------------------------------ identity
     async def _ensure_identity(self, channel: _Channel, deadline: float) -> None:

@@ -96,7 +96,9 @@ class BatchedBackend:
         except (ClipError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            raise BackendFailure(f"{modality} encoder failed: {exc}") from exc
+            raise BackendFailure(
+                f"{modality} encoder failed: {exc}", source=f"the {modality} encoder"
+            ) from exc
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     async def _run_batch(

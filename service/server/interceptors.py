@@ -11,19 +11,16 @@ import asyncio
 import contextlib
 import hmac
 import inspect
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from service.errors import ClipError
 from service.metrics import Metrics
 from service.server.credentials import ApiKeys
-from service.server.status import status_for
+from service.server.status import caller_message, status_for
 
-_LOGGER = logging.getLogger(__name__)
 # Probes and tooling stay open when API keys are configured.
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -38,13 +35,7 @@ def _method_name(details: grpc.HandlerCallDetails) -> str:
 
 
 async def _abort_for(error: BaseException, context: grpc.aio.ServicerContext) -> None:
-    code = status_for(error)
-    if isinstance(error, ClipError):
-        message = str(error)
-    else:
-        _LOGGER.error("unexpected error", exc_info=error)
-        message = f"internal error ({type(error).__name__}); the failure was logged"
-    await context.abort(code, message)
+    await context.abort(status_for(error), caller_message(error))
 
 
 def _wrap(

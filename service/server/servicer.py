@@ -6,7 +6,6 @@ Errors are raised, never caught here: the interceptor maps them to status codes.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -15,10 +14,9 @@ import grpc
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core.embedder import Embedder, EmbeddingResult
 from service.core.scoring import Item, Scorer
-from service.errors import ClipError, InvalidInput, Overloaded
-from service.server.status import status_for
+from service.errors import InvalidInput, Overloaded
+from service.server.status import caller_message, status_for
 
-_LOGGER = logging.getLogger(__name__)
 # Stream items read and not yet written back, per stream: enough to fill batches, and
 # the bound on what a client that writes without reading can make us hold.
 _STREAM_WINDOW = 64
@@ -234,11 +232,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
                 raise InvalidInput("message has neither text nor image set")
             return clip_pb2.StreamResponse(id=item_id, embedding=_vector_message(items[0], fmt))
         except Exception as exc:
-            if not isinstance(exc, ClipError):
-                _LOGGER.error("stream item %r failed", item_id, exc_info=exc)
-            message = exc.reason if isinstance(exc, InvalidInput) else str(exc)
-            if not isinstance(exc, ClipError):
-                message = f"internal error ({type(exc).__name__}); the failure was logged"
+            message = exc.reason if isinstance(exc, InvalidInput) else caller_message(exc)
             return clip_pb2.StreamResponse(
                 id=item_id,
                 error=clip_pb2.StreamError(code=status_for(exc).name, message=message),
