@@ -169,7 +169,9 @@ def export_model(
             interpolation=str(cfg.get("interpolation", "bicubic")),
             resize_mode=str(cfg.get("resize_mode", "shortest")),
             flavor=flavor,
-            precision=precision,
+            # TensorRT computes in fp16: its vectors must not share cache entries (keyed
+            # by model_id) with the fp32 ONNX Runtime ones of the same weights.
+            precision="trt-fp16" if tensorrt else precision,
             versions=_versions(flavor),
         )
         if metadata.resize_mode != "shortest":

@@ -46,7 +46,8 @@ class ModelMetadata:
     #: (TorchScript `model.pt`), "onnx" (`model.onnx`); "" in repositories exported before
     #: this field existed, which are TorchScript.
     flavor: str = ""
-    #: Weights of the exported towers: "fp32", or "fp16" (`clipsvc export --precision`).
+    #: What the towers compute in: "fp32", "fp16" (`clipsvc export --precision`), or
+    #: "trt-fp16" (onnx `--tensorrt`: TensorRT runs them in fp16 on Triton's GPUs).
     precision: str = "fp32"
     versions: dict[str, str] = field(default_factory=dict)
 
