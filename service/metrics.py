@@ -99,6 +99,11 @@ class Metrics:
         self.queued_items = Gauge(
             "clip_queued_items", "Items admitted and waiting for the backend.", registry=r
         )
+        self.inflight_request_bytes = Gauge(
+            "clip_inflight_request_bytes",
+            "Bytes of request messages being handled (bounded by --max-inflight-request-bytes).",
+            registry=r,
+        )
         self.rejected_items = Counter(
             "clip_rejected_items",
             "Items refused with RESOURCE_EXHAUSTED because the queue was full.",

@@ -172,6 +172,11 @@ class Settings(FlagSet):
         "RPCs handled at once (streams count while open); past it, RESOURCE_EXHAUSTED. With "
         "--max-message-bytes it bounds the request bytes held. 0 = no limit.",
     )
+    max_inflight_request_bytes: int = _opt(
+        512 * 1024 * 1024,
+        "Bytes of request messages handled at once (decoding, queued, in the backend); past "
+        "it, RESOURCE_EXHAUSTED. A larger request still runs when it is alone.",
+    )
     health_port: int = _opt(
         -1,
         "Plaintext port serving only grpc.health.v1, for probes when TLS or API keys are on "

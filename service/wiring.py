@@ -142,6 +142,7 @@ def server_options(settings: Settings) -> ServerOptions:
         metrics_port=settings.metrics_port,
         max_message_bytes=settings.max_message_bytes,
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        max_inflight_request_bytes=settings.max_inflight_request_bytes,
         health_port=settings.health_port,
         shutdown_grace_s=settings.shutdown_grace_s,
         backend_timeout_s=settings.backend_timeout_s,

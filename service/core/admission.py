@@ -2,7 +2,12 @@
 
 `Admission` bounds items admitted for the backend (the event loop's side; past it,
 RESOURCE_EXHAUSTED at once). `PixelBudget` bounds the pixels being decoded at once
-(the decode threads' side; past it, a decode waits for others to finish).
+(the decode threads' side; past it, a decode waits for others to finish). `ByteBudget`
+bounds the bytes of requests being handled (past it, RESOURCE_EXHAUSTED at once).
+
+Together they weigh work by what it costs where it is spent: request bytes while held,
+pixels while decoding, and items in the backend, where every image is the same S×S tensor
+and texts are padded to a few length buckets.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+
+from prometheus_client import Gauge
 
 from service.errors import Overloaded
 from service.metrics import Metrics
@@ -70,3 +77,34 @@ class PixelBudget:
             with self._changed:
                 self.in_use -= weight
                 self._changed.notify_all()
+
+
+class ByteBudget:
+    """Bytes of requests being handled at once; past `limit`, new ones are refused at once.
+
+    A request larger than the whole budget is still taken when nothing else is held (it
+    runs alone rather than never), so the peak is about max(limit, the largest message).
+    Single-threaded (the event loop): no lock.
+    """
+
+    def __init__(self, limit: int, gauge: Gauge) -> None:
+        if limit < 1:
+            raise ValueError(f"the request byte budget must be at least 1, not {limit}")
+        self.limit = limit
+        self.in_use = 0
+        self._gauge = gauge
+
+    def take(self, n: int) -> None:
+        """Hold `n` bytes or raise Overloaded without holding any."""
+        if self.in_use and self.in_use + n > self.limit:
+            raise Overloaded(
+                f"server busy: {self.in_use} bytes of requests in flight, limit {self.limit} "
+                f"(--max-inflight-request-bytes); this one has {n}; retry with backoff"
+            )
+        self.in_use += n
+        self._gauge.set(self.in_use)
+
+    def give(self, n: int) -> None:
+        """Release `n` bytes taken before."""
+        self.in_use -= n
+        self._gauge.set(self.in_use)

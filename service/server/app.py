@@ -16,12 +16,17 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
+from service.core.admission import ByteBudget
 from service.core.embedder import Embedder
 from service.core.scoring import Scorer
 from service.metrics import Metrics
 from service.server.credentials import ApiKeys, TlsFiles, tls_server_credentials
 from service.server.health import HealthMonitor
-from service.server.interceptors import ApiKeyInterceptor, ObservabilityInterceptor
+from service.server.interceptors import (
+    ApiKeyInterceptor,
+    ObservabilityInterceptor,
+    RequestBytesInterceptor,
+)
 from service.server.servicer import ClipServicer
 
 _LOGGER = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ class ServerOptions:
     metrics_port: int
     max_message_bytes: int
     max_concurrent_rpcs: int
+    max_inflight_request_bytes: int
     health_port: int
     shutdown_grace_s: float
     backend_timeout_s: float
@@ -110,6 +116,9 @@ def build_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     if options.api_keys.enabled:
         interceptors.append(ApiKeyInterceptor(options.api_keys, metrics))
+    # Innermost: only calls that passed the API-key check hold request bytes.
+    budget = ByteBudget(options.max_inflight_request_bytes, metrics.inflight_request_bytes)
+    interceptors.append(RequestBytesInterceptor(budget))
     server = grpc.aio.server(
         interceptors=interceptors,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs or None,

@@ -1,4 +1,4 @@
-"""Cross-cutting concerns, once for every RPC: metrics, error → status, API keys.
+"""Cross-cutting concerns, once for every RPC: metrics, error → status, API keys, bytes held.
 
 Handlers raise `service.errors` types and never catch them; `ObservabilityInterceptor`
 turns them into status codes (the table in `status.py`), logs unexpected errors with
@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from service.core.admission import ByteBudget
 from service.metrics import Metrics
 from service.server.credentials import ApiKeys
 from service.server.status import caller_message, status_for
@@ -176,5 +177,49 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
                 return deny_stream
             return deny
+
+        return _wrap(handler, around)
+
+
+class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
+    """Holds each unary request's size in a `ByteBudget` while its call runs.
+
+    gRPC has received the whole message before any handler runs, so this cannot stop one
+    from arriving (max_concurrent_rpcs × max_message_bytes bounds that); it bounds the
+    bytes kept during the long part of a call (decode, queue, backend): past the budget a
+    call is refused at once with RESOURCE_EXHAUSTED and its message is dropped. Streams
+    are bounded per message by their window instead.
+    """
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        budget = self._budget
+
+        def around(behaviour: Callable[..., Any], streams_out: bool) -> Callable[..., Any]:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                size = request.ByteSize()
+                budget.take(size)
+                try:
+                    return await behaviour(request, context)
+                finally:
+                    budget.give(size)
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                size = request.ByteSize()
+                budget.take(size)
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                finally:
+                    budget.give(size)
+
+            return stream if streams_out and not inspect.iscoroutinefunction(behaviour) else unary
 
         return _wrap(handler, around)

@@ -133,6 +133,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "gateway": {
             "limits": {
                 "maxConcurrentRpcs": 300,
+                "maxInflightRequestBytes": 268_435_456,
                 "maxPrompts": 2000,
                 "decodeBudgetPixels": 120_000_000,
                 "localCacheBytes": 536_870_912,
@@ -411,6 +412,7 @@ LIMIT_SETTINGS = {
     "maxImagePixels": "max_image_pixels",
     "maxMessageBytes": "max_message_bytes",
     "maxConcurrentRpcs": "max_concurrent_rpcs",
+    "maxInflightRequestBytes": "max_inflight_request_bytes",
     "maxPrompts": "max_prompts",
     "decodeBudgetPixels": "decode_budget_pixels",
     "localCacheBytes": "local_cache_bytes",

@@ -10,13 +10,18 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
 from service.server.servicer import MAX_STREAM_ID_CHARS
+from tests.support.gate import Gate, gated_gateway
+from tests.support.gateway import stub_for
+from tests.support.images import encode
 from tests.support.models import ExportedModel
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -191,3 +196,39 @@ async def test_long_words_neither_stall_the_server_nor_take_minutes(
         response = await call
     assert len(response.embeddings) == 64 and all(e.truncated for e in response.embeddings)
     assert answered >= 1
+
+
+async def test_request_bytes_in_flight_are_bounded(demo_model: ExportedModel) -> None:
+    """Past --max-inflight-request-bytes a call is refused at once; what was held is let go
+    when its call ends; a request larger than the whole budget still runs when alone."""
+    limit = 150_000
+    settings = gateway_settings(demo_model.repository, max_inflight_request_bytes=limit)
+    rng = np.random.default_rng(3)
+    # Noise does not compress: each PNG is ~ 100 KB, two of them pass the budget.
+    blobs = [
+        encode(Image.fromarray(rng.integers(0, 256, (180, 180, 3), dtype=np.uint8)), "PNG")
+        for _ in range(3)
+    ]
+    assert all(limit / 2 < len(b) < limit for b in blobs), [len(b) for b in blobs]
+    gate = Gate()
+    async with gated_gateway(settings, gate) as gw, stub_for(gw.port) as stub:
+        gate.close()
+        held = asyncio.ensure_future(
+            stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[blobs[0]]), timeout=120)
+        )
+        await eventually(lambda: gate.waiting == 1, what="the first call held at the backend")
+        level = sample(scrape(gw.metrics_port), "clip_inflight_request_bytes")
+        assert len(blobs[0]) <= level < limit, level
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[blobs[1]]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-inflight-request-bytes" in (err.value.details() or "")
+        gate.open()
+        assert len((await held).embeddings) == 1
+        await eventually(
+            lambda: sample(scrape(gw.metrics_port), "clip_inflight_request_bytes") == 0,
+            what="the held bytes let go",
+        )
+        # Alone, even two of them (over the budget together) run.
+        both = await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=blobs[1:]), timeout=120)
+        assert len(both.embeddings) == 2
