@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -571,3 +571,30 @@ def apply_threading(args: argparse.Namespace, module: str) -> None:
     """Re-run `module` with the asked OMP_WAIT_POLICY when the environment differs."""
     if args.omp_wait_policy != "inherit":
         reexec_with_env({"OMP_WAIT_POLICY": args.omp_wait_policy}, module)
+
+
+# ---------------------------------------------------------------------------- entry points
+def write_result(out: Path, text: str, summary: str, *extra_files: Path) -> None:
+    """Write a benchmark's report to `out`, then print its summary and what was written.
+
+    Every benchmark ends the same way: the Markdown file (its folder made when missing),
+    a `=== summary ===` section holding `summary`, and one `wrote ...` line naming `out`
+    and any `extra_files` written beside it (a chart).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    section("summary")
+    print(summary)
+    print("wrote " + " and ".join(str(p) for p in (out, *extra_files)), flush=True)
+
+
+def run_benchmark(
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace], Coroutine[object, object, int]],
+    module: str,
+) -> int:
+    """A benchmark's `main`: parse, re-run `module` with its threading environment, run."""
+    args = parse_args(argv)
+    apply_threading(args, module)
+    return asyncio.run(run(args))
