@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,12 +58,13 @@ from bench.common import (
     channel_options,
     closed_loop,
     fmt,
+    interrupt_on_sigterm,
     machine_info,
     md_table,
     photo_pool,
     section,
     short_caption,
-    unique_jpeg,
+    single_item_calls,
     write_result,
 )
 
@@ -377,27 +378,6 @@ def record(
     )
 
 
-# ---------------------------------------------------------------------------- gateway
-def gateway_calls(client: RawClip, inputs: Inputs) -> dict[str, Callable[[int], Awaitable[int]]]:
-    """Single-item EmbedImage / EmbedText calls; `i` makes every input new."""
-    from service.api.clip.v1 import clip_pb2
-
-    packed = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
-
-    async def image(i: int) -> int:
-        jpeg = unique_jpeg(inputs.jpegs[i % len(inputs.jpegs)], i)
-        request = clip_pb2.EmbedImageRequest(images=[jpeg], format=packed)
-        await client.embed_image(request.SerializeToString(), timeout=120)
-        return 1
-
-    async def text(i: int) -> int:
-        request = clip_pb2.EmbedTextRequest(texts=[short_caption(i)], format=packed)
-        await client.embed_text(request.SerializeToString(), timeout=120)
-        return 1
-
-    return {"image": image, "text": text}
-
-
 # ---------------------------------------------------------------------------- measure
 class Part:
     """The part file of one model and precision, rewritten after every point."""
@@ -530,7 +510,7 @@ async def measure(args: argparse.Namespace) -> int:
             f"flight) SERVING in {time.perf_counter() - started:.1f} s"
         )
         async with grpc.aio.insecure_channel(gateway.target, options=channel_options()) as ch:
-            calls = gateway_calls(RawClip(ch), inputs)
+            calls = single_item_calls(RawClip(ch), inputs.jpegs, short_caption)
             for modality in MODALITIES:
                 warm_result = await closed_loop(
                     calls[modality],
@@ -765,6 +745,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    interrupt_on_sigterm()  # gpu.sh's `timeout` must not leave Triton or a gateway behind
     what = "" if args.step == "report" else f": {args.model} {args.precision}"
     section(f"gpu {args.step}{what} ({'CPU smoke run' if args.smoke else args.device})")
     if args.step == "export":

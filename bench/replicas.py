@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,19 +53,18 @@ from bench.common import (
     repository_variant,
     run_benchmark,
     section,
+    short_caption,
+    single_item_calls,
     threading_note,
     triton_batching,
-    unique_jpeg,
     write_result,
 )
 from bench.load import cpu_seconds
-from service.api.clip.v1 import clip_pb2
 from service.model.metadata import IMAGE_MODEL
 from service.processes.child_server import group_members
 from service.processes.gateway import GatewayProcess
 from service.processes.triton_server import TritonProcess
 
-PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
 PHOTO_SIZE = (640, 480)
 SERVERS = ("A", "B")
 
@@ -125,18 +124,6 @@ class Counters:
         return stats, cpu
 
 
-def image_call(client: RawClip, jpegs: Sequence[bytes]) -> Callable[[int], Awaitable[int]]:
-    """One single-image EmbedImage; `i` makes every image's bytes new (no cache, no dedup)."""
-
-    async def call(i: int) -> int:
-        jpeg = unique_jpeg(jpegs[i % len(jpegs)], i)
-        request = clip_pb2.EmbedImageRequest(images=[jpeg], format=PACKED)
-        await client.embed_image(request.SerializeToString(), timeout=120)
-        return 1
-
-    return call
-
-
 async def measure_round(
     index: int,
     path: str,
@@ -156,7 +143,7 @@ async def measure_round(
 
     async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
         result = await closed_loop(
-            image_call(RawClip(channel), jpegs),
+            single_item_calls(RawClip(channel), jpegs, short_caption)["image"],
             label=f"round {index} {path}",
             concurrency=args.callers,
             seconds=args.seconds,
