@@ -571,9 +571,9 @@ def ratio_rows(part: dict[str, object]) -> list[list[str]]:
                 f"{modality} ({unit})",
                 str(concurrency),
                 fmt(alone["items_per_s"]) if alone else "–",
-                fmt(alone["p50_ms"]) if alone else "–",
+                f"{fmt(alone['p50_ms'])} / {fmt(alone['p99_ms'])}" if alone else "–",
                 fmt(gateway["items_per_s"]) if gateway else "–",
-                fmt(gateway["p50_ms"]) if gateway else "–",
+                f"{fmt(gateway['p50_ms'])} / {fmt(gateway['p99_ms'])}" if gateway else "–",
                 ratio,
                 ", ".join(
                     f"{x['path']} {x['errors']}"
@@ -636,9 +636,9 @@ def report(args: argparse.Namespace) -> int:
             "input",
             "callers",
             "Triton alone items/s",
-            "Triton p50 ms",
+            "Triton p50 / p99 ms",
             "gateway items/s",
-            "gateway p50 ms",
+            "gateway p50 / p99 ms",
             "gateway ÷ Triton",
             "errors",
         ],

@@ -7,7 +7,8 @@
 # timeout (bench/gpu.py), so a failing step does not lose the others; a summary ends
 # the run. Installs nothing (the machine has no internet): it expects this repository's
 # .venv (or PY=/path/to/python with torch and the project importable). Results go to
-# $OUT when set, else bench/results/.
+# $OUT when set, else bench/results/. Exits 2 without a Python, 3 without CUDA (unless
+# --smoke), 1 when any step was not ok, else 0.
 #
 #   bash bench/gpu.sh                       # the GPU run
 #   bash bench/gpu.sh --smoke               # CPU smoke run: demo model, tiny points, no CUDA
@@ -138,5 +139,8 @@ step "report" 60 "$PY" -m bench.gpu report --work "$WORK" --results-dir "$RESULT
 failed=$(awk -F'\t' '$2 != "0"' "$WORK/steps.tsv" | wc -l)
 echo "== done in $(( $(date +%s) - STARTED ))s; $failed step(s) not ok; results in $RESULTS"
 cp "$WORK/steps.tsv" "$RESULTS/$([ "$SMOKE" = 1 ] && echo gpu-smoke || echo gpu)-steps.tsv"
+if [ "$SMOKE" != 1 ] && [ -d "$WORK/parts" ]; then
+  mkdir -p "$RESULTS/gpu-parts" && cp "$WORK"/parts/*.json "$RESULTS/gpu-parts/" 2>/dev/null
+fi
 ls -la "$RESULTS" | grep -E 'gpu' || true
 [ "$failed" -eq 0 ]
