@@ -207,6 +207,25 @@ def report(
         p: sum(r.gateway_cpu_s for r in rounds if r.path == p) / images[p] for p in ("one", "two")
     }
     errors = sum(sum(r.result.errors.values()) for r in rounds)
+    batches_two = sum(sum(r.executions.values()) for r in two_rounds)
+    lopsided = total_two > 0 and not 0.25 <= share_b <= 0.75
+    balance_note = (
+        [
+            f"**The split is lopsided** ({inferences_two['A']} / {inferences_two['B']}). The "
+            f"gateway sends one Triton request per batch: the `two` rounds held only "
+            f"{batches_two} batches (images per execution {fmt(total_two / max(1, batches_two))}"
+            "). Its health check (once a second: server and model readiness, and the model "
+            "configs, through the same channel as the inference calls) takes round-robin "
+            "picks between them, so which server gets the next batch depends on how many "
+            "probe calls fell in between; at a steady batch period the batches can keep "
+            "landing on one server. Per-call round robin balances many small calls (the "
+            "demo model, a few images an execution), not a slow stream of large batches. "
+            "Probing on a channel of its own, or choosing the replica per batch, would.",
+            "",
+        ]
+        if lopsided
+        else []
+    )
     ratio_median = statistics.median(ratios) if ratios else float("nan")
     summary_rows = [
         ["images/s, one server (median)", fmt(one)],
@@ -302,11 +321,12 @@ def report(
         "",
         "## How to read it",
         "",
+        *balance_note,
         f"This machine has {cores}. Both servers, both gateways and the load generator share "
         "them, so a second Triton adds no compute: what the ratio two ÷ one shows is the "
         "cost (or the small gain from overlapping one server's gRPC and copies with the "
         "other's forward pass) of spreading the batches over two processes, and the split "
-        "shows that the round robin reaches both servers. It is not a speed-up figure. On "
+        "shows whether the round robin reaches both servers. It is not a speed-up figure. On "
         "a machine where each server has its own GPU (or its own cores), the same split is "
         "what lets two servers do twice the work; measure that there (`bench/gpu.sh` "
         "runs one server per GPU machine).",
