@@ -14,7 +14,6 @@ cache counters. Writes bench/results/cache.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -28,7 +27,6 @@ from bench.common import (
     LoadResult,
     RawClip,
     add_threading_arguments,
-    apply_threading,
     channel_options,
     closed_loop,
     fmt,
@@ -37,9 +35,11 @@ from bench.common import (
     mixed_caption,
     model_repository,
     photo_pool,
+    run_benchmark,
     section,
     threading_note,
     unique_jpeg,
+    write_result,
 )
 from service.api.clip.v1 import clip_pb2
 from service.processes.gateway import GatewayProcess
@@ -281,18 +281,12 @@ async def run(args: argparse.Namespace) -> int:
             with GatewayProcess(repository, log_name=setup.name, **settings) as gateway:
                 rows += await measure_setup(setup, gateway, jpegs, args, offsets)
     text = report(rows, args, info)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    section("summary")
-    print(text.split("## Ratios", 1)[1])
-    print(f"wrote {args.out}")
+    write_result(args.out, text, text.split("## Ratios", 1)[1])
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    apply_threading(args, "bench.cache")
-    return asyncio.run(run(args))
+    return run_benchmark(argv, parse_args, run, "bench.cache")
 
 
 if __name__ == "__main__":

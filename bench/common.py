@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -384,6 +384,36 @@ class RawClip:
         self.classify = channel.unary_unary(SERVICE + "Classify")
 
 
+def single_item_calls(
+    client: RawClip,
+    jpegs: Sequence[bytes],
+    caption: Callable[[int], str],
+    timeout_s: float = 120.0,
+) -> dict[str, Callable[[int], Awaitable[int]]]:
+    """`{"image": call, "text": call}`: one EmbedImage JPEG or one EmbedText caption a call.
+
+    `call(i)` sends input `i`: the JPEG gets a comment holding `i` (`unique_jpeg`) and the
+    caption is `caption(i)`, so every call is new to the cache and to single-flight.
+    Answers come back packed (float32 bytes) and are not parsed.
+    """
+    from service.api.clip.v1 import clip_pb2
+
+    packed = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
+
+    async def image(i: int) -> int:
+        jpeg = unique_jpeg(jpegs[i % len(jpegs)], i)
+        request = clip_pb2.EmbedImageRequest(images=[jpeg], format=packed)
+        await client.embed_image(request.SerializeToString(), timeout=timeout_s)
+        return 1
+
+    async def text(i: int) -> int:
+        request = clip_pb2.EmbedTextRequest(texts=[caption(i)], format=packed)
+        await client.embed_text(request.SerializeToString(), timeout=timeout_s)
+        return 1
+
+    return {"image": image, "text": text}
+
+
 def channel_options() -> list[tuple[str, int]]:
     """64 MiB messages both ways, like the service's default limit."""
     size = 64 * 1024 * 1024
@@ -571,3 +601,46 @@ def apply_threading(args: argparse.Namespace, module: str) -> None:
     """Re-run `module` with the asked OMP_WAIT_POLICY when the environment differs."""
     if args.omp_wait_policy != "inherit":
         reexec_with_env({"OMP_WAIT_POLICY": args.omp_wait_policy}, module)
+
+
+# ---------------------------------------------------------------------------- entry points
+def write_result(out: Path, text: str, summary: str, *extra_files: Path) -> None:
+    """Write a benchmark's report to `out`, then print its summary and what was written.
+
+    Every benchmark ends the same way: the Markdown file (its folder made when missing),
+    a `=== summary ===` section holding `summary`, and one `wrote ...` line naming `out`
+    and any `extra_files` written beside it (a chart).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    section("summary")
+    print(summary)
+    print("wrote " + " and ".join(str(p) for p in (out, *extra_files)), flush=True)
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a CI runner) raises KeyboardInterrupt, as Ctrl-C does.
+
+    Python's default SIGTERM ends the process at once: the servers a benchmark started in
+    their own sessions (tritonserver, gateways, redis-server) would outlive it. As an
+    exception it unwinds the `with` blocks that stop them.
+    """
+    import signal
+
+    def _interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def run_benchmark(
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace], Coroutine[object, object, int]],
+    module: str,
+) -> int:
+    """A benchmark's `main`: parse, re-run `module` with its threading environment, run."""
+    args = parse_args(argv)
+    apply_threading(args, module)
+    interrupt_on_sigterm()
+    return asyncio.run(run(args))

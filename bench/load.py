@@ -39,7 +39,6 @@ from tqdm import tqdm
 from bench.common import (
     RESULTS_DIR,
     add_threading_arguments,
-    apply_threading,
     channel_options,
     fmt,
     machine_info,
@@ -48,10 +47,12 @@ from bench.common import (
     mixed_caption,
     model_repository,
     photo_pool,
+    run_benchmark,
     section,
     short_caption,
     threading_note,
     unique_jpeg,
+    write_result,
 )
 from service.api.clip.v1 import clip_pb2
 from service.processes.gateway import GatewayProcess, wait_serving
@@ -426,11 +427,7 @@ async def run(args: argparse.Namespace) -> int:
     else:
         stats, elapsed, memory, note = await self_started(args, info)
     text = report(args, stats, elapsed, memory, info, note)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    section("summary")
-    print(text.split("\n\n", 2)[2])
-    print(f"wrote {args.out}")
+    write_result(args.out, text, text.split("\n\n", 2)[2])
     return 0
 
 
@@ -478,9 +475,7 @@ async def self_started(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    apply_threading(args, "bench.load")
-    return asyncio.run(run(args))
+    return run_benchmark(argv, parse_args, run, "bench.load")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ from bench.common import (
     LoadResult,
     RawClip,
     add_threading_arguments,
-    apply_threading,
     channel_options,
     closed_loop,
     fmt,
@@ -64,10 +63,12 @@ from bench.common import (
     mixed_caption,
     model_repository,
     photo_pool,
+    run_benchmark,
     section,
     short_caption,
     threading_note,
     unique_jpeg,
+    write_result,
 )
 from service.api.clip.v1 import clip_pb2
 from service.processes.gateway import GatewayProcess
@@ -899,18 +900,12 @@ async def run(args: argparse.Namespace) -> int:
     info = machine_info()
     info.append(("threads", threading_note(args.torch_threads)))
     text = await (hostile(args, info) if args.mode == "hostile" else faults(args, info))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    section("summary")
-    print(text.split("## Targets", 1)[1].split("\n## ", 1)[0].strip())
-    print(f"wrote {args.out}")
+    write_result(args.out, text, text.split("## Targets", 1)[1].split("\n## ", 1)[0].strip())
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    apply_threading(args, "bench.soak")
-    return asyncio.run(run(args))
+    return run_benchmark(argv, parse_args, run, "bench.soak")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from bench.common import (
     LoadResult,
     RawClip,
     add_threading_arguments,
-    apply_threading,
     channel_options,
     closed_loop,
     fmt,
@@ -49,12 +48,14 @@ from bench.common import (
     model_repository,
     photo_pool,
     repository_variant,
+    run_benchmark,
     section,
     short_caption,
     threading_note,
     timed_loop,
     triton_batching,
     unique_jpeg,
+    write_result,
 )
 from service.api.clip.v1 import clip_pb2
 from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
@@ -523,7 +524,7 @@ def write_report(
     tokenizer: TextTokenizer,
     out_md: Path,
 ) -> str:
-    """The Markdown report (also returned for printing)."""
+    """The Markdown report; `out_md` names the chart beside it."""
     lengths = [len(t.ids) for t in inputs.mix_tokens]
     short_lengths = [len(t.ids) for t in inputs.short_tokens]
     buckets: dict[int, int] = {}
@@ -630,9 +631,7 @@ def write_report(
         f"![throughput and p99 latency]({out_md.with_suffix('.png').name})",
         "",
     ]
-    text = "\n".join(parts)
-    out_md.write_text(text)
-    return text
+    return "\n".join(parts)
 
 
 def plot(points: Sequence[Point], title: str, out_png: Path) -> None:
@@ -826,19 +825,18 @@ async def run(args: argparse.Namespace) -> int:
         out_md.with_suffix(".png"),
     )
 
-    section("summary")
-    print(text.split("## Points", 1)[1])
-    for r in ratio_lines:
-        if r.target is not None:
-            print(f"{r.verdict}: {r.name} = {r.value:.2f}× (target ≥ {r.target:g}×)")
-    print(f"wrote {out_md} and {out_md.with_suffix('.png')}")
+    verdicts = [
+        f"{r.verdict}: {r.name} = {r.value:.2f}× (target ≥ {r.target:g}×)"
+        for r in ratio_lines
+        if r.target is not None
+    ]
+    summary = "\n".join([text.split("## Points", 1)[1], *verdicts])
+    write_result(out_md, text, summary, out_md.with_suffix(".png"))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    apply_threading(args, "bench.throughput")
-    return asyncio.run(run(args))
+    return run_benchmark(argv, parse_args, run, "bench.throughput")
 
 
 if __name__ == "__main__":

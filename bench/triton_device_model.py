@@ -1,0 +1,59 @@
+"""Triton python-backend model for `bench/gpu.py`: an exported `model.pt` on a torch device.
+
+The pip `tritonserver` ships only the python backend, and the project's own
+`service/model/triton_python_model.py` runs the TorchScript on the CPU. For the GPU
+benchmark this copy of it moves the module to the device named by the model parameter
+`DEVICE` (`cuda`, `cuda:1`, `cpu`); the instance stays KIND_CPU (the stub process), so
+the server needs no GPU support of its own. Inputs arrive as uint8 pixels or int64 token
+ids and go to the device as they are (4× fewer bytes than float32 pixels); fp16 towers
+return float32, as exported. `execute` (concatenate same-shape requests, run once,
+split) is the project's own: `bench/gpu.py` copies that file beside this one as
+`clip_base_model.py` and this class only overrides where the module runs.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _load_base():
+    """The project's python-backend model, copied beside this file by `bench/gpu.py`."""
+    path = Path(__file__).with_name(BASE_FILE)
+    spec = importlib.util.spec_from_file_location("clip_base_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BASE_FILE = "clip_base_model.py"
+_base = _load_base()
+
+
+class TritonPythonModel(_base.TritonPythonModel):
+    """The project's model with `initialize` and `_run` on a torch device; `execute` as is."""
+
+    def initialize(self, args):
+        """Load `model.pt` onto `DEVICE` (map_location: constants too) and warm up."""
+        import json
+
+        config = json.loads(args["model_config"])
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+        self.input_dtype = _base.pb_utils.triton_string_to_numpy(config["input"][0]["data_type"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.device = torch.device(params.get("DEVICE", "cpu") or "cpu")
+        threads = int(params.get("TORCH_THREADS", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        path = Path(args["model_repository"]) / args["model_version"] / "model.pt"
+        self.session = None
+        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        dims = [d if d > 0 else 16 for d in config["input"][0]["dims"]]
+        self._run(np.ones([1, *dims], dtype=self.input_dtype))
+
+    def _run(self, batch):
+        with torch.inference_mode():
+            rows = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            return self.module(rows).float().cpu().numpy()
