@@ -39,7 +39,7 @@ def test_paired_ratios_pair_round_n_of_each_path() -> None:
 
 
 def test_ratio_rows_divide_gateway_by_triton_alone_at_the_same_callers() -> None:
-    point = {"p50_ms": 1.0, "errors": "0"}
+    point = {"p50_ms": 1.0, "p99_ms": 2.0, "errors": "0"}
     part = {
         "model": "m",
         "precision": "fp16",
