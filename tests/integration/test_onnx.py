@@ -326,7 +326,7 @@ def _helm() -> str:
     raise AssertionError("no helm binary: run `make system-deps` (scripts/install_helm.sh)")
 
 
-def _cpu_config_script(*values: str) -> list[str]:
+def _model_config_script(*values: str) -> list[str]:
     import subprocess
 
     import yaml
@@ -342,9 +342,9 @@ def _cpu_config_script(*values: str) -> list[str]:
     for doc in yaml.safe_load_all(done.stdout):
         if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"].endswith("triton"):
             for init in doc["spec"]["template"]["spec"].get("initContainers", []):
-                if init["name"] == "cpu-config":
+                if init["name"] == "model-config":
                     return init["command"]
-    raise AssertionError("no cpu-config init container rendered")
+    raise AssertionError("no model-config init container rendered")
 
 
 @pytest.mark.parametrize("flavor", ["onnx", "pytorch"])
@@ -370,7 +370,7 @@ def test_chart_cpu_triton_drops_tensorrt_from_onnx_configs(flavor: str, tmp_path
             )
         )
     served.mkdir()
-    script = _cpu_config_script("triton.gpu.enabled=false", f"triton.modelFlavor={flavor}")
+    script = _model_config_script("triton.gpu.enabled=false", f"triton.modelFlavor={flavor}")
     env = {"PATH": os.environ["PATH"], "MODEL_REPOSITORY": str(source)}
     done = subprocess.run(
         script,
