@@ -172,6 +172,12 @@ class Settings(FlagSet):
         "RPCs handled at once (streams count while open); past it, RESOURCE_EXHAUSTED. With "
         "--max-message-bytes it bounds the request bytes held. 0 = no limit.",
     )
+    http_port: int = _opt(
+        8080,
+        "HTTP port of the JSON API (OpenAI-compatible /v1/embeddings, /v1/models, "
+        "/v1/classify, /v1/similarity, /health, /ready), same address, keys and limits as "
+        "gRPC (0 picks a free one, -1 disables).",
+    )
     health_port: int = _opt(
         -1,
         "Plaintext port serving only grpc.health.v1, for probes when TLS or API keys are on "
@@ -184,7 +190,13 @@ class Settings(FlagSet):
     backend: str = _opt("embedded", "Where the encoders run.", choices=("embedded", "triton"))
     model_repository: Path = _opt(
         DEFAULT_MODEL_REPOSITORY,
-        "Exported model repository (metadata.json + clip_*/1/model.pt or model.onnx).",
+        "Exported model repository (metadata.json + clip_*/1/model.pt or model.onnx); every "
+        "model in it is served (`clipsvc export --name`).",
+    )
+    default_model: str = _opt(
+        "",
+        "Model that answers requests naming none ('' = `clip` when the repository has it, "
+        "else its only model; a repository with several and no `clip` needs this).",
     )
     triton_url: str = _opt(
         "127.0.0.1:8001",
@@ -192,8 +204,15 @@ class Settings(FlagSet):
         "Service) or ipv4:a:p,b:p; with dns:/ipv4: targets calls go round robin over every "
         "address, and one that finds its replica gone is retried on another in the deadline.",
     )
-    triton_image_model: str = _opt("clip_image", "Triton model name of the image encoder.")
-    triton_text_model: str = _opt("clip_text", "Triton model name of the text encoder.")
+    triton_image_model: str = _opt(
+        "clip_image",
+        "Triton model name of the image encoder of the model named `clip` "
+        "(the others: NAME_image).",
+    )
+    triton_text_model: str = _opt(
+        "clip_text",
+        "Triton model name of the text encoder of the model named `clip` (the others: NAME_text).",
+    )
     triton_model_version: str = _opt("", "Triton model version ('' = the server's policy).")
     backend_timeout_s: float = _opt(
         30.0, "Longest a backend call may take when the caller set no deadline."
@@ -319,6 +338,11 @@ class ExportSettings(FlagSet):
 
     model: str = _opt(_REQUIRED, "open_clip model name (ViT-B-32, clip-demo-shapes).")
     out: Path = _opt(_REQUIRED, "Output model repository directory.")
+    name: str = _opt(
+        "clip",
+        "Name the model is served under; its Triton models are NAME_image and NAME_text. "
+        "Exports with different names share one --out repository without touching each other.",
+    )
     pretrained: str = _opt("none", "Pretrained tag, a checkpoint PATH, or 'none'.")
     flavor: str = _opt(
         "python",
@@ -343,6 +367,12 @@ class ExportSettings(FlagSet):
             raise SettingsError(f"--tensorrt needs --flavor onnx, not {self.flavor!r}")
         if self.precision == "fp16" and self.flavor == "onnx":
             raise SettingsError("--precision fp16 is for TorchScript; the onnx flavor: --tensorrt")
+        from service.model.metadata import check_name
+
+        try:
+            check_name(self.name)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
 
 @dataclass(frozen=True)
