@@ -38,7 +38,7 @@ def build_backend(
         from service.backends.triton import TritonBackend
 
         # The `clip` model keeps its configurable Triton names; the others are NAME_*.
-        named = metadata.name == DEFAULT_NAME
+        named = metadata is None or metadata.name == DEFAULT_NAME
         inner = TritonBackend(
             url=settings.triton_url,
             image_model=settings.triton_image_model if named else metadata.image_model,
