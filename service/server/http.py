@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -30,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.core import validation
+from service.core.embedder import Embedder
 from service.core.models import ModelRegistry
 from service.errors import ClipError, InvalidInput, Overloaded, RequestTooLarge, Unauthenticated
 from service.metrics import Metrics
@@ -41,6 +43,17 @@ from service.server.status import outcome_for
 _LOGGER = logging.getLogger(__name__)
 #: `created` of every model in `/v1/models` (OpenAI's field; the export time is not kept).
 _CREATED = 0
+#: Texts whose token count each model remembers.
+_TOKEN_COUNTS = 4096
+
+
+def _token_counter(embedder: Embedder) -> Callable[[str], int]:
+    """Tokens `embedder` reads of a text: start and end included, cut at its context."""
+
+    def count(text: str) -> int:
+        return len(embedder.tokenizer.tokenize(text).ids)
+
+    return count
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,12 @@ class HttpApi:
         self._metrics = metrics
         self._options = options
         self._active = 0
+        # Tokens each text is read as (OpenAI's `usage`), remembered: repeated texts, the
+        # ones the cache answers, would otherwise be tokenized again only to be counted.
+        self._token_counts = {
+            m.name: functools.lru_cache(maxsize=_TOKEN_COUNTS)(_token_counter(m.embedder))
+            for m in models
+        }
         self.app = Starlette(
             routes=[
                 Route(
@@ -114,8 +133,8 @@ class HttpApi:
                     body: dict[str, Any] = {}
                     if request.method == "POST":
                         body = schema.parse_json(await self._read_body(request))
-                        if isinstance(body.get("model"), str):
-                            label = self._models.label(body["model"])
+                        named = body.get("model") or ""
+                        label = self._models.label(named) if isinstance(named, str) else ""
                     answer = await handler(request, body)
                 return JSONResponse(answer)
             except asyncio.CancelledError:
@@ -187,15 +206,15 @@ class HttpApi:
         embedder = model.embedder
         schema.check_dimensions(parsed.dimensions, embedder.metadata.embedding_dim, model.name)
         validation.check_count(len(parsed.items), "input", embedder.limits.max_items)
-        vectors = await model.scorer.embed_items(
-            parsed.items, "input", timeout_s=self._options.backend_timeout_s
-        )
-        # Tokens the model read (cut at its context length); images count none.
-        tokens = sum(
-            len(embedder.tokenizer.tokenize(item).ids)
-            for item in parsed.items
-            if isinstance(item, str)
-        )
+        timeout_s = self._options.backend_timeout_s
+        texts = [item for item in parsed.items if isinstance(item, str)]
+        if len(texts) == len(parsed.items):  # texts only: straight to the text pipeline
+            embedded = await embedder.embed_texts(texts, timeout_s=timeout_s, field="input")
+            vectors = [e.vector for e in embedded]
+        else:
+            vectors = list(await model.scorer.embed_items(parsed.items, "input", timeout_s))
+        count = self._token_counts[model.name]
+        tokens = sum(count(text) for text in texts)
         return {
             "object": "list",
             "data": [

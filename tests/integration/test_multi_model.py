@@ -30,6 +30,7 @@ from tests.support.images import encode
 from tests.support.models import ExportedModel
 from tests.support.paths import DEMO_WEIGHTS
 from tests.support.reference import reference_images, reference_texts
+from tests.support.triton import start_triton
 
 pytestmark = pytest.mark.integration
 
@@ -262,3 +263,32 @@ def test_the_default_model_must_be_served_or_unambiguous(
     shutil.copy(only_named / "metadata.shapes-random.json", only_named / "metadata.b.json")
     with pytest.raises(ValueError, match="choose one with --default-model"):
         build_gateway(gateway_settings(only_named))
+
+
+async def test_triton_serves_both_models_of_one_repository(
+    two_models: dict[str, ExportedModel], tmp_path: Path, photos: dict[str, Image.Image]
+) -> None:
+    """One Triton on the shared repository (four Triton models), one gateway in front:
+    each name reaches its own pair, identity-checked against its own metadata."""
+    repository = two_models["clip"].repository
+    texts = ["a red circle", "a photo of a blue star"]
+    blobs = [encode(photos["astronaut"], "JPEG")]
+    with start_triton(repository, workdir=tmp_path / "triton") as triton:
+        settings = gateway_settings(repository, backend="triton", triton_url=triton.grpc_url)
+        async with running_gateway(settings) as gw, stub_for(gw.port) as stub:
+            listed = await stub.ListModels(clip_pb2.ListModelsRequest())
+            assert [(m.name, m.backend) for m in listed.models] == [
+                ("clip", "triton"),
+                (OTHER, "triton"),
+            ]
+            for name, model in two_models.items():
+                text_answer = await stub.EmbedText(
+                    clip_pb2.EmbedTextRequest(texts=texts, model=name)
+                )
+                image_answer = await stub.EmbedImage(
+                    clip_pb2.EmbedImageRequest(images=blobs, model=name)
+                )
+                got = np.stack([decode_embedding(e) for e in text_answer.embeddings])
+                assert np.abs(got - reference_texts(model, texts)).max() <= TOL
+                image = decode_embedding(image_answer.embeddings[0])
+                assert np.abs(image - reference_images(model, blobs)[0]).max() <= TOL

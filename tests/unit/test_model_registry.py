@@ -105,3 +105,14 @@ def test_lookups_by_name_and_bounded_labels() -> None:
         ModelRegistry([*models, models[0]], "clip")
     with pytest.raises(ValueError, match="default model 'x'"):
         ModelRegistry(models, "x")
+
+
+def test_export_takes_a_name_from_its_flag_or_environment() -> None:
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(["export", "--model", "ViT-B-32", "--out", "r"])
+    assert ExportSettings.from_sources(args, environ={}).name == "clip"
+    args = build_parser().parse_args(
+        ["export", "--model", "ViT-B-32", "--out", "r", "--name", "large"]
+    )
+    assert ExportSettings.from_sources(args, environ={}).name == "large"
