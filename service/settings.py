@@ -175,8 +175,8 @@ class Settings(FlagSet):
     http_port: int = _opt(
         8080,
         "HTTP port of the JSON API (OpenAI-compatible /v1/embeddings, /v1/models, "
-        "/v1/classify, /v1/similarity, /health, /ready), same address, keys and limits as "
-        "gRPC (0 picks a free one, -1 disables).",
+        "/v1/classify, /v1/similarity, /health, /ready), same address, keys, limits and TLS "
+        "files as gRPC (0 picks a free one, -1 disables).",
     )
     health_port: int = _opt(
         -1,
@@ -288,7 +288,9 @@ class Settings(FlagSet):
         (), "Accepted API keys (comma-separated); empty = no auth. Prefer --api-keys-file."
     )
     api_keys_file: Path | None = _opt(None, "File with one API key per line.")
-    tls_cert: Path | None = _opt(None, "PEM certificate chain for TLS on the gRPC port.")
+    tls_cert: Path | None = _opt(
+        None, "PEM certificate chain for TLS on the gRPC port (and HTTPS on the HTTP port)."
+    )
     tls_key: Path | None = _opt(None, "PEM private key for TLS.")
     tls_client_ca: Path | None = _opt(None, "PEM CA bundle; when set, clients need a certificate.")
     log_level: str = _opt("INFO", "Log level.")

@@ -179,7 +179,7 @@ def build_server(options: ServerOptions, models: ModelRegistry, metrics: Metrics
                 api_keys=options.api_keys,
             ),
         )
-        gateway.http_server = HttpServer(api.app, options.host, options.http_port)
+        gateway.http_server = HttpServer(api.app, options.host, options.http_port, options.tls)
     if options.health_port >= 0:
         # Probes get the same health answers over plaintext, outside the RPC cap, auth
         # and TLS of the main port (kubelet's gRPC probe speaks neither TLS nor keys).

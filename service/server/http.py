@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from service.core.models import ModelRegistry
 from service.errors import ClipError, InvalidInput, Overloaded, RequestTooLarge, Unauthenticated
 from service.metrics import Metrics
 from service.server import http_schema as schema
-from service.server.credentials import ApiKeys
+from service.server.credentials import ApiKeys, TlsFiles
 from service.server.health import HealthMonitor
 from service.server.status import outcome_for
 
@@ -311,9 +312,11 @@ class _InLoopServer(uvicorn.Server):
 
 class HttpServer:
     """uvicorn serving `app` on a socket bound now (port 0 = a free one), as a task of
-    the running event loop."""
+    the running event loop; HTTPS with `tls` (the gRPC port's files, client certificates
+    required with its `client_ca`), read at start: renewed files need a restart here,
+    unlike on the gRPC port."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, tls: TlsFiles | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -325,12 +328,21 @@ class HttpServer:
         self._socket.listen(2048)
         self._socket.setblocking(False)
         self.port: int = self._socket.getsockname()[1]
+        tls_options: dict[str, Any] = {}
+        if tls is not None:
+            tls_options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+            if tls.client_ca is not None:
+                tls_options |= {
+                    "ssl_ca_certs": str(tls.client_ca),
+                    "ssl_cert_reqs": ssl.CERT_REQUIRED,
+                }
         config = uvicorn.Config(
             app,
             log_config=None,
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=None,
+            **tls_options,
         )
         self._server = _InLoopServer(config)
         self._task: asyncio.Task[None] | None = None

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +28,7 @@ from service.wiring import build_gateway
 from tests.support.gateway import stub_for
 from tests.support.images import encode
 from tests.support.models import ExportedModel
+from tests.support.pki import CLIENT_AUTH, SERVER_NAMES, issue, make_ca
 from tests.support.reference import reference_images, reference_texts
 
 pytestmark = pytest.mark.integration
@@ -341,3 +344,34 @@ async def test_http_calls_are_counted_by_route_code_and_model(gateway: Gateway) 
     # An unknown name is not a label value (callers cannot grow the series).
     assert count("NOT_FOUND", "") == before_missing + 1
     assert not any("unknown-model-name" in key for key in scrape(gateway.metrics_port))
+
+
+def _https_post(port: int, context: ssl.SSLContext) -> int:
+    request = urllib.request.Request(
+        f"https://127.0.0.1:{port}/v1/embeddings",
+        data=b'{"input": "a red circle"}',
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30, context=context) as response:
+        return response.status
+
+
+async def test_tls_files_make_the_http_port_https_with_client_certificates(
+    demo_model: ExportedModel, tmp_path: Path
+) -> None:
+    ca = make_ca(tmp_path, "ca")
+    server, server_key = issue(tmp_path, ca, "server", SERVER_NAMES)
+    client, client_key = issue(tmp_path, ca, "client", CLIENT_AUTH)
+    trusting = ssl.create_default_context(cafile=str(ca))
+    settings = gateway_settings(demo_model.repository, tls_cert=server, tls_key=server_key)
+    async with running_gateway(settings) as gw:
+        assert await asyncio.to_thread(_https_post, gw.http_port, trusting) == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext: refused
+            await asyncio.to_thread(_raw, gw, "/health")
+    mutual = settings.replace(tls_client_ca=ca)
+    async with running_gateway(mutual) as gw:
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            await asyncio.to_thread(_https_post, gw.http_port, trusting)  # no certificate
+        with_certificate = ssl.create_default_context(cafile=str(ca))
+        with_certificate.load_cert_chain(str(client), str(client_key))
+        assert await asyncio.to_thread(_https_post, gw.http_port, with_certificate) == 200
