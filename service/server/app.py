@@ -75,12 +75,14 @@ class Gateway:
     async def start(self) -> None:
         """Start the backends, the servers and the health monitor (NOT_SERVING until warm)."""
         await self.models.start()
+        # NOT_SERVING before any port opens: grpc's health servicer answers SERVING for ""
+        # until told otherwise, and the ports below take event-loop turns to start.
+        await self.health.start()
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
         if self.http_server is not None:
             await self.http_server.start()
-        await self.health.start()
         if self.options.metrics_port >= 0:
             http, _thread = start_http_server(
                 self.options.metrics_port, addr=self.options.host, registry=self.metrics.registry
