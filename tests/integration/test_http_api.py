@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import ssl
 import urllib.error
@@ -65,6 +66,24 @@ def _raw(
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def _chunked_post(port: int, padding: int) -> tuple[int, Any]:
+    """`/v1/embeddings` sent in 1 KiB chunks with no Content-Length: status, JSON body."""
+    body = json.dumps({"input": "a red circle", "user": "x" * padding}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(
+            "POST",
+            "/v1/embeddings",
+            body=(body[i : i + 1024] for i in range(0, len(body), 1024)),
+            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+            encode_chunked=True,
+        )
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
 
 
 def _vectors(response: Any) -> np.ndarray:
@@ -202,6 +221,11 @@ async def test_too_large_bodies_are_413_and_admission_overflow_is_429(
             await client.embeddings.create(model="clip", input=["x" * 5000])
         assert too_large.value.status_code == 413
         assert "over the limit of 4096 bytes" in too_large.value.body["message"]
+        # Without a Content-Length (chunked), the body is counted as it streams in.
+        status, answer = await asyncio.to_thread(_chunked_post, gw.http_port, 64 * 1024)
+        assert status == 413 and "over the limit of 4096 bytes" in answer["error"]["message"]
+        status, answer = await asyncio.to_thread(_chunked_post, gw.http_port, 0)
+        assert status == 200 and len(answer["data"]) == 1
         # Three texts do not fit in a queue of two: refused at once, nothing queued.
         with pytest.raises(openai.RateLimitError) as busy:
             await client.embeddings.create(model="clip", input=["a", "b", "c"])
