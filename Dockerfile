@@ -129,12 +129,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     CLIP_HOST=0.0.0.0 \
     CLIP_PORT=50051 \
     CLIP_METRICS_PORT=9090 \
+    CLIP_HTTP_PORT=8080 \
     CLIP_BACKEND=${GATEWAY_BACKEND} \
     CLIP_MODEL_REPOSITORY=/opt/clip/model_repository
 
 USER 10001:10001
 WORKDIR /opt/clip
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8080
 
 # No HEALTHCHECK: Kubernetes ignores it (the chart uses kubelet gRPC probes), and a
 # plaintext check would report a TLS-enabled gateway as unhealthy.

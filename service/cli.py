@@ -51,6 +51,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         tensorrt=export.tensorrt,
         precision=export.precision,
         batching=BatchingOptions.from_sources(args),
+        name=export.name,
     )
     print(summary.render())
     return 0

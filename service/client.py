@@ -68,13 +68,18 @@ def _item(value: str | bytes | Path) -> clip_pb2.Item:
 
 
 def _classify_request(
-    images: Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str], top_k: int
+    images: Sequence[ImageInput],
+    labels: Sequence[str],
+    templates: Sequence[str],
+    top_k: int,
+    model: str,
 ) -> clip_pb2.ClassifyRequest:
     return clip_pb2.ClassifyRequest(
         images=[_image_bytes(i) for i in images],
         labels=list(labels),
         templates=list(templates),
         top_k=top_k,
+        model=model,
     )
 
 
@@ -112,27 +117,31 @@ def _connect(
 _PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
 
 
-def _text_request(texts: Sequence[str]) -> clip_pb2.EmbedTextRequest:
-    return clip_pb2.EmbedTextRequest(texts=list(texts), format=_PACKED)
+def _text_request(texts: Sequence[str], model: str) -> clip_pb2.EmbedTextRequest:
+    return clip_pb2.EmbedTextRequest(texts=list(texts), format=_PACKED, model=model)
 
 
-def _image_request(images: Sequence[ImageInput]) -> clip_pb2.EmbedImageRequest:
-    return clip_pb2.EmbedImageRequest(images=[_image_bytes(i) for i in images], format=_PACKED)
-
-
-def _similarity_request(
-    queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path]
-) -> clip_pb2.SimilarityRequest:
-    return clip_pb2.SimilarityRequest(
-        queries=[_item(q) for q in queries], candidates=[_item(c) for c in candidates]
+def _image_request(images: Sequence[ImageInput], model: str) -> clip_pb2.EmbedImageRequest:
+    return clip_pb2.EmbedImageRequest(
+        images=[_image_bytes(i) for i in images], format=_PACKED, model=model
     )
 
 
-def stream_request(item_id: str, value: str | bytes) -> clip_pb2.StreamRequest:
+def _similarity_request(
+    queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path], model: str
+) -> clip_pb2.SimilarityRequest:
+    return clip_pb2.SimilarityRequest(
+        queries=[_item(q) for q in queries],
+        candidates=[_item(c) for c in candidates],
+        model=model,
+    )
+
+
+def stream_request(item_id: str, value: str | bytes, model: str = "") -> clip_pb2.StreamRequest:
     """One EmbedStream message: a str is a text, bytes an encoded image."""
     if isinstance(value, str):
-        return clip_pb2.StreamRequest(id=item_id, text=value, format=_PACKED)
-    return clip_pb2.StreamRequest(id=item_id, image=value, format=_PACKED)
+        return clip_pb2.StreamRequest(id=item_id, text=value, format=_PACKED, model=model)
+    return clip_pb2.StreamRequest(id=item_id, image=value, format=_PACKED, model=model)
 
 
 class ClipClient:
@@ -167,19 +176,23 @@ class ClipClient:
     def _call(self, method: str, request: Any) -> Any:
         return getattr(self.stub, method)(request, timeout=self._timeout, metadata=self._metadata)
 
-    def embed_text(self, texts: Sequence[str]) -> Embeddings:
-        """`float32 [N, D]` for `texts`."""
-        return _embeddings(self._call("EmbedText", _text_request(texts)))
+    def embed_text(self, texts: Sequence[str], *, model: str = "") -> Embeddings:
+        """`float32 [N, D]` for `texts`, by model `model` ('' = the server's default)."""
+        return _embeddings(self._call("EmbedText", _text_request(texts, model)))
 
-    def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
-        """`float32 [N, D]` for encoded images (bytes or file paths)."""
-        return _embeddings(self._call("EmbedImage", _image_request(images)))
+    def embed_image(self, images: Sequence[ImageInput], *, model: str = "") -> Embeddings:
+        """`float32 [N, D]` for encoded images (bytes or file paths), by model `model`."""
+        return _embeddings(self._call("EmbedImage", _image_request(images, model)))
 
     def similarity(
-        self, queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path]
+        self,
+        queries: Sequence[str | bytes | Path],
+        candidates: Sequence[str | bytes | Path],
+        *,
+        model: str = "",
     ) -> tuple[np.ndarray, np.ndarray]:
         """(cosine `[Q, C]`, softmax probabilities `[Q, C]`); str = text, bytes/Path = image."""
-        return _matrices(self._call("Similarity", _similarity_request(queries, candidates)))
+        return _matrices(self._call("Similarity", _similarity_request(queries, candidates, model)))
 
     def classify(
         self,
@@ -188,19 +201,27 @@ class ClipClient:
         *,
         templates: Sequence[str] = (),
         top_k: int = 0,
+        model: str = "",
     ) -> list[list[Label]]:
         """Zero-shot labels per image, most probable first."""
-        return _labels(self._call("Classify", _classify_request(images, labels, templates, top_k)))
+        return _labels(
+            self._call("Classify", _classify_request(images, labels, templates, top_k, model))
+        )
 
-    def model_info(self) -> clip_pb2.ModelInfo:
-        """What the server serves."""
-        return self._call("GetModelInfo", clip_pb2.GetModelInfoRequest())
+    def model_info(self, model: str = "") -> clip_pb2.ModelInfo:
+        """What the server serves as `model` ('' = its default)."""
+        return self._call("GetModelInfo", clip_pb2.GetModelInfoRequest(model=model))
+
+    def list_models(self) -> list[clip_pb2.ModelInfo]:
+        """Every model the server serves, its default first (`ModelInfo.name` to ask for it)."""
+        answer = self._call("ListModels", clip_pb2.ListModelsRequest())
+        return list(answer.models)
 
     def embed_stream(
-        self, items: Iterable[tuple[str, str | bytes]]
+        self, items: Iterable[tuple[str, str | bytes]], *, model: str = ""
     ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
         """Bulk: (id, text or image bytes) in → (id, vector or None, error or None) out."""
-        requests = (stream_request(item_id, value) for item_id, value in items)
+        requests = (stream_request(item_id, value, model) for item_id, value in items)
         for answer in self.stub.EmbedStream(requests, metadata=self._metadata):
             yield _stream_answer(answer)
 
@@ -238,19 +259,25 @@ class AsyncClipClient:
         stub_method = getattr(self.stub, method)
         return await stub_method(request, timeout=self._timeout, metadata=self._metadata)
 
-    async def embed_text(self, texts: Sequence[str]) -> Embeddings:
-        """`float32 [N, D]` for `texts`."""
-        return _embeddings(await self._call("EmbedText", _text_request(texts)))
+    async def embed_text(self, texts: Sequence[str], *, model: str = "") -> Embeddings:
+        """`float32 [N, D]` for `texts`, by model `model` ('' = the server's default)."""
+        return _embeddings(await self._call("EmbedText", _text_request(texts, model)))
 
-    async def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
-        """`float32 [N, D]` for encoded images (bytes or file paths)."""
-        return _embeddings(await self._call("EmbedImage", _image_request(images)))
+    async def embed_image(self, images: Sequence[ImageInput], *, model: str = "") -> Embeddings:
+        """`float32 [N, D]` for encoded images (bytes or file paths), by model `model`."""
+        return _embeddings(await self._call("EmbedImage", _image_request(images, model)))
 
     async def similarity(
-        self, queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path]
+        self,
+        queries: Sequence[str | bytes | Path],
+        candidates: Sequence[str | bytes | Path],
+        *,
+        model: str = "",
     ) -> tuple[np.ndarray, np.ndarray]:
         """(cosine `[Q, C]`, softmax probabilities `[Q, C]`)."""
-        return _matrices(await self._call("Similarity", _similarity_request(queries, candidates)))
+        return _matrices(
+            await self._call("Similarity", _similarity_request(queries, candidates, model))
+        )
 
     async def classify(
         self,
@@ -259,28 +286,36 @@ class AsyncClipClient:
         *,
         templates: Sequence[str] = (),
         top_k: int = 0,
+        model: str = "",
     ) -> list[list[Label]]:
         """Zero-shot labels per image, most probable first."""
-        request = _classify_request(images, labels, templates, top_k)
+        request = _classify_request(images, labels, templates, top_k, model)
         return _labels(await self._call("Classify", request))
 
-    async def model_info(self) -> clip_pb2.ModelInfo:
-        """What the server serves."""
-        return await self._call("GetModelInfo", clip_pb2.GetModelInfoRequest())
+    async def model_info(self, model: str = "") -> clip_pb2.ModelInfo:
+        """What the server serves as `model` ('' = its default)."""
+        return await self._call("GetModelInfo", clip_pb2.GetModelInfoRequest(model=model))
+
+    async def list_models(self) -> list[clip_pb2.ModelInfo]:
+        """Every model the server serves, its default first (`ModelInfo.name` to ask for it)."""
+        answer = await self._call("ListModels", clip_pb2.ListModelsRequest())
+        return list(answer.models)
 
     async def embed_stream(
         self,
         items: AsyncIterable[tuple[str, str | bytes]] | Iterable[tuple[str, str | bytes]],
+        *,
+        model: str = "",
     ) -> AsyncIterator[tuple[str, np.ndarray | None, str | None]]:
         """Bulk over EmbedStream: (id, text or image bytes) in; (id, vector, error) as they come."""
 
         async def requests() -> AsyncIterator[clip_pb2.StreamRequest]:
             if isinstance(items, AsyncIterable):
                 async for item_id, value in items:
-                    yield stream_request(item_id, value)
+                    yield stream_request(item_id, value, model)
             else:
                 for item_id, value in items:
-                    yield stream_request(item_id, value)
+                    yield stream_request(item_id, value, model)
 
         async for answer in self.stub.EmbedStream(requests(), metadata=self._metadata):
             yield _stream_answer(answer)

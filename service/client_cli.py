@@ -1,4 +1,5 @@
-"""Client commands of `clipsvc`: embed-text, embed-image, classify, similarity, info, embed-dir."""
+"""Client commands of `clipsvc`: embed-text, embed-image, classify, similarity, info, models,
+embed-dir. Each takes `--model NAME` (default: the server's default model)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls", action="store_true", help="use TLS")
     p.add_argument("--tls-ca", type=Path, help="PEM CA bundle to verify the server")
     p.add_argument("--timeout", type=float, default=120.0, help="per-call deadline in seconds")
+    p.add_argument(
+        "--model",
+        default=os.environ.get("CLIP_MODEL", ""),
+        help="served model name (`clipsvc models` lists them; '' = the server's default) "
+        "[env CLIP_MODEL]",
+    )
 
 
 def _client(args: argparse.Namespace) -> ClipClient:
@@ -50,14 +57,14 @@ def _print_vectors(vectors: np.ndarray, names: list[str], full: bool) -> None:
 
 def _cmd_embed_text(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.embed_text(args.texts)
+        result = client.embed_text(args.texts, model=args.model)
     _print_vectors(result.vectors, args.texts, args.full)
     return 0
 
 
 def _cmd_embed_image(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.embed_image([Path(f) for f in args.files])
+        result = client.embed_image([Path(f) for f in args.files], model=args.model)
     _print_vectors(result.vectors, args.files, args.full)
     return 0
 
@@ -69,6 +76,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             args.labels,
             templates=args.templates or (),
             top_k=args.top_k,
+            model=args.model,
         )
     for name, labels in zip(args.images, results, strict=True):
         print(name)
@@ -84,7 +92,9 @@ def _parse_item(value: str) -> str | Path:
 def _cmd_similarity(args: argparse.Namespace) -> int:
     with _client(args) as client:
         scores, probs = client.similarity(
-            [_parse_item(q) for q in args.queries], [_parse_item(c) for c in args.candidates]
+            [_parse_item(q) for q in args.queries],
+            [_parse_item(c) for c in args.candidates],
+            model=args.model,
         )
     for i, query in enumerate(args.queries):
         print(query)
@@ -95,8 +105,16 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        info = client.model_info()
+        info = client.model_info(args.model)
     print(json.dumps({f.name: v for f, v in info.ListFields()}, indent=2))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        infos = client.list_models()
+    for info in infos:
+        print(json.dumps({f.name: v for f, v in info.ListFields()}))
     return 0
 
 
@@ -124,7 +142,7 @@ async def _embed_dir(args: argparse.Namespace, root: Path, files: list[Path]) ->
         args.target, api_key=args.api_key, tls=args.tls, tls_ca=ca, timeout_s=None
     ) as client:
         with tqdm(total=len(files), unit="img", desc="embedding") as bar:
-            async for item_id, vector, error in client.embed_stream(items()):
+            async for item_id, vector, error in client.embed_stream(items(), model=args.model):
                 if vector is not None:
                     vectors[int(item_id)] = vector
                 else:
@@ -174,9 +192,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", nargs="+", required=True)
     p.set_defaults(func=_cmd_similarity)
 
-    p = sub.add_parser("info", help="Show the served model.")
+    p = sub.add_parser("info", help="Show a served model (--model; default: the default one).")
     _common(p)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("models", help="List the served models (ListModels), the default first.")
+    _common(p)
+    p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("embed-dir", help="Embed every image under a folder into a .npy file.")
     _common(p)

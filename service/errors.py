@@ -1,4 +1,4 @@
-"""One error hierarchy for the whole service; `server/status.py` maps it to gRPC codes."""
+"""One error hierarchy for the whole service; `server/status.py` maps it to gRPC and HTTP."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ class Overloaded(ClipError):
     """Too much work queued or a request over a size limit (RESOURCE_EXHAUSTED)."""
 
 
+class RequestTooLarge(Overloaded):
+    """A request body over the size limit (RESOURCE_EXHAUSTED, as gRPC's own refusal of
+    an oversized message; HTTP 413)."""
+
+
 class BackendUnavailable(ClipError):
     """The model backend is not reachable or not ready (UNAVAILABLE)."""
 
@@ -49,3 +54,19 @@ class BackendFailure(ClipError):
     def __init__(self, message: str, *, source: str = "the model backend") -> None:
         super().__init__(message)
         self.source = source
+
+
+class ModelNotFound(ClipError):
+    """The request names a model the gateway does not serve (NOT_FOUND); the message
+    names the ones it does."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"model {name!r} is not served here; known models: {', '.join(known) or 'none'}"
+        )
+        self.name = name
+        self.known = known
+
+
+class Unauthenticated(ClipError):
+    """No API key, or one that is not accepted (UNAUTHENTICATED, HTTP 401)."""

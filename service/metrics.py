@@ -2,7 +2,8 @@
 
 Names follow Prometheus conventions: `clip_` prefix, base units (`_seconds`,
 `_bytes`), `_total` on counters. Labels only take values from small fixed sets
-(RPC method, status code, modality, cache level, backend, stage).
+(RPC method, status code, modality, cache level, backend, stage, and `model`: the
+names in the repository, fixed at start-up; '' where a call names an unknown model).
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "clip_requests",
-            "RPCs finished, by method and gRPC status code.",
-            ["method", "code"],
+            "Calls finished (gRPC, and HTTP as method http:<route>), by method, gRPC status "
+            "code and model.",
+            ["method", "code", "model"],
             registry=r,
         )
         self.request_latency = Histogram(
             "clip_request_duration_seconds",
-            "Wall time of an RPC from arrival to answer, by method.",
-            ["method"],
+            "Wall time of a call from arrival to answer, by method and model.",
+            ["method", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -40,8 +42,8 @@ class Metrics:
         )
         self.items = Counter(
             "clip_items_embedded",
-            "Inputs embedded (cache hits included), by modality.",
-            ["modality"],
+            "Inputs embedded (cache hits included), by modality and model.",
+            ["modality", "model"],
             registry=r,
         )
         self.cache_hits = Counter(

@@ -174,8 +174,15 @@ class Settings(FlagSet):
     )
     max_inflight_request_bytes: int = _opt(
         512 * 1024 * 1024,
-        "Bytes of request messages handled at once (decoding, queued, in the backend); past "
-        "it, RESOURCE_EXHAUSTED. A larger request still runs when it is alone.",
+        "Bytes of request messages handled at once (decoding, queued, in the backend), gRPC "
+        "and HTTP together; past it, RESOURCE_EXHAUSTED (HTTP 429). A larger request still "
+        "runs when it is alone.",
+    )
+    http_port: int = _opt(
+        8080,
+        "HTTP port of the JSON API (OpenAI-compatible /v1/embeddings, /v1/models, "
+        "/v1/classify, /v1/similarity, /health, /ready), same address, keys, limits and TLS "
+        "files as gRPC (0 picks a free one, -1 disables).",
     )
     health_port: int = _opt(
         -1,
@@ -189,7 +196,13 @@ class Settings(FlagSet):
     backend: str = _opt("embedded", "Where the encoders run.", choices=("embedded", "triton"))
     model_repository: Path = _opt(
         DEFAULT_MODEL_REPOSITORY,
-        "Exported model repository (metadata.json + clip_*/1/model.pt or model.onnx).",
+        "Exported model repository (metadata.json + clip_*/1/model.pt or model.onnx); every "
+        "model in it is served (`clipsvc export --name`).",
+    )
+    default_model: str = _opt(
+        "",
+        "Model that answers requests naming none ('' = `clip` when the repository has it, "
+        "else its only model; a repository with several and no `clip` needs this).",
     )
     triton_url: str = _opt(
         "127.0.0.1:8001",
@@ -197,8 +210,15 @@ class Settings(FlagSet):
         "Service) or ipv4:a:p,b:p; with dns:/ipv4: targets calls go round robin over every "
         "address, and one that finds its replica gone is retried on another in the deadline.",
     )
-    triton_image_model: str = _opt("clip_image", "Triton model name of the image encoder.")
-    triton_text_model: str = _opt("clip_text", "Triton model name of the text encoder.")
+    triton_image_model: str = _opt(
+        "clip_image",
+        "Triton model name of the image encoder of the model named `clip` "
+        "(the others: NAME_image).",
+    )
+    triton_text_model: str = _opt(
+        "clip_text",
+        "Triton model name of the text encoder of the model named `clip` (the others: NAME_text).",
+    )
     triton_model_version: str = _opt("", "Triton model version ('' = the server's policy).")
     backend_timeout_s: float = _opt(
         30.0, "Longest a backend call may take when the caller set no deadline."
@@ -274,7 +294,9 @@ class Settings(FlagSet):
         (), "Accepted API keys (comma-separated); empty = no auth. Prefer --api-keys-file."
     )
     api_keys_file: Path | None = _opt(None, "File with one API key per line.")
-    tls_cert: Path | None = _opt(None, "PEM certificate chain for TLS on the gRPC port.")
+    tls_cert: Path | None = _opt(
+        None, "PEM certificate chain for TLS on the gRPC port (and HTTPS on the HTTP port)."
+    )
     tls_key: Path | None = _opt(None, "PEM private key for TLS.")
     tls_client_ca: Path | None = _opt(None, "PEM CA bundle; when set, clients need a certificate.")
     log_level: str = _opt("INFO", "Log level.")
@@ -324,6 +346,11 @@ class ExportSettings(FlagSet):
 
     model: str = _opt(_REQUIRED, "open_clip model name (ViT-B-32, clip-demo-shapes).")
     out: Path = _opt(_REQUIRED, "Output model repository directory.")
+    name: str = _opt(
+        "clip",
+        "Name the model is served under; its Triton models are NAME_image and NAME_text. "
+        "Exports with different names share one --out repository without touching each other.",
+    )
     pretrained: str = _opt("none", "Pretrained tag, a checkpoint PATH, or 'none'.")
     flavor: str = _opt(
         "python",
@@ -348,6 +375,12 @@ class ExportSettings(FlagSet):
             raise SettingsError(f"--tensorrt needs --flavor onnx, not {self.flavor!r}")
         if self.precision == "fp16" and self.flavor == "onnx":
             raise SettingsError("--precision fp16 is for TorchScript; the onnx flavor: --tensorrt")
+        from service.model.metadata import check_name
+
+        try:
+            check_name(self.name)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
 
 @dataclass(frozen=True)

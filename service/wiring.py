@@ -16,11 +16,12 @@ from service.core.admission import Admission
 from service.core.batched_backend import BatchedBackend
 from service.core.cache import EmbeddingCache, RedisOptions
 from service.core.embedder import Embedder, EmbedderOptions
+from service.core.models import ModelRegistry, ServedModel, pick_default
 from service.core.scoring import Scorer
 from service.core.validation import Limits
 from service.cpus import usable_cpus
 from service.metrics import Metrics
-from service.model.metadata import ModelMetadata
+from service.model.metadata import DEFAULT_NAME, ModelMetadata, load_repository
 from service.server.app import Gateway, ServerOptions, build_server
 from service.server.credentials import ApiKeys, TlsFiles
 from service.settings import Settings
@@ -36,10 +37,12 @@ def build_backend(
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
 
+        # The `clip` model keeps its configurable Triton names; the others are NAME_*.
+        named = metadata is None or metadata.name == DEFAULT_NAME
         inner = TritonBackend(
             url=settings.triton_url,
-            image_model=settings.triton_image_model,
-            text_model=settings.triton_text_model,
+            image_model=settings.triton_image_model if named else metadata.image_model,
+            text_model=settings.triton_text_model if named else metadata.text_model,
             model_version=settings.triton_model_version,
             default_timeout_s=settings.backend_timeout_s,
             metrics=metrics,
@@ -109,11 +112,21 @@ def build_limits(settings: Settings) -> Limits:
     return Limits(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(Limits)})
 
 
-def build_embedder(settings: Settings, metrics: Metrics) -> Embedder:
-    """Backend + cache + pipeline as the settings describe (not started)."""
-    metadata = ModelMetadata.load(settings.model_repository)
-    admission = Admission(settings.max_queued_items, metrics)
-    cache = build_cache(settings, metrics)
+def build_embedder(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    metadata: ModelMetadata | None = None,
+    admission: Admission | None = None,
+    cache: EmbeddingCache | None = None,
+) -> Embedder:
+    """Backend + cache + pipeline of one model (not started): `metadata`'s, else the
+    repository's default model. The others are shared when several models are served."""
+    if metadata is None:
+        models = load_repository(settings.model_repository)
+        metadata = models[pick_default(list(models), settings.default_model)]
+    admission = admission or Admission(settings.max_queued_items, metrics)
+    cache = cache or build_cache(settings, metrics)
     return Embedder(
         backend=build_backend(settings, metadata, metrics, admission),
         cache=cache,
@@ -131,6 +144,21 @@ def build_embedder(settings: Settings, metrics: Metrics) -> Embedder:
     )
 
 
+def build_registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
+    """One pipeline per model of the repository, sharing the admission bound and cache."""
+    models = load_repository(settings.model_repository)
+    default = pick_default(list(models), settings.default_model)
+    admission = Admission(settings.max_queued_items, metrics)
+    cache = build_cache(settings, metrics)
+    served = []
+    for name, metadata in models.items():
+        embedder = build_embedder(
+            settings, metrics, metadata=metadata, admission=admission, cache=cache
+        )
+        served.append(ServedModel(name, embedder, Scorer(embedder)))
+    return ModelRegistry(served, default)
+
+
 def server_options(settings: Settings) -> ServerOptions:
     """The transport's settings as plain values."""
     tls = None
@@ -144,6 +172,7 @@ def server_options(settings: Settings) -> ServerOptions:
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
         max_inflight_request_bytes=settings.max_inflight_request_bytes,
         health_port=settings.health_port,
+        http_port=settings.http_port,
         shutdown_grace_s=settings.shutdown_grace_s,
         backend_timeout_s=settings.backend_timeout_s,
         api_keys=ApiKeys(frozenset(settings.api_keys), settings.api_keys_file),
@@ -154,9 +183,11 @@ def server_options(settings: Settings) -> ServerOptions:
 def build_gateway(settings: Settings, *, metrics: Metrics | None = None) -> Gateway:
     """Everything wired but not started; binds the gRPC port (0 = a free one)."""
     metrics = metrics or Metrics()
-    embedder = build_embedder(settings, metrics)
-    metrics.build_info.labels(__version__, embedder.model_id, embedder.backend_name).set(1)
-    return build_server(server_options(settings), embedder, Scorer(embedder), metrics)
+    models = build_registry(settings, metrics)
+    for model in models:
+        embedder = model.embedder
+        metrics.build_info.labels(__version__, embedder.model_id, embedder.backend_name).set(1)
+    return build_server(server_options(settings), models, metrics)
 
 
 async def serve(settings: Settings) -> None:

@@ -108,3 +108,12 @@ class ByteBudget:
         """Release `n` bytes taken before."""
         self.in_use -= n
         self._gauge.set(self.in_use)
+
+    @contextlib.contextmanager
+    def held(self, n: int) -> Iterator[None]:
+        """`n` bytes held for the `with` block (Overloaded, holding none, past the limit)."""
+        self.take(n)
+        try:
+            yield
+        finally:
+            self.give(n)

@@ -228,7 +228,7 @@ class Embedder:
         store: bool = True,
     ) -> list[EmbeddingResult]:
         """`store` False: computed vectors are not put in the cache."""
-        self._metrics.items.labels(modality).inc(len(keys))
+        self._metrics.items.labels(modality, self.metadata.name).inc(len(keys))
         unique = list(dict.fromkeys(keys))
         for _ in range(_CLAIM_ATTEMPTS):
             _check_deadline(deadline, f"{modality} embedding")

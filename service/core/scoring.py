@@ -101,8 +101,8 @@ class Scorer:
         validation.check_count(len(queries), "queries", limits.max_items)
         validation.check_count(len(candidates), "candidates", limits.max_items)
         query_vecs, candidate_vecs = await _gather_failing_fast(
-            self._embed_items(queries, "queries", timeout_s),
-            self._embed_items(candidates, "candidates", timeout_s),
+            self.embed_items(queries, "queries", timeout_s),
+            self.embed_items(candidates, "candidates", timeout_s),
         )
         cos = cosine(query_vecs, candidate_vecs)
         meta = self._embedder.metadata
@@ -138,9 +138,11 @@ class Scorer:
         probs = softmax_scores(cos, meta.logit_scale, meta.logit_bias)
         return [rank(labels, cos[i], probs[i], k) for i in range(len(images))]
 
-    async def _embed_items(
+    async def embed_items(
         self, items: Sequence[Item], field: str, timeout_s: float | None
     ) -> np.ndarray:
+        """`[len(items), D]`: texts and images mixed, in order (each modality batched);
+        a bad item is named by its index in `items`. The caller checks the count."""
         text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
         image_at = [i for i, item in enumerate(items) if not isinstance(item, str)]
         texts = [str(items[i]) for i in text_at]

@@ -1,6 +1,9 @@
 """open_clip → TorchScript → Triton model repository + `metadata.json`.
 
-`clipsvc export --model NAME --pretrained TAG|none|PATH --out DIR --flavor pytorch|python|onnx`
+`clipsvc export --model NAME --pretrained TAG|none|PATH --out DIR --flavor pytorch|python|onnx
+[--name NAME]`: several exports with different `--name`s share one `--out` repository;
+each writes only its own `NAME_image/`, `NAME_text/` and metadata file (see
+`service/model/metadata.py` for the layout).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from tqdm import tqdm
 from service.model import configs as model_configs
 from service.model.encoders import build_encoders, script_encoders
 from service.model.metadata import (
+    DEFAULT_NAME,
     IMAGE_INPUT,
-    IMAGE_MODEL,
     OUTPUT,
     TEXT_INPUT,
-    TEXT_MODEL,
     ModelMetadata,
+    check_name,
+    metadata_path,
+    tower_models,
 )
 from service.model.onnx_graphs import ONNX_FILE, export_onnx, open_session, run_session
 from service.model.triton_config import FLAVORS, TensorSpec, render_config
@@ -101,12 +106,16 @@ def export_model(
     precision: str = "fp32",
     batching: BatchingOptions | None = None,
     progress: bool = True,
+    name: str = DEFAULT_NAME,
 ) -> ExportSummary:
     """Export both encoders of an open_clip model into a Triton model repository.
 
     The files are written to a staging folder and checked against open_clip there; the
-    repository's files are only touched once the check passed.
+    repository's files are only touched once the check passed, and only model `name`'s
+    (`NAME_image/`, `NAME_text/`, its metadata file): other models stay as they are.
     """
+    check_name(name)
+    image_model, text_model = tower_models(name)
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, not {flavor!r}")
     if precision not in ("fp32", "fp16"):
@@ -134,11 +143,18 @@ def export_model(
         if flavor == "onnx":
             steps.set_postfix_str("exporting encoders to ONNX")
             image_run, text_run = _stage_onnx(
-                clip, staging, image_size, context_length, batching.torch_threads
+                clip,
+                staging,
+                image_size,
+                context_length,
+                batching.torch_threads,
+                (image_model, text_model),
             )
         else:
             steps.set_postfix_str("scripting encoders")
-            image_run, text_run = _stage_torchscript(clip, staging, fp16=precision == "fp16")
+            image_run, text_run = _stage_torchscript(
+                clip, staging, (image_model, text_model), fp16=precision == "fp16"
+            )
         steps.update()
 
         steps.set_postfix_str("checking against open_clip")
@@ -173,27 +189,30 @@ def export_model(
             # by model_id) with the fp32 ONNX Runtime ones of the same weights.
             precision="trt-fp16" if tensorrt else precision,
             versions=_versions(flavor),
+            image_model=image_model,
+            text_model=text_model,
+            name=name,
         )
         if metadata.resize_mode != "shortest":
             raise ValueError(
                 f"resize mode {metadata.resize_mode!r} is not supported (shortest only)"
             )
         towers = {
-            IMAGE_MODEL: TensorSpec(IMAGE_INPUT, "TYPE_UINT8", (3, image_size, image_size)),
-            TEXT_MODEL: TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,), ragged=True),
+            image_model: TensorSpec(IMAGE_INPUT, "TYPE_UINT8", (3, image_size, image_size)),
+            text_model: TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,), ragged=True),
         }
-        for name, input_spec in towers.items():
-            version_dir = out_dir / name / "1"
+        for tower, input_spec in towers.items():
+            version_dir = out_dir / tower / "1"
             version_dir.mkdir(parents=True, exist_ok=True)
             # Files of another flavor left by an earlier export would be served by mistake.
             for stale in _MODEL_FILES:
                 (version_dir / stale).unlink(missing_ok=True)
-            for staged in sorted((staging / name).iterdir()):
+            for staged in sorted((staging / tower).iterdir()):
                 shutil.move(str(staged), str(version_dir / staged.name))
             if flavor == "python":
                 shutil.copyfile(_PYTHON_MODEL, version_dir / "model.py")
             config = render_config(
-                name=name,
+                name=tower,
                 flavor=flavor,
                 inputs=[input_spec],
                 outputs=[TensorSpec(OUTPUT, "TYPE_FP32", (embedding_dim,))],
@@ -201,10 +220,11 @@ def export_model(
                 tensorrt=tensorrt,
                 parameters=metadata.triton_parameters(),
             )
-            (out_dir / name / "config.pbtxt").write_text(config)
+            (out_dir / tower / "config.pbtxt").write_text(config)
     metadata.save(out_dir)
     files: dict[str, int] = {}
-    for path in sorted(out_dir.rglob("*")):
+    own = [out_dir / image_model, out_dir / text_model, metadata_path(out_dir, name)]
+    for path in sorted(p for top in own for p in [top, *top.rglob("*")]):
         if path.is_file():
             files[str(path.relative_to(out_dir))] = path.stat().st_size
     steps.update()
@@ -222,40 +242,46 @@ Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _stage_torchscript(
-    clip: torch.nn.Module, staging: Path, *, fp16: bool
+    clip: torch.nn.Module, staging: Path, towers: tuple[str, str], *, fp16: bool
 ) -> tuple[Encode, Encode]:
     """Both towers scripted and saved as `<tower>/model.pt`; they also run the self-check."""
     image_ts, text_ts = script_encoders(clip, fp16=fp16)
-    for name, module in ((IMAGE_MODEL, image_ts), (TEXT_MODEL, text_ts)):
+    for name, module in zip(towers, (image_ts, text_ts), strict=True):
         (staging / name).mkdir()
         torch.jit.save(module, str(staging / name / "model.pt"))
     return image_ts, text_ts
 
 
 def _stage_onnx(
-    clip: torch.nn.Module, staging: Path, image_size: int, context_length: int, threads: int
+    clip: torch.nn.Module,
+    staging: Path,
+    image_size: int,
+    context_length: int,
+    threads: int,
+    towers: tuple[str, str],
 ) -> tuple[Encode, Encode]:
     """Both towers as `<tower>/model.onnx`; the self-check runs the files in ONNX Runtime."""
     image, text = build_encoders(clip)
+    image_model, text_model = towers
     # Example sizes that differ from each other and from 1: torch.export would otherwise
     # tie equal dimensions together or fix them at 1.
     examples = {
-        IMAGE_MODEL: (image, torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)),
-        TEXT_MODEL: (text, torch.ones(2, min(5, context_length), dtype=torch.long)),
+        image_model: (image, torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)),
+        text_model: (text, torch.ones(2, min(5, context_length), dtype=torch.long)),
     }
     runs: list[Encode] = []
     for name, (module, example) in examples.items():
         (staging / name).mkdir()
         path = staging / name / ONNX_FILE
-        input_name = IMAGE_INPUT if name == IMAGE_MODEL else TEXT_INPUT
+        input_name = IMAGE_INPUT if name == image_model else TEXT_INPUT
         export_onnx(
             module,
             example,
             path,
             input_name=input_name,
             output_name=OUTPUT,
-            dynamic_length=context_length if name == TEXT_MODEL else None,
-            what=f"{name.removeprefix('clip_')} tower of {type(clip).__name__}",
+            dynamic_length=context_length if name == text_model else None,
+            what=f"{'image' if name == image_model else 'text'} tower of {type(clip).__name__}",
         )
         session = open_session(path, intra_op_threads=threads)
         runs.append(

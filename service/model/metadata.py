@@ -1,14 +1,32 @@
-"""`metadata.json` beside the exported encoders: all a gateway needs to serve them."""
+"""`metadata.json` beside the exported encoders: all a gateway needs to serve them.
+
+**Several models in one repository.** Each export has a name (`clipsvc export --name`,
+default `clip`); its towers are the Triton models `NAME_image` and `NAME_text`, and its
+metadata is a file at the repository's root:
+
+    model_repository/
+      metadata.json            the model named `clip` (the only file before names existed)
+      metadata.NAME.json       every other model, one file each
+      clip_image/ clip_text/   NAME_image/ NAME_text/   (Triton model folders)
+
+A repository exported before names existed is a repository holding one model, `clip`.
+Triton ignores files at the root, so the layout stays a valid Triton repository.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 METADATA_FILE = "metadata.json"
+#: The name of an export that was given none, and of a repository exported before names.
+DEFAULT_NAME = "clip"
 IMAGE_MODEL = "clip_image"
 TEXT_MODEL = "clip_text"
+# Names go into Triton model names, file names, metric labels and URLs: kept plain.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 # Triton's libtorch backend wants `<name>__<index>`; the python flavor uses the same names.
 IMAGE_INPUT = "PIXELS__0"
 TEXT_INPUT = "TOKENS__0"
@@ -17,6 +35,50 @@ OUTPUT = "EMBEDDINGS__0"
 # compares them with its own metadata.json before it serves a vector).
 MODEL_ID_PARAMETER = "clip_model_id"
 WEIGHTS_PARAMETER = "clip_weights_sha256"
+
+
+def check_name(name: str) -> str:
+    """`name` if it may name a model (letters, digits, `_`, `-`; 63 at most), else ValueError."""
+    if not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"bad model name {name!r}: use letters, digits, '_' and '-' (63 at most), "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def metadata_path(repository: Path, name: str = DEFAULT_NAME) -> Path:
+    """Where the metadata of model `name` lives in `repository`."""
+    check_name(name)
+    file = METADATA_FILE if name == DEFAULT_NAME else f"metadata.{name}.json"
+    return Path(repository) / file
+
+
+def tower_models(name: str) -> tuple[str, str]:
+    """The Triton model names of `name`'s image and text towers."""
+    return f"{check_name(name)}_image", f"{name}_text"
+
+
+def repository_names(repository: Path) -> list[str]:
+    """The models exported into `repository`: `clip` first when present, then by name."""
+    root = Path(repository)
+    names = [DEFAULT_NAME] if (root / METADATA_FILE).is_file() else []
+    for path in sorted(root.glob("metadata.*.json")):
+        name = path.name[len("metadata.") : -len(".json")]
+        if _NAME_PATTERN.fullmatch(name) and name != DEFAULT_NAME:
+            names.append(name)
+    return names
+
+
+def load_repository(repository: Path) -> dict[str, ModelMetadata]:
+    """Every model of `repository` by name (`repository_names` order); raises when none."""
+    names = repository_names(repository)
+    if not names:
+        raise FileNotFoundError(
+            f"no {METADATA_FILE} (or metadata.NAME.json) in {repository}: export a model "
+            "first (`make model` or `clipsvc export --out DIR`)"
+        )
+    return {name: ModelMetadata.load(repository, name) for name in names}
 
 
 @dataclass(frozen=True)
@@ -50,6 +112,8 @@ class ModelMetadata:
     #: "trt-fp16" (onnx `--tensorrt`: TensorRT runs them in fp16 on Triton's GPUs).
     precision: str = "fp32"
     versions: dict[str, str] = field(default_factory=dict)
+    #: The name it is served under (`clipsvc export --name`); from the file's name on load.
+    name: str = DEFAULT_NAME
 
     @property
     def model_id(self) -> str:
@@ -68,15 +132,15 @@ class ModelMetadata:
         return self.flavor == "onnx"
 
     def save(self, directory: Path) -> Path:
-        """Write `metadata.json` into `directory`."""
-        path = Path(directory) / METADATA_FILE
+        """Write this model's metadata file (`metadata_path`) into `directory`."""
+        path = metadata_path(directory, self.name)
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
-    def load(cls, directory: Path) -> ModelMetadata:
-        """Read `metadata.json` from an exported model repository."""
-        path = Path(directory) / METADATA_FILE
+    def load(cls, directory: Path, name: str = DEFAULT_NAME) -> ModelMetadata:
+        """Read model `name`'s metadata from an exported model repository."""
+        path = metadata_path(directory, name)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: export a model first "
@@ -86,4 +150,5 @@ class ModelMetadata:
         raw["mean"] = tuple(raw["mean"])
         raw["std"] = tuple(raw["std"])
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        loaded = cls(**{k: v for k, v in raw.items() if k in known})
+        return replace(loaded, name=name)  # the file decides, whatever it says inside

@@ -75,7 +75,7 @@ class GatewayProcess(ChildServer):
 
     name = "gateway"
     error = GatewayProcessError
-    port_names = ("grpc", "metrics")
+    port_names = ("grpc", "metrics", "http")
     poll_interval_s = 0.2
     # What a gateway started for a measurement or a test wants unless told otherwise.
     defaults: ClassVar[Mapping[str, object]] = {"shutdown_grace_s": 2, "log_level": "WARNING"}
@@ -107,6 +107,11 @@ class GatewayProcess(ChildServer):
         return self.bound_port("metrics") if self._ports is not None else 0
 
     @property
+    def http_port(self) -> int:
+        """The HTTP API's port; 0 before the first start."""
+        return self.bound_port("http") if self._ports is not None else 0
+
+    @property
     def target(self) -> str:
         """`127.0.0.1:PORT`."""
         return f"{self.host}:{self.port}"
@@ -119,6 +124,7 @@ class GatewayProcess(ChildServer):
             "host": self.host,
             "port": ports["grpc"],
             "metrics_port": ports["metrics"],
+            "http_port": ports["http"],
             "model_repository": self.repository,
         }
         command = [sys.executable, "-m", "service.cli", "serve"]
@@ -155,6 +161,7 @@ def gateway_settings(repository: Path, **overrides: Any) -> Settings:
         "host": "127.0.0.1",
         "port": 0,
         "metrics_port": 0,
+        "http_port": 0,
         "model_repository": repository,
         "shutdown_grace_s": 5.0,
     }

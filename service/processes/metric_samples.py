@@ -41,9 +41,40 @@ def scrape(port: int, host: str = "127.0.0.1", timeout_s: float = 5.0) -> dict[s
 
 
 def sample(source: Samples | CollectorRegistry, name: str, **labels: str) -> float:
-    """One series' value from a `scrape()` or a registry; 0 when it does not exist (yet).
+    """The sum of the series of `name` that carry these labels (others may differ), from a
+    `scrape()` or a registry; 0 when none exists (yet).
 
-    The labels must be the series' labels exactly, as with `get_sample_value`.
+    Summing over the labels not given lets a reader ignore a label it does not care
+    about (`model`, when one model is served). Histogram buckets differ by `le`: name it.
     """
     samples = _flatten(source.collect()) if isinstance(source, CollectorRegistry) else source
-    return samples.get(_key(name, labels), 0.0)
+    exact = samples.get(_key(name, labels))
+    if exact is not None:
+        return exact
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
+    for key, value in samples.items():
+        series, _, inner = key.partition("{")
+        if series == name and wanted <= set(_split_labels(inner[:-1])):
+            total += value
+    return total
+
+
+def _split_labels(inner: str) -> list[str]:
+    """`a="1",b="x,y"` → ['a="1"', 'b="x,y"'] (commas inside quotes kept)."""
+    parts, current, quoted, escaped = [], "", False, False
+    for char in inner:
+        if char == "," and not quoted:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+    if current:
+        parts.append(current)
+    return parts

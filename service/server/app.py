@@ -1,4 +1,5 @@
-"""The transport: a grpc.aio server with the servicer, health, reflection and metrics.
+"""The transport: a grpc.aio server with the servicer, health, reflection and metrics,
+and the HTTP API (`http.py`) in the same event loop.
 
 Takes plain values (`ServerOptions`) and a built pipeline; `service.wiring` makes both.
 """
@@ -18,10 +19,11 @@ from prometheus_client import start_http_server
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core.admission import ByteBudget
 from service.core.embedder import Embedder
-from service.core.scoring import Scorer
+from service.core.models import ModelRegistry
 from service.metrics import Metrics
 from service.server.credentials import ApiKeys, TlsFiles, tls_server_credentials
 from service.server.health import HealthMonitor
+from service.server.http import HttpApi, HttpOptions, HttpServer
 from service.server.interceptors import (
     ApiKeyInterceptor,
     ObservabilityInterceptor,
@@ -43,6 +45,7 @@ class ServerOptions:
     max_concurrent_rpcs: int
     max_inflight_request_bytes: int
     health_port: int
+    http_port: int
     shutdown_grace_s: float
     backend_timeout_s: float
     api_keys: ApiKeys
@@ -56,21 +59,36 @@ class Gateway:
     options: ServerOptions
     server: grpc.aio.Server
     port: int
-    embedder: Embedder
+    models: ModelRegistry
     health: HealthMonitor
     metrics: Metrics
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
     metrics_port: int | None = None
+    http_server: HttpServer | None = None
     _metrics_http: Any = field(default=None, repr=False)
 
+    @property
+    def embedder(self) -> Embedder:
+        """The default model's pipeline."""
+        return self.models.default_embedder
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP API's port (None when disabled)."""
+        return self.http_server.port if self.http_server is not None else None
+
     async def start(self) -> None:
-        """Start the backend, the server and the health monitor (NOT_SERVING until warm)."""
-        await self.embedder.start()
+        """Start the backends, the servers and the health monitor (NOT_SERVING until warm)."""
+        await self.models.start()
+        # NOT_SERVING before any port opens: grpc's health servicer answers SERVING for ""
+        # until told otherwise, and the ports below take event-loop turns to start.
+        await self.health.start()
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
-        await self.health.start()
+        if self.http_server is not None:
+            await self.http_server.start()
         if self.options.metrics_port >= 0:
             http, _thread = start_http_server(
                 self.options.metrics_port, addr=self.options.host, registry=self.metrics.registry
@@ -78,11 +96,13 @@ class Gateway:
             self._metrics_http = http
             self.metrics_port = http.server_port
         _LOGGER.info(
-            "listening on %s:%d (metrics on %s), model %s, backend %s",
+            "listening on %s:%d (HTTP on %s, metrics on %s), models %s (default %s), backend %s",
             self.options.host,
             self.port,
+            self.http_port,
             self.metrics_port,
-            self.embedder.model_id,
+            ", ".join(f"{m.name}={m.embedder.model_id}" for m in self.models),
+            self.models.default,
             self.embedder.backend_name,
         )
 
@@ -101,19 +121,22 @@ class Gateway:
         await self.health.shutdown()
         if self.health_server is not None:
             await self.health_server.stop(0)  # probes see the port close: not ready
-        await self.server.stop(grace)
-        await self.embedder.aclose()
+        stopping = [self.server.stop(grace)]
+        if self.http_server is not None:
+            stopping.append(self.http_server.stop(grace))
+        await asyncio.gather(*stopping)
+        await self.models.aclose()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
 
 
-def build_server(
-    options: ServerOptions, embedder: Embedder, scorer: Scorer, metrics: Metrics
-) -> Gateway:
-    """The grpc.aio server around a built pipeline, bound but not started."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
+def build_server(options: ServerOptions, models: ModelRegistry, metrics: Metrics) -> Gateway:
+    """The grpc.aio server (and the HTTP API) around built pipelines, bound but not started."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ObservabilityInterceptor(metrics, models.label)
+    ]
     if options.api_keys.enabled:
         interceptors.append(ApiKeyInterceptor(options.api_keys, metrics))
     # Innermost: only calls that passed the API-key check hold request bytes.
@@ -130,8 +153,7 @@ def build_server(
     )
     clip_pb2_grpc.add_ClipServiceServicer_to_server(
         ClipServicer(
-            embedder,
-            scorer,
+            models,
             backend_timeout_s=options.backend_timeout_s,
             max_answer_bytes=options.max_message_bytes,
         ),
@@ -154,8 +176,22 @@ def build_server(
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    monitor = HealthMonitor(health_servicer, embedder)
-    gateway = Gateway(options, server, port, embedder, monitor, metrics)
+    monitor = HealthMonitor(health_servicer, models)
+    gateway = Gateway(options, server, port, models, monitor, metrics)
+    if options.http_port >= 0:
+        api = HttpApi(
+            models,
+            monitor,
+            metrics,
+            HttpOptions(
+                max_body_bytes=options.max_message_bytes,
+                max_concurrent=options.max_concurrent_rpcs,
+                backend_timeout_s=options.backend_timeout_s,
+                api_keys=options.api_keys,
+            ),
+            budget,
+        )
+        gateway.http_server = HttpServer(api.app, options.host, options.http_port, options.tls)
     if options.health_port >= 0:
         # Probes get the same health answers over plaintext, outside the RPC cap, auth
         # and TLS of the main port (kubelet's gRPC probe speaks neither TLS nor keys).

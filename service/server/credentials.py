@@ -11,6 +11,7 @@ restart:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -74,6 +75,17 @@ class ApiKeys:
             self._checked_at = self._clock()
             self._refresh(self._file)
         return self._current
+
+    def accepts(self, authorization: str | bytes | None) -> bool:
+        """Whether an `authorization` header value (`Bearer <key>`) carries an accepted key.
+
+        Compared against every key, always, so timing reveals nothing about which matched."""
+        raw = authorization.encode() if isinstance(authorization, str) else authorization or b""
+        presented = raw[7:].strip() if raw[:7].lower() == b"bearer " else b""
+        matched = False
+        for key in self.current():
+            matched |= hmac.compare_digest(presented, key)
+        return matched and bool(presented)
 
     def _refresh(self, file: Path) -> None:
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -62,14 +61,17 @@ def _wrap(
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Counts requests by method and code, times them, and maps errors to status codes."""
+    """Counts requests by method, code and model, times them, and maps errors to status codes."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, model_label: Callable[[str], str] = str) -> None:
+        """`model_label`: a request's `model` field → its bounded metric label (streams,
+        whose messages may each name a model, and calls without one are labelled '')."""
         self._metrics = metrics
+        self._model_label = model_label
 
     @contextlib.asynccontextmanager
     async def _observed(
-        self, method: str, context: grpc.aio.ServicerContext
+        self, method: str, context: grpc.aio.ServicerContext, model: str = ""
     ) -> AsyncIterator[None]:
         metrics = self._metrics
         started = time.perf_counter()
@@ -97,8 +99,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(set_code, grpc.StatusCode):
                 code = set_code.name
             metrics.in_flight.labels(method).dec()
-            metrics.request_latency.labels(method).observe(time.perf_counter() - started)
-            metrics.requests.labels(method, code).inc()
+            metrics.request_latency.labels(method, model).observe(time.perf_counter() - started)
+            metrics.requests.labels(method, code, model).inc()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -108,10 +110,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = _method_name(handler_call_details)
         observed = self._observed
+        model_label = self._model_label
 
         def around(behaviour: Callable[..., Any], streams_out: bool) -> Callable[..., Any]:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with observed(method, context):
+                model = getattr(request, "model", None)
+                label = model_label(model) if isinstance(model, str) else ""
+                async with observed(method, context, label):
                     return await behaviour(request, context)
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -134,18 +139,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
 
     def _allowed(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
-        presented = b""
         for name, value in metadata or ():
             if name.lower() == "authorization":
-                raw = value if isinstance(value, bytes) else value.encode()
-                if raw[:7].lower() == b"bearer ":
-                    presented = raw[7:].strip()
-                break
-        # Compare against every key, always, so timing reveals nothing about which matched.
-        matched = False
-        for key in self._keys.current():
-            matched |= hmac.compare_digest(presented, key)
-        return matched and bool(presented)
+                return self._keys.accepts(value)
+        return self._keys.accepts(None)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -204,21 +201,13 @@ class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
 
         def around(behaviour: Callable[..., Any], streams_out: bool) -> Callable[..., Any]:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                size = request.ByteSize()
-                budget.take(size)
-                try:
+                with budget.held(request.ByteSize()):
                     return await behaviour(request, context)
-                finally:
-                    budget.give(size)
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                size = request.ByteSize()
-                budget.take(size)
-                try:
+                with budget.held(request.ByteSize()):
                     async for response in behaviour(request, context):
                         yield response
-                finally:
-                    budget.give(size)
 
             return stream if streams_out and not inspect.iscoroutinefunction(behaviour) else unary
 

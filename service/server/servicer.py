@@ -12,8 +12,9 @@ from typing import Any
 import grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
-from service.core.embedder import Embedder, EmbeddingResult
-from service.core.scoring import Item, Scorer
+from service.core.embedder import EmbeddingResult
+from service.core.models import ModelRegistry, ServedModel
+from service.core.scoring import Item
 from service.errors import InvalidInput, Overloaded
 from service.server.status import caller_message, status_for
 
@@ -47,20 +48,18 @@ def _check_format(fmt: int) -> int:
 
 
 class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
-    """Thin translation between the protobuf API and the `Embedder` / `Scorer`."""
+    """Thin translation between the protobuf API and each model's `Embedder` / `Scorer`."""
 
     def __init__(
         self,
-        embedder: Embedder,
-        scorer: Scorer,
+        models: ModelRegistry,
         *,
         backend_timeout_s: float,
         max_answer_bytes: int,
     ) -> None:
         """`max_answer_bytes`: the send limit; answers that would pass it are refused
         before any work is done."""
-        self._embedder = embedder
-        self._scorer = scorer
+        self._models = models
         self._backend_timeout_s = backend_timeout_s
         self._max_answer_bytes = max_answer_bytes
 
@@ -71,9 +70,9 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
                 f"{self._max_answer_bytes} bytes (--max-message-bytes); split the request"
             )
 
-    def _check_vectors_answer(self, n: int, fmt: int) -> None:
+    def _check_vectors_answer(self, model: ServedModel, n: int, fmt: int) -> None:
         width = 2 if fmt == clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES else 4
-        per_vector = self._embedder.metadata.embedding_dim * width + _PER_VECTOR_OVERHEAD
+        per_vector = model.embedder.metadata.embedding_dim * width + _PER_VECTOR_OVERHEAD
         self._check_answer_size(n * per_vector, f"{n} vectors")
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
@@ -85,40 +84,44 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     async def EmbedText(
         self, request: clip_pb2.EmbedTextRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
+        model = self._models.get(request.model)
         return await self._embed(
-            self._embedder.embed_texts, list(request.texts), request.format, context
+            model, model.embedder.embed_texts, list(request.texts), request.format, context
         )
 
     async def EmbedImage(
         self, request: clip_pb2.EmbedImageRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
+        model = self._models.get(request.model)
         return await self._embed(
-            self._embedder.embed_images, list(request.images), request.format, context
+            model, model.embedder.embed_images, list(request.images), request.format, context
         )
 
     async def _embed(
         self,
+        model: ServedModel,
         embed: Callable[..., Awaitable[list[EmbeddingResult]]],
         inputs: list[Any],
         vector_format: int,
         context: grpc.aio.ServicerContext,
     ) -> clip_pb2.EmbedResponse:
         fmt = _check_format(vector_format)
-        self._check_vectors_answer(len(inputs), fmt)
+        self._check_vectors_answer(model, len(inputs), fmt)
         items = await embed(inputs, timeout_s=self._timeout(context))
         return clip_pb2.EmbedResponse(
-            embeddings=[_vector_message(i, fmt) for i in items], model=self._embedder.model_id
+            embeddings=[_vector_message(i, fmt) for i in items], model=model.embedder.model_id
         )
 
     async def Similarity(
         self, request: clip_pb2.SimilarityRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.SimilarityResponse:
+        model = self._models.get(request.model)
         n_queries, n_candidates = len(request.queries), len(request.candidates)
         self._check_answer_size(
             n_queries * (n_candidates * 2 * _PER_SCORE_BYTES + _PER_VECTOR_OVERHEAD),
             f"{n_queries} × {n_candidates} scores",
         )
-        result = await self._scorer.similarity(
+        result = await model.scorer.similarity(
             _items(request.queries, "queries"),
             _items(request.candidates, "candidates"),
             timeout_s=self._timeout(context),
@@ -127,16 +130,17 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             clip_pb2.Row(scores=scores.tolist(), probabilities=probabilities.tolist())
             for scores, probabilities in zip(result.scores, result.probabilities, strict=True)
         ]
-        return clip_pb2.SimilarityResponse(rows=rows, model=self._embedder.model_id)
+        return clip_pb2.SimilarityResponse(rows=rows, model=model.embedder.model_id)
 
     async def Classify(
         self, request: clip_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.ClassifyResponse:
+        model = self._models.get(request.model)
         k = len(request.labels) if request.top_k <= 0 else min(request.top_k, len(request.labels))
         longest = sorted((len(label.encode()) for label in request.labels), reverse=True)[:k]
         per_image = sum(longest) + k * _PER_LABEL_OVERHEAD
         self._check_answer_size(len(request.images) * per_image, f"{k} labels per image")
-        results = await self._scorer.classify(
+        results = await model.scorer.classify(
             list(request.images),
             list(request.labels),
             list(request.templates),
@@ -153,24 +157,18 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
                 )
                 for ranked in results
             ],
-            model=self._embedder.model_id,
+            model=model.embedder.model_id,
         )
 
     async def GetModelInfo(
         self, request: clip_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.ModelInfo:
-        meta = self._embedder.metadata
-        return clip_pb2.ModelInfo(
-            model_name=meta.model_name,
-            pretrained=meta.pretrained,
-            embedding_dim=meta.embedding_dim,
-            image_size=meta.image_size,
-            context_length=meta.context_length,
-            logit_scale=meta.logit_scale,
-            backend=self._embedder.backend_name,
-            model_id=meta.model_id,
-            weights_sha256=meta.weights_sha256,
-        )
+        return model_info(self._models.get(request.model))
+
+    async def ListModels(
+        self, request: clip_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.ListModelsResponse:
+        return clip_pb2.ListModelsResponse(models=[model_info(m) for m in self._models])
 
     async def EmbedStream(
         self,
@@ -222,12 +220,13 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
                     f"{MAX_STREAM_ID_CHARS} (the answer carries its first {MAX_STREAM_ID_CHARS})"
                 )
             fmt = _check_format(request.format)
+            embedder = self._models.get(request.model).embedder
             kind = request.WhichOneof("input")
             timeout = self._timeout(context)
             if kind == "text":
-                items = await self._embedder.embed_texts([request.text], timeout_s=timeout)
+                items = await embedder.embed_texts([request.text], timeout_s=timeout)
             elif kind == "image":
-                items = await self._embedder.embed_images([request.image], timeout_s=timeout)
+                items = await embedder.embed_images([request.image], timeout_s=timeout)
             else:
                 raise InvalidInput("message has neither text nor image set")
             return clip_pb2.StreamResponse(id=item_id, embedding=_vector_message(items[0], fmt))
@@ -237,6 +236,23 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
                 id=item_id,
                 error=clip_pb2.StreamError(code=status_for(exc).name, message=message),
             )
+
+
+def model_info(model: ServedModel) -> clip_pb2.ModelInfo:
+    """What `GetModelInfo` and `ListModels` say about one served model."""
+    meta = model.embedder.metadata
+    return clip_pb2.ModelInfo(
+        name=model.name,
+        model_name=meta.model_name,
+        pretrained=meta.pretrained,
+        embedding_dim=meta.embedding_dim,
+        image_size=meta.image_size,
+        context_length=meta.context_length,
+        logit_scale=meta.logit_scale,
+        backend=model.embedder.backend_name,
+        model_id=meta.model_id,
+        weights_sha256=meta.weights_sha256,
+    )
 
 
 def _items(items: Sequence[clip_pb2.Item], field: str) -> list[Item]:

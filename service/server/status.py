@@ -1,8 +1,10 @@
-"""The one table from service errors to gRPC status codes, and what a caller is told."""
+"""The one table from service errors to what callers see: a gRPC code and, for the
+HTTP API, an HTTP status and an OpenAI-style error `type` (the same row for both)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import grpc
 
@@ -13,27 +15,51 @@ from service.errors import (
     DeadlineExceeded,
     InvalidInput,
     ModelMismatch,
+    ModelNotFound,
     Overloaded,
+    RequestTooLarge,
+    Unauthenticated,
 )
 
 _LOGGER = logging.getLogger(__name__)
 
-_CODES: dict[type[ClipError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
-    ModelMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    BackendFailure: grpc.StatusCode.INTERNAL,
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one kind of error reaches a caller, over either transport."""
+
+    code: grpc.StatusCode
+    http_status: int
+    #: OpenAI's `error.type` (the classes its clients raise follow `http_status`).
+    http_type: str
+
+
+_INTERNAL = Outcome(grpc.StatusCode.INTERNAL, 500, "server_error")
+_TABLE: dict[type[ClipError], Outcome] = {
+    InvalidInput: Outcome(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    Unauthenticated: Outcome(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
+    ModelNotFound: Outcome(grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
+    # 429 for every RESOURCE_EXHAUSTED: "too much now, retry later or send less".
+    Overloaded: Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    RequestTooLarge: Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error"),
+    BackendUnavailable: Outcome(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    ModelMismatch: Outcome(grpc.StatusCode.FAILED_PRECONDITION, 503, "service_unavailable"),
+    DeadlineExceeded: Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
+    BackendFailure: _INTERNAL,
 }
+
+
+def outcome_for(error: BaseException) -> Outcome:
+    """The row for `error`, looked up through its class hierarchy (INTERNAL otherwise)."""
+    for kind in type(error).__mro__:
+        if kind in _TABLE:
+            return _TABLE[kind]
+    return _INTERNAL
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC code a caller sees for `error` (INTERNAL for anything unexpected)."""
-    for kind in type(error).__mro__:
-        if kind in _CODES:
-            return _CODES[kind]
-    return grpc.StatusCode.INTERNAL
+    return outcome_for(error).code
 
 
 def caller_message(error: BaseException) -> str:

@@ -102,6 +102,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "networkPolicy": {
             "enabled": True,
             "grpcFrom": [{"namespaceSelector": {"matchLabels": {"team": "search"}}}],
+            "httpFrom": [{"namespaceSelector": {"matchLabels": {"team": "rag"}}}],
         },
     },
     "cpu-triton": {"triton": {"gpu": {"enabled": False}, "tolerations": []}},
@@ -166,6 +167,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "prometheusAdapter": {"rules": True, "window": "3m"},
         },
     },
+    "http-ports": {"gateway": {"service": {"httpPort": 80}, "containerPorts": {"http": 8081}}},
     # null removes a default: no CPU request or limit at all.
     "no-cpu": {"gateway": {"resources": {"requests": {"cpu": None}}}},
 }
@@ -394,6 +396,7 @@ def test_gateway_settings_come_from_the_configmap(rendered: dict[str, Rendered])
     assert data["CLIP_BACKEND"] == "triton"
     assert data["CLIP_MAX_BATCH_SIZE"] == "32" and data["CLIP_MAX_INFLIGHT_BATCHES"] == "1"
     assert data["CLIP_METRICS_PORT"] == str(port_numbers(c)["metrics"])
+    assert data["CLIP_HTTP_PORT"] == str(port_numbers(c)["http"]) == "8080"
     # Gateways dial the headless Triton Service (one address per pod, balanced per call)
     # on the port the Triton container listens on.
     headless = r.one("Service", "triton", headless=True)
@@ -487,6 +490,21 @@ def test_gateway_service_has_named_ports(rendered: dict[str, Rendered]) -> None:
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert ports["grpc"]["port"] == 50051 and ports["grpc"]["targetPort"] == "grpc"
     assert ports["metrics"]["port"] == 9090 and ports["metrics"]["targetPort"] == "metrics"
+    # The HTTP API (OpenAI-compatible) beside gRPC, on the container port of that name.
+    assert ports["http"]["port"] == 8080 and ports["http"]["targetPort"] == "http"
+    assert ports["http"]["appProtocol"] == "http"
+    assert port_numbers(_gateway_container(rendered["defaults"]))["http"] == 8080
+
+
+def test_the_http_port_follows_its_values(rendered: dict[str, Rendered]) -> None:
+    r = rendered["http-ports"]
+    ports = {p["name"]: p for p in r.one("Service", "gateway")["spec"]["ports"]}
+    assert ports["http"]["port"] == 80
+    assert port_numbers(_gateway_container(r))["http"] == 8081
+    assert _gateway_config(r)["CLIP_HTTP_PORT"] == "8081"
+    # Probes stay on the gRPC health port: the HTTP API is not what the kubelet asks.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert _gateway_container(r)[probe].get("httpGet") is None
 
 
 @pytest.mark.parametrize("component", ["gateway", "triton"])
@@ -1011,6 +1029,8 @@ def test_network_policies_isolate_triton_and_redis(rendered: dict[str, Rendered]
     gw = r.one("NetworkPolicy", "gateway")["spec"]
     rules = {rule["ports"][0]["port"]: rule for rule in gw["ingress"]}
     assert rules["grpc"]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]
+    assert rules["http"]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "rag"}}}]
+    assert rules["http"]["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert rules["metrics"]["from"][0]["namespaceSelector"]["matchLabels"] == {
         "kubernetes.io/metadata.name": "monitoring"
     }

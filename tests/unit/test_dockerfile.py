@@ -144,7 +144,7 @@ def test_gateway_image_shape(dockerfile: Dockerfile) -> None:
     gateway = dockerfile.stages["gateway"]
     assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", dockerfile.resolve(gateway.base))
     exposed = {p for args in gateway.all("EXPOSE") for p in args.split()}
-    assert {"50051", "9090"} <= exposed
+    assert {"50051", "9090", "8080"} <= exposed  # gRPC, metrics, the HTTP API
     assert json.loads(gateway.all("ENTRYPOINT")[-1]) == ["clipsvc"]
     assert json.loads(gateway.all("CMD")[-1]) == ["serve"]
     env = " ".join(gateway.all("ENV"))

@@ -17,20 +17,24 @@ VECTOR_FORMAT_FLOAT32_BYTES: VectorFormat
 VECTOR_FORMAT_FLOAT16_BYTES: VectorFormat
 
 class EmbedTextRequest(_message.Message):
-    __slots__ = ("texts", "format")
+    __slots__ = ("texts", "format", "model")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     format: VectorFormat
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[VectorFormat, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
-    __slots__ = ("images", "format")
+    __slots__ = ("images", "format", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     format: VectorFormat
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[VectorFormat, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values", "packed", "truncated", "cached", "dim")
@@ -63,12 +67,14 @@ class Item(_message.Message):
     def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class SimilarityRequest(_message.Message):
-    __slots__ = ("queries", "candidates")
+    __slots__ = ("queries", "candidates", "model")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Item]
     candidates: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, queries: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    model: str
+    def __init__(self, queries: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Row(_message.Message):
     __slots__ = ("scores", "probabilities")
@@ -87,16 +93,18 @@ class SimilarityResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("images", "labels", "templates", "top_k")
+    __slots__ = ("images", "labels", "templates", "top_k", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     labels: _containers.RepeatedScalarFieldContainer[str]
     templates: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability", "score")
@@ -123,11 +131,13 @@ class ClassifyResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "logit_scale", "backend", "model_id", "weights_sha256")
+    __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "logit_scale", "backend", "model_id", "weights_sha256", "name")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +147,7 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     pretrained: str
     embedding_dim: int
@@ -146,19 +157,32 @@ class ModelInfo(_message.Message):
     backend: str
     model_id: str
     weights_sha256: str
-    def __init__(self, model_name: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., backend: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    name: str
+    def __init__(self, model_name: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., backend: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("id", "text", "image", "format")
+    __slots__ = ("id", "text", "image", "format", "model")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     image: bytes
     format: VectorFormat
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., format: _Optional[_Union[VectorFormat, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")

@@ -59,6 +59,11 @@ class ClipServiceStub:
                 request_serializer=clip_dot_v1_dot_clip__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=clip_dot_v1_dot_clip__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/clip.v1.ClipService/ListModels',
+                request_serializer=clip_dot_v1_dot_clip__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=clip_dot_v1_dot_clip__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
         self.EmbedStream = channel.stream_stream(
                 '/clip.v1.ClipService/EmbedStream',
                 request_serializer=clip_dot_v1_dot_clip__pb2.StreamRequest.SerializeToString,
@@ -99,6 +104,13 @@ class ClipServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model served, with its name (the `model` field of the other requests).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EmbedStream(self, request_iterator, context):
         """Bulk jobs: one answer per message, matched by id; a bad item answers with an
         error and the stream goes on. Answers may come back out of order.
@@ -134,6 +146,11 @@ def add_ClipServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=clip_dot_v1_dot_clip__pb2.GetModelInfoRequest.FromString,
                     response_serializer=clip_dot_v1_dot_clip__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=clip_dot_v1_dot_clip__pb2.ListModelsRequest.FromString,
+                    response_serializer=clip_dot_v1_dot_clip__pb2.ListModelsResponse.SerializeToString,
             ),
             'EmbedStream': grpc.stream_stream_rpc_method_handler(
                     servicer.EmbedStream,
@@ -276,6 +293,33 @@ class ClipService:
             '/clip.v1.ClipService/GetModelInfo',
             clip_dot_v1_dot_clip__pb2.GetModelInfoRequest.SerializeToString,
             clip_dot_v1_dot_clip__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clip.v1.ClipService/ListModels',
+            clip_dot_v1_dot_clip__pb2.ListModelsRequest.SerializeToString,
+            clip_dot_v1_dot_clip__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
