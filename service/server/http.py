@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import socket
 import ssl
 import time
@@ -42,7 +41,6 @@ from service.server.credentials import ApiKeys, TlsFiles
 from service.server.health import HealthMonitor
 from service.server.status import caller_message, outcome_for
 
-_LOGGER = logging.getLogger(__name__)
 #: `created` of every model in `/v1/models` (OpenAI's field; the export time is not kept).
 _CREATED = 0
 #: Texts whose token count each model remembers.
