@@ -1,6 +1,11 @@
 """open_clip → TorchScript → Triton model repository + `metadata.json`.
 
-`clipsvc export --model NAME --pretrained TAG|none|PATH --out DIR --flavor pytorch|python|onnx`
+`clipsvc export --model NAME|PATH.json --pretrained TAG|none|PATH --out DIR
+--flavor pytorch|python|onnx`
+
+A repository is self-contained: a HF tokenizer's files are copied into `tokenizer/` and
+`metadata.json` says how to use them (clean function, padding rule, pad and special ids),
+so serving needs neither a model hub nor the config the model was exported from.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from service.model import configs as model_configs
-from service.model.encoders import build_encoders, script_encoders
+from service.model.encoders import TEXT_PADDING_FULL, build_encoders, script_encoders
 from service.model.metadata import (
     IMAGE_INPUT,
     IMAGE_MODEL,
@@ -69,15 +74,32 @@ class ExportSummary:
         return "\n".join(lines)
 
 
-def load_open_clip(model_name: str, pretrained: str) -> tuple[torch.nn.Module, str]:
-    """The open_clip model in eval mode and the pretrained label to record."""
+def resolve_model_name(model: str) -> str:
+    """An open_clip model name as given, or, for the path of a model-config JSON, its file
+    stem once the config is registered with open_clip."""
     model_configs.register()
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {path} not found")
+        open_clip.add_model_config(path)
+        return path.stem
+    return model
+
+
+def load_open_clip(model_name: str, pretrained: str) -> tuple[torch.nn.Module, str]:
+    """The open_clip model in eval mode and the pretrained label to record
+    (`model_name`: a name or a model-config JSON path, see `resolve_model_name`)."""
+    model_name = resolve_model_name(model_name)
     if pretrained.lower() in ("", "none"):
         weights, label = None, "none"
     else:
         weights = pretrained
         label = Path(pretrained).stem if Path(pretrained).is_file() else pretrained
-    model = open_clip.create_model(model_name, pretrained=weights, device="cpu")
+    # Random weights mean random text weights too: no HF download for an HF text tower.
+    model = open_clip.create_model(
+        model_name, pretrained=weights, device="cpu", pretrained_text=weights is not None
+    )
     return model.eval(), label
 
 
@@ -119,11 +141,15 @@ def export_model(
     steps = tqdm(total=5, desc="export", disable=not progress, unit="step")
 
     steps.set_postfix_str(f"loading {model_name}")
+    model_name = resolve_model_name(model_name)
     clip, label = load_open_clip(model_name, pretrained)
     cfg = clip.visual.preprocess_cfg
     image_size = int(cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0])
-    context_length = int(clip.context_length)
-    tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
+    # What `open_clip.get_tokenizer(model)` pads to (the text config's context length):
+    # for HF text towers `clip.context_length` is the tower's position count instead.
+    tokenizer = open_clip.get_tokenizer(model_name)
+    context_length = int(tokenizer.context_length)
+    check_tokens = tokenizer(CHECK_TEXTS)
     steps.update()
 
     # Staged inside `out_dir`: the same filesystem, so the files are moved, not copied, and
@@ -133,12 +159,15 @@ def export_model(
         staging = Path(staging_dir)
         if flavor == "onnx":
             steps.set_postfix_str("exporting encoders to ONNX")
-            image_run, text_run = _stage_onnx(
-                clip, staging, image_size, context_length, batching.torch_threads
+            image_run, text_run, text_padding = _stage_onnx(
+                clip, staging, image_size, context_length, batching.torch_threads, check_tokens
             )
         else:
             steps.set_postfix_str("scripting encoders")
-            image_run, text_run = _stage_torchscript(clip, staging, fp16=precision == "fp16")
+            image_run, text_run, text_padding = _stage_torchscript(
+                clip, staging, fp16=precision == "fp16", text_example=check_tokens
+            )
+        tokenizer_fields = _stage_tokenizer(tokenizer, staging)
         steps.update()
 
         steps.set_postfix_str("checking against open_clip")
@@ -146,11 +175,12 @@ def export_model(
             clip,
             image_run,
             text_run,
-            tokenizer,
+            check_tokens,
             image_size,
+            full_padding=text_padding == TEXT_PADDING_FULL,
             min_cosine=_FP16_MIN_COSINE if precision == "fp16" else None,
         )
-        embedding_dim = int(text_run(torch.ones(1, 2, dtype=torch.long)).shape[-1])
+        embedding_dim = int(text_run(check_tokens[:1]).shape[-1])
         steps.update()
 
         steps.set_postfix_str("writing repository")
@@ -171,14 +201,21 @@ def export_model(
             flavor=flavor,
             precision=precision,
             versions=_versions(flavor),
+            text_padding=text_padding,
+            **tokenizer_fields,
         )
+        _check_tokenizer(metadata, staging, tokenizer)
         if metadata.resize_mode != "shortest":
             raise ValueError(
                 f"resize mode {metadata.resize_mode!r} is not supported (shortest only)"
             )
         towers = {
             IMAGE_MODEL: TensorSpec(IMAGE_INPUT, "TYPE_UINT8", (3, image_size, image_size)),
-            TEXT_MODEL: TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,), ragged=True),
+            TEXT_MODEL: (
+                TensorSpec(TEXT_INPUT, "TYPE_INT64", (context_length,))
+                if text_padding == TEXT_PADDING_FULL
+                else TensorSpec(TEXT_INPUT, "TYPE_INT64", (-1,), ragged=True)
+            ),
         }
         for name, input_spec in towers.items():
             version_dir = out_dir / name / "1"
@@ -200,6 +237,9 @@ def export_model(
                 parameters=metadata.triton_parameters(),
             )
             (out_dir / name / "config.pbtxt").write_text(config)
+        shutil.rmtree(out_dir / TOKENIZER_DIR, ignore_errors=True)
+        if (staging / TOKENIZER_DIR).is_dir():
+            shutil.move(str(staging / TOKENIZER_DIR), str(out_dir / TOKENIZER_DIR))
     metadata.save(out_dir)
     files: dict[str, int] = {}
     for path in sorted(out_dir.rglob("*")):
@@ -219,27 +259,119 @@ _MODEL_FILES = ("model.pt", "model.py", ONNX_FILE, ONNX_FILE + ".data")
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
+#: Texts the export checks tokenizer and text tower on: empty, short, long, past the
+#: context, scripts other than Latin, punctuation, odd whitespace and case.
+CHECK_TEXTS = [
+    "",
+    "a photo of a cat",
+    "A Diagram of " + "a red circle beside " * 4,
+    "x " * 200,
+    "一只在雪地里玩耍的金毛猎犬",
+    "Кошка, сидящая на подоконнике!",
+    "tabs\tand\nnewlines   and CAPS_with_underscores & <b>html</b>",
+]
+#: The folder of a repository that holds a HF tokenizer's files.
+TOKENIZER_DIR = "tokenizer"
+
+
+def _stage_tokenizer(tokenizer: object, staging: Path) -> dict[str, object]:
+    """A HF tokenizer's files copied to `tokenizer/` and the `metadata.json` fields that
+    describe it; {} for open_clip's CLIP BPE (the gateway has it built in)."""
+    if isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        return {}
+    if not isinstance(tokenizer, open_clip.tokenizer.HFTokenizer):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} is not supported")
+    if tokenizer.tokenizer_mode:
+        raise ValueError(f"HF tokenizer mode {tokenizer.tokenizer_mode!r} is not supported")
+    hf = tokenizer.tokenizer
+    if not getattr(hf, "is_fast", False):
+        raise ValueError(f"{type(hf).__name__} has no fast (tokenizers) version")
+    if getattr(hf, "padding_side", "right") != "right":
+        raise ValueError(f"padding side {hf.padding_side!r} is not supported")
+    hf.save_pretrained(str(staging / TOKENIZER_DIR))
+    special = {
+        role: int(token_id)
+        for role in ("bos", "eos", "pad", "sep", "cls", "unk", "mask")
+        if (token_id := getattr(hf, f"{role}_token_id", None)) is not None
+    }
+    clean = {v: k for k, v in _CLEAN_NAMES.items()}.get(tokenizer.clean_fn)
+    if clean is None:
+        raise ValueError(f"clean function {tokenizer.clean_fn!r} is not supported")
+    language = getattr(hf, "src_lang", None) if hasattr(tokenizer, "set_lang_fn") else None
+    languages = tuple(getattr(hf, "additional_special_tokens", None) or ()) if language else ()
+    return {
+        "tokenizer": "hf",
+        "tokenizer_file": f"{TOKENIZER_DIR}/tokenizer.json",
+        "tokenizer_clean": clean,
+        "pad_token_id": int(hf.pad_token_id or 0),
+        "strip_sep_token_id": (
+            int(hf.sep_token_id)
+            if tokenizer.strip_sep_token and hf.sep_token_id is not None
+            else None
+        ),
+        "special_tokens": special,
+        "language": language,
+        "languages": languages,
+    }
+
+
+_CLEAN_NAMES = {
+    name: open_clip.tokenizer.get_clean_fn(name) for name in ("whitespace", "canonicalize", "lower")
+}
+
+
+def _check_tokenizer(metadata: ModelMetadata, staging: Path, tokenizer: object) -> None:
+    """The gateway's tokenizer, built from the staged files, against open_clip's: the
+    same ids on `CHECK_TEXTS` (padded by the repository's rule), else the export stops."""
+    from dataclasses import replace
+
+    from service.core.hf_tokenize import build_tokenizer
+
+    ours = build_tokenizer(replace(metadata, repository=str(staging)), (8, 16, 32))
+    want = tokenizer(CHECK_TEXTS)  # type: ignore[operator]
+    rows = [ours.tokenize(text) for text in CHECK_TEXTS]
+    for text, tokens, row in zip(CHECK_TEXTS, rows, want.tolist(), strict=True):
+        padded = ours.pad([tokens], metadata.context_length)[0].tolist()
+        if padded != row:
+            raise RuntimeError(
+                f"the gateway's tokenizer differs from open_clip's on {text[:40]!r}: "
+                f"{padded[:12]}... vs {row[:12]}..."
+            )
+        if tokens.truncated != (text == CHECK_TEXTS[3]) and text in ("", CHECK_TEXTS[3]):
+            raise RuntimeError(f"truncation flag {tokens.truncated} is wrong for {text[:40]!r}")
+
+
 def _stage_torchscript(
-    clip: torch.nn.Module, staging: Path, *, fp16: bool
-) -> tuple[Encode, Encode]:
-    """Both towers scripted and saved as `<tower>/model.pt`; they also run the self-check."""
-    image_ts, text_ts = script_encoders(clip, fp16=fp16)
+    clip: torch.nn.Module, staging: Path, *, fp16: bool, text_example: torch.Tensor
+) -> tuple[Encode, Encode, str]:
+    """Both towers as `<tower>/model.pt` (they also run the self-check) and the padding rule."""
+    image_ts, text_ts, padding = script_encoders(clip, fp16=fp16, text_example=text_example)
     for name, module in ((IMAGE_MODEL, image_ts), (TEXT_MODEL, text_ts)):
         (staging / name).mkdir()
         torch.jit.save(module, str(staging / name / "model.pt"))
-    return image_ts, text_ts
+    return image_ts, text_ts, padding
 
 
 def _stage_onnx(
-    clip: torch.nn.Module, staging: Path, image_size: int, context_length: int, threads: int
-) -> tuple[Encode, Encode]:
-    """Both towers as `<tower>/model.onnx`; the self-check runs the files in ONNX Runtime."""
-    image, text = build_encoders(clip)
+    clip: torch.nn.Module,
+    staging: Path,
+    image_size: int,
+    context_length: int,
+    threads: int,
+    text_example: torch.Tensor,
+) -> tuple[Encode, Encode, str]:
+    """Both towers as `<tower>/model.onnx` (the self-check runs the files in ONNX Runtime)
+    and the text padding rule."""
+    image, text, padding = build_encoders(clip)
+    full = padding == TEXT_PADDING_FULL
     # Example sizes that differ from each other and from 1: torch.export would otherwise
     # tie equal dimensions together or fix them at 1.
     examples = {
         IMAGE_MODEL: (image, torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)),
-        TEXT_MODEL: (text, torch.ones(2, min(5, context_length), dtype=torch.long)),
+        TEXT_MODEL: (
+            text,
+            text_example[:2] if full else torch.ones(2, min(5, context_length), dtype=torch.long),
+        ),
     }
     runs: list[Encode] = []
     for name, (module, example) in examples.items():
@@ -252,14 +384,14 @@ def _stage_onnx(
             path,
             input_name=input_name,
             output_name=OUTPUT,
-            dynamic_length=context_length if name == TEXT_MODEL else None,
+            dynamic_length=context_length if name == TEXT_MODEL and not full else None,
             what=f"{name.removeprefix('clip_')} tower of {type(clip).__name__}",
         )
         session = open_session(path, intra_op_threads=threads)
         runs.append(
             lambda rows, s=session, n=input_name: torch.from_numpy(run_session(s, n, rows.numpy()))
         )
-    return runs[0], runs[1]
+    return runs[0], runs[1], padding
 
 
 def _versions(flavor: str) -> dict[str, str]:
@@ -276,15 +408,17 @@ def _self_check(
     clip: torch.nn.Module,
     encode_image: Encode,
     encode_text: Encode,
-    tokenizer: open_clip.tokenizer.SimpleTokenizer,
+    tokens: torch.Tensor,
     image_size: int,
     *,
+    full_padding: bool = False,
     min_cosine: float | None = None,
 ) -> tuple[float, float]:
     """(largest |exported - open_clip|, lowest cosine) over random images (batches of 3
-    and 1) and texts of several lengths (each alone, cut at its end-of-text and padded a
-    little past it, and all together at the full context). Raises past 1e-4, or, with
-    `min_cosine` (fp16 towers against float32 open_clip), below that cosine."""
+    and 1) and texts of several lengths (`tokens`: open_clip's rows; each alone, cut at its
+    end-of-text and padded a little past it unless `full_padding`, and all together at the
+    full context). Raises past 1e-4, or, with `min_cosine` (fp16 towers against float32
+    open_clip), below that cosine."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(
         0, 256, (3, 3, image_size, image_size), dtype=torch.uint8, generator=generator
@@ -292,8 +426,6 @@ def _self_check(
     cfg = clip.visual.preprocess_cfg
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    texts = ["", "a photo of a cat", "a diagram of " + "a red circle beside " * 4, "x " * 200]
-    tokens = tokenizer(texts)
     diffs: list[float] = []
     cosines: list[float] = []
 
@@ -308,7 +440,8 @@ def _self_check(
         compare(want_image[:1], encode_image(pixels[:1]))
         context = tokens.shape[1]
         for row, length in enumerate((tokens != 0).sum(dim=1).tolist()):
-            for cut in sorted({length, min(length + 5, context)}):
+            cuts = {context} if full_padding else {length, min(length + 5, context)}
+            for cut in sorted(cuts):
                 got = encode_text(tokens[row : row + 1, :cut].contiguous())
                 compare(want_text[row : row + 1], got)
         compare(want_text, encode_text(tokens))
