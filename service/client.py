@@ -178,7 +178,8 @@ class ClipClient:
     def similarity(
         self, queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine `[Q, C]`, softmax probabilities `[Q, C]`); str = text, bytes/Path = image."""
+        """(cosine `[Q, C]`, probabilities `[Q, C]` by the model's score rule); str = text,
+        bytes/Path = image."""
         return _matrices(self._call("Similarity", _similarity_request(queries, candidates)))
 
     def classify(
@@ -249,7 +250,7 @@ class AsyncClipClient:
     async def similarity(
         self, queries: Sequence[str | bytes | Path], candidates: Sequence[str | bytes | Path]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine `[Q, C]`, softmax probabilities `[Q, C]`)."""
+        """(cosine `[Q, C]`, probabilities `[Q, C]` by the model's score rule)."""
         return _matrices(await self._call("Similarity", _similarity_request(queries, candidates)))
 
     async def classify(

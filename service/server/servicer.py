@@ -6,6 +6,7 @@ Errors are raised, never caught here: the interceptor maps them to status codes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -88,7 +89,10 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         self, request: clip_pb2.EmbedTextRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
         return await self._embed(
-            self._embedder.embed_texts, list(request.texts), request.format, context
+            functools.partial(self._embedder.embed_texts, language=request.language or None),
+            list(request.texts),
+            request.format,
+            context,
         )
 
     async def EmbedImage(
@@ -124,6 +128,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             _items(request.queries, "queries"),
             _items(request.candidates, "candidates"),
             timeout_s=self._timeout(context),
+            language=request.language or None,
         )
         rows = [
             clip_pb2.Row(scores=scores.tolist(), probabilities=probabilities.tolist())
@@ -144,6 +149,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             list(request.templates),
             request.top_k,
             timeout_s=self._timeout(context),
+            language=request.language or None,
         )
         return clip_pb2.ClassifyResponse(
             results=[
@@ -172,6 +178,11 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             backend=self._embedder.backend_name,
             model_id=meta.model_id,
             weights_sha256=meta.weights_sha256,
+            logit_bias=meta.logit_bias or 0.0,
+            score_function=meta.score_function,
+            languages=list(meta.languages),
+            default_language=meta.language or "",
+            tokenizer=meta.tokenizer,
         )
 
     async def EmbedStream(
@@ -227,8 +238,11 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             kind = request.WhichOneof("input")
             timeout = self._timeout(context)
             if kind == "text":
-                items = await self._embedder.embed_texts([request.text], timeout_s=timeout)
+                items = await self._embedder.embed_texts(
+                    [request.text], timeout_s=timeout, language=request.language or None
+                )
             elif kind == "image":
+                self._embedder.check_language(request.language)
                 items = await self._embedder.embed_images([request.image], timeout_s=timeout)
             else:
                 raise InvalidInput("message has neither text nor image set")

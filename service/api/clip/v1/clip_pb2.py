@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63lip/v1/clip.proto\x12\x07\x63lip.v1\"H\n\x10\x45mbedTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.clip.v1.VectorFormat\"J\n\x11\x45mbedImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.clip.v1.VectorFormat\"[\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06packed\x18\x02 \x01(\x0c\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\"F\n\rEmbedResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.clip.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\"/\n\x04Item\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"V\n\x11SimilarityRequest\x12\x1e\n\x07queries\x18\x01 \x03(\x0b\x32\r.clip.v1.Item\x12!\n\ncandidates\x18\x02 \x03(\x0b\x32\r.clip.v1.Item\",\n\x03Row\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\"?\n\x12SimilarityResponse\x12\x1a\n\x04rows\x18\x01 \x03(\x0b\x32\x0c.clip.v1.Row\x12\r\n\x05model\x18\x02 \x01(\t\"S\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x11\n\ttemplates\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\"?\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"5\n\x0e\x43lassification\x12#\n\x06labels\x18\x01 \x03(\x0b\x32\x13.clip.v1.LabelScore\"K\n\x10\x43lassifyResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.clip.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xc6\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\npretrained\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x12\n\nimage_size\x18\x04 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x13\n\x0blogit_scale\x18\x06 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12\x16\n\x0eweights_sha256\x18\t \x01(\t\"l\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.clip.v1.VectorFormatB\x07\n\x05input\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"v\n\x0eStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\tembedding\x18\x02 \x01(\x0b\x32\x12.clip.v1.EmbeddingH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.clip.v1.StreamErrorH\x00\x42\x08\n\x06result*n\n\x0cVectorFormat\x12\x1c\n\x18VECTOR_FORMAT_FLOAT_LIST\x10\x00\x12\x1f\n\x1bVECTOR_FORMAT_FLOAT32_BYTES\x10\x01\x12\x1f\n\x1bVECTOR_FORMAT_FLOAT16_BYTES\x10\x02\x32\x9d\x03\n\x0b\x43lipService\x12>\n\tEmbedText\x12\x19.clip.v1.EmbedTextRequest\x1a\x16.clip.v1.EmbedResponse\x12@\n\nEmbedImage\x12\x1a.clip.v1.EmbedImageRequest\x1a\x16.clip.v1.EmbedResponse\x12\x45\n\nSimilarity\x12\x1a.clip.v1.SimilarityRequest\x1a\x1b.clip.v1.SimilarityResponse\x12?\n\x08\x43lassify\x12\x18.clip.v1.ClassifyRequest\x1a\x19.clip.v1.ClassifyResponse\x12@\n\x0cGetModelInfo\x12\x1c.clip.v1.GetModelInfoRequest\x1a\x12.clip.v1.ModelInfo\x12\x42\n\x0b\x45mbedStream\x12\x16.clip.v1.StreamRequest\x1a\x17.clip.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63lip/v1/clip.proto\x12\x07\x63lip.v1\"Z\n\x10\x45mbedTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.clip.v1.VectorFormat\x12\x10\n\x08language\x18\x03 \x01(\t\"J\n\x11\x45mbedImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.clip.v1.VectorFormat\"[\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06packed\x18\x02 \x01(\x0c\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\"F\n\rEmbedResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.clip.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\"/\n\x04Item\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"h\n\x11SimilarityRequest\x12\x1e\n\x07queries\x18\x01 \x03(\x0b\x32\r.clip.v1.Item\x12!\n\ncandidates\x18\x02 \x03(\x0b\x32\r.clip.v1.Item\x12\x10\n\x08language\x18\x03 \x01(\t\",\n\x03Row\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\"?\n\x12SimilarityResponse\x12\x1a\n\x04rows\x18\x01 \x03(\x0b\x32\x0c.clip.v1.Row\x12\r\n\x05model\x18\x02 \x01(\t\"e\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x11\n\ttemplates\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x10\n\x08language\x18\x05 \x01(\t\"?\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"5\n\x0e\x43lassification\x12#\n\x06labels\x18\x01 \x03(\x0b\x32\x13.clip.v1.LabelScore\"K\n\x10\x43lassifyResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.clip.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xb2\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\npretrained\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x12\n\nimage_size\x18\x04 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x13\n\x0blogit_scale\x18\x06 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12\x16\n\x0eweights_sha256\x18\t \x01(\t\x12\x12\n\nlogit_bias\x18\n \x01(\x02\x12\x16\n\x0escore_function\x18\x0b \x01(\t\x12\x11\n\tlanguages\x18\x0c \x03(\t\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\r \x01(\t\x12\x11\n\ttokenizer\x18\x0e \x01(\t\"~\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.clip.v1.VectorFormat\x12\x10\n\x08language\x18\x05 \x01(\tB\x07\n\x05input\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"v\n\x0eStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\tembedding\x18\x02 \x01(\x0b\x32\x12.clip.v1.EmbeddingH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.clip.v1.StreamErrorH\x00\x42\x08\n\x06result*n\n\x0cVectorFormat\x12\x1c\n\x18VECTOR_FORMAT_FLOAT_LIST\x10\x00\x12\x1f\n\x1bVECTOR_FORMAT_FLOAT32_BYTES\x10\x01\x12\x1f\n\x1bVECTOR_FORMAT_FLOAT16_BYTES\x10\x02\x32\x9d\x03\n\x0b\x43lipService\x12>\n\tEmbedText\x12\x19.clip.v1.EmbedTextRequest\x1a\x16.clip.v1.EmbedResponse\x12@\n\nEmbedImage\x12\x1a.clip.v1.EmbedImageRequest\x1a\x16.clip.v1.EmbedResponse\x12\x45\n\nSimilarity\x12\x1a.clip.v1.SimilarityRequest\x1a\x1b.clip.v1.SimilarityResponse\x12?\n\x08\x43lassify\x12\x18.clip.v1.ClassifyRequest\x1a\x19.clip.v1.ClassifyResponse\x12@\n\x0cGetModelInfo\x12\x1c.clip.v1.GetModelInfoRequest\x1a\x12.clip.v1.ModelInfo\x12\x42\n\x0b\x45mbedStream\x12\x16.clip.v1.StreamRequest\x1a\x17.clip.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clip.v1.clip_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VECTORFORMAT']._serialized_start=1376
-  _globals['_VECTORFORMAT']._serialized_end=1486
+  _globals['_VECTORFORMAT']._serialized_start=1556
+  _globals['_VECTORFORMAT']._serialized_end=1666
   _globals['_EMBEDTEXTREQUEST']._serialized_start=31
-  _globals['_EMBEDTEXTREQUEST']._serialized_end=103
-  _globals['_EMBEDIMAGEREQUEST']._serialized_start=105
-  _globals['_EMBEDIMAGEREQUEST']._serialized_end=179
-  _globals['_EMBEDDING']._serialized_start=181
-  _globals['_EMBEDDING']._serialized_end=272
-  _globals['_EMBEDRESPONSE']._serialized_start=274
-  _globals['_EMBEDRESPONSE']._serialized_end=344
-  _globals['_ITEM']._serialized_start=346
-  _globals['_ITEM']._serialized_end=393
-  _globals['_SIMILARITYREQUEST']._serialized_start=395
-  _globals['_SIMILARITYREQUEST']._serialized_end=481
-  _globals['_ROW']._serialized_start=483
-  _globals['_ROW']._serialized_end=527
-  _globals['_SIMILARITYRESPONSE']._serialized_start=529
-  _globals['_SIMILARITYRESPONSE']._serialized_end=592
-  _globals['_CLASSIFYREQUEST']._serialized_start=594
-  _globals['_CLASSIFYREQUEST']._serialized_end=677
-  _globals['_LABELSCORE']._serialized_start=679
-  _globals['_LABELSCORE']._serialized_end=742
-  _globals['_CLASSIFICATION']._serialized_start=744
-  _globals['_CLASSIFICATION']._serialized_end=797
-  _globals['_CLASSIFYRESPONSE']._serialized_start=799
-  _globals['_CLASSIFYRESPONSE']._serialized_end=874
-  _globals['_GETMODELINFOREQUEST']._serialized_start=876
-  _globals['_GETMODELINFOREQUEST']._serialized_end=897
-  _globals['_MODELINFO']._serialized_start=900
-  _globals['_MODELINFO']._serialized_end=1098
-  _globals['_STREAMREQUEST']._serialized_start=1100
-  _globals['_STREAMREQUEST']._serialized_end=1208
-  _globals['_STREAMERROR']._serialized_start=1210
-  _globals['_STREAMERROR']._serialized_end=1254
-  _globals['_STREAMRESPONSE']._serialized_start=1256
-  _globals['_STREAMRESPONSE']._serialized_end=1374
-  _globals['_CLIPSERVICE']._serialized_start=1489
-  _globals['_CLIPSERVICE']._serialized_end=1902
+  _globals['_EMBEDTEXTREQUEST']._serialized_end=121
+  _globals['_EMBEDIMAGEREQUEST']._serialized_start=123
+  _globals['_EMBEDIMAGEREQUEST']._serialized_end=197
+  _globals['_EMBEDDING']._serialized_start=199
+  _globals['_EMBEDDING']._serialized_end=290
+  _globals['_EMBEDRESPONSE']._serialized_start=292
+  _globals['_EMBEDRESPONSE']._serialized_end=362
+  _globals['_ITEM']._serialized_start=364
+  _globals['_ITEM']._serialized_end=411
+  _globals['_SIMILARITYREQUEST']._serialized_start=413
+  _globals['_SIMILARITYREQUEST']._serialized_end=517
+  _globals['_ROW']._serialized_start=519
+  _globals['_ROW']._serialized_end=563
+  _globals['_SIMILARITYRESPONSE']._serialized_start=565
+  _globals['_SIMILARITYRESPONSE']._serialized_end=628
+  _globals['_CLASSIFYREQUEST']._serialized_start=630
+  _globals['_CLASSIFYREQUEST']._serialized_end=731
+  _globals['_LABELSCORE']._serialized_start=733
+  _globals['_LABELSCORE']._serialized_end=796
+  _globals['_CLASSIFICATION']._serialized_start=798
+  _globals['_CLASSIFICATION']._serialized_end=851
+  _globals['_CLASSIFYRESPONSE']._serialized_start=853
+  _globals['_CLASSIFYRESPONSE']._serialized_end=928
+  _globals['_GETMODELINFOREQUEST']._serialized_start=930
+  _globals['_GETMODELINFOREQUEST']._serialized_end=951
+  _globals['_MODELINFO']._serialized_start=954
+  _globals['_MODELINFO']._serialized_end=1260
+  _globals['_STREAMREQUEST']._serialized_start=1262
+  _globals['_STREAMREQUEST']._serialized_end=1388
+  _globals['_STREAMERROR']._serialized_start=1390
+  _globals['_STREAMERROR']._serialized_end=1434
+  _globals['_STREAMRESPONSE']._serialized_start=1436
+  _globals['_STREAMRESPONSE']._serialized_end=1554
+  _globals['_CLIPSERVICE']._serialized_start=1669
+  _globals['_CLIPSERVICE']._serialized_end=2082
 # @@protoc_insertion_point(module_scope)

@@ -17,12 +17,14 @@ VECTOR_FORMAT_FLOAT32_BYTES: VectorFormat
 VECTOR_FORMAT_FLOAT16_BYTES: VectorFormat
 
 class EmbedTextRequest(_message.Message):
-    __slots__ = ("texts", "format")
+    __slots__ = ("texts", "format", "language")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     format: VectorFormat
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[VectorFormat, str]] = ...) -> None: ...
+    language: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., language: _Optional[str] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
     __slots__ = ("images", "format")
@@ -63,12 +65,14 @@ class Item(_message.Message):
     def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class SimilarityRequest(_message.Message):
-    __slots__ = ("queries", "candidates")
+    __slots__ = ("queries", "candidates", "language")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Item]
     candidates: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, queries: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    language: str
+    def __init__(self, queries: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., language: _Optional[str] = ...) -> None: ...
 
 class Row(_message.Message):
     __slots__ = ("scores", "probabilities")
@@ -87,16 +91,18 @@ class SimilarityResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("images", "labels", "templates", "top_k")
+    __slots__ = ("images", "labels", "templates", "top_k", "language")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     labels: _containers.RepeatedScalarFieldContainer[str]
     templates: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    language: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., language: _Optional[str] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability", "score")
@@ -127,7 +133,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "logit_scale", "backend", "model_id", "weights_sha256")
+    __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "logit_scale", "backend", "model_id", "weights_sha256", "logit_bias", "score_function", "languages", "default_language", "tokenizer")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +143,11 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     pretrained: str
     embedding_dim: int
@@ -146,19 +157,26 @@ class ModelInfo(_message.Message):
     backend: str
     model_id: str
     weights_sha256: str
-    def __init__(self, model_name: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., backend: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    logit_bias: float
+    score_function: str
+    languages: _containers.RepeatedScalarFieldContainer[str]
+    default_language: str
+    tokenizer: str
+    def __init__(self, model_name: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., backend: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., logit_bias: _Optional[float] = ..., score_function: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ..., default_language: _Optional[str] = ..., tokenizer: _Optional[str] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("id", "text", "image", "format")
+    __slots__ = ("id", "text", "image", "format", "language")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     image: bytes
     format: VectorFormat
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., format: _Optional[_Union[VectorFormat, str]] = ...) -> None: ...
+    language: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., language: _Optional[str] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")
