@@ -1,0 +1,250 @@
+"""Every open_clip family end to end: export → serve over real gRPC → open_clip's numbers.
+
+One tiny representative per family (`tests/support/families.py`, random weights, HF
+tokenizers and HF text configs built here, no hub): CLIP, SigLIP (HF tokenizer, fixed
+context, `last` pooling, logit bias → sigmoid scores), EVA (CustomTextCLIP with open_clip's
+causal text tower: trimmed padding), MobileCLIP (text tower without causal mask: full
+padding), XLM-R (HF text tower with a padding mask), CoCa (appended class token,
+`(pooled, tokens)` towers).
+
+Checked for each: the gateway's token ids equal `open_clip.get_tokenizer(model)(texts)`;
+text and image vectors equal open_clip's within 1e-5; Similarity and Classify
+probabilities follow the family's rule; GetModelInfo names it; a `language` is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import math
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import open_clip
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
+from service.core.hf_tokenize import build_tokenizer
+from service.model.export import export_model, load_open_clip, resolve_model_name
+from service.model.metadata import ModelMetadata
+from service.settings import Settings
+from service.wiring import build_gateway
+from tests.support.families import FAMILIES, write_family
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.integration
+
+TOL = 1e-5
+TEXTS = [
+    "",
+    "cat",
+    "a photo of a dog sitting on the grass",
+    "A Diagram of a RED circle, beside a blue_square!",
+    "一只在雪地里玩耍的金毛猎犬",
+    "кошка сидит на подоконнике",
+    "tabs\tand\nnewlines   and <b>html</b> &amp; entities",
+    "word " * 120,  # past every context length: truncated
+]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's tiny model in memory and its exported repository."""
+
+    family: str
+    name: str
+    clip: torch.nn.Module
+    repository: Path
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Exported from a checkpoint of random weights (scale and bias set so scores are
+    neither 0 nor 1), the same weights loaded by open_clip beside it."""
+    directory = tmp_path_factory.mktemp(f"family-{request.param}")
+    config = write_family(request.param, directory / "config")
+    torch.manual_seed(7)
+    clip, _ = load_open_clip(str(config), "none")
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(10.0))
+        if getattr(clip, "logit_bias", None) is not None:
+            clip.logit_bias.fill_(0.3)
+    checkpoint = directory / "weights.pt"
+    torch.save(clip.state_dict(), checkpoint)
+    export_model(str(config), str(checkpoint), directory / "repo", progress=False)
+    loaded, _ = load_open_clip(str(config), str(checkpoint))
+    return Family(request.param, resolve_model_name(str(config)), loaded, directory / "repo")
+
+
+@contextlib.asynccontextmanager
+async def serving(repository: Path) -> AsyncIterator[clip_pb2_grpc.ClipServiceStub]:
+    """The embedded gateway on port 0 and a stub on a loopback channel, once SERVING."""
+    gateway = build_gateway(
+        Settings(model_repository=repository, port=0, metrics_port=0, host="127.0.0.1")
+    )
+    await gateway.start()
+    try:
+        target = f"127.0.0.1:{gateway.port}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = asyncio.get_running_loop().time() + 120
+            while True:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                assert asyncio.get_running_loop().time() < deadline, "never SERVING"
+                await asyncio.sleep(0.1)
+            yield clip_pb2_grpc.ClipServiceStub(channel)
+    finally:
+        await gateway.stop(1)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _images() -> list[bytes]:
+    from skimage import data
+
+    astronaut = Image.fromarray(data.astronaut())
+    return [
+        _png(astronaut),
+        _png(Image.fromarray(data.chelsea()).resize((300, 200))),
+        _png(Image.fromarray(data.camera())),  # grayscale
+        _png(astronaut.resize((41, 97))),
+    ]
+
+
+def _reference_texts(model: Family, texts: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    tokens = open_clip.get_tokenizer(model.name)(texts)
+    with torch.no_grad():
+        return tokens, model.clip.encode_text(tokens, normalize=True).numpy()
+
+
+def _reference_images(model: Family, blobs: list[bytes]) -> np.ndarray:
+    _, _, preprocess = open_clip.create_model_and_transforms(
+        model.name, pretrained=None, pretrained_text=False
+    )
+    batch = torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in blobs])
+    with torch.no_grad():
+        return model.clip.encode_image(batch, normalize=True).numpy()
+
+
+def _reference_probabilities(model: Family, cos: np.ndarray) -> np.ndarray:
+    """open_clip's own rule: sigmoid(scale·cos + bias) per pair with a bias, else softmax."""
+    logits = torch.from_numpy(cos).double() * model.clip.logit_scale.detach().exp().double()
+    bias = getattr(model.clip, "logit_bias", None)
+    if bias is not None:
+        return torch.sigmoid(logits + bias.detach().double()).numpy()
+    return logits.softmax(dim=-1).numpy()
+
+
+def _cut(model: Family, texts: list[str]) -> list[bool]:
+    """Whether open_clip cuts each text: its ids at a context far past the model's, counted
+    up to the padding, are more than the model's context."""
+    metadata = ModelMetadata.load(model.repository)
+    long = open_clip.get_tokenizer(model.name, context_length=4096)(texts)
+    lengths = (long != metadata.pad_token_id).sum(dim=1).tolist()
+    return [n > metadata.context_length for n in lengths]
+
+
+def _vectors(answer: clip_pb2.EmbedResponse) -> np.ndarray:
+    return np.stack([np.asarray(e.values, dtype=np.float32) for e in answer.embeddings])
+
+
+def test_gateway_token_ids_equal_open_clip(family: Family) -> None:
+    metadata = ModelMetadata.load(family.repository)
+    tokenizer = build_tokenizer(metadata, (8, 16, 32))
+    want = open_clip.get_tokenizer(family.name)(TEXTS)
+    cut = _cut(family, TEXTS)
+    assert cut[1] is False and cut[-1] is True
+    for text, row, was_cut in zip(TEXTS, want.tolist(), cut, strict=True):
+        tokens = tokenizer.tokenize(text)
+        assert tokenizer.pad([tokens], metadata.context_length)[0].tolist() == row, text
+        assert tokens.truncated == was_cut, text
+        # What the gateway sends: the bucket edge (trim) or the full context (full).
+        length = tokenizer.bucket_length(len(tokens.ids))
+        if metadata.text_padding == "full":
+            assert length == metadata.context_length
+        assert tokenizer.pad([tokens], length)[0].tolist() == row[:length]
+    expected_kind = "hf" if family.family in ("siglip", "xlm-roberta") else "clip-bpe"
+    assert metadata.tokenizer == expected_kind
+    if expected_kind == "hf":
+        assert (family.repository / metadata.tokenizer_file).is_file()
+
+
+def test_padding_rule_is_the_family_s(family: Family) -> None:
+    """Causal towers pooling at end-of-text trim; fixed-position and masked towers get
+    the full context (SigLIP's `last`, MobileCLIP's unmasked tower, HF, CoCa's class token)."""
+    metadata = ModelMetadata.load(family.repository)
+    trims = family.family in ("clip", "eva")
+    assert metadata.text_padding == ("trim" if trims else "full")
+
+
+async def test_served_vectors_and_scores_match_open_clip(family: Family) -> None:
+    blobs = _images()
+    tokens, want_text = _reference_texts(family, TEXTS)
+    want_image = _reference_images(family, blobs)
+    labels = ["cat", "astronaut", "a diagram", "coffee"]
+    async with serving(family.repository) as stub:
+        texts = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=TEXTS))
+        alone = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=TEXTS[2:3]))
+        images = await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=blobs))
+        similarity = await stub.Similarity(
+            clip_pb2.SimilarityRequest(
+                queries=[clip_pb2.Item(image=b) for b in blobs],
+                candidates=[clip_pb2.Item(text=t) for t in labels],
+            )
+        )
+        classify = await stub.Classify(
+            clip_pb2.ClassifyRequest(images=blobs[:2], labels=labels, templates=["{}"])
+        )
+        info = await stub.GetModelInfo(clip_pb2.GetModelInfoRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["chat"], language="fra_Latn"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "language" in (refused.value.details() or "")
+
+    got_text = _vectors(texts)
+    assert np.abs(got_text - want_text).max() <= TOL
+    assert np.abs(_vectors(alone)[0] - want_text[2]).max() <= TOL
+    assert [e.truncated for e in texts.embeddings] == _cut(family, TEXTS)
+    assert np.abs(_vectors(images) - want_image).max() <= TOL
+
+    _, want_labels = _reference_texts(family, labels)
+    cos = want_image @ want_labels.T
+    want_probs = _reference_probabilities(family, cos)
+    got_scores = np.array([list(r.scores) for r in similarity.rows])
+    got_probs = np.array([list(r.probabilities) for r in similarity.rows])
+    assert np.abs(got_scores - cos).max() <= TOL
+    assert np.abs(got_probs - want_probs).max() <= TOL
+    for row, ranked in enumerate(classify.results):
+        by_label = {s.label: s.probability for s in ranked.labels}
+        assert [by_label[label] for label in labels] == pytest.approx(
+            list(want_probs[row]), abs=TOL
+        )
+
+    bias = getattr(family.clip, "logit_bias", None)
+    if bias is None:
+        assert info.score_function == "softmax"
+        assert info.logit_bias == 0.0
+        assert got_probs.sum(axis=1) == pytest.approx(1.0, abs=1e-5)
+    else:
+        assert info.score_function == "sigmoid"
+        assert info.logit_bias == pytest.approx(0.3)
+        # Independent per pair: not normalised over the labels.
+        assert abs(float(got_probs.sum(axis=1).max()) - 1.0) > 0.1
+    assert info.logit_scale == pytest.approx(10.0, rel=1e-6)
+    assert list(info.languages) == []
+    assert info.tokenizer == ModelMetadata.load(family.repository).tokenizer
