@@ -194,7 +194,7 @@ def test_padding_rule_is_the_family_s(family: Family) -> None:
 
 async def test_served_vectors_and_scores_match_open_clip(family: Family) -> None:
     blobs = _images()
-    tokens, want_text = _reference_texts(family, TEXTS)
+    _, want_text = _reference_texts(family, TEXTS)
     want_image = _reference_images(family, blobs)
     labels = ["cat", "astronaut", "a diagram", "coffee"]
     async with serving(family.repository) as stub:

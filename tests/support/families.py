@@ -49,10 +49,13 @@ def _vision(timm_model: str | None = None, **extra: object) -> dict[str, object]
     }
 
 
-def _train_tokenizer(
+def train_tokenizer(
     directory: Path, *, kind: str, specials: dict[str, str], template: tuple[str, str]
 ) -> Path:
-    """A small tokenizer trained on `_CORPUS`, saved as transformers would save it."""
+    """A small tokenizer trained on a few sentences (`kind` "unigram" or "bpe"), with the
+    special tokens `specials` (transformers' roles → tokens, ids in that order) and the
+    post-processor `template` (single, pair), saved into `directory` as transformers
+    saves one."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -96,7 +99,7 @@ def write_family(family: str, directory: Path) -> Path:
     elif family == "siglip":
         # SigLIP: HF tokenizer (eos appended, canonicalize), fixed context, `last` pooling
         # without a causal mask, timm image tower, a logit bias.
-        tok = _train_tokenizer(
+        tok = train_tokenizer(
             directory / "tokenizer",
             kind="unigram",
             specials={"unk_token": "<unk>", "pad_token": "<pad>", "eos_token": "</s>"},
@@ -147,7 +150,7 @@ def write_family(family: str, directory: Path) -> Path:
     elif family == "xlm-roberta":
         from transformers import XLMRobertaConfig
 
-        tok = _train_tokenizer(
+        tok = train_tokenizer(
             directory / "tokenizer",
             kind="bpe",
             # XLM-R's order: <s> 0, <pad> 1, </s> 2, <unk> 3 (positions start past the pad id).
