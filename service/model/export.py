@@ -297,8 +297,16 @@ def _stage_tokenizer(tokenizer: object, staging: Path) -> dict[str, object]:
     clean = {v: k for k, v in _CLEAN_NAMES.items()}.get(tokenizer.clean_fn)
     if clean is None:
         raise ValueError(f"clean function {tokenizer.clean_fn!r} is not supported")
+    # Towers that take a language (NLLB): the tokenizer's source language and the codes a
+    # request may name (its extra special tokens other than the roles above).
     language = getattr(hf, "src_lang", None) if hasattr(tokenizer, "set_lang_fn") else None
-    languages = tuple(getattr(hf, "additional_special_tokens", None) or ()) if language else ()
+    languages: tuple[str, ...] = ()
+    if language:
+        extra = getattr(hf, "extra_special_tokens", None) or getattr(
+            hf, "additional_special_tokens", None
+        )
+        roles = set(hf.special_tokens_map.values())
+        languages = tuple(str(t) for t in (extra or ()) if str(t) not in roles)
     return {
         "tokenizer": "hf",
         "tokenizer_file": f"{TOKENIZER_DIR}/tokenizer.json",
@@ -339,6 +347,23 @@ def _check_tokenizer(metadata: ModelMetadata, staging: Path, tokenizer: object) 
             )
         if tokens.truncated != (text == CHECK_TEXTS[3]) and text in ("", CHECK_TEXTS[3]):
             raise RuntimeError(f"truncation flag {tokens.truncated} is wrong for {text[:40]!r}")
+    other = [code for code in metadata.languages if code != metadata.language][-1:]
+    for language in other:
+        # The reference: transformers' tokenizer with `src_lang` set (open_clip's
+        # `set_language` calls `set_src_lang_special_tokens`, which transformers 5.24's NLLB
+        # tokenizer ignores; the `src_lang` setter is what changes the language token).
+        hf = tokenizer.tokenizer  # type: ignore[attr-defined]
+        try:
+            hf.src_lang = language
+            want = tokenizer(CHECK_TEXTS[:3])  # type: ignore[operator]
+        finally:
+            hf.src_lang = metadata.language
+        for text, row in zip(CHECK_TEXTS[:3], want.tolist(), strict=True):
+            got = ours.pad([ours.tokenize(text, language)], metadata.context_length)  # type: ignore[call-arg]
+            if got[0].tolist() != row:
+                raise RuntimeError(
+                    f"the gateway's tokenizer differs from open_clip's in {language} on {text!r}"
+                )
 
 
 def _stage_torchscript(

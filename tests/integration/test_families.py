@@ -69,8 +69,18 @@ class Family:
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
     """Exported from a checkpoint of random weights (scale and bias set so scores are
     neither 0 nor 1), the same weights loaded by open_clip beside it."""
-    directory = tmp_path_factory.mktemp(f"family-{request.param}")
-    config = write_family(request.param, directory / "config")
+    return _export_family(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def nllb(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """The NLLB-style family alone (its text tower takes a language)."""
+    return _export_family("nllb", tmp_path_factory)
+
+
+def _export_family(name: str, tmp_path_factory: pytest.TempPathFactory) -> Family:
+    directory = tmp_path_factory.mktemp(f"family-{name}")
+    config = write_family(name, directory / "config")
     torch.manual_seed(7)
     clip, _ = load_open_clip(str(config), "none")
     with torch.no_grad():
@@ -81,7 +91,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     torch.save(clip.state_dict(), checkpoint)
     export_model(str(config), str(checkpoint), directory / "repo", progress=False)
     loaded, _ = load_open_clip(str(config), str(checkpoint))
-    return Family(request.param, resolve_model_name(str(config)), loaded, directory / "repo")
+    return Family(name, resolve_model_name(str(config)), loaded, directory / "repo")
 
 
 @contextlib.asynccontextmanager
@@ -178,7 +188,7 @@ def test_gateway_token_ids_equal_open_clip(family: Family) -> None:
         if metadata.text_padding == "full":
             assert length == metadata.context_length
         assert tokenizer.pad([tokens], length)[0].tolist() == row[:length]
-    expected_kind = "hf" if family.family in ("siglip", "xlm-roberta") else "clip-bpe"
+    expected_kind = "hf" if family.family in ("siglip", "xlm-roberta", "nllb") else "clip-bpe"
     assert metadata.tokenizer == expected_kind
     if expected_kind == "hf":
         assert (family.repository / metadata.tokenizer_file).is_file()
@@ -211,8 +221,10 @@ async def test_served_vectors_and_scores_match_open_clip(family: Family) -> None
             clip_pb2.ClassifyRequest(images=blobs[:2], labels=labels, templates=["{}"])
         )
         info = await stub.GetModelInfo(clip_pb2.GetModelInfoRequest())
+        # A model without languages refuses any; one with languages an unknown one.
+        language = "xxx_Fake" if family.family == "nllb" else "fra_Latn"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["chat"], language="fra_Latn"))
+            await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["chat"], language=language))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "language" in (refused.value.details() or "")
 
@@ -246,5 +258,41 @@ async def test_served_vectors_and_scores_match_open_clip(family: Family) -> None
         # Independent per pair: not normalised over the labels.
         assert abs(float(got_probs.sum(axis=1).max()) - 1.0) > 0.1
     assert info.logit_scale == pytest.approx(10.0, rel=1e-6)
-    assert list(info.languages) == []
+    assert list(info.languages) == list(ModelMetadata.load(family.repository).languages)
+    assert bool(info.languages) == (family.family == "nllb")
     assert info.tokenizer == ModelMetadata.load(family.repository).tokenizer
+
+
+async def test_language_picks_the_tower_s_language_token(nllb: Family) -> None:
+    """NLLB reads the source language from its first token: a request's `language` gives
+    the ids (and vectors) of transformers' tokenizer with that `src_lang`; none: the
+    exported default; Classify and Similarity take it too."""
+    hf = open_clip.get_tokenizer(nllb.name)
+    texts = ["un chat assis sur le rebord de la fenêtre", "a cat"]
+    default = hf(texts)
+    hf.tokenizer.src_lang = "fra_Latn"  # open_clip's set_language is a no-op on transformers 5
+    french = hf(texts)
+    assert not torch.equal(default[:, 0], french[:, 0])
+    with torch.no_grad():
+        want_default = nllb.clip.encode_text(default, normalize=True).numpy()
+        want_french = nllb.clip.encode_text(french, normalize=True).numpy()
+    async with serving(nllb.repository) as stub:
+        got_default = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=texts))
+        got_french = await stub.EmbedText(
+            clip_pb2.EmbedTextRequest(texts=texts, language="fra_Latn")
+        )
+        info = await stub.GetModelInfo(clip_pb2.GetModelInfoRequest())
+        similarity = await stub.Similarity(
+            clip_pb2.SimilarityRequest(
+                queries=[clip_pb2.Item(text=texts[0])],
+                candidates=[clip_pb2.Item(text=texts[1])],
+                language="fra_Latn",
+            )
+        )
+    assert np.abs(_vectors(got_default) - want_default).max() <= TOL
+    assert np.abs(_vectors(got_french) - want_french).max() <= TOL
+    assert info.default_language == "eng_Latn"
+    assert "fra_Latn" in info.languages
+    assert similarity.rows[0].scores[0] == pytest.approx(
+        float(want_french[0] @ want_french[1]), abs=TOL
+    )

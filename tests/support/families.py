@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 #: One representative per family (see README "Model families").
-FAMILIES = ("clip", "siglip", "eva", "mobileclip", "xlm-roberta", "coca")
+FAMILIES = ("clip", "siglip", "eva", "mobileclip", "xlm-roberta", "nllb", "coca")
 
 _CORPUS = [
     "a photo of a cat",
@@ -83,6 +83,26 @@ def train_tokenizer(
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
     fast.save_pretrained(str(directory))
+    return directory
+
+
+def _nllb_tokenizer(directory: Path) -> Path:
+    """transformers' NLLB tokenizer over a BPE trained here: its ~200 language codes are
+    special tokens and the source language is the first id of every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import NllbTokenizer
+
+    base = Tokenizer(models.BPE(unk_token="<unk>"))
+    base.pre_tokenizer = pre_tokenizers.Metaspace()
+    base.train_from_iterator(
+        _CORPUS,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"]),
+    )
+    model = json.loads(base.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    NllbTokenizer(vocab=model["vocab"], merges=merges, src_lang="eng_Latn").save_pretrained(
+        str(directory)
+    )
     return directory
 
 
@@ -186,6 +206,37 @@ def write_family(family: str, directory: Path) -> Path:
                 "hf_tokenizer_name": str(tok),
                 "hf_pooler_type": "mean_pooler",
                 "context_length": 24,
+            },
+        }
+    elif family == "nllb":
+        # NLLB: an M2M100 encoder as HF text tower, a tokenizer that takes a language.
+        tok = _nllb_tokenizer(directory / "tokenizer")
+        from transformers import AutoTokenizer, M2M100Config
+
+        hf_tok = AutoTokenizer.from_pretrained(str(tok))
+        M2M100Config(
+            vocab_size=len(hf_tok),
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            pad_token_id=hf_tok.pad_token_id,
+            bos_token_id=hf_tok.bos_token_id,
+            eos_token_id=hf_tok.eos_token_id,
+        ).save_pretrained(str(tok))
+        cfg = {
+            "embed_dim": 24,
+            "vision_cfg": _vision(),
+            "text_cfg": {
+                "hf_model_name": str(tok),
+                "hf_tokenizer_name": str(tok),
+                "hf_proj_type": "linear",
+                "hf_pooler_type": "cls_pooler",
+                "context_length": 20,
             },
         }
     elif family == "coca":
