@@ -19,9 +19,10 @@ import contextlib
 import io
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -38,6 +39,7 @@ from service.model.metadata import ModelMetadata
 from service.settings import Settings
 from service.wiring import build_gateway
 from tests.support.families import FAMILIES, write_family
+from tests.support.triton import start_triton
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.integration
@@ -78,7 +80,23 @@ def nllb(tmp_path_factory: pytest.TempPathFactory) -> Family:
     return _export_family("nllb", tmp_path_factory)
 
 
-def _export_family(name: str, tmp_path_factory: pytest.TempPathFactory) -> Family:
+@pytest.fixture(scope="module")
+def siglip_onnx(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """The SigLIP-style family in the onnx flavor (ONNX Runtime in the gateway)."""
+    return _export_family("siglip", tmp_path_factory, flavor="onnx")
+
+
+@pytest.fixture(scope="module")
+def siglip_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Family, str]]:
+    """The SigLIP-style family (python flavor) served by a real tritonserver: (model, url)."""
+    model = _export_family("siglip", tmp_path_factory)
+    with start_triton(model.repository, workdir=tmp_path_factory.mktemp("triton")) as triton:
+        yield model, triton.grpc_url
+
+
+def _export_family(
+    name: str, tmp_path_factory: pytest.TempPathFactory, flavor: str = "python"
+) -> Family:
     directory = tmp_path_factory.mktemp(f"family-{name}")
     config = write_family(name, directory / "config")
     torch.manual_seed(7)
@@ -89,16 +107,25 @@ def _export_family(name: str, tmp_path_factory: pytest.TempPathFactory) -> Famil
             clip.logit_bias.fill_(0.3)
     checkpoint = directory / "weights.pt"
     torch.save(clip.state_dict(), checkpoint)
-    export_model(str(config), str(checkpoint), directory / "repo", progress=False)
+    export_model(str(config), str(checkpoint), directory / "repo", flavor=flavor, progress=False)
     loaded, _ = load_open_clip(str(config), str(checkpoint))
     return Family(name, resolve_model_name(str(config)), loaded, directory / "repo")
 
 
 @contextlib.asynccontextmanager
-async def serving(repository: Path) -> AsyncIterator[clip_pb2_grpc.ClipServiceStub]:
-    """The embedded gateway on port 0 and a stub on a loopback channel, once SERVING."""
+async def serving(
+    repository: Path, **settings: Any
+) -> AsyncIterator[clip_pb2_grpc.ClipServiceStub]:
+    """A gateway (embedded unless `settings` say otherwise) on port 0 and a stub on a
+    loopback channel, once SERVING."""
     gateway = build_gateway(
-        Settings(model_repository=repository, port=0, metrics_port=0, host="127.0.0.1")
+        Settings(
+            model_repository=repository,
+            port=0,
+            metrics_port=0,
+            host="127.0.0.1",
+            **settings,  # type: ignore[arg-type]
+        )
     )
     await gateway.start()
     try:
@@ -203,11 +230,30 @@ def test_padding_rule_is_the_family_s(family: Family) -> None:
 
 
 async def test_served_vectors_and_scores_match_open_clip(family: Family) -> None:
+    await _assert_served_like_open_clip(family)
+
+
+async def test_onnx_flavor_matches_open_clip(siglip_onnx: Family) -> None:
+    """The onnx flavor of a full-padding HF-tokenizer family, run by ONNX Runtime."""
+    assert ModelMetadata.load(siglip_onnx.repository).flavor == "onnx"
+    await _assert_served_like_open_clip(siglip_onnx)
+
+
+async def test_triton_serves_a_siglip_family_like_open_clip(
+    siglip_triton: tuple[Family, str],
+) -> None:
+    """Gateway → real tritonserver (python backend): the fixed-length text input config,
+    tokenizer from the repository, sigmoid scores."""
+    model, url = siglip_triton
+    await _assert_served_like_open_clip(model, backend="triton", triton_url=url)
+
+
+async def _assert_served_like_open_clip(family: Family, **settings: Any) -> None:
     blobs = _images()
     _, want_text = _reference_texts(family, TEXTS)
     want_image = _reference_images(family, blobs)
     labels = ["cat", "astronaut", "a diagram", "coffee"]
-    async with serving(family.repository) as stub:
+    async with serving(family.repository, **settings) as stub:
         texts = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=TEXTS))
         alone = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=TEXTS[2:3]))
         images = await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=blobs))
