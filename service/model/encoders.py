@@ -81,7 +81,7 @@ class TextEncoder(nn.Module):
     """Token ids `[B,L]` (L ≤ context length) → L2-normalized text embedding."""
 
     def __init__(self, clip: nn.Module):
-        """`clip`: an open_clip `CLIP` or a `TextTransformer` that `can_trim` accepts."""
+        """`clip`: an open_clip `CLIP` or a `TextTransformer` that `trim_refusal` accepts."""
         super().__init__()
         reason = trim_refusal(clip)
         if reason:

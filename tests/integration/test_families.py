@@ -80,10 +80,11 @@ def nllb(tmp_path_factory: pytest.TempPathFactory) -> Family:
     return _export_family("nllb", tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def siglip_onnx(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    """The SigLIP-style family in the onnx flavor (ONNX Runtime in the gateway)."""
-    return _export_family("siglip", tmp_path_factory, flavor="onnx")
+@pytest.fixture(scope="module", params=["siglip", "xlm-roberta"])
+def onnx_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Full-padding HF-tokenizer families in the onnx flavor (ONNX Runtime in the gateway):
+    a timm image tower with SigLIP's text tower, and a HF (XLM-R) text tower."""
+    return _export_family(request.param, tmp_path_factory, flavor="onnx")
 
 
 @pytest.fixture(scope="module")
@@ -233,10 +234,10 @@ async def test_served_vectors_and_scores_match_open_clip(family: Family) -> None
     await _assert_served_like_open_clip(family)
 
 
-async def test_onnx_flavor_matches_open_clip(siglip_onnx: Family) -> None:
-    """The onnx flavor of a full-padding HF-tokenizer family, run by ONNX Runtime."""
-    assert ModelMetadata.load(siglip_onnx.repository).flavor == "onnx"
-    await _assert_served_like_open_clip(siglip_onnx)
+async def test_onnx_flavor_matches_open_clip(onnx_family: Family) -> None:
+    """The onnx flavor of full-padding HF-tokenizer families, run by ONNX Runtime."""
+    assert ModelMetadata.load(onnx_family.repository).flavor == "onnx"
+    await _assert_served_like_open_clip(onnx_family)
 
 
 async def test_triton_serves_a_siglip_family_like_open_clip(
