@@ -4,6 +4,7 @@
     python -m bench.families --large               # all of them (hours, tens of GB of RAM)
     python -m bench.families --only ViT-B-16-SigLIP2 MobileCLIP2-S0
     python -m bench.families --budget-min 45       # stop starting new ones after 45 minutes
+    python -m bench.families --resume              # keep the table's rows, try the rest
 
 Each architecture runs in its own process (a crash or a memory blow-up names that model
 only), with random weights and no hub:
@@ -281,6 +282,38 @@ def _write(rows: list[dict], skipped: dict[str, str], path: Path, took_s: float)
     path.write_text("\n".join(lines) + "\n")
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a table `_write` wrote (for `--resume`)."""
+    rows: list[dict] = []
+    if not path.is_file():
+        return rows
+    in_table = False
+    for line in path.read_text().splitlines():
+        if line.startswith("| model | family | status"):
+            in_table = True
+            continue
+        if not in_table or line.startswith("| ---"):
+            continue
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        model, family, status, tokenizer, padding, score, diff, seconds, note = cells
+        row: dict[str, object] = {"model": model, "family": family, "status": status}
+        if status == "ok":
+            row |= {
+                "tokenizer": tokenizer,
+                "padding": padding,
+                "score": score,
+                "max_diff": float(diff),
+                "seconds": seconds,
+                "notes": note,
+            }
+        else:
+            row["reason"] = note.replace("\\|", "|")
+        rows.append(row)
+    return rows
+
+
 def _version() -> str:
     import open_clip
 
@@ -294,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="these architectures only")
     parser.add_argument("--budget-min", type=float, default=0, help="0: no time budget")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "families.md")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --out, try the rest"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -308,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.large and not args.only:
         skipped = {n: "very large: `--large`" for n in names if LARGE.search(n)}
         names = [n for n in names if n not in skipped]
-    names = _order(names)
-    rows: list[dict] = []
+    rows: list[dict] = _read_rows(args.out) if args.resume else []
+    done = {str(r["model"]) for r in rows}
+    names = _order([n for n in names if n not in done])
     started = time.monotonic()
     bar = tqdm(names, unit="model")
     for name in bar:
