@@ -65,16 +65,37 @@ class FullTextEncoder(nn.Module):
     computed by the model's own text tower (`CustomTextCLIP.text`, `CoCa.text`, HF)."""
 
     def __init__(self, tower: nn.Module):
+        """`tower`: a text tower module, or a `CLIP` (its text parts are taken, see
+        `_ClipText`)."""
         super().__init__()
-        self.tower = tower
-        weight = next(tower.parameters())
-        self.register_buffer("tower_dtype", torch.zeros(0, dtype=weight.dtype))
+        self.tower = _ClipText(tower) if hasattr(tower, "token_embedding") else tower
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         out = self.tower(token_ids)
         if isinstance(out, tuple):
             out = out[0]
         return F.normalize(out.to(torch.float32), dim=-1)
+
+
+class _ClipText(nn.Module):
+    """The text half of an open_clip `CLIP` whose padding cannot be cut (pooling `last` or
+    `eos`, no causal mask: CLIPA, MetaCLIP 2 worldwide): open_clip's own `encode_text` run
+    on the text modules alone, so the text graph carries no image weights."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.text_pool_type = clip.text_pool_type
+        self.text_eos_id = getattr(clip, "text_eos_id", None)
+        self._encode_text = type(clip).encode_text
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._encode_text(self, token_ids, normalize=False)
 
 
 class TextEncoder(nn.Module):

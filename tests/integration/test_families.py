@@ -1,11 +1,14 @@
 """Every open_clip family end to end: export → serve over real gRPC → open_clip's numbers.
 
 One tiny representative per family (`tests/support/families.py`, random weights, HF
-tokenizers and HF text configs built here, no hub): CLIP, SigLIP (HF tokenizer, fixed
-context, `last` pooling, logit bias → sigmoid scores), EVA (CustomTextCLIP with open_clip's
+tokenizers and HF text configs built here, no hub): CLIP, CLIPA (CLIP's tower with BERT's
+tokenizer, [SEP] stripped, `last` pooling), MetaCLIP 2 worldwide (CLIP's tower, mT5-style
+tokenizer, `eos` pooling), SigLIP (HF tokenizer, fixed context, `last` pooling, logit
+bias → sigmoid scores), EVA (CustomTextCLIP with open_clip's
 causal text tower: trimmed padding), MobileCLIP (text tower without causal mask: full
-padding), XLM-R (HF text tower with a padding mask), CoCa (appended class token,
-`(pooled, tokens)` towers).
+padding), XLM-R (HF text tower with a padding mask), NLLB (HF tower that takes a
+language), CoCa (appended class token, `(pooled, tokens)` towers). The onnx flavor and a
+real tritonserver are checked on the SigLIP-style family (and onnx on XLM-R).
 
 Checked for each: the gateway's token ids equal `open_clip.get_tokenizer(model)(texts)`;
 text and image vectors equal open_clip's within 1e-5; Similarity and Classify
@@ -189,11 +192,15 @@ def _reference_probabilities(model: Family, cos: np.ndarray) -> np.ndarray:
 
 
 def _cut(model: Family, texts: list[str]) -> list[bool]:
-    """Whether open_clip cuts each text: its ids at a context far past the model's, counted
-    up to the padding, are more than the model's context."""
+    """Whether open_clip cuts each text: its untruncated ids are more than the context."""
     metadata = ModelMetadata.load(model.repository)
-    long = open_clip.get_tokenizer(model.name, context_length=4096)(texts)
-    lengths = (long != metadata.pad_token_id).sum(dim=1).tolist()
+    tokenizer = open_clip.get_tokenizer(model.name)
+    if isinstance(tokenizer, open_clip.tokenizer.HFTokenizer):
+        hf = tokenizer.tokenizer
+        lengths = [len(hf(tokenizer.clean_fn(t), truncation=False)["input_ids"]) for t in texts]
+    else:
+        long = open_clip.get_tokenizer(model.name, context_length=4096)(texts)
+        lengths = (long != 0).sum(dim=1).tolist()
     return [n > metadata.context_length for n in lengths]
 
 
@@ -216,15 +223,17 @@ def test_gateway_token_ids_equal_open_clip(family: Family) -> None:
         if metadata.text_padding == "full":
             assert length == metadata.context_length
         assert tokenizer.pad([tokens], length)[0].tolist() == row[:length]
-    expected_kind = "hf" if family.family in ("siglip", "xlm-roberta", "nllb") else "clip-bpe"
+    hf_families = ("clipa", "worldwide", "siglip", "xlm-roberta", "nllb")
+    expected_kind = "hf" if family.family in hf_families else "clip-bpe"
     assert metadata.tokenizer == expected_kind
     if expected_kind == "hf":
         assert (family.repository / metadata.tokenizer_file).is_file()
 
 
 def test_padding_rule_is_the_family_s(family: Family) -> None:
-    """Causal towers pooling at end-of-text trim; fixed-position and masked towers get
-    the full context (SigLIP's `last`, MobileCLIP's unmasked tower, HF, CoCa's class token)."""
+    """Causal towers pooling at end-of-text (argmax) trim; fixed-position and masked towers
+    get the full context (SigLIP's and CLIPA's `last`, MetaCLIP 2's `eos`, MobileCLIP's
+    unmasked tower, HF, CoCa's class token)."""
     metadata = ModelMetadata.load(family.repository)
     trims = family.family in ("clip", "eva")
     assert metadata.text_padding == ("trim" if trims else "full")

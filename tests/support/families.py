@@ -12,7 +12,17 @@ import json
 from pathlib import Path
 
 #: One representative per family (see README "Model families").
-FAMILIES = ("clip", "siglip", "eva", "mobileclip", "xlm-roberta", "nllb", "coca")
+FAMILIES = (
+    "clip",
+    "clipa",
+    "worldwide",
+    "siglip",
+    "eva",
+    "mobileclip",
+    "xlm-roberta",
+    "nllb",
+    "coca",
+)
 
 _CORPUS = [
     "a photo of a cat",
@@ -115,6 +125,54 @@ def write_family(family: str, directory: Path) -> Path:
             "embed_dim": 24,
             "vision_cfg": _vision(),
             "text_cfg": {"context_length": 77, "vocab_size": 49408, **_TINY_TEXT},
+        }
+    elif family == "clipa":
+        # CLIPA: CLIP's own text tower with BERT's tokenizer (its [SEP] stripped to 0),
+        # no causal mask, pooling the last position.
+        tok = train_tokenizer(
+            directory / "tokenizer",
+            kind="bpe",
+            specials={
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+            },
+            template=("[CLS] $A [SEP]", "[CLS] $A [SEP] $B [SEP]"),
+        )
+        cfg = {
+            "embed_dim": 24,
+            "vision_cfg": _vision(),
+            "text_cfg": {
+                "context_length": 16,
+                "vocab_size": 400,
+                "hf_tokenizer_name": str(tok),
+                "tokenizer_kwargs": {"strip_sep_token": True},
+                "pool_type": "last",
+                "no_causal_mask": True,
+                **_TINY_TEXT,
+            },
+        }
+    elif family == "worldwide":
+        # MetaCLIP 2 worldwide: CLIP's own causal text tower with a multilingual HF
+        # tokenizer (mT5's order: <pad> 0, </s> 1), pooling at its end-of-sequence id.
+        tok = train_tokenizer(
+            directory / "tokenizer",
+            kind="unigram",
+            specials={"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+            template=("$A </s>", "$A </s> $B </s>"),
+        )
+        cfg = {
+            "embed_dim": 24,
+            "vision_cfg": _vision(),
+            "text_cfg": {
+                "context_length": 16,
+                "vocab_size": 300,
+                "hf_tokenizer_name": str(tok),
+                "pool_type": "eos",
+                "eos_id": 1,
+                **_TINY_TEXT,
+            },
         }
     elif family == "siglip":
         # SigLIP: HF tokenizer (eos appended, canonicalize), fixed context, `last` pooling
