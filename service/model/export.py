@@ -286,8 +286,9 @@ def _stage_tokenizer(tokenizer: object, staging: Path) -> dict[str, object]:
     hf = tokenizer.tokenizer
     if not getattr(hf, "is_fast", False):
         raise ValueError(f"{type(hf).__name__} has no fast (tokenizers) version")
-    if getattr(hf, "padding_side", "right") != "right":
-        raise ValueError(f"padding side {hf.padding_side!r} is not supported")
+    for side in ("padding_side", "truncation_side"):
+        if getattr(hf, side, "right") != "right":
+            raise ValueError(f"{side.replace('_', ' ')} {getattr(hf, side)!r} is not supported")
     hf.save_pretrained(str(staging / TOKENIZER_DIR))
     special = {
         role: int(token_id)
