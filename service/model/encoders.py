@@ -68,7 +68,8 @@ class FullTextEncoder(nn.Module):
         """`tower`: a text tower module, or a `CLIP` (its text parts are taken, see
         `_ClipText`)."""
         super().__init__()
-        self.tower = _ClipText(tower) if hasattr(tower, "token_embedding") else tower
+        # A whole `CLIP` (it has the image tower too): keep only its text modules.
+        self.tower = _ClipText(tower) if hasattr(tower, "visual") else tower
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         out = self.tower(token_ids)

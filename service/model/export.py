@@ -62,6 +62,10 @@ class ExportSummary:
             f"  model id      {m.model_id}",
             f"  embedding dim {m.embedding_dim}, image {m.image_size}px, "
             f"context {m.context_length} tokens, logit scale {m.logit_scale:.2f}",
+            f"  text          {m.tokenizer} tokenizer, padding {m.text_padding}, "
+            f"scores {m.score_function}"
+            + (f" (bias {m.logit_bias:.2f})" if m.logit_bias is not None else "")
+            + (f", {len(m.languages)} languages (default {m.language})" if m.languages else ""),
             f"  flavor        {m.flavor}, {m.precision}",
             f"  check vs open_clip: max |diff| = {self.max_abs_diff:.2e}, "
             f"worst cosine = {self.worst_cosine:.6f}",
