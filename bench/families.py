@@ -5,6 +5,7 @@
     python -m bench.families --only ViT-B-16-SigLIP2 MobileCLIP2-S0
     python -m bench.families --budget-min 45       # stop starting new ones after 45 minutes
     python -m bench.families --resume              # keep the table's rows, try the rest
+    python -m bench.families --resume --retry-failed   # ... and the failed ones again
 
 Each architecture runs in its own process (a crash or a memory blow-up names that model
 only), with random weights and no hub:
@@ -330,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="keep the rows already in --out, try the rest"
     )
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="with --resume: try failed rows again"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -345,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         skipped = {n: "very large: `--large`" for n in names if LARGE.search(n)}
         names = [n for n in names if n not in skipped]
     rows: list[dict] = _read_rows(args.out) if args.resume else []
+    if args.retry_failed:
+        rows = [r for r in rows if r["status"] == "ok"]
     done = {str(r["model"]) for r in rows}
     names = _order([n for n in names if n not in done])
     started = time.monotonic()
