@@ -16,10 +16,13 @@ open_clip does. `TEXT_PADDING_TRIM` / `TEXT_PADDING_FULL` name the two rules in
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_LOGGER = logging.getLogger(__name__)
 
 #: The text graph takes any length up to the context (the gateway trims padding).
 TEXT_PADDING_TRIM = "trim"
@@ -203,7 +206,13 @@ def script_encoders(
         image_ts = _script_or_trace(image, torch.zeros(2, 3, size, size, dtype=torch.uint8))
         try:
             text_ts = torch.jit.script(text)
-        except Exception:
+        except Exception as exc:
+            _LOGGER.warning(
+                "text tower of %s not scriptable (%s: %s); traced at the full context",
+                type(clip).__name__,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+            )
             if padding == TEXT_PADDING_TRIM:
                 _, text, padding = build_encoders(clip, fp16=fp16, text_padding=TEXT_PADDING_FULL)
             if text_example is None:
