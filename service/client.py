@@ -191,7 +191,8 @@ class ClipClient:
         *,
         model: str = "",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine `[Q, C]`, softmax probabilities `[Q, C]`); str = text, bytes/Path = image."""
+        """(cosine `[Q, C]`, probabilities `[Q, C]` by the model's score rule); str = text,
+        bytes/Path = image."""
         return _matrices(self._call("Similarity", _similarity_request(queries, candidates, model)))
 
     def classify(
@@ -274,7 +275,7 @@ class AsyncClipClient:
         *,
         model: str = "",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine `[Q, C]`, softmax probabilities `[Q, C]`)."""
+        """(cosine `[Q, C]`, probabilities `[Q, C]` by the model's score rule)."""
         return _matrices(
             await self._call("Similarity", _similarity_request(queries, candidates, model))
         )

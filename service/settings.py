@@ -344,7 +344,11 @@ class BatchingOptions(FlagSet):
 class ExportSettings(FlagSet):
     """What `clipsvc export` is told (with `BatchingOptions` for the Triton configs)."""
 
-    model: str = _opt(_REQUIRED, "open_clip model name (ViT-B-32, clip-demo-shapes).")
+    model: str = _opt(
+        _REQUIRED,
+        "open_clip model name (ViT-B-32, ViT-B-16-SigLIP2, clip-demo-shapes) or the path of "
+        "an open_clip model-config JSON (the model's name is the file's stem).",
+    )
     out: Path = _opt(_REQUIRED, "Output model repository directory.")
     name: str = _opt(
         "clip",

@@ -84,6 +84,7 @@ def build_backend(
         max_wait_s=settings.max_batch_wait_ms / 1000.0,
         max_inflight=inflight,
         admitted=lambda: admission.admitted,
+        trim_text=metadata is None or metadata.text_padding != "full",
     )
 
 

@@ -31,10 +31,13 @@ class BatchedBackend:
         max_wait_s: float,
         max_inflight: int,
         admitted: Callable[[], int] | None = None,
+        trim_text: bool = True,
     ) -> None:
         """`max_batch_size` caps batches further than `inner.max_batch_size` may;
-        `admitted` counts items taken in upstream and not yet answered (see the queue)."""
+        `admitted` counts items taken in upstream and not yet answered (see the queue);
+        `trim_text` False: text rows go as padded (the model's padding rule is "full")."""
         self.inner = inner
+        self._trim_text = trim_text
         self.name = inner.name
         self._limit = max_batch_size
         self._queue = BatchQueue(
@@ -108,5 +111,7 @@ class BatchedBackend:
             return await self.inner.embed_images(rows, timeout_s=timeout_s)
         # The rows share a bucket length; cut the columns after the batch's last
         # end-of-text (the highest id in each row): exact for a causal tower, less work.
-        rows = rows[:, : int(rows.argmax(axis=1).max()) + 1]
+        # Not for towers padded to the full context (SigLIP, HF, ...): they need every column.
+        if self._trim_text:
+            rows = rows[:, : int(rows.argmax(axis=1).max()) + 1]
         return await self.inner.embed_texts(rows, timeout_s=timeout_s)

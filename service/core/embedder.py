@@ -22,6 +22,7 @@ from service.core import validation
 from service.core.admission import Admission, PixelBudget
 from service.core.cache import EmbeddingCache
 from service.core.cache_keys import embedding_key, label_set_key
+from service.core.hf_tokenize import build_tokenizer
 from service.core.image_preprocess import (
     PREPROCESS_VERSION,
     ImageLimits,
@@ -30,7 +31,7 @@ from service.core.image_preprocess import (
 )
 from service.core.scoring import ensemble, prompts
 from service.core.single_flight import Abandoned, SingleFlight
-from service.core.text_tokenize import TextTokenizer, Tokens
+from service.core.text_tokenize import Tokens
 from service.core.validation import Limits
 from service.errors import BackendFailure, DeadlineExceeded, InvalidInput
 from service.metrics import Metrics
@@ -94,7 +95,9 @@ class Embedder:
         self.limits = limits
         self._metrics = metrics
         self._admission = admission
-        self.tokenizer = TextTokenizer(metadata.context_length, options.text_length_buckets)
+        # The model's own tokenizer and padding rule (CLIP BPE trimmed to buckets, or a HF
+        # tokenizer from the repository padded to the full context, ...).
+        self.tokenizer = build_tokenizer(metadata, options.text_length_buckets)
         self._image_spec = ImageSpec(metadata.image_size, metadata.interpolation)
         self._image_limits = ImageLimits(
             limits.max_image_bytes, limits.max_image_pixels, options.exif_transpose
@@ -144,7 +147,10 @@ class Embedder:
         """One tiny forward pass per tower, bypassing the cache (proves inference works)."""
         size = self.metadata.image_size
         await self._backend.embed_images(np.zeros((1, 3, size, size), dtype=np.uint8))
-        ids = self.tokenizer.pad([self.tokenizer.tokenize("warm up")], 8)
+        # Full padding: the text graph takes the context length and nothing shorter.
+        full = self.metadata.text_padding == "full"
+        length = self.metadata.context_length if full else 8
+        ids = self.tokenizer.pad([self.tokenizer.tokenize("warm up")], length)
         await self._backend.embed_texts(ids)
 
     async def aclose(self) -> None:
@@ -156,11 +162,40 @@ class Embedder:
 
     # ------------------------------------------------------------------ public API
     async def embed_texts(
-        self, texts: Sequence[str], *, timeout_s: float | None = None, field: str = "texts"
+        self,
+        texts: Sequence[str],
+        *,
+        timeout_s: float | None = None,
+        field: str = "texts",
+        language: str | None = None,
     ) -> list[EmbeddingResult]:
-        """Vectors for `texts`, in order; validates count and lengths first."""
+        """Vectors for `texts`, in order; validates count, lengths and language first
+        (`language`: for towers that take one; None or "": the model's default)."""
+        language = self.check_language(language)
         validation.check_texts(texts, self.limits, field)
-        return await self._embed_texts(texts, _deadline(timeout_s))
+        return await self._embed_texts(texts, _deadline(timeout_s), language=language)
+
+    def check_language(self, language: str | None) -> str | None:
+        """`language` if the model takes it (None for none or ""); InvalidInput otherwise."""
+        if not language:
+            return None
+        known = self.metadata.languages
+        if not known:
+            raise InvalidInput(
+                f"model {self.metadata.model_name} takes no language (got {language[:64]!r})",
+                field="language",
+            )
+        if language not in known:
+            raise InvalidInput(
+                f"unknown language {language[:64]!r}; this model takes one of "
+                f"{', '.join(known[:8])}{', ...' if len(known) > 8 else ''}",
+                field="language",
+            )
+        return language
+
+    def _text_fingerprint(self, language: str | None) -> str:
+        fingerprint = self.tokenizer.fingerprint
+        return fingerprint if language is None else f"{fingerprint}/lang={language}"
 
     async def embed_images(
         self, images: Sequence[bytes], *, timeout_s: float | None = None, field: str = "images"
@@ -180,11 +215,17 @@ class Embedder:
         )
 
     async def label_embeddings(
-        self, labels: Sequence[str], templates: Sequence[str], *, timeout_s: float | None = None
+        self,
+        labels: Sequence[str],
+        templates: Sequence[str],
+        *,
+        timeout_s: float | None = None,
+        language: str | None = None,
     ) -> np.ndarray:
         """`[n_labels, D]`: each label's template ensemble, cached per (label, templates)."""
         deadline = _deadline(timeout_s)
-        fp = self.tokenizer.fingerprint
+        language = self.check_language(language)
+        fp = self._text_fingerprint(language)
         keys = [label_set_key(self.model_id, [label], list(templates), fp) for label in labels]
         size = self.metadata.embedding_dim
         found = [e.vector if e else None for e in await self._label_cache.get_many(keys, size=size)]
@@ -196,7 +237,7 @@ class Embedder:
                 # Prompt vectors are not stored: only the ensembles are worth keeping, and
                 # thousands of prompts would evict the image and text vectors callers reuse.
                 wave = await self._embed_texts(
-                    texts[start : start + _LABEL_WAVE], deadline, store=False
+                    texts[start : start + _LABEL_WAVE], deadline, store=False, language=language
                 )
                 vectors.extend(e.vector for e in wave)
             per_label = np.stack(vectors).reshape(len(missing), len(templates), -1)
@@ -208,14 +249,22 @@ class Embedder:
 
     # ------------------------------------------------------------------ pipeline
     async def _embed_texts(
-        self, texts: Sequence[str], deadline: float | None, *, store: bool = True
+        self,
+        texts: Sequence[str],
+        deadline: float | None,
+        *,
+        store: bool = True,
+        language: str | None = None,
     ) -> list[EmbeddingResult]:
-        keys = [
-            embedding_key(self.model_id, "text", t.encode("utf-8"), self.tokenizer.fingerprint)
-            for t in texts
-        ]
+        fingerprint = self._text_fingerprint(language)
+        keys = [embedding_key(self.model_id, "text", t.encode("utf-8"), fingerprint) for t in texts]
         return await self._embed(
-            "text", keys, lambda idx: self._prepare_texts(texts, idx), deadline, "texts", store
+            "text",
+            keys,
+            lambda idx: self._prepare_texts(texts, idx, language),
+            deadline,
+            "texts",
+            store,
         )
 
     async def _embed(
@@ -361,10 +410,12 @@ class Embedder:
             self._flights.release(owned)
 
     # ------------------------------------------------------------------ preparation
-    async def _prepare_texts(self, texts: Sequence[str], indices: list[int]) -> Run:
+    async def _prepare_texts(
+        self, texts: Sequence[str], indices: list[int], language: str | None = None
+    ) -> Run:
         # Off the event loop: a batch of long texts must not delay health checks.
         tokens = await asyncio.get_running_loop().run_in_executor(
-            self._decode_pool, self._tokenize, [texts[i] for i in indices]
+            self._decode_pool, self._tokenize, [texts[i] for i in indices], language
         )
 
         async def run(timeout_s: float | None) -> list[EmbeddingResult]:
@@ -416,9 +467,11 @@ class Embedder:
 
         return run
 
-    def _tokenize(self, texts: list[str]) -> list[Tokens]:
+    def _tokenize(self, texts: list[str], language: str | None = None) -> list[Tokens]:
         started = time.perf_counter()
         try:
+            if language is not None:  # only HF tokenizers of towers that take a language
+                return [self.tokenizer.tokenize(text, language) for text in texts]  # type: ignore[call-arg]
             return [self.tokenizer.tokenize(text) for text in texts]
         finally:
             self._metrics.preprocess_latency.labels("tokenize").observe(

@@ -62,6 +62,23 @@ def softmax_scores(
     return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def sigmoid_scores(cos: np.ndarray, logit_scale: float, logit_bias: float) -> np.ndarray:
+    """sigmoid(logit_scale × cosine + logit_bias) of each pair on its own (SigLIP's rule:
+    not normalised over the candidates), computed without overflow."""
+    logits = cos.astype(np.float64) * logit_scale + logit_bias
+    # 1/(1+e^-x) for x ≥ 0 and e^x/(1+e^x) below: neither exponent can overflow.
+    e = np.exp(-np.abs(logits))
+    return np.where(logits >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def probabilities(cos: np.ndarray, logit_scale: float, logit_bias: float | None) -> np.ndarray:
+    """The model's score rule: sigmoid per pair for models trained with a logit bias
+    (SigLIP), else softmax over the last axis (CLIP)."""
+    if logit_bias is None:
+        return softmax_scores(cos, logit_scale)
+    return sigmoid_scores(cos, logit_scale, logit_bias)
+
+
 @dataclass(frozen=True)
 class Ranked:
     """One label's result for one image."""
@@ -94,19 +111,26 @@ class Scorer:
         self._embedder = embedder
 
     async def similarity(
-        self, queries: Sequence[Item], candidates: Sequence[Item], *, timeout_s: float | None
+        self,
+        queries: Sequence[Item],
+        candidates: Sequence[Item],
+        *,
+        timeout_s: float | None,
+        language: str | None = None,
     ) -> SimilarityResult:
-        """Every query against every candidate (texts and images may mix on both sides)."""
+        """Every query against every candidate (texts and images may mix on both sides);
+        probabilities by the model's rule (`probabilities`)."""
+        self._embedder.check_language(language)
         limits = self._embedder.limits
         validation.check_count(len(queries), "queries", limits.max_items)
         validation.check_count(len(candidates), "candidates", limits.max_items)
         query_vecs, candidate_vecs = await _gather_failing_fast(
-            self.embed_items(queries, "queries", timeout_s),
-            self.embed_items(candidates, "candidates", timeout_s),
+            self.embed_items(queries, "queries", timeout_s, language),
+            self.embed_items(candidates, "candidates", timeout_s, language),
         )
         cos = cosine(query_vecs, candidate_vecs)
         meta = self._embedder.metadata
-        return SimilarityResult(cos, softmax_scores(cos, meta.logit_scale, meta.logit_bias))
+        return SimilarityResult(cos, probabilities(cos, meta.logit_scale, meta.logit_bias))
 
     async def classify(
         self,
@@ -116,9 +140,12 @@ class Scorer:
         top_k: int,
         *,
         timeout_s: float | None,
+        language: str | None = None,
     ) -> list[list[Ranked]]:
-        """Zero-shot: each image's labels ranked by softmax(logit_scale × cosine)."""
+        """Zero-shot: each image's labels ranked by the model's probabilities
+        (softmax(logit_scale × cosine) over the labels, or SigLIP's per-label sigmoid)."""
         embedder = self._embedder
+        embedder.check_language(language)
         # The caller's templates are checked against the limits; the default ensemble is ours.
         validation.check_labels(
             labels, templates, embedder.limits, ensemble_size=len(templates or DEFAULT_TEMPLATES)
@@ -130,16 +157,20 @@ class Scorer:
         validation.check_image_sizes(images, embedder.limits)
         embedded, label_matrix = await _gather_failing_fast(
             embedder.embed_images(images, timeout_s=timeout_s),
-            embedder.label_embeddings(labels, templates, timeout_s=timeout_s),
+            embedder.label_embeddings(labels, templates, timeout_s=timeout_s, language=language),
         )
         image_matrix = np.stack([e.vector for e in embedded])
         cos = cosine(image_matrix, label_matrix)
         meta = embedder.metadata
-        probs = softmax_scores(cos, meta.logit_scale, meta.logit_bias)
+        probs = probabilities(cos, meta.logit_scale, meta.logit_bias)
         return [rank(labels, cos[i], probs[i], k) for i in range(len(images))]
 
     async def embed_items(
-        self, items: Sequence[Item], field: str, timeout_s: float | None
+        self,
+        items: Sequence[Item],
+        field: str,
+        timeout_s: float | None,
+        language: str | None = None,
     ) -> np.ndarray:
         """`[len(items), D]`: texts and images mixed, in order (each modality batched);
         a bad item is named by its index in `items`. The caller checks the count."""
@@ -150,7 +181,11 @@ class Scorer:
         embedder = self._embedder
         try:
             text_vecs, image_vecs = await _gather_failing_fast(
-                embedder.embed_texts(texts, timeout_s=timeout_s) if texts else _none(),
+                (
+                    embedder.embed_texts(texts, timeout_s=timeout_s, language=language)
+                    if texts
+                    else _none()
+                ),
                 embedder.embed_images(images, timeout_s=timeout_s) if images else _none(),
             )
         except InvalidInput as exc:

@@ -96,8 +96,31 @@ class ModelMetadata:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    #: "clip-bpe" (open_clip's SimpleTokenizer, built into the gateway) or "hf" (the
+    #: `tokenizers` file at `tokenizer_file`, copied into the repository by the export).
     tokenizer: str = "clip-bpe"
+    #: Present only in models trained with one (SigLIP): sigmoid(scale × cos + bias) scores.
     logit_bias: float | None = None
+    #: "trim": the text graph takes any length ≤ context (causal towers pooling at
+    #: end-of-text; the gateway cuts padding to buckets). "full": it takes exactly the
+    #: context length, padded as open_clip pads (fixed-position pooling, masked towers).
+    text_padding: str = "trim"
+    #: HF tokenizers: `tokenizer.json` relative to the repository.
+    tokenizer_file: str = ""
+    #: HF tokenizers: open_clip's clean function applied first ("whitespace",
+    #: "canonicalize", "lower"); the CLIP BPE has its own.
+    tokenizer_clean: str = "whitespace"
+    #: HF tokenizers: the id padding is filled with.
+    pad_token_id: int = 0
+    #: HF tokenizers with open_clip's `strip_sep_token`: this id becomes 0 (BERT's [SEP]).
+    strip_sep_token_id: int | None = None
+    #: HF tokenizers: the special tokens by role ("bos", "eos", "pad", "sep", "cls", "unk").
+    special_tokens: dict[str, int] = field(default_factory=dict)
+    #: Towers that take a language (NLLB): the tokenizer's language when a request names
+    #: none; None for towers that take no language (a request naming one is refused).
+    language: str | None = None
+    #: Languages a request may name (the tokenizer's language codes); empty: none.
+    languages: tuple[str, ...] = ()
     variable_length_text: bool = True
     image_model: str = IMAGE_MODEL
     text_model: str = TEXT_MODEL
@@ -114,6 +137,13 @@ class ModelMetadata:
     versions: dict[str, str] = field(default_factory=dict)
     #: The name it is served under (`clipsvc export --name`); from the file's name on load.
     name: str = DEFAULT_NAME
+    #: Where `load` read this from (not saved): tokenizer files are found relative to it.
+    repository: str = field(default="", compare=False)
+
+    @property
+    def score_function(self) -> str:
+        """ "sigmoid" for models with a logit bias (SigLIP), else "softmax" (CLIP)."""
+        return "softmax" if self.logit_bias is None else "sigmoid"
 
     @property
     def model_id(self) -> str:
@@ -134,7 +164,9 @@ class ModelMetadata:
     def save(self, directory: Path) -> Path:
         """Write this model's metadata file (`metadata_path`) into `directory`."""
         path = metadata_path(directory, self.name)
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        raw = asdict(self)
+        del raw["repository"]
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
@@ -149,6 +181,8 @@ class ModelMetadata:
         raw = json.loads(path.read_text())
         raw["mean"] = tuple(raw["mean"])
         raw["std"] = tuple(raw["std"])
+        raw["languages"] = tuple(raw.get("languages", ()))
+        raw["repository"] = str(Path(directory))
         known = set(cls.__dataclass_fields__)
         loaded = cls(**{k: v for k, v in raw.items() if k in known})
         return replace(loaded, name=name)  # the file decides, whatever it says inside

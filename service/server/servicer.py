@@ -6,6 +6,7 @@ Errors are raised, never caught here: the interceptor maps them to status codes.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -86,7 +87,11 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
     ) -> clip_pb2.EmbedResponse:
         model = self._models.get(request.model)
         return await self._embed(
-            model, model.embedder.embed_texts, list(request.texts), request.format, context
+            model,
+            functools.partial(model.embedder.embed_texts, language=request.language or None),
+            list(request.texts),
+            request.format,
+            context,
         )
 
     async def EmbedImage(
@@ -125,6 +130,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             _items(request.queries, "queries"),
             _items(request.candidates, "candidates"),
             timeout_s=self._timeout(context),
+            language=request.language or None,
         )
         rows = [
             clip_pb2.Row(scores=scores.tolist(), probabilities=probabilities.tolist())
@@ -146,6 +152,7 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             list(request.templates),
             request.top_k,
             timeout_s=self._timeout(context),
+            language=request.language or None,
         )
         return clip_pb2.ClassifyResponse(
             results=[
@@ -224,8 +231,11 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             kind = request.WhichOneof("input")
             timeout = self._timeout(context)
             if kind == "text":
-                items = await embedder.embed_texts([request.text], timeout_s=timeout)
+                items = await embedder.embed_texts(
+                    [request.text], timeout_s=timeout, language=request.language or None
+                )
             elif kind == "image":
+                embedder.check_language(request.language)
                 items = await embedder.embed_images([request.image], timeout_s=timeout)
             else:
                 raise InvalidInput("message has neither text nor image set")
@@ -252,6 +262,11 @@ def model_info(model: ServedModel) -> clip_pb2.ModelInfo:
         backend=model.embedder.backend_name,
         model_id=meta.model_id,
         weights_sha256=meta.weights_sha256,
+        logit_bias=meta.logit_bias or 0.0,
+        score_function=meta.score_function,
+        languages=list(meta.languages),
+        default_language=meta.language or "",
+        tokenizer=meta.tokenizer,
     )
 
 

@@ -1,0 +1,403 @@
+"""Coverage: does every architecture in `open_clip.list_models()` export, load and match?
+
+    python -m bench.families                       # every architecture but the very large
+    python -m bench.families --large               # all of them (hours, tens of GB of RAM)
+    python -m bench.families --only ViT-B-16-SigLIP2 MobileCLIP2-S0
+    python -m bench.families --budget-min 45       # stop starting new ones after 45 minutes
+    python -m bench.families --resume              # keep the table's rows, try the rest
+    python -m bench.families --resume --retry-failed   # ... and the failed ones again
+
+Each architecture runs in its own process (a crash or a memory blow-up names that model
+only), with random weights and no hub:
+
+1. export (`clipsvc export --model PATH.json --pretrained none`, python flavor): both
+   towers to TorchScript, the exporter's own self-check against open_clip on the same
+   weights (images in batches of 3 and 1, texts of several lengths, ≤ 1e-4), and the
+   gateway's tokenizer (built from the repository's copied files) against
+   `open_clip.get_tokenizer(model)` on varied texts (exact ids);
+2. load: the repository alone (metadata, tokenizer, both `model.pt`), the way the gateway
+   loads it, and one forward pass per tower (unit-norm, finite vectors).
+
+Offline, a hub tokenizer or HF text model a config names (SigLIP's, XLM-R's, mT5's,
+NLLB's, BERT's) is replaced by a small stand-in of the same kind built here (a tokenizer
+trained in milliseconds, a tiny HF config of the same `model_type`); the table says where.
+The architecture of open_clip's own towers is never changed.
+
+Writes bench/results/families.md: one row per architecture, every failure with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import RESULTS_DIR
+
+#: Names of the architectures that need `--large` (roughly > 400M parameters or > 10 GB
+#: to export on a CPU).
+LARGE = re.compile(
+    r"(ViT-[LHgGe]-|bigG|SO400M|gopt|xxlarge|xlarge|mt5-xl|1\.3B|large|EVA0[12]-[LEg]|"
+    r"EVA01-g|ViTamin-[LX]|-L-|-H-|RN50x64)"
+)
+TIMEOUT_S = 1800
+STAND_IN_NOTE = "stand-in HF tokenizer"
+
+
+def _family(cfg: dict) -> str:
+    text = cfg.get("text_cfg", {})
+    if "multimodal_cfg" in cfg:
+        return "CoCa"
+    if text.get("hf_model_name"):
+        return "HF text tower"
+    if cfg.get("init_logit_bias") is not None:
+        return "SigLIP"
+    if cfg.get("custom_text"):
+        return "CustomTextCLIP"
+    return "CLIP"
+
+
+def _stand_in_config(name: str, cfg: dict, directory: Path) -> tuple[dict, list[str]]:
+    """`cfg` with hub tokenizers / HF text models replaced by local stand-ins."""
+    from tests.support.families import train_tokenizer
+
+    cfg = copy.deepcopy(cfg)
+    text = cfg.setdefault("text_cfg", {})
+    notes: list[str] = []
+    hub_tok = text.get("hf_tokenizer_name")
+    hub_model = text.get("hf_model_name")
+    if not hub_tok and not hub_model:
+        return cfg, notes
+    source = hub_model or hub_tok
+    if hub_tok and Path(hub_tok).is_dir():
+        return cfg, notes
+    tok_dir = directory / "stand-in"
+    if "bert" in source and "roberta" not in source:
+        specials = {
+            "unk_token": "[UNK]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+        }
+        template = ("[CLS] $A [SEP]", "[CLS] $A [SEP] $B [SEP]")
+        specials = {"pad_token": "[PAD]", **specials}
+    elif "mt5" in source or "SigLIP" in source or "siglip" in source:
+        specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+        template = ("$A </s>", "$A </s> $B </s>")
+    else:  # XLM-R, RoBERTa, XLM-V, NLLB: <s> ... </s>
+        specials = {
+            "bos_token": "<s>",
+            "pad_token": "<pad>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "cls_token": "<s>",
+            "sep_token": "</s>",
+        }
+        template = ("<s> $A </s>", "<s> $A </s> </s> $B </s>")
+    kind = "unigram" if "</s>" in template[0] and "<s>" not in template[0] else "bpe"
+    train_tokenizer(tok_dir, kind=kind, specials=specials, template=template)
+    text["hf_tokenizer_name"] = str(tok_dir)
+    notes.append(f"{STAND_IN_NOTE} for {hub_tok}")
+    if hub_model:
+        _tiny_hf_config(hub_model, tok_dir)
+        text["hf_model_name"] = str(tok_dir)
+        notes.append(f"tiny {hub_model.split('/')[-1]}-shaped HF config")
+    return cfg, notes
+
+
+def _tiny_hf_config(hub_model: str, directory: Path) -> None:
+    from transformers import (
+        AutoTokenizer,
+        M2M100Config,
+        MT5Config,
+        RobertaConfig,
+        XLMRobertaConfig,
+    )
+
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    common = {
+        "vocab_size": len(tok),
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
+    if "mt5" in hub_model:
+        config = MT5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, **common)
+    elif "nllb" in hub_model:
+        config = M2M100Config(
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=128,
+            bos_token_id=tok.bos_token_id,
+            **common,
+        )
+    else:
+        cls = RobertaConfig if hub_model.startswith("roberta") else XLMRobertaConfig
+        config = cls(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=130,
+            bos_token_id=tok.bos_token_id,
+            **common,
+        )
+    config.save_pretrained(str(directory))
+
+
+def run_one(name: str) -> dict[str, object]:
+    """Export, load and check one architecture (in this process)."""
+    import numpy as np
+    import torch
+    from open_clip.factory import get_model_config
+
+    from service.core.hf_tokenize import build_tokenizer
+    from service.model.export import export_model
+    from service.model.metadata import ModelMetadata
+
+    started = time.perf_counter()
+    cfg = get_model_config(name)
+    row: dict[str, object] = {"model": name, "family": _family(cfg)}
+    with tempfile.TemporaryDirectory(prefix="families-") as tmp:
+        directory = Path(tmp)
+        cfg, notes = _stand_in_config(name, cfg, directory)
+        row["notes"] = "; ".join(notes)
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        summary = export_model(str(path), "none", directory / "repo", progress=False)
+        row["export_s"] = round(time.perf_counter() - started, 1)
+        row["max_diff"] = summary.max_abs_diff
+        metadata = ModelMetadata.load(directory / "repo")
+        row |= {
+            "tokenizer": metadata.tokenizer,
+            "padding": metadata.text_padding,
+            "score": metadata.score_function,
+            "context": metadata.context_length,
+        }
+        tokenizer = build_tokenizer(metadata, (16, 32, 48, 64))
+        tokens = [tokenizer.tokenize(t) for t in ("a photo of a cat", "")]
+        length = max(tokenizer.bucket_length(len(t.ids)) for t in tokens)
+        ids = torch.from_numpy(tokenizer.pad(tokens, length))
+        text = torch.jit.load(str(directory / "repo" / "clip_text" / "1" / "model.pt"))
+        image = torch.jit.load(str(directory / "repo" / "clip_image" / "1" / "model.pt"))
+        size = metadata.image_size
+        with torch.no_grad():
+            vectors = [
+                text(ids).numpy(),
+                image(torch.zeros(2, 3, size, size, dtype=torch.uint8)).numpy(),
+            ]
+        for v in vectors:
+            norms = np.linalg.norm(v, axis=1)
+            if not np.all(np.isfinite(v)) or np.abs(norms - 1).max() > 1e-3:
+                raise RuntimeError(f"loaded tower answered non-unit vectors: norms {norms}")
+    row["status"] = "ok"
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def _reason(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line):
+            return line[:300]
+    return (lines[-1] if lines else "no output")[:300]
+
+
+def _child(name: str, out: Path) -> None:
+    try:
+        row = run_one(name)
+    except BaseException as exc:  # the parent writes every failure with its reason
+        row = {
+            "model": name,
+            "status": "fail",
+            "reason": f"{type(exc).__name__}: {exc}"[:400],
+            "trace": traceback.format_exc()[-2000:],
+        }
+    out.write_text(json.dumps(row, default=float))
+
+
+def _order(names: list[str]) -> list[str]:
+    """One architecture of each family first, then the rest: a cut-short run still spans
+    every family."""
+    from open_clip.factory import get_model_config
+
+    firsts: dict[str, str] = {}
+    for name in names:
+        firsts.setdefault(_family(get_model_config(name)), name)
+    head = list(firsts.values())
+    return head + [n for n in names if n not in head]
+
+
+def _write(rows: list[dict], skipped: dict[str, str], path: Path, took_s: float) -> None:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    by_family: dict[str, list[int]] = {}
+    for r in rows:
+        counts = by_family.setdefault(str(r.get("family", "?")), [0, 0])
+        counts[0] += r.get("status") == "ok"
+        counts[1] += 1
+    lines = [
+        "# open_clip architectures: export, load, parity (random weights, no hub)",
+        "",
+        f"`python -m bench.families` on {time.strftime('%Y-%m-%d')}, open_clip "
+        f"{_version()}, {took_s / 60:.0f} min on this machine's CPUs.",
+        "",
+        f"**{len(ok)} of {len(rows)} tried architectures pass**; "
+        f"{len(skipped)} not tried (listed at the end with why).",
+        "",
+        "| family | pass / tried |",
+        "| --- | --- |",
+        *[f"| {f} | {c[0]} / {c[1]} |" for f, c in sorted(by_family.items())],
+        "",
+        "A pass means: the export's self-check (exported TorchScript vs open_clip on the same "
+        "weights, ≤ 1e-4; `max diff` below) and its tokenizer check (the gateway's ids == "
+        "`open_clip.get_tokenizer(model)`) held, and the repository loaded alone gave "
+        "unit vectors.",
+        "",
+        "| model | family | status | tokenizer | padding | score | max diff | s | notes / reason |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        diff = f"{r['max_diff']:.1e}" if "max_diff" in r else ""
+        note = r.get("notes", "") if r.get("status") == "ok" else r.get("reason", "")
+        note = str(note).replace("|", "\\|").replace("\n", " ")
+        lines.append(
+            f"| {r['model']} | {r.get('family', '')} | {r['status']} | {r.get('tokenizer', '')} "
+            f"| {r.get('padding', '')} | {r.get('score', '')} | {diff} | {r.get('seconds', '')} "
+            f"| {note} |"
+        )
+    if skipped:
+        lines += ["", "## Not tried", "", "| model | why |", "| --- | --- |"]
+        lines += [f"| {n} | {why} |" for n, why in skipped.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a table `_write` wrote (for `--resume`)."""
+    rows: list[dict] = []
+    if not path.is_file():
+        return rows
+    in_table = False
+    for line in path.read_text().splitlines():
+        if line.startswith("| model | family | status"):
+            in_table = True
+            continue
+        if not in_table or line.startswith("| ---"):
+            continue
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        model, family, status, tokenizer, padding, score, diff, seconds, note = cells
+        row: dict[str, object] = {"model": model, "family": family, "status": status}
+        if status == "ok":
+            row |= {
+                "tokenizer": tokenizer,
+                "padding": padding,
+                "score": score,
+                "max_diff": float(diff),
+                "seconds": seconds,
+                "notes": note,
+            }
+        else:
+            row["reason"] = note.replace("\\|", "|")
+        rows.append(row)
+    return rows
+
+
+def _version() -> str:
+    import open_clip
+
+    return open_clip.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the coverage table (or, with `--child`, one architecture for the parent)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--large", action="store_true", help="also the very large ones")
+    parser.add_argument("--only", nargs="*", help="these architectures only")
+    parser.add_argument("--budget-min", type=float, default=0, help="0: no time budget")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "families.md")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --out, try the rest"
+    )
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="with --resume: try failed rows again"
+    )
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args.child[0], Path(args.child[1]))
+        return 0
+
+    import open_clip
+    from tqdm import tqdm
+
+    names = args.only or open_clip.list_models()
+    skipped: dict[str, str] = {}
+    if not args.large and not args.only:
+        skipped = {n: "very large: `--large`" for n in names if LARGE.search(n)}
+        names = [n for n in names if n not in skipped]
+    rows: list[dict] = _read_rows(args.out) if args.resume else []
+    if args.retry_failed:
+        rows = [r for r in rows if r["status"] == "ok"]
+    done = {str(r["model"]) for r in rows}
+    names = _order([n for n in names if n not in done])
+    started = time.monotonic()
+    bar = tqdm(names, unit="model")
+    for name in bar:
+        if args.budget_min and time.monotonic() - started > args.budget_min * 60:
+            skipped[name] = f"time budget ({args.budget_min:g} min) spent"
+            continue
+        bar.set_postfix_str(name)
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "bench.families", "--child", name, out.name],
+                    capture_output=True,
+                    text=True,
+                    timeout=TIMEOUT_S,
+                    check=False,
+                )
+                text = Path(out.name).read_text()
+                row = (
+                    json.loads(text)
+                    if text
+                    else {
+                        "model": name,
+                        "status": "fail",
+                        "reason": f"process ended with {proc.returncode}: {_reason(proc.stderr)}",
+                    }
+                )
+            except subprocess.TimeoutExpired:
+                row = {"model": name, "status": "fail", "reason": f"over {TIMEOUT_S} s"}
+        if "family" not in row:
+            from open_clip.factory import get_model_config
+
+            row["family"] = _family(get_model_config(name))
+        rows.append(row)
+        ok = sum(r["status"] == "ok" for r in rows)
+        bar.set_description(f"{ok}/{len(rows)} pass")
+        _write(rows, skipped, args.out, time.monotonic() - started)
+    bar.close()
+    _write(rows, skipped, args.out, time.monotonic() - started)
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{ok} of {len(rows)} tried pass; {len(skipped)} not tried → {args.out}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"  FAIL {r['model']}: {r.get('reason')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
