@@ -352,3 +352,37 @@ async def test_language_picks_the_tower_s_language_token(nllb: Family) -> None:
     assert similarity.rows[0].scores[0] == pytest.approx(
         float(want_french[0] @ want_french[1]), abs=TOL
     )
+
+
+async def test_two_hf_tokenizer_models_share_a_repository(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Two families with their own HF tokenizers exported as two names into one `--out`:
+    each keeps its tokenizer (`NAME_tokenizer/`), and each serves its own token ids."""
+    repository = tmp_path_factory.mktemp("two-hf") / "repo"
+    names = {"siglip": "clip", "xlm-roberta": "multilingual"}
+    models = {}
+    for family, served_as in names.items():
+        directory = tmp_path_factory.mktemp(f"two-{family}")
+        config = write_family(family, directory / "config")
+        torch.manual_seed(11)
+        clip, _ = load_open_clip(str(config), "none")
+        checkpoint = directory / "weights.pt"
+        torch.save(clip.state_dict(), checkpoint)
+        export_model(str(config), str(checkpoint), repository, progress=False, name=served_as)
+        models[served_as] = resolve_model_name(str(config))
+    for served_as, model_name in models.items():
+        metadata = ModelMetadata.load(repository, served_as)
+        assert metadata.tokenizer_file.startswith(f"{served_as}_tokenizer/")
+        tokenizer = build_tokenizer(metadata, (8, 16, 32))
+        want = open_clip.get_tokenizer(model_name)(TEXTS)
+        for text, row in zip(TEXTS, want.tolist(), strict=True):
+            got = tokenizer.pad([tokenizer.tokenize(text)], metadata.context_length)[0]
+            assert got.tolist() == row, (served_as, text)
+    async with serving(repository) as stub:
+        listed = await stub.ListModels(clip_pb2.ListModelsRequest(), timeout=30)
+        assert sorted(m.name for m in listed.models) == ["clip", "multilingual"]
+        assert {m.name: m.score_function for m in listed.models} == {
+            "clip": "sigmoid",
+            "multilingual": "softmax",
+        }
