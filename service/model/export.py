@@ -2,10 +2,10 @@
 
 `clipsvc export --model NAME|PATH.json --pretrained TAG|none|PATH --out DIR
 --flavor pytorch|python|onnx [--name NAME]`: several exports with different `--name`s share
-one `--out` repository; each writes only its own `NAME_image/`, `NAME_text/`,
-`NAME_tokenizer/` and metadata file (see `service/model/metadata.py` for the layout).
+one `--out` repository; each writes only its own `NAME_image/`, `NAME_text/` and metadata
+file (see `service/model/metadata.py` for the layout).
 
-A repository is self-contained: a HF tokenizer's files are copied into `NAME_tokenizer/`
+A repository is self-contained: a HF tokenizer's files are copied into `NAME_text/tokenizer/`
 and the metadata says how to use them (clean function, padding rule, pad and special ids),
 so serving needs neither a model hub nor the config the model was exported from.
 """
@@ -189,7 +189,7 @@ def export_model(
                 fp16=precision == "fp16",
                 text_example=check_tokens,
             )
-        tokenizer_fields = _stage_tokenizer(tokenizer, staging, tokenizer_dir(name))
+        tokenizer_fields = _stage_tokenizer(tokenizer, staging, tokenizer_dir(text_model))
         steps.update()
 
         steps.set_postfix_str("checking against open_clip")
@@ -251,6 +251,8 @@ def export_model(
             for stale in _MODEL_FILES:
                 (version_dir / stale).unlink(missing_ok=True)
             for staged in sorted((staging / tower).iterdir()):
+                if tower == text_model and staged.name == "tokenizer":
+                    continue  # not a version's file: it goes beside the versions, below
                 shutil.move(str(staged), str(version_dir / staged.name))
             if flavor == "python":
                 shutil.copyfile(_PYTHON_MODEL, version_dir / "model.py")
@@ -264,18 +266,13 @@ def export_model(
                 parameters=metadata.triton_parameters(),
             )
             (out_dir / tower / "config.pbtxt").write_text(config)
-        own_tokenizer = tokenizer_dir(name)
+        own_tokenizer = tokenizer_dir(text_model)
         shutil.rmtree(out_dir / own_tokenizer, ignore_errors=True)
         if (staging / own_tokenizer).is_dir():
             shutil.move(str(staging / own_tokenizer), str(out_dir / own_tokenizer))
     metadata.save(out_dir)
     files: dict[str, int] = {}
-    own = [
-        out_dir / image_model,
-        out_dir / text_model,
-        out_dir / tokenizer_dir(name),
-        metadata_path(out_dir, name),
-    ]
+    own = [out_dir / image_model, out_dir / text_model, metadata_path(out_dir, name)]
     for path in sorted(p for top in own for p in [top, *top.rglob("*")]):
         if path.is_file():
             files[str(path.relative_to(out_dir))] = path.stat().st_size
@@ -306,10 +303,11 @@ CHECK_TEXTS = [
 ]
 
 
-def tokenizer_dir(name: str) -> str:
-    """The folder of a repository that holds model `name`'s HF tokenizer files (beside its
-    `NAME_image/` and `NAME_text/`: several models of one repository never share one)."""
-    return f"{name}_tokenizer"
+def tokenizer_dir(text_model: str) -> str:
+    """The folder of a repository that holds a HF tokenizer's files: `tokenizer/` inside
+    the text tower's Triton folder, so several models of one repository never share one
+    and Triton (which loads only numbered version folders there) never sees it."""
+    return f"{text_model}/tokenizer"
 
 
 def _stage_tokenizer(tokenizer: object, staging: Path, folder: str) -> dict[str, object]:

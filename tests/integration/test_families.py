@@ -358,7 +358,7 @@ async def test_two_hf_tokenizer_models_share_a_repository(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Two families with their own HF tokenizers exported as two names into one `--out`:
-    each keeps its tokenizer (`NAME_tokenizer/`), and each serves its own token ids."""
+    each keeps its tokenizer (`NAME_text/tokenizer/`), and each serves its own token ids."""
     repository = tmp_path_factory.mktemp("two-hf") / "repo"
     names = {"siglip": "clip", "xlm-roberta": "multilingual"}
     models = {}
@@ -373,7 +373,7 @@ async def test_two_hf_tokenizer_models_share_a_repository(
         models[served_as] = resolve_model_name(str(config))
     for served_as, model_name in models.items():
         metadata = ModelMetadata.load(repository, served_as)
-        assert metadata.tokenizer_file.startswith(f"{served_as}_tokenizer/")
+        assert metadata.tokenizer_file.startswith(f"{served_as}_text/tokenizer/")
         tokenizer = build_tokenizer(metadata, (8, 16, 32))
         want = open_clip.get_tokenizer(model_name)(TEXTS)
         for text, row in zip(TEXTS, want.tolist(), strict=True):
