@@ -116,14 +116,16 @@ async def test_sigterm_flips_health_refuses_new_calls_and_drains_in_flight(
         # Health says so to a watcher at once; any error here fails the test.
         assert (await asyncio.wait_for(watch.read(), 60)).status == NOT_SERVING
         watch.cancel()  # a watch is a call too: the drain would wait for it
-        # New calls are refused while the held ones are still in flight.
-        # (A call that slipped in between NOT_SERVING and the listener closing is answered.)
+        # New calls are refused while the held ones are still in flight. A call that
+        # slipped in between NOT_SERVING and the listener closing was accepted: it is
+        # answered, or (its batch held at the closed gate) runs out of its own 10 s.
         refused: list[grpc.StatusCode] = []
-        deadline = asyncio.get_running_loop().time() + 60
+        deadline = asyncio.get_running_loop().time() + 90
         while not refused or refused[-1] != grpc.StatusCode.UNAVAILABLE:
             assert asyncio.get_running_loop().time() < deadline, refused
             refused.append(await _new_call_code(gateway.target))
-        assert set(refused) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, refused
+        slipped_in = {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+        assert set(refused[:-1]) <= slipped_in, refused
         assert not any(c.done() for c in calls) and gateway.running
 
         gateway.gate.open()
