@@ -17,7 +17,6 @@ probabilities follow the family's rule; GetModelInfo names it; a `language` is r
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import math
@@ -32,15 +31,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core.hf_tokenize import build_tokenizer
 from service.model.export import export_model, load_open_clip, resolve_model_name
 from service.model.metadata import ModelMetadata
-from service.settings import Settings
-from service.wiring import build_gateway
+from service.processes.gateway import gateway_settings, running_gateway
 from tests.support.families import FAMILIES, write_family
 from tests.support.triton import start_triton
 
@@ -120,33 +117,13 @@ def _export_family(
 async def serving(
     repository: Path, **settings: Any
 ) -> AsyncIterator[clip_pb2_grpc.ClipServiceStub]:
-    """A gateway (embedded unless `settings` say otherwise) on port 0 and a stub on a
-    loopback channel, once SERVING."""
-    gateway = build_gateway(
-        Settings(
-            model_repository=repository,
-            port=0,
-            metrics_port=0,
-            host="127.0.0.1",
-            **settings,  # type: ignore[arg-type]
-        )
-    )
-    await gateway.start()
-    try:
-        target = f"127.0.0.1:{gateway.port}"
-        async with grpc.aio.insecure_channel(target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = asyncio.get_running_loop().time() + 120
-            while True:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                assert asyncio.get_running_loop().time() < deadline, "never SERVING"
-                await asyncio.sleep(0.1)
-            yield clip_pb2_grpc.ClipServiceStub(channel)
-    finally:
-        await gateway.stop(1)
+    """A gateway (embedded unless `settings` say otherwise) on free loopback ports, once
+    SERVING, and a stub on a channel to it."""
+    async with (
+        running_gateway(gateway_settings(repository, **settings)) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        yield clip_pb2_grpc.ClipServiceStub(channel)
 
 
 def _png(image: Image.Image) -> bytes:

@@ -2,12 +2,11 @@
 
 Parity with open_clip within 1e-5 for real photos (several sizes and modes) and for texts
 of every token length, 1 to 77 and truncated, on the demo CLIP and a random-weight
-ViT-B-32; the gateway in-process (`build_gateway`, port 0) with calls over real gRPC.
+ViT-B-32; the gateway in-process (`running_gateway`, free ports) with calls over real gRPC.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import os
@@ -15,13 +14,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import open_clip
 import pytest
 import torch
 from google.protobuf import text_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
@@ -30,8 +27,7 @@ from service.client import AsyncClipClient
 from service.model.export import export_model, load_open_clip, weights_sha256
 from service.model.metadata import ModelMetadata
 from service.model.onnx_graphs import OnnxExportError, open_session, run_session
-from service.settings import Settings
-from service.wiring import build_gateway
+from service.processes.gateway import gateway_settings, running_gateway
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,38 +80,12 @@ def model(request: pytest.FixtureRequest) -> OnnxModel:
 
 @contextlib.asynccontextmanager
 async def serving(repository: Path, **settings: object) -> AsyncIterator[AsyncClipClient]:
-    """A real gateway on a free loopback port, SERVING, and a client connected to it."""
-    gateway = build_gateway(
-        Settings(
-            model_repository=repository,
-            port=0,
-            metrics_port=0,
-            host="127.0.0.1",
-            **settings,  # type: ignore[arg-type]
-        )
-    )
-    await gateway.start()
-    try:
-        target = f"127.0.0.1:{gateway.port}"
-        await _wait_for_health(target, timeout_s=120)
-        async with AsyncClipClient(target, timeout_s=120) as client:
-            yield client
-    finally:
-        await gateway.stop(1)
-
-
-async def _wait_for_health(target: str, timeout_s: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{target} did not become SERVING in {timeout_s} s")
-            await asyncio.sleep(0.1)
+    """A real gateway on free loopback ports, SERVING, and a client connected to it."""
+    async with (
+        running_gateway(gateway_settings(repository, **settings)) as gateway,
+        AsyncClipClient(f"127.0.0.1:{gateway.port}", timeout_s=120) as client,
+    ):
+        yield client
 
 
 def _photos() -> dict[str, Image.Image]:
