@@ -118,13 +118,18 @@ async def test_sigterm_flips_health_refuses_new_calls_and_drains_in_flight(
         watch.cancel()  # a watch is a call too: the drain would wait for it
         # New calls are refused while the held ones are still in flight. A call that
         # slipped in between NOT_SERVING and the listener closing was accepted: it is
-        # answered, or (its batch held at the closed gate) runs out of its own 10 s.
+        # answered, runs out of its own 10 s (its batch held at the closed gate), or is
+        # cancelled by grpc's server stop that caught it starting (both seen under load).
         refused: list[grpc.StatusCode] = []
         deadline = asyncio.get_running_loop().time() + 90
         while not refused or refused[-1] != grpc.StatusCode.UNAVAILABLE:
             assert asyncio.get_running_loop().time() < deadline, refused
             refused.append(await _new_call_code(gateway.target))
-        slipped_in = {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+        slipped_in = {
+            grpc.StatusCode.OK,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED,
+        }
         assert set(refused[:-1]) <= slipped_in, refused
         assert not any(c.done() for c in calls) and gateway.running
 
