@@ -92,24 +92,10 @@ class ModelRegistry:
         """The default model's pipeline."""
         return self._models[self.default].embedder
 
-    @property
-    def admitted(self) -> int:
-        """Items admitted for any backend and not answered yet (the shared bound)."""
-        return self.default_embedder.admitted
-
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Start every backend (each may not be reachable yet; health keeps asking)."""
         await asyncio.gather(*(m.embedder.start() for m in self))
-
-    async def ready(self) -> bool:
-        """Whether every model's backend says an inference would succeed now."""
-        answers = await asyncio.gather(*(m.embedder.ready() for m in self))
-        return all(answers)
-
-    async def warmup(self) -> None:
-        """One tiny forward pass per tower of every model."""
-        await asyncio.gather(*(m.embedder.warmup() for m in self))
 
     async def aclose(self) -> None:
         """Stop every pipeline (the shared cache is closed by each: closing is idempotent)."""
