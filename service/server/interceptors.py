@@ -60,6 +60,29 @@ def _wrap(
     return handler
 
 
+def _wrap_calls(
+    handler: grpc.RpcMethodHandler,
+    scope: Callable[[Any, grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[Any]],
+) -> grpc.RpcMethodHandler:
+    """Rebuild `handler` so that each call runs inside `scope(request, context)`."""
+
+    def around(behaviour: Callable[..., Any], streams_out: bool) -> Callable[..., Any]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with scope(request, context):
+                return await behaviour(request, context)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with scope(request, context):
+                async for response in behaviour(request, context):
+                    yield response
+
+        # A streaming handler is either an async generator or a coroutine that writes
+        # with `context.write` (grpc.health.v1's Watch): wrap each as what it is.
+        return stream if streams_out and not inspect.iscoroutinefunction(behaviour) else unary
+
+    return _wrap(handler, around)
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Counts requests by method, code and model, times them, and maps errors to status codes."""
 
@@ -112,23 +135,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         observed = self._observed
         model_label = self._model_label
 
-        def around(behaviour: Callable[..., Any], streams_out: bool) -> Callable[..., Any]:
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                model = getattr(request, "model", None)
-                label = model_label(model) if isinstance(model, str) else ""
-                async with observed(method, context, label):
-                    return await behaviour(request, context)
+        def scope(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> contextlib.AbstractAsyncContextManager[None]:
+            # Streamed requests (an iterator) and calls without a `model` are labelled ''.
+            model = getattr(request, "model", None)
+            return observed(method, context, model_label(model) if isinstance(model, str) else "")
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with observed(method, context):
-                    async for response in behaviour(request, context):
-                        yield response
-
-            # A streaming handler is either an async generator or a coroutine that writes
-            # with `context.write` (grpc.health.v1's Watch): wrap each as what it is.
-            return stream if streams_out and not inspect.iscoroutinefunction(behaviour) else unary
-
-        return _wrap(handler, around)
+        return _wrap_calls(handler, scope)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -199,16 +213,9 @@ class RequestBytesInterceptor(grpc.aio.ServerInterceptor):
             return handler
         budget = self._budget
 
-        def around(behaviour: Callable[..., Any], streams_out: bool) -> Callable[..., Any]:
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with budget.held(request.ByteSize()):
-                    return await behaviour(request, context)
+        @contextlib.asynccontextmanager
+        async def scope(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            with budget.held(request.ByteSize()):
+                yield
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with budget.held(request.ByteSize()):
-                    async for response in behaviour(request, context):
-                        yield response
-
-            return stream if streams_out and not inspect.iscoroutinefunction(behaviour) else unary
-
-        return _wrap(handler, around)
+        return _wrap_calls(handler, scope)
