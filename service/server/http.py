@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from google.protobuf import json_format
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -39,6 +40,7 @@ from service.metrics import Metrics
 from service.server import http_schema as schema
 from service.server.credentials import ApiKeys, TlsFiles
 from service.server.health import HealthMonitor
+from service.server.servicer import model_info
 from service.server.status import caller_message, outcome_for
 
 #: `created` of every model in `/v1/models` (OpenAI's field; the export time is not kept).
@@ -232,26 +234,22 @@ class HttpApi:
         }
 
     async def _list_models(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        data = []
-        for model in self._models:
-            meta = model.embedder.metadata
-            data.append(
-                {
-                    "id": model.name,
-                    "object": "model",
-                    "created": _CREATED,
-                    "owned_by": "clipsvc",
-                    # Beyond OpenAI's fields: what GetModelInfo says.
-                    "model_id": meta.model_id,
-                    "model_name": meta.model_name,
-                    "pretrained": meta.pretrained,
-                    "embedding_dim": meta.embedding_dim,
-                    "image_size": meta.image_size,
-                    "context_length": meta.context_length,
-                    "backend": model.embedder.backend_name,
-                    "default": model.name == self._models.default,
-                }
-            )
+        data = [
+            {
+                "id": model.name,
+                "object": "model",
+                "created": _CREATED,
+                "owned_by": "clipsvc",
+                # Beyond OpenAI's fields: what GetModelInfo says, every field of it.
+                **json_format.MessageToDict(
+                    model_info(model),
+                    preserving_proto_field_name=True,
+                    always_print_fields_with_no_presence=True,
+                ),
+                "default": model.name == self._models.default,
+            }
+            for model in self._models
+        ]
         return {"object": "list", "data": data}
 
     async def _classify(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:

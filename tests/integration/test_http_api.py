@@ -210,6 +210,10 @@ async def test_an_unknown_model_is_404_naming_the_served_ones(gateway: Gateway) 
     assert "known models: clip" in caught.value.body["message"]
     assert [(m.id, m.object, m.owned_by) for m in models.data] == [("clip", "model", "clipsvc")]
     assert isinstance(models.data[0].created, int)
+    # Beyond OpenAI's fields: what GetModelInfo says of the model.
+    described = models.data[0].model_dump()
+    assert described["name"] == "clip" and described["default"] is True
+    assert described["score_function"] == "softmax" and described["embedding_dim"] == 64
 
 
 async def test_too_large_bodies_are_413_and_admission_overflow_is_429(
