@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from bisect import bisect_left
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from service.core.text_tokenize import TextTokenizer, Tokens
+from service.core.text_tokenize import (
+    TextTokenizer,
+    Tokens,
+    bucket_for,
+    length_buckets,
+    pad_rows,
+)
 from service.model.metadata import ModelMetadata
 
 #: Per-language tokenizers kept (NLLB has ~200 language codes; requests use a few).
@@ -56,11 +61,8 @@ class HFTextTokenizer:
         self._language = language
         self._base = self._load(self._json)
         self._for_language = lru_cache(maxsize=_LANGUAGE_CACHE)(self._language_tokenizer)
-        if full_padding:
-            self.buckets: tuple[int, ...] = (context_length,)
-        else:
-            edges = sorted({int(b) for b in buckets if 2 <= int(b) < context_length})
-            self.buckets = (*edges, context_length)
+        # Full padding: one bucket, the context length (the graph takes nothing shorter).
+        self.buckets = length_buckets(context_length, () if full_padding else buckets)
         digest = hashlib.sha256(self._json.encode("utf-8")).hexdigest()[:16]
         strip = "" if strip_sep_token_id is None else f"/strip{strip_sep_token_id}"
         self._fingerprint = (
@@ -113,14 +115,11 @@ class HFTextTokenizer:
 
     def bucket_length(self, n_tokens: int) -> int:
         """The padded length for `n_tokens` ids: the context length under full padding."""
-        return self.buckets[bisect_left(self.buckets, n_tokens)]
+        return bucket_for(self.buckets, n_tokens)
 
     def pad(self, batch: Sequence[Tokens], length: int) -> np.ndarray:
         """`int64 [B, length]` filled with the pad id after each row's ids."""
-        out = np.full((len(batch), length), self._pad_id, dtype=np.int64)
-        for row, tokens in enumerate(batch):
-            out[row, : len(tokens.ids)] = tokens.ids
-        return out
+        return pad_rows(batch, length, self._pad_id)
 
 
 #: What the embedder tokenizes with: the CLIP BPE or a HF tokenizer (same methods).

@@ -114,6 +114,26 @@ class Tokens:
     truncated: bool
 
 
+def length_buckets(context_length: int, edges: Sequence[int] = ()) -> tuple[int, ...]:
+    """Padded lengths a text may get: the `edges` below the context length (at least 2, the
+    start and end tokens), then the context length itself."""
+    below = sorted({int(e) for e in edges if 2 <= int(e) < context_length})
+    return (*below, context_length)
+
+
+def bucket_for(buckets: Sequence[int], n_tokens: int) -> int:
+    """The padded length for a text of `n_tokens` ids: the next bucket edge."""
+    return buckets[bisect_left(buckets, n_tokens)]
+
+
+def pad_rows(batch: Sequence[Tokens], length: int, pad_id: int = 0) -> np.ndarray:
+    """`int64 [B, length]`: each row's ids, then `pad_id` (open_clip's CLIP BPE pads with 0)."""
+    out = np.full((len(batch), length), pad_id, dtype=np.int64)
+    for row, tokens in enumerate(batch):
+        out[row, : len(tokens.ids)] = tokens.ids
+    return out
+
+
 class TextTokenizer:
     """open_clip's tokenizer with the same truncation, plus padding to length buckets."""
 
@@ -130,8 +150,7 @@ class TextTokenizer:
         self._cached_word_ids = lru_cache(maxsize=WORD_CACHE_SIZE)(self._encode_word)
         self._sot = self._bpe.sot_token_id
         self._eot = self._bpe.eot_token_id
-        edges = sorted({int(b) for b in buckets if 2 <= int(b) < context_length})
-        self.buckets: tuple[int, ...] = (*edges, context_length)
+        self.buckets = length_buckets(context_length, buckets)
 
     @property
     def fingerprint(self) -> str:
@@ -175,12 +194,9 @@ class TextTokenizer:
 
     def bucket_length(self, n_tokens: int) -> int:
         """The padded length for a text of `n_tokens` ids: the next bucket edge."""
-        return self.buckets[bisect_left(self.buckets, n_tokens)]
+        return bucket_for(self.buckets, n_tokens)
 
     @staticmethod
     def pad(batch: Sequence[Tokens], length: int) -> np.ndarray:
         """`int64 [B, length]`, zero-padded (open_clip pads with 0 too)."""
-        out = np.zeros((len(batch), length), dtype=np.int64)
-        for row, tokens in enumerate(batch):
-            out[row, : len(tokens.ids)] = tokens.ids
-        return out
+        return pad_rows(batch, length)
