@@ -147,10 +147,9 @@ class Embedder:
         """One tiny forward pass per tower, bypassing the cache (proves inference works)."""
         size = self.metadata.image_size
         await self._backend.embed_images(np.zeros((1, 3, size, size), dtype=np.uint8))
-        # Full padding: the text graph takes the context length and nothing shorter.
-        full = self.metadata.text_padding == "full"
-        length = self.metadata.context_length if full else 8
-        ids = self.tokenizer.pad([self.tokenizer.tokenize("warm up")], length)
+        tokens = self.tokenizer.tokenize("warm up")
+        # Padded as a request would be (the full context where the graph takes no other).
+        ids = self.tokenizer.pad([tokens], self.tokenizer.bucket_length(len(tokens.ids)))
         await self._backend.embed_texts(ids)
 
     async def aclose(self) -> None:
@@ -470,9 +469,7 @@ class Embedder:
     def _tokenize(self, texts: list[str], language: str | None = None) -> list[Tokens]:
         started = time.perf_counter()
         try:
-            if language is not None:  # only HF tokenizers of towers that take a language
-                return [self.tokenizer.tokenize(text, language) for text in texts]  # type: ignore[call-arg]
-            return [self.tokenizer.tokenize(text) for text in texts]
+            return [self.tokenizer.tokenize(text, language) for text in texts]
         finally:
             self._metrics.preprocess_latency.labels("tokenize").observe(
                 time.perf_counter() - started

@@ -52,11 +52,9 @@ def cosine(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return (queries.astype(np.float32) @ candidates.astype(np.float32).T).astype(np.float32)
 
 
-def softmax_scores(
-    cos: np.ndarray, logit_scale: float, logit_bias: float | None = None
-) -> np.ndarray:
-    """softmax(logit_scale × cosine (+ bias)) along the last axis, computed stably."""
-    logits = cos.astype(np.float64) * logit_scale + (logit_bias or 0.0)
+def softmax_scores(cos: np.ndarray, logit_scale: float) -> np.ndarray:
+    """softmax(logit_scale × cosine) along the last axis, computed stably."""
+    logits = cos.astype(np.float64) * logit_scale
     logits -= logits.max(axis=-1, keepdims=True)
     exp = np.exp(logits)
     return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -170,8 +170,9 @@ class TextTokenizer:
             return self._cached_word_ids(word)
         return self._encode_word(word)
 
-    def tokenize(self, text: str) -> Tokens:
-        """Ids exactly as `open_clip.tokenize` makes them, without the padding."""
+    def tokenize(self, text: str, language: None = None) -> Tokens:
+        """Ids exactly as `open_clip.tokenize` makes them, without the padding (`language`:
+        the CLIP BPE takes none; the embedder refuses one before asking)."""
         budget = self.context_length - 2
         body: list[int] = []
         truncated = False
