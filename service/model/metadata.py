@@ -8,6 +8,7 @@ metadata is a file at the repository's root:
       metadata.json            the model named `clip` (the only file before names existed)
       metadata.NAME.json       every other model, one file each
       clip_image/ clip_text/   NAME_image/ NAME_text/   (Triton model folders)
+      NAME_text/tokenizer/     a HF tokenizer's files (Triton loads only numbered folders)
 
 A repository exported before names existed is a repository holding one model, `clip`.
 Triton ignores files at the root, so the layout stays a valid Triton repository.
