@@ -172,6 +172,7 @@ class Scorer:
     ) -> np.ndarray:
         """`[len(items), D]`: texts and images mixed, in order (each modality batched);
         a bad item is named by its index in `items`. The caller checks the count."""
+        self._embedder.check_language(language)  # named as itself, before any image decodes
         text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
         image_at = [i for i, item in enumerate(items) if not isinstance(item, str)]
         texts = [str(items[i]) for i in text_at]

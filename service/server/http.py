@@ -213,10 +213,14 @@ class HttpApi:
         timeout_s = self._options.backend_timeout_s
         texts = [item for item in parsed.items if isinstance(item, str)]
         if len(texts) == len(parsed.items):  # texts only: straight to the text pipeline
-            embedded = await embedder.embed_texts(texts, timeout_s=timeout_s, field="input")
+            embedded = await embedder.embed_texts(
+                texts, timeout_s=timeout_s, field="input", language=parsed.language
+            )
             vectors = [e.vector for e in embedded]
         else:
-            vectors = list(await model.scorer.embed_items(parsed.items, "input", timeout_s))
+            vectors = list(
+                await model.scorer.embed_items(parsed.items, "input", timeout_s, parsed.language)
+            )
         count = self._token_counts[model.name]
         tokens = sum(count(text) for text in texts)
         return {
@@ -261,6 +265,7 @@ class HttpApi:
             parsed.templates,
             parsed.top_k,
             timeout_s=self._options.backend_timeout_s,
+            language=parsed.language,
         )
         return {
             "results": [
@@ -279,7 +284,10 @@ class HttpApi:
         parsed = schema.parse_similarity(body)
         model = self._models.get(parsed.model)
         result = await model.scorer.similarity(
-            parsed.queries, parsed.candidates, timeout_s=self._options.backend_timeout_s
+            parsed.queries,
+            parsed.candidates,
+            timeout_s=self._options.backend_timeout_s,
+            language=parsed.language,
         )
         rows = [
             {"scores": scores.tolist(), "probabilities": probabilities.tolist()}

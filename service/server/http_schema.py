@@ -6,7 +6,8 @@ and what to send instead, so the error table answers it as 400 like any bad inpu
 `POST /v1/embeddings` follows OpenAI's request (`model`, `input`, `encoding_format`,
 `dimensions`, `user`); `input` is a string, a list of strings, or a list of objects
 `{"text": ...}` / `{"image": <base64 or data: URI>}` (Jina's multimodal convention),
-which may mix.
+which may mix. Every body may name a `language` for towers that take one (NLLB), as the
+gRPC requests do.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class EmbeddingsRequest:
     items: list[Item]
     encoding_format: str
     dimensions: int | None
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ClassifyRequest:
     labels: list[str]
     templates: list[str]
     top_k: int
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class SimilarityRequest:
     model: str
     queries: list[Item]
     candidates: list[Item]
+    language: str | None = None
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -151,6 +155,19 @@ def _model(body: Mapping[str, Any]) -> str:
     return model
 
 
+def _language(body: Mapping[str, Any]) -> str | None:
+    """The optional `language` (a code such as `fra_Latn`; null or "": the model's default)."""
+    language = body.get("language")
+    if language is None or language == "":
+        return None
+    if not isinstance(language, str):
+        raise InvalidInput(
+            f"must be a language code string such as 'fra_Latn', not {_kind(language)}",
+            field="language",
+        )
+    return language
+
+
 def parse_embeddings(body: Mapping[str, Any]) -> EmbeddingsRequest:
     """A `/v1/embeddings` body → what to embed and how to answer."""
     if "input" not in body:
@@ -178,7 +195,7 @@ def parse_embeddings(body: Mapping[str, Any]) -> EmbeddingsRequest:
         isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
     ):
         raise InvalidInput(f"must be a positive integer, not {dimensions!r}", field="dimensions")
-    return EmbeddingsRequest(_model(body), items, str(encoding), dimensions)
+    return EmbeddingsRequest(_model(body), items, str(encoding), dimensions, _language(body))
 
 
 def _strings(body: Mapping[str, Any], field: str) -> list[str]:
@@ -207,6 +224,7 @@ def parse_classify(body: Mapping[str, Any]) -> ClassifyRequest:
         labels=_strings(body, "labels"),
         templates=_strings(body, "templates"),
         top_k=top_k,
+        language=_language(body),
     )
 
 
@@ -216,6 +234,7 @@ def parse_similarity(body: Mapping[str, Any]) -> SimilarityRequest:
         model=_model(body),
         queries=parse_items(body.get("queries") or [], "queries"),
         candidates=parse_items(body.get("candidates") or [], "candidates"),
+        language=_language(body),
     )
 
 

@@ -17,10 +17,13 @@ probabilities follow the family's rule; GetModelInfo names it; a `language` is r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
+import json
 import math
 import os
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Any
 import grpc
 import numpy as np
 import open_clip
+import openai
 import pytest
 import torch
 from PIL import Image
@@ -329,6 +333,42 @@ async def test_language_picks_the_tower_s_language_token(nllb: Family) -> None:
     assert similarity.rows[0].scores[0] == pytest.approx(
         float(want_french[0] @ want_french[1]), abs=TOL
     )
+
+
+async def test_the_http_api_takes_the_language_too(nllb: Family) -> None:
+    """`language` in a `/v1/embeddings` or `/v1/similarity` body does what it does on gRPC;
+    an unknown one is a 400 naming the field."""
+    hf = open_clip.get_tokenizer(nllb.name)
+    hf.tokenizer.src_lang = "fra_Latn"
+    texts = ["un chat assis sur le rebord de la fenêtre", "a cat"]
+    with torch.no_grad():
+        want = nllb.clip.encode_text(hf(texts), normalize=True).numpy()
+    async with running_gateway(gateway_settings(nllb.repository)) as gateway:
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{gateway.http_port}/v1", api_key="x", max_retries=0
+        )
+        async with client:
+            answer = await client.embeddings.create(
+                model="clip",
+                input=texts,
+                encoding_format="float",
+                extra_body={"language": "fra_Latn"},
+            )
+            with pytest.raises(openai.BadRequestError, match="language"):
+                await client.embeddings.create(
+                    model="clip", input=texts, extra_body={"language": "xxx_Fake"}
+                )
+        body = {"queries": [texts[0]], "candidates": [texts[1]], "language": "fra_Latn"}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.http_port}/v1/similarity",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with await asyncio.to_thread(urllib.request.urlopen, request, timeout=30) as response:
+            similarity = json.loads(response.read())
+    got = np.array([d.embedding for d in answer.data], dtype=np.float32)
+    assert np.abs(got - want).max() <= TOL
+    assert similarity["rows"][0]["scores"][0] == pytest.approx(float(want[0] @ want[1]), abs=TOL)
 
 
 async def test_two_hf_tokenizer_models_share_a_repository(

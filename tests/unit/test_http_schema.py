@@ -125,3 +125,15 @@ def test_classify_and_similarity_bodies_are_the_proto_fields() -> None:
     assert similarity.queries == ["a", PNG] and similarity.candidates == ["b"]
     with pytest.raises(InvalidInput, match=r"candidates\[0\]: an object input"):
         parse_similarity({"queries": ["a"], "candidates": [{"audio": "x"}]})
+
+
+def test_every_body_takes_a_language_like_the_grpc_requests() -> None:
+    assert parse_embeddings({"input": "x", "language": "fra_Latn"}).language == "fra_Latn"
+    assert parse_classify({"language": "fra_Latn"}).language == "fra_Latn"
+    assert parse_similarity({"language": "fra_Latn"}).language == "fra_Latn"
+    # Unset, null or "": the model's default.
+    for body in ({"input": "x"}, {"input": "x", "language": None}, {"input": "x", "language": ""}):
+        assert parse_embeddings(body).language is None
+    for parse in (parse_embeddings, parse_classify, parse_similarity):
+        with pytest.raises(InvalidInput, match="language: must be a language code string"):
+            parse({"input": "x", "language": ["fra_Latn"]})
