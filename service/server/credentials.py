@@ -5,8 +5,9 @@ atomically swapped symlink), so both are re-read when the files change, without 
 restart:
 - `ApiKeys`: the key file is checked at most once a second (one `stat`); a file that is
   missing or unreadable mid-swap keeps the last good keys.
-- `tls_server_credentials`: grpc's dynamic server credentials ask for the certificate
-  configuration at each new TLS handshake; a changed file is read again then.
+- `tls_server_credentials` (gRPC) and `tls_server_context` (HTTPS): at each new TLS
+  handshake the files' stamps are compared; changed files are read again then, and the
+  handshake (and every later one) uses them. Unreadable files keep the last certificate.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import grpc
 
 _LOGGER = logging.getLogger(__name__)
 _CHECK_INTERVAL_S = 1.0
+_Built = TypeVar("_Built")
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -122,26 +126,64 @@ class TlsFiles:
         )
 
 
-def tls_server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    """Server credentials that pick up changed certificate files at the next handshake."""
-    state = {"stamp": files.stamp()}
+class _Reread(Generic[_Built]):
+    """What `build` makes of the TLS files, made again when a file changes."""
 
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        # Called by grpc for each new handshake: None keeps the current configuration.
+    def __init__(self, files: TlsFiles, build: Callable[[TlsFiles], _Built]) -> None:
+        self._files = files
+        self._build = build
+        self._stamp = files.stamp()
+        self.current = build(files)  # unreadable at start: a configuration error
+
+    def changed(self) -> _Built | None:
+        """The files built again if any changed since last time, else None (also when
+        they are unreadable mid-swap: the last good build stays in use)."""
         try:
-            stamp = files.stamp()
-            if stamp == state["stamp"]:
+            stamp = self._files.stamp()
+            if stamp == self._stamp:
                 return None
-            configuration = files.configuration()
-        except (OSError, ValueError) as exc:
+            built = self._build(self._files)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             _LOGGER.warning("TLS files unreadable (%s); keeping the last certificate", exc)
             return None
-        state["stamp"] = stamp
+        self._stamp, self.current = stamp, built
         _LOGGER.info("TLS certificate files changed: new handshakes use them")
-        return configuration
+        return built
 
+
+def tls_server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """gRPC server credentials that pick up changed files at the next handshake."""
+    configurations = _Reread(files, TlsFiles.configuration)
     return grpc.dynamic_ssl_server_credentials(
-        files.configuration(),
-        fetch,
+        configurations.current,
+        # Called by grpc for each new handshake: None keeps the current configuration.
+        configurations.changed,
         require_client_authentication=files.client_ca is not None,
     )
+
+
+def tls_server_context(files: TlsFiles) -> ssl.SSLContext:
+    """An HTTPS server context that picks up changed files at the next handshake.
+
+    The server creates every connection from the first context; its SNI callback, which
+    OpenSSL calls on every ClientHello (with or without a server name), moves the
+    connection onto the context built from the newest files before any certificate is
+    sent or checked."""
+    contexts: _Reread[ssl.SSLContext]
+
+    def on_hello(connection: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: object) -> None:
+        contexts.changed()
+        if connection.context is not contexts.current:
+            connection.context = contexts.current
+
+    def build(current: TlsFiles) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(current.cert, current.key)
+        if current.client_ca is not None:
+            context.load_verify_locations(cafile=current.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.sni_callback = on_hello
+        return context
+
+    contexts = _Reread(files, build)
+    return contexts.current

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import functools
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from service.core.models import ModelRegistry
 from service.errors import InvalidInput, Overloaded, RequestTooLarge, Unauthenticated
 from service.metrics import Metrics
 from service.server import http_schema as schema
-from service.server.credentials import ApiKeys, TlsFiles
+from service.server.credentials import ApiKeys, TlsFiles, tls_server_context
 from service.server.health import HealthMonitor
 from service.server.servicer import model_info
 from service.server.status import caller_message, outcome_for
@@ -320,8 +319,7 @@ class _InLoopServer(uvicorn.Server):
 class HttpServer:
     """uvicorn serving `app` on a socket bound now (port 0 = a free one), as a task of
     the running event loop; HTTPS with `tls` (the gRPC port's files, client certificates
-    required with its `client_ca`), read at start: renewed files need a restart here,
-    unlike on the gRPC port."""
+    required with its `client_ca`), re-read when they change, as on the gRPC port."""
 
     def __init__(self, app: Any, host: str, port: int, tls: TlsFiles | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -337,12 +335,8 @@ class HttpServer:
         self.port: int = self._socket.getsockname()[1]
         tls_options: dict[str, Any] = {}
         if tls is not None:
-            tls_options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
-            if tls.client_ca is not None:
-                tls_options |= {
-                    "ssl_ca_certs": str(tls.client_ca),
-                    "ssl_cert_reqs": ssl.CERT_REQUIRED,
-                }
+            context = tls_server_context(tls)
+            tls_options = {"ssl_context_factory": lambda _config, _default: context}
         config = uvicorn.Config(
             app,
             log_config=None,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -16,7 +19,7 @@ import pytest
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import gateway_settings, running_gateway
 from tests.support.models import ExportedModel
-from tests.support.pki import SERVER_NAMES, issue, make_ca
+from tests.support.pki import CLIENT_AUTH, SERVER_NAMES, issue, make_ca
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +103,53 @@ async def test_new_tls_certificates_are_used_without_a_restart(
         # Each new connection is a new handshake: the new certificate is served at once.
         assert await trusted_by(second_ca) == grpc.StatusCode.OK
         assert await trusted_by(first_ca) == grpc.StatusCode.UNAVAILABLE
+
+
+def _https_status(port: int, context: ssl.SSLContext) -> int | str:
+    """GET /health over a new HTTPS connection: the status, or why the handshake failed."""
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/health")
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return int(response.status)
+    except urllib.error.URLError as exc:
+        return type(exc.reason).__name__
+
+
+async def test_the_http_port_uses_new_certificates_and_client_cas_without_a_restart(
+    demo_model: ExportedModel, tmp_path: Path
+) -> None:
+    """The HTTP API's TLS follows the same files: a new server certificate (another CA)
+    and a new client CA take effect at the next handshake; a file missing mid-swap keeps
+    the last good ones."""
+    first_ca, second_ca = make_ca(tmp_path / "a", "ca"), make_ca(tmp_path / "b", "ca")
+    cert_a, key_a = issue(tmp_path / "a", first_ca, "server", SERVER_NAMES)
+    cert_b, key_b = issue(tmp_path / "b", second_ca, "server", SERVER_NAMES)
+    client_a, client_key_a = issue(tmp_path / "a", first_ca, "client", CLIENT_AUTH)
+    client_b, client_key_b = issue(tmp_path / "b", second_ca, "client", CLIENT_AUTH)
+    cert, key, client_ca = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"
+    for link, target in ((cert, cert_a), (key, key_a), (client_ca, first_ca)):
+        _swap_symlink(link, target)
+
+    def caller(ca: Path, client: Path, client_key: Path) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.load_cert_chain(str(client), str(client_key))
+        return context
+
+    old_caller = caller(first_ca, client_a, client_key_a)
+    new_caller = caller(second_ca, client_b, client_key_b)
+    settings = gateway_settings(
+        demo_model.repository, tls_cert=cert, tls_key=key, tls_client_ca=client_ca
+    )
+    async with running_gateway(settings) as gw:
+        port = gw.http_port
+        assert await asyncio.to_thread(_https_status, port, old_caller) == 200
+        assert await asyncio.to_thread(_https_status, port, new_caller) != 200
+        _swap_symlink(key, key_b)
+        _swap_symlink(cert, cert_b)
+        _swap_symlink(client_ca, second_ca)
+        # Each new connection is a new handshake: the new files are used at once.
+        assert await asyncio.to_thread(_https_status, port, new_caller) == 200
+        assert await asyncio.to_thread(_https_status, port, old_caller) != 200
+        # Mid-swap (a file missing): the last good certificate stays.
+        cert.unlink()
+        assert await asyncio.to_thread(_https_status, port, new_caller) == 200
