@@ -1,4 +1,4 @@
-"""Every benchmark in one go (`make bench`): about 12 minutes on 2 cores, `--quick` about 3.
+"""Every benchmark in one go (`make bench`): about 15 minutes on 2 cores, `--quick` about 6.
 
     python -m bench.run_all
     python -m bench.run_all --quick
@@ -6,8 +6,9 @@
 
 Steps, each in its own process (a failure is reported and the next step still runs):
 throughput on the demo model; throughput on ViT-B-32 with Triton and 3 paired image
-rounds (without either in `--quick`); the cache benchmark; a short load run. Results go
-to bench/results/.
+rounds (without either in `--quick`); the cache benchmark; a short load run; HTTP against
+gRPC; one Triton against two replicas. Results go to bench/results/. Not here (long, or
+needing a GPU): bench.onnx, bench.soak, bench.families, bench/gpu.sh.
 """
 
 from __future__ import annotations
@@ -76,6 +77,26 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
                 str(RESULTS_DIR / f"load{tag}.md"),
             ],
             f"load{tag}.md",
+        ),
+        (
+            "http against grpc, demo model",
+            [
+                "bench.http",
+                *(["--rounds", "1", "--seconds", "2"] if args.quick else []),
+                "--out",
+                str(RESULTS_DIR / f"http-vs-grpc{tag}.md"),
+            ],
+            f"http-vs-grpc{tag}.md",
+        ),
+        (
+            "replicas, demo model + 2 Tritons",
+            [
+                "bench.replicas",
+                *(["--rounds", "1", "--seconds", "4"] if args.quick else []),
+                "--out",
+                str(RESULTS_DIR / f"replicas{tag}.md"),
+            ],
+            f"replicas{tag}.md",
         ),
     ]
     return [s for s in out if not args.only or any(word in s[0] for word in args.only)]
