@@ -24,6 +24,16 @@ channel is replaced, after Triton was unreachable, and whenever the channel
 reconnects (a watcher follows its connectivity): a restarted Triton may serve another
 model, and gRPC reconnects without failing a single call. A result whose connection
 changed while it was computed is returned only after the identity was checked again.
+A check holds for the channel it ran on only; a mismatch, or anything that makes the
+identity uncertain (a model not ready, Triton unreachable), voids the checks of every
+channel.
+
+**Replicas.** A target that names several replicas balances calls round robin: each
+call goes to the next ready address. `ready()` probes (five calls, about once a
+second) therefore run on a probe channel of their own: on the inference channel they
+would move its rotation on between two calls, and with two replicas an odd count
+between sequential calls sent every call to the same replica. A plain host:port has
+no rotation to disturb and keeps one channel for everything.
 """
 
 from __future__ import annotations
@@ -183,6 +193,11 @@ class _Channel:
         self.last_answer = -math.inf
         #: Bumped on every connectivity change: a new connection may reach another server.
         self.epoch = 0
+        #: (epoch, identity generation) at which the configs read on it carried the
+        #: expected identity; a check is good while both still hold.
+        self.verified: tuple[int, int] | None = None
+        #: The config read in progress on it, shared by everyone who waits for one.
+        self.verifying: asyncio.Task[None] | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.probe: asyncio.Task[None] | None = None
 
@@ -228,19 +243,25 @@ class TritonBackend:
             "text": _TritonModel(text_model, TEXT_INPUT, "INT64"),
         }
         self._keepalive = (keepalive_time_s, keepalive_timeout_s)
+        # Several replicas: round robin, and ready() probes on a channel of their own so
+        # that only inference moves the inference channel's rotation on.
+        self._multi_address = url.startswith(_MULTI_ADDRESS_SCHEMES)
         self._channel: _Channel | None = None
+        self._probe_channel: _Channel | None = None  # multi-address targets only
         self._reachable = True  # logged on change only, not on every failed call
-        self._tasks: set[asyncio.Task[None]] = set()  # retiring channels, probes, watchers
-        # Identity: what the metadata says, and where (channel, epoch) Triton was last
-        # seen serving it; a mismatch is kept with where and when it was seen.
+        # Retiring channels, liveness calls, watchers, config reads.
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Identity: what the metadata says; each channel keeps where Triton was last seen
+        # serving it (`_Channel.verified`), and a mismatch is kept with where and when it
+        # was seen. Voiding every check at once bumps the generation: that reaches
+        # channels being retired too, whose calls may still be returning vectors.
         self._expected = (
             ServedIdentity(expected_model_id, expected_weights_sha256)
             if expected_model_id is not None or expected_weights_sha256 is not None
             else None
         )
-        self._verified_at: tuple[_Channel, int] | None = None
+        self._identity_generation = 0
         self._mismatch: tuple[ModelMismatch, _Channel, int, float] | None = None
-        self._verifying: tuple[_Channel, asyncio.Task[None]] | None = None
 
     @property
     def image_model(self) -> str:
@@ -269,8 +290,11 @@ class TritonBackend:
 
     async def ready(self) -> bool:
         """Server and both models ready, and (with an expected identity) serving that
-        model; asked with a short timeout, never raises. Re-reads the model configs."""
-        channel = self._get_channel()
+        model; asked with a short timeout, never raises. Re-reads the model configs.
+
+        With several replicas all of it runs on the probe channel: its calls must not
+        move the inference channel's round robin on."""
+        channel = self._get_probe_channel()
         client = channel.client
         timeout_s = self.ready_timeout_s
         version = self.model_version
@@ -305,14 +329,13 @@ class TritonBackend:
             return False
 
     async def aclose(self) -> None:
-        """Close the channel (and any replaced ones still draining)."""
-        channel, self._channel = self._channel, None
+        """Close the channels (and any replaced ones still draining)."""
+        channels = self._live_channels()
+        self._channel = self._probe_channel = None
         tasks = list(self._tasks)
-        if self._verifying is not None:
-            tasks.append(self._verifying[1])
         for task in tasks:
             task.cancel()
-        if channel is not None:
+        for channel in channels:
             await channel.client.close()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -378,7 +401,7 @@ class TritonBackend:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        if self._expected is not None and self._verified_at != (channel, channel.epoch):
+        if self._expected is not None and not self._verified(channel):
             # The connection changed (or a probe found another model) during the
             # call: these vectors may come from a restarted or reloaded Triton.
             # Return them only if it still serves our model.
@@ -480,7 +503,7 @@ class TritonBackend:
         if self._expected is None:
             return
         for _ in range(_IDENTITY_ATTEMPTS):
-            if self._verified_at == (channel, channel.epoch):
+            if self._verified(channel):
                 return
             mismatch = self._mismatch
             if mismatch is not None:
@@ -500,7 +523,7 @@ class TritonBackend:
                     f"Triton at {self.url}: the served model was not checked within "
                     f"{remaining_s:.3f} s"
                 ) from exc
-        if self._verified_at != (channel, channel.epoch):
+        if not self._verified(channel):
             raise BackendUnavailable(
                 f"Triton at {self.url}: the connection kept changing while the served "
                 "model was checked"
@@ -509,36 +532,46 @@ class TritonBackend:
     async def _verify(self, channel: _Channel) -> None:
         """Read the configs on `channel` (one read at a time, shared by all who wait,
         each within its own deadline)."""
-        current = self._verifying
-        if current is None or current[0] is not channel or current[1].done():
-            task = asyncio.get_running_loop().create_task(
+        task = channel.verifying
+        if task is None or task.done():
+            # Spawned: aclose() cancels it, even on a channel replaced meanwhile.
+            task = channel.verifying = self._spawn(
                 self._load_configs(channel, self.ready_timeout_s)
             )
             # A waiter that gives up must not leave the error unretrieved.
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            current = self._verifying = (channel, task)
-        await asyncio.shield(current[1])
+        await asyncio.shield(task)
+
+    def _verified(self, channel: _Channel) -> bool:
+        """Triton was seen serving the expected model on `channel`'s connection now,
+        and nothing since made that uncertain."""
+        return channel.verified == (channel.epoch, self._identity_generation)
 
     def _forget_identity(self) -> None:
-        """The next result needs a fresh check (Triton may be another server now)."""
-        self._verified_at = None
+        """Every next result needs a fresh check (Triton may be another server now), on
+        whichever channel it comes: what a probe found holds for inference too."""
+        self._identity_generation += 1
 
     def _check_identity(
-        self, channel: _Channel, epoch: int, served: dict[str, ServedIdentity]
+        self, channel: _Channel, epoch: int, generation: int, served: dict[str, ServedIdentity]
     ) -> None:
-        """Compare what both configs say with the expectation; record and report it."""
+        """Compare what both configs say (read on `channel` at `epoch`, begun at identity
+        `generation`) with the expectation; record and report it."""
         expected = self._expected
         if expected is None:
             return
         wrong = {name: got for name, got in served.items() if not got.satisfies(expected)}
         if not wrong:
-            self._verified_at = (channel, epoch)
+            # This channel only: a check on the probe channel says nothing about the
+            # connections inference uses. A generation bumped during the read (the
+            # identity became uncertain meanwhile) leaves the check void.
+            channel.verified = (epoch, generation)
             if self._mismatch is not None:
                 _LOGGER.info("Triton at %s serves %s again: serving", self.url, expected.describe())
             self._mismatch = None
             self._set_mismatch_metric(0)
             return
-        self._verified_at = None
+        self._forget_identity()  # a probe that sees another model stops inference too
         names = " and ".join(sorted(wrong))
         sample = next(iter(wrong.values()))
         if not all(got.stamped for got in wrong.values()):
@@ -575,17 +608,34 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ plumbing
     def _get_channel(self) -> _Channel:
+        """The channel inference runs on (renewed first when due)."""
+        channel = self._channel = self._renewed(self._channel, "inference")
+        return channel
+
+    def _get_probe_channel(self) -> _Channel:
+        """The channel ready() probes run on: the inference channel for a single
+        address, one of their own for several (they would move its rotation on)."""
+        if not self._multi_address:
+            return self._get_channel()
+        channel = self._probe_channel = self._renewed(self._probe_channel, "probe")
+        return channel
+
+    def _live_channels(self) -> list[_Channel]:
+        """The channels in use (none, one, or the inference and the probe channel)."""
+        return [c for c in (self._channel, self._probe_channel) if c is not None]
+
+    def _renewed(self, channel: _Channel | None, role: str) -> _Channel:
+        """`channel`, or a new one when there is none, it went stale, or (`dns:`) the
+        addresses are due to be resolved again; the old one is retired."""
         now = time.monotonic()
-        channel = self._channel
         if channel is None:
-            channel = self._channel = self._new_channel(now)
-        elif (channel.stale and now - channel.created >= _RECREATE_INTERVAL_S) or (
+            return self._new_channel(now)
+        if (channel.stale and now - channel.created >= _RECREATE_INTERVAL_S) or (
             self.url.startswith("dns:") and now - channel.created >= _DNS_REFRESH_S
         ):
-            old, channel = channel, self._new_channel(now)
-            self._channel = channel
-            _LOGGER.debug("Triton at %s: replaced the gRPC channel", self.url)
-            self._spawn(self._retire(old))
+            _LOGGER.debug("Triton at %s: replaced the %s gRPC channel", self.url, role)
+            self._spawn(self._retire(channel))
+            return self._new_channel(now)
         return channel
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
@@ -608,7 +658,7 @@ class TritonBackend:
         """
         if (
             channel.last_answer >= started
-            or channel is not self._channel
+            or all(channel is not live for live in self._live_channels())
             or channel.stale
             or channel.probe is not None
         ):
@@ -647,7 +697,7 @@ class TritonBackend:
 
     def _channel_args(self) -> list[tuple[str, Any]]:
         keepalive_s, timeout_s = self._keepalive
-        balance = [_ROUND_ROBIN] if self.url.startswith(_MULTI_ADDRESS_SCHEMES) else []
+        balance = [_ROUND_ROBIN] if self._multi_address else []
         return [
             *_CHANNEL_ARGS,
             *balance,
@@ -689,7 +739,7 @@ class TritonBackend:
         """Read both model configs on `channel`; check the identity, then adopt them."""
         names = list(self._models)
         for _ in range(_IDENTITY_ATTEMPTS):
-            epoch = channel.epoch
+            epoch, generation = channel.epoch, self._identity_generation
             started = time.monotonic()
             try:
                 async with asyncio.timeout(timeout_s + _OUTER_GRACE_S):
@@ -722,6 +772,7 @@ class TritonBackend:
         self._check_identity(
             channel,
             epoch,
+            generation,
             {self._models[n].name: ServedIdentity.from_config(c) for n, c in configs.items()},
         )
         before = self._describe_models()

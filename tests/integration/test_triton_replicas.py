@@ -2,7 +2,9 @@
 
 The gateway's `--triton-url` takes any gRPC target; with `ipv4:a:p,b:p` every call goes
 to the next ready address (round robin), a call that finds its replica gone is tried on
-another within the caller's deadline, and a restarted replica gets work again.
+another within the caller's deadline, and a restarted replica gets work again. The
+health probes (`ready()`) run on a channel of their own, so they do not shift that
+rotation: sequential calls alternate between the replicas, probes or not.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from service.backends.triton import TritonBackend
 from service.client import AsyncClipClient
-from service.model.metadata import IMAGE_MODEL
+from service.model.metadata import IMAGE_MODEL, ModelMetadata
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.triton_server import TritonProcess
 from tests.support.images import encode, photo_like
@@ -26,6 +30,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 CALLERS = 8
 # Generous bounds for a loaded 2-core machine; each phase ends as soon as it is shown.
 PHASE_DEADLINE_S = 90.0
+# Sequential calls, each followed by a health probe (what the gateway's health loop
+# adds about once a second while one slow batch at a time is in flight).
+SEQUENTIAL_ROUNDS = 40
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +115,43 @@ async def test_two_replicas_share_load_survive_a_death_and_rejoin(
                 stop.set()
                 await asyncio.gather(*workers)
     assert not errors, errors[:3]
+
+
+async def test_health_probes_between_sequential_calls_do_not_pin_them_to_one_replica(
+    demo_model: ExportedModel, replicas: tuple[TritonProcess, TritonProcess]
+) -> None:
+    """`ready()` makes five calls (server ready, two models ready, two configs). On the
+    inference channel they moved its round robin on by an odd count between two
+    sequential calls, so with two replicas every call went to the same one."""
+    a, b = replicas
+    metadata = ModelMetadata.load(demo_model.repository)
+    size = metadata.image_size
+    backend = TritonBackend(
+        url=f"ipv4:{a.grpc_url},{b.grpc_url}",
+        default_timeout_s=PHASE_DEADLINE_S,
+        max_batch_size=8,
+        expected_model_id=metadata.model_id,
+        expected_weights_sha256=metadata.weights_sha256,
+    )
+    pixels = np.zeros((1, 3, size, size), dtype=np.uint8)
+    base_a, base_b = await _inferences(a), await _inferences(b)
+    await backend.start()
+    try:
+        for _ in range(SEQUENTIAL_ROUNDS):
+            await backend.embed_images(pixels)
+            assert await backend.ready()
+    finally:
+        await backend.aclose()
+    # Triton counts a request just after it answers: wait until every call is counted.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PHASE_DEADLINE_S
+    while True:
+        got_a = await _inferences(a) - base_a
+        got_b = await _inferences(b) - base_b
+        if got_a + got_b >= SEQUENTIAL_ROUNDS:
+            break
+        assert loop.time() < deadline, (got_a, got_b)
+        await asyncio.sleep(0.2)
+    assert got_a + got_b == SEQUENTIAL_ROUNDS, (got_a, got_b)
+    share_a = got_a / SEQUENTIAL_ROUNDS
+    assert 0.25 <= share_a <= 0.75, (got_a, got_b)

@@ -127,17 +127,22 @@ class FakeClient:
         self.server = server
         self.url = url
         self.channel_args = channel_args
+        #: Names of the methods called on this client, in order.
+        self.calls: list[str] = []
         server.clients.append(self)
 
     async def is_server_ready(self, client_timeout: float | None = None) -> bool:
+        self.calls.append("is_server_ready")
         return True
 
     async def is_model_ready(
         self, name: str, version: str = "", client_timeout: float | None = None
     ) -> bool:
+        self.calls.append("is_model_ready")
         return True
 
     async def is_server_live(self, client_timeout: float | None = None) -> bool:
+        self.calls.append("is_server_live")
         self.server.live_calls += 1
         if self.server.live_hangs:
             await asyncio.sleep(client_timeout or 0)
@@ -151,9 +156,11 @@ class FakeClient:
         as_json: bool = False,
         client_timeout: float | None = None,
     ) -> dict[str, Any]:
+        self.calls.append("get_model_config")
         return {"config": self.server.config(name)}
 
     async def infer(self, model_name: str, inputs: list[Any], **kwargs: Any) -> _FakeResult:
+        self.calls.append("infer")
         rows = inputs[0]._get_content()  # what the backend sent
         shape = inputs[0].shape()
         array = np.frombuffer(rows, dtype=np.int64 if len(shape) == 2 else np.uint8)
@@ -167,7 +174,7 @@ class FakeClient:
         return _FakeResult(np.full((shape[0], DIM), value, dtype=np.float32))
 
     async def close(self) -> None:
-        return None
+        self.calls.append("close")
 
 
 @pytest.fixture
@@ -366,3 +373,91 @@ async def test_a_deadline_on_a_replaced_channel_leaves_the_new_one_alone(
     await _probes_done(fake_backend)
     assert fake_triton.live_calls == 0
     assert not new.stale
+
+
+# ====================================================================== replicas
+REPLICAS = "ipv4:10.0.0.1:8001,10.0.0.2:8001"
+PROBE_CALLS = {"is_server_ready", "is_model_ready", "get_model_config"}
+
+
+@pytest.fixture
+async def replica_backend(fake_triton: FakeTriton) -> AsyncIterator[TritonBackend]:
+    backend = TritonBackend(
+        url=REPLICAS,
+        default_timeout_s=5.0,
+        max_batch_size=8,
+        expected_model_id=X.model_id,
+        expected_weights_sha256=X.weights_sha256,
+    )
+    await backend.start()
+    yield backend
+    await backend.aclose()
+
+
+async def test_a_single_address_keeps_one_channel_for_calls_and_probes(
+    fake_triton: FakeTriton, fake_backend: TritonBackend
+) -> None:
+    for _ in range(3):
+        assert (await fake_backend.embed_texts(TOKENS))[0, 0] == 1.0
+        assert await fake_backend.ready()
+    assert len(fake_triton.clients) == 1
+    assert fake_backend._probe_channel is None
+    (client,) = fake_triton.clients
+    assert set(client.calls) == PROBE_CALLS | {"infer"}
+    assert "grpc.lb_policy_name" not in dict(client.channel_args)  # pick-first
+
+
+async def test_probes_of_several_replicas_leave_the_inference_channel_alone(
+    fake_triton: FakeTriton, replica_backend: TritonBackend
+) -> None:
+    """Round robin: a probe's calls on the inference channel would move its rotation
+    on between two calls (and pin sequential calls to one replica)."""
+    for _ in range(5):
+        assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
+        assert await replica_backend.ready()
+    inference, probe = fake_triton.clients
+    for client in (inference, probe):
+        assert dict(client.channel_args)["grpc.lb_policy_name"] == "round_robin"
+    # The identity checked once at start(), then only inference: a probe's check on
+    # its own channel does not make inference check again.
+    assert inference.calls == ["get_model_config"] * 2 + ["infer"] * 5
+    assert set(probe.calls) == PROBE_CALLS
+    assert probe.calls.count("get_model_config") == 2 * 5
+
+
+async def test_a_mismatch_a_probe_sees_stops_inference_until_its_channel_checks_again(
+    fake_triton: FakeTriton, replica_backend: TritonBackend
+) -> None:
+    assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
+    inference = fake_triton.clients[0]
+
+    fake_triton.identity = {IMAGE_MODEL: Y, TEXT_MODEL: Y}  # reloaded in place
+    assert not await replica_backend.ready()
+    with pytest.raises(ModelMismatch):
+        await replica_backend.embed_texts(TOKENS)
+
+    fake_triton.identity = {IMAGE_MODEL: X, TEXT_MODEL: X}
+    assert await replica_backend.ready()  # on the probe channel
+    reads = inference.calls.count("get_model_config")
+    assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
+    assert inference.calls.count("get_model_config") == reads + 2  # checked on its own
+
+
+async def test_the_probe_channel_is_renewed_when_stale_and_closed_with_the_backend(
+    fake_triton: FakeTriton,
+) -> None:
+    backend = TritonBackend(url=REPLICAS, default_timeout_s=5.0, max_batch_size=8)
+    await backend.start()
+    try:
+        assert await backend.ready()
+        inference, probe = backend._channel, backend._probe_channel
+        assert inference is not None and probe is not None and inference is not probe
+        probe.stale = True
+        assert await backend.ready()
+        assert backend._probe_channel is not probe
+        assert backend._channel is inference
+        assert len(fake_triton.clients) == 3
+    finally:
+        await backend.aclose()
+    assert backend._channel is None and backend._probe_channel is None
+    assert all("close" in client.calls for client in fake_triton.clients)
