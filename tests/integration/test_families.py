@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import math
 import os
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from service.model.export import export_model, load_open_clip, resolve_model_nam
 from service.model.metadata import ModelMetadata
 from service.processes.gateway import gateway_settings, running_gateway
 from tests.support.families import FAMILIES, write_family
+from tests.support.http_json import http_json
 from tests.support.triton import start_triton
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -359,13 +358,10 @@ async def test_the_http_api_takes_the_language_too(nllb: Family) -> None:
                     model="clip", input=texts, extra_body={"language": "xxx_Fake"}
                 )
         body = {"queries": [texts[0]], "candidates": [texts[1]], "language": "fra_Latn"}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{gateway.http_port}/v1/similarity",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+        status, similarity = await asyncio.to_thread(
+            http_json, gateway.http_port, "/v1/similarity", body
         )
-        with await asyncio.to_thread(urllib.request.urlopen, request, timeout=30) as response:
-            similarity = json.loads(response.read())
+    assert status == 200, similarity
     got = np.array([d.embedding for d in answer.data], dtype=np.float32)
     assert np.abs(got - want).max() <= TOL
     assert similarity["rows"][0]["scores"][0] == pytest.approx(float(want[0] @ want[1]), abs=TOL)
