@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.client import AsyncClipClient, Embeddings
+from service.client import AsyncClipClient
 from service.model.export import export_model
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.processes.redis_server import RedisServer
 from service.server.app import Gateway
+from tests.support.cache import until_cached
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
 
@@ -52,20 +53,6 @@ def _settings(repository: Path, redis: RedisServer, **extra: object) -> object:
     )
 
 
-async def _until_cached(call: Callable[[], Awaitable[Embeddings]]) -> Embeddings:
-    """Repeat `call` until its answer says cached.
-
-    The first caller gets its vector before the gateway's Redis write returns; a
-    repeat that comes meanwhile shares that first computation (not cached, and no
-    backend work either), so polling, not one repeat, is what cannot race.
-    """
-    deadline = asyncio.get_running_loop().time() + PATIENT_S
-    while not all((answer := await call()).cached):
-        assert asyncio.get_running_loop().time() < deadline, "never answered from Redis"
-        await asyncio.sleep(0.05)
-    return answer
-
-
 @pytest.fixture(scope="module")
 async def gateway(demo_model: ExportedModel, redis: RedisServer) -> AsyncIterator[Gateway]:
     async with running_gateway(_settings(demo_model.repository, redis)) as gw:
@@ -82,8 +69,8 @@ async def test_repeats_come_from_redis_and_are_identical(gateway: Gateway) -> No
         text1 = await client.embed_text(["a redis cached text"])
         image1 = await client.embed_image([image])
         rows_text, rows_image = _backend_rows(gateway, "text"), _backend_rows(gateway, "image")
-        text2 = await _until_cached(lambda: client.embed_text(["a redis cached text"]))
-        image2 = await _until_cached(lambda: client.embed_image([image]))
+        text2 = await until_cached(lambda: client.embed_text(["a redis cached text"]))
+        image2 = await until_cached(lambda: client.embed_image([image]))
     assert text1.cached == [False] and image1.cached == [False]
     np.testing.assert_array_equal(text1.vectors, text2.vectors)
     np.testing.assert_array_equal(image1.vectors, image2.vectors)
@@ -103,7 +90,7 @@ async def test_other_weights_never_hit_these_entries(
         assert other.embedder.model_id != gateway.embedder.model_id
         async with AsyncClipClient(f"127.0.0.1:{other.port}") as client:
             theirs = await client.embed_text([text])
-            await _until_cached(lambda: client.embed_text([text]))
+            await until_cached(lambda: client.embed_text([text]))
     assert theirs.cached == [False]
     assert np.abs(ours.vectors - theirs.vectors).max() > 1e-3
 

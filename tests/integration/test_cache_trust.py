@@ -16,6 +16,7 @@ from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.processes.redis_server import RedisServer
 from service.server.app import Gateway
+from tests.support.cache import until_cached
 from tests.support.models import ExportedModel
 
 pytestmark = pytest.mark.integration
@@ -50,6 +51,8 @@ async def test_a_short_value_under_a_real_key_is_a_counted_miss_and_is_overwritt
 ) -> None:
     async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
         first = await client.embed_text(["a red circle"])
+        # Once a repeat is cached, Redis holds the value and no write of it is pending.
+        await until_cached(lambda: client.embed_text(["a red circle"]))
         key = _only_key(redis, "clip:*:emb:*:text:*")
         raw = redis_sync.Redis.from_url(redis.url)
         raw.set(key, b"\x00\x00\x80\x3f")  # 4 bytes: once made EmbedText answer dim 1
@@ -58,9 +61,13 @@ async def test_a_short_value_under_a_real_key_is_a_counted_miss_and_is_overwritt
         np.testing.assert_array_equal(lied.vectors, first.vectors)
         assert lied.cached == [False]  # recomputed, not served from the bad value
         assert sample(scrape(gateway.metrics_port), "clip_cache_corrupt_total") == 1
+        # The recomputed value replaces the bad one: a repeat is served from Redis (not
+        # only shared with the recomputation while its write is pending), and no later
+        # read found the bad value again.
+        again = await until_cached(lambda: client.embed_text(["a red circle"]))
+        np.testing.assert_array_equal(again.vectors, first.vectors)
         assert len(raw.get(key)) == 1 + 4 * first.vectors.shape[1]  # overwritten
-        again = await client.embed_text(["a red circle"])
-        assert again.cached == [True]
+        assert sample(scrape(gateway.metrics_port), "clip_cache_corrupt_total") == 1
 
 
 async def test_a_right_length_value_that_is_not_a_unit_vector_is_refused(
@@ -68,6 +75,8 @@ async def test_a_right_length_value_that_is_not_a_unit_vector_is_refused(
 ) -> None:
     async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
         first = await client.embed_text(["a blue star"])
+        # Its write is done before ours: a late write would replace the bad value.
+        await until_cached(lambda: client.embed_text(["a blue star"]))
         key = _only_key(redis, "clip:*:emb:*:text:*")
         dim = first.vectors.shape[1]
         raw = redis_sync.Redis.from_url(redis.url)
@@ -80,7 +89,9 @@ async def test_a_right_length_value_that_is_not_a_unit_vector_is_refused(
 async def test_truncated_survives_a_cache_hit(gateway: Gateway) -> None:
     async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
         first = await client.embed_text([LONG_TEXT, "short"])
-        second = await client.embed_text([LONG_TEXT, "short"])
+        # An immediate repeat may share the first computation while its Redis write is
+        # pending (cached=False): repeat until Redis answers.
+        second = await until_cached(lambda: client.embed_text([LONG_TEXT, "short"]))
     assert first.cached == [False, False] and second.cached == [True, True]
     assert first.truncated == [True, False]
     assert second.truncated == [True, False]

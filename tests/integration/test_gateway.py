@@ -390,13 +390,21 @@ async def test_deadline_shorter_than_the_work(demo_model: ExportedModel) -> None
     gate = Gate()
     settings = gateway_settings(demo_model.repository, backend_timeout_s=3600.0)
     blob = encode(photo_like(120, 90, seed=44), "PNG")
-    deadline_s = 2.0
+    # Long enough to outlast decode and the batching queue on a slow loaded machine (tens
+    # of ms here), so the call is held at the gate before its deadline passes; only the
+    # closed gate can make it miss the deadline, so a longer one costs time, not coverage.
+    deadline_s = 10.0
     async with gated_gateway(settings, gate) as gw, stub_for(gw.port) as stub:
         before = await asyncio.to_thread(scrape, gw.metrics_port)
+        warm_up_calls = len(gate.gated_calls())
         gate.close()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[blob]), timeout=deadline_s)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(gate.gated_calls()) == warm_up_calls + 1, (
+            f"the call never reached the backend gate within its {deadline_s} s deadline: "
+            f"{gate.calls}"
+        )
         held = gate.gated_calls()[-1]
         assert held.rows == 1 and gate.waiting == 1, gate.calls
         assert held.timeout_s is not None and 0 < held.timeout_s <= deadline_s, held

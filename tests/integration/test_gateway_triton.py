@@ -443,9 +443,12 @@ async def test_the_callers_deadline_reaches_triton(
         control.hold()
         blocker = asyncio.create_task(_embed_image(stub, 31, PATIENT_S))
         await control.wait_held(1)
-        deadline_s = 2.0
+        # Long enough to outlast decode and the gateway's queue on a slow loaded machine
+        # before it reaches Triton's queue; the held execution ahead of it is what makes it
+        # miss the deadline, so a longer one costs time, not coverage.
+        deadline_s = 10.0
         late = asyncio.create_task(_embed_image(stub, 32, deadline_s))
-        await wait_pending(triton, GATED_IMAGE_MODEL, 1)
+        await wait_pending(triton, GATED_IMAGE_MODEL, 1, call=late)
         queued_by = time.monotonic()  # Triton started the late request's clock before this
         outcome = (await asyncio.gather(late, return_exceptions=True))[0]
         assert _code(outcome) == grpc.StatusCode.DEADLINE_EXCEEDED, outcome

@@ -132,7 +132,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "long-names": {"fullnameOverride": "x" * 63},
     "sized": {
         "gateway": {
+            # Every limit, each to a value of its own and none its default: a template line
+            # that reads the wrong limit, or none, renders a value the test can tell apart.
             "limits": {
+                "maxBatchSize": 24,
+                "maxInflightBatches": 3,
+                "maxItems": 200,
+                "maxImageBytes": 10_485_760,
+                "maxImagePixels": 40_000_000,
+                "maxMessageBytes": 33_554_432,
                 "maxConcurrentRpcs": 300,
                 "maxInflightRequestBytes": 268_435_456,
                 "maxPrompts": 2000,
@@ -424,11 +432,18 @@ LIMIT_SETTINGS = {
 
 
 def test_limits_become_gateway_settings(rendered: dict[str, Rendered]) -> None:
-    data = _gateway_config(rendered["sized"])
+    from service.settings import Settings
+
     limits = VALUE_SETS["sized"]["gateway"]["limits"]
-    for value, setting in LIMIT_SETTINGS.items():
-        if value in limits:
-            assert data[f"CLIP_{setting.upper()}"] == str(limits[value]), value
+    # The value set is one that can catch a swapped or ignored line: every limit set,
+    # to values distinct from each other and from the defaults.
+    assert set(limits) == set(LIMIT_SETTINGS)
+    assert len(set(limits.values())) == len(limits), limits
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    assert all(limits[v] != defaults[s] for v, s in LIMIT_SETTINGS.items()), limits
+    data = _gateway_config(rendered["sized"])
+    rendered_limits = {s: data.get(f"CLIP_{s.upper()}") for s in LIMIT_SETTINGS.values()}
+    assert rendered_limits == {s: str(limits[v]) for v, s in LIMIT_SETTINGS.items()}
 
 
 def test_chart_limits_default_to_the_gateway_defaults() -> None:

@@ -321,25 +321,33 @@ def _extreme(width: int, height: int, kind: str) -> Image.Image:
 # 3x15000 noise was up to 16/255 off open_clip while the crop was one `resize(box=...)`
 # call (Pillow ran its two passes in the other order); at 224 px, wide noise such as
 # 9303x33 is where the float offsets of the crop's box round a bicubic coefficient
-# differently (2/255, the bound below); at the demo's 64 px, 25007x5 is 1 off.
+# differently (2/255, the bound below); at the demo's 64 px, 25007x5 is 1 off (in 28 of
+# its 12,288 values) and the others are pixel-exact.
 @pytest.mark.parametrize(
-    ("width", "height", "kind"),
+    ("width", "height", "kind", "exact"),
     [
-        (1, 20000, "smooth"),
-        (1, 20000, "noise"),
-        (20000, 1, "smooth"),
-        (20000, 1, "noise"),
-        (15000, 3, "noise"),
-        (3, 15000, "smooth"),
-        (3, 15000, "noise"),
-        (25007, 5, "noise"),
+        (1, 20000, "smooth", True),
+        (1, 20000, "noise", True),
+        (20000, 1, "smooth", True),
+        (20000, 1, "noise", True),
+        (15000, 3, "noise", True),
+        (3, 15000, "smooth", True),
+        (3, 15000, "noise", True),
+        (25007, 5, "noise", False),
     ],
 )
 async def test_extreme_aspect_ratios_match_open_clip_within_rounding(
-    gateway: Gateway, demo_model: ExportedModel, width: int, height: int, kind: str
+    gateway: Gateway,
+    demo_model: ExportedModel,
+    width: int,
+    height: int,
+    kind: str,
+    exact: bool,
 ) -> None:
     """README: past 16.7 M resized pixels only the part that becomes the crop is resampled,
-    "equal to within rounding": each uint8 channel value within 2 of open_clip's."""
+    "equal to within rounding": each uint8 channel value within 2 of open_clip's. Where
+    the pixels are exactly open_clip's (`exact`), so is the vector, within the parity
+    bound; everywhere, it is the model's on the gateway's own pixels."""
     image = _extreme(width, height, kind)
     size = 64
     long_side = size * max(width, height) // min(width, height)
@@ -349,6 +357,8 @@ async def test_extreme_aspect_ratios_match_open_clip_within_rounding(
     reference = np.asarray(to_mode(crop(resize(image))), dtype=np.int16).transpose(2, 0, 1)
     ours = to_model_pixels(image, ImageSpec(size))
     assert np.abs(ours.astype(np.int16) - reference).max() <= 2
+    if exact:
+        np.testing.assert_array_equal(ours, reference)
     async with stub_for(gateway.port) as stub:
         reply = await stub.EmbedImage(
             clip_pb2.EmbedImageRequest(images=[encode(image, "PNG")]), timeout=60
@@ -362,7 +372,7 @@ async def test_extreme_aspect_ratios_match_open_clip_within_rounding(
             normalize(to_tensor(to_mode(crop(resize(image)))))[None], normalize=True
         )[0].numpy()
     assert np.abs(got - on_ours).max() <= 1e-5
-    if np.array_equal(ours, reference):
+    if exact:
         assert np.abs(got - from_open_clip).max() <= 1e-5
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import open_clip
 import openai
 import pytest
 from PIL import Image
@@ -123,9 +124,14 @@ async def test_texts_as_a_string_and_a_list_in_both_encodings_equal_open_clip_an
         np.testing.assert_array_equal(_vectors(response), from_grpc)
     assert len(single.data) == 1 and np.abs(_vectors(single)[0] - want[0]).max() <= TOL
     np.testing.assert_array_equal(_vectors(same_dim)[0], from_grpc[0])
-    # Tokens read: start and end tokens included, the long text cut at the context (77).
-    assert default.usage.prompt_tokens == default.usage.total_tokens
-    assert 77 + 2 + 2 < default.usage.prompt_tokens <= 4 * 77
+    # Tokens read, as open_clip reads them: start and end tokens included, the long text
+    # cut at the context (77); a row's tokens end with its last non-padding id.
+    rows = open_clip.get_tokenizer(demo_model.name)(texts).numpy()
+    per_text = [int(np.flatnonzero(row).max()) + 1 for row in rows]
+    assert per_text[1] == 2 and per_text[3] == rows.shape[1] == 77  # "" and the cut text
+    for response in (default, floats):
+        assert response.usage.prompt_tokens == response.usage.total_tokens == sum(per_text)
+    assert single.usage.prompt_tokens == per_text[0]
 
 
 async def test_base64_answers_are_little_endian_float32(gateway: Gateway) -> None:

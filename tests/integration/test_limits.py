@@ -99,7 +99,16 @@ async def test_concurrent_rpcs_past_the_cap_are_refused_and_probes_still_answer(
                 yield clip_pb2.StreamRequest()
 
         held = [stub.EmbedStream(requests()) for _ in range(4)]
-        await asyncio.sleep(0.5)  # let the server accept the four streams
+        # The server runs a handler only for an RPC it accepted under the cap: once four
+        # stream handlers are in flight, the cap is full.
+        await eventually(
+            lambda: sample(
+                scrape(small_gateway.metrics_port), "clip_requests_in_flight", method="EmbedStream"
+            ),
+            lambda n: n == 4,
+            what="four EmbedStream calls in flight",
+            blocking=True,
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["one more"]), timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -28,6 +28,7 @@ from service.model.export import export_model, load_open_clip, weights_sha256
 from service.model.metadata import ModelMetadata
 from service.model.onnx_graphs import OnnxExportError, open_session, run_session
 from service.processes.gateway import gateway_settings, running_gateway
+from tests.support.helm import ensure_helm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -287,15 +288,6 @@ def test_a_model_that_cannot_export_says_so_and_writes_nothing(
     assert not any(tmp_path.iterdir())
 
 
-def _helm() -> str:
-    import shutil
-
-    for candidate in (os.environ.get("CLIP_HELM"), str(REPO_ROOT / ".tools/helm/helm"), "helm"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    raise AssertionError("no helm binary: run `make system-deps` (scripts/install_helm.sh)")
-
-
 def _model_config_script(*values: str) -> list[str]:
     import subprocess
 
@@ -303,7 +295,7 @@ def _model_config_script(*values: str) -> list[str]:
 
     sets = [arg for value in values for arg in ("--set", value)]
     done = subprocess.run(
-        [_helm(), "template", "clip", str(REPO_ROOT / "helm" / "clip-service"), *sets],
+        [ensure_helm(), "template", "clip", str(REPO_ROOT / "helm" / "clip-service"), *sets],
         capture_output=True,
         text=True,
         check=False,
@@ -365,7 +357,7 @@ def test_chart_schema_knows_the_flavors() -> None:
 
     done = subprocess.run(
         [
-            _helm(),
+            ensure_helm(),
             "template",
             "clip",
             str(REPO_ROOT / "helm" / "clip-service"),

@@ -388,11 +388,14 @@ async def test_a_call_that_gave_up_is_dropped_from_tritons_queue(
         gated_backend.embed_images(pixels(1, metadata.image_size, seed=21))
     )
     await control.wait_held(1)
-    timeout_s = 1.0
+    # Long enough to reach Triton's queue on a slow loaded machine before it passes; the
+    # held execution ahead of it is what makes it miss the deadline, so a longer one
+    # costs time, not coverage.
+    timeout_s = 10.0
     late = asyncio.create_task(
         gated_backend.embed_images(pixels(1, metadata.image_size, seed=22), timeout_s=timeout_s)
     )
-    await wait_pending(triton, GATED_IMAGE_MODEL, 1)
+    await wait_pending(triton, GATED_IMAGE_MODEL, 1, call=late)
     queued_by = time.monotonic()  # Triton started its timeout before this
     with pytest.raises(DeadlineExceeded):
         await asyncio.wait_for(late, PATIENT_S)  # the bound only ends a broken test

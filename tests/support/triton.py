@@ -280,12 +280,25 @@ async def pending_requests(triton: TritonProcess, model: str, version: str = "1"
 
 
 async def wait_pending(
-    triton: TritonProcess, model: str, count: int, timeout_s: float = 120.0
+    triton: TritonProcess,
+    model: str,
+    count: int,
+    timeout_s: float = 120.0,
+    *,
+    call: asyncio.Future[Any] | None = None,
 ) -> None:
     """Until exactly `count` requests of `model` wait in Triton's queue (polled; the
-    bound only ends a broken test)."""
+    bound only ends a broken test). `call`: the request expected to join the queue; if it
+    ends first, it never got there in time (e.g. its deadline passed on the way), and the
+    failure says so instead of waiting out `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while (pending := await pending_requests(triton, model)) != count:
+        if call is not None and call.done():
+            outcome = call.exception() if not call.cancelled() else "cancelled"
+            raise AssertionError(
+                f"{model}: the call ended ({outcome!r}) before {count} requests were queued"
+                f" in Triton ({pending} are): it never reached Triton's queue in time"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"{model}: {pending} requests queued in Triton, not {count}")
         await asyncio.sleep(0.02)

@@ -227,13 +227,17 @@ async def test_batched_backend_follows_the_inner_limit_and_maps_errors() -> None
         await backend.embed_texts(np.full((1, 8), -1, dtype=np.int64))
     inner.gate.clear()
     calls = len(inner.calls)
+    deadline_s = 5.0
     with pytest.raises(DeadlineExceeded):
-        # The gate is shut: only the deadline can end this call. 1 s, so that its batch
-        # has reached the backend first (after the 10 ms wait: a hundredfold margin; a
+        # The gate is shut: only the deadline can end this call. 5 s, so that its batch
+        # has reached the backend first (after the 10 ms wait: a 500-fold margin; a
         # shorter deadline could pass first on a loaded machine, and a batch whose
         # caller is gone before it starts is rightly skipped).
-        await asyncio.wait_for(backend.embed_images(rows, timeout_s=1.0), PATIENT_S)
-    assert len(inner.calls) == calls + 1  # its batch is at the backend, held
+        await asyncio.wait_for(backend.embed_images(rows, timeout_s=deadline_s), PATIENT_S)
+    # Its batch is at the backend, held.
+    assert len(inner.calls) == calls + 1, (
+        f"the batch never reached the backend within its {deadline_s} s deadline"
+    )
     assert backend.batches_run == 2
     inner.gate.set()  # the abandoned batch still runs to its end
     for _ in range(100):

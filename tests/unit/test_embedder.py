@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -116,3 +117,28 @@ async def test_admission_refuses_past_the_bound_and_releases() -> None:
     await first
     assert embedder.admitted == 0
     assert len(await embedder.embed_texts([f"y{i}" for i in range(4)])) == 4
+
+
+async def test_texts_are_tokenized_on_the_decode_threads_never_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 10,000-letter word costs the BPE real time: on the event loop, every call and health
+    check would wait behind it. Texts for embeddings and prompts for label sets are both
+    tokenized on the decode pool's threads."""
+    embedder = _embedder(CountingBackend())
+    loop_thread = threading.current_thread()
+    threads: list[threading.Thread] = []
+    tokenize = embedder.tokenizer.tokenize
+
+    def recording_tokenize(text: str, language: str | None = None) -> object:
+        threads.append(threading.current_thread())
+        return tokenize(text, language)
+
+    monkeypatch.setattr(embedder.tokenizer, "tokenize", recording_tokenize)
+    await embedder.embed_texts(["a red circle", "x" * 10_000])
+    texts_seen = len(threads)
+    await embedder.label_embeddings(["circle", "star"], ["a photo of a {}.", "a {}"])
+    assert texts_seen == 2 and len(threads) == 2 + 4, threads
+    assert all(t is not loop_thread for t in threads), [t.name for t in threads]
+    assert all(t.name.startswith("decode") for t in threads), [t.name for t in threads]
+    await embedder.aclose()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from service import cpus
 from service.core.admission import PixelBudget
 from service.cpus import cgroup_cpu_quota, usable_cpus
 from service.server.credentials import ApiKeys
@@ -64,7 +65,42 @@ def test_cgroup_quota_files(tmp_path: Path) -> None:
     assert cgroup_cpu_quota(tmp_path / "missing", quota, period) == 2.0
     quota.write_text("-1")
     assert cgroup_cpu_quota(tmp_path / "missing", quota, period) is None
-    assert 1 <= usable_cpus()
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "usable"),
+    [
+        ({0, 1, 2, 3}, "150000 100000", 2),  # 1.5 CPUs of quota: 2 threads, not 4
+        ({0, 1, 2, 3}, "max 100000", 4),  # no quota: the affinity
+        ({0, 1, 2, 3}, "800000 100000", 4),  # a quota above the affinity: the affinity
+        ({0, 1, 2, 3}, "20000 100000", 1),  # 0.2 CPUs: still one
+        ({0}, "150000 100000", 1),
+        ({0}, "max 100000", 1),
+        ({2, 5, 7}, "max 100000", 3),  # the count of the mask, not its highest CPU + 1
+        (None, "150000 100000", 2),  # no affinity call: the host's count, capped the same
+        (None, "max 100000", 64),
+    ],
+)
+def test_usable_cpus_is_the_affinity_capped_by_the_quota_rounded_up(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    affinity: set[int] | None,
+    cpu_max: str,
+    usable: int,
+) -> None:
+    v2 = tmp_path / "cpu.max"
+    v2.write_text(cpu_max + "\n")
+    missing = tmp_path / "missing"
+
+    def sched_getaffinity(pid: int) -> set[int]:
+        if affinity is None:
+            raise OSError("not on this platform")
+        return set(affinity)
+
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", sched_getaffinity, raising=False)
+    monkeypatch.setattr(cpus.os, "cpu_count", lambda: 64)  # the host's count
+    monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda: cgroup_cpu_quota(v2, missing, missing))
+    assert usable_cpus() == usable
 
 
 def test_api_keys_follow_their_file_and_fail_closed(tmp_path: Path) -> None:
