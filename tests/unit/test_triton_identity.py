@@ -461,3 +461,27 @@ async def test_the_probe_channel_is_renewed_when_stale_and_closed_with_the_backe
         await backend.aclose()
     assert backend._channel is None and backend._probe_channel is None
     assert all("close" in client.calls for client in fake_triton.clients)
+
+
+@pytest.mark.parametrize(
+    ("url", "renewed"), [("dns:///triton-headless:8001", True), (REPLICAS, False)]
+)
+async def test_only_a_dns_target_is_resolved_again_every_refresh_interval(
+    fake_triton: FakeTriton, monkeypatch: pytest.MonkeyPatch, url: str, renewed: bool
+) -> None:
+    """A headless Service's addresses change with scale-ups; gRPC re-resolves only when a
+    connection fails, so a `dns:` channel is renewed every `_DNS_REFRESH_S` (0 here: at
+    every call). A fixed address list has nothing new to learn and keeps its channel."""
+    monkeypatch.setattr(triton_module, "_DNS_REFRESH_S", 0.0)
+    backend = TritonBackend(url=url, default_timeout_s=5.0, max_batch_size=8)
+    await backend.start()
+    first = backend._channel
+    assert first is not None
+    try:
+        for _ in range(3):
+            assert (await backend.embed_texts(TOKENS))[0, 0] == 1.0
+        assert (backend._channel is not first) == renewed
+        assert dict(first.client.channel_args)["grpc.lb_policy_name"] == "round_robin"
+    finally:
+        await backend.aclose()
+    assert "close" in first.client.calls  # retired (or closed with the backend)
