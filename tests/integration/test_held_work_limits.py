@@ -173,3 +173,45 @@ async def test_grpc_and_http_share_the_inflight_request_byte_budget(
         assert status == 200 and len(answer["data"]) == 1
         alone = await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[blobs[3]]), timeout=120)
         assert len(alone.embeddings) == 1
+
+
+async def test_calls_without_a_deadline_end_at_backend_timeout_s(
+    demo_model: ExportedModel,
+) -> None:
+    """README: a call without a deadline gets `--backend-timeout-s`. With the backend held,
+    a deadline-less gRPC call ends DEADLINE_EXCEEDED and an HTTP call 504 (OpenAI shape),
+    each backend call having been given at most that timeout; a gateway that waited for
+    the backend instead would hang them (the 120 s bound only catches that)."""
+    # Long enough for decode and the batching queue on a slow loaded machine to reach the
+    # gate first; the closed gate is what makes the calls miss it.
+    timeout_s = 8.0
+    settings = gateway_settings(demo_model.repository, backend_timeout_s=timeout_s)
+    gate = Gate()
+    grpc_blob, http_blob = _images(2, 40)
+    async with gated_gateway(settings, gate) as gw, stub_for(gw.port) as stub:
+        warm_up_calls = len(gate.gated_calls())
+        gate.close()
+
+        async def grpc_call() -> grpc.StatusCode:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[grpc_blob]))
+            return err.value.code()
+
+        grpc_code, (http_status, http_body) = await asyncio.wait_for(
+            asyncio.gather(
+                grpc_call(),
+                asyncio.to_thread(
+                    http_json, gw.http_port, "/v1/embeddings", {"input": [image_input(http_blob)]}
+                ),
+            ),
+            120.0,
+        )
+        held = gate.gated_calls()[warm_up_calls:]
+        gate.open()
+    assert grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert http_status == 504, http_body
+    assert http_body["error"]["code"] == "DEADLINE_EXCEEDED"
+    # One batch is held at the gate; the other item is in it, or waits in the queue
+    # behind it (one batch in flight at a time) and ends there.
+    assert 1 <= sum(call.rows for call in held) <= 2, held
+    assert all(c.timeout_s is not None and 0 < c.timeout_s <= timeout_s for c in held), held
