@@ -1,7 +1,10 @@
 """Python client for `clip.v1.ClipService`: sync (`ClipClient`) and asyncio (`AsyncClipClient`).
 
 Vectors come back as numpy arrays (`float32 [N, D]`); they travel as packed float32
-bytes, which is smaller and faster than repeated floats.
+bytes, which is smaller and faster than repeated floats. `vector_format` asks for a
+compact format instead (`int8`, `uint8`: `[N, D]` of that type; `binary` (int8),
+`ubinary` (uint8): `[N, ceil(D/8)]` of packed sign bits; `float16`), quantized by the
+server with the rules in `service/core/vector_formats.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import grpc
 import numpy as np
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
+from service.core import vector_formats
 
 ImageInput = bytes | str | Path
 
@@ -38,12 +42,36 @@ class Label:
     score: float
 
 
+#: Each `vector_format` name → the `VectorFormat` asked for on the wire.
+WIRE_FORMATS: dict[str, int] = {
+    vector_formats.FLOAT32: clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES,
+    vector_formats.FLOAT16: clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES,
+    vector_formats.INT8: clip_pb2.VECTOR_FORMAT_INT8,
+    vector_formats.UINT8: clip_pb2.VECTOR_FORMAT_UINT8,
+    vector_formats.BINARY: clip_pb2.VECTOR_FORMAT_BINARY,
+    vector_formats.UBINARY: clip_pb2.VECTOR_FORMAT_UBINARY,
+}
+_NAMES = {wire: name for name, wire in WIRE_FORMATS.items()}
+
+
 def decode_embedding(message: clip_pb2.Embedding) -> np.ndarray:
-    """One `Embedding` message → `float32 [D]`, whatever format it was sent in."""
-    if message.packed:
+    """One `Embedding` message → its values: `float32 [D]` for the float formats, the
+    compact formats' own type and width (`int8 [D]`, `uint8 [ceil(D/8)]`, ...)."""
+    if message.format in _NAMES:
+        return vector_formats.from_bytes(message.packed, _NAMES[message.format])
+    if message.packed:  # a server from before `Embedding.format`: floats, told by size
         dtype = "<f2" if len(message.packed) == 2 * message.dim else "<f4"
         return np.frombuffer(message.packed, dtype=dtype).astype(np.float32)
     return np.asarray(message.values, dtype=np.float32)
+
+
+def _wire_format(name: str) -> int:
+    try:
+        return WIRE_FORMATS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown vector_format {name!r}; one of {', '.join(WIRE_FORMATS)}"
+        ) from None
 
 
 def _image_bytes(image: ImageInput) -> bytes:
@@ -114,16 +142,19 @@ def _connect(
     return transport.insecure_channel(target, options=options), metadata
 
 
-_PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
+def _text_request(
+    texts: Sequence[str], model: str, vector_format: str
+) -> clip_pb2.EmbedTextRequest:
+    return clip_pb2.EmbedTextRequest(
+        texts=list(texts), format=_wire_format(vector_format), model=model
+    )
 
 
-def _text_request(texts: Sequence[str], model: str) -> clip_pb2.EmbedTextRequest:
-    return clip_pb2.EmbedTextRequest(texts=list(texts), format=_PACKED, model=model)
-
-
-def _image_request(images: Sequence[ImageInput], model: str) -> clip_pb2.EmbedImageRequest:
+def _image_request(
+    images: Sequence[ImageInput], model: str, vector_format: str
+) -> clip_pb2.EmbedImageRequest:
     return clip_pb2.EmbedImageRequest(
-        images=[_image_bytes(i) for i in images], format=_PACKED, model=model
+        images=[_image_bytes(i) for i in images], format=_wire_format(vector_format), model=model
     )
 
 
@@ -137,11 +168,14 @@ def _similarity_request(
     )
 
 
-def stream_request(item_id: str, value: str | bytes, model: str = "") -> clip_pb2.StreamRequest:
+def stream_request(
+    item_id: str, value: str | bytes, model: str = "", vector_format: str = vector_formats.FLOAT32
+) -> clip_pb2.StreamRequest:
     """One EmbedStream message: a str is a text, bytes an encoded image."""
+    fmt = _wire_format(vector_format)
     if isinstance(value, str):
-        return clip_pb2.StreamRequest(id=item_id, text=value, format=_PACKED, model=model)
-    return clip_pb2.StreamRequest(id=item_id, image=value, format=_PACKED, model=model)
+        return clip_pb2.StreamRequest(id=item_id, text=value, format=fmt, model=model)
+    return clip_pb2.StreamRequest(id=item_id, image=value, format=fmt, model=model)
 
 
 class ClipClient:
@@ -176,13 +210,21 @@ class ClipClient:
     def _call(self, method: str, request: Any) -> Any:
         return getattr(self.stub, method)(request, timeout=self._timeout, metadata=self._metadata)
 
-    def embed_text(self, texts: Sequence[str], *, model: str = "") -> Embeddings:
-        """`float32 [N, D]` for `texts`, by model `model` ('' = the server's default)."""
-        return _embeddings(self._call("EmbedText", _text_request(texts, model)))
+    def embed_text(
+        self, texts: Sequence[str], *, model: str = "", vector_format: str = "float32"
+    ) -> Embeddings:
+        """`float32 [N, D]` (or `vector_format`'s values) for `texts`, by model `model`
+        ('' = the server's default)."""
+        request = _text_request(texts, model, vector_format)
+        return _embeddings(self._call("EmbedText", request))
 
-    def embed_image(self, images: Sequence[ImageInput], *, model: str = "") -> Embeddings:
-        """`float32 [N, D]` for encoded images (bytes or file paths), by model `model`."""
-        return _embeddings(self._call("EmbedImage", _image_request(images, model)))
+    def embed_image(
+        self, images: Sequence[ImageInput], *, model: str = "", vector_format: str = "float32"
+    ) -> Embeddings:
+        """`float32 [N, D]` (or `vector_format`'s values) for encoded images (bytes or file
+        paths), by model `model`."""
+        request = _image_request(images, model, vector_format)
+        return _embeddings(self._call("EmbedImage", request))
 
     def similarity(
         self,
@@ -219,10 +261,17 @@ class ClipClient:
         return list(answer.models)
 
     def embed_stream(
-        self, items: Iterable[tuple[str, str | bytes]], *, model: str = ""
+        self,
+        items: Iterable[tuple[str, str | bytes]],
+        *,
+        model: str = "",
+        vector_format: str = "float32",
     ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
         """Bulk: (id, text or image bytes) in → (id, vector or None, error or None) out."""
-        requests = (stream_request(item_id, value, model) for item_id, value in items)
+        _wire_format(vector_format)  # an unknown name fails here, not inside the stream
+        requests = (
+            stream_request(item_id, value, model, vector_format) for item_id, value in items
+        )
         for answer in self.stub.EmbedStream(requests, metadata=self._metadata):
             yield _stream_answer(answer)
 
@@ -260,13 +309,21 @@ class AsyncClipClient:
         stub_method = getattr(self.stub, method)
         return await stub_method(request, timeout=self._timeout, metadata=self._metadata)
 
-    async def embed_text(self, texts: Sequence[str], *, model: str = "") -> Embeddings:
-        """`float32 [N, D]` for `texts`, by model `model` ('' = the server's default)."""
-        return _embeddings(await self._call("EmbedText", _text_request(texts, model)))
+    async def embed_text(
+        self, texts: Sequence[str], *, model: str = "", vector_format: str = "float32"
+    ) -> Embeddings:
+        """`float32 [N, D]` (or `vector_format`'s values) for `texts`, by model `model`
+        ('' = the server's default)."""
+        request = _text_request(texts, model, vector_format)
+        return _embeddings(await self._call("EmbedText", request))
 
-    async def embed_image(self, images: Sequence[ImageInput], *, model: str = "") -> Embeddings:
-        """`float32 [N, D]` for encoded images (bytes or file paths), by model `model`."""
-        return _embeddings(await self._call("EmbedImage", _image_request(images, model)))
+    async def embed_image(
+        self, images: Sequence[ImageInput], *, model: str = "", vector_format: str = "float32"
+    ) -> Embeddings:
+        """`float32 [N, D]` (or `vector_format`'s values) for encoded images (bytes or file
+        paths), by model `model`."""
+        request = _image_request(images, model, vector_format)
+        return _embeddings(await self._call("EmbedImage", request))
 
     async def similarity(
         self,
@@ -307,16 +364,18 @@ class AsyncClipClient:
         items: AsyncIterable[tuple[str, str | bytes]] | Iterable[tuple[str, str | bytes]],
         *,
         model: str = "",
+        vector_format: str = "float32",
     ) -> AsyncIterator[tuple[str, np.ndarray | None, str | None]]:
         """Bulk over EmbedStream: (id, text or image bytes) in; (id, vector, error) as they come."""
+        _wire_format(vector_format)  # an unknown name fails here, not inside the stream
 
         async def requests() -> AsyncIterator[clip_pb2.StreamRequest]:
             if isinstance(items, AsyncIterable):
                 async for item_id, value in items:
-                    yield stream_request(item_id, value, model)
+                    yield stream_request(item_id, value, model, vector_format)
             else:
                 for item_id, value in items:
-                    yield stream_request(item_id, value, model)
+                    yield stream_request(item_id, value, model, vector_format)
 
         async for answer in self.stub.EmbedStream(requests(), metadata=self._metadata):
             yield _stream_answer(answer)

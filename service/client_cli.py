@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.client import AsyncClipClient, ClipClient
+from service.client import WIRE_FORMATS, AsyncClipClient, ClipClient
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -42,6 +42,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _vector_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vector-format",
+        default="float32",
+        choices=list(WIRE_FORMATS),
+        help="format the server answers in: float32, float16, or a compact one (int8, uint8, "
+        "binary, ubinary: the README's 'Compact vectors')",
+    )
+
+
 def _client(args: argparse.Namespace) -> ClipClient:
     ca = args.tls_ca.read_bytes() if args.tls_ca else None
     return ClipClient(
@@ -57,14 +67,18 @@ def _print_vectors(vectors: np.ndarray, names: list[str], full: bool) -> None:
 
 def _cmd_embed_text(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.embed_text(args.texts, model=args.model)
+        result = client.embed_text(
+            args.texts, model=args.model, vector_format=args.vector_format
+        )
     _print_vectors(result.vectors, args.texts, args.full)
     return 0
 
 
 def _cmd_embed_image(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.embed_image([Path(f) for f in args.files], model=args.model)
+        result = client.embed_image(
+            [Path(f) for f in args.files], model=args.model, vector_format=args.vector_format
+        )
     _print_vectors(result.vectors, args.files, args.full)
     return 0
 
@@ -142,7 +156,10 @@ async def _embed_dir(args: argparse.Namespace, root: Path, files: list[Path]) ->
         args.target, api_key=args.api_key, tls=args.tls, tls_ca=ca, timeout_s=None
     ) as client:
         with tqdm(total=len(files), unit="img", desc="embedding") as bar:
-            async for item_id, vector, error in client.embed_stream(items(), model=args.model):
+            stream = client.embed_stream(
+                items(), model=args.model, vector_format=args.vector_format
+            )
+            async for item_id, vector, error in stream:
                 if vector is not None:
                     vectors[int(item_id)] = vector
                 else:
@@ -170,12 +187,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("texts", nargs="+")
     p.add_argument("--full", action="store_true", help="print whole vectors")
+    _vector_format(p)
     p.set_defaults(func=_cmd_embed_text)
 
     p = sub.add_parser("embed-image", help="Embed image files.")
     _common(p)
     p.add_argument("files", nargs="+")
     p.add_argument("--full", action="store_true", help="print whole vectors")
+    _vector_format(p)
     p.set_defaults(func=_cmd_embed_image)
 
     p = sub.add_parser("classify", help="Zero-shot classify images against labels.")
@@ -204,4 +223,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("directory")
     p.add_argument("--out", required=True, help="output .npy (a .paths.txt lists the rows)")
+    _vector_format(p)
     p.set_defaults(func=_cmd_embed_dir)

@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from service.core import vector_formats
 from service.errors import InvalidInput
 
 #: One input: a text, or the bytes of an encoded image.
 Item = str | bytes
-ENCODING_FORMATS = ("float", "base64")
+#: OpenAI's two, then the compact ones (integers in the JSON list; `vector_formats`).
+ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
 
 
 @dataclass(frozen=True)
@@ -248,10 +250,13 @@ def check_dimensions(dimensions: int | None, model_dim: int, model: str) -> None
         )
 
 
-def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
-    """A vector as OpenAI answers it: a list of floats, or base64 of little-endian float32."""
+def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | list[int] | str:
+    """A vector as OpenAI answers it: a list of floats, or base64 of little-endian float32;
+    the compact formats as a list of integers (`vector_formats.quantize`)."""
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    if encoding_format in vector_formats.FORMATS:
+        return vector_formats.quantize(vector, encoding_format).tolist()
     return np.asarray(vector, dtype=np.float32).tolist()
 
 

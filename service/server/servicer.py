@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
+from service.core import vector_formats
 from service.core.embedder import EmbeddingResult
 from service.core.models import ModelRegistry, ServedModel
 from service.core.scoring import Item
@@ -30,13 +31,24 @@ _PER_LABEL_OVERHEAD = 24
 _PER_SCORE_BYTES = 10
 
 
+#: Each packed `VectorFormat` → its rule in `vector_formats` (FLOAT_LIST: `values`).
+PACKED_FORMATS: dict[int, str] = {
+    clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES: vector_formats.FLOAT32,
+    clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES: vector_formats.FLOAT16,
+    clip_pb2.VECTOR_FORMAT_INT8: vector_formats.INT8,
+    clip_pb2.VECTOR_FORMAT_UINT8: vector_formats.UINT8,
+    clip_pb2.VECTOR_FORMAT_BINARY: vector_formats.BINARY,
+    clip_pb2.VECTOR_FORMAT_UBINARY: vector_formats.UBINARY,
+}
+
+
 def _vector_message(item: EmbeddingResult, fmt: int) -> clip_pb2.Embedding:
     vec = item.vector
-    message = clip_pb2.Embedding(truncated=item.truncated, cached=item.cached, dim=len(vec))
-    if fmt == clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES:
-        message.packed = vec.astype("<f4").tobytes()
-    elif fmt == clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES:
-        message.packed = vec.astype("<f2").tobytes()
+    message = clip_pb2.Embedding(
+        truncated=item.truncated, cached=item.cached, dim=len(vec), format=fmt
+    )
+    if fmt in PACKED_FORMATS:
+        message.packed = vector_formats.to_bytes(vec, PACKED_FORMATS[fmt])
     else:
         message.values.extend(vec.tolist())
     return message
@@ -44,7 +56,8 @@ def _vector_message(item: EmbeddingResult, fmt: int) -> clip_pb2.Embedding:
 
 def _check_format(fmt: int) -> int:
     if fmt not in clip_pb2.VectorFormat.values():
-        raise InvalidInput(f"unknown vector format {fmt}", field="format")
+        names = ", ".join(clip_pb2.VectorFormat.keys())
+        raise InvalidInput(f"unknown vector format {fmt}; one of {names}", field="format")
     return fmt
 
 
@@ -72,8 +85,9 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
             )
 
     def _check_vectors_answer(self, model: ServedModel, n: int, fmt: int) -> None:
-        width = 2 if fmt == clip_pb2.VECTOR_FORMAT_FLOAT16_BYTES else 4
-        per_vector = model.embedder.metadata.embedding_dim * width + _PER_VECTOR_OVERHEAD
+        dim = model.embedder.metadata.embedding_dim
+        packed = PACKED_FORMATS.get(fmt, vector_formats.FLOAT32)  # FLOAT_LIST: 4 bytes a value
+        per_vector = vector_formats.packed_bytes(dim, packed) + _PER_VECTOR_OVERHEAD
         self._check_answer_size(n * per_vector, f"{n} vectors")
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:

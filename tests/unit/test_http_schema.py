@@ -52,7 +52,7 @@ def test_input_forms_of_openai_and_jina_are_accepted() -> None:
         ({"input": [{"image": B64, "text": "x"}]}, "input[0]: an object input"),
         ({"input": [None]}, "input[0]: an input is a string or an object, not null"),
         ({"input": 5}, "input: must be a list, not a number"),
-        ({"input": "x", "encoding_format": "int8"}, "encoding_format: must be one of float"),
+        ({"input": "x", "encoding_format": "int4"}, "encoding_format: must be one of float"),
         ({"input": "x", "dimensions": 0}, "dimensions: must be a positive integer"),
         ({"input": "x", "dimensions": True}, "dimensions: must be a positive integer"),
         ({"input": "x", "model": 3}, "model: must be a string, not a number"),

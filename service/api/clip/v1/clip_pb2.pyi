@@ -12,9 +12,17 @@ class VectorFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VECTOR_FORMAT_FLOAT_LIST: _ClassVar[VectorFormat]
     VECTOR_FORMAT_FLOAT32_BYTES: _ClassVar[VectorFormat]
     VECTOR_FORMAT_FLOAT16_BYTES: _ClassVar[VectorFormat]
+    VECTOR_FORMAT_INT8: _ClassVar[VectorFormat]
+    VECTOR_FORMAT_UINT8: _ClassVar[VectorFormat]
+    VECTOR_FORMAT_BINARY: _ClassVar[VectorFormat]
+    VECTOR_FORMAT_UBINARY: _ClassVar[VectorFormat]
 VECTOR_FORMAT_FLOAT_LIST: VectorFormat
 VECTOR_FORMAT_FLOAT32_BYTES: VectorFormat
 VECTOR_FORMAT_FLOAT16_BYTES: VectorFormat
+VECTOR_FORMAT_INT8: VectorFormat
+VECTOR_FORMAT_UINT8: VectorFormat
+VECTOR_FORMAT_BINARY: VectorFormat
+VECTOR_FORMAT_UBINARY: VectorFormat
 
 class EmbedTextRequest(_message.Message):
     __slots__ = ("texts", "format", "model", "language")
@@ -39,18 +47,20 @@ class EmbedImageRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("values", "packed", "truncated", "cached", "dim")
+    __slots__ = ("values", "packed", "truncated", "cached", "dim", "format")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     packed: bytes
     truncated: bool
     cached: bool
     dim: int
-    def __init__(self, values: _Optional[_Iterable[float]] = ..., packed: _Optional[bytes] = ..., truncated: _Optional[bool] = ..., cached: _Optional[bool] = ..., dim: _Optional[int] = ...) -> None: ...
+    format: VectorFormat
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., packed: _Optional[bytes] = ..., truncated: _Optional[bool] = ..., cached: _Optional[bool] = ..., dim: _Optional[int] = ..., format: _Optional[_Union[VectorFormat, str]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "model")
