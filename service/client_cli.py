@@ -67,9 +67,7 @@ def _print_vectors(vectors: np.ndarray, names: list[str], full: bool) -> None:
 
 def _cmd_embed_text(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        result = client.embed_text(
-            args.texts, model=args.model, vector_format=args.vector_format
-        )
+        result = client.embed_text(args.texts, model=args.model, vector_format=args.vector_format)
     _print_vectors(result.vectors, args.texts, args.full)
     return 0
 

@@ -90,4 +90,3 @@ def from_bytes(packed: bytes, fmt: str) -> np.ndarray:
     """Packed bytes of one vector → its values in `fmt`'s dtype (floats as float32)."""
     values = np.frombuffer(packed, dtype=DTYPES[fmt])
     return values.astype(np.float32) if fmt in (FLOAT32, FLOAT16) else values.copy()
-
