@@ -256,7 +256,12 @@ class Settings(FlagSet):
         "Pixels all image decodes may hold at once; a decode past it waits (bounds memory).",
     )
     # --- limits
-    max_items: int = _opt(256, "Most texts or images in one request.")
+    max_items: int = _opt(
+        2048,
+        "Most texts or images in one request (OpenAI's /v1/embeddings cap); a request is "
+        "still bounded by --max-message-bytes and is run in backend batches of "
+        "--max-batch-size. Keep it at most --max-queued-items: a request is admitted whole.",
+    )
     max_image_bytes: int = _opt(20 * 1024 * 1024, "Largest encoded image, in bytes.")
     max_image_pixels: int = _opt(
         50_000_000, "Largest decoded image (width × height); guards against bombs."

@@ -149,6 +149,14 @@ def build_registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
     """One pipeline per model of the repository, sharing the admission bound and cache."""
     models = load_repository(settings.model_repository)
     default = pick_default(list(models), settings.default_model)
+    if settings.max_items > settings.max_queued_items:
+        # Admission takes a request's misses at once: a larger one is refused even idle.
+        _LOGGER.warning(
+            "--max-items %d is over --max-queued-items %d: requests with more uncached "
+            "items than the queue bound are refused as busy",
+            settings.max_items,
+            settings.max_queued_items,
+        )
     admission = Admission(settings.max_queued_items, metrics)
     cache = build_cache(settings, metrics)
     served = []

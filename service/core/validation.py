@@ -32,8 +32,11 @@ def check_count(n: int, field: str, limit: int, *, allow_empty: bool = False) ->
     if n == 0 and not allow_empty:
         raise InvalidInput(f"no {field} given; send at least one", field=field)
     if n > limit:
+        # "input: 300 inputs in one request", not "300 input": fields are named in the
+        # singular (OpenAI's `input`) or the plural (`texts`, `labels`).
+        items = field if field.endswith("s") else f"{field}s"
         raise InvalidInput(
-            f"{n} {field} in one request, over the limit of {limit}; split the request",
+            f"{n} {items} in one request, over the limit of {limit}; split the request",
             field=field,
         )
 
