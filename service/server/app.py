@@ -13,7 +13,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
@@ -21,6 +20,7 @@ from service.core.admission import ByteBudget
 from service.core.embedder import Embedder
 from service.core.models import ModelRegistry
 from service.metrics import Metrics
+from service.server import reflection
 from service.server.credentials import ApiKeys, TlsFiles, tls_server_credentials
 from service.server.health import HealthMonitor
 from service.server.http import HttpApi, HttpOptions, HttpServer
@@ -165,7 +165,6 @@ def build_server(options: ServerOptions, models: ModelRegistry, metrics: Metrics
         (
             clip_pb2.DESCRIPTOR.services_by_name["ClipService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         ),
         server,
     )
