@@ -43,10 +43,10 @@ RESCORE = 4  # binary, then float32 rescoring of the top K × RESCORE (Sentence-
 def demo_images(n: int) -> np.ndarray:
     """`[n, 64]`: the trained demo CLIP's vectors of `n` rendered shape images."""
     configs.register()
-    model, _ = load_open_clip(
-        shapes_model := "clip-demo-shapes", str(ROOT / "demo" / f"{shapes_model}.pt")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "clip-demo-shapes", pretrained=str(ROOT / "demo" / "clip-demo-shapes.pt")
     )
-    _, _, preprocess = open_clip.create_model_and_transforms(shapes_model, pretrained=None)
+    model.eval()
     rng = random.Random(26)
     images = [shapes.sample(rng, shapes.ALL_PAIRS)[0] for _ in range(n)]
     return _encode(

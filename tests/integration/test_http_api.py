@@ -197,7 +197,7 @@ async def test_bad_inputs_are_400_with_what_to_send_instead(gateway: Gateway) ->
     for body, message in (
         (b'{"input": ["a", }', "not valid JSON"),
         (b"[1, 2]", "must be a JSON object"),
-        (b'{"input": "a", "encoding_format": "int8"}', "encoding_format"),
+        (b'{"input": "a", "encoding_format": "int4"}', "encoding_format"),
         (b'{"input": "\xc3\x28"}', "not UTF-8 JSON"),
     ):
         status, answer = await asyncio.to_thread(_raw, gateway, "/v1/embeddings", body)
