@@ -70,3 +70,8 @@ class ModelNotFound(ClipError):
 
 class Unauthenticated(ClipError):
     """No API key, or one that is not accepted (UNAUTHENTICATED, HTTP 401)."""
+
+
+class NotConfigured(ClipError):
+    """A call to a part this gateway was not started with, such as the catalog without
+    `--catalog` (UNIMPLEMENTED, HTTP 501)."""

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-_SECRET_FIELDS = {"api_keys", "redis_url"}
+_SECRET_FIELDS = {"api_keys", "redis_url", "catalog_token"}
 _REQUIRED: Any = dataclasses.MISSING
 
 
@@ -278,6 +278,27 @@ class Settings(FlagSet):
     )
     exif_transpose: bool = _opt(
         True, "Rotate images by their EXIF orientation before preprocessing."
+    )
+    # --- catalog (vector search over stored items)
+    catalog: str = _opt(
+        "",
+        "Catalog store: a file path (./catalog.db: an embedded Milvus Lite engine, started "
+        "and stopped with the gateway) or a Milvus server URL (http://host:19530); one "
+        "collection per model id. '' = no catalog (its calls answer UNIMPLEMENTED).",
+    )
+    catalog_token: str = _opt("", "Milvus server token (user:password or an API key).")
+    catalog_index: str = _opt(
+        "IVF_FLAT",
+        "Index type of new collections (COSINE); Milvus Lite builds FLAT, IVF_FLAT and "
+        "AUTOINDEX only, a Milvus server also HNSW.",
+        choices=("IVF_FLAT", "FLAT", "AUTOINDEX", "HNSW"),
+    )
+    catalog_nlist: int = _opt(1024, "IVF_FLAT: clusters the vectors are split into.")
+    catalog_nprobe: int = _opt(32, "IVF_FLAT: clusters searched per query (recall against speed).")
+    catalog_hnsw_ef: int = _opt(128, "HNSW: search breadth (at least top_k is used).")
+    catalog_max_top_k: int = _opt(1000, "Most hits one search may ask for.")
+    catalog_max_metadata_bytes: int = _opt(
+        16 * 1024, "Largest metadata JSON of one item (and largest search filter), in bytes."
     )
     # --- cache
     redis_url: str = _opt("", "Redis URL for the shared cache ('' = in-process cache only).")

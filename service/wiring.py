@@ -9,12 +9,15 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 from service import __version__
 from service.backends.base import Backend
 from service.core.admission import Admission
 from service.core.batched_backend import BatchedBackend
 from service.core.cache import EmbeddingCache, RedisOptions
+from service.core.catalog import Catalog, CatalogLimits
 from service.core.embedder import Embedder, EmbedderOptions
 from service.core.models import ModelRegistry, ServedModel, pick_default
 from service.core.scoring import Scorer
@@ -189,6 +192,53 @@ def server_options(settings: Settings) -> ServerOptions:
     )
 
 
+def is_catalog_server(uri: str) -> bool:
+    """A Milvus server address (else `--catalog` is a file for the embedded engine)."""
+    return uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+def build_catalog(settings: Settings, models: ModelRegistry) -> tuple[Catalog, Callable[[], None]]:
+    """The catalog `--catalog` names (the embedded engine started now), and how to stop
+    what was started."""
+    from service.backends.vector_store import IndexSettings, MilvusStore
+
+    engine = None
+    uri = settings.catalog
+    if not is_catalog_server(uri):
+        from service.processes.milvus_lite import MilvusLite
+
+        path = Path(uri).expanduser()
+        # Next to the catalog file: its log, readable after a failed start.
+        engine = MilvusLite(path, log_path=path.with_name(path.name + ".engine.log"))
+        engine.start()
+        uri = engine.uri
+    index = IndexSettings(
+        index_type=settings.catalog_index,
+        nlist=settings.catalog_nlist,
+        nprobe=settings.catalog_nprobe,
+        hnsw_ef=settings.catalog_hnsw_ef,
+    )
+    try:
+        store = MilvusStore(
+            uri, token=settings.catalog_token, index=index, timeout_s=settings.backend_timeout_s
+        )
+    except BaseException:
+        if engine is not None:
+            engine.stop()
+        raise
+    limits = CatalogLimits(
+        max_top_k=settings.catalog_max_top_k,
+        max_metadata_bytes=settings.catalog_max_metadata_bytes,
+        max_ids=settings.max_items,
+    )
+
+    def stop() -> None:
+        if engine is not None:
+            engine.stop()
+
+    return Catalog(models, store, limits), stop
+
+
 def build_gateway(settings: Settings, *, metrics: Metrics | None = None) -> Gateway:
     """Everything wired but not started; binds the gRPC port (0 = a free one)."""
     metrics = metrics or Metrics()
@@ -196,7 +246,16 @@ def build_gateway(settings: Settings, *, metrics: Metrics | None = None) -> Gate
     for model in models:
         embedder = model.embedder
         metrics.build_info.labels(__version__, embedder.model_id, embedder.backend_name).set(1)
-    return build_server(server_options(settings), models, metrics)
+    catalog, stop_catalog = build_catalog(settings, models) if settings.catalog else (None, None)
+    try:
+        gateway = build_server(server_options(settings), models, metrics, catalog)
+    except BaseException:
+        if stop_catalog is not None:
+            stop_catalog()
+        raise
+    if stop_catalog is not None:
+        gateway.on_stop.append(stop_catalog)
+    return gateway
 
 
 async def serve(settings: Settings) -> None:

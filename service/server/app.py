@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client import start_http_server
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core.admission import ByteBudget
+from service.core.catalog import Catalog
 from service.core.embedder import Embedder
 from service.core.models import ModelRegistry
 from service.metrics import Metrics
@@ -24,6 +26,7 @@ from service.server import reflection
 from service.server.credentials import ApiKeys, TlsFiles, tls_server_credentials
 from service.server.health import HealthMonitor
 from service.server.http import HttpApi, HttpOptions, HttpServer
+from service.server.http_catalog import CatalogRoutes
 from service.server.interceptors import (
     ApiKeyInterceptor,
     ObservabilityInterceptor,
@@ -66,6 +69,10 @@ class Gateway:
     health_port: int | None = None
     metrics_port: int | None = None
     http_server: HttpServer | None = None
+    #: The catalog (`--catalog`), opened by `start()`, closed by `stop()`.
+    catalog: Catalog | None = None
+    #: Run last by `stop()` (wiring's parts the transport does not know, e.g. an engine).
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
     _metrics_http: Any = field(default=None, repr=False)
 
     @property
@@ -81,6 +88,9 @@ class Gateway:
     async def start(self) -> None:
         """Start the backends, the servers and the health monitor (NOT_SERVING until warm)."""
         await self.models.start()
+        if self.catalog is not None:
+            await self.catalog.open()  # before any port opens: a bad catalog stops the start
+            _LOGGER.info("catalog open (index %s)", self.catalog.index_description)
         # NOT_SERVING before any port opens: grpc's health servicer answers SERVING for ""
         # until told otherwise, and the ports below take event-loop turns to start.
         await self.health.start()
@@ -126,14 +136,24 @@ class Gateway:
             stopping.append(self.http_server.stop(grace))
         await asyncio.gather(*stopping)
         await self.models.aclose()
+        if self.catalog is not None:
+            await self.catalog.aclose()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        for stop in self.on_stop:
+            stop()
 
 
-def build_server(options: ServerOptions, models: ModelRegistry, metrics: Metrics) -> Gateway:
-    """The grpc.aio server (and the HTTP API) around built pipelines, bound but not started."""
+def build_server(
+    options: ServerOptions,
+    models: ModelRegistry,
+    metrics: Metrics,
+    catalog: Catalog | None = None,
+) -> Gateway:
+    """The grpc.aio server (and the HTTP API) around built pipelines, bound but not
+    started; `catalog` (not yet opened) answers the catalog calls."""
     interceptors: list[grpc.aio.ServerInterceptor] = [
         ObservabilityInterceptor(metrics, models.label)
     ]
@@ -156,6 +176,7 @@ def build_server(options: ServerOptions, models: ModelRegistry, metrics: Metrics
             models,
             backend_timeout_s=options.backend_timeout_s,
             max_answer_bytes=options.max_message_bytes,
+            catalog=catalog,
         ),
         server,
     )
@@ -176,7 +197,7 @@ def build_server(options: ServerOptions, models: ModelRegistry, metrics: Metrics
     if port == 0:
         raise OSError(f"could not bind {address}")
     monitor = HealthMonitor(health_servicer, models)
-    gateway = Gateway(options, server, port, models, monitor, metrics)
+    gateway = Gateway(options, server, port, models, monitor, metrics, catalog=catalog)
     if options.http_port >= 0:
         api = HttpApi(
             models,
@@ -189,6 +210,7 @@ def build_server(options: ServerOptions, models: ModelRegistry, metrics: Metrics
                 api_keys=options.api_keys,
             ),
             budget,
+            CatalogRoutes(catalog, options.backend_timeout_s),
         )
         gateway.http_server = HttpServer(api.app, options.host, options.http_port, options.tls)
     if options.health_port >= 0:

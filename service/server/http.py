@@ -39,6 +39,7 @@ from service.metrics import Metrics
 from service.server import http_schema as schema
 from service.server.credentials import ApiKeys, TlsFiles, tls_server_context
 from service.server.health import HealthMonitor
+from service.server.http_catalog import CatalogRoutes
 from service.server.servicer import model_info
 from service.server.status import caller_message, outcome_for
 
@@ -85,6 +86,7 @@ class HttpApi:
         metrics: Metrics,
         options: HttpOptions,
         request_bytes: ByteBudget,
+        catalog: CatalogRoutes | None = None,
     ) -> None:
         self._models = models
         self._request_bytes = request_bytes
@@ -108,6 +110,7 @@ class HttpApi:
                 Route(
                     "/v1/similarity", self._route("similarity", self._similarity), methods=["POST"]
                 ),
+                *(catalog or CatalogRoutes(None, options.backend_timeout_s)).routes(self._route),
                 Route("/health", self._health_route, methods=["GET"]),
                 Route("/ready", self._ready_route, methods=["GET"]),
             ],

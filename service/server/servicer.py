@@ -14,10 +14,12 @@ import grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core import vector_formats
+from service.core.catalog import Catalog
 from service.core.embedder import EmbeddingResult
 from service.core.models import ModelRegistry, ServedModel
 from service.core.scoring import Item
 from service.errors import InvalidInput, Overloaded
+from service.server.catalog_servicer import CatalogRpcs
 from service.server.status import caller_message, status_for
 
 # Stream items read and not yet written back, per stream: enough to fill batches, and
@@ -61,7 +63,7 @@ def _check_format(fmt: int) -> int:
     return fmt
 
 
-class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
+class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
     """Thin translation between the protobuf API and each model's `Embedder` / `Scorer`."""
 
     def __init__(
@@ -70,10 +72,13 @@ class ClipServicer(clip_pb2_grpc.ClipServiceServicer):
         *,
         backend_timeout_s: float,
         max_answer_bytes: int,
+        catalog: Catalog | None = None,
     ) -> None:
         """`max_answer_bytes`: the send limit; answers that would pass it are refused
-        before any work is done."""
+        before any work is done. `catalog`: the catalog RPCs' (None: they answer
+        UNIMPLEMENTED)."""
         self._models = models
+        self._catalog = catalog
         self._backend_timeout_s = backend_timeout_s
         self._max_answer_bytes = max_answer_bytes
 

@@ -16,6 +16,7 @@ from service.errors import (
     InvalidInput,
     ModelMismatch,
     ModelNotFound,
+    NotConfigured,
     Overloaded,
     RequestTooLarge,
     Unauthenticated,
@@ -46,6 +47,7 @@ _TABLE: dict[type[ClipError], Outcome] = {
     ModelMismatch: Outcome(grpc.StatusCode.FAILED_PRECONDITION, 503, "service_unavailable"),
     DeadlineExceeded: Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
     BackendFailure: _INTERNAL,
+    NotConfigured: Outcome(grpc.StatusCode.UNIMPLEMENTED, 501, "not_implemented_error"),
 }
 
 

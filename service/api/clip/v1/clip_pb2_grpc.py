@@ -69,6 +69,26 @@ class ClipServiceStub:
                 request_serializer=clip_dot_v1_dot_clip__pb2.StreamRequest.SerializeToString,
                 response_deserializer=clip_dot_v1_dot_clip__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.CatalogAdd = channel.stream_stream(
+                '/clip.v1.ClipService/CatalogAdd',
+                request_serializer=clip_dot_v1_dot_clip__pb2.CatalogItem.SerializeToString,
+                response_deserializer=clip_dot_v1_dot_clip__pb2.CatalogAddResult.FromString,
+                _registered_method=True)
+        self.CatalogDelete = channel.unary_unary(
+                '/clip.v1.ClipService/CatalogDelete',
+                request_serializer=clip_dot_v1_dot_clip__pb2.CatalogDeleteRequest.SerializeToString,
+                response_deserializer=clip_dot_v1_dot_clip__pb2.CatalogDeleteResponse.FromString,
+                _registered_method=True)
+        self.CatalogGet = channel.unary_unary(
+                '/clip.v1.ClipService/CatalogGet',
+                request_serializer=clip_dot_v1_dot_clip__pb2.CatalogGetRequest.SerializeToString,
+                response_deserializer=clip_dot_v1_dot_clip__pb2.CatalogGetResponse.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/clip.v1.ClipService/Search',
+                request_serializer=clip_dot_v1_dot_clip__pb2.SearchRequest.SerializeToString,
+                response_deserializer=clip_dot_v1_dot_clip__pb2.SearchResponse.FromString,
+                _registered_method=True)
 
 
 class ClipServiceServicer:
@@ -119,6 +139,34 @@ class ClipServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CatalogAdd(self, request_iterator, context):
+        """Catalog (needs `clipsvc serve --catalog`): add or replace items, one answer per
+        item matched by id, a bad item answers with an error and the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CatalogDelete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CatalogGet(self, request, context):
+        """The stored ids among those asked for, with their metadata and content hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """Nearest items by cosine to a text, an image or a vector of the catalog's model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClipServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +204,26 @@ def add_ClipServiceServicer_to_server(servicer, server):
                     servicer.EmbedStream,
                     request_deserializer=clip_dot_v1_dot_clip__pb2.StreamRequest.FromString,
                     response_serializer=clip_dot_v1_dot_clip__pb2.StreamResponse.SerializeToString,
+            ),
+            'CatalogAdd': grpc.stream_stream_rpc_method_handler(
+                    servicer.CatalogAdd,
+                    request_deserializer=clip_dot_v1_dot_clip__pb2.CatalogItem.FromString,
+                    response_serializer=clip_dot_v1_dot_clip__pb2.CatalogAddResult.SerializeToString,
+            ),
+            'CatalogDelete': grpc.unary_unary_rpc_method_handler(
+                    servicer.CatalogDelete,
+                    request_deserializer=clip_dot_v1_dot_clip__pb2.CatalogDeleteRequest.FromString,
+                    response_serializer=clip_dot_v1_dot_clip__pb2.CatalogDeleteResponse.SerializeToString,
+            ),
+            'CatalogGet': grpc.unary_unary_rpc_method_handler(
+                    servicer.CatalogGet,
+                    request_deserializer=clip_dot_v1_dot_clip__pb2.CatalogGetRequest.FromString,
+                    response_serializer=clip_dot_v1_dot_clip__pb2.CatalogGetResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=clip_dot_v1_dot_clip__pb2.SearchRequest.FromString,
+                    response_serializer=clip_dot_v1_dot_clip__pb2.SearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +415,114 @@ class ClipService:
             '/clip.v1.ClipService/EmbedStream',
             clip_dot_v1_dot_clip__pb2.StreamRequest.SerializeToString,
             clip_dot_v1_dot_clip__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CatalogAdd(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/clip.v1.ClipService/CatalogAdd',
+            clip_dot_v1_dot_clip__pb2.CatalogItem.SerializeToString,
+            clip_dot_v1_dot_clip__pb2.CatalogAddResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CatalogDelete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clip.v1.ClipService/CatalogDelete',
+            clip_dot_v1_dot_clip__pb2.CatalogDeleteRequest.SerializeToString,
+            clip_dot_v1_dot_clip__pb2.CatalogDeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CatalogGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clip.v1.ClipService/CatalogGet',
+            clip_dot_v1_dot_clip__pb2.CatalogGetRequest.SerializeToString,
+            clip_dot_v1_dot_clip__pb2.CatalogGetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clip.v1.ClipService/Search',
+            clip_dot_v1_dot_clip__pb2.SearchRequest.SerializeToString,
+            clip_dot_v1_dot_clip__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,

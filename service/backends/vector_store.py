@@ -1,0 +1,325 @@
+"""The catalog's vector store: Milvus, through pymilvus's `MilvusClient`.
+
+One client API for both shapes: Milvus Lite's engine on a local file (started by
+`service.processes.milvus_lite`, reached on a unix socket) and a Milvus server or
+cluster (`http://host:19530`). Every call blocks (pymilvus is synchronous): the caller
+(`core/catalog.py`) runs them on its own threads, never on the event loop. Every call
+carries a timeout: pymilvus otherwise retries a failing call with backoff for ever
+(checked: an expression the engine cannot run hung `search` with no timeout).
+
+Schema of an item collection: `id` (VARCHAR primary key: upsert replaces), `vector`
+(FLOAT_VECTOR, COSINE), `metadata` (JSON), `content_sha256` (VARCHAR: what was embedded,
+so an indexer can skip unchanged files). A small `clip_catalogs` collection records
+which model id and dimension each item collection was made for: Milvus Lite 2.5.1 keeps
+no collection description and does not implement collection properties (checked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from service.errors import BackendFailure, BackendUnavailable, InvalidInput, ModelMismatch
+
+_LOGGER = logging.getLogger(__name__)
+
+#: Longest id, in characters (4 bytes each at most in UTF-8: the VARCHAR's byte bound).
+MAX_ID_CHARS = 512
+_ID_BYTES = 4 * MAX_ID_CHARS
+_REGISTRY = "clip_catalogs"
+# Milvus wants a vector field in every collection; the registry's is never searched.
+_REGISTRY_DIM = 2
+# Metadata keys a filter may name: they are written into the engine's expression.
+_FILTER_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_MAX_FILTER_KEYS = 16
+_MAX_FILTER_VALUES = 256
+_MAX_FILTER_STRING = 256
+# Index types Milvus Lite builds (it refuses the others: "local mode only support FLAT
+# IVF_FLAT AUTOINDEX"); a Milvus server also builds HNSW.
+INDEX_TYPES = ("IVF_FLAT", "FLAT", "AUTOINDEX", "HNSW")
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How item collections are indexed and searched (COSINE always)."""
+
+    index_type: str = "IVF_FLAT"
+    #: IVF_FLAT: lists (clusters) the vectors are split into.
+    nlist: int = 1024
+    #: IVF_FLAT: lists searched per query (recall against speed).
+    nprobe: int = 32
+    #: HNSW (server only): graph degree, build and search breadth.
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef: int = 128
+
+    def build_params(self) -> dict[str, Any]:
+        """The index's build parameters."""
+        if self.index_type == "IVF_FLAT":
+            return {"nlist": self.nlist}
+        if self.index_type == "HNSW":
+            return {"M": self.hnsw_m, "efConstruction": self.hnsw_ef_construction}
+        return {}
+
+    def search_params(self, top_k: int) -> dict[str, Any]:
+        """Per-query parameters (HNSW's ef must be at least top_k)."""
+        if self.index_type == "IVF_FLAT":
+            return {"params": {"nprobe": self.nprobe}}
+        if self.index_type == "HNSW":
+            return {"params": {"ef": max(self.hnsw_ef, top_k)}}
+        return {}
+
+    def describe(self) -> str:
+        """For logs and the README: type and parameters."""
+        params = {**self.build_params(), **self.search_params(0).get("params", {})}
+        return f"{self.index_type} {json.dumps(params, sort_keys=True)} COSINE"
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """One row to upsert."""
+
+    id: str
+    vector: np.ndarray
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    content_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class StoreHit:
+    """One search result: cosine similarity and the stored metadata."""
+
+    id: str
+    score: float
+    metadata: dict[str, Any]
+
+
+class VectorStore(Protocol):
+    """What the catalog needs of a vector database (blocking calls)."""
+
+    index: IndexSettings
+
+    def open_collection(self, name: str, *, dim: int, model_id: str) -> None: ...
+    def upsert(self, name: str, items: Sequence[StoredItem]) -> None: ...
+    def get(self, name: str, ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], str]]: ...
+    def delete(self, name: str, ids: Sequence[str]) -> int: ...
+    def search(
+        self, name: str, vector: np.ndarray, top_k: int, conditions: Mapping[str, Any] | None
+    ) -> list[StoreHit]: ...
+    def count(self, name: str) -> int: ...
+    def close(self) -> None: ...
+
+
+def filter_expression(conditions: Mapping[str, Any]) -> str:
+    """`{"color": "red", "size": ["S", "M"]}` → `metadata["color"] == "red" and
+    metadata["size"] in ["S", "M"]`; InvalidInput for what cannot be written safely.
+
+    Values are written as literals: Milvus Lite 2.5.1 fails on expression templates
+    (`filter_params`: "Unexpected error in RPC handling", checked), so keys are limited
+    to identifiers and strings to characters that need no escaping in the expression.
+    """
+    if len(conditions) > _MAX_FILTER_KEYS:
+        raise InvalidInput(
+            f"{len(conditions)} filter keys, over the limit of {_MAX_FILTER_KEYS}", field="filter"
+        )
+    clauses = []
+    for key, value in conditions.items():
+        if not isinstance(key, str) or not _FILTER_KEY.match(key):
+            raise InvalidInput(
+                f"filter key {str(key)[:64]!r}: use letters, digits and '_' (up to 64, not "
+                "starting with a digit)",
+                field="filter",
+            )
+        if isinstance(value, list):
+            if not value or len(value) > _MAX_FILTER_VALUES:
+                raise InvalidInput(
+                    f"filter key {key!r}: a list needs 1 to {_MAX_FILTER_VALUES} values",
+                    field="filter",
+                )
+            literals = ", ".join(_literal(key, v) for v in value)
+            clauses.append(f'metadata["{key}"] in [{literals}]')
+        else:
+            clauses.append(f'metadata["{key}"] == {_literal(key, value)}')
+    return " and ".join(clauses)
+
+
+def _literal(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        if (
+            len(value) > _MAX_FILTER_STRING
+            or any(c in value for c in '"\\')
+            or any(ord(c) < 32 for c in value)
+        ):
+            raise InvalidInput(
+                f"filter key {key!r}: strings are matched up to {_MAX_FILTER_STRING} "
+                "characters, without quotes, backslashes or control characters",
+                field="filter",
+            )
+        return f'"{value}"'
+    raise InvalidInput(
+        f"filter key {key!r}: values are strings, numbers, booleans or lists of them "
+        f"(got {type(value).__name__})",
+        field="filter",
+    )
+
+
+class MilvusStore:
+    """Item collections on one Milvus (Lite or server); blocking, thread-safe calls."""
+
+    def __init__(
+        self, uri: str, *, token: str = "", index: IndexSettings, timeout_s: float = 30.0
+    ) -> None:
+        """Connect (blocking; raises BackendUnavailable when nothing answers)."""
+        self.index = index
+        self._timeout_s = timeout_s
+        self._uri = uri
+        try:
+            self._client = MilvusClient(uri, token=token, timeout=timeout_s)
+            self._open_registry()
+        except MilvusException as exc:
+            raise BackendUnavailable(
+                f"the catalog engine at {uri} is not reachable: {exc}"
+            ) from exc
+
+    # ------------------------------------------------------------------ collections
+    def _open_registry(self) -> None:
+        client = self._client
+        if client.has_collection(_REGISTRY, timeout=self._timeout_s):
+            client.load_collection(_REGISTRY, timeout=self._timeout_s)
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=256)
+        schema.add_field("model_id", DataType.VARCHAR, max_length=1024)
+        schema.add_field("dim", DataType.INT64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=_REGISTRY_DIM)
+        params = client.prepare_index_params()
+        params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+        client.create_collection(
+            _REGISTRY, schema=schema, index_params=params, timeout=self._timeout_s
+        )
+
+    def open_collection(self, name: str, *, dim: int, model_id: str) -> None:
+        """Create `name` for `model_id`'s vectors, or check that an existing one was made
+        for that model (ModelMismatch otherwise: its vectors are of another space)."""
+        client = self._client
+        rows = client.query(
+            _REGISTRY, ids=[name], output_fields=["model_id", "dim"], timeout=self._timeout_s
+        )
+        if rows:
+            stored_id, stored_dim = rows[0]["model_id"], int(rows[0]["dim"])
+            if stored_id != model_id or stored_dim != dim:
+                raise ModelMismatch(
+                    f"catalog collection {name} holds {stored_dim}-d vectors of model "
+                    f"{stored_id}, not of {model_id} ({dim}-d); its vectors cannot be searched "
+                    "with this model's queries"
+                )
+        if not client.has_collection(name, timeout=self._timeout_s):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=_ID_BYTES)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            schema.add_field("metadata", DataType.JSON)
+            schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
+            params = client.prepare_index_params()
+            params.add_index(
+                field_name="vector",
+                index_type=self.index.index_type,
+                metric_type="COSINE",
+                params=self.index.build_params(),
+            )
+            client.create_collection(
+                name, schema=schema, index_params=params, timeout=self._timeout_s
+            )
+            _LOGGER.info("catalog: created %s for %s (%s)", name, model_id, self.index.describe())
+        else:
+            client.load_collection(name, timeout=self._timeout_s)
+        if not rows:
+            client.upsert(
+                _REGISTRY,
+                [{"name": name, "model_id": model_id, "dim": dim, "vector": [0.0] * _REGISTRY_DIM}],
+                timeout=self._timeout_s,
+            )
+
+    # ------------------------------------------------------------------ items
+    def upsert(self, name: str, items: Sequence[StoredItem]) -> None:
+        """Add or replace `items` by id."""
+        rows = [
+            {
+                "id": item.id,
+                "vector": np.asarray(item.vector, dtype=np.float32),
+                "metadata": dict(item.metadata),
+                "content_sha256": item.content_sha256,
+            }
+            for item in items
+        ]
+        self._call("upsert", self._client.upsert, name, rows)
+
+    def get(self, name: str, ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], str]]:
+        """Stored ids among `ids` → (metadata, content_sha256)."""
+        if not ids:
+            return {}
+        rows = self._call(
+            "get",
+            self._client.query,
+            name,
+            ids=list(ids),
+            output_fields=["metadata", "content_sha256"],
+        )
+        return {row["id"]: (row["metadata"] or {}, row["content_sha256"]) for row in rows}
+
+    def delete(self, name: str, ids: Sequence[str]) -> int:
+        """Delete `ids`; how many of them were stored."""
+        present = list(self.get(name, ids))
+        if present:
+            self._call("delete", self._client.delete, name, ids=present)
+        return len(present)
+
+    def search(
+        self, name: str, vector: np.ndarray, top_k: int, conditions: Mapping[str, Any] | None
+    ) -> list[StoreHit]:
+        """The `top_k` nearest items by cosine, best first, among those matching."""
+        expression = filter_expression(conditions) if conditions else ""
+        result = self._call(
+            "search",
+            self._client.search,
+            name,
+            data=[np.asarray(vector, dtype=np.float32)],
+            limit=top_k,
+            filter=expression,
+            output_fields=["metadata"],
+            search_params=self.index.search_params(top_k),
+        )
+        return [
+            StoreHit(hit["id"], float(hit["distance"]), hit["entity"].get("metadata") or {})
+            for hit in result[0]
+        ]
+
+    def count(self, name: str) -> int:
+        """Items in `name`."""
+        rows = self._call("count", self._client.query, name, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._client.close()
+
+    def _call(self, what: str, method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, timeout=self._timeout_s, **kwargs)
+        except MilvusException as exc:
+            raise BackendFailure(
+                f"catalog {what} failed at {self._uri}: {exc}", source="the catalog engine"
+            ) from exc

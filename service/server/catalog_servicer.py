@@ -1,0 +1,168 @@
+"""The catalog RPCs of `clip.v1.ClipService` (CatalogAdd, CatalogDelete, CatalogGet,
+Search): proto ⇄ `core.catalog`, nothing else. Mixed into `ClipServicer`.
+
+Errors are raised and mapped by the interceptor, except CatalogAdd's per-item errors,
+which are answered in the stream (as EmbedStream's) while the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from service.api.clip.v1 import clip_pb2
+from service.backends.vector_store import MAX_ID_CHARS
+from service.core.catalog import AddItem, AddOutcome, Catalog, Query, VectorQuery
+from service.errors import NotConfigured
+from service.server.status import caller_message, status_for
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+# Items read and not yet answered, per stream: enough to fill batches, and the bound on
+# what a client that writes without reading can make us hold (as EmbedStream's).
+_STREAM_WINDOW = 64
+_NO_CATALOG = (
+    "this gateway has no catalog: start it with --catalog ./catalog.db (an embedded Milvus "
+    "Lite file) or --catalog http://milvus:19530 [env CLIP_CATALOG]"
+)
+
+
+async def answer_stream(
+    requests: AsyncIterator[_In], work: Callable[[_In], Awaitable[_Out]], window: int
+) -> AsyncIterator[_Out]:
+    """`work` on each request concurrently, answers as they finish; at most `window`
+    read and not yet written (a client that never reads stalls only its own stream)."""
+    slots = asyncio.Semaphore(window)
+    answers: asyncio.Queue[_Out | None] = asyncio.Queue()
+    workers: set[asyncio.Task[None]] = set()
+
+    async def run(request: _In) -> None:
+        answers.put_nowait(await work(request))
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(run(request))
+                workers.add(task)
+                task.add_done_callback(workers.discard)
+            if workers:
+                await asyncio.gather(*list(workers))
+        finally:
+            answers.put_nowait(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (answer := await answers.get()) is not None:
+            yield answer
+            slots.release()
+        await reader  # surfaces a broken request stream
+    finally:
+        reader.cancel()
+        for task in list(workers):
+            task.cancel()
+
+
+def _metadata_json(metadata: dict[str, object]) -> str:
+    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")) if metadata else ""
+
+
+class CatalogRpcs:
+    """The catalog's RPCs; the servicer provides `_catalog` and `_timeout`."""
+
+    _catalog: Catalog | None
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        raise NotImplementedError
+
+    def _require_catalog(self) -> Catalog:
+        if self._catalog is None:
+            raise NotConfigured(_NO_CATALOG)
+        return self._catalog
+
+    async def CatalogAdd(
+        self,
+        request_iterator: AsyncIterator[clip_pb2.CatalogItem],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[clip_pb2.CatalogAddResult]:
+        catalog = self._require_catalog()
+
+        async def add(request: clip_pb2.CatalogItem) -> clip_pb2.CatalogAddResult:
+            kind = request.WhichOneof("input")
+            value = request.text if kind == "text" else request.image if kind == "image" else None
+            item = AddItem(
+                id=request.id,
+                value=value,
+                metadata_json=request.metadata_json,
+                model=request.model,
+                language=request.language or None,
+            )
+            return _add_result(await catalog.add(item, timeout_s=self._timeout(context)))
+
+        async for answer in answer_stream(request_iterator, add, _STREAM_WINDOW):
+            yield answer
+
+    async def CatalogDelete(
+        self, request: clip_pb2.CatalogDeleteRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.CatalogDeleteResponse:
+        deleted = await self._require_catalog().delete(request.model, list(request.ids))
+        return clip_pb2.CatalogDeleteResponse(deleted=deleted)
+
+    async def CatalogGet(
+        self, request: clip_pb2.CatalogGetRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.CatalogGetResponse:
+        found = await self._require_catalog().get(request.model, list(request.ids))
+        return clip_pb2.CatalogGetResponse(
+            entries=[
+                clip_pb2.CatalogEntry(
+                    id=item_id, metadata_json=_metadata_json(metadata), content_sha256=sha
+                )
+                for item_id, (metadata, sha) in found.items()
+            ]
+        )
+
+    async def Search(
+        self, request: clip_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> clip_pb2.SearchResponse:
+        catalog = self._require_catalog()
+        kind = request.WhichOneof("query")
+        query: Query | None = None
+        if kind == "text":
+            query = request.text
+        elif kind == "image":
+            query = request.image
+        elif kind == "vector":
+            query = VectorQuery(
+                np.asarray(request.vector.values, dtype=np.float32), request.vector.model_id
+            )
+        result = await catalog.search(
+            request.model,
+            query,
+            top_k=request.top_k,
+            filter_json=request.filter_json,
+            language=request.language or None,
+            timeout_s=self._timeout(context),
+        )
+        return clip_pb2.SearchResponse(
+            hits=[
+                clip_pb2.SearchHit(id=h.id, score=h.score, metadata_json=_metadata_json(h.metadata))
+                for h in result.hits
+            ],
+            model=result.model_id,
+        )
+
+
+def _add_result(outcome: AddOutcome) -> clip_pb2.CatalogAddResult:
+    if outcome.error is None:
+        return clip_pb2.CatalogAddResult(id=outcome.id, content_sha256=outcome.content_sha256)
+    exc = outcome.error
+    return clip_pb2.CatalogAddResult(
+        id=outcome.id[:MAX_ID_CHARS],
+        error=clip_pb2.StreamError(code=status_for(exc).name, message=caller_message(exc)),
+    )
