@@ -47,7 +47,8 @@ model: $(MODEL_REPO)/metadata.json
 
 run: model
 	$(PY) -m service.demo.showcase --repository $(MODEL_REPO)
-	$(CLIPSVC) serve --model-repository $(MODEL_REPO)
+	$(PY) -m service.demo.images demo-images
+	$(CLIPSVC) serve --model-repository $(MODEL_REPO) --catalog catalog.db
 
 demo: model
 	$(PY) -m service.demo.showcase --repository $(MODEL_REPO)

@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     triton = sub.add_parser("triton", help="Run the pip tritonserver on a model repository.")
     TritonServerSettings.add_arguments(triton)
     triton.set_defaults(func=_cmd_triton)
-    from service import client_cli
+    from service import catalog_cli, client_cli
 
     client_cli.add_commands(sub)
+    catalog_cli.add_commands(sub)
     return parser
 
 

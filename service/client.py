@@ -380,6 +380,45 @@ class AsyncClipClient:
         async for answer in self.stub.EmbedStream(requests(), metadata=self._metadata):
             yield _stream_answer(answer)
 
+    async def catalog_add(
+        self,
+        items: AsyncIterable[clip_pb2.CatalogItem] | Iterable[clip_pb2.CatalogItem],
+    ) -> AsyncIterator[clip_pb2.CatalogAddResult]:
+        """Bulk over CatalogAdd: items in, one result per item (stored, or its error) as
+        they come; the stream's flow control bounds what is read ahead."""
+
+        async def requests() -> AsyncIterator[clip_pb2.CatalogItem]:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    yield item
+            else:
+                for item in items:
+                    yield item
+
+        async for answer in self.stub.CatalogAdd(requests(), metadata=self._metadata):
+            yield answer
+
+    async def catalog_get(self, ids: Sequence[str], *, model: str = "") -> dict[str, str]:
+        """Stored ids among `ids` → the SHA-256 of what was embedded for them."""
+        answer = await self._call("CatalogGet", clip_pb2.CatalogGetRequest(ids=ids, model=model))
+        return {entry.id: entry.content_sha256 for entry in answer.entries}
+
+    async def search(
+        self,
+        query: str | bytes | Path,
+        *,
+        top_k: int = 10,
+        filter_json: str = "",
+        model: str = "",
+    ) -> list[clip_pb2.SearchHit]:
+        """The catalog's items nearest a text, or an image (bytes or a file path)."""
+        request = clip_pb2.SearchRequest(top_k=top_k, filter_json=filter_json, model=model)
+        if isinstance(query, str):
+            request.text = query
+        else:
+            request.image = _image_bytes(query)
+        return list((await self._call("Search", request)).hits)
+
 
 def _matrices(response: clip_pb2.SimilarityResponse) -> tuple[np.ndarray, np.ndarray]:
     scores = np.array([list(r.scores) for r in response.rows], dtype=np.float32)

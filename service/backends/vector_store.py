@@ -114,6 +114,11 @@ class VectorStore(Protocol):
     def search(
         self, name: str, vector: np.ndarray, top_k: int, conditions: Mapping[str, Any] | None
     ) -> list[StoreHit]: ...
+    def flush(self, name: str) -> None:
+        """Seal what was written so the index covers it (until then the engine scans the
+        unsealed rows exhaustively: exact, and slower as they grow)."""
+        self._call("flush", self._client.flush, name)
+
     def count(self, name: str) -> int: ...
     def close(self) -> None: ...
 
@@ -306,6 +311,11 @@ class MilvusStore:
             StoreHit(hit["id"], float(hit["distance"]), hit["entity"].get("metadata") or {})
             for hit in result[0]
         ]
+
+    def flush(self, name: str) -> None:
+        """Seal what was written so the index covers it (until then the engine scans the
+        unsealed rows exhaustively: exact, and slower as they grow)."""
+        self._call("flush", self._client.flush, name)
 
     def count(self, name: str) -> int:
         """Items in `name`."""

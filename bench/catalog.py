@@ -1,0 +1,239 @@
+"""Catalog search: recall@10 against exact cosine, query latency through the gateway,
+indexing images/s (issue 31). Writes bench/results/catalog.md.
+
+    python -m bench.catalog                   # 100k vectors (dims 64 and 512), ~10 min here
+    python -m bench.catalog --n 20000 --images 96
+
+1. The store alone (Milvus Lite's engine, the gateway's index settings): N unit vectors
+   per dimension, clustered like embeddings are (a mixture of 1,000 directions), written
+   in batches, sealed; 200 held-out queries; recall@10 of the IVF_FLAT index at several
+   nprobe values against exact cosine (numpy over all N), and the engine's own p50/p99.
+2. The gateway (`--catalog` on the same file, the demo model): the dim-64 collection is
+   made as the demo model's, so the gateway searches those N vectors. Search by vector
+   over gRPC and HTTP, and by text (embedding included); p50/p99 of one closed-loop
+   caller, with the engine's own latency above as the baseline.
+3. Indexing: the same rendered shape PNGs through CatalogAdd (embed + store) and through
+   EmbedStream (embed only), interleaved rounds; images/s of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.api.clip.v1 import clip_pb2
+from service.backends.vector_store import IndexSettings, MilvusStore, StoredItem
+from service.core.catalog import collection_name
+from service.demo.shapes import ALL_PAIRS, render
+from service.model.metadata import load_repository
+from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.milvus_lite import MilvusLite
+from tests.support.gateway import stub_for
+from tests.support.http_json import http_json
+
+RESULTS = Path(__file__).parent / "results" / "catalog.md"
+QUERIES = 200
+NPROBES = (8, 32, 128)
+
+
+def clustered(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors around 1,000 random directions (spread 0.7 per coordinate)."""
+    centres = rng.standard_normal((1000, dim)).astype(np.float32)
+    points = centres[rng.integers(0, 1000, n)] + 0.7 * rng.standard_normal((n, dim)).astype(
+        np.float32
+    )
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    return float(np.percentile(seconds, 50) * 1e3), float(np.percentile(seconds, 99) * 1e3)
+
+
+def fill(store: MilvusStore, name: str, vectors: np.ndarray, model_id: str) -> float:
+    """Write `vectors` as items 0..N-1; vectors/s (upserts of 1,000, then sealed)."""
+    store.open_collection(name, dim=vectors.shape[1], model_id=model_id)
+    started = time.perf_counter()
+    for start in range(0, len(vectors), 1000):
+        rows = [
+            StoredItem(str(i), vectors[i], {"bucket": i % 10}, "")
+            for i in range(start, min(start + 1000, len(vectors)))
+        ]
+        store.upsert(name, rows)
+    store.flush(name)
+    return len(vectors) / (time.perf_counter() - started)
+
+
+def recall_rows(
+    engine_uri: str, name: str, vectors: np.ndarray, queries: np.ndarray
+) -> list[tuple[int, float, float, float]]:
+    """(nprobe, recall@10, p50 ms, p99 ms) of the engine alone."""
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    rows = []
+    for nprobe in NPROBES:
+        store = MilvusStore(engine_uri, index=IndexSettings(nprobe=nprobe), timeout_s=120)
+        store.search(name, queries[0], 10, None)  # loads the index
+        found, seconds = 0, []
+        for query, truth in zip(queries, exact, strict=True):
+            started = time.perf_counter()
+            hits = store.search(name, query, 10, None)
+            seconds.append(time.perf_counter() - started)
+            found += len({int(h.id) for h in hits} & set(truth.tolist()))
+        store.close()
+        rows.append((nprobe, found / (10 * len(queries)), *percentiles(seconds)))
+    return rows
+
+
+def shapes_png(count: int) -> list[bytes]:
+    """`count` rendered shapes (64×64 PNG), every colour-shape pair in turn."""
+    rng = random.Random(3)
+    images = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        render(*ALL_PAIRS[i % len(ALL_PAIRS)], rng).save(buffer, "PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+async def gateway_phase(
+    repository: Path, catalog: Path, queries: np.ndarray, model_id: str, images: list[bytes]
+) -> dict[str, object]:
+    """Query latencies over gRPC and HTTP, and indexing rates, through one gateway."""
+    settings = gateway_settings(repository, catalog=str(catalog), local_cache_items=0)
+    out: dict[str, object] = {}
+    async with running_gateway(settings) as gateway, stub_for(gateway.port) as stub:
+        grpc_s, http_s, text_s = [], [], []
+        for i, query in enumerate(queries):
+            vector = clip_pb2.QueryVector(values=query.tolist(), model_id=model_id)
+            started = time.perf_counter()
+            await stub.Search(clip_pb2.SearchRequest(vector=vector, top_k=10))
+            grpc_s.append(time.perf_counter() - started)
+            body = {"vector": query.tolist(), "vector_model": model_id, "top_k": 10}
+            started = time.perf_counter()
+            status, _ = await asyncio.to_thread(http_json, gateway.http_port, "/v1/search", body)
+            http_s.append(time.perf_counter() - started)
+            assert status == 200
+            started = time.perf_counter()
+            # Distinct texts: every query is embedded (the cache is off as well).
+            await stub.Search(clip_pb2.SearchRequest(text=f"a blue star number {i}", top_k=10))
+            text_s.append(time.perf_counter() - started)
+        out["grpc_vector"] = percentiles(grpc_s)
+        out["http_vector"] = percentiles(http_s)
+        out["grpc_text"] = percentiles(text_s)
+
+        async def add(round_no: int) -> float:
+            async def items():
+                for i, image in enumerate(images):
+                    yield clip_pb2.CatalogItem(id=f"img_{round_no}_{i}", image=image)
+
+            started = time.perf_counter()
+            answers = [a async for a in stub.CatalogAdd(items())]
+            assert not [a for a in answers if a.HasField("error")]
+            return len(images) / (time.perf_counter() - started)
+
+        async def embed() -> float:
+            async def items():
+                for i, image in enumerate(images):
+                    yield clip_pb2.StreamRequest(id=str(i), image=image)
+
+            started = time.perf_counter()
+            answers = [a async for a in stub.EmbedStream(items())]
+            assert all(a.WhichOneof("result") == "embedding" for a in answers)
+            return len(images) / (time.perf_counter() - started)
+
+        add_rates, embed_rates = [], []
+        for round_no in range(3):  # interleaved: the machine's speed drifts
+            embed_rates.append(await embed())
+            add_rates.append(await add(round_no))
+        out["add_rates"], out["embed_rates"] = add_rates, embed_rates
+    return out
+
+
+def main() -> None:
+    """Run the three phases and write the report."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=100_000, help="vectors per dimension")
+    parser.add_argument("--images", type=int, default=192, help="images per indexing round")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    args = parser.parse_args()
+    metadata = load_repository(args.repository)["clip"]
+    rng = np.random.default_rng(0)
+    index = IndexSettings()
+    lines = [
+        "# Catalog search (issue 31)",
+        "",
+        f"`python -m bench.catalog --n {args.n} --images {args.images}`, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, this 2-core shared machine.",
+        f"Engine: Milvus Lite 2.5.1 (pymilvus 2.6.17), index {index.describe()}.",
+        f"Vectors: {args.n} clustered unit vectors per dimension (1,000 directions, spread "
+        f"0.7), {QUERIES} held-out queries; exact = numpy cosine over all {args.n}.",
+        "",
+    ]
+    with tempfile.TemporaryDirectory(prefix="bench-catalog-") as tmp:
+        catalog = Path(tmp) / "catalog.db"
+        demo_name = collection_name(metadata.model_id, metadata.model_name)
+        queries_64 = None
+        lines += ["| dim | write vectors/s | nprobe | recall@10 | engine p50 ms | p99 ms |"]
+        lines += ["| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        with MilvusLite(catalog) as engine:
+            for dim in (64, 512):
+                vectors = clustered(args.n + QUERIES, dim, rng)
+                data, queries = vectors[: args.n], vectors[args.n :]
+                store = MilvusStore(engine.uri, index=index, timeout_s=600)
+                # dim 64 is the demo model's own collection: the gateway searches it below.
+                name = demo_name if dim == metadata.embedding_dim else f"bench_{dim}"
+                model_id = metadata.model_id if name == demo_name else f"bench-{dim}"
+                rate = fill(store, name, data, model_id)
+                store.close()
+                print(f"dim {dim}: wrote {args.n} at {rate:.0f} vectors/s", flush=True)
+                for nprobe, recall, p50, p99 in recall_rows(engine.uri, name, data, queries):
+                    print(f"  nprobe {nprobe}: recall@10 {recall:.3f} p50 {p50:.1f} ms", flush=True)
+                    lines.append(
+                        f"| {dim} | {rate:.0f} | {nprobe} | {recall:.3f} | {p50:.1f} | {p99:.1f} |"
+                    )
+                if name == demo_name:
+                    queries_64 = queries
+        assert queries_64 is not None
+        out = asyncio.run(
+            gateway_phase(
+                args.repository, catalog, queries_64, metadata.model_id, shapes_png(args.images)
+            )
+        )
+    add, embed = np.median(out["add_rates"]), np.median(out["embed_rates"])
+    lines += [
+        "",
+        f"Through the gateway (demo model, {args.n} vectors of dim 64, nprobe {index.nprobe}, "
+        "top_k 10, one closed-loop caller):",
+        "",
+        "| query | p50 ms | p99 ms |",
+        "| --- | ---: | ---: |",
+        *(
+            f"| {label} | {out[key][0]:.1f} | {out[key][1]:.1f} |"
+            for key, label in (
+                ("grpc_vector", "gRPC Search, vector"),
+                ("http_vector", "HTTP /v1/search, vector"),
+                ("grpc_text", "gRPC Search, text (embedded per query)"),
+            )
+        ),
+        "",
+        f"Indexing {args.images} rendered 64×64 PNG shapes per round, 3 interleaved rounds "
+        "(median): CatalogAdd (embed + store) "
+        f"{add:.1f} images/s, EmbedStream (embed only) {embed:.1f} images/s, ratio "
+        f"{add / embed:.2f}. Rounds: add {json.dumps([round(r, 1) for r in out['add_rates']])}, "
+        f"embed {json.dumps([round(r, 1) for r in out['embed_rates']])}.",
+        "",
+    ]
+    RESULTS.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

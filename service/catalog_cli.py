@@ -1,0 +1,127 @@
+"""`clipsvc index DIR` and `clipsvc search TEXT`: a folder of images into a running
+gateway's catalog (`clipsvc serve --catalog ...`), and queries against it.
+
+`index` is incremental and resumable: an image's id is its path under DIR, the catalog
+keeps the SHA-256 of the bytes it embedded, and images whose stored hash equals the
+file's are not sent again; a run that was interrupted adds only what it had not stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from service.api.clip.v1 import clip_pb2
+from service.client import AsyncClipClient
+from service.client_cli import IMAGE_SUFFIXES, _common
+
+# Ids asked about in one CatalogGet (under the server's --max-items default).
+_GET_CHUNK = 256
+
+
+def _async_client(args: argparse.Namespace, timeout_s: float | None) -> AsyncClipClient:
+    ca = args.tls_ca.read_bytes() if args.tls_ca else None
+    return AsyncClipClient(
+        args.target, api_key=args.api_key, tls=args.tls, tls_ca=ca, timeout_s=timeout_s
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    root = Path(args.directory)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        print(f"no images under {root}", file=sys.stderr)
+        return 1
+    return asyncio.run(_index(args, root, files))
+
+
+async def _index(args: argparse.Namespace, root: Path, files: list[Path]) -> int:
+    ids = {path: path.relative_to(root).as_posix() for path in files}
+    errors: dict[str, str] = {}
+    added = 0
+    async with _async_client(args, args.timeout) as client:
+        with tqdm(total=len(files), unit="img", desc="indexing") as bar:
+            # Which files the catalog already holds with the same bytes: those are skipped.
+            todo: list[Path] = []
+            for start in range(0, len(files), _GET_CHUNK):
+                chunk = files[start : start + _GET_CHUNK]
+                stored = await client.catalog_get([ids[p] for p in chunk], model=args.model)
+                for path in chunk:
+                    if stored.get(ids[path]) == await asyncio.to_thread(_sha256, path):
+                        bar.update()
+                    else:
+                        todo.append(path)
+            skipped = len(files) - len(todo)
+
+            async def items() -> AsyncIterator[clip_pb2.CatalogItem]:
+                # Read lazily: the stream's flow control keeps a window of files in memory.
+                for path in todo:
+                    metadata = {"path": str(path.resolve())}
+                    yield clip_pb2.CatalogItem(
+                        id=ids[path],
+                        image=await asyncio.to_thread(path.read_bytes),
+                        metadata_json=json.dumps(metadata),
+                        model=args.model,
+                    )
+
+            async for result in client.catalog_add(items()):
+                if result.HasField("error"):
+                    errors[result.id] = f"{result.error.code}: {result.error.message}"
+                else:
+                    added += 1
+                bar.update()
+    print(f"indexed {root}: {added} added or updated, {skipped} unchanged, {len(errors)} failed")
+    for item_id, message in sorted(errors.items()):
+        print(f"  failed: {item_id}: {message}")
+    return 0 if not errors else 2
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    return asyncio.run(_search(args))
+
+
+async def _search(args: argparse.Namespace) -> int:
+    query: str | Path = Path(args.query[1:]) if args.query.startswith("@") else args.query
+    async with _async_client(args, args.timeout) as client:
+        hits = await client.search(
+            query, top_k=args.top_k, filter_json=args.filter or "", model=args.model
+        )
+    for hit in hits:
+        metadata = json.loads(hit.metadata_json) if hit.metadata_json else {}
+        print(f"{hit.score:.4f}  {metadata.get('path', hit.id)}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `index` and `search` on the `clipsvc` parser."""
+    p = sub.add_parser(
+        "index",
+        help="Add every image under a folder to the catalog (unchanged files are skipped).",
+    )
+    _common(p)
+    p.add_argument("directory")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="Search the catalog by text (or @image-file).")
+    _common(p)
+    p.add_argument("query", help="a text, or @path of an image")
+    p.add_argument("-k", "--top-k", type=int, default=10, help="how many hits")
+    p.add_argument(
+        "--filter", help='JSON object of metadata values to match, e.g. \'{"colour": "red"}\''
+    )
+    p.set_defaults(func=_cmd_search)
