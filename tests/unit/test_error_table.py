@@ -13,6 +13,7 @@ from service.errors import (
     InvalidInput,
     ModelMismatch,
     ModelNotFound,
+    NotConfigured,
     Overloaded,
     RequestTooLarge,
     Unauthenticated,
@@ -30,6 +31,7 @@ ROWS = [
     (ModelMismatch("other"), grpc.StatusCode.FAILED_PRECONDITION, 503, "service_unavailable"),
     (DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
     (BackendFailure("oops"), grpc.StatusCode.INTERNAL, 500, "server_error"),
+    (NotConfigured("no"), grpc.StatusCode.UNIMPLEMENTED, 501, "not_implemented_error"),
     (ClipError("?"), grpc.StatusCode.INTERNAL, 500, "server_error"),
     (RuntimeError("bug"), grpc.StatusCode.INTERNAL, 500, "server_error"),
 ]
