@@ -73,13 +73,18 @@ def fill(store: MilvusStore, name: str, vectors: np.ndarray, model_id: str) -> f
 
 
 def recall_rows(
-    engine_uri: str, name: str, vectors: np.ndarray, queries: np.ndarray
-) -> list[tuple[int, float, float, float]]:
-    """(nprobe, recall@10, p50 ms, p99 ms) of the engine alone."""
+    engine_uri: str, name: str, vectors: np.ndarray, queries: np.ndarray, index_type: str
+) -> list[tuple[str, float, float, float]]:
+    """(search setting, recall@10, p50 ms, p99 ms) of the engine alone."""
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     rows = []
-    for nprobe in NPROBES:
-        store = MilvusStore(engine_uri, index=IndexSettings(nprobe=nprobe), timeout_s=120)
+    settings = (
+        [(f"nprobe {n}", IndexSettings(nprobe=n)) for n in NPROBES]
+        if index_type == "IVF_FLAT"
+        else [("exact scan", IndexSettings(index_type=index_type))]
+    )
+    for label, index in settings:
+        store = MilvusStore(engine_uri, index=index, timeout_s=120)
         store.search(name, queries[0], 10, None)  # loads the index
         found, seconds = 0, []
         for query, truth in zip(queries, exact, strict=True):
@@ -88,7 +93,7 @@ def recall_rows(
             seconds.append(time.perf_counter() - started)
             found += len({int(h.id) for h in hits} & set(truth.tolist()))
         store.close()
-        rows.append((nprobe, found / (10 * len(queries)), *percentiles(seconds)))
+        rows.append((label, found / (10 * len(queries)), *percentiles(seconds)))
     return rows
 
 
@@ -165,7 +170,6 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     args = parser.parse_args()
     metadata = load_repository(args.repository)["clip"]
-    rng = np.random.default_rng(0)
     index = IndexSettings()
     lines = [
         "# Catalog search (issue 31)",
@@ -181,25 +185,38 @@ def main() -> None:
         catalog = Path(tmp) / "catalog.db"
         demo_name = collection_name(metadata.model_id, metadata.model_name)
         queries_64 = None
-        lines += ["| dim | write vectors/s | nprobe | recall@10 | engine p50 ms | p99 ms |"]
-        lines += ["| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "| dim | index | write vectors/s | search | recall@10 | engine p50 ms | p99 ms |",
+            "| ---: | --- | ---: | --- | ---: | ---: | ---: |",
+        ]
         with MilvusLite(catalog) as engine:
-            for dim in (64, 512):
+            for dim, index_type in ((64, "IVF_FLAT"), (64, "FLAT"), (512, "IVF_FLAT")):
+                rng = np.random.default_rng(dim)  # the same vectors for both indexes of a dim
                 vectors = clustered(args.n + QUERIES, dim, rng)
                 data, queries = vectors[: args.n], vectors[args.n :]
-                store = MilvusStore(engine.uri, index=index, timeout_s=600)
-                # dim 64 is the demo model's own collection: the gateway searches it below.
-                name = demo_name if dim == metadata.embedding_dim else f"bench_{dim}"
-                model_id = metadata.model_id if name == demo_name else f"bench-{dim}"
-                rate = fill(store, name, data, model_id)
+                # As the gateway writes to its embedded engine (sole writer: new ids inserted).
+                store = MilvusStore(
+                    engine.uri,
+                    index=IndexSettings(index_type=index_type),
+                    timeout_s=600,
+                    sole_writer=True,
+                )
+                # The demo model's own collection (dim 64, the gateway's default index) is
+                # searched through the gateway below.
+                own = dim == metadata.embedding_dim and index_type == index.index_type
+                name = demo_name if own else f"bench_{dim}_{index_type.lower()}"
+                rate = fill(store, name, data, metadata.model_id if own else name)
                 store.close()
-                print(f"dim {dim}: wrote {args.n} at {rate:.0f} vectors/s", flush=True)
-                for nprobe, recall, p50, p99 in recall_rows(engine.uri, name, data, queries):
-                    print(f"  nprobe {nprobe}: recall@10 {recall:.3f} p50 {p50:.1f} ms", flush=True)
+                print(f"dim {dim} {index_type}: wrote {args.n} at {rate:.0f}/s", flush=True)
+                for label, recall, p50, p99 in recall_rows(
+                    engine.uri, name, data, queries, index_type
+                ):
+                    print(f"  {label}: recall@10 {recall:.3f} p50 {p50:.1f} ms", flush=True)
                     lines.append(
-                        f"| {dim} | {rate:.0f} | {nprobe} | {recall:.3f} | {p50:.1f} | {p99:.1f} |"
+                        f"| {dim} | {index_type} | {rate:.0f} | {label} | {recall:.3f} "
+                        f"| {p50:.1f} | {p99:.1f} |"
                     )
-                if name == demo_name:
+                if own:
                     queries_64 = queries
         assert queries_64 is not None
         out = asyncio.run(

@@ -220,7 +220,12 @@ def build_catalog(settings: Settings, models: ModelRegistry) -> tuple[Catalog, C
     )
     try:
         store = MilvusStore(
-            uri, token=settings.catalog_token, index=index, timeout_s=settings.backend_timeout_s
+            uri,
+            token=settings.catalog_token,
+            index=index,
+            timeout_s=settings.backend_timeout_s,
+            # The embedded engine's file lock admits one gateway: the only writer.
+            sole_writer=engine is not None,
         )
     except BaseException:
         if engine is not None:
