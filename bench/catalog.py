@@ -176,7 +176,8 @@ def main() -> None:
         "",
         f"`python -m bench.catalog --n {args.n} --images {args.images}`, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, this 2-core shared machine.",
-        f"Engine: Milvus Lite 2.5.1 (pymilvus 2.6.17), index {index.describe()}.",
+        "Engine: Milvus Lite 2.5.1 (pymilvus 2.6.17); the gateway's default index: "
+        f"{index.describe()}.",
         f"Vectors: {args.n} clustered unit vectors per dimension (1,000 directions, spread "
         f"0.7), {QUERIES} held-out queries; exact = numpy cosine over all {args.n}.",
         "",
@@ -205,7 +206,7 @@ def main() -> None:
                 # searched through the gateway below.
                 own = dim == metadata.embedding_dim and index_type == index.index_type
                 name = demo_name if own else f"bench_{dim}_{index_type.lower()}"
-                rate = fill(store, name, data, metadata.model_id if own else name)
+                rate = fill(store, name, data, metadata.model_id if own else f"bench/{name}")
                 store.close()
                 print(f"dim {dim} {index_type}: wrote {args.n} at {rate:.0f}/s", flush=True)
                 for label, recall, p50, p99 in recall_rows(
@@ -227,8 +228,8 @@ def main() -> None:
     add, embed = np.median(out["add_rates"]), np.median(out["embed_rates"])
     lines += [
         "",
-        f"Through the gateway (demo model, {args.n} vectors of dim 64, nprobe {index.nprobe}, "
-        "top_k 10, one closed-loop caller):",
+        f"Through the gateway (demo model, {args.n} vectors of dim 64, index "
+        f"{index.describe()}, top_k 10, one closed-loop caller):",
         "",
         "| query | p50 ms | p99 ms |",
         "| --- | ---: | ---: |",

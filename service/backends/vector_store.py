@@ -44,14 +44,14 @@ _MAX_FILTER_VALUES = 256
 _MAX_FILTER_STRING = 256
 # Index types Milvus Lite builds (it refuses the others: "local mode only support FLAT
 # IVF_FLAT AUTOINDEX"); a Milvus server also builds HNSW.
-INDEX_TYPES = ("IVF_FLAT", "FLAT", "AUTOINDEX", "HNSW")
+INDEX_TYPES = ("FLAT", "IVF_FLAT", "AUTOINDEX", "HNSW")
 
 
 @dataclass(frozen=True)
 class IndexSettings:
     """How item collections are indexed and searched (COSINE always)."""
 
-    index_type: str = "IVF_FLAT"
+    index_type: str = "FLAT"
     #: IVF_FLAT: lists (clusters) the vectors are split into.
     nlist: int = 1024
     #: IVF_FLAT: lists searched per query (recall against speed).

@@ -33,7 +33,7 @@ from service.backends.vector_store import MAX_ID_CHARS, StoredItem, StoreHit, Ve
 from service.core.embedder import Embedder
 from service.core.models import ModelRegistry
 from service.core.validation import check_count
-from service.errors import InvalidInput, NotConfigured
+from service.errors import BackendFailure, InvalidInput, NotConfigured
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -184,6 +184,9 @@ class Catalog:
     async def _write(self, collection: str, item: StoredItem) -> None:
         if self._pending is None:
             raise NotConfigured("the catalog is not open")
+        if self._writer is None or self._writer.done():
+            # A bug ended the writer: say so instead of waiting for it for ever.
+            raise BackendFailure("the catalog's writer stopped", source="the catalog writer")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.put_nowait((collection, item, done))
         await done

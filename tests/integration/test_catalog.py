@@ -132,18 +132,21 @@ async def test_an_image_query_and_a_vector_query_agree_with_exact_cosine(served:
 
 async def test_re_adding_replaces_and_never_duplicates(served: Served) -> None:
     items = _shape_items()[:4]
-    changed = clip_pb2.CatalogItem(
-        id=items[0].id, image=items[0].image, metadata_json=json.dumps({"colour": "relabelled"})
-    )
-    answers = await _add(served.gateway, [*items, changed])
+    answers = await _add(served.gateway, items)
     assert all(not a.HasField("error") for a in answers)
+    changed = clip_pb2.CatalogItem(
+        id=items[0].id, text="a relabelled shape", metadata_json=json.dumps({"colour": "x"})
+    )
+    [answer] = await _add(served.gateway, [changed])
+    assert not answer.HasField("error")
     hits = await _search(served.gateway, text="a shape", top_k=1000)
     ids = [h.id for h in hits]
     assert len(ids) == len(set(ids)) == len(PAIRS) * PER_PAIR
     async with stub_for(served.gateway.port) as stub:
         got = await stub.CatalogGet(clip_pb2.CatalogGetRequest(ids=[items[0].id]))
-    # Within one stream the later message for an id is the one kept.
-    assert json.loads(got.entries[0].metadata_json) == {"colour": "relabelled"}
+    # The later add replaced the item: its metadata and what was embedded.
+    assert json.loads(got.entries[0].metadata_json) == {"colour": "x"}
+    assert got.entries[0].content_sha256 == answer.content_sha256 != answers[0].content_sha256
     await _add(served.gateway, _shape_items()[:1])  # restore
 
 
