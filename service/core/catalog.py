@@ -241,6 +241,11 @@ class Catalog:
         self._check_ids(ids)
         return await self._run(lambda: self._store.get(collection, list(ids)))
 
+    async def count(self, model_name: str) -> int:
+        """Items stored in `model_name`'s collection (each id once, by the engine's count)."""
+        collection = self._collection(model_name)
+        return await self._run(lambda: self._store.count(collection))
+
     def _check_ids(self, ids: Sequence[str]) -> None:
         check_count(len(ids), "ids", self.limits.max_ids)
         for index, item_id in enumerate(ids):

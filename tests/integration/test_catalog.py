@@ -142,6 +142,9 @@ async def test_re_adding_replaces_and_never_duplicates(served: Served) -> None:
     hits = await _search(served.gateway, text="a shape", top_k=1000)
     ids = [h.id for h in hits]
     assert len(ids) == len(set(ids)) == len(PAIRS) * PER_PAIR
+    # Searches hide repeated ids (the engine keeps the newest row per id): count the rows.
+    assert served.gateway.catalog is not None
+    assert await served.gateway.catalog.count("") == len(PAIRS) * PER_PAIR
     async with stub_for(served.gateway.port) as stub:
         got = await stub.CatalogGet(clip_pb2.CatalogGetRequest(ids=[items[0].id]))
     # The later add replaced the item: its metadata and what was embedded.
