@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from service.api.clip.v1 import clip_pb2
-from service.backends.vector_store import IndexSettings, MilvusStore, StoredItem
+from service.backends.milvus_store import MilvusStore
+from service.backends.vector_store import IndexSettings, StoredItem
 from service.core.catalog import collection_name
 from service.demo.shapes import ALL_PAIRS, render
 from service.model.metadata import load_repository

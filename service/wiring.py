@@ -200,7 +200,8 @@ def is_catalog_server(uri: str) -> bool:
 def build_catalog(settings: Settings, models: ModelRegistry) -> tuple[Catalog, Callable[[], None]]:
     """The catalog `--catalog` names (the embedded engine started now), and how to stop
     what was started."""
-    from service.backends.vector_store import IndexSettings, MilvusStore
+    from service.backends.milvus_store import MilvusStore
+    from service.backends.vector_store import IndexSettings
 
     engine = None
     uri = settings.catalog

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from service.api.clip.v1 import clip_pb2
-from service.backends.vector_store import IndexSettings, MilvusStore
+from service.backends.milvus_store import MilvusStore
+from service.backends.vector_store import IndexSettings
 from service.core.catalog import collection_name
 from service.demo.images import write_demo_images
 from service.demo.shapes import render
