@@ -143,6 +143,7 @@ def build_embedder(
             decode_threads=settings.decode_threads or usable_cpus(),
             decode_budget_pixels=settings.decode_budget_pixels,
             exif_transpose=settings.exif_transpose,
+            fast_jpeg=settings.fast_jpeg,
             text_length_buckets=settings.text_length_buckets,
         ),
     )

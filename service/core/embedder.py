@@ -27,7 +27,10 @@ from service.core.image_preprocess import (
     PREPROCESS_VERSION,
     ImageLimits,
     ImageSpec,
+    PresizedPixels,
+    check_pixels,
     preprocess_image_bytes,
+    unpack_pixels,
 )
 from service.core.scoring import ensemble, prompts
 from service.core.single_flight import Abandoned, SingleFlight
@@ -69,6 +72,8 @@ class EmbedderOptions:
     #: None: decodes are bounded by the thread count only.
     decode_budget_pixels: int | None
     text_length_buckets: tuple[int, ...]
+    #: Decode large JPEGs at a reduced size (`ImageSpec.fast_jpeg`); not bit-identical.
+    fast_jpeg: bool = False
 
 
 class Embedder:
@@ -98,14 +103,23 @@ class Embedder:
         # The model's own tokenizer and padding rule (CLIP BPE trimmed to buckets, or a HF
         # tokenizer from the repository padded to the full context, ...).
         self.tokenizer = build_tokenizer(metadata, options.text_length_buckets)
-        self._image_spec = ImageSpec(metadata.image_size, metadata.interpolation)
+        self._image_spec = ImageSpec(
+            metadata.image_size, metadata.interpolation, fast_jpeg=options.fast_jpeg
+        )
         self._image_limits = ImageLimits(
             limits.max_image_bytes, limits.max_image_pixels, options.exif_transpose
         )
+        #: Whether images are rotated by EXIF (what a client making pixels must do too).
+        self.exif_transpose = options.exif_transpose
         exif = "exif" if options.exif_transpose else "raw"
         self._image_fingerprint = (
             f"pp{PREPROCESS_VERSION}/{metadata.image_size}/{metadata.interpolation}/{exif}"
+            + ("/fastjpeg" if options.fast_jpeg else "")
         )
+        # Pre-sized pixels are the prepared input itself: their key depends on nothing
+        # but the size (and the model id), and their own kind keeps them apart from keys
+        # of encoded bytes.
+        self._pixels_fingerprint = f"px/{metadata.image_size}"
         self._decode_pool = ThreadPoolExecutor(
             max_workers=options.decode_threads, thread_name_prefix="decode"
         )
@@ -196,15 +210,33 @@ class Embedder:
         fingerprint = self.tokenizer.fingerprint
         return fingerprint if language is None else f"{fingerprint}/lang={language}"
 
-    async def embed_images(
-        self, images: Sequence[bytes], *, timeout_s: float | None = None, field: str = "images"
-    ) -> list[EmbeddingResult]:
-        """Vectors for encoded `images`, in order; refuses the first bad image by index."""
+    def check_images(self, images: Sequence[bytes | PresizedPixels], field: str = "images") -> None:
+        """Count and sizes of an image batch before any work: encoded bytes within the
+        byte limit, pre-sized pixels exactly this model's S·S·3 bytes."""
         validation.check_image_sizes(images, self.limits, field)
-        keys = [
-            embedding_key(self.model_id, "image", image, self._image_fingerprint)
-            for image in images
-        ]
+        for index, image in enumerate(images):
+            if isinstance(image, PresizedPixels):
+                try:
+                    check_pixels(image, self.metadata.image_size)
+                except InvalidInput as exc:
+                    raise InvalidInput(exc.reason, field=field, index=index) from None
+
+    def _image_key(self, image: bytes | PresizedPixels) -> str:
+        if isinstance(image, PresizedPixels):
+            return embedding_key(self.model_id, "pixels", image.data, self._pixels_fingerprint)
+        return embedding_key(self.model_id, "image", image, self._image_fingerprint)
+
+    async def embed_images(
+        self,
+        images: Sequence[bytes | PresizedPixels],
+        *,
+        timeout_s: float | None = None,
+        field: str = "images",
+    ) -> list[EmbeddingResult]:
+        """Vectors for encoded `images` or pre-sized pixels (they may mix), in order;
+        refuses the first bad image by index."""
+        self.check_images(images, field)
+        keys = [self._image_key(image) for image in images]
         return await self._embed(
             "image",
             keys,
@@ -447,18 +479,31 @@ class Embedder:
             for v, t in zip(vectors, tokens, strict=True)
         ]
 
-    async def _prepare_images(self, images: Sequence[bytes], indices: list[int], field: str) -> Run:
+    async def _prepare_images(
+        self, images: Sequence[bytes | PresizedPixels], indices: list[int], field: str
+    ) -> Run:
         loop = asyncio.get_running_loop()
+        size = self.metadata.image_size
+        # Pre-sized pixels are only viewed as [3,S,S] (no copy, no thread, no task: at
+        # GPU rates a task per image is a measurable share of the gateway's CPU).
+        encoded = [i for i in indices if not isinstance(images[i], PresizedPixels)]
         decoded = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._decode, images[i]) for i in indices),
+            *(loop.run_in_executor(self._decode_pool, self._decode, images[i]) for i in encoded),
             return_exceptions=True,
         )
-        for i, result in zip(indices, decoded, strict=True):
+        by_index = dict(zip(encoded, decoded, strict=True))
+        arrays: list[np.ndarray] = []
+        for i in indices:
+            image = images[i]
+            result = (
+                unpack_pixels(image, size) if isinstance(image, PresizedPixels) else by_index[i]
+            )
             if isinstance(result, InvalidInput):
                 raise InvalidInput(result.reason, field=field, index=i)
             if isinstance(result, BaseException):
                 raise result
-        pixels = np.stack(decoded)  # type: ignore[arg-type]
+            arrays.append(result)
+        pixels = np.stack(arrays)
 
         async def run(timeout_s: float | None) -> list[EmbeddingResult]:
             out = await self._backend.embed_images(pixels, timeout_s=timeout_s)

@@ -4,6 +4,14 @@ open_clip's preprocess is: Resize(S, bicubic) on the shortest side, CenterCrop(S
 convert to RGB, ToTensor, Normalize. We do the PIL half here (decode, resize, crop,
 RGB) and leave /255 and mean/std to the exported graph, so the result is
 bit-identical to open_clip's while the wire carries 4× fewer bytes than float32.
+
+Two ways around the decode, both chosen by the caller or the operator:
+- `PresizedPixels`: a client ran this very module itself (`image_pixels`) and sends the
+  model's S×S RGB pixels; the gateway checks their length and decodes nothing.
+- `ImageSpec.fast_jpeg`: large JPEGs are decoded at a reduced size by libjpeg's DCT
+  scaling (`draft`), never below 2× the model's size, before the same resize and crop.
+  Not open_clip's result bit for bit (bench/results/gateway-cpu.md gives the measured
+  cosine); off by default.
 """
 
 from __future__ import annotations
@@ -44,6 +52,52 @@ class ImageSpec:
 
     image_size: int
     interpolation: str = "bicubic"
+    #: Decode large JPEGs at a reduced size first (`draft`): faster, not bit-identical.
+    fast_jpeg: bool = False
+
+
+@dataclass(frozen=True)
+class PresizedPixels:
+    """An image its caller already preprocessed with `image_pixels`: the model's input
+    tensor `uint8 [3, S, S]` as raw bytes, planar (the S×S red plane row by row, then
+    green, then blue); exactly S·S·3 bytes.
+
+    Planar, not interleaved (R, G, B per pixel as PIL and numpy images lay them out):
+    it is the layout the graph takes, so the gateway reshapes without a copy; an
+    interleaved wire cost it a transpose of ~0.2 ms per 224×224 image, measured.
+    """
+
+    data: bytes
+
+
+def pixels_length(image_size: int) -> int:
+    """The exact byte length of `PresizedPixels` for a model of this image size."""
+    return image_size * image_size * 3
+
+
+def check_pixels(pixels: PresizedPixels, image_size: int) -> None:
+    """InvalidInput unless `pixels` holds exactly S·S·3 bytes (nothing else can be checked:
+    every byte value is a valid pixel)."""
+    expected = pixels_length(image_size)
+    if len(pixels.data) != expected:
+        raise InvalidInput(
+            f"pixels are {len(pixels.data)} bytes; this model takes {image_size}x{image_size} "
+            f"RGB uint8 pixels = {expected} bytes (ModelInfo.image_size = {image_size}), "
+            "or send the encoded image instead"
+        )
+
+
+def unpack_pixels(pixels: PresizedPixels, image_size: int) -> np.ndarray:
+    """Checked `PresizedPixels` → `uint8 [3,S,S]`, the tensor `preprocess_image_bytes` makes
+    (a read-only view of the bytes: nothing is copied)."""
+    check_pixels(pixels, image_size)
+    return np.frombuffer(pixels.data, dtype=np.uint8).reshape(3, image_size, image_size)
+
+
+def image_pixels(image_bytes: bytes, spec: ImageSpec, limits: ImageLimits) -> bytes:
+    """Encoded image → the bytes of its `PresizedPixels`, by the gateway's own path
+    (`preprocess_image_bytes`), so the vector equals the one of the encoded image."""
+    return preprocess_image_bytes(image_bytes, spec, limits).tobytes()
 
 
 @dataclass(frozen=True)
@@ -196,6 +250,24 @@ def _resize_crop_rgb(image: Image.Image, size: int, resample: Image.Resampling) 
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
+def _draft_large_jpeg(image: Image.Image, size: int) -> None:
+    """Let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (its DCT scaling), the
+    smallest that keeps the short side at least 2 × `size`; other images are untouched.
+
+    Pillow's `draft` picks the largest scale s in (8, 4, 2, 1) with s ≤ w // req_w and
+    s ≤ h // req_h, and decodes ceil(w / s) × ceil(h / s): asking for a short side of
+    exactly 2 × `size` keeps ceil(short / s) ≥ 2 × `size`.
+    """
+    if (image.format or "").upper() not in ("JPEG", "MPO"):
+        return
+    width, height = image.size
+    short = min(width, height)
+    floor = 2 * size
+    if short < 2 * floor:  # not even a 1/2 scale would stay above the floor
+        return
+    image.draft(image.mode, (width * floor // short, height * floor // short))
+
+
 def preprocess_image_bytes(
     image_bytes: bytes,
     spec: ImageSpec,
@@ -208,7 +280,9 @@ def preprocess_image_bytes(
     decodes together may hold, so N large images cannot pass the memory bound.
     """
     image = _read_header(image_bytes, limits)
-    width, height = image.size
+    if spec.fast_jpeg:
+        _draft_large_jpeg(image, spec.image_size)
+    width, height = image.size  # after a draft: the reduced canvas, all that is decoded
     with budget.hold(width * height) if budget is not None else contextlib.nullcontext():
         image = _load_first_frame(image, limits)
         try:

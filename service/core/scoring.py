@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.core import validation
+from service.core.image_preprocess import PresizedPixels
 from service.errors import InvalidInput
 
 if TYPE_CHECKING:
     from service.core.embedder import Embedder, EmbeddingResult
 
-#: One Similarity item: a text, or the bytes of an encoded image.
-Item = str | bytes
+#: One Similarity item: a text, the bytes of an encoded image, or pre-sized pixels.
+Item = str | bytes | PresizedPixels
 
 #: CLIP's ensemble when a caller gives none: the 7 templates the CLIP authors found to
 #: work best on ImageNet, plus the plain "a photo of a {}." prompt.
@@ -132,7 +133,7 @@ class Scorer:
 
     async def classify(
         self,
-        images: Sequence[bytes],
+        images: Sequence[bytes | PresizedPixels],
         labels: Sequence[str],
         templates: Sequence[str],
         top_k: int,
@@ -176,7 +177,10 @@ class Scorer:
         text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
         image_at = [i for i, item in enumerate(items) if not isinstance(item, str)]
         texts = [str(items[i]) for i in text_at]
-        images = [bytes(items[i]) for i in image_at]
+        images = [
+            image if isinstance(image := items[i], PresizedPixels) else bytes(image)
+            for i in image_at
+        ]
         embedder = self._embedder
         try:
             text_vecs, image_vecs = await _gather_failing_fast(

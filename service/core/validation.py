@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.core.image_preprocess import PresizedPixels
 from service.errors import InvalidInput
 
 
@@ -58,17 +59,22 @@ def check_text(text: str, limits: Limits, field: str = "texts", index: int | Non
         )
 
 
-def check_image_sizes(images: Sequence[bytes], limits: Limits, field: str = "images") -> None:
-    """Count, emptiness and byte size of an image batch, before any decoding."""
+def check_image_sizes(
+    images: Sequence[bytes | PresizedPixels], limits: Limits, field: str = "images"
+) -> None:
+    """Count, emptiness and byte size of an image batch, before any decoding (the exact
+    length of pre-sized pixels depends on the model: `image_preprocess.check_pixels`)."""
     check_count(len(images), field, limits.max_items)
     for index, image in enumerate(images):
         check_image_size(image, limits, field, index)
 
 
 def check_image_size(
-    image: bytes, limits: Limits, field: str = "images", index: int | None = None
+    image: bytes | PresizedPixels, limits: Limits, field: str = "images", index: int | None = None
 ) -> None:
-    """One encoded image: not empty, not over the byte limit."""
+    """One encoded image (or pre-sized pixels): not empty, not over the byte limit."""
+    if isinstance(image, PresizedPixels):
+        return  # exactly S·S·3 bytes, which only the model knows (`Embedder.check_images`)
     if not image:
         raise InvalidInput("image is empty (0 bytes)", field=field, index=index)
     if len(image) > limits.max_image_bytes:

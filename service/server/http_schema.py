@@ -5,9 +5,9 @@ and what to send instead, so the error table answers it as 400 like any bad inpu
 
 `POST /v1/embeddings` follows OpenAI's request (`model`, `input`, `encoding_format`,
 `dimensions`, `user`); `input` is a string, a list of strings, or a list of objects
-`{"text": ...}` / `{"image": <base64 or data: URI>}` (Jina's multimodal convention),
-which may mix. Every body may name a `language` for towers that take one (NLLB), as the
-gRPC requests do.
+`{"text": ...}` / `{"image": <base64 or data: URI>}` (Jina's multimodal convention) /
+`{"pixels": <base64 of the model's S×S RGB uint8 pixels>}`, which may mix. Every body
+may name a `language` for towers that take one (NLLB), as the gRPC requests do.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from service.core import vector_formats
+from service.core.image_preprocess import PresizedPixels
 from service.errors import InvalidInput
 
-#: One input: a text, or the bytes of an encoded image.
-Item = str | bytes
+#: One input: a text, the bytes of an encoded image, or pre-sized pixels.
+Item = str | bytes | PresizedPixels
 #: OpenAI's two, then the compact ones (integers in the JSON list; `vector_formats`).
 ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
 
@@ -46,7 +47,7 @@ class ClassifyRequest:
     """A parsed `POST /v1/classify` body (the fields of `ClassifyRequest` in the proto)."""
 
     model: str
-    images: list[bytes]
+    images: list[bytes | PresizedPixels]
     labels: list[str]
     templates: list[str]
     top_k: int
@@ -124,8 +125,11 @@ def _item(value: Any, field: str, index: int) -> Item:
             return str(value["text"])
         if keys == {"image"}:
             return decode_image(value["image"], field, index)
+        if keys == {"pixels"}:
+            return PresizedPixels(decode_image(value["pixels"], field, index))
         raise InvalidInput(
-            'an object input is {"text": "..."} or {"image": "<base64 or data: URI>"}, '
+            'an object input is {"text": "..."}, {"image": "<base64 or data: URI>"} or '
+            '{"pixels": "<base64 of S*S*3 RGB bytes>"}, '
             f"not one with the keys {sorted(value)}",
             field=field,
             index=index,
@@ -217,12 +221,23 @@ def parse_classify(body: Mapping[str, Any]) -> ClassifyRequest:
         raise InvalidInput(
             f"must be a list of base64 strings, not {_kind(images_raw)}", field="images"
         )
+    # Or `pixels`: base64 of pre-sized pixels (the gRPC ClassifyRequest.pixels).
+    pixels_raw = body.get("pixels") or []
+    if not isinstance(pixels_raw, list) or (pixels_raw and images_raw):
+        raise InvalidInput(
+            "must be a list of base64 strings, sent instead of images (not with them)",
+            field="pixels",
+        )
     top_k = body.get("top_k") or 0
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise InvalidInput(f"must be an integer, not {top_k!r}", field="top_k")
+    images: list[bytes | PresizedPixels] = [
+        decode_image(v, "images", i) for i, v in enumerate(images_raw)
+    ]
+    images += [PresizedPixels(decode_image(v, "pixels", i)) for i, v in enumerate(pixels_raw)]
     return ClassifyRequest(
         model=_model(body),
-        images=[decode_image(v, "images", i) for i, v in enumerate(images_raw)],
+        images=images,
         labels=_strings(body, "labels"),
         templates=_strings(body, "templates"),
         top_k=top_k,

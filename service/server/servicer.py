@@ -16,6 +16,7 @@ from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core import vector_formats
 from service.core.catalog import Catalog
 from service.core.embedder import EmbeddingResult
+from service.core.image_preprocess import PresizedPixels
 from service.core.models import ModelRegistry, ServedModel
 from service.core.scoring import Item
 from service.errors import InvalidInput, Overloaded
@@ -54,6 +55,17 @@ def _vector_message(item: EmbeddingResult, fmt: int) -> clip_pb2.Embedding:
     else:
         message.values.extend(vec.tolist())
     return message
+
+
+def _images(images: Sequence[bytes], pixels: Sequence[bytes]) -> list[bytes | PresizedPixels]:
+    """A request's `images` or its pre-sized `pixels` (one of the two, never both)."""
+    if images and pixels:
+        raise InvalidInput(
+            f"the request carries both images ({len(images)}) and pixels ({len(pixels)}); "
+            "send one kind per request",
+            field="pixels",
+        )
+    return [PresizedPixels(p) for p in pixels] if pixels else list(images)
 
 
 def _check_format(fmt: int) -> int:
@@ -117,9 +129,11 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
         self, request: clip_pb2.EmbedImageRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
         model = self._models.get(request.model)
-        return await self._embed(
-            model, model.embedder.embed_images, list(request.images), request.format, context
+        images = _images(request.images, request.pixels)
+        embed = functools.partial(
+            model.embedder.embed_images, field="pixels" if request.pixels else "images"
         )
+        return await self._embed(model, embed, images, request.format, context)
 
     async def _embed(
         self,
@@ -164,9 +178,10 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
         k = len(request.labels) if request.top_k <= 0 else min(request.top_k, len(request.labels))
         longest = sorted((len(label.encode()) for label in request.labels), reverse=True)[:k]
         per_image = sum(longest) + k * _PER_LABEL_OVERHEAD
-        self._check_answer_size(len(request.images) * per_image, f"{k} labels per image")
+        images = _images(request.images, request.pixels)
+        self._check_answer_size(len(images) * per_image, f"{k} labels per image")
         results = await model.scorer.classify(
-            list(request.images),
+            images,
             list(request.labels),
             list(request.templates),
             request.top_k,
@@ -253,9 +268,10 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
                 items = await embedder.embed_texts(
                     [request.text], timeout_s=timeout, language=request.language or None
                 )
-            elif kind == "image":
+            elif kind in ("image", "pixels"):
                 embedder.check_language(request.language)
-                items = await embedder.embed_images([request.image], timeout_s=timeout)
+                image = request.image if kind == "image" else PresizedPixels(request.pixels)
+                items = await embedder.embed_images([image], timeout_s=timeout)
             else:
                 raise InvalidInput("message has neither text nor image set")
             return clip_pb2.StreamResponse(id=item_id, embedding=_vector_message(items[0], fmt))
@@ -286,15 +302,24 @@ def model_info(model: ServedModel) -> clip_pb2.ModelInfo:
         languages=list(meta.languages),
         default_language=meta.language or "",
         tokenizer=meta.tokenizer,
+        accepts_pixels=True,
+        image_interpolation=meta.interpolation,
+        exif_transpose=model.embedder.exif_transpose,
     )
 
 
 def _items(items: Sequence[clip_pb2.Item], field: str) -> list[Item]:
-    """Proto `Item`s → texts (str) and image bytes, refusing items with neither set."""
+    """Proto `Item`s → texts (str), image bytes and pre-sized pixels, refusing items with
+    none set."""
     out: list[Item] = []
     for index, item in enumerate(items):
         kind = item.WhichOneof("kind")
         if kind is None:
             raise InvalidInput("item has neither text nor image set", field=field, index=index)
-        out.append(item.text if kind == "text" else item.image)
+        if kind == "text":
+            out.append(item.text)
+        elif kind == "pixels":
+            out.append(PresizedPixels(item.pixels))
+        else:
+            out.append(item.image)
     return out

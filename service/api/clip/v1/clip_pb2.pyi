@@ -37,14 +37,16 @@ class EmbedTextRequest(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
-    __slots__ = ("images", "format", "model")
+    __slots__ = ("images", "pixels", "format", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
+    pixels: _containers.RepeatedScalarFieldContainer[bytes]
     format: VectorFormat
     model: str
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values", "packed", "truncated", "cached", "dim", "format")
@@ -71,12 +73,14 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("text", "image")
+    __slots__ = ("text", "image", "pixels")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     text: str
     image: bytes
-    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
+    pixels: bytes
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., pixels: _Optional[bytes] = ...) -> None: ...
 
 class SimilarityRequest(_message.Message):
     __slots__ = ("queries", "candidates", "model", "language")
@@ -107,20 +111,22 @@ class SimilarityResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("images", "labels", "templates", "top_k", "model", "language")
+    __slots__ = ("images", "pixels", "labels", "templates", "top_k", "model", "language")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
+    pixels: _containers.RepeatedScalarFieldContainer[bytes]
     labels: _containers.RepeatedScalarFieldContainer[str]
     templates: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     model: str
     language: str
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability", "score")
@@ -153,7 +159,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "logit_scale", "backend", "model_id", "weights_sha256", "logit_bias", "score_function", "languages", "default_language", "tokenizer", "name")
+    __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "logit_scale", "backend", "model_id", "weights_sha256", "logit_bias", "score_function", "languages", "default_language", "tokenizer", "name", "accepts_pixels", "image_interpolation", "exif_transpose")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +175,9 @@ class ModelInfo(_message.Message):
     DEFAULT_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INTERPOLATION_FIELD_NUMBER: _ClassVar[int]
+    EXIF_TRANSPOSE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     pretrained: str
     embedding_dim: int
@@ -184,7 +193,10 @@ class ModelInfo(_message.Message):
     default_language: str
     tokenizer: str
     name: str
-    def __init__(self, model_name: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., backend: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., logit_bias: _Optional[float] = ..., score_function: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ..., default_language: _Optional[str] = ..., tokenizer: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    accepts_pixels: bool
+    image_interpolation: str
+    exif_transpose: bool
+    def __init__(self, model_name: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., backend: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., logit_bias: _Optional[float] = ..., score_function: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ..., default_language: _Optional[str] = ..., tokenizer: _Optional[str] = ..., name: _Optional[str] = ..., accepts_pixels: _Optional[bool] = ..., image_interpolation: _Optional[str] = ..., exif_transpose: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -197,20 +209,22 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("id", "text", "image", "format", "model", "language")
+    __slots__ = ("id", "text", "image", "pixels", "format", "model", "language")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     image: bytes
+    pixels: bytes
     format: VectorFormat
     model: str
     language: str
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., pixels: _Optional[bytes] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")
