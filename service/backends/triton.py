@@ -1,4 +1,4 @@
-"""The Triton backend: both encoders behind a Triton Inference Server, over gRPC.
+"""The Triton backend: both encoders behind one or more Triton Inference Servers, over gRPC.
 
 Triton does the batching (its dynamic batcher merges concurrent requests), so each
 call here is one `ModelInfer` per chunk of at most the model's `max_batch_size`.
@@ -7,33 +7,45 @@ own queue timeout (the request's `timeout`, allowed by the configs'
 `allow_timeout_override`), so work is not left waiting in Triton's queue after the
 caller has given up.
 
-Errors become `service.errors` types. After Triton restarts, the gRPC channel may sit
-in reconnect backoff and fail calls for a while; a channel that reported the server
+**Replicas.** The target's addresses are resolved here, not by gRPC's balancer:
+`ipv4:a:p,b:p` and `ipv6:[a]:p,[b]:p` name them, a `dns:` name is looked up again every
+`_DNS_REFRESH_S` (a headless Service's addresses change with scale-ups), and a plain
+host:port is one replica. Each address gets a channel of its own, with its own
+identity check, readiness and health, and each call goes to the next replica (round
+robin) that is verified and serving. gRPC's `round_robin` over the whole set could not
+promise that: it picks among addresses nobody checked.
+
+**Model identity, per replica.** Given the identity the gateway's metadata describes
+(`expected_model_id`, `expected_weights_sha256`), no inference is sent to an address
+until both model configs read on that address's own connection carry that identity
+(the `parameters` that `clipsvc export` stamps). An address whose configs say
+otherwise is left out (and re-read at most every `_IDENTITY_RECHECK_S`); while no
+address serves the expected model, calls fail with ModelMismatch. The check is read
+again on every `ready()` probe, after the address was unreachable, and whenever its
+channel reconnects (a watcher follows its connectivity): a restarted Triton may serve
+another model, and gRPC reconnects without failing a single call. A result whose
+connection changed while it was computed is returned only after that address was
+checked again; otherwise it is dropped and the call goes to another replica.
+
+**Drains.** Embedding is idempotent: a call that finds its replica gone (UNAVAILABLE,
+the connection closed mid-call, a model unloading, Triton saying it is not ready) is
+tried again on another verified replica within the caller's deadline, and that replica
+gets no new calls until a probe finds it ready and verified again. Triton's readiness
+turns false as soon as it gets SIGTERM, so a draining replica is left out from the next
+probe on (`ready()`, about once a second from the gateway's health loop), and calls
+cost nothing while it finishes what it has. Probes run on the replica's own channel:
+the rotation is ours and moves only when a call is placed, so probes cannot shift it
+(with gRPC's balancer they once sent every sequential call to the same replica), and a
+probe's identity check holds for the very connection inference uses.
+
+Errors become `service.errors` types. After Triton restarts, a gRPC channel may sit in
+reconnect backoff and fail calls for a while; a channel that reported its server
 unreachable is therefore replaced by a fresh one (at most every
 `_RECREATE_INTERVAL_S`), which connects at the next call. A channel can also die
 silently (a node that stopped answering without closing its connections): keepalive
 pings find that out, and so does a passed deadline, but only one that nothing else on
 that channel answered since, and only once a cheap liveness call on it has gone
 unanswered too, so that one slow call does not make everyone reconnect.
-
-**Model identity.** Given the identity the gateway's metadata describes
-(`expected_model_id`, `expected_weights_sha256`), no vector is returned until both
-model configs on Triton carry the same identity (the `parameters` that `clipsvc
-export` stamps). The configs are read again on every `ready()` probe, after the
-channel is replaced, after Triton was unreachable, and whenever the channel
-reconnects (a watcher follows its connectivity): a restarted Triton may serve another
-model, and gRPC reconnects without failing a single call. A result whose connection
-changed while it was computed is returned only after the identity was checked again.
-A check holds for the channel it ran on only; a mismatch, or anything that makes the
-identity uncertain (a model not ready, Triton unreachable), voids the checks of every
-channel.
-
-**Replicas.** A target that names several replicas balances calls round robin: each
-call goes to the next ready address. `ready()` probes (five calls, about once a
-second) therefore run on a probe channel of their own: on the inference channel they
-would move its rotation on between two calls, and with two replicas an odd count
-between sequential calls sent every call to the same replica. A plain host:port has
-no rotation to disturb and keeps one channel for everything.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import asyncio
 import logging
 import math
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -84,17 +97,15 @@ _CHANNEL_ARGS: list[tuple[str, Any]] = [
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
-# Targets that name several replicas (`ipv4:a:p,b:p`, a headless `dns:///name:port`):
-# every call goes to the next ready address, so all replicas get work, not the first one
-# connected. A plain host:port keeps pick-first: after a restart its channel reconnects on
-# the next call instead of failing calls until a reconnect backoff ends.
-_MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
-_ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
-# DNS is resolved again only when a connection fails; a `dns:` target's channel is
-# renewed this often so that replicas added by a scale-up get work too.
+# gRPC's default port when a target names none (its own rule for dns:/ipv4:/ipv6:).
+_GRPC_DEFAULT_PORT = 443
+# A `dns:` target's name is looked up again this often, so that replicas added by a
+# scale-up get work and removed ones are let go (gRPC itself re-resolves only when a
+# connection fails).
 _DNS_REFRESH_S = 30.0
 # Embedding calls are idempotent: one that found its replica gone is tried again (on
-# the next address) this many times in all, within the caller's deadline.
+# another verified replica when there is one) this many times in all, within the
+# caller's deadline.
 _UNAVAILABLE_ATTEMPTS = 3
 _RETRY_PAUSE_S = 0.05
 # Keepalive: a connection whose pings go unanswered for this long is closed, and the
@@ -110,8 +121,9 @@ _RECREATE_INTERVAL_S = 0.5
 # After a deadline passed with no answer on the channel since the call began, one
 # liveness call gets this long before the channel is declared stale.
 _LIVENESS_PROBE_S = 1.0
-# While Triton serves another model, calls re-read its configs at most this often
-# (ready() probes read them every time).
+# A replica that is not verified and serving is probed in the background (readiness,
+# then its configs) at most this often, so that it rejoins without waiting for the
+# gateway's health loop; one that serves another model is re-read at most this often.
 _IDENTITY_RECHECK_S = 1.0
 # Reads of the two configs retried when the connection changed during the read.
 _IDENTITY_ATTEMPTS = 3
@@ -181,8 +193,62 @@ class ServedIdentity:
         return f"{self.model_id or '?'} (weights sha256 {weights}…)"
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the replicas are: a fixed list of addresses, or a name to look up."""
+
+    #: Addresses as gRPC dials them (`host:port`, `[v6]:port`); empty for a `dns:` name.
+    addresses: tuple[str, ...] = ()
+    #: (host, port) of a `dns:` target, looked up again every `_DNS_REFRESH_S`.
+    dns: tuple[str, int] | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        """`ipv4:a:p,b:p`, `ipv6:[a]:p,...`, `dns:[//authority/]name[:port]`, or one
+        plain target (host:port, anything else gRPC dials) as a single replica."""
+        scheme, _, rest = url.partition(":")
+        if scheme in ("ipv4", "ipv6"):
+            addresses = tuple(a.strip() for a in rest.split(",") if a.strip())
+            if not addresses:
+                raise ValueError(f"Triton target {url!r} names no address")
+            return cls(addresses=addresses)
+        if scheme == "dns":
+            name = rest
+            if name.startswith("//"):  # dns://authority/name: the authority is not used
+                name = name[2:].partition("/")[2]
+            host, port = _split_host_port(name)
+            if not host:
+                raise ValueError(f"Triton target {url!r} names no host")
+            return cls(dns=(host, port))
+        return cls(addresses=(url,))
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port`, `host` → (host, port); gRPC's default port if none."""
+    if text.startswith("["):
+        host, _, after = text[1:].partition("]")
+        port = after.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    return host, int(port) if port else _GRPC_DEFAULT_PORT
+
+
+async def _lookup(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to, as gRPC dials them, in the resolver's order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        ip, bound = str(sockaddr[0]), int(sockaddr[1])
+        address = f"[{ip}]:{bound}" if family == socket.AF_INET6 else f"{ip}:{bound}"
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
 class _Channel:
-    """One tritonclient channel and what this backend has seen of it."""
+    """One tritonclient channel to one address and what this backend has seen of it."""
 
     def __init__(self, client: triton_aio.InferenceServerClient, created: float) -> None:
         self.client = client
@@ -193,8 +259,10 @@ class _Channel:
         self.last_answer = -math.inf
         #: Bumped on every connectivity change: a new connection may reach another server.
         self.epoch = 0
-        #: (epoch, identity generation) at which the configs read on it carried the
-        #: expected identity; a check is good while both still hold.
+        #: Bumped when its check is voided (the identity became uncertain).
+        self.generation = 0
+        #: (epoch, generation) at which the configs read on it carried the expected
+        #: identity; the check is good while both still hold.
         self.verified: tuple[int, int] | None = None
         #: The config read in progress on it, shared by everyone who waits for one.
         self.verifying: asyncio.Task[None] | None = None
@@ -202,8 +270,28 @@ class _Channel:
         self.probe: asyncio.Task[None] | None = None
 
 
+class _Replica:
+    """One Triton address: its channel, whether it takes calls, what it was seen serving."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel: _Channel | None = None
+        #: False while it said it is not ready (draining, loading) or a call found it
+        #: gone; a probe that finds it ready and verified sets it again.
+        self.serving = True
+        #: The mismatch its configs showed: (error, channel, epoch, when).
+        self.mismatch: tuple[ModelMismatch, _Channel, int, float] | None = None
+        self.reachable = True  # logged on change only, not on every failed call
+        #: The readiness-and-identity probe in progress, shared by all who wait for one.
+        self.checking: asyncio.Task[bool] | None = None
+        self.last_checked = -math.inf
+
+    def __repr__(self) -> str:
+        return f"<replica {self.address}>"
+
+
 class TritonBackend:
-    """Runs the two encoders on a Triton server through `tritonclient.grpc.aio`."""
+    """Runs the two encoders on Triton replicas through `tritonclient.grpc.aio`."""
 
     #: Metrics label and GetModelInfo value.
     name: str = "triton"
@@ -227,7 +315,7 @@ class TritonBackend:
         """Prepare (not connect); `max_batch_size` holds until the models' configs are read.
 
         With `expected_model_id` / `expected_weights_sha256` (the gateway's metadata),
-        nothing is served until Triton's model configs carry that identity.
+        no replica gets inference until its model configs carry that identity.
         """
         self.url = url
         self.model_version = model_version
@@ -243,25 +331,19 @@ class TritonBackend:
             "text": _TritonModel(text_model, TEXT_INPUT, "INT64"),
         }
         self._keepalive = (keepalive_time_s, keepalive_timeout_s)
-        # Several replicas: round robin, and ready() probes on a channel of their own so
-        # that only inference moves the inference channel's rotation on.
-        self._multi_address = url.startswith(_MULTI_ADDRESS_SCHEMES)
-        self._channel: _Channel | None = None
-        self._probe_channel: _Channel | None = None  # multi-address targets only
-        self._reachable = True  # logged on change only, not on every failed call
-        # Retiring channels, liveness calls, watchers, config reads.
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Identity: what the metadata says; each channel keeps where Triton was last seen
-        # serving it (`_Channel.verified`), and a mismatch is kept with where and when it
-        # was seen. Voiding every check at once bumps the generation: that reaches
-        # channels being retired too, whose calls may still be returning vectors.
+        self._target = Target.parse(url)
+        #: The replicas by address, in the target's (or the resolver's) order.
+        self._replicas: dict[str, _Replica] = {a: _Replica(a) for a in self._target.addresses}
+        self._resolved_at = -math.inf
+        self._resolving: asyncio.Task[None] | None = None
+        self._rotation = 0  # moved on by placing a call, and by nothing else
+        # Retiring channels, liveness calls, watchers, config reads, probes.
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._expected = (
             ServedIdentity(expected_model_id, expected_weights_sha256)
             if expected_model_id is not None or expected_weights_sha256 is not None
             else None
         )
-        self._identity_generation = 0
-        self._mismatch: tuple[ModelMismatch, _Channel, int, float] | None = None
 
     @property
     def image_model(self) -> str:
@@ -273,65 +355,64 @@ class TritonBackend:
         """Triton model name of the text encoder."""
         return self._models["text"].name
 
+    def replica_states(self) -> dict[str, str]:
+        """Each replica's state now (`serving`, `unverified`, `mismatch`, `out`), by address."""
+        states = {}
+        for address, replica in self._replicas.items():
+            channel = replica.channel
+            if replica.mismatch is not None:
+                states[address] = "mismatch"
+            elif not replica.serving:
+                states[address] = "out"
+            elif channel is None or not self._verified(channel):
+                states[address] = "unverified"
+            else:
+                states[address] = "serving"
+        return states
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Open the channel and read both model configs; Triton may still be down."""
-        channel = self._get_channel()
-        try:
-            await self._verify(channel)
-        except ModelMismatch:
-            pass  # logged loudly where it was found; ready() keeps checking
-        except ClipError as exc:
+        """Resolve the target, open a channel per replica and check each one's model;
+        Triton may still be down."""
+        replicas = await self._current_replicas()
+        outcomes = await asyncio.gather(
+            *(self._verify(r, self._channel_of(r)) for r in replicas), return_exceptions=True
+        )
+        self._update_mismatch_metric()
+        failures = [o for o in outcomes if isinstance(o, ClipError)]
+        if not replicas or (
+            failures
+            and len(failures) == len(outcomes)
+            and not all(isinstance(f, ModelMismatch) for f in failures)
+        ):
             # The gateway may start before Triton; configs are read at the first ready().
+            why = failures[0] if failures else "no address resolved"
             _LOGGER.warning(
                 "Triton at %s: model configs not read yet (%s); max_batch_size stays %d",
-                self.url, exc, self.max_batch_size,
+                self.url, why, self.max_batch_size,
             )  # fmt: skip
 
     async def ready(self) -> bool:
-        """Server and both models ready, and (with an expected identity) serving that
-        model; asked with a short timeout, never raises. Re-reads the model configs.
+        """Some replica is ready, with both models ready, and (with an expected
+        identity) serving that model; asked with a short timeout, never raises.
 
-        With several replicas all of it runs on the probe channel: its calls must not
-        move the inference channel's round robin on."""
-        channel = self._get_probe_channel()
-        client = channel.client
-        timeout_s = self.ready_timeout_s
-        version = self.model_version
-        started = time.monotonic()
+        Probes every replica (readiness, then its model configs, on its own channel):
+        what each answers decides whether it gets calls."""
         try:
-            async with asyncio.timeout(timeout_s + _OUTER_GRACE_S):
-                answers = await asyncio.gather(
-                    client.is_server_ready(client_timeout=timeout_s),
-                    *(
-                        client.is_model_ready(m.name, version, client_timeout=timeout_s)
-                        for m in self._models.values()
-                    ),
-                )
-            self._answered(channel)
-            if not all(answers):
-                # Models being (re)loaded: whatever comes back may be another model.
-                self._forget_identity()
-                return False
-            # Every probe: a model reloaded in place shows only in its config.
-            await self._verify(channel)
-            return True
-        except ModelMismatch:
-            return False  # logged when it was found
+            replicas = await self._current_replicas()
+            results = await asyncio.gather(*(self._check(r) for r in replicas))
         except Exception as exc:  # a health probe reports, it does not fail
-            if isinstance(exc, TimeoutError) or _is_deadline(exc):
-                self._deadline_passed(channel, started)
-            elif _is_unreachable(exc):
-                self._mark_unreachable(str(exc), channel)
-            # A model config we cannot serve will not fix itself: say so loudly.
-            log = _LOGGER.warning if isinstance(exc, BackendFailure) else _LOGGER.debug
-            log("Triton at %s not ready: %s", self.url, exc)
+            _LOGGER.debug("Triton at %s not ready: %s", self.url, exc)
             return False
+        finally:
+            self._update_mismatch_metric()
+        return any(results)
 
     async def aclose(self) -> None:
         """Close the channels (and any replaced ones still draining)."""
-        channels = self._live_channels()
-        self._channel = self._probe_channel = None
+        channels = [r.channel for r in self._replicas.values() if r.channel is not None]
+        for replica in self._replicas.values():
+            replica.channel = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -363,18 +444,7 @@ class TritonBackend:
                 return np.zeros((0, self.embedding_dim or 0), dtype=np.float32)
             if budget_s <= 0:
                 raise DeadlineExceeded("the deadline passed before the Triton call")
-            deadline = asyncio.get_running_loop().time() + budget_s
-            for attempt in range(1, _UNAVAILABLE_ATTEMPTS + 1):
-                try:
-                    out = await self._embed_once(model, rows, deadline)
-                    break
-                except BackendUnavailable:
-                    # A replica died or restarts: the next address (or the restarted
-                    # server) may answer within the caller's deadline.
-                    remaining_s = deadline - asyncio.get_running_loop().time()
-                    if attempt == _UNAVAILABLE_ATTEMPTS or remaining_s <= _RETRY_PAUSE_S:
-                        raise
-                    await asyncio.sleep(_RETRY_PAUSE_S * attempt)
+            out = await self._embed_on_some_replica(model, rows, budget_s)
         except ClipError:
             if self._metrics is not None:
                 self._metrics.backend_errors.labels(self.name, modality).inc()
@@ -385,32 +455,99 @@ class TritonBackend:
             )
         return out
 
-    async def _embed_once(
-        self, model: _TritonModel, rows: np.ndarray, deadline: float
+    async def _embed_on_some_replica(
+        self, model: _TritonModel, rows: np.ndarray, budget_s: float
     ) -> np.ndarray:
-        """One try: the identity checked on the current channel, then every chunk."""
-        channel = self._get_channel()
-        await self._ensure_identity(channel, deadline)
+        """Place the call on a verified, serving replica; one that turns out gone (or
+        to serve another model now) is left out and the call goes to another."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
+        tried: set[_Replica] = set()
+        last_error: ClipError | None = None
+        failures = 0
+        while True:
+            replica = await self._pick(tried, deadline, last_error)
+            try:
+                return await self._embed_on(replica, model, rows, deadline)
+            except ModelMismatch as exc:
+                # It changed what it serves during the call: its vectors were dropped.
+                tried.add(replica)
+                last_error = exc
+            except BackendUnavailable as exc:
+                # It died, drains or restarts: another replica (or, with none left, the
+                # restarted server) may answer within the caller's deadline.
+                failures += 1
+                tried.add(replica)
+                last_error = exc
+                remaining_s = deadline - loop.time()
+                if failures >= _UNAVAILABLE_ATTEMPTS or remaining_s <= _RETRY_PAUSE_S:
+                    raise
+                if all(r in tried for r in self._replicas.values()):
+                    tried.clear()  # every one failed once: the same ones again, after a pause
+                    await asyncio.sleep(_RETRY_PAUSE_S * failures)
+
+    async def _pick(
+        self, tried: set[_Replica], deadline: float, last_error: ClipError | None
+    ) -> _Replica:
+        """The next replica (round robin) that is verified and serving; when there is
+        none, one checked now; raise why none can take the call."""
+        replicas = await self._current_replicas()
+        self._probe_the_others(replicas)
+        candidates = [r for r in replicas if r not in tried]
+        usable = [r for r in candidates if r.serving and self._verified(self._channel_of(r))]
+        if usable:
+            replica = usable[self._rotation % len(usable)]
+            self._rotation += 1
+            return replica
+        # None proven now: check the others on the spot, those not known out first.
+        errors: list[ClipError] = []
+        for replica in sorted(candidates, key=lambda r: not r.serving):
+            try:
+                await self._ensure_identity(replica, deadline)
+            except (ModelMismatch, BackendUnavailable, BackendFailure) as exc:
+                errors.append(exc)
+                continue
+            self._rotation += 1
+            return replica
+        if last_error is not None:
+            errors.insert(0, last_error)
+        if not errors:
+            raise BackendUnavailable(f"Triton at {self.url}: no address resolved")
+        mismatches = [e for e in errors if isinstance(e, ModelMismatch)]
+        if len(mismatches) == len(errors):
+            raise mismatches[-1]
+        raise next(e for e in errors if not isinstance(e, ModelMismatch))
+
+    async def _embed_on(
+        self, replica: _Replica, model: _TritonModel, rows: np.ndarray, deadline: float
+    ) -> np.ndarray:
+        """One try on `replica`, whose identity is checked: every chunk."""
+        channel = self._channel_of(replica)
         # Triton refuses a request over its max_batch_size; split it instead (the
         # chunks run concurrently and Triton may batch them back together).
         chunks = split_rows(rows, model.max_batch_size or self.max_batch_size)
         results = await asyncio.gather(
-            *(self._infer(channel, model, chunk, deadline) for chunk in chunks),
+            *(self._infer(replica, channel, model, chunk, deadline) for chunk in chunks),
             return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        if self._expected is not None and not self._verified(channel):
-            # The connection changed (or a probe found another model) during the
-            # call: these vectors may come from a restarted or reloaded Triton.
-            # Return them only if it still serves our model.
-            await self._ensure_identity(self._get_channel(), deadline)
+        if not self._verified(channel):
+            # The connection changed (or a probe voided the check) during the call:
+            # these vectors may come from a restarted or reloaded Triton. Return them
+            # only if it still serves our model.
+            await self._ensure_identity(replica, deadline)
         embeddings = [r for r in results if isinstance(r, np.ndarray)]
         return embeddings[0] if len(embeddings) == 1 else np.concatenate(embeddings)
 
     async def _infer(
-        self, channel: _Channel, model: _TritonModel, rows: np.ndarray, deadline: float
+        self,
+        replica: _Replica,
+        channel: _Channel,
+        model: _TritonModel,
+        rows: np.ndarray,
+        deadline: float,
     ) -> np.ndarray:
         remaining_s = deadline - asyncio.get_running_loop().time()
         if remaining_s <= 0:
@@ -430,18 +567,18 @@ class TritonBackend:
                     timeout=max(1, int(remaining_s * 1e6)),
                 )
         except InferenceServerException as exc:
-            raise self._call_failed(channel, model, exc, started) from exc
+            raise self._call_failed(replica, channel, model, exc, started) from exc
         except TimeoutError as exc:
-            self._deadline_passed(channel, started)
+            self._deadline_passed(replica, channel, started)
             raise DeadlineExceeded(
                 f"{model.name} did not answer within {remaining_s:.3f} s"
             ) from exc
         except ClipError:
             raise
         except Exception as exc:  # e.g. grpc.aio.UsageError on a closed channel
-            self._mark_unreachable(repr(exc), channel)
-            raise BackendUnavailable(f"Triton at {self.url}: {exc!r}") from exc
-        self._answered(channel)
+            self._mark_unreachable(replica, repr(exc), channel)
+            raise BackendUnavailable(f"Triton at {replica.address}: {exc!r}") from exc
+        self._answered(replica, channel)
         embeddings = result.as_numpy(model.output_name)
         if embeddings is None or embeddings.ndim != 2 or embeddings.shape[0] != rows.shape[0]:
             shape = None if embeddings is None else embeddings.shape
@@ -465,21 +602,31 @@ class TritonBackend:
         return np.ascontiguousarray(rows)
 
     def _call_failed(
-        self, channel: _Channel, model: _TritonModel, exc: InferenceServerException, started: float
+        self,
+        replica: _Replica,
+        channel: _Channel,
+        model: _TritonModel,
+        exc: InferenceServerException,
+        started: float,
     ) -> ClipError:
-        """Map a failed call's error and learn from it what the channel's state is."""
-        error = self._map_error(model, exc, channel)
+        """Map a failed call's error and learn from it what the replica's state is."""
+        error = self._map_error(model, exc, replica, channel)
         if isinstance(error, DeadlineExceeded):
-            self._deadline_passed(channel, started)
+            self._deadline_passed(replica, channel, started)
         elif not isinstance(error, BackendUnavailable):
-            self._answered(channel)  # Triton itself refused: the channel works
+            self._answered(replica, channel)  # Triton itself refused: the channel works
         return error
 
     def _map_error(
-        self, model: _TritonModel, exc: InferenceServerException, channel: _Channel | None = None
+        self,
+        model: _TritonModel,
+        exc: InferenceServerException,
+        replica: _Replica | None = None,
+        channel: _Channel | None = None,
     ) -> ClipError:
         message = _REQUEST_ID.sub("", exc.message() or str(exc))
         code = (exc.status() or "").removeprefix("StatusCode.")
+        where = replica.address if replica is not None else self.url
         if _QUEUE_FULL in message:
             return Overloaded(f"Triton's queue for {model.name} is full ({message})")
         if _QUEUE_TIMEOUT in message:
@@ -489,23 +636,138 @@ class TritonBackend:
         if code == "RESOURCE_EXHAUSTED":
             return Overloaded(f"Triton refused {model.name}: {message}")
         if code in ("UNAVAILABLE", "CANCELLED", "NOT_FOUND"):
-            # NOT_FOUND: the model is not loaded (failed, or being reloaded).
-            self._mark_unreachable(message, channel)
-            return BackendUnavailable(f"Triton at {self.url} ({model.name}): {message}")
+            # NOT_FOUND: the model is not loaded (failed, being reloaded, or unloaded by
+            # a Triton that is shutting down). UNAVAILABLE also: "Server not ready".
+            if replica is not None:
+                self._mark_unreachable(replica, message, channel)
+            return BackendUnavailable(f"Triton at {where} ({model.name}): {message}")
         return BackendFailure(
             f"Triton {model.name}: {code or 'error'}: {message}", source=f"Triton {model.name}"
         )
 
+    # ------------------------------------------------------------------ replicas
+    async def _current_replicas(self) -> list[_Replica]:
+        """The replicas now; a `dns:` name is looked up again when due (in the
+        background, unless nothing was resolved yet)."""
+        if self._target.dns is not None:
+            due = time.monotonic() - self._resolved_at >= _DNS_REFRESH_S
+            if due and (self._resolving is None or self._resolving.done()):
+                self._resolving = self._spawn(self._resolve())
+            if not self._replicas and self._resolving is not None:
+                await asyncio.shield(self._resolving)
+        return list(self._replicas.values())
+
+    async def _resolve(self) -> None:
+        dns = self._target.dns
+        assert dns is not None
+        host, port = dns
+        try:
+            async with asyncio.timeout(self.ready_timeout_s):
+                addresses = await _lookup(host, port)
+        except Exception as exc:  # keep the replicas known so far
+            _LOGGER.warning("Triton at %s: cannot resolve %s (%r)", self.url, host, exc)
+            self._resolved_at = time.monotonic() - _DNS_REFRESH_S + _IDENTITY_RECHECK_S
+            return
+        self._resolved_at = time.monotonic()
+        if not addresses:
+            return
+        old = self._replicas
+        self._replicas = {a: old.get(a) or _Replica(a) for a in addresses}
+        gone = [r for a, r in old.items() if a not in self._replicas]
+        for replica in gone:
+            if replica.channel is not None:
+                self._spawn(self._retire(replica.channel))
+                replica.channel = None
+        if gone or len(self._replicas) != len(old):
+            _LOGGER.info(
+                "Triton at %s: replicas %s (new ones serve once checked)",
+                self.url, ", ".join(self._replicas),
+            )  # fmt: skip
+
+    def _probe_the_others(self, replicas: list[_Replica]) -> None:
+        """Replicas not verified and serving are probed in the background (at most every
+        `_IDENTITY_RECHECK_S` each): a restarted or new one rejoins by itself."""
+        now = time.monotonic()
+        for replica in replicas:
+            channel = replica.channel
+            if replica.serving and channel is not None and self._verified(channel):
+                continue
+            if (replica.checking is not None and not replica.checking.done()) or (
+                now - replica.last_checked < _IDENTITY_RECHECK_S
+            ):
+                continue
+            self._checking(replica)
+
+    def _checking(self, replica: _Replica) -> asyncio.Task[bool]:
+        """The probe of `replica` in progress, or a new one."""
+        task = replica.checking
+        if task is None or task.done():
+            task = replica.checking = self._spawn(self._probe_replica(replica))
+        return task
+
+    async def _check(self, replica: _Replica) -> bool:
+        return await asyncio.shield(self._checking(replica))
+
+    async def _probe_replica(self, replica: _Replica) -> bool:
+        """Ready (server and both models) and serving the expected model; never raises.
+        Its answer decides whether `replica` gets calls."""
+        replica.last_checked = time.monotonic()
+        channel = self._channel_of(replica)
+        client = channel.client
+        timeout_s = self.ready_timeout_s
+        version = self.model_version
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout_s + _OUTER_GRACE_S):
+                answers = await asyncio.gather(
+                    client.is_server_ready(client_timeout=timeout_s),
+                    *(
+                        client.is_model_ready(m.name, version, client_timeout=timeout_s)
+                        for m in self._models.values()
+                    ),
+                )
+            self._answered(replica, channel)
+            if not all(answers):
+                # Draining (Triton's readiness turns false on SIGTERM), or models being
+                # (re)loaded: whatever comes back may be another model.
+                self._take_out(replica, "is not ready (draining, or loading its models)")
+                self._forget_identity(channel)
+                return False
+            # Every probe: a model reloaded in place shows only in its config.
+            await self._verify(replica, channel)
+        except ModelMismatch:
+            return False  # logged when it was found
+        except Exception as exc:  # a health probe reports, it does not fail
+            if isinstance(exc, TimeoutError) or _is_deadline(exc):
+                self._deadline_passed(replica, channel, started)
+            elif _is_unreachable(exc):
+                self._mark_unreachable(replica, str(exc), channel)
+            # A model config we cannot serve will not fix itself: say so loudly.
+            log = _LOGGER.warning if isinstance(exc, BackendFailure) else _LOGGER.debug
+            log("Triton at %s not ready: %s", replica.address, exc)
+            return False
+        if not replica.serving:
+            _LOGGER.info("Triton at %s is ready and checked: it gets calls again", replica.address)
+        replica.serving = True
+        return True
+
+    def _take_out(self, replica: _Replica, why: str) -> None:
+        if replica.serving:
+            _LOGGER.info("Triton at %s %s: no new calls go to it", replica.address, why)
+        replica.serving = False
+
     # ------------------------------------------------------------------ identity
-    async def _ensure_identity(self, channel: _Channel, deadline: float) -> None:
-        """Return only when Triton was seen serving the expected model on this very
-        connection; raise ModelMismatch (or why it could not be checked) otherwise."""
+    async def _ensure_identity(self, replica: _Replica, deadline: float) -> None:
+        """Return only when `replica` was seen serving the expected model on its
+        channel's current connection; raise ModelMismatch (or why it could not be
+        checked) otherwise."""
         if self._expected is None:
             return
+        channel = self._channel_of(replica)
         for _ in range(_IDENTITY_ATTEMPTS):
             if self._verified(channel):
                 return
-            mismatch = self._mismatch
+            mismatch = replica.mismatch
             if mismatch is not None:
                 error, where, epoch, seen = mismatch
                 if (where, epoch) == (channel, channel.epoch) and (
@@ -517,26 +779,27 @@ class TritonBackend:
                 raise DeadlineExceeded("the deadline passed before Triton's model was checked")
             try:
                 async with asyncio.timeout(remaining_s):
-                    await self._verify(channel)
+                    await self._verify(replica, channel)
             except TimeoutError as exc:
                 raise DeadlineExceeded(
-                    f"Triton at {self.url}: the served model was not checked within "
+                    f"Triton at {replica.address}: the served model was not checked within "
                     f"{remaining_s:.3f} s"
                 ) from exc
+            channel = self._channel_of(replica)
         if not self._verified(channel):
             raise BackendUnavailable(
-                f"Triton at {self.url}: the connection kept changing while the served "
-                "model was checked"
+                f"Triton at {replica.address}: the connection kept changing while the "
+                "served model was checked"
             )
 
-    async def _verify(self, channel: _Channel) -> None:
+    async def _verify(self, replica: _Replica, channel: _Channel) -> None:
         """Read the configs on `channel` (one read at a time, shared by all who wait,
         each within its own deadline)."""
         task = channel.verifying
         if task is None or task.done():
             # Spawned: aclose() cancels it, even on a channel replaced meanwhile.
             task = channel.verifying = self._spawn(
-                self._load_configs(channel, self.ready_timeout_s)
+                self._load_configs(replica, channel, self.ready_timeout_s)
             )
             # A waiter that gives up must not leave the error unretrieved.
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -544,112 +807,104 @@ class TritonBackend:
 
     def _verified(self, channel: _Channel) -> bool:
         """Triton was seen serving the expected model on `channel`'s connection now,
-        and nothing since made that uncertain."""
-        return channel.verified == (channel.epoch, self._identity_generation)
+        and nothing since made that uncertain (always, with no expected identity)."""
+        return self._expected is None or channel.verified == (channel.epoch, channel.generation)
 
-    def _forget_identity(self) -> None:
-        """Every next result needs a fresh check (Triton may be another server now), on
-        whichever channel it comes: what a probe found holds for inference too."""
-        self._identity_generation += 1
+    @staticmethod
+    def _forget_identity(channel: _Channel) -> None:
+        """The next result on `channel` needs a fresh check (its server may be another
+        one now)."""
+        channel.generation += 1
 
     def _check_identity(
-        self, channel: _Channel, epoch: int, generation: int, served: dict[str, ServedIdentity]
+        self,
+        replica: _Replica,
+        channel: _Channel,
+        epoch: int,
+        generation: int,
+        served: dict[str, ServedIdentity],
     ) -> None:
-        """Compare what both configs say (read on `channel` at `epoch`, begun at identity
+        """Compare what both configs say (read on `channel` at `epoch`, begun at
         `generation`) with the expectation; record and report it."""
         expected = self._expected
         if expected is None:
             return
         wrong = {name: got for name, got in served.items() if not got.satisfies(expected)}
+        where = replica.address
         if not wrong:
-            # This channel only: a check on the probe channel says nothing about the
-            # connections inference uses. A generation bumped during the read (the
-            # identity became uncertain meanwhile) leaves the check void.
+            # A generation bumped during the read (the identity became uncertain
+            # meanwhile) leaves the check void.
             channel.verified = (epoch, generation)
-            if self._mismatch is not None:
-                _LOGGER.info("Triton at %s serves %s again: serving", self.url, expected.describe())
-            self._mismatch = None
-            self._set_mismatch_metric(0)
+            if replica.mismatch is not None:
+                _LOGGER.info("Triton at %s serves %s again: serving", where, expected.describe())
+            replica.mismatch = None
+            self._update_mismatch_metric()
             return
-        self._forget_identity()  # a probe that sees another model stops inference too
+        self._forget_identity(channel)
         names = " and ".join(sorted(wrong))
         sample = next(iter(wrong.values()))
         if not all(got.stamped for got in wrong.values()):
             message = (
-                f"Triton at {self.url} serves {names} without the model identity "
+                f"Triton at {where} serves {names} without the model identity "
                 f"({MODEL_ID_PARAMETER}, {WEIGHTS_PARAMETER} in config.pbtxt): the repository "
                 "was exported before identity stamping; re-export it with `clipsvc export` "
                 f"from the weights this gateway expects, {expected.describe()}"
             )
         elif len({*wrong.values()}) == 1:
             message = (
-                f"Triton at {self.url} serves model {sample.describe()} as {names}, but this "
+                f"Triton at {where} serves model {sample.describe()} as {names}, but this "
                 f"gateway's metadata.json describes model {expected.describe()}: deploy the "
                 "gateway and Triton from the same export"
             )
         else:
             each = ", ".join(f"{name} is {got.describe()}" for name, got in sorted(wrong.items()))
             message = (
-                f"Triton at {self.url} serves other models ({each}) than this gateway's "
+                f"Triton at {where} serves other models ({each}) than this gateway's "
                 f"metadata.json describes, {expected.describe()}: deploy the gateway and "
                 "Triton from the same export"
             )
         error = ModelMismatch(message)
-        previous = self._mismatch
+        previous = replica.mismatch
         if previous is None or str(previous[0]) != message:
-            _LOGGER.error("refusing to serve: %s", message)
-        self._mismatch = (error, channel, epoch, time.monotonic())
-        self._set_mismatch_metric(1)
+            _LOGGER.error("refusing to serve from it: %s", message)
+        replica.mismatch = (error, channel, epoch, time.monotonic())
+        self._update_mismatch_metric()
         raise error
 
-    def _set_mismatch_metric(self, value: int) -> None:
+    def _update_mismatch_metric(self) -> None:
+        """`clip_model_mismatch` is 1 while any replica serves another model."""
         if self._metrics is not None:
-            self._metrics.model_mismatch.set(value)
+            mismatch = any(r.mismatch is not None for r in self._replicas.values())
+            self._metrics.model_mismatch.set(int(mismatch))
 
     # ------------------------------------------------------------------ plumbing
-    def _get_channel(self) -> _Channel:
-        """The channel inference runs on (renewed first when due)."""
-        channel = self._channel = self._renewed(self._channel, "inference")
-        return channel
-
-    def _get_probe_channel(self) -> _Channel:
-        """The channel ready() probes run on: the inference channel for a single
-        address, one of their own for several (they would move its rotation on)."""
-        if not self._multi_address:
-            return self._get_channel()
-        channel = self._probe_channel = self._renewed(self._probe_channel, "probe")
-        return channel
-
-    def _live_channels(self) -> list[_Channel]:
-        """The channels in use (none, one, or the inference and the probe channel)."""
-        return [c for c in (self._channel, self._probe_channel) if c is not None]
-
-    def _renewed(self, channel: _Channel | None, role: str) -> _Channel:
-        """`channel`, or a new one when there is none, it went stale, or (`dns:`) the
-        addresses are due to be resolved again; the old one is retired."""
+    def _channel_of(self, replica: _Replica) -> _Channel:
+        """`replica`'s channel: a new one when there is none, or when it went stale
+        (the old one is retired)."""
+        channel = replica.channel
         now = time.monotonic()
         if channel is None:
-            return self._new_channel(now)
-        if (channel.stale and now - channel.created >= _RECREATE_INTERVAL_S) or (
-            self.url.startswith("dns:") and now - channel.created >= _DNS_REFRESH_S
-        ):
-            _LOGGER.debug("Triton at %s: replaced the %s gRPC channel", self.url, role)
+            channel = replica.channel = self._new_channel(replica.address, now)
+        elif channel.stale and now - channel.created >= _RECREATE_INTERVAL_S:
+            _LOGGER.debug("Triton at %s: replaced the gRPC channel", replica.address)
             self._spawn(self._retire(channel))
-            return self._new_channel(now)
+            channel = replica.channel = self._new_channel(replica.address, now)
         return channel
 
-    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _answered(self, channel: _Channel) -> None:
+    def _answered(self, replica: _Replica, channel: _Channel) -> None:
         """Triton answered on `channel` (with anything): it works."""
         channel.last_answer = time.monotonic()
-        self._mark_reachable()
+        if not replica.reachable:
+            replica.reachable = True
+            _LOGGER.info("Triton at %s answers again", replica.address)
 
-    def _deadline_passed(self, channel: _Channel, started: float) -> None:
+    def _deadline_passed(self, replica: _Replica, channel: _Channel, started: float) -> None:
         """A call begun at `started` on `channel` ran out of time.
 
         A slow call is no reason to reconnect: only if nothing came back on the
@@ -658,49 +913,48 @@ class TritonBackend:
         """
         if (
             channel.last_answer >= started
-            or all(channel is not live for live in self._live_channels())
+            or channel is not replica.channel
             or channel.stale
             or channel.probe is not None
         ):
             return
-        channel.probe = self._spawn(self._probe(channel))
+        channel.probe = self._spawn(self._liveness(replica, channel))
 
-    async def _probe(self, channel: _Channel) -> None:
+    async def _liveness(self, replica: _Replica, channel: _Channel) -> None:
         started = time.monotonic()
         try:
             async with asyncio.timeout(_LIVENESS_PROBE_S + _OUTER_GRACE_S):
                 await channel.client.is_server_live(client_timeout=_LIVENESS_PROBE_S)
-            self._answered(channel)
+            self._answered(replica, channel)
         except Exception as exc:
             if channel.last_answer < started:  # nothing at all came back meanwhile
                 self._mark_unreachable(
+                    replica,
                     f"no answer after a call's deadline passed, nor to a liveness call ({exc!r})",
                     channel,
                 )
         finally:
             channel.probe = None
 
-    def _mark_unreachable(self, reason: str, channel: _Channel | None = None) -> None:
-        channel = channel or self._channel
+    def _mark_unreachable(
+        self, replica: _Replica, reason: str, channel: _Channel | None = None
+    ) -> None:
+        """`replica` failed a call or a probe as gone: no calls until a probe finds it
+        ready again, and its channel is replaced; whatever answers there next may be
+        another server, so its model is checked first."""
+        channel = channel or replica.channel
         if channel is not None:
             channel.stale = True
-        # Whatever answers next may be another server: check its model first.
-        self._forget_identity()
-        if self._reachable:
-            self._reachable = False
-            _LOGGER.warning("Triton at %s is unreachable: %s", self.url, reason)
-
-    def _mark_reachable(self) -> None:
-        if not self._reachable:
-            self._reachable = True
-            _LOGGER.info("Triton at %s answers again", self.url)
+            self._forget_identity(channel)
+        replica.serving = False
+        if replica.reachable:
+            replica.reachable = False
+            _LOGGER.warning("Triton at %s is unreachable: %s", replica.address, reason)
 
     def _channel_args(self) -> list[tuple[str, Any]]:
         keepalive_s, timeout_s = self._keepalive
-        balance = [_ROUND_ROBIN] if self._multi_address else []
         return [
             *_CHANNEL_ARGS,
-            *balance,
             ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -711,8 +965,8 @@ class TritonBackend:
             ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
         ]
 
-    def _new_channel(self, now: float) -> _Channel:
-        client = triton_aio.InferenceServerClient(self.url, channel_args=self._channel_args())
+    def _new_channel(self, address: str, now: float) -> _Channel:
+        client = triton_aio.InferenceServerClient(address, channel_args=self._channel_args())
         channel = _Channel(client, now)
         grpc_channel = getattr(client, "_channel", None)
         if isinstance(grpc_channel, grpc.aio.Channel):
@@ -735,11 +989,11 @@ class TritonBackend:
             await grpc_channel.close()  # aclose(): stop waiting for those calls
             raise
 
-    async def _load_configs(self, channel: _Channel, timeout_s: float) -> None:
+    async def _load_configs(self, replica: _Replica, channel: _Channel, timeout_s: float) -> None:
         """Read both model configs on `channel`; check the identity, then adopt them."""
         names = list(self._models)
         for _ in range(_IDENTITY_ATTEMPTS):
-            epoch, generation = channel.epoch, self._identity_generation
+            epoch, generation = channel.epoch, channel.generation
             started = time.monotonic()
             try:
                 async with asyncio.timeout(timeout_s + _OUTER_GRACE_S):
@@ -753,23 +1007,26 @@ class TritonBackend:
                     )
             except InferenceServerException as exc:
                 raise self._call_failed(
-                    channel, next(iter(self._models.values())), exc, started
+                    replica, channel, next(iter(self._models.values())), exc, started
                 ) from exc
             except TimeoutError as exc:
-                self._deadline_passed(channel, started)
-                raise DeadlineExceeded(f"Triton at {self.url} did not answer in time") from exc
-            self._answered(channel)
+                self._deadline_passed(replica, channel, started)
+                raise DeadlineExceeded(
+                    f"Triton at {replica.address} did not answer in time"
+                ) from exc
+            self._answered(replica, channel)
             if channel.epoch == epoch:
                 break  # both answers came over one connection
         else:
             raise BackendUnavailable(
-                f"Triton at {self.url}: the connection kept changing while the model "
+                f"Triton at {replica.address}: the connection kept changing while the model "
                 "configs were read"
             )
         configs = {
             name: answer.get("config", answer) for name, answer in zip(names, answers, strict=True)
         }
         self._check_identity(
+            replica,
             channel,
             epoch,
             generation,

@@ -21,8 +21,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from service.backends import triton as triton_module
-from service.backends.triton import ServedIdentity, TritonBackend
-from service.errors import DeadlineExceeded, ModelMismatch
+from service.backends.triton import ServedIdentity, Target, TritonBackend
+from service.errors import BackendUnavailable, DeadlineExceeded, ModelMismatch
 from service.metrics import Metrics
 from service.model.metadata import (
     IMAGE_MODEL,
@@ -89,8 +89,17 @@ class FakeTriton:
     during_infer: Callable[[], None] = lambda: None
     clients: list[FakeClient] = field(default_factory=list)
     live_calls: int = 0
+    #: Addresses that serve something else than `identity` (a foreign export).
+    per_address: dict[str, dict[str, ServedIdentity | None]] = field(default_factory=dict)
+    #: Addresses whose readiness is false (Triton draining after SIGTERM).
+    not_ready: set[str] = field(default_factory=set)
+    #: Addresses whose infer calls fail UNAVAILABLE (a replica gone mid-call).
+    gone: set[str] = field(default_factory=set)
 
-    def config(self, name: str) -> dict[str, Any]:
+    def identity_at(self, url: str) -> dict[str, ServedIdentity | None]:
+        return self.per_address.get(url, self.identity)
+
+    def config(self, name: str, url: str = "") -> dict[str, Any]:
         is_image = name == IMAGE_MODEL
         config: dict[str, Any] = {
             "name": name,
@@ -105,7 +114,7 @@ class FakeTriton:
             "output": [{"name": "EMBEDDINGS__0", "data_type": "TYPE_FP32", "dims": [str(DIM)]}],
             "parameters": {"TORCH_THREADS": {"string_value": "1"}},
         }
-        identity = self.identity[name]
+        identity = self.identity_at(url)[name]
         if identity is not None:
             config["parameters"][MODEL_ID_PARAMETER] = {"string_value": identity.model_id}
             config["parameters"][WEIGHTS_PARAMETER] = {"string_value": identity.weights_sha256}
@@ -133,7 +142,7 @@ class FakeClient:
 
     async def is_server_ready(self, client_timeout: float | None = None) -> bool:
         self.calls.append("is_server_ready")
-        return True
+        return self.url not in self.server.not_ready
 
     async def is_model_ready(
         self, name: str, version: str = "", client_timeout: float | None = None
@@ -157,7 +166,7 @@ class FakeClient:
         client_timeout: float | None = None,
     ) -> dict[str, Any]:
         self.calls.append("get_model_config")
-        return {"config": self.server.config(name)}
+        return {"config": self.server.config(name, self.url)}
 
     async def infer(self, model_name: str, inputs: list[Any], **kwargs: Any) -> _FakeResult:
         self.calls.append("infer")
@@ -168,8 +177,10 @@ class FakeClient:
         if self.server.hangs(array):
             await asyncio.sleep(kwargs.get("client_timeout") or 0)
             raise _deadline_error()
+        if self.url in self.server.gone:
+            raise InferenceServerException(msg="Socket closed", status="StatusCode.UNAVAILABLE")
         self.server.during_infer()
-        identity = self.server.identity[model_name]
+        identity = self.server.identity_at(self.url)[model_name]
         value = 1.0 if identity == X else 2.0
         return _FakeResult(np.full((shape[0], DIM), value, dtype=np.float32))
 
@@ -274,9 +285,7 @@ async def test_vectors_computed_across_a_reconnect_are_checked_before_they_are_r
         # What a Triton restart onto another model looks like from inside a call: the
         # connectivity watcher sees the channel reconnect, the answer comes from Y.
         fake_triton.identity = {IMAGE_MODEL: Y, TEXT_MODEL: Y}
-        channel = fake_backend._channel
-        assert channel is not None
-        channel.epoch += 1
+        _channel(fake_backend).epoch += 1
 
     fake_triton.during_infer = swap_under_the_call
     with pytest.raises(ModelMismatch):
@@ -296,9 +305,16 @@ async def test_the_channel_has_keepalive_pings(
     assert args["grpc.max_reconnect_backoff_ms"] == 2000  # the old arguments stay
 
 
+def _channel(backend: TritonBackend, address: str = "triton:8001") -> Any:
+    """The channel of the replica at `address`."""
+    channel = backend._replicas[address].channel
+    assert channel is not None
+    return channel
+
+
 async def _probes_done(backend: TritonBackend) -> None:
-    channel = backend._channel
-    if channel is not None and channel.probe is not None:
+    channel = _channel(backend)
+    if channel.probe is not None:
         await asyncio.gather(channel.probe, return_exceptions=True)
 
 
@@ -307,7 +323,7 @@ async def test_a_deadline_on_a_channel_that_stopped_answering_makes_it_stale(
 ) -> None:
     fake_triton.hangs = lambda rows: True
     fake_triton.live_hangs = True
-    first = fake_backend._channel
+    first = _channel(fake_backend)
     with pytest.raises(DeadlineExceeded):
         await fake_backend.embed_texts(TOKENS, timeout_s=0.05)
     await _probes_done(fake_backend)
@@ -317,14 +333,14 @@ async def test_a_deadline_on_a_channel_that_stopped_answering_makes_it_stale(
     fake_triton.hangs = lambda rows: False
     assert (await fake_backend.embed_texts(TOKENS))[0, 0] == 1.0
     assert len(fake_triton.clients) == 2
-    assert fake_backend._channel is not first
+    assert _channel(fake_backend) is not first
 
 
 async def test_a_slow_call_on_a_channel_that_still_answers_keeps_it(
     fake_triton: FakeTriton, fake_backend: TritonBackend
 ) -> None:
     fake_triton.hangs = lambda rows: True  # this call is slow, the server is fine
-    first = fake_backend._channel
+    first = _channel(fake_backend)
     with pytest.raises(DeadlineExceeded):
         await fake_backend.embed_texts(TOKENS, timeout_s=0.05)
     await _probes_done(fake_backend)
@@ -332,7 +348,7 @@ async def test_a_slow_call_on_a_channel_that_still_answers_keeps_it(
     assert first is not None and not first.stale
     fake_triton.hangs = lambda rows: False
     await fake_backend.embed_texts(TOKENS)
-    assert fake_backend._channel is first and len(fake_triton.clients) == 1
+    assert _channel(fake_backend) is first and len(fake_triton.clients) == 1
 
 
 async def test_a_slow_call_while_others_are_answered_costs_nothing(
@@ -354,44 +370,75 @@ async def test_a_slow_call_while_others_are_answered_costs_nothing(
     await asyncio.gather(slow_call(), fast_calls())
     await _probes_done(fake_backend)
     assert fake_triton.live_calls == 0
-    channel = fake_backend._channel
-    assert channel is not None and not channel.stale
+    assert not _channel(fake_backend).stale
     assert len(fake_triton.clients) == 1
 
 
 async def test_a_deadline_on_a_replaced_channel_leaves_the_new_one_alone(
     fake_triton: FakeTriton, fake_backend: TritonBackend
 ) -> None:
-    old = fake_backend._channel
-    assert old is not None
+    old = _channel(fake_backend)
+    replica = fake_backend._replicas["triton:8001"]
     started = time.monotonic()
     old.stale = True
-    new = fake_backend._get_channel()
+    new = fake_backend._channel_of(replica)
     assert new is not old
     fake_triton.live_hangs = True
-    fake_backend._deadline_passed(old, started)  # no longer the channel calls use
+    fake_backend._deadline_passed(replica, old, started)  # no longer the channel calls use
     await _probes_done(fake_backend)
     assert fake_triton.live_calls == 0
     assert not new.stale
 
 
 # ====================================================================== replicas
-REPLICAS = "ipv4:10.0.0.1:8001,10.0.0.2:8001"
+A, B, C = "10.0.0.1:8001", "10.0.0.2:8001", "10.0.0.3:8001"
+REPLICAS = f"ipv4:{A},{B}"
 PROBE_CALLS = {"is_server_ready", "is_model_ready", "get_model_config"}
 
 
-@pytest.fixture
-async def replica_backend(fake_triton: FakeTriton) -> AsyncIterator[TritonBackend]:
-    backend = TritonBackend(
-        url=REPLICAS,
+def _client(server: FakeTriton, address: str) -> FakeClient:
+    """The newest fake client of `address`."""
+    return [c for c in server.clients if c.url == address][-1]
+
+
+def _infers(server: FakeTriton, address: str) -> int:
+    return sum(c.calls.count("infer") for c in server.clients if c.url == address)
+
+
+def _replica_backend(url: str = REPLICAS, **kwargs: Any) -> TritonBackend:
+    return TritonBackend(
+        url=url,
         default_timeout_s=5.0,
         max_batch_size=8,
         expected_model_id=X.model_id,
         expected_weights_sha256=X.weights_sha256,
+        **kwargs,
     )
+
+
+@pytest.fixture
+async def replica_backend(fake_triton: FakeTriton) -> AsyncIterator[TritonBackend]:
+    backend = _replica_backend()
     await backend.start()
     yield backend
     await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "addresses", "dns"),
+    [
+        ("triton:8001", ("triton:8001",), None),
+        (f"ipv4:{A},{B}", (A, B), None),
+        ("ipv6:[::1]:8001,[::2]:8001", ("[::1]:8001", "[::2]:8001"), None),
+        ("dns:///triton-headless:8001", (), ("triton-headless", 8001)),
+        ("dns:triton-headless:9001", (), ("triton-headless", 9001)),
+        ("dns://10.0.0.53/triton-headless", (), ("triton-headless", 443)),
+    ],
+)
+def test_the_target_names_the_replicas(
+    url: str, addresses: tuple[str, ...], dns: tuple[str, int] | None
+) -> None:
+    assert Target.parse(url) == Target(addresses=addresses, dns=dns)
 
 
 async def test_a_single_address_keeps_one_channel_for_calls_and_probes(
@@ -401,87 +448,157 @@ async def test_a_single_address_keeps_one_channel_for_calls_and_probes(
         assert (await fake_backend.embed_texts(TOKENS))[0, 0] == 1.0
         assert await fake_backend.ready()
     assert len(fake_triton.clients) == 1
-    assert fake_backend._probe_channel is None
     (client,) = fake_triton.clients
     assert set(client.calls) == PROBE_CALLS | {"infer"}
-    assert "grpc.lb_policy_name" not in dict(client.channel_args)  # pick-first
+    assert "grpc.lb_policy_name" not in dict(client.channel_args)  # one address per channel
 
 
-async def test_probes_of_several_replicas_leave_the_inference_channel_alone(
+async def test_each_replica_has_its_own_channel_and_probes_do_not_move_the_rotation(
     fake_triton: FakeTriton, replica_backend: TritonBackend
 ) -> None:
-    """Round robin: a probe's calls on the inference channel would move its rotation
-    on between two calls (and pin sequential calls to one replica)."""
-    for _ in range(5):
+    """The rotation moves only when a call is placed: probes between sequential calls
+    (each reads five things from every replica) cannot pin the calls to one replica."""
+    for _ in range(6):
         assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
         assert await replica_backend.ready()
-    inference, probe = fake_triton.clients
-    for client in (inference, probe):
-        assert dict(client.channel_args)["grpc.lb_policy_name"] == "round_robin"
-    # The identity checked once at start(), then only inference: a probe's check on
-    # its own channel does not make inference check again.
-    assert inference.calls == ["get_model_config"] * 2 + ["infer"] * 5
-    assert set(probe.calls) == PROBE_CALLS
-    assert probe.calls.count("get_model_config") == 2 * 5
+    assert sorted(c.url for c in fake_triton.clients) == [A, B]
+    for client in fake_triton.clients:
+        assert "grpc.lb_policy_name" not in dict(client.channel_args)
+        assert set(client.calls) == PROBE_CALLS | {"infer"}
+        assert client.calls.count("infer") == 3
+        # Checked at start() and by each probe, on the channel inference uses.
+        assert client.calls.count("get_model_config") == 2 * (1 + 6)
 
 
-async def test_a_mismatch_a_probe_sees_stops_inference_until_its_channel_checks_again(
-    fake_triton: FakeTriton, replica_backend: TritonBackend
-) -> None:
-    assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
-    inference = fake_triton.clients[0]
-
-    fake_triton.identity = {IMAGE_MODEL: Y, TEXT_MODEL: Y}  # reloaded in place
-    assert not await replica_backend.ready()
-    with pytest.raises(ModelMismatch):
-        await replica_backend.embed_texts(TOKENS)
-
-    fake_triton.identity = {IMAGE_MODEL: X, TEXT_MODEL: X}
-    assert await replica_backend.ready()  # on the probe channel
-    reads = inference.calls.count("get_model_config")
-    assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
-    assert inference.calls.count("get_model_config") == reads + 2  # checked on its own
-
-
-async def test_the_probe_channel_is_renewed_when_stale_and_closed_with_the_backend(
+async def test_no_inference_reaches_a_replica_that_serves_another_model(
     fake_triton: FakeTriton,
 ) -> None:
-    backend = TritonBackend(url=REPLICAS, default_timeout_s=5.0, max_batch_size=8)
+    fake_triton.per_address[C] = {IMAGE_MODEL: Y, TEXT_MODEL: Y}
+    metrics = Metrics()
+    backend = _replica_backend(f"ipv4:{A},{B},{C}", metrics=metrics)
     await backend.start()
     try:
-        assert await backend.ready()
-        inference, probe = backend._channel, backend._probe_channel
-        assert inference is not None and probe is not None and inference is not probe
-        probe.stale = True
-        assert await backend.ready()
-        assert backend._probe_channel is not probe
-        assert backend._channel is inference
-        assert len(fake_triton.clients) == 3
+        for _ in range(30):
+            assert (await backend.embed_texts(TOKENS))[0, 0] == 1.0  # never Y's
+            assert await backend.ready()  # two of three serve: ready
+        assert backend.replica_states() == {A: "serving", B: "serving", C: "mismatch"}
+        assert sample(metrics.registry, "clip_model_mismatch") == 1  # said, loudly
     finally:
         await backend.aclose()
-    assert backend._channel is None and backend._probe_channel is None
-    assert all("close" in client.calls for client in fake_triton.clients)
+    assert _infers(fake_triton, C) == 0
+    assert _infers(fake_triton, A) == _infers(fake_triton, B) == 15
 
 
-@pytest.mark.parametrize(
-    ("url", "renewed"), [("dns:///triton-headless:8001", True), (REPLICAS, False)]
-)
-async def test_only_a_dns_target_is_resolved_again_every_refresh_interval(
-    fake_triton: FakeTriton, monkeypatch: pytest.MonkeyPatch, url: str, renewed: bool
+async def test_only_foreign_replicas_left_is_a_mismatch(fake_triton: FakeTriton) -> None:
+    fake_triton.per_address[A] = fake_triton.per_address[B] = {IMAGE_MODEL: Y, TEXT_MODEL: Y}
+    backend = _replica_backend()
+    await backend.start()
+    try:
+        assert not await backend.ready()
+        with pytest.raises(ModelMismatch, match=Y.model_id or ""):
+            await backend.embed_texts(TOKENS)
+    finally:
+        await backend.aclose()
+    assert _infers(fake_triton, A) == _infers(fake_triton, B) == 0
+
+
+async def test_a_replica_that_changes_its_model_is_taken_out_before_its_next_vector(
+    fake_triton: FakeTriton, replica_backend: TritonBackend
 ) -> None:
-    """A headless Service's addresses change with scale-ups; gRPC re-resolves only when a
-    connection fails, so a `dns:` channel is renewed every `_DNS_REFRESH_S` (0 here: at
-    every call). A fixed address list has nothing new to learn and keeps its channel."""
+    for _ in range(4):
+        assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
+
+    def b_restarts_as_y() -> None:
+        # Inside a call: B reconnects (a restart) and now serves Y.
+        if fake_triton.per_address.get(B) is None:
+            fake_triton.per_address[B] = {IMAGE_MODEL: Y, TEXT_MODEL: Y}
+            _channel(replica_backend, B).epoch += 1
+
+    fake_triton.during_infer = b_restarts_as_y
+    for _ in range(10):
+        assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
+    assert replica_backend.replica_states()[B] == "mismatch"
+
+
+async def test_a_new_dns_address_gets_no_call_before_its_model_is_checked(
+    fake_triton: FakeTriton, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A headless Service's addresses change with scale-ups; each refresh interval (0 s
+    here) the name is looked up again: a new address starts unverified, and a removed
+    one's channel is closed."""
+    answers = {"now": [A, B]}
+
+    async def lookup(host: str, port: int) -> list[str]:
+        assert (host, port) == ("triton-headless", 8001)
+        return list(answers["now"])
+
+    monkeypatch.setattr(triton_module, "_lookup", lookup)
     monkeypatch.setattr(triton_module, "_DNS_REFRESH_S", 0.0)
-    backend = TritonBackend(url=url, default_timeout_s=5.0, max_batch_size=8)
+    fake_triton.per_address[C] = {IMAGE_MODEL: Y, TEXT_MODEL: Y}
+    backend = _replica_backend("dns:///triton-headless:8001")
     await backend.start()
-    first = backend._channel
-    assert first is not None
     try:
-        for _ in range(3):
+        assert set(backend.replica_states()) == {A, B}
+        answers["now"] = [B, C]  # A scaled away, C (another model) joins
+        for _ in range(10):
             assert (await backend.embed_texts(TOKENS))[0, 0] == 1.0
-        assert (backend._channel is not first) == renewed
-        assert dict(first.client.channel_args)["grpc.lb_policy_name"] == "round_robin"
+            await asyncio.sleep(0)
+        assert set(backend.replica_states()) == {B, C}
+        assert backend.replica_states()[C] == "mismatch"
+        assert "close" in _client(fake_triton, A).calls
+        c_calls = _client(fake_triton, C).calls
+        assert "get_model_config" in c_calls and "infer" not in c_calls
     finally:
         await backend.aclose()
-    assert "close" in first.client.calls  # retired (or closed with the backend)
+
+
+async def test_a_draining_replica_gets_no_new_calls(
+    fake_triton: FakeTriton, replica_backend: TritonBackend
+) -> None:
+    fake_triton.not_ready.add(A)  # SIGTERM: Triton's readiness turns false
+    assert await replica_backend.ready()  # B still serves
+    before = _infers(fake_triton, A)
+    for _ in range(6):
+        assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
+    assert _infers(fake_triton, A) == before
+    assert replica_backend.replica_states()[A] == "out"
+    fake_triton.not_ready.clear()  # back (a restart, or a drain called off)
+    assert await replica_backend.ready()
+    for _ in range(6):
+        await replica_backend.embed_texts(TOKENS)
+    assert _infers(fake_triton, A) == before + 3
+
+
+async def test_a_call_whose_replica_is_gone_is_answered_by_another(
+    fake_triton: FakeTriton, replica_backend: TritonBackend
+) -> None:
+    fake_triton.gone.add(A)
+    for _ in range(4):  # each call that lands on A is retried on B at once
+        assert (await replica_backend.embed_texts(TOKENS))[0, 0] == 1.0
+    assert _infers(fake_triton, A) >= 1  # A was tried, and failed: nobody saw it
+    assert _infers(fake_triton, B) >= 4
+
+
+async def test_without_the_retry_on_another_replica_the_caller_sees_the_gone_one(
+    fake_triton: FakeTriton, replica_backend: TritonBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test above shows something: with one attempt, a call on A fails."""
+    monkeypatch.setattr(triton_module, "_UNAVAILABLE_ATTEMPTS", 1)
+    fake_triton.gone.add(A)
+    outcomes = await asyncio.gather(
+        *(replica_backend.embed_texts(TOKENS) for _ in range(2)), return_exceptions=True
+    )
+    assert any(isinstance(o, BackendUnavailable) for o in outcomes), outcomes
+
+
+async def test_the_channel_of_a_replica_is_renewed_when_stale_and_closed_with_the_backend(
+    fake_triton: FakeTriton, replica_backend: TritonBackend
+) -> None:
+    assert await replica_backend.ready()
+    a = _channel(replica_backend, A)
+    a.stale = True
+    assert await replica_backend.ready()
+    assert _channel(replica_backend, A) is not a
+    assert len(fake_triton.clients) == 3
+    await replica_backend.aclose()
+    assert all("close" in client.calls for client in fake_triton.clients)
