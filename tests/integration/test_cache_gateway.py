@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis as redis_sync
 
-from service.client import AsyncClipClient
+from service.client import AsyncClipClient, Label
 from service.model.export import export_model
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
@@ -131,3 +132,43 @@ async def test_redis_outage_fails_nothing_and_recovers(
     assert first.cached == [False]
     np.testing.assert_array_equal(first.vectors, again.vectors)
     assert sample(scrape(gateway.metrics_port), "clip_cache_breaker_open") == 0
+
+
+async def test_other_weights_never_hit_these_image_or_label_set_entries(
+    gateway: Gateway, other_weights: Path, redis: RedisServer
+) -> None:
+    """Two gateways of different weights share one Redis: an image's vector and a
+    Classify label set (its template ensemble) stored by one are never served by the
+    other; the other answers exactly what it answers with no cache at all."""
+    image = encode(photo_like(110, 80, seed=2525), "PNG")
+    labels = ["a red circle", "a blue star", "a green square"]
+    async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
+        ours = await client.embed_image([image])
+        ours_labels = await client.classify([image], labels)
+        await until_cached(lambda: client.embed_image([image]))
+    stored = redis_sync.Redis.from_url(redis.url)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PATIENT_S
+    while len(list(stored.scan_iter("clip:*:labelset:*"))) < len(labels):
+        assert loop.time() < deadline, "the label sets never reached Redis"
+        await asyncio.sleep(0.05)  # poll interval, not a wait for the work
+    alone = gateway_settings(other_weights, local_cache_items=0)
+    async with running_gateway(alone) as gw, AsyncClipClient(f"127.0.0.1:{gw.port}") as client:
+        want = await client.embed_image([image])
+        want_labels = await client.classify([image], labels)
+    async with (
+        running_gateway(_settings(other_weights, redis)) as other,
+        AsyncClipClient(f"127.0.0.1:{other.port}") as client,
+    ):
+        theirs = await client.embed_image([image])
+        theirs_labels = await client.classify([image], labels)
+    assert theirs.cached == [False]
+    np.testing.assert_allclose(theirs.vectors, want.vectors, atol=1e-6, rtol=0)
+    assert np.abs(ours.vectors - theirs.vectors).max() > 1e-3
+
+    def scores(answer: list[list[Label]]) -> dict[str, float]:
+        return {label.label: label.score for label in answer[0]}
+
+    for label in labels:
+        assert scores(theirs_labels)[label] == pytest.approx(scores(want_labels)[label], abs=1e-5)
+    assert max(abs(scores(ours_labels)[x] - scores(want_labels)[x]) for x in labels) > 1e-3

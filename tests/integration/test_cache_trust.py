@@ -95,3 +95,17 @@ async def test_truncated_survives_a_cache_hit(gateway: Gateway) -> None:
     assert first.cached == [False, False] and second.cached == [True, True]
     assert first.truncated == [True, False]
     assert second.truncated == [True, False]
+
+
+async def test_truncated_survives_an_in_memory_cache_hit(demo_model: ExportedModel) -> None:
+    """The in-process LRU keeps the flag too (the test above runs with the LRU off)."""
+    settings = gateway_settings(demo_model.repository, local_cache_items=1000)
+    async with (
+        running_gateway(settings) as gw,
+        AsyncClipClient(f"127.0.0.1:{gw.port}") as client,
+    ):
+        first = await client.embed_text([LONG_TEXT, "short"])
+        second = await until_cached(lambda: client.embed_text([LONG_TEXT, "short"]))
+    assert first.truncated == [True, False]
+    assert second.cached == [True, True]
+    assert second.truncated == [True, False]
