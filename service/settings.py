@@ -206,9 +206,11 @@ class Settings(FlagSet):
     )
     triton_url: str = _opt(
         "127.0.0.1:8001",
-        "Triton gRPC target (backend=triton): host:port, dns:///name:port (a headless "
-        "Service) or ipv4:a:p,b:p; with dns:/ipv4: targets calls go round robin over every "
-        "address, and one that finds its replica gone is retried on another in the deadline.",
+        "Triton gRPC target (backend=triton): host:port (one replica), ipv4:a:p,b:p / "
+        "ipv6:[a]:p,[b]:p, or dns:///name:port (a headless Service, looked up again every "
+        "30 s); the gateway keeps a channel per address, calls go round robin over the "
+        "replicas whose model it has checked and that are ready, and a call that finds its "
+        "replica gone is retried on another within the deadline.",
     )
     triton_image_model: str = _opt(
         "clip_image",
