@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from service.extras import MissingExtra
 from service.settings import (
     BatchingOptions,
     ExportSettings,
@@ -99,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SettingsError as exc:
         parser.error(str(exc))  # a bad flag or CLIP_* value: a usage error, exit 2
+    except MissingExtra as exc:  # the message names the extra to install
+        print(f"clipsvc: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

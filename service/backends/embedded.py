@@ -6,11 +6,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from service.backends.model_thread import ModelThreadBackend, Tower
+from service.extras import MissingExtra
 from service.metrics import Metrics
 from service.model.metadata import ModelMetadata
+
+try:
+    import torch
+except ImportError as exc:  # the gateway install has no torch: ONNX or Triton repositories
+    raise MissingExtra("torchscript", "a TorchScript (model.pt) repository", exc.name) from exc
 
 _LOGGER = logging.getLogger(__name__)
 

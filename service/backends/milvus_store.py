@@ -21,7 +21,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from pymilvus import DataType, MilvusClient, MilvusException
+
+from service.extras import MissingExtra
+
+try:
+    from pymilvus import DataType, MilvusClient, MilvusException
+except ImportError as exc:  # the gateway install leaves the catalog's client out
+    raise MissingExtra("catalog", "--catalog", exc.name) from exc
 
 from service.backends.vector_store import (
     MAX_ID_CHARS,

@@ -1,15 +1,16 @@
 """Token ids for towers with a Hugging Face tokenizer (SigLIP, XLM-R, mT5, NLLB, BERT).
 
 Contract: `tokenize(text)` + `pad` give exactly the rows of open_clip's `HFTokenizer`
-(`open_clip.get_tokenizer(model)(texts)`): the same clean function first (open_clip's own
-`get_clean_fn`), the model's `tokenizer.json` (copied into the repository by the export)
-run by the `tokenizers` library with its special tokens, truncation to the context length
-(special tokens kept, as transformers does), padding with the tokenizer's pad id, and
-open_clip's `strip_sep_token` (the [SEP] id becomes 0). The export checks this equality on
-varied texts before it writes a repository, so a tokenizer this class cannot reproduce
-never gets served.
+(`open_clip.get_tokenizer(model)(texts)`): the same clean function first (open_clip's
+`get_clean_fn`, copied into `clip_vocab`), the model's `tokenizer.json` (copied into the
+repository by the export) run by the `tokenizers` library with its special tokens,
+truncation to the context length (special tokens kept, as transformers does), padding with
+the tokenizer's pad id, and open_clip's `strip_sep_token` (the [SEP] id becomes 0). The
+export checks this equality on varied texts before it writes a repository, so a tokenizer
+this class cannot reproduce never gets served.
 
-`transformers` is not needed here: only `tokenizers`, which reads `tokenizer.json`.
+Neither `transformers` nor open_clip (nor so torch) is needed here: only `tokenizers`, which
+reads `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.core.clip_vocab import clean_function
 from service.core.text_tokenize import (
     TextTokenizer,
     Tokens,
@@ -50,12 +52,10 @@ class HFTextTokenizer:
         buckets: Sequence[int] = (),
         language: str | None = None,
     ) -> None:
-        from open_clip.tokenizer import get_clean_fn
-
         self.context_length = context_length
         self._json = Path(tokenizer_json).read_text(encoding="utf-8")
         self._clean_name = clean
-        self._clean = get_clean_fn(clean)
+        self._clean = clean_function(clean)
         self._pad_id = pad_token_id
         self._strip_sep_id = strip_sep_token_id
         self._language = language

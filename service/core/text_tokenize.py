@@ -4,8 +4,8 @@ Contract:
 
 - Ids are exactly those of `open_clip.tokenize` / `open_clip.get_tokenizer("ViT-B-32")`
   (same cleaning, word regex, byte encoding, vocabulary and merges, taken from open_clip's
-  `SimpleTokenizer`), without the padding, and cut the same way: at most `context_length`
-  ids, end-of-text last.
+  `SimpleTokenizer` into `clip_vocab`, so that serving loads no torch), without the
+  padding, and cut the same way: at most `context_length` ids, end-of-text last.
 - Cost: O(n log n) in the length n of each word, and the word cache is bounded, so no text
   can stall the caller or grow the process.
 
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from open_clip.tokenizer import SimpleTokenizer
+
+from service.core.clip_vocab import SPECIAL_TOKENS, clean_function, load_vocab
 
 END_OF_WORD = "</w>"
 # Words (byte-encoded) up to this many symbols are cached; longer ones are rare in real text
@@ -139,17 +140,18 @@ class TextTokenizer:
 
     def __init__(self, context_length: int, buckets: Sequence[int] = ()):
         self.context_length = context_length
-        # open_clip's tables (vocabulary, merge ranks, regex, cleaning); its `bpe` is not used.
-        self._bpe = SimpleTokenizer(context_length=context_length)
-        self._encoder: dict[str, int] = self._bpe.encoder
-        self._ranks: Mapping[tuple[str, str], int] = self._bpe.bpe_ranks
-        self._byte_encoder: dict[int, str] = self._bpe.byte_encoder
+        # open_clip's tables (vocabulary, merge ranks, regex), copied without open_clip.
+        self._vocab = load_vocab()
+        self._encoder: dict[str, int] = self._vocab.encoder
+        self._ranks: Mapping[tuple[str, str], int] = self._vocab.bpe_ranks
+        self._byte_encoder: dict[int, str] = self._vocab.byte_encoder
+        self._clean = clean_function("lower")  # what open_clip's SimpleTokenizer applies
         # open_clip's cache starts with the special tokens mapped to themselves: the regex
         # matches them whole and they encode as their own ids, without an end-of-word mark.
-        self._special = {t: (self._encoder[t],) for t in self._bpe.cache}
+        self._special = {t: (self._encoder[t],) for t in SPECIAL_TOKENS}
         self._cached_word_ids = lru_cache(maxsize=WORD_CACHE_SIZE)(self._encode_word)
-        self._sot = self._bpe.sot_token_id
-        self._eot = self._bpe.eot_token_id
+        self._sot = self._vocab.sot_token_id
+        self._eot = self._vocab.eot_token_id
         self.buckets = length_buckets(context_length, buckets)
 
     @property
@@ -176,11 +178,11 @@ class TextTokenizer:
         budget = self.context_length - 2
         body: list[int] = []
         truncated = False
-        cleaned = self._bpe.clean_fn(text)
+        cleaned = self._clean(text)
         byte_encoder = self._byte_encoder
         # BPE works word by word, so stopping once past the budget gives the same prefix
         # as encoding the whole text (a text of many words costs no more than its first ~77).
-        for match in self._bpe.pat.finditer(cleaned):
+        for match in self._vocab.pat.finditer(cleaned):
             word = "".join(byte_encoder[b] for b in match.group().encode("utf-8"))
             body.extend(self._word_ids(word))
             if len(body) > budget:

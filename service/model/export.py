@@ -21,9 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
-import torch
 from tqdm import tqdm
+
+from service.extras import MissingExtra
+
+try:  # before the modules below, which import torch too
+    import open_clip
+    import torch
+except ImportError as exc:  # the gateway install leaves the exporter's packages out
+    raise MissingExtra("export", "clipsvc export", exc.name) from exc
 
 from service.model import configs as model_configs
 from service.model.encoders import TEXT_PADDING_FULL, build_encoders, script_encoders

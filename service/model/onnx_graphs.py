@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the export needs torch; the ONNX Runtime sessions below do not
+    import torch
 
 ONNX_FILE = "model.onnx"
 # The opset the dynamo exporter of torch 2.14 writes by default; pinned so a torch upgrade
@@ -47,6 +50,8 @@ def export_onnx(
     Weights go into the file itself unless the model passes ONNX's 2 GB limit; then they
     go to `model.onnx.data` beside it (ONNX Runtime and Triton find it there).
     """
+    import torch
+
     batch = torch.export.Dim("batch", min=1)
     axes: dict[int, torch.export.Dim] = {0: batch}
     if dynamic_length is not None:
