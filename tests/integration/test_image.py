@@ -32,6 +32,7 @@ from tests.support.container import (
     GatewayContainer,
     build_gateway_image,
     engine,
+    engine_run,
     image_size_bytes,
     readable_copy,
 )
@@ -114,7 +115,7 @@ def test_gateway_image_is_small_non_root_and_has_no_torch(gateway_image: str) ->
     assert size <= MAX_IMAGE_BYTES, f"{gateway_image} is {size / 1e6:.0f} MB"
     assert _inspect(gateway_image, "{{.Config.User}}") == "10001:10001"
     probe = subprocess.run(
-        [*engine(), "run", "--rm", "--network", "none", "--read-only", "--entrypoint", "python",
+        [*engine_run(), "--rm", "--network", "none", "--read-only", "--entrypoint", "python",
          gateway_image, "-c",
          "import importlib.util as u; print([m for m in ('torch', 'open_clip', 'transformers')"
          " if u.find_spec(m)])"],

@@ -48,6 +48,12 @@ def engine() -> list[str]:
     pytest.fail("neither podman nor a running docker: `make system-deps` installs podman")
 
 
+def engine_run() -> list[str]:
+    """`<engine> run` with the flags every container here needs (podman: bounded ulimits)."""
+    command = engine()
+    return [*command, "run", *(_PODMAN_RUN if command[0] == "podman" else [])]
+
+
 def build_gateway_image(
     tag: str, backend: str, repository: Path, *, timeout_s: float = 1800
 ) -> str:
@@ -129,9 +135,7 @@ class GatewayContainer(ChildServer):
 
     def command(self, ports: Mapping[str, int]) -> list[str]:
         """The engine's `run` line: the image's entrypoint and user, the ports as CLIP_*."""
-        run = [*self._engine, "run", "--rm", "--name", self.container_name]
-        if self._engine[0] == "podman":
-            run += _PODMAN_RUN
+        run = [*engine_run(), "--rm", "--name", self.container_name]
         run += ["--network", "host", "--read-only"]
         settings = {
             "CLIP_HOST": self.host,

@@ -1,7 +1,9 @@
 """The Dockerfile: hadolint clean, and the structure the chart and the docs rely on.
 
-No Docker engine runs here, so the images are never built in tests; these checks catch
-what a build would only reveal later (a missing target, a root user, drifting pins).
+The gateway image is built and run for real by tests/integration/test_image.py; the triton
+and models targets cannot be built here (NVIDIA's image and the model hub are out of
+reach), so these checks catch what their build would only reveal later (a missing
+target, a root user, drifting pins).
 """
 
 from __future__ import annotations
@@ -123,7 +125,9 @@ def test_hadolint_ignores_carry_a_reason() -> None:
 
 
 def test_targets_exist(dockerfile: Dockerfile) -> None:
-    assert {"gateway", "triton", "export", "builder"} <= set(dockerfile.stages)
+    assert {"gateway", "triton", "models", "export", "builder", "gateway-venv"} <= set(
+        dockerfile.stages
+    )
 
 
 def _final_user(stage: Stage) -> str:
@@ -154,29 +158,46 @@ def test_gateway_image_shape(dockerfile: Dockerfile) -> None:
     for run in gateway.all("RUN"):
         assert not re.search(r"apt-get|apk |pip |gcc|build-essential", run), run
     copies = " ".join(gateway.all("COPY"))
-    assert "--from=builder /opt/venv /opt/venv" in copies
-    assert "/opt/clip/model_repository" in copies
+    assert "--from=gateway-venv /opt/venv /opt/venv" in copies
+    assert "--from=gateway-models /export /opt/clip/model_repository" in copies
 
 
-def test_builder_installs_cpu_torch_with_the_project_pins(dockerfile: Dockerfile) -> None:
+def test_the_gateway_venv_is_the_base_install_from_a_wheelhouse(dockerfile: Dockerfile) -> None:
+    builder = dockerfile.stages["builder"]
+    runs = builder.all("RUN")
+    # No torch in the gateway: nothing installs it, and the build proves it is absent.
+    assert not any(re.search(r"torch(vision)?==|\[export\]", run) for run in runs), runs
+    assert any("find_spec" in run and "'torch'" in run for run in runs)
+    # Offline: with WHEELHOUSE set, pip reads only that folder.
+    assert any('--no-index --find-links "/ctx/${WHEELHOUSE}"' in run for run in runs)
+    assert any("['project']['dependencies']" in run for run in runs)
+    assert any("--no-deps --no-build-isolation ." in run for run in runs)
+    # pip and setuptools stay out of the image.
+    assert any(
+        "pip uninstall --yes pip setuptools" in run
+        for run in dockerfile.stages["gateway-venv"].all("RUN")
+    )
+
+
+def test_export_installs_cpu_torch_with_the_project_pins(dockerfile: Dockerfile) -> None:
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     pins = {
         name: version
-        for dep in pyproject["project"]["dependencies"]
+        for dep in pyproject["project"]["optional-dependencies"]["export"]
         if (match := re.fullmatch(r"(torch|torchvision)==(\S+)", dep))
         for name, version in [match.groups()]
     }
     assert set(pins) == {"torch", "torchvision"}
-    builder = dockerfile.stages["builder"]
-    runs = " ".join(builder.all("RUN"))
+    export = dockerfile.stages["export"]
+    runs = " ".join(export.all("RUN"))
     for name, version in pins.items():
         assert f"{name}=={version}" in runs, f"Dockerfile does not pin {name}=={version}"
-    args = " ".join(builder.all("ARG"))
+    args = " ".join(export.all("ARG"))
     assert "download.pytorch.org/whl/cpu" in args
-    torch_run = next(run for run in builder.all("RUN") if "torch==" in run)
+    torch_run = next(run for run in export.all("RUN") if "torch==" in run)
     assert "--index-url" in torch_run
-    assert builder.all("RUN").index(torch_run) < next(
-        i for i, run in enumerate(builder.all("RUN")) if "-c constraints.txt ." in run
+    assert export.all("RUN").index(torch_run) < next(
+        i for i, run in enumerate(export.all("RUN")) if '-c constraints.txt ".[export]"' in run
     )
 
 
@@ -188,6 +209,21 @@ def test_export_stage_defaults(dockerfile: Dockerfile) -> None:
     run = " ".join(export.all("RUN"))
     assert "clipsvc export" in run and "--flavor pytorch" in run
     assert '--model "${MODEL_NAME}"' in run and '--pretrained "${PRETRAINED}"' in run
+    # Unless FLAVOR is given: onnx for an embedded gateway (its image has no torch).
+    assert args["FLAVOR"] == '""' and args["GATEWAY_BACKEND"] == "triton"
+    assert (
+        'if [ "${GATEWAY_BACKEND}" = embedded ]; then flavor=onnx; else flavor=pytorch; fi' in run
+    )
+
+
+def test_gateway_models_come_from_the_export_or_the_build_context(dockerfile: Dockerfile) -> None:
+    assert dockerfile.global_args["MODEL_SOURCE"] == "export"
+    assert dockerfile.stages["gateway-models"].base == "models-${MODEL_SOURCE}"
+    assert dockerfile.stages["models-export"].base == "export"
+    context = dockerfile.stages["models-context"]
+    assert context.all("COPY") == ["${MODEL_DIR} /export"]
+    run = " ".join(dockerfile.stages["gateway-models"].all("RUN"))
+    assert "model.pt" in run and "FLAVOR=onnx" in run  # an embedded image refuses TorchScript
 
 
 def test_triton_image_is_pinned_ngc_with_the_full_repository(dockerfile: Dockerfile) -> None:
@@ -233,14 +269,44 @@ def test_dockerignore_keeps_the_context_small_but_sufficient(dockerfile: Dockerf
     ):
         assert _ignored(heavy, patterns), heavy
     # Every file the Dockerfile copies from the context must survive .dockerignore and
-    # exist in the repository.
+    # exist in the repository (or, named by a build argument, be what `make image` stages).
     for stage in dockerfile.stages.values():
+        args_of_stage = dict(a.partition("=")[::2] for a in stage.all("ARG"))
         for args in stage.all("COPY"):
             if "--from=" in args:
                 continue
             *sources, _dest = args.split()
             for source in sources:
-                assert not _ignored(source, patterns), f"{source} is dockerignored"
-                assert (REPO_ROOT / source).exists(), f"COPY source {source} missing"
+                resolved = re.sub(r"\$\{(\w+)\}", lambda m, a=args_of_stage: a[m.group(1)], source)
+                assert not _ignored(resolved, patterns), f"{resolved} is dockerignored"
+                if resolved == source:
+                    assert (REPO_ROOT / source).exists(), f"COPY source {source} missing"
+                else:
+                    assert resolved.startswith(".cache/image/models/"), resolved
+    # What make image prepares for an offline build is in the context; the base tarball not.
+    assert not _ignored(".cache/image/wheelhouse/numpy-1.26.4-cp311.whl", patterns)
+    assert not _ignored(".cache/image/models/triton/metadata.json", patterns)
+    assert _ignored(".cache/image/base-bookworm.tar", patterns)
     assert not _ignored("service/cli.py", patterns)
     assert not _ignored("protos/clip/v1/clip.proto", patterns)
+
+
+def test_the_chart_deploys_the_images_make_image_builds() -> None:
+    import yaml
+
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    registry = re.search(r"^IMAGE_REGISTRY \?= (\S+)$", makefile, re.M).group(1)
+    assert re.search(
+        r"^GATEWAY_IMAGE := \$\(IMAGE_REGISTRY\)/clip-service-gateway:\$\(VERSION\)$",
+        makefile,
+        re.M,
+    )
+    values = yaml.safe_load((REPO_ROOT / "helm/clip-service/values.yaml").read_text())
+    chart = yaml.safe_load((REPO_ROOT / "helm/clip-service/Chart.yaml").read_text())
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert values["gateway"]["image"]["repository"] == f"{registry}/clip-service-gateway"
+    assert values["triton"]["image"]["repository"] == f"{registry}/clip-service-triton"
+    models = values["triton"]["modelRepository"]["initContainer"]["image"]["repository"]
+    assert models == f"{registry}/clip-service-models"
+    # An empty tag means the chart's appVersion: the version make image tags.
+    assert values["gateway"]["image"]["tag"] == "" and chart["appVersion"] == version
