@@ -56,8 +56,8 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
-# A folder of the build context holding every wheel the gateway needs (`make wheelhouse`):
-# pip then reads only it, so the build needs no network and takes the same wheels every
+# A folder of the build context holding every wheel the gateway needs (`make image`
+# prepares it with scripts/build_image.sh): pip then reads only it, so the build needs no network and takes the same wheels every
 # time. Empty: PyPI.
 ARG WHEELHOUSE=""
 # The gateway's dependencies first, in their own layer (they change less often than the
@@ -75,8 +75,8 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && clipsvc --help > /dev/null
 
 # ---------------------------------------------------------------------------- gateway-venv
-# What the gateway image copies: the venv without what the gateway never runs (~90 MB of
-# the ~300; the image must stay under 400 MB):
+# What the gateway image copies: the venv without what the gateway never runs (~65 MB of
+# ~300; the image must stay under 400 MB):
 # - pip and setuptools: nothing installs at run time;
 # - the Hugging Face hub client, which `tokenizers` requires only for
 #   `Tokenizer.from_pretrained` (hub downloads), with hf-xet and the packages only it uses:
