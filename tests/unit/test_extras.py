@@ -17,7 +17,7 @@ from tests.support.paths import REPO_ROOT
 PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 # Distribution names of the packages the gateway must not import.
 HEAVY = {"torch", "torchvision", "open-clip-torch", "transformers", "timm", "onnx", "onnxscript",
-         "sentencepiece", "huggingface-hub"}  # fmt: skip
+         "sentencepiece", "huggingface-hub", "pymilvus", "milvus-lite", "pandas"}  # fmt: skip
 
 
 def _name(requirement: str) -> str:
@@ -50,6 +50,8 @@ def test_extras_carry_them_with_torch_pinned_as_in_constraints() -> None:
     assert extras["torchscript"] == [export["torch"]]
     # The local tritonserver's python backend runs model.pt with torch.
     assert "clip-service[torchscript]" in extras["triton"]
+    # The catalog's client and engine (pymilvus brings pandas) are an extra as well.
+    assert {_name(r) for r in extras["catalog"]} == {"pymilvus", "milvus-lite"}
 
 
 def test_export_without_its_extra_names_it() -> None:
