@@ -31,6 +31,28 @@ class RequestTooLarge(Overloaded):
     an oversized message; HTTP 413)."""
 
 
+class AnswerTooLarge(Overloaded):
+    """A request whose answer would pass the send limit, refused before any work
+    (RESOURCE_EXHAUSTED, as gRPC's own refusal of an oversized message; HTTP 413)."""
+
+
+class RequestTimeout(ClipError):
+    """An HTTP request whose headers or body did not arrive within their deadline
+    (HTTP 408; the connection is closed)."""
+
+
+class RouteNotFound(ClipError):
+    """An HTTP path the API does not have (HTTP 404)."""
+
+
+class MethodNotAllowed(ClipError):
+    """An HTTP method the path does not take (HTTP 405, with `Allow`)."""
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+
 class BackendUnavailable(ClipError):
     """The model backend is not reachable or not ready (UNAVAILABLE)."""
 

@@ -184,6 +184,21 @@ class Settings(FlagSet):
         "/v1/classify, /v1/similarity, /health, /ready), same address, keys, limits and TLS "
         "files as gRPC (0 picks a free one, -1 disables).",
     )
+    http_header_timeout_s: float = _opt(
+        10.0,
+        "Seconds an HTTP connection may take to send a request's headers (from its opening, "
+        "or from the first byte of the next request); past it, the connection is closed.",
+    )
+    http_body_timeout_s: float = _opt(
+        30.0,
+        "Seconds an HTTP request's whole body may take to arrive once its headers are in; "
+        "past it, 408 and the connection is closed (a slow sender holds no call slot).",
+    )
+    max_http_body_reads: int = _opt(
+        64,
+        "HTTP request bodies being received at once; past it, 429 at once. Their bytes count "
+        "in --max-inflight-request-bytes as they arrive.",
+    )
     health_port: int = _opt(
         -1,
         "Plaintext port serving only grpc.health.v1, for probes when TLS or API keys are on "

@@ -18,7 +18,7 @@ from service.core.admission import Admission
 from service.core.batched_backend import BatchedBackend
 from service.core.cache import EmbeddingCache, RedisOptions
 from service.core.catalog import Catalog, CatalogLimits
-from service.core.embedder import Embedder, EmbedderOptions
+from service.core.embedder import Decoding, Embedder, EmbedderOptions
 from service.core.models import ModelRegistry, ServedModel, pick_default
 from service.core.scoring import Scorer
 from service.core.validation import Limits
@@ -123,18 +123,28 @@ def build_embedder(
     metadata: ModelMetadata | None = None,
     admission: Admission | None = None,
     cache: EmbeddingCache | None = None,
+    label_cache: EmbeddingCache | None = None,
+    decoding: Decoding | None = None,
 ) -> Embedder:
     """Backend + cache + pipeline of one model (not started): `metadata`'s, else the
     repository's default model. The others are shared when several models are served."""
     if metadata is None:
         models = load_repository(settings.model_repository)
         metadata = models[pick_default(list(models), settings.default_model)]
-    admission = admission or Admission(settings.max_queued_items, metrics)
-    cache = cache or build_cache(settings, metrics)
+    if admission is None:
+        admission = Admission(settings.max_queued_items, metrics)
+    # `is None`, not `or`: an empty cache is falsy (it has a length), and `or` gave every
+    # model a cache of its own, each with its own LRU bounds, Redis pool and breaker.
+    if cache is None:
+        cache = build_cache(settings, metrics)
+    if label_cache is None:
+        label_cache = cache.with_own_lru(settings.label_cache_items)
+    if decoding is None:
+        decoding = build_decoding(settings)
     return Embedder(
         backend=build_backend(settings, metadata, metrics, admission),
         cache=cache,
-        label_cache=cache.with_own_lru(settings.label_cache_items),
+        label_cache=label_cache,
         metadata=metadata,
         limits=build_limits(settings),
         metrics=metrics,
@@ -146,11 +156,18 @@ def build_embedder(
             fast_jpeg=settings.fast_jpeg,
             text_length_buckets=settings.text_length_buckets,
         ),
+        decoding=decoding,
     )
 
 
+def build_decoding(settings: Settings) -> Decoding:
+    """The decode threads and pixel budget (one per gateway, shared by every model)."""
+    return Decoding(settings.decode_threads or usable_cpus(), settings.decode_budget_pixels)
+
+
 def build_registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
-    """One pipeline per model of the repository, sharing the admission bound and cache."""
+    """One pipeline per model of the repository, sharing the admission bound, the cache,
+    the decode threads and the decode pixel budget (each bounds the whole gateway)."""
     models = load_repository(settings.model_repository)
     default = pick_default(list(models), settings.default_model)
     if settings.max_items > settings.max_queued_items:
@@ -163,10 +180,18 @@ def build_registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
         )
     admission = Admission(settings.max_queued_items, metrics)
     cache = build_cache(settings, metrics)
+    label_cache = cache.with_own_lru(settings.label_cache_items)
+    decoding = build_decoding(settings)
     served = []
     for name, metadata in models.items():
         embedder = build_embedder(
-            settings, metrics, metadata=metadata, admission=admission, cache=cache
+            settings,
+            metrics,
+            metadata=metadata,
+            admission=admission,
+            cache=cache,
+            label_cache=label_cache,
+            decoding=decoding,
         )
         served.append(ServedModel(name, embedder, Scorer(embedder)))
     return ModelRegistry(served, default)
@@ -190,6 +215,9 @@ def server_options(settings: Settings) -> ServerOptions:
         backend_timeout_s=settings.backend_timeout_s,
         api_keys=ApiKeys(frozenset(settings.api_keys), settings.api_keys_file),
         tls=tls,
+        http_header_timeout_s=settings.http_header_timeout_s,
+        http_body_timeout_s=settings.http_body_timeout_s,
+        max_http_body_reads=settings.max_http_body_reads,
     )
 
 

@@ -53,6 +53,9 @@ class CachedVector:
 
     vector: np.ndarray
     truncated: bool = False
+    #: Token ids the model read of the text, kept in the LRU only (for OpenAI's `usage`
+    #: without tokenizing again); None from Redis, whose values keep no count.
+    tokens: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -273,17 +276,23 @@ class EmbeddingCache:
         return results
 
     async def put_many(
-        self, entries: Sequence[tuple[str, np.ndarray]], *, truncated: Sequence[bool] = ()
+        self,
+        entries: Sequence[tuple[str, np.ndarray]],
+        *,
+        truncated: Sequence[bool] = (),
+        tokens: Sequence[int | None] = (),
     ) -> None:
         """Store vectors (flattened to float32) in the LRU and, in one pipeline, Redis;
-        `truncated[i]` (default False) is kept with the i-th vector."""
+        `truncated[i]` (default False) is kept with the i-th vector, `tokens[i]` (default
+        None) with its LRU entry only."""
         packed: dict[str, bytes] = {}
         for index, (key, vector) in enumerate(entries):
             stored = np.array(vector, dtype=np.float32, copy=True).reshape(-1)
             # Read-only because the same array is handed to every later reader.
             stored.flags.writeable = False
             cut = bool(truncated[index]) if index < len(truncated) else False
-            self._local_put(key, CachedVector(stored, cut))
+            count = tokens[index] if index < len(tokens) else None
+            self._local_put(key, CachedVector(stored, cut, count))
             packed[key] = encode_value(stored, truncated=cut)
         if not packed or self._client is None:
             return

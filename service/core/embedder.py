@@ -55,12 +55,30 @@ class EmbeddingResult:
     vector: np.ndarray
     cached: bool = False
     truncated: bool = False
+    #: Token ids the model read of a text (start and end included), where known: set when
+    #: this gateway tokenized it, or its LRU kept the count; None for images and for
+    #: texts answered by the shared cache (Redis keeps no count).
+    tokens: int | None = None
 
 
 #: Runs prepared inputs on the backend: timeout → one result per input, in order.
 Run = Callable[[float | None], Awaitable[list[EmbeddingResult]]]
 #: Prepares the inputs at these indexes (decode, tokenize) → how to run them.
 Prepare = Callable[[list[int]], Awaitable[Run]]
+
+
+class Decoding:
+    """The decode threads and the pixel budget: one per gateway, shared by every model,
+    so that `--decode-threads` and `--decode-budget-pixels` bound the whole process."""
+
+    def __init__(self, threads: int, budget_pixels: int | None) -> None:
+        """`budget_pixels` None: decodes are bounded by the thread count only."""
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self.budget = None if budget_pixels is None else PixelBudget(budget_pixels)
+
+    def close(self) -> None:
+        """Stop the threads (idempotent: every model sharing them closes them)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -90,9 +108,12 @@ class Embedder:
         metrics: Metrics,
         admission: Admission,
         options: EmbedderOptions,
+        decoding: Decoding | None = None,
     ) -> None:
         """`admission` is shared with the batching queue in front of `backend` (its hold);
-        `label_cache` keeps zero-shot label ensembles apart from image and text vectors."""
+        `label_cache` keeps zero-shot label ensembles apart from image and text vectors;
+        `decoding` is the gateway's (shared by its models), else one of this model's own
+        from `options`."""
         self._backend = backend
         self._cache = cache
         self._label_cache = label_cache
@@ -120,14 +141,9 @@ class Embedder:
         # but the size (and the model id), and their own kind keeps them apart from keys
         # of encoded bytes.
         self._pixels_fingerprint = f"px/{metadata.image_size}"
-        self._decode_pool = ThreadPoolExecutor(
-            max_workers=options.decode_threads, thread_name_prefix="decode"
-        )
-        self._pixel_budget = (
-            None
-            if options.decode_budget_pixels is None
-            else PixelBudget(options.decode_budget_pixels)
-        )
+        self._decoding = decoding or Decoding(options.decode_threads, options.decode_budget_pixels)
+        self._decode_pool = self._decoding.pool
+        self._pixel_budget = self._decoding.budget
         self._flights: SingleFlight[str, EmbeddingResult] = SingleFlight()
 
     @property
@@ -168,7 +184,7 @@ class Embedder:
 
     async def aclose(self) -> None:
         """Stop the decode threads, the backend and the cache."""
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._decoding.close()
         await self._backend.aclose()
         await self._cache.aclose()
         await self._label_cache.aclose()
@@ -345,7 +361,7 @@ class Embedder:
         """
         local = self._cache.get_local(unique)
         results = {
-            k: EmbeddingResult(e.vector, cached=True, truncated=e.truncated)
+            k: EmbeddingResult(e.vector, cached=True, truncated=e.truncated, tokens=e.tokens)
             for k, e in zip(unique, local, strict=True)
             if e is not None
         }
@@ -380,7 +396,9 @@ class Embedder:
             raise
         hits = {k: v for k, v in zip(owned, shared, strict=True) if v is not None}
         for key, entry in hits.items():
-            result = EmbeddingResult(entry.vector, cached=True, truncated=entry.truncated)
+            result = EmbeddingResult(
+                entry.vector, cached=True, truncated=entry.truncated, tokens=entry.tokens
+            )
             self._flights.resolve(owned, key, result)
         self._flights.release({k: owned[k] for k in hits})  # now in the LRU
         todo = {k: f for k, f in owned.items() if k not in hits}
@@ -436,6 +454,7 @@ class Embedder:
                 await self._cache.put_many(
                     [(k, e.vector) for k, e in zip(owned, embedded, strict=True)],
                     truncated=[e.truncated for e in embedded],
+                    tokens=[e.tokens for e in embedded],
                 )
         finally:
             self._flights.release(owned)
@@ -475,7 +494,9 @@ class Embedder:
             for row, i in enumerate(members):
                 vectors[i] = out[row]
         return [
-            EmbeddingResult(np.asarray(v, dtype=np.float32), truncated=t.truncated)
+            EmbeddingResult(
+                np.asarray(v, dtype=np.float32), truncated=t.truncated, tokens=len(t.ids)
+            )
             for v, t in zip(vectors, tokens, strict=True)
         ]
 
@@ -510,6 +531,15 @@ class Embedder:
             return [EmbeddingResult(np.asarray(v, dtype=np.float32)) for v in out]
 
         return run
+
+    async def count_tokens(self, texts: Sequence[str], language: str | None = None) -> list[int]:
+        """Token ids the model reads of each text (start and end included, cut at the
+        context), counted on the decode threads: the event loop keeps answering meanwhile.
+        The callers' texts were checked against the limits already (count, length)."""
+        tokens = await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, self._tokenize, list(texts), language
+        )
+        return [len(t.ids) for t in tokens]
 
     def _tokenize(self, texts: list[str], language: str | None = None) -> list[Tokens]:
         started = time.perf_counter()

@@ -4,7 +4,7 @@ Every model of the repository gets an `Embedder` (its backend, batching queue an
 tokenizer) and a `Scorer`; requests name a model (`model`, empty = the default) and
 are answered by that model only, so vectors of different models never meet. What
 bounds the process is shared: one `Admission` (items queued for any backend), one
-cache (keys carry the model id), one decode-pixel budget per model's decode pool.
+cache and one label cache (keys carry the model id), one decode pool and its pixel budget.
 """
 
 from __future__ import annotations

@@ -173,6 +173,20 @@ class Scorer:
     ) -> np.ndarray:
         """`[len(items), D]`: texts and images mixed, in order (each modality batched);
         a bad item is named by its index in `items`. The caller checks the count."""
+        results = await self.embed_results(items, field, timeout_s, language)
+        out = np.zeros((len(items), self._embedder.metadata.embedding_dim), dtype=np.float32)
+        for position, result in enumerate(results):
+            out[position] = result.vector
+        return out
+
+    async def embed_results(
+        self,
+        items: Sequence[Item],
+        field: str,
+        timeout_s: float | None,
+        language: str | None = None,
+    ) -> list[EmbeddingResult]:
+        """Each item's result (texts and images mixed), in order; as `embed_items`."""
         self._embedder.check_language(language)  # named as itself, before any image decodes
         text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
         image_at = [i for i, item in enumerate(items) if not isinstance(item, str)]
@@ -183,7 +197,7 @@ class Scorer:
         ]
         embedder = self._embedder
         try:
-            text_vecs, image_vecs = await _gather_failing_fast(
+            text_results, image_results = await _gather_failing_fast(
                 (
                     embedder.embed_texts(texts, timeout_s=timeout_s, language=language)
                     if texts
@@ -193,11 +207,11 @@ class Scorer:
             )
         except InvalidInput as exc:
             raise _reindex(exc, field, text_at if exc.field == "texts" else image_at) from None
-        out = np.zeros((len(items), embedder.metadata.embedding_dim), dtype=np.float32)
-        for positions, vecs in ((text_at, text_vecs), (image_at, image_vecs)):
-            for position, item in zip(positions, vecs, strict=True):
-                out[position] = item.vector
-        return out
+        out: list[EmbeddingResult | None] = [None] * len(items)
+        for positions, results in ((text_at, text_results), (image_at, image_results)):
+            for position, result in zip(positions, results, strict=True):
+                out[position] = result
+        return [r for r in out if r is not None]
 
 
 async def _gather_failing_fast(*calls: Awaitable[Any]) -> list[Any]:

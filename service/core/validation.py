@@ -50,13 +50,32 @@ def check_texts(texts: Sequence[str], limits: Limits, field: str = "texts") -> N
 
 
 def check_text(text: str, limits: Limits, field: str = "texts", index: int | None = None) -> None:
-    """One text's length in characters (truncation to the context length is not an error)."""
+    """One text's length in characters (truncation to the context length is not an error),
+    then that it can be encoded."""
     if len(text) > limits.max_text_chars:
         raise InvalidInput(
             f"text is {len(text)} characters, over the limit of {limits.max_text_chars}",
             field=field,
             index=index,
         )
+    check_encodable(text, field, index)
+
+
+def check_encodable(text: str, field: str, index: int | None = None) -> None:
+    """`text` is valid Unicode: a lone surrogate (JSON's `"\\ud800"`, or a str built in
+    Python) has no UTF-8 form, so it could be neither hashed into a cache key nor tokenized."""
+    if text.isascii():  # the common case, without building the encoded copy
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"text holds {text[exc.start : exc.end].encode('utf-8', 'backslashreplace').decode()}"
+            f" at character {exc.start}, a lone surrogate that is not a Unicode character; "
+            "send valid UTF-8 text",
+            field=field,
+            index=index,
+        ) from None
 
 
 def check_image_sizes(
@@ -109,6 +128,7 @@ def check_labels(
                 field="labels",
                 index=index,
             )
+        check_encodable(label, "labels", index)
         if label in seen:
             raise InvalidInput(
                 f"label {label!r} repeats labels[{seen[label]}]; labels must be unique",
@@ -133,6 +153,7 @@ def check_labels(
                 field="templates",
                 index=index,
             )
+        check_encodable(template, "templates", index)
         if template.count("{}") != 1:
             raise InvalidInput(
                 f"template {template!r} must hold exactly one '{{}}' where the label goes "

@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core.admission import ByteBudget
+from service.core.calls import Calls
 from service.core.catalog import Catalog
 from service.core.embedder import Embedder
 from service.core.models import ModelRegistry
@@ -32,7 +33,7 @@ from service.server.interceptors import (
     ObservabilityInterceptor,
     RequestBytesInterceptor,
 )
-from service.server.servicer import ClipServicer
+from service.server.servicer import PROTO_COSTS, ClipServicer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class ServerOptions:
     backend_timeout_s: float
     api_keys: ApiKeys
     tls: TlsFiles | None
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 30.0
+    max_http_body_reads: int = 64
 
 
 @dataclass
@@ -173,9 +177,12 @@ def build_server(
     )
     clip_pb2_grpc.add_ClipServiceServicer_to_server(
         ClipServicer(
-            models,
-            backend_timeout_s=options.backend_timeout_s,
-            max_answer_bytes=options.max_message_bytes,
+            Calls(
+                models,
+                max_answer_bytes=options.max_message_bytes,
+                backend_timeout_s=options.backend_timeout_s,
+                costs=PROTO_COSTS,
+            ),
             catalog=catalog,
         ),
         server,
@@ -208,11 +215,21 @@ def build_server(
                 max_concurrent=options.max_concurrent_rpcs,
                 backend_timeout_s=options.backend_timeout_s,
                 api_keys=options.api_keys,
+                body_timeout_s=options.http_body_timeout_s,
+                header_timeout_s=options.http_header_timeout_s,
+                max_body_reads=options.max_http_body_reads,
             ),
             budget,
             CatalogRoutes(catalog, options.backend_timeout_s),
         )
-        gateway.http_server = HttpServer(api.app, options.host, options.http_port, options.tls)
+        gateway.http_server = HttpServer(
+            api.app,
+            options.host,
+            options.http_port,
+            options.tls,
+            header_timeout_s=options.http_header_timeout_s,
+            on_close=api.close,
+        )
     if options.health_port >= 0:
         # Probes get the same health answers over plaintext, outside the RPC cap, auth
         # and TLS of the main port (kubelet's gRPC probe speaks neither TLS nor keys).

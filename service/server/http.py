@@ -1,13 +1,21 @@
 """The HTTP API: OpenAI-compatible `/v1/embeddings` and JSON twins of the gRPC calls.
 
 A Starlette app served by uvicorn inside the gateway's event loop (the one grpc.aio
-runs on), over the same `ModelRegistry`: the same pipelines, admission bound, cache,
-API keys (`Authorization: Bearer KEY`, the same `ApiKeys`, so rotation applies), metrics
+runs on), over the same core calls as gRPC (`core/calls.py`: one place checks items,
+sizes, the answer's size, bytes and deadlines for both doors), the same API keys
+(`Authorization: Bearer KEY`, the same `ApiKeys`, so rotation applies), metrics
 (`clip_requests_total{method="http:embeddings",...}`) and health. Errors come from the
 one table in `status.py` and are answered in OpenAI's shape
-`{"error": {"message", "type", "code"}}`.
+`{"error": {"message", "type", "code"}}`, unknown routes (404) and methods (405) too.
 
-Routes: `POST /v1/embeddings`, `GET /v1/models`, `POST /v1/classify`,
+A request here: headers within `--http-header-timeout-s` (else the connection is
+closed); the body read within `--http-body-timeout-s` (else 408), by at most
+`--max-http-body-reads` requests at once (else 429), its bytes held in the request byte
+budget shared with gRPC as they arrive; only then a concurrency slot
+(`--max-concurrent-rpcs`, else 429); the JSON decoded off the event loop, bounded
+(`http_schema.py`); the core call; the answer encoded off the event loop.
+
+Routes: `POST /v1/embeddings`, `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/classify`,
 `POST /v1/similarity` (open only with a key when keys are configured), and
 `GET /health` (the process runs) and `GET /ready` (every model serves), always open.
 """
@@ -16,25 +24,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import uvicorn
 from google.protobuf import json_format
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.core import validation
 from service.core.admission import ByteBudget
-from service.core.embedder import Embedder
-from service.core.models import ModelRegistry
-from service.errors import InvalidInput, Overloaded, RequestTooLarge, Unauthenticated
+from service.core.calls import AnswerCosts, Calls
+from service.core.models import ModelRegistry, ServedModel
+from service.errors import (
+    InvalidInput,
+    MethodNotAllowed,
+    ModelNotFound,
+    Overloaded,
+    RequestTimeout,
+    RequestTooLarge,
+    RouteNotFound,
+    Unauthenticated,
+)
 from service.metrics import Metrics
 from service.server import http_schema as schema
 from service.server.credentials import ApiKeys, TlsFiles, tls_server_context
@@ -45,17 +64,28 @@ from service.server.status import caller_message, outcome_for
 
 #: `created` of every model in `/v1/models` (OpenAI's field; the export time is not kept).
 _CREATED = 0
-#: Texts whose token count each model remembers.
-_TOKEN_COUNTS = 4096
-
-
-def _token_counter(embedder: Embedder) -> Callable[[str], int]:
-    """Tokens `embedder` reads of a text: start and end included, cut at its context."""
-
-    def count(text: str) -> int:
-        return len(embedder.tokenizer.tokenize(text).ids)
-
-    return count
+#: Threads decoding request JSON and encoding answers: also the bound on bodies decoded
+#: at once, so the memory of decoding is that of two bodies at most.
+_JSON_THREADS = 2
+#: What JSON answers cost (rounded up). A float32 as JSON: up to 24 characters with its
+#: comma ("-1.2345678901234567e-05,"); base64: 4 bytes → 16/3 characters; int8/uint8 up
+#: to 5 ("-127,"); the bit formats one such integer per 8 dimensions.
+HTTP_COSTS = AnswerCosts(
+    per_vector=64,  # {"object":"embedding","index":N,"embedding":[...]}, + base64 padding
+    per_value={
+        "float": 24,
+        "base64": 16 / 3,
+        "int8": 5,
+        "uint8": 4,
+        "binary": 5 / 8,
+        "ubinary": 4 / 8,
+    },
+    per_row=40,  # {"scores":[],"probabilities":[]}, / {"labels":[]},
+    per_score=2 * 24,
+    per_label=80,  # {"label":,"probability":,"score":}, and two floats
+    label_bytes=schema.json_string_bytes,
+)
+_JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -66,6 +96,9 @@ class HttpOptions:
     max_concurrent: int
     backend_timeout_s: float
     api_keys: ApiKeys
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    max_body_reads: int = 64
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
@@ -76,8 +109,36 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
     return outcome.http_status, body
 
 
+def error_response(error: BaseException, *, close: bool = False) -> Response:
+    """`error` answered in OpenAI's shape, with the headers its status calls for; `close`:
+    the request's body was not read (all), so the connection cannot carry another."""
+    status, body = error_body(error)
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, MethodNotAllowed):
+        headers["Allow"] = error.allow
+    if close:
+        headers["Connection"] = "close"
+    return Response(schema.encode_json(body), status_code=status, headers=headers, media_type=_JSON)
+
+
+@dataclass
+class _Call:
+    """What a route learns about its call that the metrics want: the model it named
+    (None until its body is parsed: such calls are labelled ''); and the path's
+    parameters (`/v1/models/{model}`)."""
+
+    model: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+
+
+#: A route: the request's JSON body (b"" for GET) → the answer, a JSON-ready value.
+Handler = Callable[[bytes, _Call], Awaitable[Any]]
+
+
 class HttpApi:
-    """The routes, over a registry; `app` is the ASGI application."""
+    """The routes, over the core calls; `app` is the ASGI application."""
 
     def __init__(
         self,
@@ -89,23 +150,36 @@ class HttpApi:
         catalog: CatalogRoutes | None = None,
     ) -> None:
         self._models = models
+        self._calls = Calls(
+            models,
+            max_answer_bytes=options.max_body_bytes,
+            backend_timeout_s=options.backend_timeout_s,
+            costs=HTTP_COSTS,
+        )
+        limits = models.default_embedder.limits
+        self._bounds = schema.JsonBounds.for_limits(
+            limits.max_items, limits.max_labels, limits.max_templates
+        )
         self._request_bytes = request_bytes
         self._health = health
         self._metrics = metrics
         self._options = options
         self._active = 0
-        # Tokens each text is read as (OpenAI's `usage`), remembered: repeated texts, the
-        # ones the cache answers, would otherwise be tokenized again only to be counted.
-        self._token_counts = {
-            m.name: functools.lru_cache(maxsize=_TOKEN_COUNTS)(_token_counter(m.embedder))
-            for m in models
-        }
+        self._reading = 0
+        self._json_pool = ThreadPoolExecutor(
+            max_workers=_JSON_THREADS, thread_name_prefix="http-json"
+        )
         self.app = Starlette(
             routes=[
                 Route(
                     "/v1/embeddings", self._route("embeddings", self._embeddings), methods=["POST"]
                 ),
                 Route("/v1/models", self._route("models", self._list_models), methods=["GET"]),
+                Route(
+                    "/v1/models/{model:path}",
+                    self._route("model", self._get_model),
+                    methods=["GET"],
+                ),
                 Route("/v1/classify", self._route("classify", self._classify), methods=["POST"]),
                 Route(
                     "/v1/similarity", self._route("similarity", self._similarity), methods=["POST"]
@@ -114,35 +188,38 @@ class HttpApi:
                 Route("/health", self._health_route, methods=["GET"]),
                 Route("/ready", self._ready_route, methods=["GET"]),
             ],
+            exception_handlers={HTTPException: self._routing_error},
         )
 
+    def close(self) -> None:
+        """Stop the JSON threads (the server has stopped)."""
+        self._json_pool.shutdown(wait=False, cancel_futures=True)
+
     # ------------------------------------------------------------------ plumbing
-    def _route(
-        self, name: str, handler: Callable[[Request, dict[str, Any]], Awaitable[dict[str, Any]]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        """`handler` with what every call gets: auth, the body read within its bound, the
-        concurrency bound, metrics, and errors answered from the one table."""
+    def _route(self, name: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """`handler` with what every call gets: auth, the body read within its bounds, then
+        the concurrency slot, metrics, and errors answered from the one table."""
         method = f"http:{name}"
         metrics = self._metrics
 
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             metrics.in_flight.labels(method).inc()
-            code, label = "OK", ""
+            code = "OK"
+            call = _Call(params=dict(request.path_params))
+            held = 0
+            body_read = request.method != "POST"
             try:
+                self._authenticate(request)
+                raw = b""
+                if not body_read:
+                    raw, held = await self._read_body(request)
+                    body_read = True
+                # The slot only now: a caller still sending its body holds none.
                 with self._slot():
-                    self._authenticate(request)
-                    body: dict[str, Any] = {}
-                    raw = b""
-                    if request.method == "POST":
-                        raw = await self._read_body(request)
-                        body = schema.parse_json(raw)
-                        named = body.get("model") or ""
-                        label = self._models.label(named) if isinstance(named, str) else ""
-                    # The same budget as gRPC requests: bytes kept while the call runs.
-                    with self._request_bytes.held(len(raw)):
-                        answer = await handler(request, body)
-                return JSONResponse(answer)
+                    answer = await handler(raw, call)
+                    body = await self._off_loop(schema.encode_json, answer)
+                return Response(body, media_type=_JSON)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -150,15 +227,39 @@ class HttpApi:
                 code = outcome_for(exc).code.name
                 if isinstance(exc, Unauthenticated):
                     metrics.auth_failures.inc()
-                status, error = error_body(exc)
-                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-                return JSONResponse(error, status_code=status, headers=headers)
+                return error_response(exc, close=not body_read)
             finally:
+                if held:
+                    self._request_bytes.give(held)
+                label = "" if call.model is None else self._models.label(call.model)
                 metrics.in_flight.labels(method).dec()
                 metrics.request_latency.labels(method, label).observe(time.perf_counter() - started)
                 metrics.requests.labels(method, code, label).inc()
 
         return endpoint
+
+    async def _routing_error(self, request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 / 405 (no such route, wrong method) in OpenAI's shape."""
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            error: Exception = MethodNotAllowed(
+                f"{request.method} is not allowed on {request.url.path[:200]}; use {allow}",
+                allow,
+            )
+        elif exc.status_code == 404:
+            error = RouteNotFound(
+                f"no route {request.method} {request.url.path[:200]}; the API has POST "
+                "/v1/embeddings, GET /v1/models, POST /v1/classify, POST /v1/similarity, "
+                "GET /health and GET /ready"
+            )
+        else:
+            error = InvalidInput(str(exc.detail))
+        return error_response(error)
+
+    async def _off_loop(self, work: Callable[..., Any], *args: Any) -> Any:
+        """`work(*args)` on the JSON threads: the event loop answers others meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._json_pool, work, *args)
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[None]:
@@ -181,95 +282,128 @@ class HttpApi:
                 "missing or invalid API key; send the header 'Authorization: Bearer <key>'"
             )
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused (413) as soon as it is known to pass the bound: from its
-        Content-Length before reading any of it, else while it streams in."""
-        limit = self._options.max_body_bytes
-        declared = request.headers.get("content-length")
+    async def _read_body(self, request: Request) -> tuple[bytes, int]:
+        """The body and the request-budget bytes it holds (the caller gives them back).
+
+        Refused with 413 as soon as it is known to pass `--max-message-bytes` (from its
+        Content-Length before reading any of it, else while it streams in), with 408 when
+        it is not all in within `--http-body-timeout-s`, with 429 when
+        `--max-http-body-reads` bodies are being read already or its bytes do not fit in
+        the request budget shared with gRPC (taken as they arrive, so a slow sender holds
+        only what it sent).
+        """
+        options = self._options
+        limit = options.max_body_bytes
         too_large = RequestTooLarge(
             f"the request body is over the limit of {limit} bytes (--max-message-bytes); "
             "split the request"
         )
+        declared = request.headers.get("content-length")
         if declared is not None:
             try:
                 if int(declared) > limit:
                     raise too_large
             except ValueError:
                 raise InvalidInput("the Content-Length header is not a number") from None
+        if self._reading >= options.max_body_reads:
+            raise Overloaded(
+                f"server busy: {self._reading} request bodies being received, limit "
+                f"{options.max_body_reads} (--max-http-body-reads); retry with backoff"
+            )
+        self._reading += 1
         chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+        held = 0
+        try:
+            async with asyncio.timeout(options.body_timeout_s):
+                async for chunk in request.stream():
+                    if held + len(chunk) > limit:
+                        raise too_large
+                    self._request_bytes.take(len(chunk))
+                    held += len(chunk)
+                    chunks.append(chunk)
+        except TimeoutError:
+            self._request_bytes.give(held)
+            raise RequestTimeout(
+                f"the request body did not arrive within {options.body_timeout_s:g} s "
+                f"(--http-body-timeout-s; {held} bytes came); send it at once"
+            ) from None
+        except BaseException:
+            self._request_bytes.give(held)
+            raise
+        finally:
+            self._reading -= 1
+        return b"".join(chunks), held
 
     # ------------------------------------------------------------------ routes
-    async def _embeddings(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        parsed = schema.parse_embeddings(body)
+    async def _embeddings(self, raw: bytes, call: _Call) -> Any:
+        parsed = await self._off_loop(schema.parse_embeddings, raw, self._bounds)
+        call.model = parsed.model
         model = self._models.get(parsed.model)
-        embedder = model.embedder
-        schema.check_dimensions(parsed.dimensions, embedder.metadata.embedding_dim, model.name)
-        validation.check_count(len(parsed.items), "input", embedder.limits.max_items)
-        timeout_s = self._options.backend_timeout_s
-        texts = [item for item in parsed.items if isinstance(item, str)]
-        if len(texts) == len(parsed.items):  # texts only: straight to the text pipeline
-            embedded = await embedder.embed_texts(
-                texts, timeout_s=timeout_s, field="input", language=parsed.language
-            )
-            vectors = [e.vector for e in embedded]
-        else:
-            vectors = list(
-                await model.scorer.embed_items(parsed.items, "input", timeout_s, parsed.language)
-            )
-        count = self._token_counts[model.name]
-        tokens = sum(count(text) for text in texts)
-        return {
+        dim = model.embedder.metadata.embedding_dim
+        schema.check_dimensions(parsed.dimensions, dim, model.name)
+        calls = self._calls
+        embedded = await calls.embed(
+            parsed.model,
+            parsed.items,
+            field="input",
+            encoding=parsed.encoding_format,
+            language=parsed.language,
+        )
+        tokens = await calls.token_counts(model, parsed.items, embedded.results, parsed.language)
+        answer = {
             "object": "list",
             "data": [
                 {
                     "object": "embedding",
                     "index": i,
-                    "embedding": schema.encode_vector(v, parsed.encoding_format),
+                    "embedding": schema.encode_vector(r.vector, parsed.encoding_format),
                 }
-                for i, v in enumerate(vectors)
+                for i, r in enumerate(embedded.results)
             ],
             "model": model.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+        return answer
 
-    async def _list_models(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        data = [
-            {
-                "id": model.name,
-                "object": "model",
-                "created": _CREATED,
-                "owned_by": "clipsvc",
-                # Beyond OpenAI's fields: what GetModelInfo says, every field of it.
-                **json_format.MessageToDict(
-                    model_info(model),
-                    preserving_proto_field_name=True,
-                    always_print_fields_with_no_presence=True,
-                ),
-                "default": model.name == self._models.default,
-            }
-            for model in self._models
-        ]
-        return {"object": "list", "data": data}
+    def _describe(self, model: ServedModel) -> dict[str, Any]:
+        return {
+            "id": model.name,
+            "object": "model",
+            "created": _CREATED,
+            "owned_by": "clipsvc",
+            # Beyond OpenAI's fields: what GetModelInfo says, every field of it.
+            **json_format.MessageToDict(
+                model_info(model),
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            ),
+            "default": model.name == self._models.default,
+        }
 
-    async def _classify(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        parsed = schema.parse_classify(body)
-        model = self._models.get(parsed.model)
-        results = await model.scorer.classify(
+    async def _list_models(self, raw: bytes, call: _Call) -> Any:
+        return {"object": "list", "data": [self._describe(model) for model in self._models]}
+
+    async def _get_model(self, raw: bytes, call: _Call) -> Any:
+        """OpenAI's `GET /v1/models/{model}`: one model, 404 naming the served ones."""
+        name = call.params.get("model", "")
+        if not name:  # `/v1/models/` names no model (`get('')` would be the default)
+            raise ModelNotFound(name, self._models.names)
+        model = self._models.get(name)
+        call.model = model.name
+        return self._describe(model)
+
+    async def _classify(self, raw: bytes, call: _Call) -> Any:
+        parsed = await self._off_loop(schema.parse_classify, raw, self._bounds)
+        call.model = parsed.model
+        classified = await self._calls.classify(
+            parsed.model,
             parsed.images,
             parsed.labels,
             parsed.templates,
             parsed.top_k,
-            timeout_s=self._options.backend_timeout_s,
             language=parsed.language,
         )
-        return {
+        answer = {
             "results": [
                 {
                     "labels": [
@@ -277,29 +411,28 @@ class HttpApi:
                         for r in ranked
                     ]
                 }
-                for ranked in results
+                for ranked in classified.ranked
             ],
-            "model": model.embedder.model_id,
+            "model": classified.model.embedder.model_id,
         }
+        return answer
 
-    async def _similarity(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        parsed = schema.parse_similarity(body)
-        model = self._models.get(parsed.model)
-        result = await model.scorer.similarity(
-            parsed.queries,
-            parsed.candidates,
-            timeout_s=self._options.backend_timeout_s,
-            language=parsed.language,
+    async def _similarity(self, raw: bytes, call: _Call) -> Any:
+        parsed = await self._off_loop(schema.parse_similarity, raw, self._bounds)
+        call.model = parsed.model
+        compared = await self._calls.similarity(
+            parsed.model, parsed.queries, parsed.candidates, language=parsed.language
         )
+        result = compared.result
         rows = [
-            {"scores": scores.tolist(), "probabilities": probabilities.tolist()}
+            {"scores": scores, "probabilities": probabilities}
             for scores, probabilities in zip(result.scores, result.probabilities, strict=True)
         ]
-        return {"rows": rows, "model": model.embedder.model_id}
+        return {"rows": rows, "model": compared.model.embedder.model_id}
 
     async def _health_route(self, request: Request) -> Response:
         """Liveness: 200 while the process runs (like the gRPC `liveness` service)."""
-        return JSONResponse({"status": "alive"})
+        return Response(schema.encode_json({"status": "alive"}), media_type=_JSON)
 
     async def _ready_route(self, request: Request) -> Response:
         """Readiness: 200 when every model serves, else 503; per model in `models`."""
@@ -308,7 +441,51 @@ class HttpApi:
             "status": "ready" if serving else "not ready",
             "models": dict(self._health.models_serving),
         }
-        return JSONResponse(body, status_code=200 if serving else 503)
+        return Response(
+            schema.encode_json(body), status_code=200 if serving else 503, media_type=_JSON
+        )
+
+
+def _header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for a request's headers: a connection that
+    has not sent a whole request head `timeout_s` after it opened, or after it began the
+    next one, is closed (uvicorn itself times out only idle keep-alive connections)."""
+
+    class HeaderDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and self._between_requests():
+                self._arm()
+            super().data_received(data)
+            if self._head_timer is not None and not self._between_requests():
+                self._disarm()  # the head is in: the body has its own deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _too_slow(self) -> None:
+            self._head_timer = None
+            if self._between_requests() and self.conn.their_state is not h11.DONE:
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 class _InLoopServer(uvicorn.Server):
@@ -324,7 +501,16 @@ class HttpServer:
     the running event loop; HTTPS with `tls` (the gRPC port's files, client certificates
     required with its `client_ca`), re-read when they change, as on the gRPC port."""
 
-    def __init__(self, app: Any, host: str, port: int, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        tls: TlsFiles | None = None,
+        *,
+        header_timeout_s: float = 10.0,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -346,8 +532,10 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=None,
+            http=_header_deadline_protocol(header_timeout_s),
             **tls_options,
         )
+        self._on_close = on_close
         self._server = _InLoopServer(config)
         self._task: asyncio.Task[None] | None = None
 
@@ -364,6 +552,8 @@ class HttpServer:
         """Stop accepting, give open requests up to `grace_s`, then close."""
         if self._task is None:
             self._socket.close()
+            if self._on_close is not None:
+                self._on_close()
             return
         self._server.config.timeout_graceful_shutdown = max(1, round(grace_s))
         self._server.should_exit = True
@@ -377,3 +567,5 @@ class HttpServer:
         finally:
             self._socket.close()
             self._task = None
+            if self._on_close is not None:
+                self._on_close()

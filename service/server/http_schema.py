@@ -1,24 +1,36 @@
-"""The HTTP API's JSON, parsed and checked: bodies → plain values, vectors → JSON.
+"""The HTTP API's JSON: request bodies → plain values, bounded; vectors → JSON.
 
-Pure functions (no transport): every refusal is an `InvalidInput` naming the field
-and what to send instead, so the error table answers it as 400 like any bad input.
+Pure functions (no transport, no event loop): every refusal is an `InvalidInput` naming
+the field and what to send instead, so the error table answers it as 400 like any bad
+input. Decoding is bounded in CPU, memory and depth before any value is built:
+
+1. `check_json_shape` walks the body's tokens with one compiled regular expression (C
+   speed per token, strings skipped whole) and stops at the first token past
+   `JsonBounds.max_tokens` or the first nesting past `JsonBounds.max_depth`: a body of
+   millions of `{}` or `[[[[...` is refused after a few thousand tokens, before any
+   object exists. msgspec's own `max_length` is checked only once a whole array is
+   built, and its nesting limit is Python's recursion limit.
+2. msgspec decodes the body into the typed structs below, refusing a wrong shape at the
+   first value that does not fit (its path named in the 400).
 
 `POST /v1/embeddings` follows OpenAI's request (`model`, `input`, `encoding_format`,
 `dimensions`, `user`); `input` is a string, a list of strings, or a list of objects
 `{"text": ...}` / `{"image": <base64 or data: URI>}` (Jina's multimodal convention) /
 `{"pixels": <base64 of the model's S×S RGB uint8 pixels>}`, which may mix. Every body
-may name a `language` for towers that take one (NLLB), as the gRPC requests do.
+may name a `language` for towers that take one (NLLB), as the gRPC requests do. A field
+the route does not know, at the top or in an input object, is refused by name (a
+misspelt `encoding_fromat` would otherwise be silently ignored).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from service.core import vector_formats
@@ -29,6 +41,127 @@ from service.errors import InvalidInput
 Item = str | bytes | PresizedPixels
 #: OpenAI's two, then the compact ones (integers in the JSON list; `vector_formats`).
 ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
+#: Nesting a valid body never comes near: `{"input": [{"text": ...}]}` is 2 levels deep.
+MAX_JSON_DEPTH = 16
+
+# A JSON string (escapes included; possessive, so an unterminated one cannot backtrack),
+# or one structural character. Numbers, literals, ':' and whitespace are not tokens.
+_TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{},]')
+_OPEN, _CLOSE, _COMMA = frozenset(b"[{"), frozenset(b"]}"), ord(",")
+# A \uD800-\uDFFF escape: msgspec's message for a lone one does not say so.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+@dataclass(frozen=True)
+class JsonBounds:
+    """How much JSON one body may hold before it is refused unread."""
+
+    #: Strings, list separators, arrays and objects in the whole body.
+    max_tokens: int
+    max_depth: int = MAX_JSON_DEPTH
+    #: The limits `max_tokens` was derived from, as the refusal names them.
+    limits: str = ""
+
+    @classmethod
+    def for_limits(cls, max_items: int, max_labels: int, max_templates: int) -> JsonBounds:
+        """Room for the largest valid request (Classify with every limit full, or two item
+        lists of `max_items` objects of up to 4 fields), with room to spare; far below what
+        a body of `--max-message-bytes` could otherwise hold."""
+        per_item = 8  # `{"type": "text", "text": "..."},`: 4 strings, 2 commas, 2 braces
+        return cls(
+            max_tokens=per_item * (2 * max_items + max_labels + max_templates) + 256,
+            limits=(
+                f"--max-items {max_items}, --max-labels {max_labels}, "
+                f"--max-templates {max_templates}"
+            ),
+        )
+
+
+def check_json_shape(body: bytes, bounds: JsonBounds) -> None:
+    """Refuse (400) a body with more tokens or deeper nesting than `bounds` allow, after
+    reading at most that many tokens. Says nothing about validity: msgspec does that."""
+    depth = tokens = 0
+    for match in _TOKENS.finditer(body):
+        tokens += 1
+        if tokens > bounds.max_tokens:
+            raise InvalidInput(
+                f"the request body holds more than {bounds.max_tokens} JSON strings, arrays, "
+                f"objects and list elements, more than any valid request needs at the limits "
+                f"({bounds.limits or '--max-items, --max-labels, --max-templates'}); "
+                "split the request"
+            )
+        first = body[match.start()]
+        if first in _OPEN:
+            depth += 1
+            if depth > bounds.max_depth:
+                raise InvalidInput(
+                    f"the request body nests arrays and objects deeper than "
+                    f"{bounds.max_depth} levels; a valid request nests at most 3"
+                )
+        elif first in _CLOSE:
+            depth -= 1
+
+
+class _InputObject(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """`{"text": ...}`, `{"image": ...}` or `{"pixels": ...}`; `"type"` beside it is accepted."""
+
+    text: str | None = None
+    image: str | None = None
+    pixels: str | None = None
+    type: str | None = None
+
+
+#: One item as sent: ints and int lists are token ids, decoded only to be refused by name.
+_RawItem = str | int | list[int] | _InputObject
+
+
+class _EmbeddingsBody(msgspec.Struct, forbid_unknown_fields=True):
+    input: str | list[_RawItem] | msgspec.UnsetType = msgspec.UNSET
+    model: str | None = None
+    encoding_format: str | None = None
+    dimensions: int | None = None
+    user: str | None = None
+    language: str | None = None
+
+
+class _ClassifyBody(msgspec.Struct, forbid_unknown_fields=True):
+    images: list[str] | None = None
+    pixels: list[str] | None = None  # base64 of pre-sized pixels (ClassifyRequest.pixels)
+    labels: list[str] | None = None
+    templates: list[str] | None = None
+    top_k: int | None = None
+    model: str | None = None
+    language: str | None = None
+
+
+class _SimilarityBody(msgspec.Struct, forbid_unknown_fields=True):
+    queries: list[_RawItem] | None = None
+    candidates: list[_RawItem] | None = None
+    model: str | None = None
+    language: str | None = None
+
+
+_DECODERS = {
+    body: msgspec.json.Decoder(body) for body in (_EmbeddingsBody, _ClassifyBody, _SimilarityBody)
+}
+# What to send instead, by top-level field, appended to msgspec's "Expected ..." message.
+_ITEM_HINT = (
+    'an input is a string, {"text": "..."}, {"image": "<base64 or data: URI>"} or '
+    '{"pixels": "<base64 of S*S*3 RGB bytes>"} (token ids are not accepted)'
+)
+_HINTS = {
+    "input": _ITEM_HINT,
+    "queries": _ITEM_HINT,
+    "candidates": _ITEM_HINT,
+    "images": "a list of base64 strings or data: URIs",
+    "labels": "a list of strings",
+    "templates": "a list of strings, each with one {}",
+    "top_k": "an integer (0 = all labels)",
+    "dimensions": "a positive integer",
+    "model": "a model name (GET /v1/models lists them)",
+    "language": "a language code string such as 'fra_Latn'",
+    "encoding_format": f"one of {', '.join(ENCODING_FORMATS)}",
+}
 
 
 @dataclass(frozen=True)
@@ -64,30 +197,53 @@ class SimilarityRequest:
     language: str | None = None
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
-    """A request body → its JSON object; InvalidInput saying where the JSON breaks."""
+def _decode(body: bytes, kind: type[Any], bounds: JsonBounds) -> Any:
+    """`body` → a `kind` struct, bounded first; InvalidInput naming where it breaks."""
+    check_json_shape(body, bounds)
     try:
-        value = json.loads(body)
+        return _DECODERS[kind].decode(body)
+    except msgspec.ValidationError as exc:
+        raise _explain(str(exc), kind) from None
+    except msgspec.DecodeError as exc:
+        hint = ""
+        if _SURROGATE_ESCAPE.search(body):
+            hint = (
+                "; a \\uD800-\\uDFFF escape must be half of a surrogate pair (a lone one is "
+                "not a character)"
+            )
+        raise InvalidInput(
+            f"the request body is not valid JSON: {exc}{hint}; send a JSON object with "
+            "Content-Type: application/json"
+        ) from None
     except UnicodeDecodeError:
         raise InvalidInput("the request body is not UTF-8 JSON") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
-            f"{exc.colno}; send a JSON object with Content-Type: application/json"
-        ) from None
-    if not isinstance(value, dict):
-        raise InvalidInput(f"the request body must be a JSON object, not {_kind(value)}")
-    return value
+    except RecursionError:  # defensive: check_json_shape already bounds the nesting
+        raise InvalidInput("the request body nests too deeply") from None
 
 
-def decode_image(value: Any, field: str, index: int | None = None) -> bytes:
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`")
+
+
+def _explain(message: str, kind: type[Any]) -> InvalidInput:
+    """msgspec's "Expected `str`, got `int` - at `$.input[0]`" as our field-first 400."""
+    reason, _, path = message.partition(" - at `$")
+    path = path.rstrip("`").lstrip(".")
+    reason = reason[:1].lower() + reason[1:]
+    unknown = _UNKNOWN_FIELD.fullmatch(message.partition(" - at `$")[0])
+    if unknown is not None and not path:
+        known = ", ".join(kind.__struct_fields__)
+        return InvalidInput(f"unknown field; this route takes {known}", field=unknown.group(1)[:64])
+    if not path:
+        if reason.startswith("expected `object`"):
+            return InvalidInput(f"the request body must be a JSON object: {reason}")
+        return InvalidInput(f"the request body: {reason}")
+    top = re.split(r"[.\[]", path, maxsplit=1)[0]
+    hint = _HINTS.get(top)
+    return InvalidInput(f"{reason}; {hint}" if hint else reason, field=path)
+
+
+def decode_image(value: str, field: str, index: int | None = None) -> bytes:
     """Base64 (standard or URL-safe, padding optional) or a `data:<type>;base64,` URI → bytes."""
-    if not isinstance(value, str):
-        raise InvalidInput(
-            f"an image is a base64 string or a data: URI, not {_kind(value)}",
-            field=field,
-            index=index,
-        )
     text = value.strip()
     if text.startswith("data:"):
         header, comma, text = text.partition(",")
@@ -112,146 +268,107 @@ def decode_image(value: Any, field: str, index: int | None = None) -> bytes:
             index=index,
         ) from None
     if not data:
-        raise InvalidInput("the image is empty", field=field, index=index)
+        raise InvalidInput("image is empty (0 bytes)", field=field, index=index)
     return data
 
 
-def _item(value: Any, field: str, index: int) -> Item:
+def _item(value: _RawItem, field: str, index: int) -> Item:
     if isinstance(value, str):
         return value
-    if isinstance(value, Mapping):
-        keys = set(value) - {"type"}  # {"type": "text", "text": ...} is accepted too
-        if keys == {"text"} and isinstance(value["text"], str):
-            return str(value["text"])
-        if keys == {"image"}:
-            return decode_image(value["image"], field, index)
-        if keys == {"pixels"}:
-            return PresizedPixels(decode_image(value["pixels"], field, index))
+    if isinstance(value, _InputObject):
+        given = [k for k in ("text", "image", "pixels") if getattr(value, k) is not None]
+        if given == ["text"]:
+            return value.text
+        if given == ["image"]:
+            return decode_image(value.image, field, index)
+        if given == ["pixels"]:
+            return PresizedPixels(decode_image(value.pixels, field, index))
         raise InvalidInput(
             'an object input is {"text": "..."}, {"image": "<base64 or data: URI>"} or '
             '{"pixels": "<base64 of S*S*3 RGB bytes>"}, '
-            f"not one with the keys {sorted(value)}",
-            field=field,
-            index=index,
-        )
-    if isinstance(value, int | list):
-        raise InvalidInput(
-            "token ids are not accepted: send texts (this model has its own tokenizer)",
+            f"not one with {' and '.join(given) if given else 'neither'}",
             field=field,
             index=index,
         )
     raise InvalidInput(
-        f"an input is a string or an object, not {_kind(value)}", field=field, index=index
+        "token ids are not accepted: send texts (this model has its own tokenizer)",
+        field=field,
+        index=index,
     )
 
 
-def parse_items(value: Any, field: str) -> list[Item]:
-    """A list of strings and/or `{"text"}` / `{"image"}` objects → texts and image bytes."""
-    if not isinstance(value, list):
-        raise InvalidInput(f"must be a list, not {_kind(value)}", field=field)
-    return [_item(v, field, i) for i, v in enumerate(value)]
+def _items(values: list[_RawItem], field: str) -> list[Item]:
+    return [_item(v, field, i) for i, v in enumerate(values)]
 
 
-def _model(body: Mapping[str, Any]) -> str:
-    model = body.get("model", "")
-    if model is None:
-        return ""
-    if not isinstance(model, str):
-        raise InvalidInput(f"must be a string, not {_kind(model)}", field="model")
-    return model
+def _language(language: str | None) -> str | None:
+    """The optional `language` (null or "": the model's default)."""
+    return language or None
 
 
-def _language(body: Mapping[str, Any]) -> str | None:
-    """The optional `language` (a code such as `fra_Latn`; null or "": the model's default)."""
-    language = body.get("language")
-    if language is None or language == "":
-        return None
-    if not isinstance(language, str):
-        raise InvalidInput(
-            f"must be a language code string such as 'fra_Latn', not {_kind(language)}",
-            field="language",
-        )
-    return language
-
-
-def parse_embeddings(body: Mapping[str, Any]) -> EmbeddingsRequest:
+def parse_embeddings(body: bytes, bounds: JsonBounds) -> EmbeddingsRequest:
     """A `/v1/embeddings` body → what to embed and how to answer."""
-    if "input" not in body:
+    parsed: _EmbeddingsBody = _decode(body, _EmbeddingsBody, bounds)
+    raw = parsed.input
+    if raw is msgspec.UNSET:
         raise InvalidInput("is required (a string, or a list of strings or objects)", field="input")
-    raw = body["input"]
     if isinstance(raw, str):
         items: list[Item] = [raw]
-    elif isinstance(raw, list) and raw and all(isinstance(v, int) for v in raw):
+    elif raw and all(isinstance(v, int) for v in raw):
         raise InvalidInput(
             "token ids are not accepted: send texts (this model has its own tokenizer)",
             field="input",
         )
     else:
-        items = parse_items(raw, "input")
+        items = _items(raw, "input")
     if not items:
         raise InvalidInput("is empty: send at least one text or image", field="input")
-    encoding = body.get("encoding_format") or "float"
+    encoding = parsed.encoding_format or "float"
     if encoding not in ENCODING_FORMATS:
         raise InvalidInput(
-            f"must be one of {', '.join(ENCODING_FORMATS)}, not {encoding!r}",
+            f"must be one of {', '.join(ENCODING_FORMATS)}, not {encoding[:32]!r}",
             field="encoding_format",
         )
-    dimensions = body.get("dimensions")
-    if dimensions is not None and (
-        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
-    ):
+    dimensions = parsed.dimensions
+    if dimensions is not None and dimensions < 1:
         raise InvalidInput(f"must be a positive integer, not {dimensions!r}", field="dimensions")
-    return EmbeddingsRequest(_model(body), items, str(encoding), dimensions, _language(body))
+    return EmbeddingsRequest(
+        parsed.model or "", items, encoding, dimensions, _language(parsed.language)
+    )
 
 
-def _strings(body: Mapping[str, Any], field: str) -> list[str]:
-    value = body.get(field) or []
-    if not isinstance(value, list):
-        raise InvalidInput(f"must be a list of strings, not {_kind(value)}", field=field)
-    for i, v in enumerate(value):
-        if not isinstance(v, str):
-            raise InvalidInput(f"must be a string, not {_kind(v)}", field=field, index=i)
-    return list(value)
-
-
-def parse_classify(body: Mapping[str, Any]) -> ClassifyRequest:
+def parse_classify(body: bytes, bounds: JsonBounds) -> ClassifyRequest:
     """A `/v1/classify` body: `images` (base64), `labels`, `templates`, `top_k`, `model`."""
-    images_raw = body.get("images") or []
-    if not isinstance(images_raw, list):
-        raise InvalidInput(
-            f"must be a list of base64 strings, not {_kind(images_raw)}", field="images"
-        )
-    # Or `pixels`: base64 of pre-sized pixels (the gRPC ClassifyRequest.pixels).
-    pixels_raw = body.get("pixels") or []
-    if not isinstance(pixels_raw, list) or (pixels_raw and images_raw):
+    parsed: _ClassifyBody = _decode(body, _ClassifyBody, bounds)
+    if parsed.images and parsed.pixels:
         raise InvalidInput(
             "must be a list of base64 strings, sent instead of images (not with them)",
             field="pixels",
         )
-    top_k = body.get("top_k") or 0
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise InvalidInput(f"must be an integer, not {top_k!r}", field="top_k")
     images: list[bytes | PresizedPixels] = [
-        decode_image(v, "images", i) for i, v in enumerate(images_raw)
+        decode_image(v, "images", i) for i, v in enumerate(parsed.images or [])
     ]
-    images += [PresizedPixels(decode_image(v, "pixels", i)) for i, v in enumerate(pixels_raw)]
+    images += [
+        PresizedPixels(decode_image(v, "pixels", i)) for i, v in enumerate(parsed.pixels or [])
+    ]
     return ClassifyRequest(
-        model=_model(body),
+        model=parsed.model or "",
         images=images,
-        labels=_strings(body, "labels"),
-        templates=_strings(body, "templates"),
-        top_k=top_k,
-        language=_language(body),
+        labels=list(parsed.labels or []),
+        templates=list(parsed.templates or []),
+        top_k=parsed.top_k or 0,
+        language=_language(parsed.language),
     )
 
 
-def parse_similarity(body: Mapping[str, Any]) -> SimilarityRequest:
+def parse_similarity(body: bytes, bounds: JsonBounds) -> SimilarityRequest:
     """A `/v1/similarity` body: `queries` and `candidates` as items, `model`."""
+    parsed: _SimilarityBody = _decode(body, _SimilarityBody, bounds)
     return SimilarityRequest(
-        model=_model(body),
-        queries=parse_items(body.get("queries") or [], "queries"),
-        candidates=parse_items(body.get("candidates") or [], "candidates"),
-        language=_language(body),
+        model=parsed.model or "",
+        queries=_items(parsed.queries or [], "queries"),
+        candidates=_items(parsed.candidates or [], "candidates"),
+        language=_language(parsed.language),
     )
 
 
@@ -265,18 +382,35 @@ def check_dimensions(dimensions: int | None, model_dim: int, model: str) -> None
         )
 
 
-def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | list[int] | str:
-    """A vector as OpenAI answers it: a list of floats, or base64 of little-endian float32;
-    the compact formats as a list of integers (`vector_formats.quantize`)."""
+def encode_vector(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
+    """A vector as OpenAI answers it: float32 values (written as a JSON list of floats by
+    the encoder), or base64 of little-endian float32; the compact formats as integers
+    (`vector_formats.quantize`, written as a JSON list of integers)."""
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     if encoding_format in vector_formats.FORMATS:
-        return vector_formats.quantize(vector, encoding_format).tolist()
-    return np.asarray(vector, dtype=np.float32).tolist()
+        return vector_formats.quantize(vector, encoding_format)
+    return np.asarray(vector, dtype=np.float32)
 
 
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "a number" if isinstance(value, int | float) else "a value")
+#: Characters JSON writes as more than themselves (`\"`, `\\`, `\u001f`).
+_JSON_ESCAPED = re.compile(r'[\x00-\x1f"\\]')
+
+
+def json_string_bytes(text: str) -> int:
+    """Bytes `text` takes as a JSON string (quotes and escapes included) at most."""
+    return len(text.encode("utf-8", "surrogatepass")) + 2 + 5 * len(_JSON_ESCAPED.findall(text))
+
+
+def _encode_hook(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise NotImplementedError(f"cannot write {type(value).__name__} as JSON")
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_encode_hook)
+
+
+def encode_json(answer: Any) -> bytes:
+    """An answer (numpy arrays written as lists) → JSON bytes."""
+    return _ENCODER.encode(answer)

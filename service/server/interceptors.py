@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from service.core.admission import ByteBudget
+from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.server.credentials import ApiKeys
 from service.server.status import caller_message, status_for
@@ -38,11 +40,43 @@ async def _abort_for(error: BaseException, context: grpc.aio.ServicerContext) ->
     await context.abort(status_for(error), caller_message(error))
 
 
+class Undecodable:
+    """A request message protobuf could not parse (a string that is not UTF-8, broken
+    framing). grpc would answer UNKNOWN from its deserializer; this marker reaches the
+    call instead, which refuses it with INVALID_ARGUMENT like any bad input."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def refusal(self) -> InvalidInput:
+        """The caller's error: what protobuf said, and the likely cause."""
+        return InvalidInput(
+            f"the request is not a valid protobuf message ({self.reason}); every string "
+            "field must be UTF-8 text (a lone surrogate is not)"
+        )
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserialize`, answering `Undecodable` instead of raising on a malformed message."""
+    if deserialize is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            return Undecodable(str(exc))
+
+    return decode
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler,
     around: Callable[[Callable[..., Any], bool], Callable[..., Any]],
+    deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """Rebuild `handler` with its behaviour wrapped, whatever its streaming kind."""
+    """Rebuild `handler` with its behaviour wrapped, whatever its streaming kind (and its
+    request deserializer replaced by `deserializer` when given)."""
     kinds = (
         ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
         ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
@@ -54,7 +88,7 @@ def _wrap(
         if behaviour is not None:
             return factory(
                 around(behaviour, streams_out),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
     return handler
@@ -63,6 +97,7 @@ def _wrap(
 def _wrap_calls(
     handler: grpc.RpcMethodHandler,
     scope: Callable[[Any, grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[Any]],
+    deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     """Rebuild `handler` so that each call runs inside `scope(request, context)`."""
 
@@ -80,7 +115,7 @@ def _wrap_calls(
         # with `context.write` (grpc.health.v1's Watch): wrap each as what it is.
         return stream if streams_out and not inspect.iscoroutinefunction(behaviour) else unary
 
-    return _wrap(handler, around)
+    return _wrap(handler, around, deserializer)
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
@@ -135,14 +170,17 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         observed = self._observed
         model_label = self._model_label
 
-        def scope(
-            request: Any, context: grpc.aio.ServicerContext
-        ) -> contextlib.AbstractAsyncContextManager[None]:
+        @contextlib.asynccontextmanager
+        async def scope(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             # Streamed requests (an iterator) and calls without a `model` are labelled ''.
             model = getattr(request, "model", None)
-            return observed(method, context, model_label(model) if isinstance(model, str) else "")
+            label = model_label(model) if isinstance(model, str) else ""
+            async with observed(method, context, label):
+                if isinstance(request, Undecodable):
+                    raise request.refusal()
+                yield
 
-        return _wrap_calls(handler, scope)
+        return _wrap_calls(handler, scope, _tolerant(handler.request_deserializer))
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

@@ -6,21 +6,22 @@ Errors are raised, never caught here: the interceptor maps them to status codes.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.core import vector_formats
+from service.core.calls import AnswerCosts, Calls
 from service.core.catalog import Catalog
 from service.core.embedder import EmbeddingResult
 from service.core.image_preprocess import PresizedPixels
-from service.core.models import ModelRegistry, ServedModel
+from service.core.models import ServedModel
 from service.core.scoring import Item
-from service.errors import InvalidInput, Overloaded
+from service.errors import InvalidInput
 from service.server.catalog_servicer import CatalogRpcs
+from service.server.interceptors import Undecodable
 from service.server.status import caller_message, status_for
 
 # Stream items read and not yet written back, per stream: enough to fill batches, and
@@ -28,12 +29,6 @@ from service.server.status import caller_message, status_for
 _STREAM_WINDOW = 64
 # Longest stream item id echoed back; a longer id gets a per-item INVALID_ARGUMENT.
 MAX_STREAM_ID_CHARS = 256
-# Protobuf framing per repeated element / message, rounded up (estimates, not exact).
-_PER_VECTOR_OVERHEAD = 24
-_PER_LABEL_OVERHEAD = 24
-_PER_SCORE_BYTES = 10
-
-
 #: Each packed `VectorFormat` → its rule in `vector_formats` (FLOAT_LIST: `values`).
 PACKED_FORMATS: dict[int, str] = {
     clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES: vector_formats.FLOAT32,
@@ -43,6 +38,22 @@ PACKED_FORMATS: dict[int, str] = {
     clip_pb2.VECTOR_FORMAT_BINARY: vector_formats.BINARY,
     clip_pb2.VECTOR_FORMAT_UBINARY: vector_formats.UBINARY,
 }
+#: Bytes per vector element in each `VectorFormat` (FLOAT_LIST: packed repeated floats, 4;
+#: the bit formats an eighth, the last byte's padding within `per_vector`).
+_VALUE_BYTES = {"VECTOR_FORMAT_FLOAT_LIST": 4.0} | {
+    clip_pb2.VectorFormat.Name(fmt): vector_formats.packed_bytes(8, rule) / 8
+    for fmt, rule in PACKED_FORMATS.items()
+}
+#: What protobuf answers cost (framing per repeated element / message rounded up: these
+#: are estimates, not exact sizes).
+PROTO_COSTS = AnswerCosts(
+    per_vector=24,
+    per_value=_VALUE_BYTES,
+    per_row=24,
+    per_score=2 * 10,
+    per_label=24,
+    label_bytes=lambda label: len(label.encode("utf-8")),
+)
 
 
 def _vector_message(item: EmbeddingResult, fmt: int) -> clip_pb2.Embedding:
@@ -68,125 +79,91 @@ def _images(images: Sequence[bytes], pixels: Sequence[bytes]) -> list[bytes | Pr
     return [PresizedPixels(p) for p in pixels] if pixels else list(images)
 
 
-def _check_format(fmt: int) -> int:
+def _format_name(fmt: int) -> str:
     if fmt not in clip_pb2.VectorFormat.values():
         names = ", ".join(clip_pb2.VectorFormat.keys())
         raise InvalidInput(f"unknown vector format {fmt}; one of {names}", field="format")
-    return fmt
+    return clip_pb2.VectorFormat.Name(fmt)
+
+
+def _remaining(context: grpc.aio.ServicerContext) -> float | None:
+    return context.time_remaining()
 
 
 class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
-    """Thin translation between the protobuf API and each model's `Embedder` / `Scorer`."""
+    """Thin translation between the protobuf API and the checked calls of `Calls`."""
 
-    def __init__(
-        self,
-        models: ModelRegistry,
-        *,
-        backend_timeout_s: float,
-        max_answer_bytes: int,
-        catalog: Catalog | None = None,
-    ) -> None:
-        """`max_answer_bytes`: the send limit; answers that would pass it are refused
-        before any work is done. `catalog`: the catalog RPCs' (None: they answer
-        UNIMPLEMENTED)."""
-        self._models = models
+    def __init__(self, calls: Calls, *, catalog: Catalog | None = None) -> None:
+        """`calls`: the core's calls, weighing answers by `PROTO_COSTS`. `catalog`: the
+        catalog RPCs' (None: they answer UNIMPLEMENTED)."""
+        self._calls = calls
+        self._models = calls.models
         self._catalog = catalog
-        self._backend_timeout_s = backend_timeout_s
-        self._max_answer_bytes = max_answer_bytes
-
-    def _check_answer_size(self, estimate: int, what: str) -> None:
-        if estimate > self._max_answer_bytes:
-            raise Overloaded(
-                f"the answer would be about {estimate} bytes ({what}), over the send limit of "
-                f"{self._max_answer_bytes} bytes (--max-message-bytes); split the request"
-            )
-
-    def _check_vectors_answer(self, model: ServedModel, n: int, fmt: int) -> None:
-        dim = model.embedder.metadata.embedding_dim
-        packed = PACKED_FORMATS.get(fmt, vector_formats.FLOAT32)  # FLOAT_LIST: 4 bytes a value
-        per_vector = vector_formats.packed_bytes(dim, packed) + _PER_VECTOR_OVERHEAD
-        self._check_answer_size(n * per_vector, f"{n} vectors")
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        if remaining is None:
-            return self._backend_timeout_s
-        return max(0.0, min(remaining, self._backend_timeout_s))
+        return self._calls.timeout(_remaining(context))
 
     async def EmbedText(
         self, request: clip_pb2.EmbedTextRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
-        model = self._models.get(request.model)
-        return await self._embed(
-            model,
-            functools.partial(model.embedder.embed_texts, language=request.language or None),
-            list(request.texts),
-            request.format,
-            context,
-        )
+        return await self._embed(request, list(request.texts), "texts", context)
 
     async def EmbedImage(
         self, request: clip_pb2.EmbedImageRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.EmbedResponse:
-        model = self._models.get(request.model)
         images = _images(request.images, request.pixels)
-        embed = functools.partial(
-            model.embedder.embed_images, field="pixels" if request.pixels else "images"
-        )
-        return await self._embed(model, embed, images, request.format, context)
+        return await self._embed(request, images, "pixels" if request.pixels else "images", context)
 
     async def _embed(
         self,
-        model: ServedModel,
-        embed: Callable[..., Awaitable[list[EmbeddingResult]]],
+        request: clip_pb2.EmbedTextRequest | clip_pb2.EmbedImageRequest,
         inputs: list[Any],
-        vector_format: int,
+        field: str,
         context: grpc.aio.ServicerContext,
     ) -> clip_pb2.EmbedResponse:
-        fmt = _check_format(vector_format)
-        self._check_vectors_answer(model, len(inputs), fmt)
-        items = await embed(inputs, timeout_s=self._timeout(context))
+        fmt = request.format
+        language = getattr(request, "language", "") or None
+        embedded = await self._calls.embed(
+            request.model,
+            inputs,
+            field=field,
+            encoding=_format_name(fmt),
+            language=language,
+            remaining_s=_remaining(context),
+        )
         return clip_pb2.EmbedResponse(
-            embeddings=[_vector_message(i, fmt) for i in items], model=model.embedder.model_id
+            embeddings=[_vector_message(i, fmt) for i in embedded.results],
+            model=embedded.model.embedder.model_id,
         )
 
     async def Similarity(
         self, request: clip_pb2.SimilarityRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.SimilarityResponse:
-        model = self._models.get(request.model)
-        n_queries, n_candidates = len(request.queries), len(request.candidates)
-        self._check_answer_size(
-            n_queries * (n_candidates * 2 * _PER_SCORE_BYTES + _PER_VECTOR_OVERHEAD),
-            f"{n_queries} × {n_candidates} scores",
-        )
-        result = await model.scorer.similarity(
+        compared = await self._calls.similarity(
+            request.model,
             _items(request.queries, "queries"),
             _items(request.candidates, "candidates"),
-            timeout_s=self._timeout(context),
             language=request.language or None,
+            remaining_s=_remaining(context),
         )
+        result = compared.result
         rows = [
             clip_pb2.Row(scores=scores.tolist(), probabilities=probabilities.tolist())
             for scores, probabilities in zip(result.scores, result.probabilities, strict=True)
         ]
-        return clip_pb2.SimilarityResponse(rows=rows, model=model.embedder.model_id)
+        return clip_pb2.SimilarityResponse(rows=rows, model=compared.model.embedder.model_id)
 
     async def Classify(
         self, request: clip_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.ClassifyResponse:
-        model = self._models.get(request.model)
-        k = len(request.labels) if request.top_k <= 0 else min(request.top_k, len(request.labels))
-        longest = sorted((len(label.encode()) for label in request.labels), reverse=True)[:k]
-        per_image = sum(longest) + k * _PER_LABEL_OVERHEAD
-        images = _images(request.images, request.pixels)
-        self._check_answer_size(len(images) * per_image, f"{k} labels per image")
-        results = await model.scorer.classify(
-            images,
+        classified = await self._calls.classify(
+            request.model,
+            _images(request.images, request.pixels),
             list(request.labels),
             list(request.templates),
             request.top_k,
-            timeout_s=self._timeout(context),
             language=request.language or None,
+            remaining_s=_remaining(context),
         )
         return clip_pb2.ClassifyResponse(
             results=[
@@ -196,9 +173,9 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
                         for r in ranked
                     ]
                 )
-                for ranked in results
+                for ranked in classified.ranked
             ],
-            model=model.embedder.model_id,
+            model=classified.model.embedder.model_id,
         )
 
     async def GetModelInfo(
@@ -230,6 +207,8 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    if isinstance(request, Undecodable):  # the stream cannot go on
+                        raise request.refusal()
                     await window.acquire()
                     task = asyncio.create_task(work(request))
                     workers.add(task)
@@ -260,20 +239,26 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
                     f"id is {len(request.id)} characters, over the limit of "
                     f"{MAX_STREAM_ID_CHARS} (the answer carries its first {MAX_STREAM_ID_CHARS})"
                 )
-            fmt = _check_format(request.format)
-            embedder = self._models.get(request.model).embedder
+            fmt = request.format
             kind = request.WhichOneof("input")
-            timeout = self._timeout(context)
-            if kind == "text":
-                items = await embedder.embed_texts(
-                    [request.text], timeout_s=timeout, language=request.language or None
-                )
-            elif kind in ("image", "pixels"):
-                embedder.check_language(request.language)
-                image = request.image if kind == "image" else PresizedPixels(request.pixels)
-                items = await embedder.embed_images([image], timeout_s=timeout)
-            else:
+            if kind is None:
                 raise InvalidInput("message has neither text nor image set")
+            item: Item = (
+                request.text
+                if kind == "text"
+                else PresizedPixels(request.pixels)
+                if kind == "pixels"
+                else request.image
+            )
+            embedded = await self._calls.embed(
+                request.model,
+                [item],
+                field={"text": "texts", "pixels": "pixels"}.get(kind, "images"),
+                encoding=_format_name(fmt),
+                language=request.language or None,
+                remaining_s=_remaining(context),
+            )
+            items = embedded.results
             return clip_pb2.StreamResponse(id=item_id, embedding=_vector_message(items[0], fmt))
         except Exception as exc:
             message = exc.reason if isinstance(exc, InvalidInput) else caller_message(exc)

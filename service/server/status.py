@@ -9,16 +9,20 @@ from dataclasses import dataclass
 import grpc
 
 from service.errors import (
+    AnswerTooLarge,
     BackendFailure,
     BackendUnavailable,
     ClipError,
     DeadlineExceeded,
     InvalidInput,
+    MethodNotAllowed,
     ModelMismatch,
     ModelNotFound,
     NotConfigured,
     Overloaded,
+    RequestTimeout,
     RequestTooLarge,
+    RouteNotFound,
     Unauthenticated,
 )
 
@@ -43,6 +47,12 @@ _TABLE: dict[type[ClipError], Outcome] = {
     # 429 for every RESOURCE_EXHAUSTED: "too much now, retry later or send less".
     Overloaded: Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
     RequestTooLarge: Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error"),
+    # Not "retry later" but "ask for less": the answer cannot fit whenever it is asked.
+    AnswerTooLarge: Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error"),
+    # The three below exist on the HTTP door only (gRPC has its own framing and routing).
+    RequestTimeout: Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, 408, "invalid_request_error"),
+    RouteNotFound: Outcome(grpc.StatusCode.UNIMPLEMENTED, 404, "not_found_error"),
+    MethodNotAllowed: Outcome(grpc.StatusCode.UNIMPLEMENTED, 405, "invalid_request_error"),
     BackendUnavailable: Outcome(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
     ModelMismatch: Outcome(grpc.StatusCode.FAILED_PRECONDITION, 503, "service_unavailable"),
     DeadlineExceeded: Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),

@@ -147,6 +147,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "decodeBudgetPixels": 120_000_000,
                 "localCacheBytes": 536_870_912,
                 "labelCacheItems": 100,
+                "httpHeaderTimeoutSeconds": 7,
+                "httpBodyTimeoutSeconds": 45,
+                "maxHttpBodyReads": 16,
             },
             "resources": {
                 "requests": {"cpu": "2", "memory": "2Gi"},
@@ -428,6 +431,9 @@ LIMIT_SETTINGS = {
     "decodeBudgetPixels": "decode_budget_pixels",
     "localCacheBytes": "local_cache_bytes",
     "labelCacheItems": "label_cache_items",
+    "httpHeaderTimeoutSeconds": "http_header_timeout_s",
+    "httpBodyTimeoutSeconds": "http_body_timeout_s",
+    "maxHttpBodyReads": "max_http_body_reads",
 }
 
 

@@ -178,7 +178,7 @@ async def test_bad_inputs_are_400_with_what_to_send_instead(gateway: Gateway) ->
     cases: list[tuple[Any, str]] = [
         ([{"image": "not base64 at all!"}], "input[0]: the image is not valid base64"),
         ([{"image": base64.b64encode(b"not an image").decode()}], "input[0]"),
-        ([{"video": "x"}], 'an object input is {"text"'),
+        ([{"video": "x"}], "input[0]: object contains unknown field `video`; an input is"),
         ([], "input: is empty"),
         ([[1, 2, 3]], "token ids are not accepted"),
     ]

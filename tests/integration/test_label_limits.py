@@ -3,6 +3,7 @@ more is INVALID_ARGUMENT naming the field, the index and the rule, before any wo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,6 +14,7 @@ from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
 from tests.support.gateway import stub_for
+from tests.support.http_json import http_json, image_input
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
 
@@ -91,3 +93,30 @@ async def test_max_label_chars(gateway: Gateway) -> None:
         f"{MAX_LABEL_CHARS}"
     )
     assert embedded == 0
+
+
+async def test_the_same_limits_and_words_over_http(gateway: Gateway) -> None:
+    """The HTTP door checks the same limits in the same place: 400 with the gRPC words."""
+
+    async def classify(labels: list[str], templates: list[str]) -> tuple[int, str, float]:
+        samples = scrape(gateway.metrics_port)
+        before = sample(samples, "clip_items_embedded_total", modality="text")
+        body = {"images": [image_input(IMAGE)["image"]], "labels": labels, "templates": templates}
+        status, answer = await asyncio.to_thread(http_json, gateway.http_port, "/v1/classify", body)
+        after = sample(scrape(gateway.metrics_port), "clip_items_embedded_total", modality="text")
+        return status, answer.get("error", {}).get("message", ""), after - before
+
+    templates = [f"{'h' * i}{{}}" for i in range(1, MAX_TEMPLATES + 2)]
+    status, message, embedded = await classify(["hen", "owl"], templates)
+    assert (status, embedded) == (400, 0)
+    assert message == (
+        f"templates: {MAX_TEMPLATES + 1} templates in one request, over the limit of "
+        f"{MAX_TEMPLATES}; split the request"
+    )
+    status, message, embedded = await classify(["cat", "y" * (MAX_LABEL_CHARS + 1)], ["{}"])
+    assert (status, embedded) == (400, 0)
+    assert message == (
+        f"labels[1]: label is {MAX_LABEL_CHARS + 1} characters, over the limit of {MAX_LABEL_CHARS}"
+    )
+    status, message, _ = await classify(["cat", "x" * MAX_LABEL_CHARS], ["{}"])
+    assert status == 200, message

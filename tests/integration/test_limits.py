@@ -19,6 +19,7 @@ from service.server.app import Gateway
 from service.server.servicer import MAX_STREAM_ID_CHARS
 from tests.support.gate import Gate, gated_gateway
 from tests.support.gateway import stub_for
+from tests.support.http_json import http_json
 from tests.support.images import encode
 from tests.support.models import ExportedModel
 from tests.support.polling import eventually
@@ -66,6 +67,28 @@ async def test_an_answer_past_the_send_limit_is_refused_before_any_work(
                 timeout=30,
             )
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_same_answer_bound_and_prompt_cap_over_http(small_gateway: Gateway) -> None:
+    """Over HTTP the answer is weighed as JSON (floats as text: ~6 times protobuf's packed
+    bytes): 100 vectors fit over gRPC and as base64, not as JSON floats; refused before
+    any work, as the prompt cap is."""
+    gw = small_gateway
+    port = gw.http_port
+    texts = [f"h{i}" for i in range(100)]
+    before = _items_embedded(gw)
+    status, answer = await asyncio.to_thread(
+        http_json, port, "/v1/embeddings", {"input": texts, "encoding_format": "float"}
+    )
+    assert status == 413 and str(64 * 1024) in answer["error"]["message"], answer
+    assert _items_embedded(gw) == before
+    status, answer = await asyncio.to_thread(
+        http_json, port, "/v1/embeddings", {"input": texts, "encoding_format": "base64"}
+    )
+    assert status == 200 and len(answer["data"]) == 100
+    body = {"images": ["bm90IGRlY29kZWQ="], "labels": [f"l{i}" for i in range(6)]}
+    status, answer = await asyncio.to_thread(http_json, port, "/v1/classify", body)
+    assert status == 400 and "48 prompts" in answer["error"]["message"], answer
 
 
 async def test_classify_prompts_are_capped(small_gateway: Gateway) -> None:

@@ -122,6 +122,32 @@ async def test_each_model_answers_with_its_own_vectors_over_grpc_and_http(
     assert [m.id for m in listed.data] == ["clip", OTHER]
 
 
+async def test_one_cache_one_decode_pool_and_one_pixel_budget_for_every_model(
+    two_models: dict[str, ExportedModel],
+) -> None:
+    """Issue 24, cases 6 and 7: the decode pool and its pixel budget, and the cache (an
+    empty one is falsy: `cache or build_cache(...)` built one per model, each with its own
+    LRU bounds, Redis pool and breaker) existed once per model. The README promises one
+    of each per gateway: --decode-budget-pixels and --local-cache-items bound the whole."""
+    settings = gateway_settings(
+        two_models["clip"].repository,
+        local_cache_items=4,
+        decode_threads=2,
+        decode_budget_pixels=4_000_000,
+    )
+    async with running_gateway(settings) as gw, stub_for(gw.port) as stub:
+        first, second = (m.embedder for m in gw.models)
+        assert first._pixel_budget is second._pixel_budget
+        assert first._pixel_budget is not None and first._pixel_budget.limit == 4_000_000
+        assert first._decode_pool is second._decode_pool
+        assert first._cache is second._cache and first._label_cache is second._label_cache
+        # Three new texts per model: the one LRU keeps 4 entries in all (not 4 per model).
+        for name in two_models:
+            texts = [f"{name} text {i}" for i in range(3)]
+            await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=texts, model=name))
+        assert len(first._cache) == 4
+
+
 async def test_list_models_names_both_and_the_client_reaches_either(gateway: Gateway) -> None:
     async with stub_for(gateway.port) as stub:
         listed = await stub.ListModels(clip_pb2.ListModelsRequest())

@@ -39,6 +39,34 @@ def http_json(
         return exc.code, json.loads(exc.read())
 
 
+def http_raw(
+    port: int,
+    path: str,
+    data: bytes | None = None,
+    *,
+    method: str | None = None,
+    timeout_s: float = 120.0,
+) -> tuple[int, dict[str, str], Any]:
+    """`data` sent as it is (no JSON encoding: broken or hostile bodies); the status, the
+    headers (lower-case names) and the decoded JSON answer (None when it is not JSON)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=data,
+        headers={"Content-Type": "application/json"},
+        method=method or ("GET" if data is None else "POST"),
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, raw = exc.code, exc.headers, exc.read()
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    return status, {k.lower(): v for k, v in headers.items()}, answer
+
+
 def image_input(blob: bytes) -> dict[str, str]:
     """One `/v1/embeddings` input item holding an encoded image."""
     return {"image": base64.b64encode(blob).decode()}

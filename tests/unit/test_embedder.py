@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from service.core import validation
 from service.core.admission import Admission
 from service.core.cache import EmbeddingCache
 from service.core.embedder import Embedder, EmbedderOptions
@@ -142,3 +143,30 @@ async def test_texts_are_tokenized_on_the_decode_threads_never_on_the_event_loop
     assert all(t is not loop_thread for t in threads), [t.name for t in threads]
     assert all(t.name.startswith("decode") for t in threads), [t.name for t in threads]
     await embedder.aclose()
+
+
+async def test_a_lone_surrogate_is_invalid_input_on_every_text_path() -> None:
+    """Issue 24, case 5: a str with no UTF-8 form raised UnicodeEncodeError (INTERNAL)
+    while its cache key was hashed; it is bad input, named by its index."""
+    backend = CountingBackend()
+    embedder = _embedder(backend)
+    with pytest.raises(InvalidInput) as err:
+        await embedder.embed_texts(["fine", "a \ud800 b"], field="input")
+    assert str(err.value).startswith("input[1]: text holds \\ud800 at character 2")
+    with pytest.raises(InvalidInput, match=r"labels\[0\]: text holds"):
+        validation.check_labels(["\udfff"], ["{}"], embedder.limits)
+    with pytest.raises(InvalidInput, match=r"templates\[0\]: text holds"):
+        validation.check_labels(["cat"], ["\ud800 {}"], embedder.limits)
+    assert backend.calls == []
+
+
+async def test_token_counts_come_with_the_vectors_and_stay_with_the_cached_ones() -> None:
+    embedder = _embedder(CountingBackend())
+    texts = ["a red circle", "star " * 100]
+    fresh = await embedder.embed_texts(texts)
+    cached = await embedder.embed_texts(texts)
+    assert [r.tokens for r in fresh] == [5, 77] and not any(r.cached for r in fresh)
+    assert [r.tokens for r in cached] == [5, 77] and all(r.cached for r in cached)
+    assert await embedder.count_tokens(texts) == [5, 77]  # the same count, off the loop
+    images = await embedder.embed_images([encode(photo_like(40, 30), "PNG")])
+    assert images[0].tokens is None

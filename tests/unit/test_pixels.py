@@ -23,7 +23,7 @@ from service.core.image_preprocess import (
     unpack_pixels,
 )
 from service.errors import InvalidInput
-from service.server.http_schema import parse_classify, parse_items
+from service.server.http_schema import JsonBounds, parse_classify, parse_embeddings
 from tests.support.images import encode, photo_like
 
 LIMITS = ImageLimits(max_bytes=50_000_000, max_pixels=50_000_000)
@@ -138,14 +138,23 @@ def test_pixels_the_client_cannot_make_are_none_so_the_server_answers(tmp_path) 
 
 def test_http_bodies_carry_pixels_as_their_own_kind() -> None:
     import base64
+    import json
+
+    bounds = JsonBounds.for_limits(max_items=256, max_labels=1000, max_templates=32)
+
+    def body(value: object) -> bytes:
+        return json.dumps(value).encode()
 
     raw = bytes(12288)
-    items = parse_items([{"pixels": base64.b64encode(raw).decode()}, {"text": "x"}], "input")
+    pixels = base64.b64encode(raw).decode()
+    items = parse_embeddings(body({"input": [{"pixels": pixels}, {"text": "x"}]}), bounds).items
     assert items == [PresizedPixels(raw), "x"]
-    parsed = parse_classify({"pixels": [base64.b64encode(raw).decode()], "labels": ["a"]})
+    parsed = parse_classify(body({"pixels": [pixels], "labels": ["a"]}), bounds)
     assert parsed.images == [PresizedPixels(raw)]
     with pytest.raises(InvalidInput, match=r"pixels: .*not with them"):
-        parse_classify({"pixels": ["AAAA"], "images": ["AAAA"], "labels": ["a"]})
+        parse_classify(body({"pixels": ["AAAA"], "images": ["AAAA"], "labels": ["a"]}), bounds)
+    with pytest.raises(InvalidInput, match=r"not one with image and pixels"):
+        parse_embeddings(body({"input": [{"pixels": pixels, "image": pixels}]}), bounds)
 
 
 def test_draft_is_header_only_until_load() -> None:
