@@ -32,8 +32,12 @@ from service.errors import InvalidInput, NotConfigured
 from service.server.http_schema import decode_image
 from service.server.status import caller_message, outcome_for
 
-Handler = Callable[[Request, dict[str, Any]], Awaitable[dict[str, Any]]]
+#: The app's handler shape: the raw body and the call's record (its `model` is set here).
+Handler = Callable[[bytes, Any], Awaitable[dict[str, Any]]]
 Wrap = Callable[[str, Handler], Callable[[Request], Awaitable[Response]]]
+#: The app's bounded JSON-object decoding, off the event loop.
+Parse = Callable[[bytes], Awaitable[dict[str, Any]]]
+_BodyHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def _string(body: Mapping[str, Any], field: str, *, index: int | None = None) -> str:
@@ -125,13 +129,23 @@ class CatalogRoutes:
         self._catalog = catalog
         self._timeout_s = backend_timeout_s
 
-    def routes(self, wrap: Wrap) -> list[Route]:
-        """Starlette routes, each wrapped by the app's `wrap(name, handler)`."""
+    def routes(self, wrap: Wrap, parse: Parse) -> list[Route]:
+        """Starlette routes, each wrapped by the app's `wrap(name, handler)`, their bodies
+        decoded by the app's `parse`."""
+
+        def route(path: str, name: str, handler: _BodyHandler) -> Route:
+            async def run(raw: bytes, call: Any) -> dict[str, Any]:
+                body = await parse(raw)
+                call.model = _string(body, "model")
+                return await handler(body)
+
+            return Route(path, wrap(name, run), methods=["POST"])
+
         return [
-            Route("/v1/search", wrap("search", self._search), methods=["POST"]),
-            Route("/v1/catalog/items", wrap("catalog_add", self._add), methods=["POST"]),
-            Route("/v1/catalog/delete", wrap("catalog_delete", self._delete), methods=["POST"]),
-            Route("/v1/catalog/get", wrap("catalog_get", self._get), methods=["POST"]),
+            route("/v1/search", "search", self._search),
+            route("/v1/catalog/items", "catalog_add", self._add),
+            route("/v1/catalog/delete", "catalog_delete", self._delete),
+            route("/v1/catalog/get", "catalog_get", self._get),
         ]
 
     def _require(self) -> Catalog:
@@ -142,7 +156,7 @@ class CatalogRoutes:
             )
         return self._catalog
 
-    async def _search(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    async def _search(self, body: dict[str, Any]) -> dict[str, Any]:
         catalog = self._require()
         top_k = body.get("top_k") or 0
         if isinstance(top_k, bool) or not isinstance(top_k, int):
@@ -160,7 +174,7 @@ class CatalogRoutes:
             "model": result.model_id,
         }
 
-    async def _add(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    async def _add(self, body: dict[str, Any]) -> dict[str, Any]:
         catalog = self._require()
         raw = body.get("items")
         if not isinstance(raw, list):
@@ -184,11 +198,11 @@ class CatalogRoutes:
             results[index] = _outcome(outcome)
         return {"results": results}
 
-    async def _delete(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    async def _delete(self, body: dict[str, Any]) -> dict[str, Any]:
         deleted = await self._require().delete(_string(body, "model"), _ids(body))
         return {"deleted": deleted}
 
-    async def _get(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    async def _get(self, body: dict[str, Any]) -> dict[str, Any]:
         found = await self._require().get(_string(body, "model"), _ids(body))
         return {
             "items": [

@@ -144,6 +144,9 @@ class _SimilarityBody(msgspec.Struct, forbid_unknown_fields=True):
 _DECODERS = {
     body: msgspec.json.Decoder(body) for body in (_EmbeddingsBody, _ClassifyBody, _SimilarityBody)
 }
+# Bodies whose fields their route checks itself (the catalog's): any JSON object, bounded
+# by `check_json_shape` like the typed ones.
+_DECODERS[dict] = msgspec.json.Decoder(dict[str, Any])
 # What to send instead, by top-level field, appended to msgspec's "Expected ..." message.
 _ITEM_HINT = (
     'an input is a string, {"text": "..."}, {"image": "<base64 or data: URI>"} or '
@@ -370,6 +373,12 @@ def parse_similarity(body: bytes, bounds: JsonBounds) -> SimilarityRequest:
         candidates=_items(parsed.candidates or [], "candidates"),
         language=_language(parsed.language),
     )
+
+
+def parse_object(body: bytes, bounds: JsonBounds) -> dict[str, Any]:
+    """A body that must be a JSON object (the catalog's routes check its fields), bounded
+    in size and nesting like the typed bodies."""
+    return _decode(body, dict, bounds)
 
 
 def check_dimensions(dimensions: int | None, model_dim: int, model: str) -> None:
