@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.core import validation
+from service.core import lanes, validation
 from service.core.admission import ByteBudget
 from service.core.embedder import Embedder
 from service.core.models import ModelRegistry
@@ -41,7 +41,7 @@ from service.server.credentials import ApiKeys, TlsFiles, tls_server_context
 from service.server.health import HealthMonitor
 from service.server.http_catalog import CatalogRoutes
 from service.server.servicer import model_info
-from service.server.status import caller_message, outcome_for
+from service.server.status import caller_message, http_retry_headers, outcome_for
 
 #: `created` of every model in `/v1/models` (OpenAI's field; the export time is not kept).
 _CREATED = 0
@@ -56,6 +56,14 @@ def _token_counter(embedder: Embedder) -> Callable[[str], int]:
         return len(embedder.tokenizer.tokenize(text).ids)
 
     return count
+
+
+def _lane(request: Request, body: dict[str, Any]) -> lanes.Lane:
+    """The call's priority lane: the body's `priority`, else the `X-Clip-Priority` header,
+    else interactive."""
+    if "priority" in body:
+        return lanes.parse(body["priority"])
+    return lanes.parse(request.headers.get("x-clip-priority"), field="X-Clip-Priority header")
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ class HttpApi:
                         named = body.get("model") or ""
                         label = self._models.label(named) if isinstance(named, str) else ""
                     # The same budget as gRPC requests: bytes kept while the call runs.
-                    with self._request_bytes.held(len(raw)):
+                    with self._request_bytes.held(len(raw)), lanes.using(_lane(request, body)):
                         answer = await handler(request, body)
                 return JSONResponse(answer)
             except asyncio.CancelledError:
@@ -151,7 +159,8 @@ class HttpApi:
                 if isinstance(exc, Unauthenticated):
                     metrics.auth_failures.inc()
                 status, error = error_body(exc)
-                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+                headers.update(http_retry_headers(exc))  # a load refusal: when to come back
                 return JSONResponse(error, status_code=status, headers=headers)
             finally:
                 metrics.in_flight.labels(method).dec()

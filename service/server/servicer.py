@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
-from service.core import vector_formats
+from service.core import lanes, vector_formats
 from service.core.catalog import Catalog
 from service.core.embedder import EmbeddingResult
 from service.core.image_preprocess import PresizedPixels
@@ -68,6 +68,17 @@ def _images(images: Sequence[bytes], pixels: Sequence[bytes]) -> list[bytes | Pr
     return [PresizedPixels(p) for p in pixels] if pixels else list(images)
 
 
+def lane_of(priority: int, default: lanes.Lane) -> lanes.Lane:
+    """A request's `priority` → its lane (`default` when unset); INVALID_ARGUMENT if unknown."""
+    if priority == clip_pb2.PRIORITY_UNSPECIFIED:
+        return default
+    if priority == clip_pb2.PRIORITY_INTERACTIVE:
+        return lanes.INTERACTIVE
+    if priority == clip_pb2.PRIORITY_BULK:
+        return lanes.BULK
+    raise InvalidInput(f"unknown priority {priority}", field="priority")
+
+
 def _check_format(fmt: int) -> int:
     if fmt not in clip_pb2.VectorFormat.values():
         names = ", ".join(clip_pb2.VectorFormat.keys())
@@ -98,7 +109,8 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
         if estimate > self._max_answer_bytes:
             raise Overloaded(
                 f"the answer would be about {estimate} bytes ({what}), over the send limit of "
-                f"{self._max_answer_bytes} bytes (--max-message-bytes); split the request"
+                f"{self._max_answer_bytes} bytes (--max-message-bytes); split the request",
+                retry_after_s=None,  # the same request will never fit
             )
 
     def _check_vectors_answer(self, model: ServedModel, n: int, fmt: int) -> None:
@@ -123,6 +135,7 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
             list(request.texts),
             request.format,
             context,
+            request.priority,
         )
 
     async def EmbedImage(
@@ -133,7 +146,7 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
         embed = functools.partial(
             model.embedder.embed_images, field="pixels" if request.pixels else "images"
         )
-        return await self._embed(model, embed, images, request.format, context)
+        return await self._embed(model, embed, images, request.format, context, request.priority)
 
     async def _embed(
         self,
@@ -142,10 +155,12 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
         inputs: list[Any],
         vector_format: int,
         context: grpc.aio.ServicerContext,
+        priority: int,
     ) -> clip_pb2.EmbedResponse:
         fmt = _check_format(vector_format)
         self._check_vectors_answer(model, len(inputs), fmt)
-        items = await embed(inputs, timeout_s=self._timeout(context))
+        with lanes.using(lane_of(priority, lanes.INTERACTIVE)):
+            items = await embed(inputs, timeout_s=self._timeout(context))
         return clip_pb2.EmbedResponse(
             embeddings=[_vector_message(i, fmt) for i in items], model=model.embedder.model_id
         )
@@ -159,12 +174,13 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
             n_queries * (n_candidates * 2 * _PER_SCORE_BYTES + _PER_VECTOR_OVERHEAD),
             f"{n_queries} × {n_candidates} scores",
         )
-        result = await model.scorer.similarity(
-            _items(request.queries, "queries"),
-            _items(request.candidates, "candidates"),
-            timeout_s=self._timeout(context),
-            language=request.language or None,
-        )
+        with lanes.using(lane_of(request.priority, lanes.INTERACTIVE)):
+            result = await model.scorer.similarity(
+                _items(request.queries, "queries"),
+                _items(request.candidates, "candidates"),
+                timeout_s=self._timeout(context),
+                language=request.language or None,
+            )
         rows = [
             clip_pb2.Row(scores=scores.tolist(), probabilities=probabilities.tolist())
             for scores, probabilities in zip(result.scores, result.probabilities, strict=True)
@@ -180,14 +196,15 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
         per_image = sum(longest) + k * _PER_LABEL_OVERHEAD
         images = _images(request.images, request.pixels)
         self._check_answer_size(len(images) * per_image, f"{k} labels per image")
-        results = await model.scorer.classify(
-            images,
-            list(request.labels),
-            list(request.templates),
-            request.top_k,
-            timeout_s=self._timeout(context),
-            language=request.language or None,
-        )
+        with lanes.using(lane_of(request.priority, lanes.INTERACTIVE)):
+            results = await model.scorer.classify(
+                images,
+                list(request.labels),
+                list(request.templates),
+                request.top_k,
+                timeout_s=self._timeout(context),
+                language=request.language or None,
+            )
         return clip_pb2.ClassifyResponse(
             results=[
                 clip_pb2.Classification(
@@ -264,16 +281,18 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
             embedder = self._models.get(request.model).embedder
             kind = request.WhichOneof("input")
             timeout = self._timeout(context)
-            if kind == "text":
-                items = await embedder.embed_texts(
-                    [request.text], timeout_s=timeout, language=request.language or None
-                )
-            elif kind in ("image", "pixels"):
-                embedder.check_language(request.language)
-                image = request.image if kind == "image" else PresizedPixels(request.pixels)
-                items = await embedder.embed_images([image], timeout_s=timeout)
-            else:
-                raise InvalidInput("message has neither text nor image set")
+            # Stream items are bulk work unless the item says otherwise.
+            with lanes.using(lane_of(request.priority, lanes.BULK)):
+                if kind == "text":
+                    items = await embedder.embed_texts(
+                        [request.text], timeout_s=timeout, language=request.language or None
+                    )
+                elif kind in ("image", "pixels"):
+                    embedder.check_language(request.language)
+                    image = request.image if kind == "image" else PresizedPixels(request.pixels)
+                    items = await embedder.embed_images([image], timeout_s=timeout)
+                else:
+                    raise InvalidInput("message has neither text nor image set")
             return clip_pb2.StreamResponse(id=item_id, embedding=_vector_message(items[0], fmt))
         except Exception as exc:
             message = exc.reason if isinstance(exc, InvalidInput) else caller_message(exc)
