@@ -10,10 +10,19 @@ With `local_preprocess=True`, `embed_image` and `classify` decode, resize and cr
 images here, in a process pool of `workers` processes, with the gateway's own code, and
 send the model's pixels (`EmbedImageRequest.pixels`) when the server takes them: the
 same vectors, bit for bit, for a fraction of the gateway's CPU (`service/client_pixels.py`).
+
+Refusals for load (RESOURCE_EXHAUSTED, UNAVAILABLE) that carry the server's hint
+(`grpc-retry-pushback-ms`, derived from its queue) are retried after that long plus up
+to half again of random jitter (so refused callers do not come back in step), as long as
+the wait and the next try fit in the call's timeout; refusals without a hint (too large,
+bad input) are raised at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +37,59 @@ from service.core import vector_formats
 from service.core.image_preprocess import PresizedPixels
 
 ImageInput = bytes | str | Path
+
+#: What the server sends to say when to come back (gRFC A6's name).
+_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+_RETRIED_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How refused calls are retried: at most `max_attempts` tries in all; each wait is the
+    server's hint × (1 + uniform(0, `jitter`)). `RetryPolicy(max_attempts=1)`: never."""
+
+    max_attempts: int = 5
+    jitter: float = 0.5
+
+
+def pushback_s(error: grpc.RpcError) -> float | None:
+    """The server's retry hint in seconds, for a load refusal that carries one; else None."""
+    code = error.code() if hasattr(error, "code") else None
+    if code not in _RETRIED_CODES or not hasattr(error, "trailing_metadata"):
+        return None
+    for key, value in error.trailing_metadata() or ():
+        if key == _PUSHBACK_KEY:
+            try:
+                millis = int(value)
+            except ValueError:
+                return None
+            return millis / 1000.0 if millis >= 0 else None  # negative: do not retry
+    return None
+
+
+class _Retries:
+    """One call's retry state: its deadline, tries made, and the next wait (or None)."""
+
+    def __init__(self, policy: RetryPolicy, timeout_s: float | None) -> None:
+        self._policy = policy
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._tries = 0
+
+    def timeout(self) -> float | None:
+        """What the next try may take: the rest of the call's timeout."""
+        self._tries += 1
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def wait_after(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before another try, or None to raise `error` now."""
+        hint = pushback_s(error)
+        if hint is None or self._tries >= self._policy.max_attempts:
+            return None
+        wait = hint * (1.0 + random.uniform(0.0, self._policy.jitter))
+        # A try that starts just before the deadline cannot succeed: keep a tenth of a second.
+        if self._deadline is not None and time.monotonic() + wait + 0.1 >= self._deadline:
+            return None
+        return wait
 
 
 @dataclass(frozen=True)
@@ -151,22 +213,46 @@ def _connect(
     return transport.insecure_channel(target, options=options), metadata
 
 
+#: `priority=` values: "" leaves the server's default (interactive; bulk for streams).
+PRIORITIES = {
+    "": clip_pb2.PRIORITY_UNSPECIFIED,
+    "interactive": clip_pb2.PRIORITY_INTERACTIVE,
+    "bulk": clip_pb2.PRIORITY_BULK,
+}
+
+
+def _priority(name: str) -> int:
+    if name not in PRIORITIES:
+        raise ValueError(f"priority must be one of {sorted(PRIORITIES)}, not {name!r}")
+    return PRIORITIES[name]
+
+
 def _text_request(
-    texts: Sequence[str], model: str, vector_format: str
+    texts: Sequence[str], model: str, vector_format: str, priority: str = ""
 ) -> clip_pb2.EmbedTextRequest:
     return clip_pb2.EmbedTextRequest(
-        texts=list(texts), format=_wire_format(vector_format), model=model
+        texts=list(texts),
+        format=_wire_format(vector_format),
+        model=model,
+        priority=_priority(priority),
     )
 
 
 def _image_request(
-    images: Sequence[ImageInput], model: str, vector_format: str, pixels: list[bytes] | None = None
+    images: Sequence[ImageInput],
+    model: str,
+    vector_format: str,
+    pixels: list[bytes] | None = None,
+    priority: str = "",
 ) -> clip_pb2.EmbedImageRequest:
     fmt = _wire_format(vector_format)
     if pixels is not None:
         return clip_pb2.EmbedImageRequest(pixels=pixels, format=fmt, model=model)
     return clip_pb2.EmbedImageRequest(
-        images=[_image_bytes(i) for i in images], format=fmt, model=model
+        images=[_image_bytes(i) for i in images],
+        format=fmt,
+        model=model,
+        priority=_priority(priority),
     )
 
 
@@ -212,15 +298,20 @@ def stream_request(
     value: StreamValue,
     model: str = "",
     vector_format: str = vector_formats.FLOAT32,
+    priority: str = "",
 ) -> clip_pb2.StreamRequest:
     """One EmbedStream message: a str is a text, bytes an encoded image, `PresizedPixels`
     the model's pixels."""
-    fmt = _wire_format(vector_format)
+    fmt, level = _wire_format(vector_format), _priority(priority)
     if isinstance(value, str):
-        return clip_pb2.StreamRequest(id=item_id, text=value, format=fmt, model=model)
+        return clip_pb2.StreamRequest(
+            id=item_id, text=value, format=fmt, model=model, priority=level
+        )
     if isinstance(value, PresizedPixels):
-        return clip_pb2.StreamRequest(id=item_id, pixels=value.data, format=fmt, model=model)
-    return clip_pb2.StreamRequest(id=item_id, image=value, format=fmt, model=model)
+        return clip_pb2.StreamRequest(
+            id=item_id, pixels=value.data, format=fmt, model=model, priority=level
+        )
+    return clip_pb2.StreamRequest(id=item_id, image=value, format=fmt, model=model, priority=level)
 
 
 class ClipClient:
@@ -238,16 +329,19 @@ class ClipClient:
         local_preprocess: bool = False,
         workers: int | None = None,
         fast_jpeg: bool = False,
+        retry: RetryPolicy = RetryPolicy(),
     ) -> None:
-        """`local_preprocess`: make pixels here (`workers` processes, default one per CPU;
-        `fast_jpeg`: reduced-size JPEG decoding, not bit-identical) and send them when the
-        server takes them."""
+        """`timeout_s` bounds each call, its retries included; `retry`: how load refusals
+        are retried (the server's hint, jittered). `local_preprocess`: make pixels here
+        (`workers` processes, default one per CPU; `fast_jpeg`: reduced-size JPEG decoding,
+        not bit-identical) and send them when the server takes them."""
         self._channel, self._metadata = _connect(
             grpc, target, api_key, tls, tls_ca, max_message_bytes
         )
         self.stub = clip_pb2_grpc.ClipServiceStub(self._channel)
         self._timeout = timeout_s
         self._local = _LocalPixels(local_preprocess, workers, fast_jpeg)
+        self._retry = retry
 
     def __enter__(self) -> ClipClient:
         return self
@@ -261,7 +355,17 @@ class ClipClient:
         self._local.close()
 
     def _call(self, method: str, request: Any) -> Any:
-        return getattr(self.stub, method)(request, timeout=self._timeout, metadata=self._metadata)
+        retries = _Retries(self._retry, self._timeout)
+        while True:
+            try:
+                return getattr(self.stub, method)(
+                    request, timeout=retries.timeout(), metadata=self._metadata
+                )
+            except grpc.RpcError as error:
+                wait = retries.wait_after(error)
+                if wait is None:
+                    raise
+                time.sleep(wait)
 
     def pixel_recipe(self, model: str = "") -> PixelRecipe | None:
         """How to make pixels for `model` (asked once), or None: local preprocessing is
@@ -280,19 +384,31 @@ class ClipClient:
         return self._local.complete(made)
 
     def embed_text(
-        self, texts: Sequence[str], *, model: str = "", vector_format: str = "float32"
+        self,
+        texts: Sequence[str],
+        *,
+        model: str = "",
+        vector_format: str = "float32",
+        priority: str = "",
     ) -> Embeddings:
         """`float32 [N, D]` (or `vector_format`'s values) for `texts`, by model `model`
-        ('' = the server's default)."""
-        request = _text_request(texts, model, vector_format)
+        ('' = the server's default); `priority` "bulk" for indexing work ('' = interactive)."""
+        request = _text_request(texts, model, vector_format, priority)
         return _embeddings(self._call("EmbedText", request))
 
     def embed_image(
-        self, images: Sequence[ImageInput], *, model: str = "", vector_format: str = "float32"
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str = "",
+        vector_format: str = "float32",
+        priority: str = "",
     ) -> Embeddings:
         """`float32 [N, D]` (or `vector_format`'s values) for encoded images (bytes or file
-        paths), by model `model`."""
-        request = _image_request(images, model, vector_format, self._pixels(images, model))
+        paths), by model `model`; `priority` "bulk" for indexing work ('' = interactive)."""
+        request = _image_request(
+            images, model, vector_format, self._pixels(images, model), priority
+        )
         return _embeddings(self._call("EmbedImage", request))
 
     def similarity(
@@ -335,12 +451,15 @@ class ClipClient:
         *,
         model: str = "",
         vector_format: str = "float32",
+        priority: str = "bulk",
     ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
         """Bulk: (id, text, image bytes or `PresizedPixels`) in → (id, vector or None, error
-        or None) out."""
+        or None) out; the bulk lane unless `priority` says "interactive"."""
         _wire_format(vector_format)  # an unknown name fails here, not inside the stream
+        _priority(priority)
         requests = (
-            stream_request(item_id, value, model, vector_format) for item_id, value in items
+            stream_request(item_id, value, model, vector_format, priority)
+            for item_id, value in items
         )
         for answer in self.stub.EmbedStream(requests, metadata=self._metadata):
             yield _stream_answer(answer)
@@ -361,14 +480,16 @@ class AsyncClipClient:
         local_preprocess: bool = False,
         workers: int | None = None,
         fast_jpeg: bool = False,
+        retry: RetryPolicy = RetryPolicy(),
     ) -> None:
-        """`local_preprocess`, `workers`, `fast_jpeg`: as `ClipClient`'s."""
+        """`local_preprocess`, `workers`, `fast_jpeg`, `retry`: as `ClipClient`'s."""
         self._channel, self._metadata = _connect(
             grpc.aio, target, api_key, tls, tls_ca, max_message_bytes
         )
         self.stub = clip_pb2_grpc.ClipServiceStub(self._channel)
         self._timeout = timeout_s
         self._local = _LocalPixels(local_preprocess, workers, fast_jpeg)
+        self._retry = retry
 
     async def __aenter__(self) -> AsyncClipClient:
         return self
@@ -383,7 +504,17 @@ class AsyncClipClient:
 
     async def _call(self, method: str, request: Any) -> Any:
         stub_method = getattr(self.stub, method)
-        return await stub_method(request, timeout=self._timeout, metadata=self._metadata)
+        retries = _Retries(self._retry, self._timeout)
+        while True:
+            try:
+                return await stub_method(
+                    request, timeout=retries.timeout(), metadata=self._metadata
+                )
+            except grpc.aio.AioRpcError as error:
+                wait = retries.wait_after(error)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
 
     async def pixel_recipe(self, model: str = "") -> PixelRecipe | None:
         """How to make pixels for `model` (asked once), or None: local preprocessing is
@@ -402,20 +533,30 @@ class AsyncClipClient:
         return self._local.complete(made)
 
     async def embed_text(
-        self, texts: Sequence[str], *, model: str = "", vector_format: str = "float32"
+        self,
+        texts: Sequence[str],
+        *,
+        model: str = "",
+        vector_format: str = "float32",
+        priority: str = "",
     ) -> Embeddings:
         """`float32 [N, D]` (or `vector_format`'s values) for `texts`, by model `model`
-        ('' = the server's default)."""
-        request = _text_request(texts, model, vector_format)
+        ('' = the server's default); `priority` as `ClipClient`'s."""
+        request = _text_request(texts, model, vector_format, priority)
         return _embeddings(await self._call("EmbedText", request))
 
     async def embed_image(
-        self, images: Sequence[ImageInput], *, model: str = "", vector_format: str = "float32"
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str = "",
+        vector_format: str = "float32",
+        priority: str = "",
     ) -> Embeddings:
         """`float32 [N, D]` (or `vector_format`'s values) for encoded images (bytes or file
-        paths), by model `model`."""
+        paths), by model `model`; `priority` as `ClipClient`'s."""
         pixels = await self._pixels(images, model)
-        request = _image_request(images, model, vector_format, pixels)
+        request = _image_request(images, model, vector_format, pixels, priority)
         return _embeddings(await self._call("EmbedImage", request))
 
     async def similarity(
@@ -459,18 +600,20 @@ class AsyncClipClient:
         *,
         model: str = "",
         vector_format: str = "float32",
+        priority: str = "bulk",
     ) -> AsyncIterator[tuple[str, np.ndarray | None, str | None]]:
         """Bulk over EmbedStream: (id, text, image bytes or `PresizedPixels`) in; (id, vector,
-        error) as they come."""
+        error) as they come (the bulk lane unless `priority` says "interactive")."""
         _wire_format(vector_format)  # an unknown name fails here, not inside the stream
+        _priority(priority)
 
         async def requests() -> AsyncIterator[clip_pb2.StreamRequest]:
             if isinstance(items, AsyncIterable):
                 async for item_id, value in items:
-                    yield stream_request(item_id, value, model, vector_format)
+                    yield stream_request(item_id, value, model, vector_format, priority)
             else:
                 for item_id, value in items:
-                    yield stream_request(item_id, value, model, vector_format)
+                    yield stream_request(item_id, value, model, vector_format, priority)
 
         async for answer in self.stub.EmbedStream(requests(), metadata=self._metadata):
             yield _stream_answer(answer)

@@ -22,18 +22,35 @@ class InvalidInput(ClipError):
         self.index = index
 
 
+#: Seconds a refused caller is told to wait when no queue state says better (a full Triton
+#: queue, a full HTTP slot table): about one batch on a CPU, many on a GPU.
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
 class Overloaded(ClipError):
     """Too much work queued or a request over a size limit (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = DEFAULT_RETRY_AFTER_S):
+        super().__init__(message)
+        #: When the same request may fit, told to the caller (HTTP `Retry-After`, gRPC
+        #: `grpc-retry-pushback-ms`); None: waiting will not help (it is too large).
+        self.retry_after_s = retry_after_s
 
 
 class RequestTooLarge(Overloaded):
     """A request body over the size limit (RESOURCE_EXHAUSTED, as gRPC's own refusal of
     an oversized message; HTTP 413)."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=None)
+
 
 class AnswerTooLarge(Overloaded):
     """A request whose answer would pass the send limit, refused before any work
     (RESOURCE_EXHAUSTED, as gRPC's own refusal of an oversized message; HTTP 413)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=None)  # the same request will never fit
 
 
 class RequestTimeout(ClipError):
@@ -55,6 +72,10 @@ class MethodNotAllowed(ClipError):
 
 class BackendUnavailable(ClipError):
     """The model backend is not reachable or not ready (UNAVAILABLE)."""
+
+    #: A restarting replica or a reconnect is usually back within seconds; callers told
+    #: so back off instead of hammering a gateway that cannot serve them yet.
+    retry_after_s: float | None = DEFAULT_RETRY_AFTER_S
 
 
 class ModelMismatch(ClipError):

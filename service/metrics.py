@@ -111,6 +111,32 @@ class Metrics:
             "Items refused with RESOURCE_EXHAUSTED because the queue was full.",
             registry=r,
         )
+        # Per priority lane (interactive, bulk): see service/core/lanes.py.
+        self.lane_queued_items = Gauge(
+            "clip_lane_queued_items",
+            "Items admitted and waiting for the backend, by priority lane.",
+            ["lane"],
+            registry=r,
+        )
+        self.lane_rejected_items = Counter(
+            "clip_lane_rejected_items",
+            "Items refused with RESOURCE_EXHAUSTED because their lane's bound was full, by lane.",
+            ["lane"],
+            registry=r,
+        )
+        self.lane_queue_wait = Histogram(
+            "clip_lane_queue_wait_seconds",
+            "Time an item waited in the batching queue before its batch ran, by priority lane.",
+            ["lane"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lane_batches = Counter(
+            "clip_lane_batches",
+            "Backend batches run, by the lane they were formed from.",
+            ["lane"],
+            registry=r,
+        )
         self.preprocess_latency = Histogram(
             "clip_preprocess_duration_seconds",
             "Time to turn one input into a tensor, by stage (image_decode, tokenize).",

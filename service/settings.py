@@ -259,7 +259,19 @@ class Settings(FlagSet):
         "(the embedded backend runs one at a time).",
     )
     max_queued_items: int = _opt(
-        2048, "Items waiting for the backend before new calls get RESOURCE_EXHAUSTED."
+        2048,
+        "Interactive items waiting for the backend before new interactive calls get "
+        "RESOURCE_EXHAUSTED (bulk work has its own bound, --max-queued-bulk-items).",
+    )
+    max_queued_bulk_items: int = _opt(
+        1024,
+        "Bulk items (EmbedStream, priority bulk) waiting for the backend before new bulk work "
+        "gets RESOURCE_EXHAUSTED; apart from --max-queued-items, so bulk cannot fill it.",
+    )
+    bulk_max_wait_ms: float = _opt(
+        1000.0,
+        "Age at which a queued bulk item goes before interactive work: bulk never starves "
+        "(under interactive overload it still gets a batch this often).",
     )
     text_length_buckets: tuple[int, ...] = _opt(
         (8, 16, 24, 32, 48, 77),
@@ -350,6 +362,18 @@ class Settings(FlagSet):
     )
     tls_key: Path | None = _opt(None, "PEM private key for TLS.")
     tls_client_ca: Path | None = _opt(None, "PEM CA bundle; when set, clients need a certificate.")
+    # --- tracing
+    otlp_endpoint: str = _opt(
+        "",
+        "OTLP/gRPC endpoint traces are exported to (http://collector:4317; http:// = "
+        "plaintext); '' = OTEL_EXPORTER_OTLP_ENDPOINT when set, else no tracing at all.",
+    )
+    otlp_service_name: str = _opt("clip-gateway", "service.name of the exported traces.")
+    otlp_sample_ratio: float = _opt(
+        1.0,
+        "Share of new traces recorded (a caller's sampled traceparent is always followed); "
+        "lower it to bound tracing's cost (see bench/results/tracing.md).",
+    )
     log_level: str = _opt("INFO", "Log level.")
 
     def __post_init__(self) -> None:
@@ -358,6 +382,19 @@ class Settings(FlagSet):
         object.__setattr__(
             self, "text_length_buckets", tuple(sorted(set(self.text_length_buckets)))
         )
+
+    @classmethod
+    def from_sources(
+        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> typing.Self:
+        """As `FlagSet.from_sources`; the standard OTEL_EXPORTER_OTLP_ENDPOINT stands in for
+        --otlp-endpoint (and CLIP_OTLP_ENDPOINT) when neither is given."""
+        settings = super().from_sources(args, environ)
+        environ = os.environ if environ is None else environ
+        standard = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+        if not settings.otlp_endpoint and standard:
+            settings = settings.replace(otlp_endpoint=standard)
+        return settings
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with secrets hidden, for the start-up log."""
@@ -456,3 +493,14 @@ class TritonServerSettings(FlagSet):
         120.0, "Seconds to wait for the server and every model to be ready."
     )
     stop_grace: float = _opt(10.0, "Seconds the server gets to exit after SIGTERM before SIGKILL.")
+    otlp_url: str = _opt(
+        "",
+        "OTLP/HTTP traces URL (http://collector:4318/v1/traces): turns on Triton's "
+        "OpenTelemetry tracing of inference requests ('' = off).",
+        env="CLIP_TRITON_OTLP_URL",
+    )
+    trace_rate: int = _opt(
+        1,
+        "With --otlp-url: trace one inference request in this many.",
+        env="CLIP_TRITON_TRACE_RATE",
+    )

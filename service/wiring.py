@@ -11,6 +11,9 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
 
 from service import __version__
 from service.backends.base import Backend
@@ -28,12 +31,17 @@ from service.model.metadata import DEFAULT_NAME, ModelMetadata, load_repository
 from service.server.app import Gateway, ServerOptions, build_server
 from service.server.credentials import ApiKeys, TlsFiles
 from service.settings import Settings
+from service.telemetry import NO_TRACER, SCOPE, build_tracer_provider
 
 _LOGGER = logging.getLogger(__name__)
 
 
 def build_backend(
-    settings: Settings, metadata: ModelMetadata, metrics: Metrics, admission: Admission
+    settings: Settings,
+    metadata: ModelMetadata,
+    metrics: Metrics,
+    admission: Admission,
+    tracer: trace.Tracer = NO_TRACER,
 ) -> Backend:
     """The backend the settings ask for, behind the gateway's batching queue."""
     inner: Backend
@@ -86,8 +94,10 @@ def build_backend(
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000.0,
         max_inflight=inflight,
-        admitted=lambda: admission.admitted,
+        admitted=lambda lane: admission.by_lane[lane],
         trim_text=metadata is None or metadata.text_padding != "full",
+        bulk_max_wait_s=settings.bulk_max_wait_ms / 1000.0,
+        tracer=tracer,
     )
 
 
@@ -110,6 +120,11 @@ def build_cache(settings: Settings, metrics: Metrics) -> EmbeddingCache:
     )
 
 
+def build_admission(settings: Settings, metrics: Metrics) -> Admission:
+    """The admission bounds of both priority lanes."""
+    return Admission(settings.max_queued_items, metrics, bulk_limit=settings.max_queued_bulk_items)
+
+
 def build_limits(settings: Settings) -> Limits:
     """The caller-facing limits named in `settings`."""
     # Each limit is the setting of the same name.
@@ -125,6 +140,7 @@ def build_embedder(
     cache: EmbeddingCache | None = None,
     label_cache: EmbeddingCache | None = None,
     decoding: Decoding | None = None,
+    tracer: trace.Tracer = NO_TRACER,
 ) -> Embedder:
     """Backend + cache + pipeline of one model (not started): `metadata`'s, else the
     repository's default model. The others are shared when several models are served."""
@@ -132,7 +148,7 @@ def build_embedder(
         models = load_repository(settings.model_repository)
         metadata = models[pick_default(list(models), settings.default_model)]
     if admission is None:
-        admission = Admission(settings.max_queued_items, metrics)
+        admission = build_admission(settings, metrics)
     # `is None`, not `or`: an empty cache is falsy (it has a length), and `or` gave every
     # model a cache of its own, each with its own LRU bounds, Redis pool and breaker.
     if cache is None:
@@ -142,7 +158,7 @@ def build_embedder(
     if decoding is None:
         decoding = build_decoding(settings)
     return Embedder(
-        backend=build_backend(settings, metadata, metrics, admission),
+        backend=build_backend(settings, metadata, metrics, admission, tracer),
         cache=cache,
         label_cache=label_cache,
         metadata=metadata,
@@ -157,6 +173,7 @@ def build_embedder(
             text_length_buckets=settings.text_length_buckets,
         ),
         decoding=decoding,
+        tracer=tracer,
     )
 
 
@@ -165,7 +182,9 @@ def build_decoding(settings: Settings) -> Decoding:
     return Decoding(settings.decode_threads or usable_cpus(), settings.decode_budget_pixels)
 
 
-def build_registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
+def build_registry(
+    settings: Settings, metrics: Metrics, tracer: trace.Tracer = NO_TRACER
+) -> ModelRegistry:
     """One pipeline per model of the repository, sharing the admission bound, the cache,
     the decode threads and the decode pixel budget (each bounds the whole gateway)."""
     models = load_repository(settings.model_repository)
@@ -178,7 +197,7 @@ def build_registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
             settings.max_items,
             settings.max_queued_items,
         )
-    admission = Admission(settings.max_queued_items, metrics)
+    admission = build_admission(settings, metrics)
     cache = build_cache(settings, metrics)
     label_cache = cache.with_own_lru(settings.label_cache_items)
     decoding = build_decoding(settings)
@@ -192,6 +211,7 @@ def build_registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
             cache=cache,
             label_cache=label_cache,
             decoding=decoding,
+            tracer=tracer,
         )
         served.append(ServedModel(name, embedder, Scorer(embedder)))
     return ModelRegistry(served, default)
@@ -274,22 +294,34 @@ def build_catalog(settings: Settings, models: ModelRegistry) -> tuple[Catalog, C
     return Catalog(models, store, limits), stop
 
 
-def build_gateway(settings: Settings, *, metrics: Metrics | None = None) -> Gateway:
-    """Everything wired but not started; binds the gRPC port (0 = a free one)."""
+def build_gateway(
+    settings: Settings, *, metrics: Metrics | None = None, tracer_provider: Any = None
+) -> Gateway:
+    """Everything wired but not started; binds the gRPC port (0 = a free one).
+    `tracer_provider`: an OpenTelemetry SDK provider to trace into (tests); None: one
+    exporting to `settings.otlp_endpoint` when set, else no tracing."""
     metrics = metrics or Metrics()
-    models = build_registry(settings, metrics)
+    if tracer_provider is None and settings.otlp_endpoint:
+        tracer_provider = build_tracer_provider(
+            settings.otlp_endpoint,
+            settings.otlp_service_name,
+            sample_ratio=settings.otlp_sample_ratio,
+        )
+    tracer = tracer_provider.get_tracer(SCOPE) if tracer_provider is not None else None
+    models = build_registry(settings, metrics, tracer or NO_TRACER)
     for model in models:
         embedder = model.embedder
         metrics.build_info.labels(__version__, embedder.model_id, embedder.backend_name).set(1)
     catalog, stop_catalog = build_catalog(settings, models) if settings.catalog else (None, None)
     try:
-        gateway = build_server(server_options(settings), models, metrics, catalog)
+        gateway = build_server(server_options(settings), models, metrics, catalog, tracer)
     except BaseException:
         if stop_catalog is not None:
             stop_catalog()
         raise
     if stop_catalog is not None:
         gateway.on_stop.append(stop_catalog)
+    gateway.tracer_provider = tracer_provider
     return gateway
 
 

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Protocol
 
 import numpy as np
+from opentelemetry import propagate
+
+#: Priority level of the backend call running in this context: Triton's request priority
+#: (1 is served first; 0 = the model's default level). The gateway's batching queue sets
+#: it from the batch's lane (`service.core.lanes`); backends without priorities ignore it.
+CALL_PRIORITY: ContextVar[int] = ContextVar("clip_call_priority", default=0)
+
+
+def trace_headers() -> dict[str, str] | None:
+    """The running span's W3C `traceparent` (and `tracestate`) for a backend request;
+    None when no span records (tracing off): the request goes as before."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
 
 
 class Backend(Protocol):

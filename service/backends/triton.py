@@ -65,7 +65,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from service.backends.base import split_rows
+from service.backends.base import CALL_PRIORITY, split_rows, trace_headers
 from service.errors import (
     BackendFailure,
     BackendUnavailable,
@@ -565,6 +565,10 @@ class TritonBackend:
                     client_timeout=remaining_s,
                     # Triton's queue timeout, in microseconds.
                     timeout=max(1, int(remaining_s * 1e6)),
+                    # The batch's lane as a priority level (0: the model's default).
+                    priority=CALL_PRIORITY.get(),
+                    # The batch's trace context as `traceparent` (none when not tracing).
+                    headers=trace_headers(),
                 )
         except InferenceServerException as exc:
             raise self._call_failed(replica, channel, model, exc, started) from exc

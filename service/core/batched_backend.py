@@ -12,11 +12,14 @@ import asyncio
 from collections.abc import Callable
 
 import numpy as np
+from opentelemetry import trace
 
-from service.backends.base import Backend, split_rows
-from service.core.batching import BatchQueue
+from service.backends.base import CALL_PRIORITY, Backend, split_rows
+from service.core import lanes
+from service.core.batching import DEFAULT_BULK_MAX_WAIT_S, BatchQueue
 from service.errors import BackendFailure, ClipError, DeadlineExceeded
 from service.metrics import Metrics
+from service.telemetry import NO_TRACER
 
 
 class BatchedBackend:
@@ -30,11 +33,14 @@ class BatchedBackend:
         max_batch_size: int,
         max_wait_s: float,
         max_inflight: int,
-        admitted: Callable[[], int] | None = None,
+        admitted: Callable[[lanes.Lane], int] | None = None,
         trim_text: bool = True,
+        bulk_max_wait_s: float = DEFAULT_BULK_MAX_WAIT_S,
+        tracer: trace.Tracer = NO_TRACER,
     ) -> None:
         """`max_batch_size` caps batches further than `inner.max_batch_size` may;
-        `admitted` counts items taken in upstream and not yet answered (see the queue);
+        `admitted(lane)` counts items taken in upstream and not yet answered (see the queue);
+        `bulk_max_wait_s`: the age at which bulk work goes before interactive work;
         `trim_text` False: text rows go as padded (the model's padding rule is "full")."""
         self.inner = inner
         self._trim_text = trim_text
@@ -47,6 +53,8 @@ class BatchedBackend:
             metrics=metrics,
             admitted=admitted,
             max_inflight=max_inflight,
+            bulk_max_wait_s=bulk_max_wait_s,
+            tracer=tracer,
         )
 
     @property
@@ -105,6 +113,16 @@ class BatchedBackend:
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     async def _run_batch(
+        self, modality: str, rows: np.ndarray, timeout_s: float | None
+    ) -> np.ndarray:
+        # The queue runs each batch in its lane; the backend gets it as a priority level.
+        token = CALL_PRIORITY.set(lanes.TRITON_PRIORITY[lanes.current()])
+        try:
+            return await self._run_inner(modality, rows, timeout_s)
+        finally:
+            CALL_PRIORITY.reset(token)
+
+    async def _run_inner(
         self, modality: str, rows: np.ndarray, timeout_s: float | None
     ) -> np.ndarray:
         if modality == "image":

@@ -6,8 +6,15 @@ Contract:
 - Entries of one modality and row shape are merged, head first, up to `max_batch_size()`
   rows; the head entry always runs, even past a limit that shrank after it was queued.
 - At most `max_inflight` batches run at once; entries whose caller is gone are skipped.
+- Priority lanes (`service.core.lanes`): a batch holds entries of one lane. The next
+  batch is formed from the oldest interactive entry, unless the oldest bulk entry has
+  waited `bulk_max_wait_s` or more (then it goes first: bulk is never starved, and under
+  interactive overload bulk still gets a batch every `bulk_max_wait_s`) or no interactive
+  work waits. An interactive call therefore waits at most for the batches already
+  running, never for queued bulk work. Each batch runs in its lane's context, so the
+  backend sees the lane (Triton: the request's priority level).
 - The queue imports nothing from its callers: what it needs to know about arrivals
-  (`admitted()`: rows taken in but not yet answered) and limits is injected.
+  (`admitted(lane)`: rows taken in but not yet answered) and limits is injected.
 
 Why the hold: a fixed short wait alone splits steady load into alternating tiny and big
 batches (when a batch finishes, its callers' next items are still being decoded while
@@ -30,15 +37,21 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
+from service.core import lanes
 from service.errors import ClipError
 from service.metrics import Metrics
+from service.telemetry import NO_TRACER
 
 _LOGGER = logging.getLogger(__name__)
 # Share of the last batch's duration a batch may be held open for arrivals.
 _HOLD_FRACTION = 0.25
 # Share of it a backlog waits for the callers the last batch just answered to come back.
 _LINGER_FRACTION = 0.1
+#: Default age past which a bulk entry goes before interactive work (`bulk_max_wait_s`).
+DEFAULT_BULK_MAX_WAIT_S = 1.0
 
 #: Runs one batch: (modality, rows, timeout in seconds or None) → outputs, one row per input.
 RunBatch = Callable[[str, np.ndarray, float | None], Awaitable[np.ndarray]]
@@ -51,12 +64,17 @@ class _Entry:
     future: asyncio.Future[np.ndarray]
     #: `time.perf_counter()` after which the caller no longer waits; None = no deadline.
     deadline: float | None = None
+    lane: lanes.Lane = lanes.INTERACTIVE
+    #: The caller's trace context, and its `queue.wait` span (ended when its batch starts).
+    context: otel_context.Context | None = None
+    span: trace.Span = trace.INVALID_SPAN
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
     def group(self) -> Hashable:
-        # Only same-modality, same-shape rows can be stacked into one tensor.
-        return (self.modality, self.rows.shape[1:])
+        # Only same-modality, same-shape rows can be stacked into one tensor, and a batch
+        # keeps to one lane (an interactive batch topped up with bulk rows would be slower).
+        return (self.modality, self.rows.shape[1:], self.lane)
 
 
 class BatchQueue:
@@ -69,11 +87,14 @@ class BatchQueue:
         max_batch_size: Callable[[], int],
         max_wait_s: float,
         metrics: Metrics,
-        admitted: Callable[[], int] | None = None,
+        admitted: Callable[[lanes.Lane], int] | None = None,
         max_inflight: int = 1,
+        bulk_max_wait_s: float = DEFAULT_BULK_MAX_WAIT_S,
+        tracer: trace.Tracer = NO_TRACER,
     ) -> None:
         """`max_batch_size` is asked before each batch (a Triton model's limit is learnt late);
-        `admitted` counts rows taken in upstream and not yet answered (None: no hold)."""
+        `admitted(lane)` counts rows of `lane` taken in upstream and not yet answered (None:
+        no hold); `bulk_max_wait_s`: the age at which bulk work goes before interactive."""
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, not {max_inflight}")
         self._run_batch = run_batch
@@ -82,7 +103,9 @@ class BatchQueue:
         self._metrics = metrics
         self._admitted = admitted
         self._slots = asyncio.Semaphore(max_inflight)
-        self._rows_running = 0
+        self._bulk_max_wait_s = bulk_max_wait_s
+        self._tracer = tracer
+        self._rows_running: dict[str, int] = dict.fromkeys(lanes.LANES, 0)
         self._last_batch_s = 0.0
         self._entries: deque[_Entry] = deque()
         self._wakeup = asyncio.Event()
@@ -113,9 +136,14 @@ class BatchQueue:
                 entry.future.cancel()
 
     async def submit(
-        self, modality: str, rows: np.ndarray, timeout_s: float | None = None
+        self,
+        modality: str,
+        rows: np.ndarray,
+        timeout_s: float | None = None,
+        lane: lanes.Lane | None = None,
     ) -> np.ndarray:
-        """Queue `rows` (≤ max_batch_size of them) and wait for their outputs.
+        """Queue `rows` (≤ max_batch_size of them) in `lane` (None: the caller's) and wait
+        for their outputs.
 
         `timeout_s` bounds the backend call of the batch this lands in (the longest
         wait among its entries); the caller enforces its own deadline around this.
@@ -124,9 +152,19 @@ class BatchQueue:
             raise ValueError(f"{len(rows)} rows is more than max_batch_size {self.max_batch_size}")
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        self._entries.append(_Entry(modality, rows, future, deadline))
+        lane = lane or lanes.current()
+        span = self._tracer.start_span(
+            "queue.wait",
+            attributes={"clip.modality": modality, "clip.items": len(rows), "clip.lane": lane},
+        )
+        entry = _Entry(modality, rows, future, deadline, lane, otel_context.get_current(), span)
+        self._entries.append(entry)
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        finally:
+            if span.is_recording():
+                span.end()  # its caller left before the batch started
 
     async def _loop(self) -> None:
         while True:
@@ -167,16 +205,35 @@ class BatchQueue:
         return self._take_head_group()
 
     def _arriving(self) -> int:
-        """Admitted rows not yet queued nor running: still being decoded or tokenized."""
-        if self._admitted is None:
+        """Admitted rows of the head's lane not yet queued nor running: still being decoded
+        or tokenized (bulk rows on their way are no reason to hold an interactive batch)."""
+        head = self._live_head()
+        if self._admitted is None or head is None:
             return 0
-        queued = sum(len(e.rows) for e in self._entries if not e.future.done())
-        return self._admitted() - queued - self._rows_running
+        lane = head.lane
+        queued = sum(len(e.rows) for e in self._entries if e.lane == lane and not e.future.done())
+        return self._admitted(lane) - queued - self._rows_running[lane]
 
     def _live_head(self) -> _Entry | None:
+        """The entry the next batch is formed around: the oldest interactive one, unless the
+        oldest bulk one has waited `bulk_max_wait_s` (or no interactive one waits)."""
         while self._entries and self._entries[0].future.done():
             self._entries.popleft()  # the caller cancelled or timed out
-        return self._entries[0] if self._entries else None
+        interactive = bulk = None
+        for entry in self._entries:
+            if entry.future.done():
+                continue
+            if entry.lane == lanes.BULK:
+                bulk = bulk or entry
+            else:
+                interactive = interactive or entry
+            if interactive is not None and bulk is not None:
+                break
+        if bulk is not None and (
+            interactive is None or time.perf_counter() - bulk.enqueued >= self._bulk_max_wait_s
+        ):
+            return bulk
+        return interactive
 
     def _count_head_group(self) -> int:
         head = self._live_head()
@@ -204,19 +261,37 @@ class BatchQueue:
         return batch
 
     async def _run(self, batch: list[_Entry]) -> None:
-        modality = batch[0].modality
+        modality, lane = batch[0].modality, batch[0].lane
         rows = np.concatenate([e.rows for e in batch]) if len(batch) > 1 else batch[0].rows
         now = time.perf_counter()
         for entry in batch:
+            if entry.span.is_recording():
+                entry.span.end()
             self._metrics.queue_wait.labels(modality).observe(now - entry.enqueued)
+            self._metrics.lane_queue_wait.labels(lane).observe(now - entry.enqueued)
         self._metrics.batch_size.labels(modality).observe(len(rows))
+        self._metrics.lane_batches.labels(lane).inc()
         deadlines = [e.deadline for e in batch if e.deadline is not None]
         # The batch serves its most patient caller; the others stop waiting on their own.
         timeout_s = max(deadlines) - now if len(deadlines) == len(batch) else None
-        self._rows_running += len(rows)
+        self._rows_running[lane] += len(rows)
         started = time.perf_counter()
+        # One span per batch, in the trace of its first caller, linked to every entry.
+        backend_span = self._tracer.start_span(
+            "backend",
+            context=batch[0].context,
+            links=[trace.Link(e.span.get_span_context()) for e in batch],
+            attributes={
+                "clip.modality": modality,
+                "clip.lane": lane,
+                "clip.batch_size": len(rows),
+                "clip.entries": len(batch),
+            },
+        )
         try:
-            outputs = await self._run_batch(modality, rows, timeout_s)
+            # The backend call sees the batch's lane and span (Triton: priority, traceparent).
+            with lanes.using(lane), trace.use_span(backend_span, end_on_exit=True):
+                outputs = await self._run_batch(modality, rows, timeout_s)
         except asyncio.CancelledError:
             for entry in batch:
                 entry.future.cancel()  # the queue is closing: nobody is left waiting
@@ -231,7 +306,7 @@ class BatchQueue:
                     entry.future.set_exception(exc)
             return
         finally:
-            self._rows_running -= len(rows)
+            self._rows_running[lane] -= len(rows)
             self._last_batch_s = time.perf_counter() - started
             self._slots.release()
         self.batches_run += 1

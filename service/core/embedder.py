@@ -9,16 +9,20 @@ cancels does not fail the others waiting on the same key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry import trace
 
 from service.backends.base import Backend
-from service.core import validation
+from service.core import lanes, validation
 from service.core.admission import Admission, PixelBudget
 from service.core.cache import EmbeddingCache
 from service.core.cache_keys import embedding_key, label_set_key
@@ -39,6 +43,7 @@ from service.core.validation import Limits
 from service.errors import BackendFailure, DeadlineExceeded, InvalidInput
 from service.metrics import Metrics
 from service.model.metadata import ModelMetadata
+from service.telemetry import NO_TRACER
 
 _LOGGER = logging.getLogger(__name__)
 # Label sets are embedded in waves of this many prompts so one huge set cannot take the
@@ -73,12 +78,25 @@ class Decoding:
 
     def __init__(self, threads: int, budget_pixels: int | None) -> None:
         """`budget_pixels` None: decodes are bounded by the thread count only."""
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        # One pool per priority lane: an interactive call's decode must not queue behind
+        # the window of bulk items a stream keeps in flight (FIFO threads would make it wait
+        # for all of them). Bulk threads also run at a lower OS priority, so when the CPUs
+        # are the contended part, the kernel gives interactive decoding (and the event
+        # loop) the cores first, and bulk the rest.
+        self.pools = {
+            lane: ThreadPoolExecutor(
+                max_workers=threads,
+                thread_name_prefix=f"decode-{lane}",
+                initializer=_lower_thread_priority if lane == lanes.BULK else None,
+            )
+            for lane in lanes.LANES
+        }
         self.budget = None if budget_pixels is None else PixelBudget(budget_pixels)
 
     def close(self) -> None:
         """Stop the threads (idempotent: every model sharing them closes them)."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self.pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -109,11 +127,13 @@ class Embedder:
         admission: Admission,
         options: EmbedderOptions,
         decoding: Decoding | None = None,
+        tracer: trace.Tracer = NO_TRACER,
     ) -> None:
         """`admission` is shared with the batching queue in front of `backend` (its hold);
         `label_cache` keeps zero-shot label ensembles apart from image and text vectors;
         `decoding` is the gateway's (shared by its models), else one of this model's own
-        from `options`."""
+        from `options`; `tracer`: spans of the pipeline's stages (no-op unless tracing is on)."""
+        self._tracer = tracer
         self._backend = backend
         self._cache = cache
         self._label_cache = label_cache
@@ -142,7 +162,6 @@ class Embedder:
         # of encoded bytes.
         self._pixels_fingerprint = f"px/{metadata.image_size}"
         self._decoding = decoding or Decoding(options.decode_threads, options.decode_budget_pixels)
-        self._decode_pool = self._decoding.pool
         self._pixel_budget = self._decoding.budget
         self._flights: SingleFlight[str, EmbeddingResult] = SingleFlight()
 
@@ -200,8 +219,9 @@ class Embedder:
     ) -> list[EmbeddingResult]:
         """Vectors for `texts`, in order; validates count, lengths and language first
         (`language`: for towers that take one; None or "": the model's default)."""
-        language = self.check_language(language)
-        validation.check_texts(texts, self.limits, field)
+        with self._tracer.start_as_current_span("validate"):
+            language = self.check_language(language)
+            validation.check_texts(texts, self.limits, field)
         return await self._embed_texts(texts, _deadline(timeout_s), language=language)
 
     def check_language(self, language: str | None) -> str | None:
@@ -251,7 +271,8 @@ class Embedder:
     ) -> list[EmbeddingResult]:
         """Vectors for encoded `images` or pre-sized pixels (they may mix), in order;
         refuses the first bad image by index."""
-        self.check_images(images, field)
+        with self._tracer.start_as_current_span("validate"):
+            self.check_images(images, field)
         keys = [self._image_key(image) for image in images]
         return await self._embed(
             "image",
@@ -325,6 +346,22 @@ class Embedder:
     ) -> list[EmbeddingResult]:
         """`store` False: computed vectors are not put in the cache."""
         self._metrics.items.labels(modality, self.metadata.name).inc(len(keys))
+        attributes = {"clip.model": self.metadata.name, "clip.modality": modality}
+        with self._tracer.start_as_current_span(
+            "embed",
+            attributes={**attributes, "clip.items": len(keys), "clip.lane": lanes.current()},
+        ):
+            return await self._embed_traced(modality, keys, prepare, deadline, field, store)
+
+    async def _embed_traced(
+        self,
+        modality: str,
+        keys: list[str],
+        prepare: Prepare,
+        deadline: float | None,
+        field: str,
+        store: bool,
+    ) -> list[EmbeddingResult]:
         unique = list(dict.fromkeys(keys))
         for _ in range(_CLAIM_ATTEMPTS):
             _check_deadline(deadline, f"{modality} embedding")
@@ -365,6 +402,7 @@ class Embedder:
             for k, e in zip(unique, local, strict=True)
             if e is not None
         }
+        trace.get_current_span().set_attribute("clip.cache.local_hits", len(results))
         owned, waiting = self._flights.claim(k for k in unique if k not in results)
         if owned:
             await self._start_owned(keys, owned, prepare, deadline, store)
@@ -388,7 +426,11 @@ class Embedder:
     ) -> None:
         """Settle what the shared cache holds; admit, prepare and launch the rest."""
         try:
-            shared = await self._cache.get_shared(list(owned), size=self.metadata.embedding_dim)
+            with self._tracer.start_as_current_span(
+                "cache.lookup", attributes={"clip.items": len(owned)}
+            ) as span:
+                shared = await self._cache.get_shared(list(owned), size=self.metadata.embedding_dim)
+                span.set_attribute("clip.cache_hits", sum(v is not None for v in shared))
         except BaseException as exc:
             self._flights.fail(
                 owned, Abandoned() if isinstance(exc, asyncio.CancelledError) else exc
@@ -404,8 +446,9 @@ class Embedder:
         todo = {k: f for k, f in owned.items() if k not in hits}
         if not todo:
             return
+        lane = lanes.current()  # the owner's lane: it computes for the waiters too
         try:
-            self._admission.admit(len(todo))
+            self._admission.admit(len(todo), lane)
         except BaseException as exc:
             self._flights.fail(todo, exc)
             raise
@@ -414,7 +457,7 @@ class Embedder:
         except BaseException as exc:
             # A bad input fails its own key; waiters on the others claim them again, and
             # so do all waiters when this caller was cancelled (never their own error).
-            self._admission.release(len(todo))
+            self._admission.release(len(todo), answered=False, lane=lane)
             if isinstance(exc, asyncio.CancelledError):
                 self._flights.fail(todo, Abandoned())
             else:
@@ -424,7 +467,9 @@ class Embedder:
                 self._flights.fail(todo, exc, culprit=culprit)
             raise
         # Its own task: a caller that gives up does not stop the work others wait for.
-        task = asyncio.get_running_loop().create_task(self._finish(todo, run, deadline, store))
+        task = asyncio.get_running_loop().create_task(
+            self._finish(todo, run, deadline, store, lane)
+        )
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def _finish(
@@ -433,29 +478,33 @@ class Embedder:
         run: Run,
         deadline: float | None,
         store: bool,
+        lane: lanes.Lane,
     ) -> None:
         try:
             timeout_s = None if deadline is None else deadline - asyncio.get_running_loop().time()
             embedded = await run(timeout_s)
         except BaseException as exc:
-            self._admission.release(len(owned))
+            self._admission.release(len(owned), answered=False, lane=lane)
             # The owner's deadline is not its waiters': they claim the keys again and
             # compute within their own (the owner, past its deadline, stops there).
             shared_error = Abandoned() if isinstance(exc, DeadlineExceeded) else exc
             self._flights.fail(owned, shared_error)
             raise
-        self._admission.release(len(owned))  # out of the backend: no longer queued work
+        self._admission.release(len(owned), lane=lane)  # out of the backend: not queued work
         for key, item in zip(owned, embedded, strict=True):
             self._flights.resolve(owned, key, item)
         try:
             # Keys stay claimed until the cache holds them, so a late identical miss
             # finds either the claim or the cached vector, never a gap between the two.
             if store:
-                await self._cache.put_many(
-                    [(k, e.vector) for k, e in zip(owned, embedded, strict=True)],
-                    truncated=[e.truncated for e in embedded],
-                    tokens=[e.tokens for e in embedded],
-                )
+                with self._tracer.start_as_current_span(
+                    "cache.store", attributes={"clip.items": len(owned)}
+                ):
+                    await self._cache.put_many(
+                        [(k, e.vector) for k, e in zip(owned, embedded, strict=True)],
+                        truncated=[e.truncated for e in embedded],
+                        tokens=[e.tokens for e in embedded],
+                    )
         finally:
             self._flights.release(owned)
 
@@ -464,9 +513,15 @@ class Embedder:
         self, texts: Sequence[str], indices: list[int], language: str | None = None
     ) -> Run:
         # Off the event loop: a batch of long texts must not delay health checks.
-        tokens = await asyncio.get_running_loop().run_in_executor(
-            self._decode_pool, self._tokenize, [texts[i] for i in indices], language
-        )
+        with self._tracer.start_as_current_span(
+            "tokenize", attributes={"clip.items": len(indices)}
+        ):
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self._decoding.pools[lanes.current()],
+                self._tokenize,
+                [texts[i] for i in indices],
+                language,
+            )
 
         async def run(timeout_s: float | None) -> list[EmbeddingResult]:
             return await self._run_texts(tokens, timeout_s)
@@ -508,10 +563,12 @@ class Embedder:
         # Pre-sized pixels are only viewed as [3,S,S] (no copy, no thread, no task: at
         # GPU rates a task per image is a measurable share of the gateway's CPU).
         encoded = [i for i in indices if not isinstance(images[i], PresizedPixels)]
-        decoded = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._decode, images[i]) for i in encoded),
-            return_exceptions=True,
-        )
+        pool = self._decoding.pools[lanes.current()]
+        with self._tracer.start_as_current_span("decode", attributes={"clip.items": len(indices)}):
+            decoded = await asyncio.gather(
+                *(loop.run_in_executor(pool, self._decode, images[i]) for i in encoded),
+                return_exceptions=True,
+            )
         by_index = dict(zip(encoded, decoded, strict=True))
         arrays: list[np.ndarray] = []
         for i in indices:
@@ -537,7 +594,7 @@ class Embedder:
         context), counted on the decode threads: the event loop keeps answering meanwhile.
         The callers' texts were checked against the limits already (count, length)."""
         tokens = await asyncio.get_running_loop().run_in_executor(
-            self._decode_pool, self._tokenize, list(texts), language
+            self._decoding.pools[lanes.current()], self._tokenize, list(texts), language
         )
         return [len(t.ids) for t in tokens]
 
@@ -560,6 +617,17 @@ class Embedder:
             self._metrics.preprocess_latency.labels("image_decode").observe(
                 time.perf_counter() - started
             )
+
+
+#: `nice` increment of bulk decode threads (CFS weight 110 against 1024 at 0: about a tenth
+#: of a core's share when an interactive thread wants the same core).
+BULK_DECODE_NICE = 10
+
+
+def _lower_thread_priority() -> None:
+    """Lower the calling thread's OS scheduling priority (Linux: nice is per thread)."""
+    with contextlib.suppress(OSError, AttributeError):  # not permitted, or not Linux
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_DECODE_NICE)
 
 
 def _deadline(timeout_s: float | None) -> float | None:

@@ -66,6 +66,10 @@ def render_config(
         "]",
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}",
+        # The gateway's lanes (service/core/lanes.py): 1 = interactive, served first; 2 =
+        # bulk. Requests that name no level (other clients) count as interactive.
+        "  priority_levels: 2",
+        "  default_priority_level: 1",
         "  default_queue_policy {",
         "    timeout_action: REJECT",
         f"    default_timeout_microseconds: {batching.queue_timeout_us}",

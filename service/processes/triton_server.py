@@ -320,6 +320,23 @@ def server_version(http_url: str, timeout_s: float = 2.0) -> str:
         return ""
 
 
+def opentelemetry_args(url: str, rate: int = 1, service_name: str = "triton") -> list[str]:
+    """tritonserver flags that export its inference traces to `url` over OTLP/HTTP (none
+    when `url` is ''). Triton 2.41 (the pip server) starts its own trace per request: it
+    does not continue the caller's `traceparent` (no context propagation before 24.01);
+    newer servers (NGC images) put their spans under the gateway's `backend` span."""
+    if not url:
+        return []
+    settings = [
+        "mode=opentelemetry",
+        f"rate={max(1, rate)}",
+        "level=TIMESTAMPS",
+        f"opentelemetry,url={url}",
+        f"opentelemetry,resource=service.name={service_name}",
+    ]
+    return [arg for setting in settings for arg in ("--trace-config", setting)]
+
+
 # ---------------------------------------------------------------------- CLI
 def run_triton(args: TritonServerSettings) -> int:
     """Run tritonserver in the foreground until Ctrl-C / SIGTERM; the exit status."""
@@ -344,6 +361,7 @@ def run_triton(args: TritonServerSettings) -> int:
             inherit_output=args.log_file is None,
             startup_timeout_s=args.startup_timeout,
             stop_grace_s=args.stop_grace,
+            extra_args=opentelemetry_args(args.otlp_url, args.trace_rate),
         )
         try:
             triton.start()

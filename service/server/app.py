@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from prometheus_client import start_http_server
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
@@ -34,6 +35,7 @@ from service.server.interceptors import (
     RequestBytesInterceptor,
 )
 from service.server.servicer import PROTO_COSTS, ClipServicer
+from service.server.tracing import TracingInterceptor, traced_asgi
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class Gateway:
     catalog: Catalog | None = None
     #: Run last by `stop()` (wiring's parts the transport does not know, e.g. an engine).
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    #: The OpenTelemetry SDK provider when tracing is on: flushed and closed at stop.
+    tracer_provider: Any = None
     _metrics_http: Any = field(default=None, repr=False)
 
     @property
@@ -142,6 +146,9 @@ class Gateway:
         await self.models.aclose()
         if self.catalog is not None:
             await self.catalog.aclose()
+        if self.tracer_provider is not None:
+            # Spans of the last calls still wait in the batching processor: send them.
+            await asyncio.to_thread(self.tracer_provider.shutdown)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -155,12 +162,16 @@ def build_server(
     models: ModelRegistry,
     metrics: Metrics,
     catalog: Catalog | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> Gateway:
     """The grpc.aio server (and the HTTP API) around built pipelines, bound but not
-    started; `catalog` (not yet opened) answers the catalog calls."""
+    started; `catalog` (not yet opened) answers the catalog calls; `tracer`: a SERVER span
+    per call (None: tracing off, nothing installed)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [
         ObservabilityInterceptor(metrics, models.label)
     ]
+    if tracer is not None:
+        interceptors.insert(0, TracingInterceptor(tracer))  # outermost: sees the final code
     if options.api_keys.enabled:
         interceptors.append(ApiKeyInterceptor(options.api_keys, metrics))
     # Innermost: only calls that passed the API-key check hold request bytes.
@@ -222,8 +233,9 @@ def build_server(
             budget,
             CatalogRoutes(catalog, options.backend_timeout_s),
         )
+        app = api.app if tracer is None else traced_asgi(api.app, tracer)
         gateway.http_server = HttpServer(
-            api.app,
+            app,
             options.host,
             options.http_port,
             options.tls,

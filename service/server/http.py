@@ -41,6 +41,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from service.core import lanes
 from service.core.admission import ByteBudget
 from service.core.calls import AnswerCosts, Calls
 from service.core.models import ModelRegistry, ServedModel
@@ -60,7 +61,7 @@ from service.server.credentials import ApiKeys, TlsFiles, tls_server_context
 from service.server.health import HealthMonitor
 from service.server.http_catalog import CatalogRoutes
 from service.server.servicer import model_info
-from service.server.status import caller_message, outcome_for
+from service.server.status import caller_message, http_retry_headers, outcome_for
 
 #: `created` of every model in `/v1/models` (OpenAI's field; the export time is not kept).
 _CREATED = 0
@@ -86,6 +87,14 @@ HTTP_COSTS = AnswerCosts(
     label_bytes=schema.json_string_bytes,
 )
 _JSON = "application/json"
+
+
+def _lane(call: _Call, priority: str | None) -> lanes.Lane:
+    """The call's priority lane: the body's `priority`, else the `X-Clip-Priority` header,
+    else interactive."""
+    if priority is not None:
+        return lanes.parse(priority)
+    return lanes.parse(call.priority_header, field="X-Clip-Priority header")
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ def error_response(error: BaseException, *, close: bool = False) -> Response:
         headers["Allow"] = error.allow
     if close:
         headers["Connection"] = "close"
+    headers.update(http_retry_headers(error))  # a load refusal: when to come back
     return Response(schema.encode_json(body), status_code=status, headers=headers, media_type=_JSON)
 
 
@@ -131,6 +141,8 @@ class _Call:
 
     model: str | None = None
     params: dict[str, str] = field(default_factory=dict)
+    #: `X-Clip-Priority`, the lane when the body names none.
+    priority_header: str | None = None
 
 
 #: A route: the request's JSON body (b"" for GET) → the answer, a JSON-ready value.
@@ -208,7 +220,10 @@ class HttpApi:
             started = time.perf_counter()
             metrics.in_flight.labels(method).inc()
             code = "OK"
-            call = _Call(params=dict(request.path_params))
+            call = _Call(
+                params=dict(request.path_params),
+                priority_header=request.headers.get("x-clip-priority"),
+            )
             held = 0
             body_read = request.method != "POST"
             try:
@@ -347,14 +362,17 @@ class HttpApi:
         dim = model.embedder.metadata.embedding_dim
         schema.check_dimensions(parsed.dimensions, dim, model.name)
         calls = self._calls
-        embedded = await calls.embed(
-            parsed.model,
-            parsed.items,
-            field="input",
-            encoding=parsed.encoding_format,
-            language=parsed.language,
-        )
-        tokens = await calls.token_counts(model, parsed.items, embedded.results, parsed.language)
+        with lanes.using(_lane(call, parsed.priority)):
+            embedded = await calls.embed(
+                parsed.model,
+                parsed.items,
+                field="input",
+                encoding=parsed.encoding_format,
+                language=parsed.language,
+            )
+            tokens = await calls.token_counts(
+                model, parsed.items, embedded.results, parsed.language
+            )
         answer = {
             "object": "list",
             "data": [
@@ -400,14 +418,15 @@ class HttpApi:
     async def _classify(self, raw: bytes, call: _Call) -> Any:
         parsed = await self._off_loop(schema.parse_classify, raw, self._bounds)
         call.model = parsed.model
-        classified = await self._calls.classify(
-            parsed.model,
-            parsed.images,
-            parsed.labels,
-            parsed.templates,
-            parsed.top_k,
-            language=parsed.language,
-        )
+        with lanes.using(_lane(call, parsed.priority)):
+            classified = await self._calls.classify(
+                parsed.model,
+                parsed.images,
+                parsed.labels,
+                parsed.templates,
+                parsed.top_k,
+                language=parsed.language,
+            )
         answer = {
             "results": [
                 {
@@ -425,9 +444,10 @@ class HttpApi:
     async def _similarity(self, raw: bytes, call: _Call) -> Any:
         parsed = await self._off_loop(schema.parse_similarity, raw, self._bounds)
         call.model = parsed.model
-        compared = await self._calls.similarity(
-            parsed.model, parsed.queries, parsed.candidates, language=parsed.language
-        )
+        with lanes.using(_lane(call, parsed.priority)):
+            compared = await self._calls.similarity(
+                parsed.model, parsed.queries, parsed.candidates, language=parsed.language
+            )
         result = compared.result
         rows = [
             {"scores": scores, "probabilities": probabilities}

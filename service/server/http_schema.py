@@ -122,6 +122,7 @@ class _EmbeddingsBody(msgspec.Struct, forbid_unknown_fields=True):
     dimensions: int | None = None
     user: str | None = None
     language: str | None = None
+    priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
 
 
 class _ClassifyBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -132,6 +133,7 @@ class _ClassifyBody(msgspec.Struct, forbid_unknown_fields=True):
     top_k: int | None = None
     model: str | None = None
     language: str | None = None
+    priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
 
 
 class _SimilarityBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -139,6 +141,7 @@ class _SimilarityBody(msgspec.Struct, forbid_unknown_fields=True):
     candidates: list[_RawItem] | None = None
     model: str | None = None
     language: str | None = None
+    priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
 
 
 _DECODERS = {
@@ -164,6 +167,7 @@ _HINTS = {
     "model": "a model name (GET /v1/models lists them)",
     "language": "a language code string such as 'fra_Latn'",
     "encoding_format": f"one of {', '.join(ENCODING_FORMATS)}",
+    "priority": "interactive or bulk",
 }
 
 
@@ -176,6 +180,7 @@ class EmbeddingsRequest:
     encoding_format: str
     dimensions: int | None
     language: str | None = None
+    priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,7 @@ class ClassifyRequest:
     templates: list[str]
     top_k: int
     language: str | None = None
+    priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,7 @@ class SimilarityRequest:
     queries: list[Item]
     candidates: list[Item]
     language: str | None = None
+    priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
 
 
 def _decode(body: bytes, kind: type[Any], bounds: JsonBounds) -> Any:
@@ -336,7 +343,12 @@ def parse_embeddings(body: bytes, bounds: JsonBounds) -> EmbeddingsRequest:
     if dimensions is not None and dimensions < 1:
         raise InvalidInput(f"must be a positive integer, not {dimensions!r}", field="dimensions")
     return EmbeddingsRequest(
-        parsed.model or "", items, encoding, dimensions, _language(parsed.language)
+        parsed.model or "",
+        items,
+        encoding,
+        dimensions,
+        _language(parsed.language),
+        parsed.priority,
     )
 
 
@@ -361,6 +373,7 @@ def parse_classify(body: bytes, bounds: JsonBounds) -> ClassifyRequest:
         templates=list(parsed.templates or []),
         top_k=parsed.top_k or 0,
         language=_language(parsed.language),
+        priority=parsed.priority,
     )
 
 
@@ -372,6 +385,7 @@ def parse_similarity(body: bytes, bounds: JsonBounds) -> SimilarityRequest:
         queries=_items(parsed.queries or [], "queries"),
         candidates=_items(parsed.candidates or [], "candidates"),
         language=_language(parsed.language),
+        priority=parsed.priority,
     )
 
 

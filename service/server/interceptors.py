@@ -21,7 +21,7 @@ from service.core.admission import ByteBudget
 from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.server.credentials import ApiKeys
-from service.server.status import caller_message, status_for
+from service.server.status import caller_message, grpc_retry_metadata, status_for
 
 # Probes and tooling stay open when API keys are configured.
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -37,7 +37,10 @@ def _method_name(details: grpc.HandlerCallDetails) -> str:
 
 
 async def _abort_for(error: BaseException, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(status_for(error), caller_message(error))
+    # A load refusal carries when to come back (`grpc-retry-pushback-ms`).
+    await context.abort(
+        status_for(error), caller_message(error), trailing_metadata=grpc_retry_metadata(error)
+    )
 
 
 class Undecodable:

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
-from service.core import vector_formats
+from service.core import lanes, vector_formats
 from service.core.calls import AnswerCosts, Calls
 from service.core.catalog import Catalog
 from service.core.embedder import EmbeddingResult
@@ -79,6 +79,17 @@ def _images(images: Sequence[bytes], pixels: Sequence[bytes]) -> list[bytes | Pr
     return [PresizedPixels(p) for p in pixels] if pixels else list(images)
 
 
+def lane_of(priority: int, default: lanes.Lane) -> lanes.Lane:
+    """A request's `priority` → its lane (`default` when unset); INVALID_ARGUMENT if unknown."""
+    if priority == clip_pb2.PRIORITY_UNSPECIFIED:
+        return default
+    if priority == clip_pb2.PRIORITY_INTERACTIVE:
+        return lanes.INTERACTIVE
+    if priority == clip_pb2.PRIORITY_BULK:
+        return lanes.BULK
+    raise InvalidInput(f"unknown priority {priority}", field="priority")
+
+
 def _format_name(fmt: int) -> str:
     if fmt not in clip_pb2.VectorFormat.values():
         names = ", ".join(clip_pb2.VectorFormat.keys())
@@ -123,14 +134,15 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
     ) -> clip_pb2.EmbedResponse:
         fmt = request.format
         language = getattr(request, "language", "") or None
-        embedded = await self._calls.embed(
-            request.model,
-            inputs,
-            field=field,
-            encoding=_format_name(fmt),
-            language=language,
-            remaining_s=_remaining(context),
-        )
+        with lanes.using(lane_of(request.priority, lanes.INTERACTIVE)):
+            embedded = await self._calls.embed(
+                request.model,
+                inputs,
+                field=field,
+                encoding=_format_name(fmt),
+                language=language,
+                remaining_s=_remaining(context),
+            )
         return clip_pb2.EmbedResponse(
             embeddings=[_vector_message(i, fmt) for i in embedded.results],
             model=embedded.model.embedder.model_id,
@@ -139,13 +151,14 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
     async def Similarity(
         self, request: clip_pb2.SimilarityRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.SimilarityResponse:
-        compared = await self._calls.similarity(
-            request.model,
-            _items(request.queries, "queries"),
-            _items(request.candidates, "candidates"),
-            language=request.language or None,
-            remaining_s=_remaining(context),
-        )
+        with lanes.using(lane_of(request.priority, lanes.INTERACTIVE)):
+            compared = await self._calls.similarity(
+                request.model,
+                _items(request.queries, "queries"),
+                _items(request.candidates, "candidates"),
+                language=request.language or None,
+                remaining_s=_remaining(context),
+            )
         result = compared.result
         rows = [
             clip_pb2.Row(scores=scores.tolist(), probabilities=probabilities.tolist())
@@ -156,15 +169,16 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
     async def Classify(
         self, request: clip_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> clip_pb2.ClassifyResponse:
-        classified = await self._calls.classify(
-            request.model,
-            _images(request.images, request.pixels),
-            list(request.labels),
-            list(request.templates),
-            request.top_k,
-            language=request.language or None,
-            remaining_s=_remaining(context),
-        )
+        with lanes.using(lane_of(request.priority, lanes.INTERACTIVE)):
+            classified = await self._calls.classify(
+                request.model,
+                _images(request.images, request.pixels),
+                list(request.labels),
+                list(request.templates),
+                request.top_k,
+                language=request.language or None,
+                remaining_s=_remaining(context),
+            )
         return clip_pb2.ClassifyResponse(
             results=[
                 clip_pb2.Classification(
@@ -250,14 +264,16 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
                 if kind == "pixels"
                 else request.image
             )
-            embedded = await self._calls.embed(
-                request.model,
-                [item],
-                field={"text": "texts", "pixels": "pixels"}.get(kind, "images"),
-                encoding=_format_name(fmt),
-                language=request.language or None,
-                remaining_s=_remaining(context),
-            )
+            # Stream items are bulk work unless the item says otherwise.
+            with lanes.using(lane_of(request.priority, lanes.BULK)):
+                embedded = await self._calls.embed(
+                    request.model,
+                    [item],
+                    field={"text": "texts", "pixels": "pixels"}.get(kind, "images"),
+                    encoding=_format_name(fmt),
+                    language=request.language or None,
+                    remaining_s=_remaining(context),
+                )
             items = embedded.results
             return clip_pb2.StreamResponse(id=item_id, embedding=_vector_message(items[0], fmt))
         except Exception as exc:

@@ -4,6 +4,7 @@ HTTP API, an HTTP status and an OpenAI-style error `type` (the same row for both
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -88,3 +89,29 @@ def caller_message(error: BaseException) -> str:
         return str(error)
     _LOGGER.error("unexpected error", exc_info=error)
     return f"internal error ({type(error).__name__}); the failure was logged"
+
+
+#: Trailing metadata grpc's own retry policy reads (gRFC A6), and so does our client.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def retry_after_s(error: BaseException) -> float | None:
+    """Seconds a refused caller should wait before trying the same request again; None
+    when waiting will not help (bad input, too large) or the error is not a refusal."""
+    hint = getattr(error, "retry_after_s", None)
+    return hint if isinstance(error, ClipError) and isinstance(hint, int | float) else None
+
+
+def grpc_retry_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata telling a gRPC caller when to retry (none without a hint)."""
+    hint = retry_after_s(error)
+    return () if hint is None else ((PUSHBACK_KEY, str(max(1, round(hint * 1000)))),)
+
+
+def http_retry_headers(error: BaseException) -> dict[str, str]:
+    """`Retry-After` (whole seconds, RFC 9110) and `retry-after-ms` (read by OpenAI's
+    clients before `Retry-After`) for a refusal with a hint; none otherwise."""
+    hint = retry_after_s(error)
+    if hint is None:
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(hint))), "retry-after-ms": str(round(hint * 1000))}

@@ -1344,3 +1344,27 @@ def test_the_triton_url_takes_any_grpc_target(helm: str, url: str, accepted: boo
     if accepted:
         cm = Rendered.from_yaml(done.stdout).one("ConfigMap", "gateway")
         assert cm["data"]["CLIP_TRITON_URL"] == url
+
+
+def test_tracing_values_reach_the_gateway_and_triton(
+    helm: str, rendered: dict[str, Rendered]
+) -> None:
+    assert "CLIP_OTLP_ENDPOINT" not in _gateway_config(rendered["defaults"])
+    assert not any(
+        "trace-config" in a for a in container(_triton(rendered["defaults"]), "triton")["args"]
+    )
+    values = {
+        "gateway": {"tracing": {"otlpEndpoint": "http://otel-collector.obs:4317"}},
+        "triton": {"tracing": {"otlpUrl": "http://otel-collector.obs:4318/v1/traces", "rate": 10}},
+    }
+    done = template(helm, values)
+    assert done.returncode == 0, done.stderr
+    r = Rendered.from_yaml(done.stdout)
+    config = _gateway_config(r)
+    assert config["CLIP_OTLP_ENDPOINT"] == "http://otel-collector.obs:4317"
+    assert config["CLIP_OTLP_SERVICE_NAME"] == "clip-gateway"
+    args = container(_triton(r), "triton")["args"]
+    assert "--trace-config=mode=opentelemetry" in args and "--trace-config=rate=10" in args
+    assert "--trace-config=opentelemetry,url=http://otel-collector.obs:4318/v1/traces" in args
+    bad = template(helm, {"gateway": {"tracing": {"otlpEndpoint": "collector:4317"}}})
+    assert bad.returncode != 0 and "otlpEndpoint" in bad.stderr

@@ -41,7 +41,7 @@ def _queue(
         max_batch_size=lambda: 8,
         max_wait_s=0.002,
         metrics=Metrics(),
-        admitted=None if admission is None else (lambda: admission.admitted),
+        admitted=None if admission is None else (lambda lane: admission.by_lane[lane]),
         **options,  # type: ignore[arg-type]
     )
     queue._last_batch_s = last_batch_s

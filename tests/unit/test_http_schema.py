@@ -224,7 +224,7 @@ def test_unknown_fields_are_refused_by_name() -> None:
     assert caught.value.field == "encoding_fromat"
     assert str(caught.value) == (
         "encoding_fromat: unknown field; this route takes input, model, encoding_format, "
-        "dimensions, user, language"
+        "dimensions, user, language, priority"
     )
     with pytest.raises(InvalidInput, match=r"^top_k: unknown field; this route takes queries"):
         parse_similarity({"queries": ["a"], "top_k": 3})

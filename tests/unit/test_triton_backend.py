@@ -141,3 +141,68 @@ async def test_each_triton_request_carries_the_callers_remaining_time(
     assert given["timeout"] == max(1, int(given["client_timeout"] * 1e6))
     assert 2.5 < default["client_timeout"] <= 30.0
     assert default["timeout"] == max(1, int(default["client_timeout"] * 1e6))
+
+
+async def test_each_triton_request_carries_the_batch_priority(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch's lane as Triton's priority level (set by the batching queue around the
+    call); 0, the model's default, outside any batch."""
+    from service.backends.base import CALL_PRIORITY
+
+    monkeypatch.setattr(triton_module.triton_aio, "InferenceServerClient", _RecordingClient)
+    calls = _RecordingClient.calls = []
+    backend = TritonBackend(url="triton:8001", default_timeout_s=30.0, max_batch_size=8)
+    await backend.start()
+    try:
+        await backend.embed_images(np.zeros((1, 3, 2, 2), dtype=np.uint8))
+        token = CALL_PRIORITY.set(2)
+        try:
+            await backend.embed_images(np.zeros((1, 3, 2, 2), dtype=np.uint8))
+        finally:
+            CALL_PRIORITY.reset(token)
+    finally:
+        await backend.aclose()
+    assert [call["priority"] for call in calls] == [0, 2]
+
+
+async def test_each_triton_request_carries_the_running_span_as_traceparent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch's `backend` span goes to Triton as W3C `traceparent`; no header without
+    a recording span (tracing off)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    monkeypatch.setattr(triton_module.triton_aio, "InferenceServerClient", _RecordingClient)
+    calls = _RecordingClient.calls = []
+    backend = TritonBackend(url="triton:8001", default_timeout_s=30.0, max_batch_size=8)
+    tracer = TracerProvider().get_tracer("test")
+    await backend.start()
+    try:
+        await backend.embed_images(np.zeros((1, 3, 2, 2), dtype=np.uint8))
+        with tracer.start_as_current_span("backend") as span:
+            await backend.embed_images(np.zeros((1, 3, 2, 2), dtype=np.uint8))
+    finally:
+        await backend.aclose()
+    untraced, traced = calls
+    assert untraced["headers"] is None
+    context = span.get_span_context()
+    flags = int(context.trace_flags)
+    expected = f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
+    assert traced["headers"] == {"traceparent": expected}
+
+
+def test_clipsvc_triton_turns_on_opentelemetry_tracing_only_with_a_url() -> None:
+    from service.processes.triton_server import opentelemetry_args
+
+    assert opentelemetry_args("") == []
+    args = opentelemetry_args("http://collector:4318/v1/traces", rate=10)
+    settings = args[1::2]
+    assert args[0::2] == ["--trace-config"] * len(settings)
+    assert settings == [
+        "mode=opentelemetry",
+        "rate=10",
+        "level=TIMESTAMPS",
+        "opentelemetry,url=http://collector:4318/v1/traces",
+        "opentelemetry,resource=service.name=triton",
+    ]

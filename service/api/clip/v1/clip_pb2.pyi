@@ -16,6 +16,12 @@ class VectorFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VECTOR_FORMAT_UINT8: _ClassVar[VectorFormat]
     VECTOR_FORMAT_BINARY: _ClassVar[VectorFormat]
     VECTOR_FORMAT_UBINARY: _ClassVar[VectorFormat]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BULK: _ClassVar[Priority]
 VECTOR_FORMAT_FLOAT_LIST: VectorFormat
 VECTOR_FORMAT_FLOAT32_BYTES: VectorFormat
 VECTOR_FORMAT_FLOAT16_BYTES: VectorFormat
@@ -23,30 +29,37 @@ VECTOR_FORMAT_INT8: VectorFormat
 VECTOR_FORMAT_UINT8: VectorFormat
 VECTOR_FORMAT_BINARY: VectorFormat
 VECTOR_FORMAT_UBINARY: VectorFormat
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BULK: Priority
 
 class EmbedTextRequest(_message.Message):
-    __slots__ = ("texts", "format", "model", "language")
+    __slots__ = ("texts", "format", "model", "language", "priority")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     format: VectorFormat
     model: str
     language: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
-    __slots__ = ("images", "pixels", "format", "model")
+    __slots__ = ("images", "pixels", "format", "model", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     pixels: _containers.RepeatedScalarFieldContainer[bytes]
     format: VectorFormat
     model: str
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values", "packed", "truncated", "cached", "dim", "format")
@@ -83,16 +96,18 @@ class Item(_message.Message):
     def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., pixels: _Optional[bytes] = ...) -> None: ...
 
 class SimilarityRequest(_message.Message):
-    __slots__ = ("queries", "candidates", "model", "language")
+    __slots__ = ("queries", "candidates", "model", "language", "priority")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Item]
     candidates: _containers.RepeatedCompositeFieldContainer[Item]
     model: str
     language: str
-    def __init__(self, queries: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, queries: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class Row(_message.Message):
     __slots__ = ("scores", "probabilities")
@@ -111,7 +126,7 @@ class SimilarityResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("images", "pixels", "labels", "templates", "top_k", "model", "language")
+    __slots__ = ("images", "pixels", "labels", "templates", "top_k", "model", "language", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +134,7 @@ class ClassifyRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     pixels: _containers.RepeatedScalarFieldContainer[bytes]
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -126,7 +142,8 @@ class ClassifyRequest(_message.Message):
     top_k: int
     model: str
     language: str
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ..., language: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability", "score")
@@ -209,7 +226,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("id", "text", "image", "pixels", "format", "model", "language")
+    __slots__ = ("id", "text", "image", "pixels", "format", "model", "language", "priority")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +234,7 @@ class StreamRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     image: bytes
@@ -224,7 +242,8 @@ class StreamRequest(_message.Message):
     format: VectorFormat
     model: str
     language: str
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., pixels: _Optional[bytes] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., pixels: _Optional[bytes] = ..., format: _Optional[_Union[VectorFormat, str]] = ..., model: _Optional[str] = ..., language: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")

@@ -1,0 +1,185 @@
+"""OpenTelemetry traces through a real gateway: in memory (every span and attribute), and
+over OTLP to a receiver on loopback, with a real tritonserver tracing too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from service.api.clip.v1 import clip_pb2
+from service.processes.gateway import gateway_settings
+from service.processes.triton_server import opentelemetry_args
+from service.server.app import Gateway
+from service.settings import Settings
+from service.telemetry import NO_TRACER, build_tracer_provider
+from service.wiring import build_gateway
+from tests.support.gateway import stub_for
+from tests.support.images import encode, photo_like
+from tests.support.models import ExportedModel
+from tests.support.otlp import OtlpReceiver
+from tests.support.triton import start_triton
+
+pytestmark = pytest.mark.integration
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+PIPELINE = {"validate", "embed", "cache.lookup", "decode", "queue.wait", "backend", "cache.store"}
+
+
+@contextlib.asynccontextmanager
+async def _gateway(settings: Settings, provider: Any = None) -> AsyncIterator[Gateway]:
+    gateway = build_gateway(settings, tracer_provider=provider)
+    await gateway.start()
+    try:
+        await gateway.wait_until_serving(120)
+        yield gateway
+    finally:
+        await gateway.stop(1.0)
+
+
+def _trace(spans: tuple[ReadableSpan, ...]) -> list[ReadableSpan]:
+    return [s for s in spans if format(s.context.trace_id, "032x") == TRACE_ID]
+
+
+def _post(port: int, path: str, body: Any, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **headers},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status
+
+
+async def test_a_call_is_one_trace_continuing_the_callers(demo_model: ExportedModel) -> None:
+    exporter = InMemorySpanExporter()
+    provider = build_tracer_provider("", "clip-gateway", exporter)
+    settings = gateway_settings(demo_model.repository, local_cache_items=0)
+    images = [encode(photo_like(64, 64, seed=40 + i), "PNG") for i in range(2)]
+    async with _gateway(settings, provider) as gw, stub_for(gw.port) as stub:
+        exporter.clear()  # the warm-up is not a call
+        await stub.EmbedImage(
+            clip_pb2.EmbedImageRequest(images=images), metadata=(("traceparent", TRACEPARENT),)
+        )
+        spans = _trace(exporter.get_finished_spans())
+        by_name = {s.name: s for s in spans}
+        server = by_name["clip.v1.ClipService/EmbedImage"]
+        assert server.kind == SpanKind.SERVER and server.parent is not None
+        assert format(server.parent.span_id, "016x") == CALLER_SPAN
+        assert server.attributes["rpc.grpc.status_code"] == "OK"
+        assert PIPELINE <= set(by_name), sorted(by_name)
+        embed = by_name["embed"]
+        assert embed.parent.span_id == server.context.span_id
+        assert dict(embed.attributes) == {
+            "clip.model": "clip",
+            "clip.modality": "image",
+            "clip.items": 2,
+            "clip.lane": "interactive",
+            "clip.cache.local_hits": 0,
+        }
+        assert by_name["cache.lookup"].attributes["clip.cache_hits"] == 0
+        backend = by_name["backend"]
+        assert backend.parent.span_id == embed.context.span_id
+        assert backend.attributes["clip.batch_size"] == 2
+        assert by_name["queue.wait"].end_time <= backend.start_time
+        # The backend span links to the queue entries it served.
+        assert {link.context.span_id for link in backend.links} == {
+            s.context.span_id for s in spans if s.name == "queue.wait"
+        }
+
+        # A refused call: the server span carries the code; no span holds request content.
+        exporter.clear()
+        secret = "a caption nobody may see in a trace"
+        with contextlib.suppress(Exception):
+            await stub.EmbedText(
+                clip_pb2.EmbedTextRequest(texts=[secret, "x" * 20_000]),
+                metadata=(("traceparent", TRACEPARENT),),
+            )
+        spans = _trace(exporter.get_finished_spans())
+        server = next(s for s in spans if s.name == "clip.v1.ClipService/EmbedText")
+        assert server.attributes["rpc.grpc.status_code"] == "INVALID_ARGUMENT"
+        assert server.status.status_code == StatusCode.ERROR
+        for span in spans:
+            for value in span.attributes.values():
+                assert "caption" not in str(value)
+
+        # HTTP: the same, from the `traceparent` header.
+        exporter.clear()
+        status = await asyncio.to_thread(
+            _post,
+            gw.http_port,
+            "/v1/embeddings",
+            {"model": "clip", "input": ["a red circle"]},
+            {"traceparent": TRACEPARENT},
+        )
+        assert status == 200
+        spans = _trace(exporter.get_finished_spans())
+        by_name = {s.name: s for s in spans}
+        http_span = by_name["POST /v1/embeddings"]
+        assert format(http_span.parent.span_id, "016x") == CALLER_SPAN
+        assert http_span.attributes["http.response.status_code"] == 200
+        assert by_name["embed"].attributes["clip.modality"] == "text"
+        assert {"tokenize", "queue.wait", "backend"} <= set(by_name)
+
+
+async def test_without_an_endpoint_nothing_is_traced(demo_model: ExportedModel) -> None:
+    settings = Settings.from_sources(environ={})
+    assert settings.otlp_endpoint == ""
+    from_standard = Settings.from_sources(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
+    assert from_standard.otlp_endpoint == "http://c:4317"
+    async with _gateway(gateway_settings(demo_model.repository)) as gw:
+        assert gw.tracer_provider is None
+        assert gw.embedder._tracer is NO_TRACER
+
+
+async def test_gateway_and_triton_export_over_otlp(
+    demo_model: ExportedModel, tmp_path: Any
+) -> None:
+    """A real OTLP receiver on loopback gets the gateway's spans (OTLP/gRPC, the caller's
+    trace) and a real tritonserver's (OTLP/HTTP, the same inference)."""
+    with OtlpReceiver() as receiver:
+        with start_triton(
+            demo_model.repository,
+            workdir=tmp_path,
+            extra_args=opentelemetry_args(receiver.http_url),
+        ) as triton:
+            settings = gateway_settings(
+                demo_model.repository,
+                backend="triton",
+                triton_url=triton.grpc_url,
+                local_cache_items=0,
+                otlp_endpoint=receiver.grpc_endpoint,
+            )
+            async with _gateway(settings) as gw, stub_for(gw.port) as stub:
+                image = encode(photo_like(64, 64, seed=77), "PNG")
+                await stub.EmbedImage(
+                    clip_pb2.EmbedImageRequest(images=[image]),
+                    metadata=(("traceparent", TRACEPARENT),),
+                )
+            # Leaving the gateway flushed its spans; Triton sends its own in batches.
+            spans = await asyncio.to_thread(
+                receiver.wait_for,
+                lambda got: (
+                    any(s.service == "triton" and s.name == "clip_image" for s in got)
+                    and any(s.name == "backend" and s.trace_id == TRACE_ID for s in got)
+                ),
+            )
+    gateway = [s for s in spans if s.service == "clip-gateway" and s.trace_id == TRACE_ID]
+    names = {s.name for s in gateway}
+    assert {"clip.v1.ClipService/EmbedImage", *PIPELINE} - {"cache.store"} <= names, names
+    server = next(s for s in gateway if s.name == "clip.v1.ClipService/EmbedImage")
+    assert server.parent_span_id == CALLER_SPAN and server.transport == "grpc"
+    model_span = next(s for s in spans if s.service == "triton" and s.name == "clip_image")
+    assert model_span.attributes["triton.model_name"] == "clip_image"
+    assert model_span.transport == "http"
