@@ -44,29 +44,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from bench.common import (
-    DEMO_MODEL,
-    DEMO_WEIGHTS,
-    MODELS_DIR,
-    REPO_ROOT,
-    RESULTS_DIR,
-    LoadResult,
-    RawClip,
-    channel_options,
-    closed_loop,
-    fmt,
-    interrupt_on_sigterm,
-    machine_info,
-    md_table,
-    photo_pool,
-    section,
-    short_caption,
-    single_item_calls,
-    write_result,
-)
+from bench import harness as h
+from bench.captions import short_caption
+from bench.harness import DEMO_MODEL, REPO_ROOT, fmt, md_table, section
 
 GPU_MODELS = ("ViT-B-32", "ViT-L-14")
 PRECISIONS = ("fp32", "fp16")
@@ -118,7 +100,7 @@ def mode_defaults(smoke: bool) -> dict[str, object]:
 
 def work_dir(args: argparse.Namespace) -> Path:
     """Exports and parts of this mode (exports are reused by later runs)."""
-    return Path(args.work) if args.work else MODELS_DIR / ("gpu-smoke" if args.smoke else "gpu")
+    return Path(args.work) if args.work else h.MODELS_DIR / ("gpu-smoke" if args.smoke else "gpu")
 
 
 def export_dir(args: argparse.Namespace) -> Path:
@@ -139,8 +121,8 @@ def export(args: argparse.Namespace) -> int:
         print(f"  {target} exists: reused", flush=True)
         return 0
     pretrained = "none"
-    if args.model == DEMO_MODEL and DEMO_WEIGHTS.is_file():
-        pretrained = str(DEMO_WEIGHTS)
+    if args.model == DEMO_MODEL and h.DEMO_WEIGHTS.is_file():
+        pretrained = str(h.DEMO_WEIGHTS)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     command = [
@@ -220,25 +202,18 @@ class Inputs:
 
 def make_inputs(repository: Path) -> Inputs:
     """64 photos and 1024 short captions, prepared as the gateway prepares them."""
-    from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
     from service.core.text_tokenize import TextTokenizer
     from service.model.metadata import ModelMetadata
 
     metadata = ModelMetadata.load(repository)
-    jpegs = photo_pool(64, PHOTO_SIZE, seed=5)
-    spec = ImageSpec(metadata.image_size, metadata.interpolation)
-    limits = ImageLimits(20 * 1024 * 1024, 50_000_000, True)
-    pixels = np.stack([preprocess_image_bytes(j, spec, limits) for j in jpegs])
+    jpegs = h.photo_pool(64, PHOTO_SIZE, seed=5)
     tokenizer = TextTokenizer(metadata.context_length, (8, 16, 24, 32, 48, 77))
     rows = [
         TextTokenizer.pad([tokenizer.tokenize(short_caption(i))], TEXT_BUCKET) for i in range(1024)
     ]
-    kib = np.mean([len(j) for j in jpegs]) / 1024
-    note = (
-        f"{PHOTO_SIZE[0]}×{PHOTO_SIZE[1]} JPEGs (mean {kib:.0f} KiB) to the gateway, the same "
-        f"decoded to uint8 3×{metadata.image_size}×{metadata.image_size} to Triton alone"
-    )
-    return Inputs(jpegs, pixels, rows, note)
+    size = metadata.image_size
+    note = f"{h.photo_note(jpegs, PHOTO_SIZE)} to the gateway, the same decoded to uint8 3×{size}×{size} to Triton alone"
+    return Inputs(jpegs, h.decoded(jpegs, metadata), rows, note)
 
 
 # ---------------------------------------------------------------------------- Triton alone
@@ -345,7 +320,7 @@ async def triton_loop_point(
                 return 0
             return 1
 
-        result = await closed_loop(
+        result = await h.closed_loop(
             call,
             label=f"triton {modality} c{concurrency}",
             concurrency=concurrency,
@@ -359,7 +334,7 @@ async def triton_loop_point(
 
 
 def record(
-    path: str, modality: str, result: LoadResult, tool: str, failures: int = 0
+    path: str, modality: str, result: h.LoadResult, tool: str, failures: int = 0
 ) -> PointRecord:
     """A LoadResult as a part-file record."""
     errors = result.error_text
@@ -415,8 +390,6 @@ class Part:
 async def measure(args: argparse.Namespace) -> int:
     """Triton alone, then the gateway against it, at every concurrency; both modalities."""
     from service.model.metadata import IMAGE_INPUT, IMAGE_MODEL, TEXT_INPUT, TEXT_MODEL
-    from service.processes.gateway import GatewayProcess
-    from service.processes.triton_server import TritonProcess
 
     source = export_dir(args)
     if not (source / "metadata.json").is_file():
@@ -443,7 +416,7 @@ async def measure(args: argparse.Namespace) -> int:
         served = served_repository(source, tmp / "repository", args.device, args)
         started = time.perf_counter()
         triton = stack.enter_context(
-            TritonProcess(served, workdir=tmp / "triton", startup_timeout_s=args.startup_timeout)
+            h.triton(served, workdir=tmp / "triton", startup_timeout_s=args.startup_timeout)
         )
         part.note(
             f"tritonserver (pip wheel, python backend, model on {args.device}, "
@@ -494,9 +467,9 @@ async def measure(args: argparse.Namespace) -> int:
         section("gateway end to end")
         started = time.perf_counter()
         gateway = stack.enter_context(
-            GatewayProcess(
+            h.gateway(
                 served,
-                log_name="gpu-gateway",
+                "gpu-gateway",
                 backend="triton",
                 triton_url=triton.grpc_url,
                 local_cache_items=0,
@@ -509,10 +482,10 @@ async def measure(args: argparse.Namespace) -> int:
             f"gateway (cache off, max batch {args.max_batch}, {args.inflight} batches in "
             f"flight) SERVING in {time.perf_counter() - started:.1f} s"
         )
-        async with grpc.aio.insecure_channel(gateway.target, options=channel_options()) as ch:
-            calls = single_item_calls(RawClip(ch), inputs.jpegs, short_caption)
+        async with h.channel(gateway.target) as ch:
+            calls = h.grpc_calls(h.RawClip(ch), inputs.jpegs)
             for modality in MODALITIES:
-                warm_result = await closed_loop(
+                warm_result = await h.closed_loop(
                     calls[modality],
                     label=f"gateway {modality} warm-up",
                     concurrency=max(concurrencies),
@@ -523,7 +496,7 @@ async def measure(args: argparse.Namespace) -> int:
                     f"  (warm-up {modality}: {fmt(warm_result.items_per_s)} items/s, not reported)"
                 )
                 for concurrency in concurrencies:
-                    result = await closed_loop(
+                    result = await h.closed_loop(
                         calls[modality],
                         label=f"gateway {modality} c{concurrency}",
                         concurrency=concurrency,
@@ -649,7 +622,7 @@ def report(args: argparse.Namespace) -> int:
             title,
             "",
             *lead,
-            md_table(["", ""], machine_info()),
+            md_table(["", ""], h.machine_info()),
             "",
             "## What ran",
             "",
@@ -704,7 +677,7 @@ def report(args: argparse.Namespace) -> int:
             md_table(["step", "status", "seconds"], steps_table(args)),
         ]
     )
-    write_result(out, text, summary)
+    h.write_result(out, text, summary)
     return 0
 
 
@@ -734,7 +707,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float, default=240.0)
     parser.add_argument("--no-perf-analyzer", action="store_true", help="always the loop")
     parser.add_argument("--work", help="exports and parts (default bench/.models/gpu[-smoke])")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--results-dir", type=Path, default=h.RESULTS_DIR)
     args = parser.parse_args(argv)
     for key, value in mode_defaults(args.smoke).items():
         if getattr(args, key) is None:
@@ -745,7 +718,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    interrupt_on_sigterm()  # gpu.sh's `timeout` must not leave Triton or a gateway behind
+    h.interrupt_on_sigterm()  # gpu.sh's `timeout` must not leave Triton or a gateway behind
     what = "" if args.step == "report" else f": {args.model} {args.precision}"
     section(f"gpu {args.step}{what} ({'CPU smoke run' if args.smoke else args.device})")
     if args.step == "export":

@@ -35,7 +35,6 @@ import itertools
 import random
 import string
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -48,30 +47,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bench.common import (
-    DEMO_MODEL,
-    RESULTS_DIR,
-    LoadResult,
-    RawClip,
-    add_threading_arguments,
-    channel_options,
-    closed_loop,
-    fmt,
-    machine_info,
-    md_table,
-    memory_mb,
-    mixed_caption,
-    model_repository,
-    photo_pool,
-    run_benchmark,
-    section,
-    short_caption,
-    threading_note,
-    unique_jpeg,
-    write_result,
-)
+from bench import harness as h
+from bench.captions import mixed_caption, short_caption
+from bench.harness import LoadResult, RawClip, fmt, md_table, section
 from service.api.clip.v1 import clip_pb2
-from service.processes.gateway import GatewayProcess
 from service.processes.metric_samples import sample, scrape
 
 PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
@@ -142,7 +121,7 @@ class Monitor:
                 if self.now() >= next_rss:
                     next_rss = self.now() + RSS_EVERY_S
                     with contextlib.suppress(OSError):
-                        self.rss.append((self.now(), memory_mb(self.pid)[0]))
+                        self.rss.append((self.now(), h.memory_mb(self.pid)[0]))
                 self._stop.wait(max(0.0, HEALTH_EVERY_S - took))
 
 
@@ -157,7 +136,7 @@ class WellBehaved:
 
     def __init__(self, channel: grpc.aio.Channel, *, keep_vectors: bool) -> None:
         self.raw = RawClip(channel)
-        self.jpegs = photo_pool(HOT, (640, 480), seed=11)
+        self.jpegs = h.photo_pool(HOT, seed=11)
         self.keep_vectors = keep_vectors
         self.vectors: dict[tuple[str, str], set[bytes]] = defaultdict(set)
         self.errors: list[tuple[float, float, str]] = []  # (start, end, code)
@@ -166,7 +145,7 @@ class WellBehaved:
     def photo(self, n: int) -> tuple[int, bytes]:
         k = n % HOT
         tag = -1 - k if n % 2 else n  # odd: the same bytes every time; even: new bytes
-        return k, unique_jpeg(self.jpegs[k], tag)
+        return k, h.unique_jpeg(self.jpegs[k], tag)
 
     def caption(self, n: int) -> str:
         return short_caption(n % HOT) if n % 2 else mixed_caption(n)
@@ -243,11 +222,6 @@ class Hostile:
     def __init__(self, channel: grpc.aio.Channel, stop_at: float, gap_s: float) -> None:
         self.raw = RawClip(channel)
         self.gap_s = gap_s
-        self.stream = channel.stream_stream(
-            "/clip.v1.ClipService/EmbedStream",
-            request_serializer=clip_pb2.StreamRequest.SerializeToString,
-            response_deserializer=clip_pb2.StreamResponse.FromString,
-        )
         self.stop_at = stop_at
         self.stats = HostileStats()
         self.rng = random.Random(13)
@@ -281,7 +255,7 @@ class Hostile:
         return lambda: self.raw.embed_text(request.SerializeToString(), timeout=60)
 
     def big_image(self, n: int) -> Callable[[], Awaitable[object]]:
-        request = clip_pb2.EmbedImageRequest(images=[unique_jpeg(self.big, n)])
+        request = clip_pb2.EmbedImageRequest(images=[h.unique_jpeg(self.big, n)])
         return lambda: self.raw.embed_image(request.SerializeToString(), timeout=60)
 
     def many_prompts(self, n: int) -> Callable[[], Awaitable[object]]:
@@ -309,7 +283,7 @@ class Hostile:
                         id=f"{n}-{k}-" + "i" * 240, text=f"stream {n} item {k}", format=PACKED
                     )
 
-            call = self.stream(requests(), timeout=STREAM_HOLD_S + 30)
+            call = self.raw.embed_stream(requests(), timeout=STREAM_HOLD_S + 30)
             try:
                 await asyncio.sleep(STREAM_HOLD_S)  # written, never read
             finally:
@@ -347,11 +321,6 @@ def over_time(samples: Sequence[tuple[float, float]], bucket_s: float) -> list[t
     return [(b * bucket_s, v) for b, v in sorted(out.items())]
 
 
-def codes_text(codes: Sequence[str]) -> str:
-    """`CODE×n, ...` or `none`."""
-    return ", ".join(f"{c}×{n}" for c, n in sorted(Counter(codes).items())) or "none"
-
-
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -369,16 +338,16 @@ CALLER_HEADERS = ["run", "seconds", "calls", "ok calls/s", "p50 ms", "p99 ms", "
 
 # ---------------------------------------------------------------------------- hostile
 async def hostile(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
-    repository = args.repository or model_repository(DEMO_MODEL)
-    with GatewayProcess(
-        repository, log_name="soak-hostile", max_message_bytes=MAX_MESSAGE_BYTES,
+    repository = args.repository or h.model_repository(h.DEMO_MODEL)
+    with h.gateway(
+        repository, "soak-hostile", max_message_bytes=MAX_MESSAGE_BYTES,
         torch_threads=args.torch_threads,
     ) as gateway:  # fmt: skip
         print(f"  gateway {gateway.target} pid {gateway.pid}", flush=True)
         assert gateway.pid is not None
         monitor = Monitor(gateway.target, gateway.pid).start()
-        channel = grpc.aio.insecure_channel(gateway.target, options=channel_options())
-        hostile_channel = grpc.aio.insecure_channel(gateway.target, options=channel_options())
+        channel = h.channel(gateway.target)
+        hostile_channel = h.channel(gateway.target)
         good = WellBehaved(channel, keep_vectors=False)
         counter = itertools.count()
         try:
@@ -386,7 +355,7 @@ async def hostile(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
                 f"baseline: {args.callers} well-behaved callers alone, {args.baseline_seconds:g} s"
             )
             t_base = monitor.now()
-            base = await closed_loop(
+            base = await h.closed_loop(
                 good.call, label="baseline", concurrency=args.callers,
                 seconds=args.baseline_seconds, counter=counter,
                 max_seconds=args.baseline_seconds + 120,
@@ -397,11 +366,9 @@ async def hostile(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
             t_soak = monitor.now()
             started = time.perf_counter()
             bad = Hostile(hostile_channel, started + args.seconds, args.hostile_gap_s)
-            hostile_task = asyncio.get_running_loop().create_task(bad.run())
-            progress = asyncio.get_running_loop().create_task(
-                report_progress(monitor, bad.stats, t_soak)
-            )
-            soak = await closed_loop(
+            hostile_task = asyncio.create_task(bad.run())
+            progress = asyncio.create_task(report_progress(monitor, bad.stats, t_soak))
+            soak = await h.closed_loop(
                 good.call, label="soak", concurrency=args.callers, seconds=args.seconds,
                 counter=counter, warmup_rounds=0, max_seconds=args.seconds + 120,
             )  # fmt: skip
@@ -571,36 +538,27 @@ class Fault:
 
 
 async def faults(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
-    from service.processes.redis_server import RedisServer
-    from service.processes.triton_server import TritonProcess
-
-    repository = args.repository or model_repository(DEMO_MODEL)
+    repository = args.repository or h.model_repository(h.DEMO_MODEL)
     with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-triton-")))
         print("  starting redis-server and tritonserver ...", flush=True)
-        redis = stack.enter_context(RedisServer())
-        triton = stack.enter_context(
-            TritonProcess(repository, workdir=workdir, startup_timeout_s=300)
-        )
+        redis = stack.enter_context(h.redis())
+        triton = stack.enter_context(h.triton(repository))
         gateway = stack.enter_context(
-            GatewayProcess(
-                repository, log_name="soak-faults", backend="triton",
-                triton_url=triton.grpc_url, redis_url=redis.url, local_cache_items=0,
-                torch_threads=args.torch_threads,
+            h.gateway(
+                repository, "soak-faults", backend="triton", triton_url=triton.grpc_url,
+                redis_url=redis.url, local_cache_items=0, torch_threads=args.torch_threads,
             )
         )  # fmt: skip
         print(f"  gateway {gateway.target} pid {gateway.pid}", flush=True)
-        channel = grpc.aio.insecure_channel(gateway.target, options=channel_options())
+        channel = h.channel(gateway.target)
         good = WellBehaved(channel, keep_vectors=True)
         events: list[Fault] = []
         try:
             section(f"soak: {args.callers} callers, Redis then Triton killed, {args.seconds:g} s")
             good.t0 = started = time.perf_counter()
-            driver = asyncio.get_running_loop().create_task(
-                inject(args, redis, triton, events, started)
-            )
-            ticker = asyncio.get_running_loop().create_task(fault_progress(good, started))
-            result = await closed_loop(
+            driver = asyncio.create_task(inject(args, redis, triton, events, started))
+            ticker = asyncio.create_task(fault_progress(good, started))
+            result = await h.closed_loop(
                 good.call, label="faults", concurrency=args.callers, seconds=args.seconds,
                 warmup_rounds=1, max_seconds=args.seconds + 120,
             )  # fmt: skip
@@ -610,8 +568,8 @@ async def faults(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
             await channel.close()
         alive = gateway.running
         section("clean run: a gateway without cache on the same Triton")
-        with GatewayProcess(
-            repository, log_name="soak-clean", backend="triton", triton_url=triton.grpc_url,
+        with h.gateway(
+            repository, "soak-clean", backend="triton", triton_url=triton.grpc_url,
             local_cache_items=0,
         ) as clean:  # fmt: skip
             reference, self_check = await clean_vectors(clean.target, good)
@@ -670,6 +628,17 @@ async def fault_progress(good: WellBehaved, t0: float) -> None:
         )
 
 
+async def embed(raw: RawClip, kind: str, inputs: Sequence[str | bytes]) -> list[bytes]:
+    """Packed vectors of `inputs` (texts or JPEGs) from one call."""
+    if kind == "text":
+        request = clip_pb2.EmbedTextRequest(texts=inputs, format=PACKED)
+        answer = await raw.embed_text(request.SerializeToString(), timeout=60)
+    else:
+        request = clip_pb2.EmbedImageRequest(images=inputs, format=PACKED)
+        answer = await raw.embed_image(request.SerializeToString(), timeout=60)
+    return [e.packed for e in clip_pb2.EmbedResponse.FromString(answer).embeddings]
+
+
 async def clean_vectors(
     target: str, good: WellBehaved
 ) -> tuple[dict[tuple[str, str], bytes], tuple[int, int, float]]:
@@ -679,50 +648,24 @@ async def clean_vectors(
     the same texts in one call of 64 (equal bit for bit, of, largest difference).
     """
     reference: dict[tuple[str, str], bytes] = {}
-    self_check = (0, 0, 0.0)
-    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+    equal, worst, first = 0, 0.0, []
+    async with h.channel(target) as channel:
         raw = RawClip(channel)
         texts = sorted(t for kind, t in good.vectors if kind == "text")
         for i in range(0, len(texts), 64):
             chunk = texts[i : i + 64]
-            answer = clip_pb2.EmbedResponse.FromString(
-                await raw.embed_text(
-                    clip_pb2.EmbedTextRequest(texts=chunk, format=PACKED).SerializeToString(),
-                    timeout=60,
-                )
-            )
-            for text, e in zip(chunk, answer.embeddings, strict=True):
-                reference[("text", text)] = e.packed
-            if i == 0:
-                self_check = await one_by_one(raw, chunk[:32], reference)
+            first = first or chunk[:32]
+            reference |= {
+                ("text", t): v for t, v in zip(chunk, await embed(raw, "text", chunk), strict=True)
+            }
+        for text in first:
+            alone, together = (await embed(raw, "text", [text]))[0], reference[("text", text)]
+            equal += alone == together
+            diff = np.abs(np.frombuffer(alone, "<f4") - np.frombuffer(together, "<f4"))
+            worst = max(worst, float(diff.max()))
         for k, jpeg in enumerate(good.jpegs):
-            answer = clip_pb2.EmbedResponse.FromString(
-                await raw.embed_image(
-                    clip_pb2.EmbedImageRequest(images=[jpeg], format=PACKED).SerializeToString(),
-                    timeout=60,
-                )
-            )
-            reference[("image", str(k))] = answer.embeddings[0].packed
-    return reference, self_check
-
-
-async def one_by_one(
-    raw: RawClip, texts: Sequence[str], batched: dict[tuple[str, str], bytes]
-) -> tuple[int, int, float]:
-    """`texts` one per call, against their vectors from one batched call."""
-    equal, worst = 0, 0.0
-    for text in texts:
-        answer = clip_pb2.EmbedResponse.FromString(
-            await raw.embed_text(
-                clip_pb2.EmbedTextRequest(texts=[text], format=PACKED).SerializeToString(),
-                timeout=60,
-            )
-        )
-        alone, together = answer.embeddings[0].packed, batched[("text", text)]
-        equal += alone == together
-        diff = np.abs(np.frombuffer(alone, "<f4") - np.frombuffer(together, "<f4"))
-        worst = max(worst, float(diff.max()))
-    return equal, len(texts), worst
+            reference[("image", str(k))] = (await embed(raw, "image", [jpeg]))[0]
+    return reference, (equal, len(first), worst)
 
 
 def faults_report(
@@ -782,7 +725,7 @@ def faults_report(
     targets = [
         [
             "well-behaved errors outside Triton's outage (and its 2 s)", "0",
-            f"{len(outside)} ({codes_text([c for *_, c in outside])})",
+            f"{len(outside)} ({h.codes_text([c for *_, c in outside])})",
             verdict(not outside),
         ],
         [
@@ -867,53 +810,40 @@ def faults_report(
 
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--mode", choices=("hostile", "faults"), required=True)
-    parser.add_argument("--seconds", type=float, default=300.0, help="the soak (issue: 300)")
-    parser.add_argument(
+    p = h.parser(__doc__, model=None)
+    p.add_argument("--mode", choices=("hostile", "faults"), required=True)
+    p.add_argument("--seconds", type=float, default=300.0, help="the soak (issue: 300)")
+    p.add_argument(
         "--baseline-seconds", type=float, default=0.0,
         help="hostile: the well-behaved callers alone first (default: a third of --seconds)",
     )  # fmt: skip
-    parser.add_argument(
+    p.add_argument(
         "--warmup-seconds", type=float, default=0.0,
         help="hostile: RSS is judged after this much of the soak (default: a fifth of it)",
     )  # fmt: skip
-    parser.add_argument("--callers", type=int, default=4)
-    parser.add_argument(
-        "--hostile-gap-s", type=float, default=0.5,
-        help="hostile: pause of each hostile caller between its calls",
-    )  # fmt: skip
-    parser.add_argument("--redis-kills", type=int, default=3)
-    parser.add_argument("--triton-kills", type=int, default=3)
-    parser.add_argument("--down-seconds", type=float, default=2.0, help="faults: time left dead")
-    parser.add_argument("--repository", type=Path, help="demo repository (default: exported)")
-    parser.add_argument("--out", type=Path, help="default bench/results/soak-<mode>.md")
-    add_threading_arguments(parser)
-    args = parser.parse_args(argv)
-    if not 0 < args.seconds <= 3600:
-        parser.error("--seconds must be in (0, 3600]")
-    if not 1 <= args.callers <= 64:
-        parser.error("--callers must be 1..64")
+    p.add_argument("--callers", type=int, default=4)
+    p.add_argument("--hostile-gap-s", type=float, default=0.5, help="hostile: pause between calls")
+    p.add_argument("--redis-kills", type=int, default=3)
+    p.add_argument("--triton-kills", type=int, default=3)
+    p.add_argument("--down-seconds", type=float, default=2.0, help="faults: time left dead")
+    p.add_argument("--repository", type=Path, help="demo repository (default: exported)")
+    p.add_argument("--out", type=Path, help="default bench/results/soak-<mode>.md")
+    args = p.parse_args(argv)
+    if not 0 < args.seconds <= 3600 or not 1 <= args.callers <= 64:
+        p.error("--seconds must be in (0, 3600] and --callers 1..64")
     args.baseline_seconds = args.baseline_seconds or args.seconds / 3
     args.warmup_seconds = args.warmup_seconds or args.seconds / 5
-    args.out = args.out or RESULTS_DIR / f"soak-{args.mode}.md"
+    args.out = args.out or h.RESULTS_DIR / f"soak-{args.mode}.md"
     return args
 
 
 async def run(args: argparse.Namespace) -> int:
     section(f"soak: {args.mode}")
-    info = machine_info()
-    info.append(("threads", threading_note(args.torch_threads)))
+    info = h.machine_info(args.torch_threads)
     text = await (hostile(args, info) if args.mode == "hostile" else faults(args, info))
-    write_result(args.out, text, text.split("## Targets", 1)[1].split("\n## ", 1)[0].strip())
+    h.write_result(args.out, text, text.split("## Targets", 1)[1].split("\n## ", 1)[0].strip())
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_benchmark(argv, parse_args, run, "bench.soak")
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(h.main("bench.soak", parse_args(), run))
