@@ -20,85 +20,80 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import DEMO_MODEL, RESULTS_DIR, section
+from bench.harness import DEMO_MODEL, REPO_ROOT, RESULTS_DIR, section
 
-#: (name, module and arguments, result file); {out} is the result file's path.
-FULL = (
-    (
-        "throughput, demo model",
-        "throughput --model clip-demo-shapes --results-dir {dir}",
-        "throughput-clip-demo-shapes.md",
+D = DEMO_MODEL
+#: name → (arguments of the full run or None: not in it, of the quick run, result file);
+#: {out} is the result file's path, {dir} the results folder.
+SCENARIOS = {
+    "throughput, demo model": (
+        f"throughput --model {D} --results-dir {{dir}}",
+        "throughput --quick --seconds 0.3 --concurrency 1,4 --batches 1,4 --with-triton "
+        "--paired-rounds 1 --results-dir {dir}",
+        f"throughput-{D}.md",
     ),
-    (
-        "throughput, ViT-B-32 + Triton",
+    "throughput, ViT-B-32 + Triton": (
         "throughput --model ViT-B-32 --with-triton --paired-rounds 3 --results-dir {dir}",
+        None,
         "throughput-ViT-B-32.md",
     ),
-    ("cache, demo model", "cache --out {out}", "cache.md"),
-    ("load, demo model", "load --callers 32 --seconds 30 --out {out}", "load.md"),
-    ("http against grpc, demo model", "http --out {out}", "http-vs-grpc.md"),
-    ("replicas, demo model + 2 Tritons", "replicas --out {out}", "replicas.md"),
-)
-QUICK = (
-    (
-        "throughput",
-        "throughput --quick --seconds 0.3 --concurrency 1,4 --batches 1,4 --with-triton --paired-rounds 1 --results-dir {dir}",
-        "throughput-clip-demo-shapes.md",
+    "cache": ("cache --out {out}", "cache --seconds 0.3 --concurrency 4 --out {out}", "cache.md"),
+    "load": (
+        "load --callers 32 --seconds 30 --out {out}",
+        "load --callers 8 --seconds 2 --out {out}",
+        "load.md",
     ),
-    ("cache", "cache --seconds 0.3 --concurrency 4 --out {out}", "cache.md"),
-    ("load", "load --callers 8 --seconds 2 --out {out}", "load.md"),
-    ("http", "http --rounds 2 --seconds 0.5 --concurrency 8 --out {out}", "http-vs-grpc.md"),
-    ("replicas", "replicas --rounds 1 --seconds 1 --callers 8 --out {out}", "replicas.md"),
-    ("onnx", f"onnx --model {DEMO_MODEL} --rounds 1 --seconds 0.3 --out {{out}}", "onnx.md"),
-    ("soak hostile", "soak --mode hostile --seconds 4 --callers 2 --out {out}", "soak-hostile.md"),
-    (
-        "soak faults",
+    "http against grpc": (
+        "http --out {out}",
+        "http --rounds 2 --seconds 0.5 --concurrency 8 --out {out}",
+        "http-vs-grpc.md",
+    ),
+    "replicas, 2 Tritons": (
+        "replicas --out {out}",
+        "replicas --rounds 1 --seconds 1 --callers 8 --out {out}",
+        "replicas.md",
+    ),
+    "onnx": (None, f"onnx --model {D} --rounds 1 --seconds 0.3 --out {{out}}", "onnx.md"),
+    "soak hostile": (
+        None,
+        "soak --mode hostile --seconds 4 --callers 2 --out {out}",
+        "soak-hostile.md",
+    ),
+    "soak faults": (
+        None,
         "soak --mode faults --seconds 8 --redis-kills 1 --triton-kills 0 --out {out}",
         "soak-faults.md",
     ),
-    (
-        "profile",
-        f"profile_images --model {DEMO_MODEL} --seconds 1 --concurrency 8 --results-dir {{dir}}",
-        f"profile-images-{DEMO_MODEL}.md",
+    "profile": (
+        None,
+        f"profile_images --model {D} --seconds 1 --concurrency 8 --results-dir {{dir}}",
+        f"profile-images-{D}.md",
     ),
-    ("families", f"families --only {DEMO_MODEL} --out {{out}}", "families.md"),
-    (
-        "gpu smoke",
-        "gpu {step} --smoke --model clip-demo-shapes --seconds 0.3 --warmup-seconds 0.3 --concurrency 2 --work {dir}/gpu-work --results-dir {dir}",
+    "families": (None, f"families --only {D} --out {{out}}", "families.md"),
+    # bench/gpu.sh itself, on the CPU: its steps as it runs them, its steps table.
+    "gpu smoke": (
+        None,
+        f"env MODELS={D} PRECISIONS=fp32 SECONDS_PER_POINT=0.3 CONCURRENCY=2 PY={{python}} "
+        "WORK={dir}/gpu-work OUT={dir} bash bench/gpu.sh --smoke",
         "gpu-smoke.md",
     ),
-)
+}
 
 
-def steps(args: argparse.Namespace) -> list[tuple[str, list[list[str]], Path]]:
-    """(name, commands, result file) of each step asked for."""
+def steps(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
+    """(name, command, result file) of each step asked for."""
     out = []
-    for name, command, result in QUICK if args.quick else FULL:
-        if args.only and not any(word in name for word in args.only):
+    for name, (full, quick, result) in SCENARIOS.items():
+        command = quick if args.quick else full
+        if command is None or (args.only and not any(word in name for word in args.only)):
             continue
         path = args.results_dir / result
-        text = command.format(out=path, dir=args.results_dir, step="{step}")
-        threads = (
-            []
-            if name.startswith(("http", "families", "gpu"))
-            else ["--omp-wait-policy", args.omp_wait_policy]
-        )
-        # The GPU benchmark is three steps (as bench/gpu.sh runs them); the others one.
-        phases = ("export", "measure", "report") if "{step}" in text else ("",)
-        out.append(
-            (
-                name,
-                [
-                    [
-                        "bench." + text.format(step=p).split()[0],
-                        *text.format(step=p).split()[1:],
-                        *threads,
-                    ]
-                    for p in phases
-                ],
-                path,
-            )
-        )
+        words = command.format(out=path, dir=args.results_dir, python=sys.executable).split()
+        if words[0] != "env":  # a benchmark module, in the asked threading environment
+            policy = [] if name.startswith(("http", "families")) else ["--omp-wait-policy"]
+            words = [sys.executable, "-m", f"bench.{words[0]}", *words[1:], *policy]
+            words += [args.omp_wait_policy] if policy else []
+        out.append((name, words, path))
     return out
 
 
@@ -114,22 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     outcomes, began = [], time.perf_counter()
-    for name, commands, result in steps(args):
+    for name, command, result in steps(args):
         section(f"run_all: {name}")
-        started, status = time.perf_counter(), "ok"
-        for command in commands:
-            try:
-                rc = subprocess.run(
-                    [sys.executable, "-m", *command],
-                    env=env,
-                    timeout=args.step_timeout_s,
-                    check=False,
-                ).returncode
-            except subprocess.TimeoutExpired:
-                rc = f"timed out after {args.step_timeout_s:g} s"
-            if rc != 0:
-                status = f"failed ({rc})"
-                break
+        started = time.perf_counter()
+        try:
+            run = subprocess.run(command, env=env, timeout=args.step_timeout_s, cwd=REPO_ROOT)
+            status = "ok" if run.returncode == 0 else f"failed (exit {run.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {args.step_timeout_s:g} s"
         outcomes.append((name, status, time.perf_counter() - started, result))
     section("run_all: summary")
     for name, status, seconds, result in outcomes:

@@ -333,7 +333,14 @@ def caller_row(name: str, r: LoadResult) -> list[object]:
     ]  # fmt: skip
 
 
-CALLER_HEADERS = ["run", "seconds", "calls", "ok calls/s", "p50 ms", "p99 ms", "errors"]
+def targets_and_callers(targets: list[list[str]], runs: dict[str, LoadResult]) -> list[str]:
+    """The sections both soaks share: the targets, and the well-behaved callers per run."""
+    rows = [caller_row(name, r) for name, r in runs.items()]
+    return [
+        "## Targets", "", md_table(["figure", "target", "measured", "verdict"], targets), "",
+        "## Well-behaved callers", "",
+        md_table(["run", "seconds", "calls", "ok calls/s", "p50 ms", "p99 ms", "errors"], rows), "",
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- hostile
@@ -490,17 +497,9 @@ def hostile_report(
         "EmbedImage (one 640×480 JPEG), Classify (one JPEG, 8 labels, default templates); "
         f"half the inputs repeat from a set of {HOT}; deadline {DEADLINE_S:g} s.",
         "",
-        "## Targets",
-        "",
-        md_table(["figure", "target", "measured", "verdict"], targets),
-        "",
-        "## Well-behaved callers",
-        "",
-        md_table(
-            CALLER_HEADERS,
-            [caller_row("baseline (alone)", base), caller_row("soak (with hostile traffic)", soak)],
+        *targets_and_callers(
+            targets, {"baseline (alone)": base, "soak (with hostile traffic)": soak}
         ),
-        "",
         f"## Hostile callers (each kind: one task, calling again {args.hostile_gap_s:g} s after "
         "its last call ended)",
         "",
@@ -774,14 +773,7 @@ def faults_report(
         "/v2/health/ready. The clean run is a second gateway with no cache at all on the same "
         "Triton after the soak, embedding every input seen once.",
         "",
-        "## Targets",
-        "",
-        md_table(["figure", "target", "measured", "verdict"], targets),
-        "",
-        "## Well-behaved callers",
-        "",
-        md_table(CALLER_HEADERS, [caller_row("with faults", result)]),
-        "",
+        *targets_and_callers(targets, {"with faults": result}),
         f"Errors during Triton's outages ({outage_s:.1f} s in all): {len(during)} "
         f"({', '.join(f'{c}×{n}' for c, n in Counter(during).items()) or 'none'}); within 2 s "
         f"after: {len(recovery)}. Inputs answered with more than one distinct vector: "

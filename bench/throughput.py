@@ -43,6 +43,14 @@ SHORT_REAL, MIX_REAL = "short captions, real length", "caption mix, real length"
 SHORT, MIX = "short captions", "caption mix"
 RAW_KINDS, SERVICE_KINDS = (IMAGES, TEXT_77, SHORT_REAL, MIX_REAL), (IMAGES, SHORT, MIX)
 POOL = 64
+#: Service ÷ raw ratios at the top point: (name, service input, raw name, raw input, target).
+SERVICE_RATIOS = (
+    ("images", IMAGES, "images", IMAGES, IMAGE_TARGET),
+    ("short captions", SHORT, "77-padded", TEXT_77, TEXT_TARGET),
+    ("short captions", SHORT, "short real-length", SHORT_REAL, None),
+    ("caption mix", MIX, "77-padded", TEXT_77, None),
+    ("caption mix", MIX, "mix real-length", MIX_REAL, None),
+)
 POINT_HEADERS = [
     "path", "input", "batch / concurrency", "items/s", "p50 ms", "p99 ms", "mean batch", "errors",
 ]  # fmt: skip
@@ -162,15 +170,8 @@ async def service(
                 }
         else:
             triton = stack.enter_context(h.triton(repository, torch_threads=args.torch_threads))
-            gw = stack.enter_context(
-                h.gateway(
-                    repository,
-                    "triton-gateway",
-                    backend="triton",
-                    triton_url=triton.grpc_url,
-                    **settings,
-                )
-            )
+            settings |= {"backend": "triton", "triton_url": triton.grpc_url}
+            gw = stack.enter_context(h.gateway(repository, "triton-gateway", **settings))
 
             def read() -> dict[str, tuple[float, float]]:
                 stats = h.triton_stats(triton.grpc_url, [metadata.image_model, metadata.text_model])
@@ -257,44 +258,15 @@ def ratios(
             continue
         r = lambda kind, x=top, path=path: rate.get((path, kind, x), float("nan"))  # noqa: E731
         out += [
-            (
-                f"{path}: images c{top} ÷ raw images b{top}",
-                r(IMAGES) / baselines[IMAGES],
-                IMAGE_TARGET,
-            ),
-            (
-                f"{path}: short captions c{top} ÷ raw 77-padded b{top}",
-                r(SHORT) / baselines[TEXT_77],
-                TEXT_TARGET,
-            ),
-            (
-                f"{path}: short captions c{top} ÷ raw short real-length b{top}",
-                r(SHORT) / baselines[SHORT_REAL],
-                None,
-            ),
-            (
-                f"{path}: caption mix c{top} ÷ raw 77-padded b{top}",
-                r(MIX) / baselines[TEXT_77],
-                None,
-            ),
-            (
-                f"{path}: caption mix c{top} ÷ raw mix real-length b{top}",
-                r(MIX) / baselines[MIX_REAL],
-                None,
-            ),
+            (f"{path}: {name} c{top} ÷ raw {raw_name} b{top}", r(kind) / baselines[base], target)
+            for name, kind, raw_name, base, target in SERVICE_RATIOS
         ]
         out += [
             (f"{path}: batching gain, {k} c{top} ÷ c1", r(k) / r(k, 1), None) for k in SERVICE_KINDS
         ]
     for path in rounds[0][1] if rounds else ():
-        median = float(np.median([round_ratios(*r)[path] for r in rounds]))
-        out.append(
-            (
-                f"{path}: images c{top} ÷ raw images b{top}, median of {len(rounds)} paired rounds",
-                median,
-                IMAGE_TARGET,
-            )
-        )
+        name = f"{path}: images c{top} ÷ raw images b{top}, median of {len(rounds)} paired rounds"
+        out.append((name, float(np.median([round_ratios(*r)[path] for r in rounds])), IMAGE_TARGET))
     return out
 
 

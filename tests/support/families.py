@@ -50,49 +50,46 @@ def _vision(timm_model: str | None = None, **extra: object) -> dict[str, object]
     }
 
 
+def _tower(text_cfg: dict[str, object]) -> dict[str, object]:
+    """A tiny config with the default tiny image tower and `text_cfg`."""
+    return {"embed_dim": 24, "vision_cfg": _vision(), "text_cfg": text_cfg}
+
+
+def _hf_tower(tok: Path, context_length: int, **text: object) -> dict[str, object]:
+    """`_tower` whose text side is an HF model and tokenizer stored in `tok`."""
+    return _tower(
+        {
+            "hf_model_name": str(tok),
+            "hf_tokenizer_name": str(tok),
+            "context_length": context_length,
+            **text,
+        }
+    )
+
+
 def write_family(family: str, directory: Path) -> Path:
     """Write family `family`'s tiny model config (and tokenizer, HF config) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"tiny-{family}"
     if family == "clip":
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, **_TINY_TEXT},
-        }
+        cfg = _tower({"context_length": 77, "vocab_size": 49408, **_TINY_TEXT})
     elif family == "clipa":
         # CLIPA: CLIP's own text tower with BERT's tokenizer (its [SEP] stripped to 0),
         # no causal mask, pooling the last position.
         tok = styled_tokenizer(directory / "tokenizer", "bert")
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {
-                "context_length": 16,
-                "vocab_size": 400,
-                "hf_tokenizer_name": str(tok),
-                "tokenizer_kwargs": {"strip_sep_token": True},
-                "pool_type": "last",
-                "no_causal_mask": True,
-                **_TINY_TEXT,
-            },
-        }
+        cfg = _tower(
+            {"context_length": 16, "vocab_size": 400, "hf_tokenizer_name": str(tok),
+             "tokenizer_kwargs": {"strip_sep_token": True}, "pool_type": "last",
+             "no_causal_mask": True, **_TINY_TEXT}
+        )  # fmt: skip
     elif family == "worldwide":
         # MetaCLIP 2 worldwide: CLIP's own causal text tower with a multilingual HF
         # tokenizer (mT5's order: <pad> 0, </s> 1), pooling at its end-of-sequence id.
         tok = styled_tokenizer(directory / "tokenizer", "t5")
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {
-                "context_length": 16,
-                "vocab_size": 300,
-                "hf_tokenizer_name": str(tok),
-                "pool_type": "eos",
-                "eos_id": 1,
-                **_TINY_TEXT,
-            },
-        }
+        cfg = _tower(
+            {"context_length": 16, "vocab_size": 300, "hf_tokenizer_name": str(tok),
+             "pool_type": "eos", "eos_id": 1, **_TINY_TEXT}
+        )  # fmt: skip
     elif family == "siglip":
         # SigLIP: HF tokenizer (eos appended, canonicalize), fixed context, `last` pooling
         # without a causal mask, timm image tower, a logit bias.
@@ -143,32 +140,13 @@ def write_family(family: str, directory: Path) -> Path:
         tok = styled_tokenizer(directory / "tokenizer", "xlmr")
         # positions start past the pad id: 24 tokens need 26; 80 leaves room
         tiny_hf_config("xlm-roberta", tok, width=32, max_positions=80)
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {
-                "hf_model_name": str(tok),
-                "hf_tokenizer_name": str(tok),
-                "hf_pooler_type": "mean_pooler",
-                "context_length": 24,
-            },
-        }
+        cfg = _hf_tower(tok, 24, hf_pooler_type="mean_pooler")
     elif family == "nllb":
         # NLLB: an M2M100 encoder as HF text tower, a tokenizer that takes a language.
         tok = tiny_hf_config(
             "m2m100", nllb_tokenizer(directory / "tokenizer"), width=32, max_positions=64
         )
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {
-                "hf_model_name": str(tok),
-                "hf_tokenizer_name": str(tok),
-                "hf_proj_type": "linear",
-                "hf_pooler_type": "cls_pooler",
-                "context_length": 20,
-            },
-        }
+        cfg = _hf_tower(tok, 20, hf_proj_type="linear", hf_pooler_type="cls_pooler")
     elif family == "coca":
         cfg = {
             "embed_dim": 24,
