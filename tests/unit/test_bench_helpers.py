@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import LoadResult, write_result
 from bench.gpu import parse_args, ratio_rows, steps_table
+from bench.harness import LoadResult, write_result
 from bench.replicas import Round, paired_ratios
 
 
