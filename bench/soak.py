@@ -585,17 +585,22 @@ async def inject(
     async def at(t: float) -> None:
         await asyncio.sleep(max(0.0, t - now()))
 
+    async def down_and_up(what: str, server: object) -> Fault:
+        """Kill `server` (SIGKILL, its whole group), leave it down, start it on its ports."""
+        event = Fault(what, now())
+        events.append(event)
+        await asyncio.to_thread(server.kill)  # type: ignore[attr-defined]
+        print(f"  t={now():5.1f}s  {what} killed", flush=True)
+        await asyncio.sleep(args.down_seconds)
+        await asyncio.to_thread(server.start)  # type: ignore[attr-defined]
+        event.up_at = now()
+        print(f"  t={now():5.1f}s  {what} ready", flush=True)
+        return event
+
     # Redis in the first 35 % of the run, Triton after; each down for `--down-seconds`.
     for i in range(args.redis_kills):
         await at(span * (0.08 + 0.27 * i / max(1, args.redis_kills)))
-        event = Fault("redis", now())
-        events.append(event)
-        await asyncio.to_thread(redis.kill)  # type: ignore[attr-defined]
-        print(f"  t={now():5.1f}s  redis killed", flush=True)
-        await asyncio.sleep(args.down_seconds)
-        await asyncio.to_thread(redis.start)  # type: ignore[attr-defined]
-        event.up_at = now()
-        print(f"  t={now():5.1f}s  redis back", flush=True)
+        await down_and_up("redis", redis)
     restart_s = 15.0  # a guess until the first restart is measured
     for i in range(args.triton_kills):
         planned = span * (0.4 + 0.5 * i / max(1, args.triton_kills))
@@ -605,15 +610,8 @@ async def inject(
             print(f"  t={now():5.1f}s  no time left for Triton kill {i + 1}", flush=True)
             break
         await at(planned)
-        event = Fault("triton", now())
-        events.append(event)
-        await asyncio.to_thread(triton.kill)  # type: ignore[attr-defined]
-        print(f"  t={now():5.1f}s  triton killed", flush=True)
-        await asyncio.sleep(args.down_seconds)
-        await asyncio.to_thread(triton.start)  # type: ignore[attr-defined]
-        event.up_at = now()
+        event = await down_and_up("triton", triton)
         restart_s = event.up_at - event.down_at - args.down_seconds
-        print(f"  t={now():5.1f}s  triton ready (restart took {restart_s:.1f} s)", flush=True)
 
 
 async def fault_progress(good: WellBehaved, t0: float) -> None:
