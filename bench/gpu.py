@@ -50,6 +50,16 @@ DEFAULTS = {
     "concurrency": ("1,16,64", "1,8"), "instances": (2, 1), "max_batch": (64, 32),
     "inflight": (4, 2),
 }  # fmt: skip
+TITLE = "GPU benchmark: Triton alone and the gateway end to end"
+SMOKE_TITLE = "GPU benchmark script, CPU SMOKE RUN (not GPU figures)"
+SMOKE_NOTE = (
+    "**A smoke run of `bench/gpu.sh --smoke` on a CPU machine (demo model, tiny points): it "
+    "proves that the script runs end to end; the numbers are not GPU figures.**"
+)
+RESULT_HEADERS = [
+    "model", "input", "callers", "Triton alone items/s", "Triton p50 / p99 ms",
+    "gateway items/s", "gateway p50 / p99 ms", "gateway ÷ Triton", "errors",
+]  # fmt: skip
 STEP_STATUS = {
     "0": "ok", "124": "TIMED OUT", "137": "KILLED (past its timeout)",
     "skipped": "SKIPPED (the run's time budget was spent)",
@@ -284,9 +294,8 @@ async def measure(args: argparse.Namespace) -> int:
         TextTokenizer.pad([tokenizer.tokenize(short_caption(i))], TEXT_BUCKET) for i in range(1024)
     ]
     size = metadata.image_size
-    part.data["inputs"] = (
-        f"{h.photo_note(jpegs)} to the gateway, the same decoded to uint8 3×{size}×{size} to Triton alone"  # noqa: E501
-    )
+    decoded_note = f"the same decoded to uint8 3×{size}×{size} to Triton alone"
+    part.data["inputs"] = f"{h.photo_note(jpegs)} to the gateway, {decoded_note}"
     specs = {
         "image": (
             m.IMAGE_MODEL,
@@ -424,32 +433,17 @@ def report(args: argparse.Namespace) -> int:
     """Every part of this mode into one Markdown file; prints its summary."""
     parts = load_parts(args)
     rows = [row for part in parts for row in ratio_rows(part)]
-    headers = [
-        "model",
-        "input",
-        "callers",
-        "Triton alone items/s",
-        "Triton p50 / p99 ms",
-        "gateway items/s",
-        "gateway p50 / p99 ms",
-        "gateway ÷ Triton",
-        "errors",
-    ]
-    table, steps = (
-        h.md_table(headers, rows),
-        md_table(["step", "status", "seconds"], steps_table(args)),
-    )
+    table = h.md_table(RESULT_HEADERS, rows)
+    steps = md_table(["step", "status", "seconds"], steps_table(args))
     notes = [
         f"- {p['model']} {p['precision']}: " + "; ".join(p["notes"])
         for p in parts
         if p.get("notes")
     ]
-    incomplete = [f"{p['model']} {p['precision']}" for p in parts if "finished" not in p]
+    incomplete = ", ".join(f"{p['model']} {p['precision']}" for p in parts if "finished" not in p)
     first = parts[0] if parts else {}
-    text = "\n".join([
-        "# GPU benchmark script, CPU SMOKE RUN (not GPU figures)" if args.smoke else "# GPU benchmark: Triton alone and the gateway end to end",  # noqa: E501
-        "",
-        *(["**A smoke run of `bench/gpu.sh --smoke` on a CPU machine (demo model, tiny points): it proves that the script runs end to end; the numbers are not GPU figures.**", ""] if args.smoke else []),  # noqa: E501
+    text = [
+        f"# {SMOKE_TITLE if args.smoke else TITLE}", "", *([SMOKE_NOTE, ""] if args.smoke else []),
         md_table(["", ""], h.machine_info()), "", "## What ran", "",
         "- Models: open_clip architectures with random weights (the demo model's own in a smoke "
         "run), exported by `clipsvc export --flavor pytorch --precision fp32|fp16`.",
@@ -465,14 +459,11 @@ def report(args: argparse.Namespace) -> int:
         "an unreported warm-up at the highest concurrency per path and input.",
         "", "## Results", "", table if rows else "No part was measured (see the steps below).", "",
         *(["Notes:", "", *notes, ""] if notes else []),
-        *([f"Incomplete (the step ended before its last point): {', '.join(incomplete)}.", ""] if incomplete else []),  # noqa: E501
+        *([f"Incomplete (the step ended before its last point): {incomplete}.", ""] * bool(incomplete)),
         "## Steps (from gpu.sh)", "", steps, "",
-    ])  # fmt: skip
-    h.write_result(
-        args.results_dir / ("gpu-smoke.md" if args.smoke else "gpu-cuda.md"),
-        text,
-        f"{table}\n\n{steps}",
-    )
+    ]  # fmt: skip
+    out = args.results_dir / ("gpu-smoke.md" if args.smoke else "gpu-cuda.md")
+    h.write_result(out, "\n".join(text), f"{table}\n\n{steps}")
     return 0
 
 

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import itertools
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ SERVICE_RATIOS = (
     ("caption mix", MIX, "77-padded", TEXT_77, None),
     ("caption mix", MIX, "mix real-length", MIX_REAL, None),
 )
+BASELINE_HEADERS = ["raw input", "first items/s", "again items/s", "drift", "baseline items/s"]
 POINT_HEADERS = [
     "path", "input", "batch / concurrency", "items/s", "p50 ms", "p99 ms", "mean batch", "errors",
 ]  # fmt: skip
@@ -274,53 +276,57 @@ def verdict(value: float, target: float | None) -> str:
     return "info" if target is None else ("PASS" if value >= target else "MISS")
 
 
+def baseline_rows(first: dict, again: dict, baselines: dict) -> list[list[str]]:
+    """First and repeated raw rate at the top batch of each input, the drift, the baseline."""
+    rows = []
+    for kind in (k for k in RAW_KINDS if k in first):
+        drift = f"{100 * (again[kind] / first[kind] - 1):+.0f} %" if kind in again else "–"
+        rate = h.fmt(again.get(kind, float("nan")))
+        rows.append([kind, h.fmt(first[kind]), rate, drift, h.fmt(baselines[kind])])
+    return rows
+
+
+def paired_section(rounds: list, top: int) -> list[str]:
+    """The paired image rounds: raw items/s in order, each path's items/s and ratio."""
+    if not rounds:
+        return []
+    rows = []
+    for n, (raws, served) in enumerate(rounds, 1):
+        paths = [f"{h.fmt(served[p])} ({x:.2f}×)" for p, x in round_ratios(raws, served).items()]
+        rows.append([n, " → ".join(h.fmt(v) for v in raws), *paths])
+    headers = ["round", "raw items/s, in order", *(f"{p} items/s (÷ raw)" for p in rounds[0][1])]
+    return [
+        "## Paired rounds (images)", "",
+        f"Each round measures the raw module at batch {top}, then each service path at {top} "
+        "callers followed by the raw module again; a path's ratio uses the mean of the raw "
+        "points just before and after it, and the image verdicts below with `median` use the "
+        "median round.", "", h.md_table(headers, rows), "",
+    ]  # fmt: skip
+
+
 def write_report(
-    args: argparse.Namespace,
-    points: list[Point],
-    rechecks: list[Point],
-    rounds: list,
-    raw: Raw,
-    info: list,
-    out_md: Path,
-) -> tuple[str, list[str]]:
-    """The Markdown report; `out_md` names the chart beside it."""
+    args: argparse.Namespace, points: list[Point], rechecks: list[Point], rounds: list,
+    raw: Raw, info: list, out_md: Path,
+) -> tuple[str, list[str]]:  # fmt: skip
+    """The Markdown report (`out_md` names the chart beside it) and the verdict lines."""
     first = {p.inputs: p.result.items_per_s for p in points if p.path == "raw" and p.x == args.top}
     again = {p.inputs: p.result.items_per_s for p in rechecks}
     baselines = {
-        k: float(np.mean([v for v in (first.get(k), again.get(k)) if v is not None] or [np.nan]))
-        for k in RAW_KINDS
+        k: float(np.mean([v[k] for v in (first, again) if k in v] or [np.nan])) for k in RAW_KINDS
     }
     lines = ratios(points, baselines, rounds, args.top)
-    lengths = [len(t.ids) for t in raw.tokens[MIX_REAL]]
-    short = [len(t.ids) for t in raw.tokens[SHORT_REAL]]
-    buckets = sorted(
-        np.unique([raw.tokenizer.bucket_length(n) for n in lengths], return_counts=True)[0]
-    )
-    shares = {b: sum(raw.tokenizer.bucket_length(n) == b for n in lengths) for b in buckets}
-    base_rows = [
-        [k, h.fmt(first[k]), h.fmt(again.get(k, float("nan"))), f"{100 * (again[k] / first[k] - 1):+.0f} %" if k in again else "–", h.fmt(baselines[k])]  # noqa: E501
-        for k in RAW_KINDS if k in first
-    ]  # fmt: skip
-    paired = []
-    if rounds:
-        paired = [
-            "## Paired rounds (images)", "",
-            f"Each round measures the raw module at batch {args.top}, then each service path at "
-            f"{args.top} callers followed by the raw module again; a path's ratio uses the mean "
-            "of the raw points just before and after it, and the image verdicts below with "
-            "`median` use the median round.", "",
-            h.md_table(
-                ["round", "raw items/s, in order", *(f"{p} items/s (÷ raw)" for p in rounds[0][1])],
-                [[n, " → ".join(h.fmt(v) for v in raws), *(f"{h.fmt(served[p])} ({x:.2f}×)" for p, x in round_ratios(raws, served).items())] for n, (raws, served) in enumerate(rounds, 1)],  # noqa: E501
-            ), "",
-        ]  # fmt: skip
-    return "\n".join([
+    mix, short = ([len(t.ids) for t in raw.tokens[k]] for k in (MIX_REAL, SHORT_REAL))
+    buckets = Counter(raw.tokenizer.bucket_length(n) for n in mix)
+    shares = ", ".join(f"≤{k}: {100 * v / len(mix):.0f} %" for k, v in sorted(buckets.items()))
+    classes = ", ".join(f"{name} {share} %" for name, _, share in CAPTION_MIX)
+    ratio_rows = [[n, f"{v:.2f}×", f"≥ {t:g}×" if t else "", verdict(v, t)] for n, v, t in lines]
+    text = [
         *h.report_head(f"Throughput: {args.model} on {args.device}", info),
         f"- Images: {raw.image_note}.",
-        f"- Short captions: {min(short)}–{max(short)} tokens with start and end (mean {np.mean(short):.1f}).",  # noqa: E501
-        f"- Caption mix: {', '.join(f'{name} {share} %' for name, _, share in CAPTION_MIX)}; "
-        f"{min(lengths)}–{max(lengths)} tokens (mean {np.mean(lengths):.1f}); by gateway length bucket: "  # noqa: E501
-        + ", ".join(f"≤{k}: {100 * v / len(lengths):.0f} %" for k, v in shares.items()) + ".",
+        f"- Short captions: {min(short)}–{max(short)} tokens with start and end "
+        f"(mean {np.mean(short):.1f}).",
+        f"- Caption mix: {classes}; {min(mix)}–{max(mix)} tokens (mean {np.mean(mix):.1f}); by "
+        f"gateway length bucket: {shares}.",
         "- Service: every call carries one item, every input is distinct (a JPEG comment or "
         "another caption), the LRU is off and there is no Redis, so nothing is served from a "
         "cache or single-flight dedup. The gateway runs in its own process; the load generator "
@@ -335,14 +341,17 @@ def write_report(
         "The raw batch-32 points were measured again after the service points; the ratios use "
         "the mean of both, and the drift says how much the machine changed meanwhile "
         "(`--quick` skips the second measurement: the baselines are the first).", "",
-        h.md_table(["raw input", "first items/s", "again items/s", "drift", "baseline items/s"], base_rows),  # noqa: E501
-        "", *paired, "## Ratios", "",
-        h.md_table(["ratio", "value", "target", "verdict"], [[n, f"{v:.2f}×", f"≥ {t:g}×" if t else "", verdict(v, t)] for n, v, t in lines]),  # noqa: E501
-        "",
+        h.md_table(BASELINE_HEADERS, baseline_rows(first, again, baselines)), "",
+        *paired_section(rounds, args.top),
+        "## Ratios", "", h.md_table(["ratio", "value", "target", "verdict"], ratio_rows), "",
         f"Targets (from the issues) are defined for ViT-B-32 with {args.top} concurrent "
         "single-item callers; for other models the verdicts are informative.", "",
         f"![throughput and p99 latency]({out_md.with_suffix('.png').name})", "",
-    ]), [f"{verdict(v, t)}: {n} = {v:.2f}× (target ≥ {t:g}×)" for n, v, t in lines if t is not None]  # fmt: skip  # noqa: E501
+    ]  # fmt: skip
+    targets = [(n, v, t) for n, v, t in lines if t is not None]
+    return "\n".join(text), [
+        f"{verdict(v, t)}: {n} = {v:.2f}× (target ≥ {t:g}×)" for n, v, t in targets
+    ]
 
 
 def plot(points: list[Point], title: str, out_png: Path) -> None:
