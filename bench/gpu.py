@@ -459,7 +459,9 @@ def report(args: argparse.Namespace) -> int:
         "an unreported warm-up at the highest concurrency per path and input.",
         "", "## Results", "", table if rows else "No part was measured (see the steps below).", "",
         *(["Notes:", "", *notes, ""] if notes else []),
-        *([f"Incomplete (the step ended before its last point): {incomplete}.", ""] * bool(incomplete)),
+        *([f"Incomplete (the step ended before its last point): {incomplete}.", ""] * bool(
+            incomplete
+        )),
         "## Steps (from gpu.sh)", "", steps, "",
     ]  # fmt: skip
     out = args.results_dir / ("gpu-smoke.md" if args.smoke else "gpu-cuda.md")
