@@ -440,7 +440,7 @@ def report(args: argparse.Namespace) -> int:
         for p in parts
         if p.get("notes")
     ]
-    incomplete = ", ".join(f"{p['model']} {p['precision']}" for p in parts if "finished" not in p)
+    cut = ", ".join(f"{p['model']} {p['precision']}" for p in parts if "finished" not in p)
     first = parts[0] if parts else {}
     text = [
         f"# {SMOKE_TITLE if args.smoke else TITLE}", "", *([SMOKE_NOTE, ""] if args.smoke else []),
@@ -459,9 +459,7 @@ def report(args: argparse.Namespace) -> int:
         "an unreported warm-up at the highest concurrency per path and input.",
         "", "## Results", "", table if rows else "No part was measured (see the steps below).", "",
         *(["Notes:", "", *notes, ""] if notes else []),
-        *([f"Incomplete (the step ended before its last point): {incomplete}.", ""] * bool(
-            incomplete
-        )),
+        *([f"Incomplete (the step ended before its last point): {cut}.", ""] if cut else []),
         "## Steps (from gpu.sh)", "", steps, "",
     ]  # fmt: skip
     out = args.results_dir / ("gpu-smoke.md" if args.smoke else "gpu-cuda.md")
