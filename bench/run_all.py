@@ -28,8 +28,8 @@ D = DEMO_MODEL
 SCENARIOS = {
     "throughput, demo model": (
         f"throughput --model {D} --results-dir {{dir}}",
-        "throughput --quick --seconds 0.3 --concurrency 1,4 --batches 1,4 --with-triton "
-        "--paired-rounds 1 --results-dir {dir}",
+        "throughput --quick --seconds 0.3 --concurrency 1,4 --batches 1,4 --paired-rounds 1 "
+        "--results-dir {dir}",
         f"throughput-{D}.md",
     ),
     "throughput, ViT-B-32 + Triton": (
