@@ -377,24 +377,16 @@ class RawClip:
     """
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        for method in ("EmbedText", "EmbedImage", "Similarity", "Classify"):
-            setattr(self, _snake(method), channel.unary_unary(SERVICE + method))
         from service.api.clip.v1 import clip_pb2
 
+        method = lambda name: channel.unary_unary(SERVICE + name)  # noqa: E731
+        self.embed_text, self.embed_image = method("EmbedText"), method("EmbedImage")
+        self.similarity, self.classify = method("Similarity"), method("Classify")
         self.embed_stream = channel.stream_stream(
             SERVICE + "EmbedStream",
             request_serializer=clip_pb2.StreamRequest.SerializeToString,
             response_deserializer=clip_pb2.StreamResponse.FromString,
         )
-
-    embed_text: Callable[..., Awaitable[bytes]]
-    embed_image: Callable[..., Awaitable[bytes]]
-    similarity: Callable[..., Awaitable[bytes]]
-    classify: Callable[..., Awaitable[bytes]]
-
-
-def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
 def channel(target: str) -> grpc.aio.Channel:
