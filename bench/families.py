@@ -52,6 +52,16 @@ TIMEOUT_S = 1800
 STAND_IN_NOTE = "stand-in HF tokenizer"
 
 
+def model_config(name: str) -> dict:
+    """open_clip's config of `name`, the service's own (the demo model's) included."""
+    from open_clip.factory import get_model_config
+
+    from service.model import configs
+
+    configs.register()
+    return get_model_config(name)
+
+
 def _family(cfg: dict) -> str:
     text = cfg.get("text_cfg", {})
     if "multimodal_cfg" in cfg:
@@ -91,14 +101,13 @@ def run_one(name: str) -> dict[str, object]:
     """Export, load and check one architecture (in this process)."""
     import numpy as np
     import torch
-    from open_clip.factory import get_model_config
 
     from service.core.hf_tokenize import build_tokenizer
     from service.model.export import export_model
     from service.model.metadata import ModelMetadata
 
     started = time.perf_counter()
-    cfg = get_model_config(name)
+    cfg = model_config(name)
     row: dict[str, object] = {"model": name, "family": _family(cfg)}
     with tempfile.TemporaryDirectory(prefix="families-") as tmp:
         directory = Path(tmp)
@@ -161,11 +170,9 @@ def _child(name: str, out: Path) -> None:
 def _order(names: list[str]) -> list[str]:
     """One architecture of each family first, then the rest: a cut-short run still spans
     every family."""
-    from open_clip.factory import get_model_config
-
     firsts: dict[str, str] = {}
     for name in names:
-        firsts.setdefault(_family(get_model_config(name)), name)
+        firsts.setdefault(_family(model_config(name)), name)
     head = list(firsts.values())
     return head + [n for n in names if n not in head]
 
@@ -313,9 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 row = {"model": name, "status": "fail", "reason": f"over {TIMEOUT_S} s"}
         if "family" not in row:
-            from open_clip.factory import get_model_config
-
-            row["family"] = _family(get_model_config(name))
+            row["family"] = _family(model_config(name))
         rows.append(row)
         ok = sum(r["status"] == "ok" for r in rows)
         bar.set_description(f"{ok}/{len(rows)} pass")
