@@ -17,22 +17,56 @@ each round) and the CPU seconds each server's process group used.
 On a machine with few cores both servers share the same cores: the figure shows that
 the calls are balanced and what balancing costs, not a speed-up. Writes
 bench/results/replicas.md (`--out`).
+
+Two more scenarios check what a gateway promises about its replicas (issue 25):
+
+    python -m bench.replicas --scenario foreign    # 3 replicas, one foreign; 32 callers, 60 s
+    python -m bench.replicas --scenario drain      # SIGTERM, SIGKILL 1 s later; 16 callers
+
+`foreign`: A and A2 serve the export the gateway has, F serves another export of the
+same architecture (random weights: another model id and weights hash); one gateway with
+`--triton-url ipv4:A,F,A2` and a real redis-server. Closed-loop callers alternate
+EmbedText (a new text each call) and EmbedImage (new bytes each call). Every text vector
+answered is compared with both exports' own vectors for that text (embedded gateways of
+X and of F's export compute them afterwards), every value left in Redis with the vectors
+answered, and F's inference counts (Triton's statistics) are read. Writes
+bench/results/replicas-foreign.md.
+
+`drain`: A and B serve the same export; a gateway with `--triton-url ipv4:A,B` (cache
+off) under closed-loop single-image callers. Each cycle sends A's tritonserver SIGTERM
+(what the kubelet sends), SIGKILL one second later, waits, restarts A on the same ports
+and measures how long until A runs inferences again. Caller errors are counted per
+phase. Writes bench/results/replicas-drain.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import itertools
+import signal
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
 
 from bench import harness as h
-from service.model.metadata import IMAGE_MODEL
+from bench.captions import short_caption
+from service.client import AsyncClipClient
+from service.model.metadata import IMAGE_MODEL, TEXT_MODEL
+from service.processes.gateway import gateway_settings, running_gateway
 
 SERVERS = ("A", "B")
+# What Kubernetes does on a rollout with a short grace: SIGTERM, SIGKILL this much later.
+KILL_AFTER_TERM_S = 1.0
 HEADERS = [
     "round", "path", "images/s", "p50 ms", "p99 ms", "errors", "inferences A", "inferences B",
     "B share", "images per execution", "CPU s A", "CPU s B", "CPU s gateway",
@@ -234,19 +268,387 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = h.parser(__doc__, out="replicas.md")
-    p.add_argument("--callers", type=int, default=32, help="concurrent image callers")
-    p.add_argument("--seconds", type=float, default=8.0, help="seconds per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of each path")
-    p.add_argument(
-        "--inflight", type=int, default=2, help="--max-inflight-batches of both gateways"
+# ---------------------------------------------------------------------- scenario: foreign
+def other_export(model: str, torch_threads: int) -> Path:
+    """The same architecture with random weights (seeded): another model id and hash."""
+    import torch
+
+    from service.model.export import export_model
+    from service.settings import BatchingOptions
+
+    target = Path(tempfile.mkdtemp(prefix="bench-rep-foreign-")) / "repo"
+    torch.manual_seed(2525)
+    export_model(model, "none", target, flavor="python", batching=BatchingOptions(), progress=False)
+    return h.repository_variant(target, torch_threads)
+
+
+async def reference_texts(repository: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """What an embedded gateway of `repository` answers for each text (no cache)."""
+    settings = gateway_settings(repository, local_cache_items=0)
+    out: dict[str, np.ndarray] = {}
+    async with running_gateway(settings) as gw, AsyncClipClient(f"127.0.0.1:{gw.port}") as client:
+        for start in range(0, len(texts), 32):
+            chunk = list(texts[start : start + 32])
+            answer = await client.embed_text(chunk)
+            out.update(zip(chunk, answer.vectors, strict=True))
+    return out
+
+
+def inference_counts(server: Any) -> dict[str, int]:
+    """`inference_count` of both models of `server`."""
+    stats = h.triton_stats(server.grpc_url, [IMAGE_MODEL, TEXT_MODEL])
+    return {model: counts[0] for model, counts in stats.items()}
+
+
+async def run_foreign(args: argparse.Namespace) -> int:
+    h.section(f"replicas, foreign: {args.model}, three tritonservers, one of another export")
+    info = h.machine_info(args.torch_threads)
+    repository = h.model_repository(args.model)
+    ours = h.repository_variant(repository, args.torch_threads)
+    theirs = other_export(args.model, args.torch_threads)
+    jpegs = h.photo_pool(16, (160, 120), seed=5)
+    answered: dict[str, np.ndarray] = {}
+    image_vectors: list[np.ndarray] = []
+    errors: dict[str, int] = {}
+    calls = {"text": 0, "image": 0}
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Any] = {}
+        for name, repo in (("A", ours), ("F", theirs), ("A2", ours)):
+            servers[name] = stack.enter_context(h.triton(repo))
+            print(f"  tritonserver {name}: {servers[name].grpc_url}", flush=True)
+        redis = stack.enter_context(h.redis())
+        target = "ipv4:" + ",".join(servers[n].grpc_url for n in ("A", "F", "A2"))
+        gateway = stack.enter_context(
+            h.gateway(
+                repository,
+                "gateway-foreign",
+                backend="triton",
+                triton_url=target,
+                redis_url=redis.url,
+                local_cache_items=0,
+                max_inflight_batches=args.inflight,
+                torch_threads=args.torch_threads,
+            )
+        )
+        print(f"  gateway: {gateway.target} → {target}", flush=True)
+        before = {name: inference_counts(server) for name, server in servers.items()}
+        h.section(f"{args.callers} callers for {args.seconds:g} s")
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + args.seconds
+        async with AsyncClipClient(gateway.target) as client:
+
+            async def caller(index: int) -> None:
+                n = 0
+                while loop.time() < stop_at:
+                    n += 1
+                    kind = "text" if n % 2 else "image"
+                    try:
+                        if kind == "text":
+                            text = f"{short_caption(index * 100_000 + n)} #{index}-{n}"
+                            answer = await client.embed_text([text])
+                            answered[text] = answer.vectors[0]
+                        else:
+                            image = h.unique_jpeg(jpegs[n % len(jpegs)], index * 100_000 + n)
+                            answer = await client.embed_image([image])
+                            image_vectors.append(answer.vectors[0])
+                    except grpc.aio.AioRpcError as exc:
+                        key = f"{kind} {exc.code().name}"
+                        errors[key] = errors.get(key, 0) + 1
+                    calls[kind] += 1
+
+            await asyncio.gather(*(caller(i) for i in range(args.callers)))
+        after = {name: inference_counts(server) for name, server in servers.items()}
+        raw = redis_client(redis.url)
+        stored = [raw.get(key) for key in raw.scan_iter("clip:*:emb:*")]
+    h.section("checking every answered text against both exports' own vectors")
+    texts = sorted(answered)
+    want_ours = await reference_texts(repository, texts)
+    want_theirs = await reference_texts(theirs, texts)
+    outcome = {"ours": 0, "foreign": 0, "neither": 0}
+    for text in texts:
+        got = answered[text]
+        if np.abs(got - want_ours[text]).max() < 1e-5:
+            outcome["ours"] += 1
+        elif np.abs(got - want_theirs[text]).max() < 1e-5:
+            outcome["foreign"] += 1
+        else:
+            outcome["neither"] += 1
+    known = np.stack([*answered.values(), *image_vectors]) if answered else np.zeros((0, 1))
+    foreign_known = np.stack(list(want_theirs.values())) if want_theirs else np.zeros((0, 1))
+    cached = {"answered vectors": 0, "foreign": 0, "other": 0}
+    for value in stored:
+        vector = np.frombuffer(value[1:], dtype="<f4") if value else np.zeros(0)
+        if len(known) and np.abs(known - vector).max(axis=1).min() < 1e-6:
+            if len(foreign_known) and np.abs(foreign_known - vector).max(axis=1).min() < 1e-5:
+                cached["foreign"] += 1
+            else:
+                cached["answered vectors"] += 1
+        else:
+            cached["other"] += 1
+    ran = {name: {m: after[name][m] - before[name][m] for m in after[name]} for name in servers}
+    rows = [
+        ["callers, seconds", f"{args.callers}, {args.seconds:g}"],
+        ["calls: EmbedText / EmbedImage", f"{calls['text']} / {calls['image']}"],
+        ["caller errors", ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0"],
+        [
+            "text vectors answered: ours / foreign / neither",
+            f"{outcome['ours']} / {outcome['foreign']} / {outcome['neither']}",
+        ],
+        [
+            "Redis entries: answered vectors / foreign / other",
+            f"{cached['answered vectors']} / {cached['foreign']} / {cached['other']}",
+        ],
+        *[
+            [
+                f"inferences {name} ran (image, text)",
+                f"{ran[name][IMAGE_MODEL]}, {ran[name][TEXT_MODEL]}",
+            ]
+            for name in servers
+        ],
+    ]
+    summary = h.md_table(["figure", "value"], rows)
+    text = "\n".join(
+        [
+            f"# Three Triton replicas, one serving another export ({args.model})",
+            "",
+            h.md_table(["", ""], info),
+            "",
+            "## What ran",
+            "",
+            "- Three real `tritonserver`s: A and A2 on the export the gateway has, F on "
+            "another export of the same architecture (random weights, so another model id "
+            "and weights hash in its configs).",
+            f"- One gateway (own process) with `--triton-url {target}` (F in the middle of "
+            f"the list), a real redis-server, no in-process cache, "
+            f"`--max-inflight-batches {args.inflight}`.",
+            f"- {args.callers} closed-loop callers for {args.seconds:g} s, each alternating "
+            "EmbedText (a new text each call) and EmbedImage (new JPEG bytes each call).",
+            "- Afterwards every answered text vector is compared (1e-5) with what embedded "
+            "gateways of both exports answer for that text; every value in Redis with the "
+            "vectors answered and with F's export's text vectors; inferences per server are "
+            "the change of Triton's `inference_count` per model.",
+            "",
+            "## Result",
+            "",
+            summary,
+            "",
+            "F's configs are read (once a second, by the probes), its vectors never asked "
+            "for: the gateway sends inference only to replicas whose identity it checked on "
+            "their own connection. The issue's run of the code before this change answered "
+            "96 of 950 calls with F's vectors.",
+            "",
+            *(
+                [
+                    f"Redis holds {len(stored)} of the {len(known)} vectors answered: a write "
+                    "the cache gives up on (it never fails a call) is not retried. Every "
+                    "entry it does hold is one that was answered, none is F's.",
+                    "",
+                ]
+                if len(stored) < len(known)
+                else []
+            ),
+        ]
     )
+    h.write_result(args.out or h.RESULTS_DIR / "replicas-foreign.md", text, summary)
+    return 0
+
+
+def redis_client(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+# ---------------------------------------------------------------------- scenario: drain
+@dataclass
+class Cycle:
+    """One SIGTERM → SIGKILL → restart of replica A under load."""
+
+    index: int
+    #: Caller errors (by code) and calls per phase: before, drain (SIGTERM to restart),
+    #: after (restart onwards).
+    errors: dict[str, dict[str, int]]
+    calls: dict[str, int]
+    #: Seconds from A's restart (ready) to its first inference.
+    rejoin_s: float
+
+
+async def run_drain(args: argparse.Namespace) -> int:
+    h.section(f"replicas, drain: {args.model}, SIGTERM then SIGKILL of one of two tritonservers")
+    info = h.machine_info(args.torch_threads)
+    repository = h.model_repository(args.model)
+    triton_repository = h.repository_variant(repository, args.torch_threads)
+    jpegs = h.photo_pool(16, (160, 120), seed=7)
+    cycles: list[Cycle] = []
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Any] = {}
+        for name in SERVERS:
+            servers[name] = stack.enter_context(h.triton(triton_repository))
+        a = servers["A"]
+        target = f"ipv4:{servers['A'].grpc_url},{servers['B'].grpc_url}"
+        gateway = stack.enter_context(
+            h.gateway(
+                repository,
+                "gateway-drain",
+                backend="triton",
+                triton_url=target,
+                local_cache_items=0,
+                redis_url="",
+                max_inflight_batches=args.inflight,
+                torch_threads=args.torch_threads,
+            )
+        )
+        print(f"  gateway: {gateway.target} → {target}", flush=True)
+        phase = {"now": "before"}
+        errors: dict[str, dict[str, int]] = {}
+        calls: dict[str, int] = {}
+        stop = asyncio.Event()
+        async with AsyncClipClient(gateway.target) as client:
+
+            async def caller(index: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    current = phase["now"]
+                    image = h.unique_jpeg(jpegs[n % len(jpegs)], index * 1_000_000 + n)
+                    try:
+                        await client.embed_image([image])
+                    except grpc.aio.AioRpcError as exc:
+                        by_code = errors.setdefault(current, {})
+                        by_code[exc.code().name] = by_code.get(exc.code().name, 0) + 1
+                    calls[current] = calls.get(current, 0) + 1
+
+            workers = [asyncio.create_task(caller(i)) for i in range(args.callers)]
+            try:
+                for index in range(1, args.cycles + 1):
+                    errors.clear()
+                    calls.clear()
+                    phase["now"] = "before"
+                    await asyncio.sleep(args.settle_s)
+                    phase["now"] = "drain"
+                    a.send_signal(signal.SIGTERM, group=False)
+                    await asyncio.sleep(KILL_AFTER_TERM_S)
+                    await asyncio.to_thread(a.kill)
+                    await asyncio.sleep(args.settle_s)
+                    await asyncio.to_thread(a.start)
+                    phase["now"] = "after"
+                    back = time.monotonic()
+                    served = h.triton_stats(a.grpc_url, [IMAGE_MODEL])[IMAGE_MODEL][0]
+                    while served == 0 and time.monotonic() - back < 120:
+                        await asyncio.sleep(0.1)
+                        served = h.triton_stats(a.grpc_url, [IMAGE_MODEL])[IMAGE_MODEL][0]
+                    rejoin = time.monotonic() - back if served else float("inf")
+                    await asyncio.sleep(args.settle_s)
+                    cycles.append(
+                        Cycle(index, {k: dict(v) for k, v in errors.items()}, dict(calls), rejoin)
+                    )
+                    print(
+                        f"  cycle {index}: calls {calls}, errors {errors or 0}, "
+                        f"A rejoined {rejoin:.1f} s after its restart",
+                        flush=True,
+                    )
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
+    total_errors = sum(sum(v.values()) for c in cycles for v in c.errors.values())
+    rows = [
+        [
+            c.index,
+            c.calls.get("before", 0),
+            c.calls.get("drain", 0),
+            c.calls.get("after", 0),
+            ", ".join(f"{p} {code}: {n}" for p, v in c.errors.items() for code, n in v.items())
+            or "0",
+            f"{c.rejoin_s:.1f}",
+        ]
+        for c in cycles
+    ]
+    table = h.md_table(
+        [
+            "cycle",
+            "calls before",
+            "calls SIGTERM→restart",
+            "calls after",
+            "caller errors",
+            "rejoin s",
+        ],
+        rows,
+    )
+    summary = h.md_table(
+        ["figure", "value"],
+        [
+            ["cycles (SIGTERM, SIGKILL 1 s later, restart)", str(len(cycles))],
+            ["callers", str(args.callers)],
+            ["caller errors, all cycles", str(total_errors)],
+            [
+                "rejoin after restart, worst",
+                f"{max((c.rejoin_s for c in cycles), default=0):.1f} s",
+            ],
+        ],
+    )
+    text = "\n".join(
+        [
+            f"# A Triton replica drained under load ({args.model})",
+            "",
+            h.md_table(["", ""], info),
+            "",
+            "## What ran",
+            "",
+            "- Two real `tritonserver`s A and B on the same export; one gateway (own "
+            f"process) with `--triton-url {target}`, cache off, "
+            f"`--max-inflight-batches {args.inflight}`.",
+            f"- {args.callers} closed-loop callers, one new image per EmbedImage call.",
+            f"- Each cycle: {args.settle_s:g} s of load; SIGTERM to A's tritonserver (only "
+            "that process, as the kubelet signals a container's PID 1); SIGKILL of A's "
+            f"process group {KILL_AFTER_TERM_S:g} s later; {args.settle_s:g} s on B alone; A "
+            "restarted on the same ports; the time until A's image model runs an "
+            f"inference again; {args.settle_s:g} s more.",
+            "",
+            "## Summary",
+            "",
+            summary,
+            "",
+            "## Cycles",
+            "",
+            table,
+            "",
+            "The issue's run of the code before this change: 233 calls failed with "
+            "UNAVAILABLE in 8 s of the same drain under 16 callers.",
+            "",
+        ]
+    )
+    h.write_result(args.out or h.RESULTS_DIR / "replicas-drain.md", text, summary)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = h.parser(__doc__)
+    p.add_argument(
+        "--scenario", default="balance", choices=("balance", "foreign", "drain"),
+        help="balance: one against two servers; foreign: 3 replicas, one of another "
+        "export; drain: SIGTERM, SIGKILL 1 s later, restart, under load",
+    )  # fmt: skip
+    p.add_argument("--callers", type=int, help="concurrent callers (32; the drain scenario: 16)")
+    p.add_argument("--seconds", type=float, help="seconds per round (8; the foreign scenario: 60)")
+    p.add_argument("--cycles", type=int, default=3, help="drain: cycles")
+    p.add_argument("--settle-s", type=float, default=5.0, help="drain: seconds of load per step")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of each path")
+    p.add_argument("--inflight", type=int, default=2, help="--max-inflight-batches of the gateways")
+    p.add_argument("--out", type=Path, help="the report (bench/results/replicas*.md)")
     args = p.parse_args(argv)
-    if not 1 <= args.callers <= 256 or not 1 <= args.rounds <= 20 or not 0 < args.seconds <= 120:
-        p.error("--callers must be 1..256, --rounds 1..20 and --seconds in (0, 120]")
+    args.callers = args.callers or (16 if args.scenario == "drain" else 32)
+    args.seconds = args.seconds or (60.0 if args.scenario == "foreign" else 8.0)
+    if args.scenario == "balance" and args.out is None:
+        args.out = h.RESULTS_DIR / "replicas.md"
+    if not 1 <= args.callers <= 256 or not 1 <= args.rounds <= 20 or not 0 < args.seconds <= 600:
+        p.error("--callers must be 1..256, --rounds 1..20 and --seconds in (0, 600]")
     return args
 
 
+async def dispatch(args: argparse.Namespace) -> int:
+    """The scenario asked for."""
+    return await {"balance": run, "foreign": run_foreign, "drain": run_drain}[args.scenario](args)
+
+
 if __name__ == "__main__":
-    sys.exit(h.main("bench.replicas", parse_args(), run))
+    sys.exit(h.main("bench.replicas", parse_args(), dispatch))
