@@ -53,6 +53,16 @@ SCENARIOS = {
         "replicas --rounds 1 --seconds 1 --callers 8 --out {out}",
         "replicas.md",
     ),
+    "replicas drain": (
+        None,
+        "replicas --scenario drain --cycles 1 --settle-s 1 --callers 4 --out {out}",
+        "replicas-drain.md",
+    ),
+    "replicas foreign": (
+        None,
+        "replicas --scenario foreign --seconds 3 --callers 4 --out {out}",
+        "replicas-foreign.md",
+    ),
     "onnx": (None, f"onnx --model {D} --rounds 1 --seconds 0.3 --out {{out}}", "onnx.md"),
     "soak hostile": (
         None,

@@ -31,6 +31,8 @@ REPORTS = {
     "load.md": ["| RPC | calls |", "Resident memory (MB)"],
     "http-vs-grpc.md": ["## Medians", "## Every point"],
     "replicas.md": ["## Summary", "## Rounds"],
+    "replicas-drain.md": ["## Summary", "## Cycles"],
+    "replicas-foreign.md": ["## Result"],
     "onnx.md": ["## Ratios", "## Items per second"],
     "soak-hostile.md": [
         "## Targets",
