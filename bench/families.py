@@ -39,7 +39,8 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.common import RESULTS_DIR
+from bench import standins
+from bench.harness import RESULTS_DIR
 
 #: Names of the architectures that need `--large` (roughly > 400M parameters or > 10 GB
 #: to export on a CPU).
@@ -49,6 +50,16 @@ LARGE = re.compile(
 )
 TIMEOUT_S = 1800
 STAND_IN_NOTE = "stand-in HF tokenizer"
+
+
+def model_config(name: str) -> dict:
+    """open_clip's config of `name`, the service's own (the demo model's) included."""
+    from open_clip.factory import get_model_config
+
+    from service.model import configs
+
+    configs.register()
+    return get_model_config(name)
 
 
 def _family(cfg: dict) -> str:
@@ -66,108 +77,37 @@ def _family(cfg: dict) -> str:
 
 def _stand_in_config(name: str, cfg: dict, directory: Path) -> tuple[dict, list[str]]:
     """`cfg` with hub tokenizers / HF text models replaced by local stand-ins."""
-    from tests.support.families import train_tokenizer
-
     cfg = copy.deepcopy(cfg)
     text = cfg.setdefault("text_cfg", {})
-    notes: list[str] = []
-    hub_tok = text.get("hf_tokenizer_name")
-    hub_model = text.get("hf_model_name")
-    if not hub_tok and not hub_model:
-        return cfg, notes
+    hub_tok, hub_model = text.get("hf_tokenizer_name"), text.get("hf_model_name")
     source = hub_model or hub_tok
-    if hub_tok and Path(hub_tok).is_dir():
-        return cfg, notes
-    tok_dir = directory / "stand-in"
-    if "bert" in source and "roberta" not in source:
-        specials = {
-            "unk_token": "[UNK]",
-            "pad_token": "[PAD]",
-            "cls_token": "[CLS]",
-            "sep_token": "[SEP]",
-        }
-        template = ("[CLS] $A [SEP]", "[CLS] $A [SEP] $B [SEP]")
-        specials = {"pad_token": "[PAD]", **specials}
-    elif "mt5" in source or "SigLIP" in source or "siglip" in source:
-        specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-        template = ("$A </s>", "$A </s> $B </s>")
-    else:  # XLM-R, RoBERTa, XLM-V, NLLB: <s> ... </s>
-        specials = {
-            "bos_token": "<s>",
-            "pad_token": "<pad>",
-            "eos_token": "</s>",
-            "unk_token": "<unk>",
-            "cls_token": "<s>",
-            "sep_token": "</s>",
-        }
-        template = ("<s> $A </s>", "<s> $A </s> </s> $B </s>")
-    kind = "unigram" if "</s>" in template[0] and "<s>" not in template[0] else "bpe"
-    train_tokenizer(tok_dir, kind=kind, specials=specials, template=template)
-    text["hf_tokenizer_name"] = str(tok_dir)
-    notes.append(f"{STAND_IN_NOTE} for {hub_tok}")
+    if not source or (hub_tok and Path(hub_tok).is_dir()):
+        return cfg, []
+    style = "bert" if "bert" in source and "roberta" not in source else "xlmr"
+    style = "t5" if "mt5" in source or "siglip" in source.lower() else style
+    text["hf_tokenizer_name"] = str(standins.styled_tokenizer(directory / "stand-in", style))
+    notes = [f"{STAND_IN_NOTE} for {hub_tok}"]
     if hub_model:
-        _tiny_hf_config(hub_model, tok_dir)
-        text["hf_model_name"] = str(tok_dir)
+        kind = "mt5" if "mt5" in hub_model else "m2m100" if "nllb" in hub_model else "xlm-roberta"
+        kind = "roberta" if hub_model.startswith("roberta") else kind
+        text["hf_model_name"] = str(
+            standins.tiny_hf_config(kind, directory / "stand-in", width=64, max_positions=130)
+        )
         notes.append(f"tiny {hub_model.split('/')[-1]}-shaped HF config")
     return cfg, notes
-
-
-def _tiny_hf_config(hub_model: str, directory: Path) -> None:
-    from transformers import (
-        AutoTokenizer,
-        M2M100Config,
-        MT5Config,
-        RobertaConfig,
-        XLMRobertaConfig,
-    )
-
-    tok = AutoTokenizer.from_pretrained(str(directory))
-    common = {
-        "vocab_size": len(tok),
-        "pad_token_id": tok.pad_token_id,
-        "eos_token_id": tok.eos_token_id,
-    }
-    if "mt5" in hub_model:
-        config = MT5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, **common)
-    elif "nllb" in hub_model:
-        config = M2M100Config(
-            d_model=64,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=128,
-            decoder_ffn_dim=128,
-            max_position_embeddings=128,
-            bos_token_id=tok.bos_token_id,
-            **common,
-        )
-    else:
-        cls = RobertaConfig if hub_model.startswith("roberta") else XLMRobertaConfig
-        config = cls(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=130,
-            bos_token_id=tok.bos_token_id,
-            **common,
-        )
-    config.save_pretrained(str(directory))
 
 
 def run_one(name: str) -> dict[str, object]:
     """Export, load and check one architecture (in this process)."""
     import numpy as np
     import torch
-    from open_clip.factory import get_model_config
 
     from service.core.hf_tokenize import build_tokenizer
     from service.model.export import export_model
     from service.model.metadata import ModelMetadata
 
     started = time.perf_counter()
-    cfg = get_model_config(name)
+    cfg = model_config(name)
     row: dict[str, object] = {"model": name, "family": _family(cfg)}
     with tempfile.TemporaryDirectory(prefix="families-") as tmp:
         directory = Path(tmp)
@@ -230,11 +170,9 @@ def _child(name: str, out: Path) -> None:
 def _order(names: list[str]) -> list[str]:
     """One architecture of each family first, then the rest: a cut-short run still spans
     every family."""
-    from open_clip.factory import get_model_config
-
     firsts: dict[str, str] = {}
     for name in names:
-        firsts.setdefault(_family(get_model_config(name)), name)
+        firsts.setdefault(_family(model_config(name)), name)
     head = list(firsts.values())
     return head + [n for n in names if n not in head]
 
@@ -382,9 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 row = {"model": name, "status": "fail", "reason": f"over {TIMEOUT_S} s"}
         if "family" not in row:
-            from open_clip.factory import get_model_config
-
-            row["family"] = _family(get_model_config(name))
+            row["family"] = _family(model_config(name))
         rows.append(row)
         ok = sum(r["status"] == "ok" for r in rows)
         bar.set_description(f"{ok}/{len(rows)} pass")

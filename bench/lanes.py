@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import model_repository, photo_pool, unique_jpeg
+from bench.harness import model_repository, photo_pool, unique_jpeg
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import GatewayProcess
 from service.processes.metric_samples import sample, scrape

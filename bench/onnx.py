@@ -23,342 +23,196 @@ Writes bench/results/onnx-<model>.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
-import shutil
 import statistics
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from bench.common import (
-    MODELS_DIR,
-    RESULTS_DIR,
-    GatewayProcess,
-    RawClip,
-    add_threading_arguments,
-    apply_threading,
-    channel_options,
-    closed_loop,
-    fmt,
-    machine_info,
-    md_table,
-    mixed_caption,
-    photo_pool,
-    section,
-    threading_note,
-    timed_loop,
-    unique_jpeg,
-)
-from service.api.clip.v1 import clip_pb2
-from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
+from bench import harness as h
+from bench.captions import mixed_caption
 from service.model.metadata import ModelMetadata
 
-IMAGE_TARGET = 1.2
-TEXT_TARGET = 1.0
-BATCH = 32
-CONCURRENCY = 32
-SEED = 0
-POOL = 64
-PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
-
-EAGER_IMAGES = "eager images b32"
-EAGER_TEXTS = "eager texts b32 (77-padded)"
-ORT_IMAGES = "onnx forward images b32"
-TS_IMAGES = "torchscript forward images b32"
-SVC_ONNX_IMAGES = "service onnx images c32"
-SVC_ONNX_TEXTS = "service onnx texts c32"
-SVC_TS_IMAGES = "service torchscript images c32"
-SVC_TS_TEXTS = "service torchscript texts c32"
-POINTS = (
-    EAGER_IMAGES,
-    EAGER_TEXTS,
-    ORT_IMAGES,
-    TS_IMAGES,
-    SVC_ONNX_IMAGES,
-    SVC_ONNX_TEXTS,
-    SVC_TS_IMAGES,
-    SVC_TS_TEXTS,
-)
+BATCH = CONCURRENCY = 32
+SEED, POOL = 0, 64
+EAGER_IMAGES, EAGER_TEXTS = "eager images b32", "eager texts b32 (77-padded)"
+ORT_IMAGES, TS_IMAGES = "onnx forward images b32", "torchscript forward images b32"
+SVC = {f"service {f} {k} c32": (f, k) for f in ("onnx", "torchscript") for k in ("images", "texts")}
+POINTS = (EAGER_IMAGES, EAGER_TEXTS, ORT_IMAGES, TS_IMAGES, *SVC)
 #: (numerator, denominator, target or None): each is computed per round, then the median.
 RATIOS = (
-    (SVC_ONNX_IMAGES, EAGER_IMAGES, IMAGE_TARGET),
-    (SVC_ONNX_TEXTS, EAGER_TEXTS, TEXT_TARGET),
-    (SVC_TS_IMAGES, EAGER_IMAGES, None),
-    (SVC_TS_TEXTS, EAGER_TEXTS, None),
+    ("service onnx images c32", EAGER_IMAGES, 1.2),
+    ("service onnx texts c32", EAGER_TEXTS, 1.0),
+    ("service torchscript images c32", EAGER_IMAGES, None),
+    ("service torchscript texts c32", EAGER_TEXTS, None),
     (ORT_IMAGES, EAGER_IMAGES, None),
     (TS_IMAGES, EAGER_IMAGES, None),
-    (SVC_ONNX_IMAGES, SVC_TS_IMAGES, None),
-    (SVC_ONNX_TEXTS, SVC_TS_TEXTS, None),
+    ("service onnx images c32", "service torchscript images c32", None),
+    ("service onnx texts c32", "service torchscript texts c32", None),
 )
-
-
-@dataclass
-class Round:
-    """items/s of every point, measured once each in this round."""
-
-    order: list[str]
-    items_per_s: dict[str, float] = field(default_factory=dict)
 
 
 def seeded_repository(model: str, flavor: str) -> Path:
     """`model` with random weights from seed SEED, exported in `flavor`, cached."""
     import torch
 
-    from service.model.export import export_model
-
-    target = MODELS_DIR / f"{model}-seed{SEED}-{flavor}"
-    if (target / "metadata.json").is_file():
-        return target
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    print(f"exporting {model} (seed {SEED}, {flavor} flavor) → {target} ...", flush=True)
     torch.manual_seed(SEED)
-    summary = export_model(model, "none", partial, flavor=flavor, progress=True)
-    print(summary.render(), flush=True)
-    partial.rename(target)
-    return target
+    return h.exported(h.MODELS_DIR / f"{model}-seed{SEED}-{flavor}", model, "none", flavor=flavor)
 
 
-def eager_model(model: str, metadata: ModelMetadata):  # -> torch.nn.Module
-    """open_clip's model with the exported weights (same seed), checked by hash."""
-    import torch
-
-    from service.model.export import load_open_clip, weights_sha256
-
-    torch.manual_seed(SEED)
-    clip, _ = load_open_clip(model, "none")
-    if weights_sha256(clip) != metadata.weights_sha256:
-        raise RuntimeError("the eager model's weights differ from the exported ones")
-    return clip
-
-
-async def service_point(
-    target: str, call_kind: str, jpegs: list[bytes], counter: itertools.count, seconds: float
-) -> float:
-    """items/s of 32 closed-loop single-item callers against the gateway at `target`."""
-    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
-        client = RawClip(channel)
-
-        async def image(i: int) -> int:
-            jpeg = unique_jpeg(jpegs[i % len(jpegs)], i)
-            request = clip_pb2.EmbedImageRequest(images=[jpeg], format=PACKED)
-            await client.embed_image(request.SerializeToString(), timeout=600)
-            return 1
-
-        async def text(i: int) -> int:
-            request = clip_pb2.EmbedTextRequest(texts=[mixed_caption(i)], format=PACKED)
-            await client.embed_text(request.SerializeToString(), timeout=600)
-            return 1
-
-        call: Callable[[int], Awaitable[int]] = image if call_kind == "images" else text
-        result = await closed_loop(
-            call,
-            label=f"{target} {call_kind}",
-            concurrency=CONCURRENCY,
-            seconds=seconds,
-            min_calls=2 * CONCURRENCY,
-            counter=counter,
-        )
-    if result.errors:
-        raise RuntimeError(f"service errors: {result.error_text}")
-    return result.items_per_s
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
-    parser.add_argument("--seconds", type=float, default=6.0, help="length of each point")
-    add_threading_arguments(parser)
-    args = parser.parse_args()
-    apply_threading(args, "bench.onnx")
-
+def local_steps(
+    args: argparse.Namespace,
+    onnx_repo: Path,
+    ts_repo: Path,
+    metadata: ModelMetadata,
+    jpegs: list[bytes],
+):
+    """The in-process points (eager, ONNX Runtime, TorchScript) and the onnx flavor's parity."""
     import open_clip
     import torch
 
+    from service.model.export import load_open_clip, weights_sha256
     from service.model.onnx_graphs import open_session, run_session
 
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    section("models")
-    onnx_repo = seeded_repository(args.model, "onnx")
-    ts_repo = seeded_repository(args.model, "python")
-    metadata = ModelMetadata.load(onnx_repo)
-    clip = eager_model(args.model, metadata)
-
-    jpegs = photo_pool(POOL, (640, 480))
-    spec = ImageSpec(metadata.image_size, metadata.interpolation)
-    limits = ImageLimits(20 * 1024 * 1024, 50_000_000, True)
-    pixels = np.stack([preprocess_image_bytes(j, spec, limits) for j in jpegs])
-    mean = torch.tensor(metadata.mean).view(1, 3, 1, 1)
-    std = torch.tensor(metadata.std).view(1, 3, 1, 1)
+    torch.manual_seed(SEED)
+    clip, _ = load_open_clip(args.model, "none")
+    if weights_sha256(clip) != metadata.weights_sha256:
+        raise RuntimeError("the eager model's weights differ from the exported ones")
+    pixels = h.decoded(jpegs, metadata)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (metadata.mean, metadata.std))
     normalized = (torch.from_numpy(pixels).float() / 255 - mean) / std
-    tokenizer = open_clip.get_tokenizer(args.model)
-    tokens77 = tokenizer([mixed_caption(i) for i in range(POOL)])
-
-    image_session = open_session(
-        onnx_repo / "clip_image" / "1" / "model.onnx", intra_op_threads=args.torch_threads
-    )
-    text_session = open_session(
-        onnx_repo / "clip_text" / "1" / "model.onnx", intra_op_threads=args.torch_threads
-    )
+    tokens77 = open_clip.get_tokenizer(args.model)([mixed_caption(i) for i in range(POOL)])
+    sessions = {
+        tower: open_session(
+            onnx_repo / tower / "1" / "model.onnx", intra_op_threads=args.torch_threads
+        )
+        for tower in ("clip_image", "clip_text")
+    }
     image_ts = torch.jit.load(str(ts_repo / "clip_image" / "1" / "model.pt")).eval()
     with torch.no_grad():
-        want_images = clip.encode_image(normalized[:8], normalize=True).numpy()
-        want_texts = clip.encode_text(tokens77[:8], normalize=True).numpy()
-    got_images = run_session(image_session, metadata.image_input, pixels[:8])
-    got_texts = run_session(text_session, metadata.text_input, tokens77[:8].numpy())
-    parity = (
-        float(np.abs(want_images - got_images).max()),
-        float(np.abs(want_texts - got_texts).max()),
-    )
+        parity = (
+            np.abs(
+                clip.encode_image(normalized[:8], normalize=True).numpy()
+                - run_session(sessions["clip_image"], metadata.image_input, pixels[:8])
+            ).max(),
+            np.abs(
+                clip.encode_text(tokens77[:8], normalize=True).numpy()
+                - run_session(sessions["clip_text"], metadata.text_input, tokens77[:8].numpy())
+            ).max(),
+        )
     print(f"onnx flavor vs eager: images {parity[0]:.2e}, texts {parity[1]:.2e}", flush=True)
 
-    def rows(pool_size: int, i: int) -> list[int]:
-        return [(i * BATCH + k) % pool_size for k in range(BATCH)]
+    def batch_of(run):
+        def step(i: int) -> int:
+            with torch.inference_mode():
+                run([(i * BATCH + k) % POOL for k in range(BATCH)])
+            return BATCH
 
-    def eager_images(i: int) -> int:
-        with torch.inference_mode():
-            clip.encode_image(normalized[rows(POOL, i)], normalize=True)
-        return BATCH
+        return step
 
-    def eager_texts(i: int) -> int:
-        with torch.inference_mode():
-            clip.encode_text(tokens77[rows(POOL, i)], normalize=True)
-        return BATCH
-
-    def ort_images(i: int) -> int:
-        run_session(image_session, metadata.image_input, pixels[rows(POOL, i)])
-        return BATCH
-
-    def ts_images(i: int) -> int:
-        with torch.inference_mode():
-            image_ts(torch.from_numpy(pixels[rows(POOL, i)]))
-        return BATCH
-
-    local = {
-        EAGER_IMAGES: eager_images,
-        EAGER_TEXTS: eager_texts,
-        ORT_IMAGES: ort_images,
-        TS_IMAGES: ts_images,
+    steps = {
+        EAGER_IMAGES: batch_of(lambda rows: clip.encode_image(normalized[rows], normalize=True)),
+        EAGER_TEXTS: batch_of(lambda rows: clip.encode_text(tokens77[rows], normalize=True)),
+        ORT_IMAGES: batch_of(
+            lambda rows: run_session(sessions["clip_image"], metadata.image_input, pixels[rows])
+        ),
+        TS_IMAGES: batch_of(lambda rows: image_ts(torch.from_numpy(pixels[rows]))),
     }
-    gateway_settings = {
+    return steps, (float(parity[0]), float(parity[1]))
+
+
+async def run(args: argparse.Namespace) -> int:
+    h.section("models")
+    onnx_repo, ts_repo = (
+        seeded_repository(args.model, "onnx"),
+        seeded_repository(args.model, "python"),
+    )
+    metadata = ModelMetadata.load(onnx_repo)
+    jpegs = h.photo_pool(POOL)
+    steps, parity = local_steps(args, onnx_repo, ts_repo, metadata, jpegs)
+    settings = {
         "local_cache_items": 0,
         "max_batch_size": BATCH,
         "torch_threads": args.torch_threads,
     }
     counter = itertools.count(10_000_000)
-    rounds: list[Round] = []
-    section(f"{args.rounds} interleaved rounds, {args.seconds:.0f} s per point")
+    h.section(f"{args.rounds} interleaved rounds, {args.seconds:.0f} s per point")
     with (
-        GatewayProcess(onnx_repo, log_name="onnx", **gateway_settings) as onnx_gw,
-        GatewayProcess(ts_repo, log_name="torchscript", **gateway_settings) as ts_gw,
+        h.gateway(onnx_repo, "onnx", **settings) as onnx_gw,
+        h.gateway(ts_repo, "torchscript", **settings) as ts_gw,
     ):
-        services = {
-            SVC_ONNX_IMAGES: (onnx_gw, "images"),
-            SVC_ONNX_TEXTS: (onnx_gw, "texts"),
-            SVC_TS_IMAGES: (ts_gw, "images"),
-            SVC_TS_TEXTS: (ts_gw, "texts"),
-        }
-        for r in range(args.rounds):
-            shift = (r * 3) % len(POINTS)
-            order = list(POINTS[shift:] + POINTS[:shift])
-            this = Round(order)
-            for point in order:
-                if point in local:
-                    result = timed_loop(
-                        local[point], label=point, batch=BATCH, seconds=args.seconds
-                    )
-                    value = result.items_per_s
-                else:
-                    gateway, kind = services[point]
-                    value = asyncio.run(
-                        service_point(gateway.target, kind, jpegs, counter, args.seconds)
-                    )
-                this.items_per_s[point] = value
-                print(f"  round {r + 1} {point:<32} {fmt(value):>7} items/s", flush=True)
-            rounds.append(this)
+        gateways = {"onnx": onnx_gw, "torchscript": ts_gw}
 
-    report = render(args, rounds, parity, metadata)
-    out = RESULTS_DIR / f"onnx-{args.model}.md"
-    out.write_text(report)
-    section("summary")
-    print(report)
-    print(f"wrote {out}")
+        async def point(n: int, name: str) -> float:
+            if name in steps:
+                value = h.timed_loop(
+                    steps[name], label=name, batch=BATCH, seconds=args.seconds
+                ).items_per_s
+            else:
+                flavor, kind = SVC[name]
+                async with h.channel(gateways[flavor].target) as channel:
+                    call = h.grpc_calls(h.RawClip(channel), jpegs, mixed_caption)[kind[:-1]]
+                    result = await h.closed_loop(
+                        call, label=name, concurrency=CONCURRENCY, seconds=args.seconds,
+                        min_calls=2 * CONCURRENCY, counter=counter,
+                    )  # fmt: skip
+                if result.errors:
+                    raise RuntimeError(f"service errors: {result.error_text}")
+                value = result.items_per_s
+            print(f"  round {n} {name:<32} {h.fmt(value):>7} items/s", flush=True)
+            return value
 
-
-def ratio_rows(rounds: list[Round]) -> list[list[str]]:
-    """One row per ratio: each round's value, the median, the target and its verdict."""
-    out = []
+        rounds = await h.interleaved(args.rounds, POINTS, point, step=3)
+    heads = [f"round {i + 1}" for i in range(len(rounds))]
+    ratio_rows = []
     for num, den, target in RATIOS:
-        values = [r.items_per_s[num] / r.items_per_s[den] for r in rounds]
+        values = [r[num] / r[den] for r in rounds]
         median = statistics.median(values)
-        verdict = "–" if target is None else ("met" if median >= target else "missed")
-        out.append(
-            [
-                f"{num} ÷ {den}",
-                *(f"{v:.2f}" for v in values),
-                f"**{median:.2f}**",
-                "–" if target is None else f"≥ {target:.1f}: {verdict}",
-            ]
+        verdict = (
+            "–" if target is None else f"≥ {target:.1f}: {'met' if median >= target else 'missed'}"
         )
-    return out
-
-
-def render(
-    args: argparse.Namespace,
-    rounds: list[Round],
-    parity: tuple[float, float],
-    metadata: ModelMetadata,
-) -> str:
-    """The Markdown report."""
-    round_headers = [f"round {i + 1}" for i in range(len(rounds))]
-    throughput = [
-        [
-            point,
-            *(fmt(r.items_per_s[point]) for r in rounds),
-            fmt(statistics.median(r.items_per_s[point] for r in rounds)),
-        ]
-        for point in POINTS
+        ratio_rows.append(
+            [f"{num} ÷ {den}", *(f"{v:.2f}" for v in values), f"**{median:.2f}**", verdict]
+        )
+    rates = [
+        [p, *(h.fmt(r[p]) for r in rounds), h.fmt(statistics.median(r[p] for r in rounds))]
+        for p in POINTS
     ]
-    lines = [
-        f"# onnx flavor vs eager open_clip and the TorchScript flavor: {args.model}",
-        "",
-        "Made by `python -m bench.onnx "
-        f"--model {args.model} --rounds {args.rounds} --seconds {args.seconds:g}`. "
-        "Figures, not tests.",
-        "",
-        md_table(["", ""], machine_info()),
-        "",
+    report = "\n".join([
+        f"# onnx flavor vs eager open_clip and the TorchScript flavor: {args.model}", "",
+        f"Made by `python -m bench.onnx --model {args.model} --rounds {args.rounds} --seconds "
+        f"{args.seconds:g}`. Figures, not tests.", "",
+        h.md_table(["", ""], h.machine_info(args.torch_threads)), "",
         f"- weights: random, seed {SEED}; the eager model, `model.onnx` and `model.pt` share "
         f"them (weights hash {metadata.weights_sha256[:12]})",
         f"- onnx flavor vs eager on the bench inputs: max |diff| images {parity[0]:.1e}, "
         f"texts {parity[1]:.1e} (the tests hold every path to 1e-5)",
-        f"- threads: {threading_note(args.torch_threads)}; ONNX Runtime intra-op threads "
-        f"{args.torch_threads or 'default (one per core)'}",
-        "- eager: `encode_image` on pre-decoded, normalized 640×480 photos (224 px) and "
-        "`encode_text` on 77-padded captions of the caption mix, batch 32",
-        "- forward: the exported file alone on the same uint8 pixels, batch 32",
-        "- service: `clipsvc serve` (embedded backend, its own process, no cache, "
-        "max batch 32), 32 closed-loop callers, one distinct 640×480 JPEG or one caption "
-        "of the mix per call",
-        f"- each point {args.seconds:g} s; the order rotates every round",
-        "",
-        "## Ratios (each divides two points of the same round)",
-        "",
-        md_table(["ratio", *round_headers, "median", "target (#17)"], ratio_rows(rounds)),
-        "",
-        "## Items per second",
-        "",
-        md_table(["point", *round_headers, "median"], throughput),
-        "",
-    ]
-    return "\n".join(lines)
+        f"- ONNX Runtime intra-op threads {args.torch_threads or 'default (one per core)'}",
+        "- eager: `encode_image` on pre-decoded, normalized 640×480 photos and `encode_text` "
+        "on 77-padded captions of the caption mix, batch 32; forward: the exported file alone "
+        "on the same uint8 pixels, batch 32",
+        "- service: `clipsvc serve` (embedded backend, its own process, no cache, max batch "
+        "32), 32 closed-loop callers, one distinct 640×480 JPEG or one caption per call",
+        f"- each point {args.seconds:g} s; the order rotates every round", "",
+        "## Ratios (each divides two points of the same round)", "",
+        h.md_table(["ratio", *heads, "median", "target (#17)"], ratio_rows), "",
+        "## Items per second", "", h.md_table(["point", *heads, "median"], rates), "",
+    ])  # fmt: skip
+    h.write_result(args.out or h.RESULTS_DIR / f"onnx-{args.model}.md", report, report)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = h.parser(__doc__.split("\n\n")[0], model=None)
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    p.add_argument("--seconds", type=float, default=6.0, help="length of each point")
+    p.add_argument("--out", type=Path, help="default bench/results/onnx-<model>.md")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(h.main("bench.onnx", parse_args(), run))

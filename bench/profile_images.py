@@ -26,26 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-
-from bench.common import (
-    RESULTS_DIR,
-    RawClip,
-    add_threading_arguments,
-    apply_threading,
-    channel_options,
-    closed_loop,
-    fmt,
-    histogram_means,
-    machine_info,
-    md_table,
-    model_repository,
-    photo_pool,
-    section,
-    threading_note,
-    unique_jpeg,
-)
-from service.api.clip.v1 import clip_pb2
+from bench import harness as h
 from service.processes.metric_samples import scrape
 
 STAGES = (
@@ -60,36 +41,19 @@ STAGES = (
 # ---------------------------------------------------------------------------- the callers
 async def drive(target: str, concurrency: int, seconds: float) -> None:
     """Child process: single-image callers; prints START after warm-up, then a JSON result."""
-    jpegs = photo_pool(64, (640, 480), seed=3)
-    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
-        client = RawClip(channel)
-
-        async def call(i: int) -> int:
-            request = clip_pb2.EmbedImageRequest(
-                images=[unique_jpeg(jpegs[i % len(jpegs)], i)],
-                format=clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES,
-            )
-            await client.embed_image(request.SerializeToString(), timeout=600)
-            return 1
-
-        result = await closed_loop(
-            call,
-            label=f"images c{concurrency}",
-            concurrency=concurrency,
-            seconds=seconds,
-            min_calls=2 * concurrency,
-            progress=False,
+    jpegs = h.photo_pool(64, seed=3)
+    async with h.channel(target) as channel:
+        r = await h.closed_loop(
+            h.grpc_calls(h.RawClip(channel), jpegs)["image"], label=f"images c{concurrency}",
+            concurrency=concurrency, seconds=seconds, min_calls=2 * concurrency, progress=False,
             before_measure=lambda: print("START", flush=True),
-        )
+        )  # fmt: skip
     summary = {
-        "items_per_s": result.items_per_s,
-        "p50_ms": result.percentile_ms(50),
-        "p99_ms": result.percentile_ms(99),
-        "calls": result.calls,
-        "seconds": result.seconds,
-        "errors": dict(result.errors),
+        "items_per_s": r.items_per_s,
+        "p50_ms": r.percentile_ms(50),
+        "p99_ms": r.percentile_ms(99),
     }
-    print("RESULT " + json.dumps(summary), flush=True)
+    print("RESULT " + json.dumps({**summary, "errors": dict(r.errors)}), flush=True)
 
 
 # ---------------------------------------------------------------------------- threads
@@ -174,7 +138,7 @@ class Timeline:
 
     def rows(self) -> list[list[str]]:
         return [
-            [label, str(len(v)), fmt(1000 * sum(v) / len(v)) if v else "–"]
+            [label, str(len(v)), h.fmt(1000 * sum(v) / len(v)) if v else "–"]
             for label, v in self.seconds.items()
         ]
 
@@ -185,10 +149,9 @@ async def profile(args: argparse.Namespace) -> int:
 
     from service.processes.gateway import gateway_settings, running_gateway
 
-    section(f"profile: {args.model}, {args.concurrency} concurrent single-image callers")
-    info = machine_info()
-    info.append(("threads", threading_note(args.torch_threads)))
-    repository = model_repository(args.model)
+    h.section(f"profile: {args.model}, {args.concurrency} concurrent single-image callers")
+    info = h.machine_info(args.torch_threads)
+    repository = h.model_repository(args.model)
     settings = gateway_settings(
         repository,
         local_cache_items=0,
@@ -252,7 +215,7 @@ async def profile(args: argparse.Namespace) -> int:
         for labels, mean in sorted(histogram_means(before_metrics, after_metrics, metric).items()):
             if "EmbedImage" in labels or "image" in labels:
                 unit = mean if metric == "clip_batch_size" else mean * 1000
-                stage_rows.append([f"`{metric}{labels}`", meaning, fmt(unit)])
+                stage_rows.append([f"`{metric}{labels}`", meaning, h.fmt(unit)])
     out = args.results_dir / f"profile-images-{args.model}{'-' + args.tag if args.tag else ''}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     text_profile = profiler.output_text(unicode=True, color=False, show_all=False)
@@ -262,26 +225,26 @@ async def profile(args: argparse.Namespace) -> int:
     parts = [
         f"# Profile: {args.model}, {args.concurrency} concurrent single-image callers",
         "",
-        md_table(["", ""], info),
+        h.md_table(["", ""], info),
         "",
         "In-process embedded gateway, cache off, distinct 640×480 JPEG photos; the callers "
         "run in a child process. Result of the callers: "
-        f"{fmt(float(summary.get('items_per_s', float('nan'))))} images/s, p50 "  # type: ignore[arg-type]
-        f"{fmt(float(summary.get('p50_ms', float('nan'))))} ms, p99 "  # type: ignore[arg-type]
-        f"{fmt(float(summary.get('p99_ms', float('nan'))))} ms, errors "  # type: ignore[arg-type]
+        f"{h.fmt(float(summary.get('items_per_s', float('nan'))))} images/s, p50 "  # type: ignore[arg-type]
+        f"{h.fmt(float(summary.get('p50_ms', float('nan'))))} ms, p99 "  # type: ignore[arg-type]
+        f"{h.fmt(float(summary.get('p99_ms', float('nan'))))} ms, errors "  # type: ignore[arg-type]
         f"{summary.get('errors', {})} (the profiler slows the event loop somewhat).",
         "",
         f"## CPU by gateway thread ({wall:.1f} s of wall time, {total_cpu:.1f} CPU s)",
         "",
-        md_table(["threads", "CPU s", "cores", "share"], cpu_rows),
+        h.md_table(["threads", "CPU s", "cores", "share"], cpu_rows),
         "",
         "## Stage means (gateway histograms, this window)",
         "",
-        md_table(["series", "what", "mean (ms; batch: items)"], stage_rows),
+        h.md_table(["series", "what", "mean (ms; batch: items)"], stage_rows),
         "",
         "## Per-call timeline (wrapped gateway methods, this window)",
         "",
-        md_table(["step", "calls", "mean ms"], timeline.rows()),
+        h.md_table(["step", "calls", "mean ms"], timeline.rows()),
         "",
         "Batch sizes in the order the queue ran them (first 40): "
         + (", ".join(str(n) for n in timeline.batches[:40]) or "–")
@@ -299,25 +262,34 @@ async def profile(args: argparse.Namespace) -> int:
     ]
     report = "\n".join(parts)
     out.with_suffix(".md").write_text(report)
-    section("summary")
+    h.section("summary")
     print("\n".join(parts[4 : parts.index("## Event-loop thread (pyinstrument)")]))
     print(f"wrote {out.with_suffix('.md')} (+ .txt{', .html' if args.html else ''})")
     return 0
 
 
+def histogram_means(
+    before: dict[str, float], after: dict[str, float], name: str
+) -> dict[str, float]:
+    """Mean of each labelled series of histogram `name` between two scrapes."""
+    means: dict[str, float] = {}
+    for key, total in after.items():
+        if key.startswith(name + "_sum{"):
+            count = f"{name}_count{key[len(name) + 4 :]}"
+            if (n := after.get(count, 0.0) - before.get(count, 0.0)) > 0:
+                means[key[len(name) + 4 :]] = (total - before.get(key, 0.0)) / n
+    return means
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="ViT-B-32", choices=("clip-demo-shapes", "ViT-B-32"))
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--tag", default="", help="suffix for the result file names")
-    parser.add_argument("--html", action="store_true", help="also write pyinstrument's HTML")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--drive", metavar="TARGET", help=argparse.SUPPRESS)
-    add_threading_arguments(parser)
-    return parser.parse_args(argv)
+    p = h.parser(__doc__, model="ViT-B-32")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--tag", default="", help="suffix for the result file names")
+    p.add_argument("--html", action="store_true", help="also write pyinstrument's HTML")
+    p.add_argument("--results-dir", type=Path, default=h.RESULTS_DIR)
+    p.add_argument("--drive", metavar="TARGET", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,8 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.drive:
         asyncio.run(drive(args.drive, args.concurrency, args.seconds))
         return 0
-    apply_threading(args, "bench.profile_images")
-    return asyncio.run(profile(args))
+    return h.main("bench.profile_images", args, profile)
 
 
 if __name__ == "__main__":

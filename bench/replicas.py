@@ -4,17 +4,15 @@
     python -m bench.replicas --rounds 2 --seconds 5        # shorter
     python -m bench.replicas --model ViT-B-32 --callers 16
 
-Starts two real `tritonserver`s (A and B, each on its own gRPC, HTTP and metrics ports)
-on the same exported repository and two gateways in their own processes: `one` with
-`--triton-url 127.0.0.1:A`, `two` with `--triton-url ipv4:127.0.0.1:A,127.0.0.1:B`
-(round robin per call). Both gateways are alive for the whole run and have the same
-settings (cache off, `--max-inflight-batches 2` so that two batches can be in Triton at
-once). The same closed-loop single-image EmbedImage callers then run through them in
-interleaved rounds, one, two, one, two, ..., so that both see the same machine. Reports
-images/s per round, the medians, the ratio two ÷ one (the median of the paired rounds'
-ratios, and the ratio of the medians), and how the inferences split between A and B
-(Triton's model statistics, `inference_count` of the image model, read around each
-round), with the CPU seconds each server's process group used.
+Starts two real `tritonserver`s (A and B) on the same exported repository and two
+gateways in their own processes: `one` with `--triton-url 127.0.0.1:A`, `two` with
+`--triton-url ipv4:127.0.0.1:A,127.0.0.1:B` (round robin per call), both with cache off
+and `--max-inflight-batches 2` (two batches can be in Triton at once). The same
+closed-loop single-image EmbedImage callers run through them in interleaved rounds
+(the order rotates each round), so that both see the same machine. Reports images/s per
+round, the medians, two ÷ one (median of the paired rounds' ratios, and of the medians),
+how the inferences split between A and B (the image model's `inference_count` around
+each round) and the CPU seconds each server's process group used.
 
 On a machine with few cores both servers share the same cores: the figure shows that
 the calls are balanced and what balancing costs, not a speed-up. Writes
@@ -59,58 +57,32 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tqdm import tqdm
 
-from bench.common import (
-    DEMO_MODEL,
-    RESULTS_DIR,
-    LoadResult,
-    RawClip,
-    add_threading_arguments,
-    channel_options,
-    closed_loop,
-    fmt,
-    machine_info,
-    md_table,
-    model_repository,
-    photo_pool,
-    repository_variant,
-    run_benchmark,
-    section,
-    short_caption,
-    single_item_calls,
-    threading_note,
-    triton_batching,
-    unique_jpeg,
-    write_result,
-)
-from bench.load import cpu_seconds
+from bench import harness as h
+from bench.captions import short_caption
 from service.client import AsyncClipClient
 from service.model.metadata import IMAGE_MODEL, TEXT_MODEL
-from service.processes.child_server import group_members
-from service.processes.gateway import GatewayProcess, gateway_settings, running_gateway
-from service.processes.redis_server import RedisServer
-from service.processes.triton_server import TritonProcess
+from service.processes.gateway import gateway_settings, running_gateway
 
-PHOTO_SIZE = (640, 480)
 SERVERS = ("A", "B")
 # What Kubernetes does on a rollout with a short grace: SIGTERM, SIGKILL this much later.
 KILL_AFTER_TERM_S = 1.0
+HEADERS = [
+    "round", "path", "images/s", "p50 ms", "p99 ms", "errors", "inferences A", "inferences B",
+    "B share", "images per execution", "CPU s A", "CPU s B", "CPU s gateway",
+]  # fmt: skip
 
 
 @dataclass
 class Round:
-    """One measured round of one path."""
+    """One measured round of one path: the callers' result and what each server did."""
 
     index: int
     path: str  # one, two
-    result: LoadResult
-    #: Image inferences (items) and executions (batches) each server ran during the round.
-    inferences: dict[str, int]
-    executions: dict[str, int]
-    #: CPU seconds each server's process group (tritonserver + python stubs) used.
-    cpu_s: dict[str, float]
-    #: CPU seconds the gateway of the round used (decode, gRPC, queue).
+    result: h.LoadResult
+    inferences: dict[str, int]  # image inferences (items) per server during the round
+    executions: dict[str, int]  # ... and executions (batches)
+    cpu_s: dict[str, float]  # CPU seconds of each server's process group
     gateway_cpu_s: float
 
     @property
@@ -119,192 +91,120 @@ class Round:
         total = sum(self.inferences.values())
         return self.inferences["B"] / total if total else float("nan")
 
-    @property
-    def mean_batch(self) -> float:
-        """Images per Triton execution, both servers together."""
-        runs = sum(self.executions.values())
-        return sum(self.inferences.values()) / runs if runs else float("nan")
+    def row(self) -> list[object]:
+        r, share = self.result, self.share_b
+        batch = sum(self.inferences.values()) / max(1, sum(self.executions.values()))
+        return [
+            self.index, self.path, h.fmt(r.items_per_s), h.fmt(r.percentile_ms(50)),
+            h.fmt(r.percentile_ms(99)), r.error_text, self.inferences["A"], self.inferences["B"],
+            f"{100 * share:.0f} %" if share == share else "–", h.fmt(batch),
+            h.fmt(self.cpu_s["A"]), h.fmt(self.cpu_s["B"]), h.fmt(self.gateway_cpu_s),
+        ]  # fmt: skip
 
 
-def group_cpu_seconds(pgid: int | None) -> float:
-    """User + system CPU seconds of the live members of a process group."""
-    if pgid is None:
-        return 0.0
-    total = 0.0
-    for pid in group_members(pgid):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total += cpu_seconds(pid)
-    return total
+class Replicas:
+    """Two Tritons, one gateway per path, and the counters read around each round."""
 
+    def __init__(self, servers: dict, gateways: dict, jpegs: list[bytes], args: argparse.Namespace):
+        self.servers, self.gateways, self.jpegs, self.args = servers, gateways, jpegs, args
+        self.counter = itertools.count()
 
-class Counters:
-    """Reads the image model's statistics and the CPU time of both servers."""
-
-    def __init__(self, servers: dict[str, TritonProcess]) -> None:
-        self.servers = servers
-
-    def read(self) -> tuple[dict[str, tuple[int, int]], dict[str, float]]:
-        """((inference_count, execution_count), CPU seconds) per server."""
+    def counters(self, path: str) -> tuple[dict, dict, float]:
         stats = {
-            name: triton_batching(server.grpc_url, [IMAGE_MODEL])[IMAGE_MODEL]
-            for name, server in self.servers.items()
+            n: h.triton_stats(s.grpc_url, [IMAGE_MODEL])[IMAGE_MODEL]
+            for n, s in self.servers.items()
         }
-        cpu = {name: group_cpu_seconds(server.pid) for name, server in self.servers.items()}
-        return stats, cpu
+        cpu = {n: h.group_total(s.pid, h.cpu_seconds) for n, s in self.servers.items()}
+        return stats, cpu, h.group_total(self.gateways[path].pid, h.cpu_seconds)
+
+    async def round(self, index: int, path: str) -> Round:
+        """`--callers` closed-loop single-image callers through gateway `path`."""
+        marks: list = []
+        async with h.channel(self.gateways[path].target) as channel:
+            result = await h.closed_loop(
+                h.grpc_calls(h.RawClip(channel), self.jpegs)["image"],
+                label=f"round {index} {path}", concurrency=self.args.callers,
+                seconds=self.args.seconds, min_calls=self.args.callers, counter=self.counter,
+                before_measure=lambda: marks.extend(self.counters(path)),
+            )  # fmt: skip
+        (s0, c0, g0), (s1, c1, g1) = marks, self.counters(path)
+        r = Round(
+            index, path, result, {s: s1[s][0] - s0[s][0] for s in SERVERS},
+            {s: s1[s][1] - s0[s][1] for s in SERVERS}, {s: c1[s] - c0[s] for s in SERVERS},
+            g1 - g0,
+        )  # fmt: skip
+        print("  " + " | ".join(map(str, r.row())), flush=True)
+        return r
 
 
-async def measure_round(
-    index: int,
-    path: str,
-    target: str,
-    jpegs: Sequence[bytes],
-    counters: Counters,
-    args: argparse.Namespace,
-    counter: itertools.count[int],
-    gateway_pid: int | None,
-) -> Round:
-    """`args.callers` closed-loop callers through the gateway at `target` for one round."""
-    marks: dict[str, object] = {}
-
-    def mark() -> None:
-        marks["stats"], marks["cpu"] = counters.read()
-        marks["gateway"] = group_cpu_seconds(gateway_pid)
-
-    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
-        result = await closed_loop(
-            single_item_calls(RawClip(channel), jpegs, short_caption)["image"],
-            label=f"round {index} {path}",
-            concurrency=args.callers,
-            seconds=args.seconds,
-            min_calls=args.callers,
-            counter=counter,
-            before_measure=mark,
-        )
-    stats, cpu = counters.read()
-    gateway_cpu = group_cpu_seconds(gateway_pid) - marks["gateway"]  # type: ignore[operator]
-    before_stats: dict[str, tuple[int, int]] = marks["stats"]  # type: ignore[assignment]
-    before_cpu: dict[str, float] = marks["cpu"]  # type: ignore[assignment]
-    return Round(
-        index,
-        path,
-        result,
-        inferences={s: stats[s][0] - before_stats[s][0] for s in SERVERS},
-        executions={s: stats[s][1] - before_stats[s][1] for s in SERVERS},
-        cpu_s={s: cpu[s] - before_cpu[s] for s in SERVERS},
-        gateway_cpu_s=gateway_cpu,
-    )
-
-
-def paired_ratios(rounds: Sequence[Round]) -> list[float]:
-    """two ÷ one of each pair of consecutive rounds (round n of each path)."""
-    ones = [r for r in rounds if r.path == "one"]
-    twos = [r for r in rounds if r.path == "two"]
+def paired_ratios(rounds: list[Round]) -> list[float]:
+    """two ÷ one of each pair of rounds with the same number."""
+    one = {r.index: r.result.items_per_s for r in rounds if r.path == "one"}
     return [
-        t.result.items_per_s / o.result.items_per_s
-        for o, t in zip(ones, twos, strict=False)
-        if o.result.items_per_s
+        r.result.items_per_s / one[r.index] for r in rounds if r.path == "two" and one.get(r.index)
     ]
-
-
-def median_rate(rounds: Sequence[Round], path: str) -> float:
-    """Median images/s of the rounds of `path`."""
-    rates = [r.result.items_per_s for r in rounds if r.path == path]
-    return statistics.median(rates) if rates else float("nan")
 
 
 def report(
-    rounds: Sequence[Round],
-    args: argparse.Namespace,
-    info: list[tuple[str, str]],
-    urls: dict[str, str],
-    image_note: str,
+    rounds: list[Round], args: argparse.Namespace, info: list, urls: dict, note: str
 ) -> tuple[str, str]:
     """The Markdown report and the summary to print."""
+    by = {p: [r for r in rounds if r.path == p] for p in ("one", "two")}
     ratios = paired_ratios(rounds)
-    one, two = median_rate(rounds, "one"), median_rate(rounds, "two")
-    two_rounds = [r for r in rounds if r.path == "two"]
-    inferences_two = {s: sum(r.inferences[s] for r in two_rounds) for s in SERVERS}
-    total_two = sum(inferences_two.values())
-    share_b = inferences_two["B"] / total_two if total_two else float("nan")
-    leaked = sum(r.inferences["B"] for r in rounds if r.path == "one")
-    images = {p: max(1, sum(r.result.items for r in rounds if r.path == p)) for p in ("one", "two")}
-    cpu = {
-        p: sum(sum(r.cpu_s.values()) for r in rounds if r.path == p) / images[p]
-        for p in ("one", "two")
-    }
-    gateway_cpu = {
-        p: sum(r.gateway_cpu_s for r in rounds if r.path == p) / images[p] for p in ("one", "two")
-    }
-    errors = sum(sum(r.result.errors.values()) for r in rounds)
-    batches_two = sum(sum(r.executions.values()) for r in two_rounds)
-    lopsided = total_two > 0 and not 0.25 <= share_b <= 0.75
-    balance_note = (
-        [
-            f"**The split is lopsided** ({inferences_two['A']} / {inferences_two['B']}). The "
-            f"gateway sends one Triton request per batch: the `two` rounds held only "
-            f"{batches_two} batches (images per execution {fmt(total_two / max(1, batches_two))}"
-            "). Its health check (once a second: server and model readiness, and the model "
-            "configs, through the same channel as the inference calls) takes round-robin "
-            "picks between them, so which server gets the next batch depends on how many "
-            "probe calls fell in between; at a steady batch period the batches can keep "
-            "landing on one server. Per-call round robin balances many small calls (the "
-            "demo model, a few images an execution), not a slow stream of large batches. "
-            "Probing on a channel of its own, or choosing the replica per batch, would.",
+    one, two = (statistics.median([r.result.items_per_s for r in by[p]]) for p in ("one", "two"))
+    inf_two = {s: sum(r.inferences[s] for r in by["two"]) for s in SERVERS}
+    total_two = sum(inf_two.values())
+    share_b = inf_two["B"] / total_two if total_two else float("nan")
+    images = {p: max(1, sum(r.result.items for r in by[p])) for p in by}
+    cpu = {p: sum(sum(r.cpu_s.values()) for r in by[p]) / images[p] for p in by}
+    gw_cpu = {p: sum(r.gateway_cpu_s for r in by[p]) / images[p] for p in by}
+    batches_two = sum(sum(r.executions.values()) for r in by["two"])
+    balance = []
+    if total_two > 0 and not 0.25 <= share_b <= 0.75:
+        balance = [
+            f"**The split is lopsided** ({inf_two['A']} / {inf_two['B']}). The gateway sends one "
+            f"Triton request per batch: the `two` rounds held only {batches_two} batches (images "
+            f"per execution {h.fmt(total_two / max(1, batches_two))}). Per-call round robin "
+            "balances many small calls, not a slow stream of large batches.",
             "",
         ]
-        if lopsided
-        else []
-    )
-    ratio_median = statistics.median(ratios) if ratios else float("nan")
-    summary_rows = [
-        ["images/s, one server (median)", fmt(one)],
-        ["images/s, two servers (median)", fmt(two)],
-        ["two ÷ one, median of the paired rounds", f"{ratio_median:.2f}×"],
-        ["two ÷ one, paired rounds (min–max)", f"{min(ratios):.2f}–{max(ratios):.2f}×"]
-        if ratios
-        else ["two ÷ one, paired rounds", "–"],
+    ms = {
+        p: f"{1000 * cpu['one']:.1f} / {1000 * cpu['two']:.1f}"
+        for p, cpu in (("t", cpu), ("g", gw_cpu))
+    }
+    rows = [
+        ["images/s, one server (median)", h.fmt(one)],
+        ["images/s, two servers (median)", h.fmt(two)],
+        ["two ÷ one, median of the paired rounds",
+         f"{statistics.median(ratios):.2f}×" if ratios else "–"],
+        ["two ÷ one, paired rounds (min–max)",
+         f"{min(ratios):.2f}–{max(ratios):.2f}×" if ratios else "–"],
         ["two ÷ one, ratio of the medians", f"{two / one:.2f}×" if one else "–"],
-        [
-            "inferences in the `two` rounds, A / B",
-            f"{inferences_two['A']} / {inferences_two['B']} (B {100 * share_b:.0f} %)",
-        ],
-        ["inferences B ran during the `one` rounds (should be 0)", str(leaked)],
-        [
-            "Triton CPU ms per image, one / two (both servers' groups)",
-            f"{1000 * cpu['one']:.1f} / {1000 * cpu['two']:.1f}",
-        ],
-        [
-            "gateway CPU ms per image, one / two",
-            f"{1000 * gateway_cpu['one']:.1f} / {1000 * gateway_cpu['two']:.1f}",
-        ],
-        ["caller errors, all rounds", str(errors)],
-    ]
-    summary = md_table(["figure", "value"], summary_rows)
-    cores = info[1][1]
-    parts = [
-        f"# One against two local Triton servers behind one gateway ({args.model})",
-        "",
-        md_table(["", ""], info),
-        "",
+        ["inferences in the `two` rounds, A / B",
+         f"{inf_two['A']} / {inf_two['B']} (B {100 * share_b:.0f} %)"],
+        ["inferences B ran during the `one` rounds (should be 0)",
+         str(sum(r.inferences["B"] for r in by["one"]))],
+        ["Triton CPU ms per image, one / two (both servers' groups)", ms["t"]],
+        ["gateway CPU ms per image, one / two", ms["g"]],
+        ["caller errors, all rounds", str(sum(sum(r.result.errors.values()) for r in rounds))],
+    ]  # fmt: skip
+    summary = h.md_table(["figure", "value"], rows)
+    text = [
+        *h.report_head(
+            f"One against two local Triton servers behind one gateway ({args.model})", info
+        ),
         "## What ran",
         "",
-        f"- Two real `tritonserver`s (the pip wheel, python backend, CPU) on the same "
-        f"exported repository: A at `{urls['A']}`, B at `{urls['B']}`, each with its own "
-        "gRPC, HTTP and metrics ports.",
-        f"- Gateway `one`: `--backend triton --triton-url {urls['A']}`. Gateway `two`: "
-        f"`--triton-url ipv4:{urls['A']},{urls['B']}` (round robin per call). Both in their "
-        f"own processes, cache off, `--max-inflight-batches {args.inflight}` (so that two "
-        "batches can be in Triton at once: with the default 1 the gateway sends one batch "
-        "at a time and a second server could never run beside the first).",
-        f"- {args.callers} closed-loop callers, each sending one image per EmbedImage call "
-        f"and the next as soon as its answer came back; {image_note}; every image's bytes "
-        "are new (a JPEG comment), so no cache or single-flight answers for Triton.",
-        f"- Rounds interleaved one, two, one, two, ... ({args.rounds} of each), each "
-        f"≥ {args.seconds:g} s after one unmeasured call per caller, after one unmeasured "
-        f"warm-up point per gateway. Inferences and executions per server are the change of "
-        "the image model's `inference_count` and `execution_count` (Triton's statistics "
-        "API) over the round; CPU is the change of the user + system time of each server's "
-        "process group (tritonserver and its python stubs).",
+        f"- Two real `tritonserver`s (pip wheel, python backend, CPU) on the same repository: "
+        f"A at `{urls['A']}`, B at `{urls['B']}`. Gateway `one`: `--triton-url {urls['A']}`; "
+        f"gateway `two`: `--triton-url ipv4:{urls['A']},{urls['B']}` (round robin per call); "
+        f"both in their own processes, cache off, `--max-inflight-batches {args.inflight}`.",
+        f"- {args.callers} closed-loop callers, one image per EmbedImage call ({note}, every "
+        f"image's bytes new); {args.rounds} rounds of each path, interleaved (the order rotates "
+        f"each round), each ≥ {args.seconds:g} s after one unmeasured call per caller and one "
+        "unmeasured warm-up point per gateway. Inferences and executions: the change of the "
+        "image model's Triton statistics over the round; CPU: user + system time of each "
+        "server's process group (tritonserver and its python stubs).",
         "",
         "## Summary",
         "",
@@ -312,140 +212,59 @@ def report(
         "",
         "## Rounds",
         "",
-        md_table(
-            [
-                "round",
-                "path",
-                "images/s",
-                "p50 ms",
-                "p99 ms",
-                "errors",
-                "inferences A",
-                "inferences B",
-                "B share",
-                "images per execution",
-                "CPU s A",
-                "CPU s B",
-                "CPU s gateway",
-            ],
-            [
-                [
-                    r.index,
-                    r.path,
-                    fmt(r.result.items_per_s),
-                    fmt(r.result.percentile_ms(50)),
-                    fmt(r.result.percentile_ms(99)),
-                    r.result.error_text,
-                    r.inferences["A"],
-                    r.inferences["B"],
-                    f"{100 * r.share_b:.0f} %" if r.share_b == r.share_b else "–",
-                    fmt(r.mean_batch),
-                    fmt(r.cpu_s["A"]),
-                    fmt(r.cpu_s["B"]),
-                    fmt(r.gateway_cpu_s),
-                ]
-                for r in rounds
-            ],
-        ),
+        h.md_table(HEADERS, [r.row() for r in rounds]),
         "",
         "## How to read it",
         "",
-        *balance_note,
-        f"This machine has {cores}. Both servers, both gateways and the load generator share "
-        "them, so a second Triton adds no compute: what the ratio two ÷ one shows is the "
-        "cost (or the small gain from overlapping one server's gRPC and copies with the "
-        "other's forward pass) of spreading the batches over two processes, and the split "
-        "shows whether the round robin reaches both servers. It is not a speed-up figure. On "
-        "a machine where each server has its own GPU (or its own cores), the same split is "
-        "what lets two servers do twice the work; measure that there (`bench/gpu.sh` "
-        "runs one server per GPU machine).",
-        "",
-        f"Where the CPU went, per image in the `two` rounds: {1000 * gateway_cpu['two']:.1f} ms "
-        f"in the gateway (JPEG decode, resize, gRPC, queue) and {1000 * cpu['two']:.1f} ms in "
-        "both Triton servers together (python stub, forward pass). Whichever is larger bounds "
-        "images/s on shared cores; a second server splits only the Triton share, and only "
-        "helps where it brings its own device.",
+        *balance,
+        f"This machine has {info[1][1]}: both servers, both gateways and the load generator "
+        "share them, so a second Triton adds no compute. Two ÷ one shows what spreading the "
+        "batches over two processes costs (or gains by overlap), and the split shows whether "
+        "the round robin reaches both; it is not a speed-up figure (`bench/gpu.sh` measures "
+        f"one server per GPU machine). CPU per image in the `two` rounds: "
+        f"{1000 * gw_cpu['two']:.1f} ms in the gateway, {1000 * cpu['two']:.1f} ms in both "
+        "Tritons.",
         "",
     ]
-    return "\n".join(parts), summary
+    return "\n".join(text), summary
 
 
 async def run(args: argparse.Namespace) -> int:
-    section(f"replicas: {args.model}, one against two tritonservers")
-    info = machine_info()
-    info.append(("threads", threading_note(args.torch_threads)))
-    for key, value in info:
-        print(f"  {key}: {value}")
-    repository = model_repository(args.model)
-    triton_repository = repository_variant(repository, args.torch_threads)
-    jpegs = photo_pool(64, PHOTO_SIZE, seed=3)
-    kib = sum(len(j) for j in jpegs) / len(jpegs) / 1024
-    image_note = f"{PHOTO_SIZE[0]}×{PHOTO_SIZE[1]} JPEG photos (mean {kib:.0f} KiB)"
-    settings: dict[str, object] = {
-        "backend": "triton",
-        "local_cache_items": 0,
-        "redis_url": "",
-        "max_inflight_batches": args.inflight,
-        "torch_threads": args.torch_threads,
-    }
+    h.section(f"replicas: {args.model}, one against two tritonservers")
+    info = h.machine_info(args.torch_threads)
+    repository = h.model_repository(args.model)
+    jpegs = h.photo_pool(64, seed=3)
+    settings = {"backend": "triton", "local_cache_items": 0, "redis_url": ""}
+    settings |= {"max_inflight_batches": args.inflight, "torch_threads": args.torch_threads}
     with contextlib.ExitStack() as stack:
-        section("starting two tritonservers and two gateways")
-        servers: dict[str, TritonProcess] = {}
+        h.section("starting two tritonservers and two gateways")
+        servers = {}
         for name in SERVERS:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rep-")))
             started = time.perf_counter()
             servers[name] = stack.enter_context(
-                TritonProcess(triton_repository, workdir=workdir, startup_timeout_s=300)
+                h.triton(repository, torch_threads=args.torch_threads)
             )
-            print(
-                f"  tritonserver {name}: {servers[name].grpc_url} (http "
-                f"{servers[name].ports.http}, metrics {servers[name].ports.metrics}), "
-                f"ready in {time.perf_counter() - started:.1f} s",
-                flush=True,
-            )
+            took = time.perf_counter() - started
+            print(f"  tritonserver {name}: {servers[name].grpc_url}, ready in {took:.1f} s")
         urls = {name: server.grpc_url for name, server in servers.items()}
-        targets = {"one": urls["A"], "two": f"ipv4:{urls['A']},{urls['B']}"}
-        gateways = {}
-        for path, url in targets.items():
-            gateways[path] = stack.enter_context(
-                GatewayProcess(repository, log_name=f"gateway-{path}", triton_url=url, **settings)
+        gateways = {
+            path: stack.enter_context(
+                h.gateway(repository, f"gateway-{path}", triton_url=url, **settings)
             )
-            print(f"  gateway {path}: {gateways[path].target} → {url}", flush=True)
-        counters = Counters(servers)
-        counter = itertools.count()
-
-        section("warm-up point per gateway (not reported)")
-        for path, gateway in gateways.items():
-            warm = await measure_round(
-                0, path, gateway.target, jpegs, counters, args, counter, gateway.pid
-            )
-            print(
-                f"  {path}: {fmt(warm.result.items_per_s)} images/s, "
-                f"A {warm.inferences['A']} / B {warm.inferences['B']} inferences",
-                flush=True,
-            )
-
-        section(f"{args.rounds} interleaved rounds of each: one, two, one, two, ...")
-        rounds: list[Round] = []
-        order = [(n, path) for n in range(1, args.rounds + 1) for path in ("one", "two")]
-        for n, path in tqdm(order, desc="rounds", unit="round", disable=None):
-            gateway = gateways[path]
-            r = await measure_round(
-                n, path, gateway.target, jpegs, counters, args, counter, gateway.pid
-            )
-            rounds.append(r)
-            tqdm.write(
-                f"  round {n} {path}: {fmt(r.result.items_per_s)} images/s, "
-                f"p50 {fmt(r.result.percentile_ms(50))} ms, "
-                f"p99 {fmt(r.result.percentile_ms(99))} ms, errors {r.result.error_text}, "
-                f"inferences A {r.inferences['A']} / B {r.inferences['B']}, "
-                f"CPU s A {r.cpu_s['A']:.1f} / B {r.cpu_s['B']:.1f} / gateway {r.gateway_cpu_s:.1f}"
-            )
-        for path, gateway in gateways.items():
-            if not gateway.running:
+            for path, url in {"one": urls["A"], "two": f"ipv4:{urls['A']},{urls['B']}"}.items()
+        }
+        bench = Replicas(servers, gateways, jpegs, args)
+        h.section("warm-up point per gateway (not reported)")
+        for path in gateways:
+            await bench.round(0, path)
+        h.section(f"{args.rounds} interleaved rounds of each path")
+        by_round = await h.interleaved(args.rounds, ["one", "two"], bench.round)
+        rounds = [r for each in by_round for r in each.values()]
+        for path, gw in gateways.items():
+            if not gw.running:
                 print(f"  WARNING: gateway {path} died during the run", flush=True)
-    text, summary = report(rounds, args, info, urls, image_note)
-    write_result(args.out, text, summary)
+    text, summary = report(rounds, args, info, urls, h.photo_note(jpegs))
+    h.write_result(args.out, text, summary)
     return 0
 
 
@@ -460,7 +279,7 @@ def other_export(model: str, torch_threads: int) -> Path:
     target = Path(tempfile.mkdtemp(prefix="bench-rep-foreign-")) / "repo"
     torch.manual_seed(2525)
     export_model(model, "none", target, flavor="python", batching=BatchingOptions(), progress=False)
-    return repository_variant(target, torch_threads)
+    return h.repository_variant(target, torch_threads)
 
 
 async def reference_texts(repository: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -475,38 +294,34 @@ async def reference_texts(repository: Path, texts: Sequence[str]) -> dict[str, n
     return out
 
 
-def inference_counts(server: TritonProcess) -> dict[str, int]:
+def inference_counts(server: Any) -> dict[str, int]:
     """`inference_count` of both models of `server`."""
-    stats = triton_batching(server.grpc_url, [IMAGE_MODEL, TEXT_MODEL])
+    stats = h.triton_stats(server.grpc_url, [IMAGE_MODEL, TEXT_MODEL])
     return {model: counts[0] for model, counts in stats.items()}
 
 
 async def run_foreign(args: argparse.Namespace) -> int:
-    section(f"replicas, foreign: {args.model}, three tritonservers, one of another export")
-    info = machine_info()
-    info.append(("threads", threading_note(args.torch_threads)))
-    repository = model_repository(args.model)
-    ours = repository_variant(repository, args.torch_threads)
+    h.section(f"replicas, foreign: {args.model}, three tritonservers, one of another export")
+    info = h.machine_info(args.torch_threads)
+    repository = h.model_repository(args.model)
+    ours = h.repository_variant(repository, args.torch_threads)
     theirs = other_export(args.model, args.torch_threads)
-    jpegs = photo_pool(16, (160, 120), seed=5)
+    jpegs = h.photo_pool(16, (160, 120), seed=5)
     answered: dict[str, np.ndarray] = {}
     image_vectors: list[np.ndarray] = []
     errors: dict[str, int] = {}
     calls = {"text": 0, "image": 0}
     with contextlib.ExitStack() as stack:
-        servers: dict[str, TritonProcess] = {}
+        servers: dict[str, Any] = {}
         for name, repo in (("A", ours), ("F", theirs), ("A2", ours)):
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rep-")))
-            servers[name] = stack.enter_context(
-                TritonProcess(repo, workdir=workdir, startup_timeout_s=300)
-            )
+            servers[name] = stack.enter_context(h.triton(repo))
             print(f"  tritonserver {name}: {servers[name].grpc_url}", flush=True)
-        redis = stack.enter_context(RedisServer())
+        redis = stack.enter_context(h.redis())
         target = "ipv4:" + ",".join(servers[n].grpc_url for n in ("A", "F", "A2"))
         gateway = stack.enter_context(
-            GatewayProcess(
+            h.gateway(
                 repository,
-                log_name="gateway-foreign",
+                "gateway-foreign",
                 backend="triton",
                 triton_url=target,
                 redis_url=redis.url,
@@ -517,7 +332,7 @@ async def run_foreign(args: argparse.Namespace) -> int:
         )
         print(f"  gateway: {gateway.target} → {target}", flush=True)
         before = {name: inference_counts(server) for name, server in servers.items()}
-        section(f"{args.callers} callers for {args.seconds:g} s")
+        h.section(f"{args.callers} callers for {args.seconds:g} s")
         loop = asyncio.get_running_loop()
         stop_at = loop.time() + args.seconds
         async with AsyncClipClient(gateway.target) as client:
@@ -533,7 +348,7 @@ async def run_foreign(args: argparse.Namespace) -> int:
                             answer = await client.embed_text([text])
                             answered[text] = answer.vectors[0]
                         else:
-                            image = unique_jpeg(jpegs[n % len(jpegs)], index * 100_000 + n)
+                            image = h.unique_jpeg(jpegs[n % len(jpegs)], index * 100_000 + n)
                             answer = await client.embed_image([image])
                             image_vectors.append(answer.vectors[0])
                     except grpc.aio.AioRpcError as exc:
@@ -545,7 +360,7 @@ async def run_foreign(args: argparse.Namespace) -> int:
         after = {name: inference_counts(server) for name, server in servers.items()}
         raw = redis_client(redis.url)
         stored = [raw.get(key) for key in raw.scan_iter("clip:*:emb:*")]
-    section("checking every answered text against both exports' own vectors")
+    h.section("checking every answered text against both exports' own vectors")
     texts = sorted(answered)
     want_ours = await reference_texts(repository, texts)
     want_theirs = await reference_texts(theirs, texts)
@@ -591,12 +406,12 @@ async def run_foreign(args: argparse.Namespace) -> int:
             for name in servers
         ],
     ]
-    summary = md_table(["figure", "value"], rows)
+    summary = h.md_table(["figure", "value"], rows)
     text = "\n".join(
         [
             f"# Three Triton replicas, one serving another export ({args.model})",
             "",
-            md_table(["", ""], info),
+            h.md_table(["", ""], info),
             "",
             "## What ran",
             "",
@@ -634,7 +449,7 @@ async def run_foreign(args: argparse.Namespace) -> int:
             ),
         ]
     )
-    write_result(args.out or RESULTS_DIR / "replicas-foreign.md", text, summary)
+    h.write_result(args.out or h.RESULTS_DIR / "replicas-foreign.md", text, summary)
     return 0
 
 
@@ -659,26 +474,22 @@ class Cycle:
 
 
 async def run_drain(args: argparse.Namespace) -> int:
-    section(f"replicas, drain: {args.model}, SIGTERM then SIGKILL of one of two tritonservers")
-    info = machine_info()
-    info.append(("threads", threading_note(args.torch_threads)))
-    repository = model_repository(args.model)
-    triton_repository = repository_variant(repository, args.torch_threads)
-    jpegs = photo_pool(16, (160, 120), seed=7)
+    h.section(f"replicas, drain: {args.model}, SIGTERM then SIGKILL of one of two tritonservers")
+    info = h.machine_info(args.torch_threads)
+    repository = h.model_repository(args.model)
+    triton_repository = h.repository_variant(repository, args.torch_threads)
+    jpegs = h.photo_pool(16, (160, 120), seed=7)
     cycles: list[Cycle] = []
     with contextlib.ExitStack() as stack:
-        servers: dict[str, TritonProcess] = {}
+        servers: dict[str, Any] = {}
         for name in SERVERS:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rep-")))
-            servers[name] = stack.enter_context(
-                TritonProcess(triton_repository, workdir=workdir, startup_timeout_s=300)
-            )
+            servers[name] = stack.enter_context(h.triton(triton_repository))
         a = servers["A"]
         target = f"ipv4:{servers['A'].grpc_url},{servers['B'].grpc_url}"
         gateway = stack.enter_context(
-            GatewayProcess(
+            h.gateway(
                 repository,
-                log_name="gateway-drain",
+                "gateway-drain",
                 backend="triton",
                 triton_url=target,
                 local_cache_items=0,
@@ -699,7 +510,7 @@ async def run_drain(args: argparse.Namespace) -> int:
                 while not stop.is_set():
                     n += 1
                     current = phase["now"]
-                    image = unique_jpeg(jpegs[n % len(jpegs)], index * 1_000_000 + n)
+                    image = h.unique_jpeg(jpegs[n % len(jpegs)], index * 1_000_000 + n)
                     try:
                         await client.embed_image([image])
                     except grpc.aio.AioRpcError as exc:
@@ -722,10 +533,10 @@ async def run_drain(args: argparse.Namespace) -> int:
                     await asyncio.to_thread(a.start)
                     phase["now"] = "after"
                     back = time.monotonic()
-                    served = triton_batching(a.grpc_url, [IMAGE_MODEL])[IMAGE_MODEL][0]
+                    served = h.triton_stats(a.grpc_url, [IMAGE_MODEL])[IMAGE_MODEL][0]
                     while served == 0 and time.monotonic() - back < 120:
                         await asyncio.sleep(0.1)
-                        served = triton_batching(a.grpc_url, [IMAGE_MODEL])[IMAGE_MODEL][0]
+                        served = h.triton_stats(a.grpc_url, [IMAGE_MODEL])[IMAGE_MODEL][0]
                     rejoin = time.monotonic() - back if served else float("inf")
                     await asyncio.sleep(args.settle_s)
                     cycles.append(
@@ -752,7 +563,7 @@ async def run_drain(args: argparse.Namespace) -> int:
         ]
         for c in cycles
     ]
-    table = md_table(
+    table = h.md_table(
         [
             "cycle",
             "calls before",
@@ -763,7 +574,7 @@ async def run_drain(args: argparse.Namespace) -> int:
         ],
         rows,
     )
-    summary = md_table(
+    summary = h.md_table(
         ["figure", "value"],
         [
             ["cycles (SIGTERM, SIGKILL 1 s later, restart)", str(len(cycles))],
@@ -779,7 +590,7 @@ async def run_drain(args: argparse.Namespace) -> int:
         [
             f"# A Triton replica drained under load ({args.model})",
             "",
-            md_table(["", ""], info),
+            h.md_table(["", ""], info),
             "",
             "## What ran",
             "",
@@ -806,58 +617,38 @@ async def run_drain(args: argparse.Namespace) -> int:
             "",
         ]
     )
-    write_result(args.out or RESULTS_DIR / "replicas-drain.md", text, summary)
+    h.write_result(args.out or h.RESULTS_DIR / "replicas-drain.md", text, summary)
     return 0
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = h.parser(__doc__)
+    p.add_argument(
         "--scenario", default="balance", choices=("balance", "foreign", "drain"),
         help="balance: one against two servers; foreign: 3 replicas, one of another "
         "export; drain: SIGTERM, SIGKILL 1 s later, restart, under load",
     )  # fmt: skip
-    parser.add_argument("--model", default=DEMO_MODEL, choices=(DEMO_MODEL, "ViT-B-32"))
-    parser.add_argument(
-        "--callers", type=int, help="concurrent callers (32; the drain scenario: 16)"
-    )
-    parser.add_argument(
-        "--seconds", type=float, help="seconds per round (8; the foreign scenario: 60)"
-    )
-    parser.add_argument("--cycles", type=int, default=3, help="drain: cycles")
-    parser.add_argument(
-        "--settle-s", type=float, default=5.0, help="drain: seconds of load between steps"
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each path")
-    parser.add_argument(
-        "--inflight", type=int, default=2, help="--max-inflight-batches of both gateways"
-    )
-    parser.add_argument("--out", type=Path, help="the report (bench/results/replicas*.md)")
-    add_threading_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.callers is None:
-        args.callers = 16 if args.scenario == "drain" else 32
-    if args.seconds is None:
-        args.seconds = 60.0 if args.scenario == "foreign" else 8.0
+    p.add_argument("--callers", type=int, help="concurrent callers (32; the drain scenario: 16)")
+    p.add_argument("--seconds", type=float, help="seconds per round (8; the foreign scenario: 60)")
+    p.add_argument("--cycles", type=int, default=3, help="drain: cycles")
+    p.add_argument("--settle-s", type=float, default=5.0, help="drain: seconds of load per step")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of each path")
+    p.add_argument("--inflight", type=int, default=2, help="--max-inflight-batches of the gateways")
+    p.add_argument("--out", type=Path, help="the report (bench/results/replicas*.md)")
+    args = p.parse_args(argv)
+    args.callers = args.callers or (16 if args.scenario == "drain" else 32)
+    args.seconds = args.seconds or (60.0 if args.scenario == "foreign" else 8.0)
     if args.scenario == "balance" and args.out is None:
-        args.out = RESULTS_DIR / "replicas.md"
-    if not 1 <= args.callers <= 256:
-        parser.error("--callers must be 1..256")
-    if not 1 <= args.rounds <= 20 or not 0 < args.seconds <= 600:
-        parser.error("--rounds must be 1..20 and --seconds in (0, 600]")
+        args.out = h.RESULTS_DIR / "replicas.md"
+    if not 1 <= args.callers <= 256 or not 1 <= args.rounds <= 20 or not 0 < args.seconds <= 600:
+        p.error("--callers must be 1..256, --rounds 1..20 and --seconds in (0, 600]")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    scenarios = {"balance": run, "foreign": run_foreign, "drain": run_drain}
-
-    async def dispatch(args: argparse.Namespace) -> int:
-        return await scenarios[args.scenario](args)
-
-    return run_benchmark(argv, parse_args, dispatch, "bench.replicas")
+async def dispatch(args: argparse.Namespace) -> int:
+    """The scenario asked for."""
+    return await {"balance": run, "foreign": run_foreign, "drain": run_drain}[args.scenario](args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(h.main("bench.replicas", parse_args(), dispatch))

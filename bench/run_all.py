@@ -1,14 +1,14 @@
-"""Every benchmark in one go (`make bench`): about 15 minutes on 2 cores, `--quick` about 6.
+"""Every scenario in one go (`make bench`); `--quick`: each one tiny, on the demo model.
 
-    python -m bench.run_all
-    python -m bench.run_all --quick
-    python -m bench.run_all --omp-wait-policy inherit   # as the environment says
+    python -m bench.run_all                  # the figures (about 15 minutes on 2 cores)
+    python -m bench.run_all --quick          # every scenario, minimal points (a few minutes)
+    python -m bench.run_all --quick --results-dir /tmp/r --only cache http
 
-Steps, each in its own process (a failure is reported and the next step still runs):
-throughput on the demo model; throughput on ViT-B-32 with Triton and 3 paired image
-rounds (without either in `--quick`); the cache benchmark; a short load run; HTTP against
-gRPC; one Triton against two replicas. Results go to bench/results/. Not here (long, or
-needing a GPU): bench.onnx, bench.soak, bench.families, bench/gpu.sh.
+Each step runs in its own process (a failure is reported and the next step still runs).
+The full run is the figures bench/README.md quotes (not the soaks, families, onnx,
+profile or the GPU steps: long, or needing a GPU); `--quick` runs every scenario with
+the shortest points that still produce its tables, which the test suite does as a
+smoke test (the tables, never the figures). Results go to bench/results/ (`--results-dir`).
 """
 
 from __future__ import annotations
@@ -18,118 +18,120 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from pathlib import Path
 
-from bench.common import RESULTS_DIR, add_threading_arguments, section
+from bench.harness import DEMO_MODEL, REPO_ROOT, RESULTS_DIR, section
 
-
-def steps(args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
-    """(name, module arguments, result file) of each step."""
-    threads = ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
-    threads += ["--omp-wait-policy", args.omp_wait_policy]
-    quick = ["--quick"] if args.quick else []
-    # --quick keeps the ends of each curve (1 and 32): the ratios and the batching gain.
-    ends = ["--concurrency", "1,32", "--batches", "1,32"] if args.quick else []
-    tag = f"-{args.tag}" if args.tag else ""
-    tagged = ["--tag", args.tag] if args.tag else []
-    out = [
-        (
-            "throughput, demo model",
-            ["bench.throughput", "--model", "clip-demo-shapes", *quick, *ends, *threads, *tagged],
-            f"throughput-clip-demo-shapes{tag}.md",
-        ),
-        (
-            "throughput, ViT-B-32" + ("" if args.quick else " + Triton"),
-            [
-                "bench.throughput",
-                "--model",
-                "ViT-B-32",
-                *quick,
-                *ends,
-                *threads,
-                *tagged,
-                *([] if args.quick else ["--with-triton", "--paired-rounds", "3"]),
-            ],
-            f"throughput-ViT-B-32{tag}.md",
-        ),
-        (
-            "cache, demo model",
-            [
-                "bench.cache",
-                *quick,
-                *(["--concurrency", "16", "--seconds", "1"] if args.quick else []),
-                *threads,
-                "--out",
-                str(RESULTS_DIR / f"cache{tag}.md"),
-            ],
-            f"cache{tag}.md",
-        ),
-        (
-            "load, demo model",
-            [
-                "bench.load",
-                "--callers",
-                "32",
-                "--seconds",
-                "10" if args.quick else "30",
-                *threads,
-                "--out",
-                str(RESULTS_DIR / f"load{tag}.md"),
-            ],
-            f"load{tag}.md",
-        ),
-        (
-            "http against grpc, demo model",
-            [
-                "bench.http",
-                *(["--rounds", "1", "--seconds", "2"] if args.quick else []),
-                "--out",
-                str(RESULTS_DIR / f"http-vs-grpc{tag}.md"),
-            ],
-            f"http-vs-grpc{tag}.md",
-        ),
-        (
-            "replicas, demo model + 2 Tritons",
-            [
-                "bench.replicas",
-                *(["--rounds", "1", "--seconds", "4"] if args.quick else []),
-                "--out",
-                str(RESULTS_DIR / f"replicas{tag}.md"),
-            ],
-            f"replicas{tag}.md",
-        ),
-    ]
-    return [s for s in out if not args.only or any(word in s[0] for word in args.only)]
+D = DEMO_MODEL
+#: name → (arguments of the full run or None: not in it, of the quick run, result file);
+#: {out} is the result file's path, {dir} the results folder.
+SCENARIOS = {
+    "throughput, demo model": (
+        f"throughput --model {D} --results-dir {{dir}}",
+        "throughput --quick --seconds 0.3 --concurrency 1,4 --batches 1,4 --paired-rounds 1 "
+        "--results-dir {dir}",
+        f"throughput-{D}.md",
+    ),
+    "throughput, ViT-B-32 + Triton": (
+        "throughput --model ViT-B-32 --with-triton --paired-rounds 3 --results-dir {dir}",
+        None,
+        "throughput-ViT-B-32.md",
+    ),
+    "cache": ("cache --out {out}", "cache --seconds 0.3 --concurrency 4 --out {out}", "cache.md"),
+    "load": (
+        "load --callers 32 --seconds 30 --out {out}",
+        "load --callers 8 --seconds 2 --out {out}",
+        "load.md",
+    ),
+    "http against grpc": (
+        "http --out {out}",
+        "http --rounds 2 --seconds 0.5 --concurrency 8 --out {out}",
+        "http-vs-grpc.md",
+    ),
+    "replicas, 2 Tritons": (
+        "replicas --out {out}",
+        "replicas --rounds 1 --seconds 1 --callers 8 --out {out}",
+        "replicas.md",
+    ),
+    "replicas drain": (
+        None,
+        "replicas --scenario drain --cycles 1 --settle-s 1 --callers 4 --out {out}",
+        "replicas-drain.md",
+    ),
+    "replicas foreign": (
+        None,
+        "replicas --scenario foreign --seconds 3 --callers 4 --out {out}",
+        "replicas-foreign.md",
+    ),
+    "onnx": (None, f"onnx --model {D} --rounds 1 --seconds 0.3 --out {{out}}", "onnx.md"),
+    "soak hostile": (
+        None,
+        "soak --mode hostile --seconds 4 --callers 2 --out {out}",
+        "soak-hostile.md",
+    ),
+    "soak faults": (
+        None,
+        "soak --mode faults --seconds 8 --redis-kills 1 --triton-kills 0 --out {out}",
+        "soak-faults.md",
+    ),
+    "profile": (
+        None,
+        f"profile_images --model {D} --seconds 1 --concurrency 8 --results-dir {{dir}}",
+        f"profile-images-{D}.md",
+    ),
+    "families": (None, f"families --only {D} --out {{out}}", "families.md"),
+    # bench/gpu.sh itself, on the CPU: its steps as it runs them, its steps table.
+    "gpu smoke": (
+        None,
+        f"env MODELS={D} PRECISIONS=fp32 SECONDS_PER_POINT=0.3 CONCURRENCY=2 PY={{python}} "
+        "WORK={dir}/gpu-work OUT={dir} bash bench/gpu.sh --smoke",
+        "gpu-smoke.md",
+    ),
+}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def steps(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
+    """(name, command, result file) of each step asked for."""
+    out = []
+    for name, (full, quick, result) in SCENARIOS.items():
+        command = quick if args.quick else full
+        if command is None or (args.only and not any(word in name for word in args.only)):
+            continue
+        path = args.results_dir / result
+        words = command.format(out=path, dir=args.results_dir, python=sys.executable).split()
+        if words[0] != "env":  # a benchmark module, in the asked threading environment
+            policy = [] if name.startswith(("http", "families")) else ["--omp-wait-policy"]
+            words = [sys.executable, "-m", f"bench.{words[0]}", *words[1:], *policy]
+            words += [args.omp_wait_policy] if policy else []
+        out.append((name, words, path))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="about 3 minutes instead of 12")
-    add_threading_arguments(parser)
-    parser.add_argument("--tag", default="", help="suffix for every result file name")
-    parser.add_argument("--only", nargs="*", help="run only steps whose name has one of these")
-    parser.add_argument("--step-timeout-s", type=float, default=1200.0)
-    args = parser.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="every scenario, tiny, on the demo model")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--only", nargs="*", help="run only steps whose name has one of these")
+    p.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "inherit"), default="PASSIVE")
+    p.add_argument("--step-timeout-s", type=float, default=1200.0)
+    args = p.parse_args(argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    outcomes: list[tuple[str, str, float, str]] = []
-    began = time.perf_counter()
+    outcomes, began = [], time.perf_counter()
     for name, command, result in steps(args):
         section(f"run_all: {name}")
         started = time.perf_counter()
         try:
-            rc = subprocess.run(
-                [sys.executable, "-m", *command], env=env, timeout=args.step_timeout_s, check=False
-            ).returncode
-            status = "ok" if rc == 0 else f"failed (exit {rc})"
+            run = subprocess.run(command, env=env, timeout=args.step_timeout_s, cwd=REPO_ROOT)
+            status = "ok" if run.returncode == 0 else f"failed (exit {run.returncode})"
         except subprocess.TimeoutExpired:
             status = f"timed out after {args.step_timeout_s:g} s"
         outcomes.append((name, status, time.perf_counter() - started, result))
     section("run_all: summary")
     for name, status, seconds, result in outcomes:
-        print(f"  {name:<34} {status:<18} {seconds:6.0f} s   bench/results/{result}")
-    print(f"  total {time.perf_counter() - began:.0f} s; results in {RESULTS_DIR}")
+        print(f"  {name:<34} {status:<18} {seconds:6.0f} s   {result}")
+    print(f"  total {time.perf_counter() - began:.0f} s; results in {args.results_dir}")
     return 0 if all(status == "ok" for _, status, _, _ in outcomes) else 1
 
 

@@ -11,13 +11,9 @@ the demo model, against a gateway in its own process (`GatewayProcess`).
   `--seconds` while hostile callers are interleaved: single 10,000-letter words, images
   near `--max-image-pixels`, Classify near `--max-prompts` (and past it), requests whose
   answer would pass `--max-message-bytes`, and EmbedStream clients that write and never
-  read; and over HTTP (issue 24): cached 10,000-letter texts (their `usage` counted),
-  bodies of a million `{}`, nesting a million deep, a Classify answer past the limit,
-  lone surrogates, unknown routes, and connections that send one byte of their body.
-  One well-behaved caller in four speaks HTTP (`/v1/embeddings`). Reports well-behaved
-  errors (target 0), their p99 against the baseline, grpc.health.v1 and HTTP `/health`
-  latency polled every 0.5 s (target < 1 s throughout) and the gateway's VmRSS every
-  second (targets: flat within 10 % after warm-up; within 300 MB of the warm baseline).
+  read. Reports well-behaved errors (target 0), their p99 against the baseline,
+  grpc.health.v1 latency polled every 0.5 s (target < 1 s throughout) and the gateway's
+  VmRSS every second (target: flat within 10 % after warm-up).
 - `faults`: the gateway uses backend=triton (a real tritonserver on the demo repository)
   and a real redis-server (in-process LRU off, so every lookup goes to Redis). The script
   kills and restarts Redis, then Triton, a few times each while the callers run. Reports
@@ -33,15 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import io
 import itertools
-import json
 import random
 import string
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -49,36 +42,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bench.common import (
-    DEMO_MODEL,
-    RESULTS_DIR,
-    LoadResult,
-    RawClip,
-    add_threading_arguments,
-    channel_options,
-    closed_loop,
-    fmt,
-    machine_info,
-    md_table,
-    memory_mb,
-    mixed_caption,
-    model_repository,
-    photo_pool,
-    run_benchmark,
-    section,
-    short_caption,
-    threading_note,
-    unique_jpeg,
-    write_result,
-)
+from bench import harness as h
+from bench.captions import mixed_caption, short_caption
+from bench.harness import LoadResult, RawClip, fmt, md_table, section
 from service.api.clip.v1 import clip_pb2
-from service.processes.gateway import GatewayProcess
 from service.processes.metric_samples import sample, scrape
 
 PACKED = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
@@ -101,10 +73,6 @@ LONG_WORD = 10_000  # letters in one word: --max-text-chars (10,000)
 PROMPT_LABELS, PROMPT_TEMPLATES = 1000, 8  # 8,000 prompts, under --max-prompts 8192
 STREAM_ITEMS = 2000  # per never-read EmbedStream
 STREAM_HOLD_S = 8.0  # how long such a stream stays open unread
-RSS_OVER_BASELINE_MB = 300.0  # issue 24: RSS within this of the warm baseline
-HTTP_LONG_TEXTS = 64  # cached 10,000-letter texts per HTTP call (usage counted)
-WARM_CHUNK = 8  # long texts per gRPC call that puts them in the cache first
-SLOW_BODIES = 4  # connections sending one byte of their body, again and again
 
 
 # ---------------------------------------------------------------------------- samplers
@@ -118,10 +86,8 @@ class Monitor:
 
     target: str
     pid: int
-    http_port: int = 0
     t0: float = field(default_factory=time.perf_counter)
     health: list[tuple[float, float, str]] = field(default_factory=list)  # (t, s, status)
-    http_health: list[tuple[float, float, str]] = field(default_factory=list)  # GET /health
     rss: list[tuple[float, float]] = field(default_factory=list)  # (t, MB)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -139,21 +105,6 @@ class Monitor:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
-    def _http_check(self) -> float:
-        import urllib.request
-
-        begin = time.perf_counter()
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.http_port}/health", timeout=5.0
-            ) as answer:
-                status = str(answer.status)
-        except OSError as exc:
-            status = type(exc).__name__
-        took = time.perf_counter() - begin
-        self.http_health.append((begin - self.t0, took, status))
-        return took
-
     def _run(self) -> None:
         next_rss = 0.0
         with grpc.insecure_channel(self.target) as channel:
@@ -167,12 +118,10 @@ class Monitor:
                     status = exc.code().name  # type: ignore[attr-defined]
                 took = time.perf_counter() - begin
                 self.health.append((begin - self.t0, took, status))
-                if self.http_port:
-                    took += self._http_check()
                 if self.now() >= next_rss:
                     next_rss = self.now() + RSS_EVERY_S
                     with contextlib.suppress(OSError):
-                        self.rss.append((self.now(), memory_mb(self.pid)[0]))
+                        self.rss.append((self.now(), h.memory_mb(self.pid)[0]))
                 self._stop.wait(max(0.0, HEALTH_EVERY_S - took))
 
 
@@ -185,14 +134,9 @@ class WellBehaved:
     is kept by input (a caption; a photo's index, whatever its JPEG comment).
     """
 
-    def __init__(
-        self, channel: grpc.aio.Channel, *, keep_vectors: bool, http_url: str = ""
-    ) -> None:
-        """`http_url`: every fourth call is `POST {http_url}/v1/embeddings` (2 captions)."""
+    def __init__(self, channel: grpc.aio.Channel, *, keep_vectors: bool) -> None:
         self.raw = RawClip(channel)
-        self.http_url = http_url
-        self.session: aiohttp.ClientSession | None = None
-        self.jpegs = photo_pool(HOT, (640, 480), seed=11)
+        self.jpegs = h.photo_pool(HOT, seed=11)
         self.keep_vectors = keep_vectors
         self.vectors: dict[tuple[str, str], set[bytes]] = defaultdict(set)
         self.errors: list[tuple[float, float, str]] = []  # (start, end, code)
@@ -201,7 +145,7 @@ class WellBehaved:
     def photo(self, n: int) -> tuple[int, bytes]:
         k = n % HOT
         tag = -1 - k if n % 2 else n  # odd: the same bytes every time; even: new bytes
-        return k, unique_jpeg(self.jpegs[k], tag)
+        return k, h.unique_jpeg(self.jpegs[k], tag)
 
     def caption(self, n: int) -> str:
         return short_caption(n % HOT) if n % 2 else mixed_caption(n)
@@ -209,14 +153,9 @@ class WellBehaved:
     async def call(self, n: int) -> int:
         begin = time.perf_counter()
         try:
-            if self.http_url and n % 4 == 3:
-                return await self._http_call(n)
             return await self._call(n)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
-            if code == "UNKNOWN" and (exc.details() or "").startswith("HTTP"):
-                code = (exc.details() or "").replace(" ", "_")
-            self.errors.append((begin - self.t0, time.perf_counter() - self.t0, code))
+            self.errors.append((begin - self.t0, time.perf_counter() - self.t0, exc.code().name))
             await asyncio.sleep(BACKOFF_S)  # a well-behaved caller backs off before retrying
             raise
 
@@ -241,32 +180,6 @@ class WellBehaved:
         request = clip_pb2.ClassifyRequest(images=[jpeg], labels=LABELS, top_k=3)
         await self.raw.classify(request.SerializeToString(), timeout=DEADLINE_S)
         return 1
-
-    async def _http_call(self, n: int) -> int:
-        if self.session is None:
-            self.session = aiohttp.ClientSession()
-        body = {"input": [self.caption(n), self.caption(n + 1)], "encoding_format": "base64"}
-        timeout = aiohttp.ClientTimeout(total=DEADLINE_S)
-        try:
-            async with self.session.post(
-                f"{self.http_url}/v1/embeddings", json=body, timeout=timeout
-            ) as answer:
-                await answer.read()
-                status = answer.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            status, details = 0, type(exc).__name__
-        else:
-            details = f"HTTP {status}"
-        if status != 200:
-            # Counted by `closed_loop` as a gRPC error would be (it catches only those).
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNKNOWN, grpc.aio.Metadata(), grpc.aio.Metadata(), details
-            )
-        return 2
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
 
     def _keep(self, answer: bytes, keys: Sequence[tuple[str, str]]) -> None:
         if not self.keep_vectors:
@@ -306,29 +219,9 @@ def small_jpeg(seed: int) -> bytes:
 class Hostile:
     """One task per kind of abuse, each calling again as soon as its last call ends."""
 
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        stop_at: float,
-        gap_s: float,
-        http_port: int = 0,
-        doors: str = "both",
-    ) -> None:
-        """`doors`: which hostile kinds run: "both", "grpc" or "http" (to tell them apart)."""
+    def __init__(self, channel: grpc.aio.Channel, stop_at: float, gap_s: float) -> None:
         self.raw = RawClip(channel)
-        self.doors = doors
-        self.http_port = http_port
-        self.session: aiohttp.ClientSession | None = None
-        self.long_texts: list[str] = []
-        # HTTP bodies, built once: building megabytes per call here would hold this
-        # process's GIL and slow the health monitor's thread, passing for a slow gateway.
-        self.bodies: dict[str, bytes] = {}
         self.gap_s = gap_s
-        self.stream = channel.stream_stream(
-            "/clip.v1.ClipService/EmbedStream",
-            request_serializer=clip_pb2.StreamRequest.SerializeToString,
-            response_deserializer=clip_pb2.StreamResponse.FromString,
-        )
         self.stop_at = stop_at
         self.stats = HostileStats()
         self.rng = random.Random(13)
@@ -341,12 +234,11 @@ class Hostile:
     async def _timed(self, kind: str, call: Callable[[], Awaitable[object]]) -> None:
         begin = time.perf_counter()
         try:
-            outcome = await call()
+            await call()
         except grpc.aio.AioRpcError as exc:
             self.stats.codes[kind][exc.code().name] += 1
         else:
-            # HTTP calls answer their status ("HTTP 400"); gRPC ones raise unless OK.
-            self.stats.codes[kind][outcome if isinstance(outcome, str) else "OK"] += 1
+            self.stats.codes[kind]["OK"] += 1
         self.stats.seconds[kind].append(time.perf_counter() - begin)
 
     async def _repeat(
@@ -363,7 +255,7 @@ class Hostile:
         return lambda: self.raw.embed_text(request.SerializeToString(), timeout=60)
 
     def big_image(self, n: int) -> Callable[[], Awaitable[object]]:
-        request = clip_pb2.EmbedImageRequest(images=[unique_jpeg(self.big, n)])
+        request = clip_pb2.EmbedImageRequest(images=[h.unique_jpeg(self.big, n)])
         return lambda: self.raw.embed_image(request.SerializeToString(), timeout=60)
 
     def many_prompts(self, n: int) -> Callable[[], Awaitable[object]]:
@@ -391,7 +283,7 @@ class Hostile:
                         id=f"{n}-{k}-" + "i" * 240, text=f"stream {n} item {k}", format=PACKED
                     )
 
-            call = self.stream(requests(), timeout=STREAM_HOLD_S + 30)
+            call = self.raw.embed_stream(requests(), timeout=STREAM_HOLD_S + 30)
             try:
                 await asyncio.sleep(STREAM_HOLD_S)  # written, never read
             finally:
@@ -400,101 +292,7 @@ class Hostile:
 
         return go
 
-    # ------------------------------------------------------------------ over HTTP
-    async def _http(self, path: str, body: bytes, timeout_s: float = 120.0) -> str:
-        """POST `body` as it is; the answer's status as "HTTP 400" (or the error's name)."""
-        assert self.session is not None
-        try:
-            async with self.session.post(
-                f"http://127.0.0.1:{self.http_port}{path}",
-                data=body,
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-            ) as answer:
-                await answer.read()
-                return f"HTTP {answer.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return type(exc).__name__
-
-    def _body(self, name: str, make: Callable[[], bytes]) -> bytes:
-        if name not in self.bodies:
-            self.bodies[name] = make()
-        return self.bodies[name]
-
-    def http_long_texts(self, n: int) -> Callable[[], Awaitable[object]]:
-        # The same texts every call, in the cache first (over gRPC, a few per call, within
-        # the deadline): only their `usage` is left to do.
-        if not self.long_texts:
-            self.long_texts = [self.word() for _ in range(HTTP_LONG_TEXTS)]
-        texts = self.long_texts
-        body = self._body(
-            "long", lambda: json.dumps({"input": texts, "encoding_format": "base64"}).encode()
-        )
-
-        async def go() -> str:
-            if n == 0:
-                for i in range(0, len(texts), WARM_CHUNK):
-                    request = clip_pb2.EmbedTextRequest(texts=texts[i : i + WARM_CHUNK])
-                    await self.raw.embed_text(request.SerializeToString(), timeout=300)
-            return await self._http("/v1/embeddings", body)
-
-        return go
-
-    def http_empty_objects(self, n: int) -> Callable[[], Awaitable[object]]:
-        count = (MAX_MESSAGE_BYTES - 16) // 3  # just under --max-message-bytes
-        body = self._body("empty", lambda: b'{"input":[' + b",".join([b"{}"] * count) + b"]}")
-        return lambda: self._http("/v1/embeddings", body)
-
-    def http_deep(self, n: int) -> Callable[[], Awaitable[object]]:
-        depth = (MAX_MESSAGE_BYTES - 64) // 2
-        body = self._body(
-            "deep", lambda: b'{"input": "x", "user": ' + b"[" * depth + b"]" * depth + b"}"
-        )
-        return lambda: self._http("/v1/embeddings", body)
-
-    def http_huge_answer(self, n: int) -> Callable[[], Awaitable[object]]:
-        def make() -> bytes:
-            labels = [f"label {i} " + "x" * 280 for i in range(1000)]
-            images = [base64.b64encode(b).decode() for b in self.smalls] * 4  # 256 images
-            return json.dumps({"images": images, "labels": labels, "templates": ["{}"]}).encode()
-
-        body = self._body("answer", make)
-        return lambda: self._http("/v1/classify", body)
-
-    def http_surrogate(self, n: int) -> Callable[[], Awaitable[object]]:
-        body = b'{"input": ["fine", "lone \\ud800 surrogate"]}'
-        return lambda: self._http("/v1/embeddings", body)
-
-    def http_unknown_route(self, n: int) -> Callable[[], Awaitable[object]]:
-        return lambda: self._http("/v1/nothing-here", b"{}")
-
-    def http_slow_body(self, n: int) -> Callable[[], Awaitable[object]]:
-        async def go() -> str:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.http_port)
-            try:
-                writer.write(
-                    b"POST /v1/embeddings HTTP/1.1\r\nHost: soak\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
-                )
-                await writer.drain()
-                # Never more: the gateway ends it (408 after --http-body-timeout-s).
-                answer = await asyncio.wait_for(reader.read(), 300)
-                return answer.split(b"\r\n", 1)[0].decode(errors="replace")[9:] or "closed"
-            finally:
-                writer.close()
-
-        return go
-
     async def run(self) -> None:
-        if self.http_port:
-            self.session = aiohttp.ClientSession()
-        try:
-            await self._run()
-        finally:
-            if self.session is not None:
-                await self.session.close()
-
-    async def _run(self) -> None:
         kinds: dict[str, Callable[[int], Callable[[], Awaitable[object]]]] = {
             "8 × 10,000-letter words": self.long_words,
             f"{BIG_SIDE}×{BIG_SIDE} image (49 MP)": self.big_image,
@@ -503,19 +301,6 @@ class Hostile:
             "EmbedStream never read (1)": self.unread_stream,
             "EmbedStream never read (2)": self.unread_stream,
         }
-        if self.doors == "http":
-            kinds = {}
-        if self.http_port and self.doors != "grpc":
-            kinds |= {
-                f"HTTP {HTTP_LONG_TEXTS} cached 10,000-letter texts (usage)": self.http_long_texts,
-                "HTTP body of ~1.4 M `{}` (4 MB)": self.http_empty_objects,
-                "HTTP nesting ~2 M deep (4 MB)": self.http_deep,
-                "HTTP Classify answer past --max-message-bytes": self.http_huge_answer,
-                "HTTP lone surrogate": self.http_surrogate,
-                "HTTP unknown route": self.http_unknown_route,
-            }
-            for i in range(SLOW_BODIES):
-                kinds[f"HTTP slow body, 1 byte sent ({i + 1})"] = self.http_slow_body
         await asyncio.gather(*(self._repeat(kind, make) for kind, make in kinds.items()))
 
 
@@ -536,11 +321,6 @@ def over_time(samples: Sequence[tuple[float, float]], bucket_s: float) -> list[t
     return [(b * bucket_s, v) for b, v in sorted(out.items())]
 
 
-def codes_text(codes: Sequence[str]) -> str:
-    """`CODE×n, ...` or `none`."""
-    return ", ".join(f"{c}×{n}" for c, n in sorted(Counter(codes).items())) or "none"
-
-
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -553,31 +333,36 @@ def caller_row(name: str, r: LoadResult) -> list[object]:
     ]  # fmt: skip
 
 
-CALLER_HEADERS = ["run", "seconds", "calls", "ok calls/s", "p50 ms", "p99 ms", "errors"]
+def targets_and_callers(targets: list[list[str]], runs: dict[str, LoadResult]) -> list[str]:
+    """The sections both soaks share: the targets, and the well-behaved callers per run."""
+    rows = [caller_row(name, r) for name, r in runs.items()]
+    return [
+        "## Targets", "", md_table(["figure", "target", "measured", "verdict"], targets), "",
+        "## Well-behaved callers", "",
+        md_table(["run", "seconds", "calls", "ok calls/s", "p50 ms", "p99 ms", "errors"], rows), "",
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- hostile
 async def hostile(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
-    repository = args.repository or model_repository(DEMO_MODEL)
-    with GatewayProcess(
-        repository, log_name="soak-hostile", max_message_bytes=MAX_MESSAGE_BYTES,
+    repository = args.repository or h.model_repository(h.DEMO_MODEL)
+    with h.gateway(
+        repository, "soak-hostile", max_message_bytes=MAX_MESSAGE_BYTES,
         torch_threads=args.torch_threads,
     ) as gateway:  # fmt: skip
         print(f"  gateway {gateway.target} pid {gateway.pid}", flush=True)
         assert gateway.pid is not None
-        monitor = Monitor(gateway.target, gateway.pid, gateway.http_port).start()
-        channel = grpc.aio.insecure_channel(gateway.target, options=channel_options())
-        hostile_channel = grpc.aio.insecure_channel(gateway.target, options=channel_options())
-        good = WellBehaved(
-            channel, keep_vectors=False, http_url=f"http://127.0.0.1:{gateway.http_port}"
-        )
+        monitor = Monitor(gateway.target, gateway.pid).start()
+        channel = h.channel(gateway.target)
+        hostile_channel = h.channel(gateway.target)
+        good = WellBehaved(channel, keep_vectors=False)
         counter = itertools.count()
         try:
             section(
                 f"baseline: {args.callers} well-behaved callers alone, {args.baseline_seconds:g} s"
             )
             t_base = monitor.now()
-            base = await closed_loop(
+            base = await h.closed_loop(
                 good.call, label="baseline", concurrency=args.callers,
                 seconds=args.baseline_seconds, counter=counter,
                 max_seconds=args.baseline_seconds + 120,
@@ -587,28 +372,19 @@ async def hostile(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
             good.errors.clear()
             t_soak = monitor.now()
             started = time.perf_counter()
-            bad = Hostile(
-                hostile_channel,
-                started + args.seconds,
-                args.hostile_gap_s,
-                gateway.http_port,
-                args.hostile_doors,
-            )
-            hostile_task = asyncio.get_running_loop().create_task(bad.run())
-            progress = asyncio.get_running_loop().create_task(
-                report_progress(monitor, bad.stats, t_soak)
-            )
-            soak = await closed_loop(
+            bad = Hostile(hostile_channel, started + args.seconds, args.hostile_gap_s)
+            hostile_task = asyncio.create_task(bad.run())
+            progress = asyncio.create_task(report_progress(monitor, bad.stats, t_soak))
+            soak = await h.closed_loop(
                 good.call, label="soak", concurrency=args.callers, seconds=args.seconds,
                 counter=counter, warmup_rounds=0, max_seconds=args.seconds + 120,
             )  # fmt: skip
-            await asyncio.wait_for(hostile_task, 400)
+            await asyncio.wait_for(hostile_task, 180)
             progress.cancel()
             t_end = monitor.now()
             metrics = scrape(gateway.metrics_port)
         finally:
             monitor.stop()
-            await good.close()
             await channel.close()
             await hostile_channel.close()
         alive = gateway.running
@@ -646,13 +422,6 @@ def hostile_report(
     base_health = [(t, s, st) for t, s, st in monitor.health if t_base <= t < t_soak]
     worst = max((s for _, s, _ in soak_health), default=float("nan"))
     not_serving = sum(1 for _, _, st in soak_health if st != "SERVING")
-    http_soak = [(t, s, st) for t, s, st in monitor.http_health if t_soak <= t <= t_end]
-    http_worst = max((s for _, s, _ in http_soak), default=float("nan"))
-    http_bad = sum(1 for _, _, st in http_soak if st != "200")
-    # The warm baseline: the gateway's RSS over the last quarter of the baseline run.
-    base_rss = [v for t, v in monitor.rss if t_base + 0.75 * (t_soak - t_base) <= t < t_soak]
-    warm_rss = float(np.median(base_rss)) if base_rss else float("nan")
-    soak_rss = max((v for t, v in monitor.rss if t_soak <= t <= t_end), default=float("nan"))
     warm_end = t_soak + args.warmup_seconds
     after = [(t, v) for t, v in monitor.rss if warm_end <= t <= t_end]
     # Big decodes come and go, so single samples jump: compare the largest RSS of the
@@ -674,17 +443,6 @@ def hostile_report(
             "health-check latency, worst during the soak", "< 1 s",
             f"{worst * 1000:,.0f} ms ({len(soak_health)} checks, {not_serving} not SERVING)",
             verdict(worst < HEALTH_TARGET_S and not_serving == 0),
-        ],
-        [
-            "HTTP `GET /health` latency, worst during the soak", "< 1 s",
-            f"{http_worst * 1000:,.0f} ms ({len(http_soak)} checks, {http_bad} not 200)",
-            verdict(http_worst < HEALTH_TARGET_S and http_bad == 0 and bool(http_soak)),
-        ],
-        [
-            "gateway RSS during the soak over the warm baseline", f"≤ {RSS_OVER_BASELINE_MB:g} MB",
-            f"largest {soak_rss:,.0f} MB − warm baseline {warm_rss:,.0f} MB = "
-            f"{soak_rss - warm_rss:+,.0f} MB",
-            verdict(soak_rss - warm_rss <= RSS_OVER_BASELINE_MB),
         ],
         [
             f"gateway RSS after the first {args.warmup_seconds:g} s of the soak",
@@ -722,7 +480,7 @@ def hostile_report(
     )
     rejected = sample(metrics, "clip_rejected_items_total")
     parts = [
-        "# Soak: well-behaved callers among hostile ones (issues 13 and 24)",
+        "# Soak: well-behaved callers among hostile ones (issue 13)",
         "",
         md_table(["", ""], info),
         "",
@@ -736,24 +494,12 @@ def hostile_report(
         f"LRU, `--max-message-bytes {MAX_MESSAGE_BYTES}`, other limits default: "
         "`--max-image-pixels` 50 MP, `--max-text-chars` 10,000, `--max-prompts` 8192). "
         f"Well-behaved: {args.callers} closed-loop callers, in turn EmbedText (2 captions), "
-        "EmbedImage (one 640×480 JPEG), Classify (one JPEG, 8 labels, default templates) "
-        "over gRPC and, every fourth call, `POST /v1/embeddings` (2 captions, base64) over "
-        f"HTTP; half the inputs repeat from a set of {HOT}; deadline {DEADLINE_S:g} s. "
-        f"Hostile kinds: `--hostile-doors {args.hostile_doors}`. "
-        "HTTP settings default (`--http-body-timeout-s` 30, `--max-http-body-reads` 64, "
-        "`--max-concurrent-rpcs` 1024).",
+        "EmbedImage (one 640×480 JPEG), Classify (one JPEG, 8 labels, default templates); "
+        f"half the inputs repeat from a set of {HOT}; deadline {DEADLINE_S:g} s.",
         "",
-        "## Targets",
-        "",
-        md_table(["figure", "target", "measured", "verdict"], targets),
-        "",
-        "## Well-behaved callers",
-        "",
-        md_table(
-            CALLER_HEADERS,
-            [caller_row("baseline (alone)", base), caller_row("soak (with hostile traffic)", soak)],
+        *targets_and_callers(
+            targets, {"baseline (alone)": base, "soak (with hostile traffic)": soak}
         ),
-        "",
         f"## Hostile callers (each kind: one task, calling again {args.hostile_gap_s:g} s after "
         "its last call ended)",
         "",
@@ -762,14 +508,7 @@ def hostile_report(
         f"EmbedStream: {STREAM_ITEMS} items per stream with ~250-character ids, written and "
         f"never read for {STREAM_HOLD_S:g} s, then cancelled (counted OK). `answer past "
         "--max-message-bytes`: 64 small images × 1000 labels of ~60 characters, all returned. "
-        f"Gateway counter `clip_rejected_items_total` at the end: {rejected:.0f}. "
-        f"HTTP kinds (issue 24): {HTTP_LONG_TEXTS} texts of one 10,000-letter word each, "
-        "the same every call (cached after the first: only `usage` is left to count); "
-        '`{"input":[{},{},...]}` and `[[[[...` just under --max-message-bytes; Classify '
-        "of 256 small images × 1000 labels of ~290 characters (a ~95 MB JSON answer); a "
-        "lone `\\ud800`; `POST /v1/nothing-here`; and "
-        f"{SLOW_BODIES} connections that each send headers and 1 byte of a 100,000-byte "
-        "body, then wait for the gateway to end them.",
+        f"Gateway counter `clip_rejected_items_total` at the end: {rejected:.0f}.",
         "",
         "## Over time",
         "",
@@ -798,36 +537,27 @@ class Fault:
 
 
 async def faults(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
-    from service.processes.redis_server import RedisServer
-    from service.processes.triton_server import TritonProcess
-
-    repository = args.repository or model_repository(DEMO_MODEL)
+    repository = args.repository or h.model_repository(h.DEMO_MODEL)
     with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-triton-")))
         print("  starting redis-server and tritonserver ...", flush=True)
-        redis = stack.enter_context(RedisServer())
-        triton = stack.enter_context(
-            TritonProcess(repository, workdir=workdir, startup_timeout_s=300)
-        )
+        redis = stack.enter_context(h.redis())
+        triton = stack.enter_context(h.triton(repository))
         gateway = stack.enter_context(
-            GatewayProcess(
-                repository, log_name="soak-faults", backend="triton",
-                triton_url=triton.grpc_url, redis_url=redis.url, local_cache_items=0,
-                torch_threads=args.torch_threads,
+            h.gateway(
+                repository, "soak-faults", backend="triton", triton_url=triton.grpc_url,
+                redis_url=redis.url, local_cache_items=0, torch_threads=args.torch_threads,
             )
         )  # fmt: skip
         print(f"  gateway {gateway.target} pid {gateway.pid}", flush=True)
-        channel = grpc.aio.insecure_channel(gateway.target, options=channel_options())
+        channel = h.channel(gateway.target)
         good = WellBehaved(channel, keep_vectors=True)
         events: list[Fault] = []
         try:
             section(f"soak: {args.callers} callers, Redis then Triton killed, {args.seconds:g} s")
             good.t0 = started = time.perf_counter()
-            driver = asyncio.get_running_loop().create_task(
-                inject(args, redis, triton, events, started)
-            )
-            ticker = asyncio.get_running_loop().create_task(fault_progress(good, started))
-            result = await closed_loop(
+            driver = asyncio.create_task(inject(args, redis, triton, events, started))
+            ticker = asyncio.create_task(fault_progress(good, started))
+            result = await h.closed_loop(
                 good.call, label="faults", concurrency=args.callers, seconds=args.seconds,
                 warmup_rounds=1, max_seconds=args.seconds + 120,
             )  # fmt: skip
@@ -837,8 +567,8 @@ async def faults(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
             await channel.close()
         alive = gateway.running
         section("clean run: a gateway without cache on the same Triton")
-        with GatewayProcess(
-            repository, log_name="soak-clean", backend="triton", triton_url=triton.grpc_url,
+        with h.gateway(
+            repository, "soak-clean", backend="triton", triton_url=triton.grpc_url,
             local_cache_items=0,
         ) as clean:  # fmt: skip
             reference, self_check = await clean_vectors(clean.target, good)
@@ -855,17 +585,22 @@ async def inject(
     async def at(t: float) -> None:
         await asyncio.sleep(max(0.0, t - now()))
 
+    async def down_and_up(what: str, server: object) -> Fault:
+        """Kill `server` (SIGKILL, its whole group), leave it down, start it on its ports."""
+        event = Fault(what, now())
+        events.append(event)
+        await asyncio.to_thread(server.kill)  # type: ignore[attr-defined]
+        print(f"  t={now():5.1f}s  {what} killed", flush=True)
+        await asyncio.sleep(args.down_seconds)
+        await asyncio.to_thread(server.start)  # type: ignore[attr-defined]
+        event.up_at = now()
+        print(f"  t={now():5.1f}s  {what} ready", flush=True)
+        return event
+
     # Redis in the first 35 % of the run, Triton after; each down for `--down-seconds`.
     for i in range(args.redis_kills):
         await at(span * (0.08 + 0.27 * i / max(1, args.redis_kills)))
-        event = Fault("redis", now())
-        events.append(event)
-        await asyncio.to_thread(redis.kill)  # type: ignore[attr-defined]
-        print(f"  t={now():5.1f}s  redis killed", flush=True)
-        await asyncio.sleep(args.down_seconds)
-        await asyncio.to_thread(redis.start)  # type: ignore[attr-defined]
-        event.up_at = now()
-        print(f"  t={now():5.1f}s  redis back", flush=True)
+        await down_and_up("redis", redis)
     restart_s = 15.0  # a guess until the first restart is measured
     for i in range(args.triton_kills):
         planned = span * (0.4 + 0.5 * i / max(1, args.triton_kills))
@@ -875,15 +610,8 @@ async def inject(
             print(f"  t={now():5.1f}s  no time left for Triton kill {i + 1}", flush=True)
             break
         await at(planned)
-        event = Fault("triton", now())
-        events.append(event)
-        await asyncio.to_thread(triton.kill)  # type: ignore[attr-defined]
-        print(f"  t={now():5.1f}s  triton killed", flush=True)
-        await asyncio.sleep(args.down_seconds)
-        await asyncio.to_thread(triton.start)  # type: ignore[attr-defined]
-        event.up_at = now()
+        event = await down_and_up("triton", triton)
         restart_s = event.up_at - event.down_at - args.down_seconds
-        print(f"  t={now():5.1f}s  triton ready (restart took {restart_s:.1f} s)", flush=True)
 
 
 async def fault_progress(good: WellBehaved, t0: float) -> None:
@@ -897,6 +625,17 @@ async def fault_progress(good: WellBehaved, t0: float) -> None:
         )
 
 
+async def embed(raw: RawClip, kind: str, inputs: Sequence[str | bytes]) -> list[bytes]:
+    """Packed vectors of `inputs` (texts or JPEGs) from one call."""
+    if kind == "text":
+        request = clip_pb2.EmbedTextRequest(texts=inputs, format=PACKED)
+        answer = await raw.embed_text(request.SerializeToString(), timeout=60)
+    else:
+        request = clip_pb2.EmbedImageRequest(images=inputs, format=PACKED)
+        answer = await raw.embed_image(request.SerializeToString(), timeout=60)
+    return [e.packed for e in clip_pb2.EmbedResponse.FromString(answer).embeddings]
+
+
 async def clean_vectors(
     target: str, good: WellBehaved
 ) -> tuple[dict[tuple[str, str], bytes], tuple[int, int, float]]:
@@ -906,50 +645,24 @@ async def clean_vectors(
     the same texts in one call of 64 (equal bit for bit, of, largest difference).
     """
     reference: dict[tuple[str, str], bytes] = {}
-    self_check = (0, 0, 0.0)
-    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+    equal, worst, first = 0, 0.0, []
+    async with h.channel(target) as channel:
         raw = RawClip(channel)
         texts = sorted(t for kind, t in good.vectors if kind == "text")
         for i in range(0, len(texts), 64):
             chunk = texts[i : i + 64]
-            answer = clip_pb2.EmbedResponse.FromString(
-                await raw.embed_text(
-                    clip_pb2.EmbedTextRequest(texts=chunk, format=PACKED).SerializeToString(),
-                    timeout=60,
-                )
-            )
-            for text, e in zip(chunk, answer.embeddings, strict=True):
-                reference[("text", text)] = e.packed
-            if i == 0:
-                self_check = await one_by_one(raw, chunk[:32], reference)
+            first = first or chunk[:32]
+            reference |= {
+                ("text", t): v for t, v in zip(chunk, await embed(raw, "text", chunk), strict=True)
+            }
+        for text in first:
+            alone, together = (await embed(raw, "text", [text]))[0], reference[("text", text)]
+            equal += alone == together
+            diff = np.abs(np.frombuffer(alone, "<f4") - np.frombuffer(together, "<f4"))
+            worst = max(worst, float(diff.max()))
         for k, jpeg in enumerate(good.jpegs):
-            answer = clip_pb2.EmbedResponse.FromString(
-                await raw.embed_image(
-                    clip_pb2.EmbedImageRequest(images=[jpeg], format=PACKED).SerializeToString(),
-                    timeout=60,
-                )
-            )
-            reference[("image", str(k))] = answer.embeddings[0].packed
-    return reference, self_check
-
-
-async def one_by_one(
-    raw: RawClip, texts: Sequence[str], batched: dict[tuple[str, str], bytes]
-) -> tuple[int, int, float]:
-    """`texts` one per call, against their vectors from one batched call."""
-    equal, worst = 0, 0.0
-    for text in texts:
-        answer = clip_pb2.EmbedResponse.FromString(
-            await raw.embed_text(
-                clip_pb2.EmbedTextRequest(texts=[text], format=PACKED).SerializeToString(),
-                timeout=60,
-            )
-        )
-        alone, together = answer.embeddings[0].packed, batched[("text", text)]
-        equal += alone == together
-        diff = np.abs(np.frombuffer(alone, "<f4") - np.frombuffer(together, "<f4"))
-        worst = max(worst, float(diff.max()))
-    return equal, len(texts), worst
+            reference[("image", str(k))] = (await embed(raw, "image", [jpeg]))[0]
+    return reference, (equal, len(first), worst)
 
 
 def faults_report(
@@ -1009,7 +722,7 @@ def faults_report(
     targets = [
         [
             "well-behaved errors outside Triton's outage (and its 2 s)", "0",
-            f"{len(outside)} ({codes_text([c for *_, c in outside])})",
+            f"{len(outside)} ({h.codes_text([c for *_, c in outside])})",
             verdict(not outside),
         ],
         [
@@ -1058,14 +771,7 @@ def faults_report(
         "/v2/health/ready. The clean run is a second gateway with no cache at all on the same "
         "Triton after the soak, embedding every input seen once.",
         "",
-        "## Targets",
-        "",
-        md_table(["figure", "target", "measured", "verdict"], targets),
-        "",
-        "## Well-behaved callers",
-        "",
-        md_table(CALLER_HEADERS, [caller_row("with faults", result)]),
-        "",
+        *targets_and_callers(targets, {"with faults": result}),
         f"Errors during Triton's outages ({outage_s:.1f} s in all): {len(during)} "
         f"({', '.join(f'{c}×{n}' for c, n in Counter(during).items()) or 'none'}); within 2 s "
         f"after: {len(recovery)}. Inputs answered with more than one distinct vector: "
@@ -1094,57 +800,40 @@ def faults_report(
 
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--mode", choices=("hostile", "faults"), required=True)
-    parser.add_argument("--seconds", type=float, default=300.0, help="the soak (issue: 300)")
-    parser.add_argument(
+    p = h.parser(__doc__, model=None)
+    p.add_argument("--mode", choices=("hostile", "faults"), required=True)
+    p.add_argument("--seconds", type=float, default=300.0, help="the soak (issue: 300)")
+    p.add_argument(
         "--baseline-seconds", type=float, default=0.0,
         help="hostile: the well-behaved callers alone first (default: a third of --seconds)",
     )  # fmt: skip
-    parser.add_argument(
+    p.add_argument(
         "--warmup-seconds", type=float, default=0.0,
         help="hostile: RSS is judged after this much of the soak (default: a fifth of it)",
     )  # fmt: skip
-    parser.add_argument("--callers", type=int, default=4)
-    parser.add_argument(
-        "--hostile-gap-s", type=float, default=0.5,
-        help="hostile: pause of each hostile caller between its calls",
-    )  # fmt: skip
-    parser.add_argument(
-        "--hostile-doors", choices=("both", "grpc", "http"), default="both",
-        help="hostile: the hostile kinds of both doors, or of one (to tell their costs apart)",
-    )  # fmt: skip
-    parser.add_argument("--redis-kills", type=int, default=3)
-    parser.add_argument("--triton-kills", type=int, default=3)
-    parser.add_argument("--down-seconds", type=float, default=2.0, help="faults: time left dead")
-    parser.add_argument("--repository", type=Path, help="demo repository (default: exported)")
-    parser.add_argument("--out", type=Path, help="default bench/results/soak-<mode>.md")
-    add_threading_arguments(parser)
-    args = parser.parse_args(argv)
-    if not 0 < args.seconds <= 3600:
-        parser.error("--seconds must be in (0, 3600]")
-    if not 1 <= args.callers <= 64:
-        parser.error("--callers must be 1..64")
+    p.add_argument("--callers", type=int, default=4)
+    p.add_argument("--hostile-gap-s", type=float, default=0.5, help="hostile: pause between calls")
+    p.add_argument("--redis-kills", type=int, default=3)
+    p.add_argument("--triton-kills", type=int, default=3)
+    p.add_argument("--down-seconds", type=float, default=2.0, help="faults: time left dead")
+    p.add_argument("--repository", type=Path, help="demo repository (default: exported)")
+    p.add_argument("--out", type=Path, help="default bench/results/soak-<mode>.md")
+    args = p.parse_args(argv)
+    if not 0 < args.seconds <= 3600 or not 1 <= args.callers <= 64:
+        p.error("--seconds must be in (0, 3600] and --callers 1..64")
     args.baseline_seconds = args.baseline_seconds or args.seconds / 3
     args.warmup_seconds = args.warmup_seconds or args.seconds / 5
-    args.out = args.out or RESULTS_DIR / f"soak-{args.mode}.md"
+    args.out = args.out or h.RESULTS_DIR / f"soak-{args.mode}.md"
     return args
 
 
 async def run(args: argparse.Namespace) -> int:
     section(f"soak: {args.mode}")
-    info = machine_info()
-    info.append(("threads", threading_note(args.torch_threads)))
+    info = h.machine_info(args.torch_threads)
     text = await (hostile(args, info) if args.mode == "hostile" else faults(args, info))
-    write_result(args.out, text, text.split("## Targets", 1)[1].split("\n## ", 1)[0].strip())
+    h.write_result(args.out, text, text.split("## Targets", 1)[1].split("\n## ", 1)[0].strip())
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_benchmark(argv, parse_args, run, "bench.soak")
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(h.main("bench.soak", parse_args(), run))

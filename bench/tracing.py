@@ -25,11 +25,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from bench.common import model_repository, photo_pool, unique_jpeg
+from bench.harness import model_repository, photo_pool, unique_jpeg
+from bench.otlp import OtlpReceiver
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import GatewayProcess
 from service.telemetry import NO_TRACER, SCOPE, build_tracer_provider
-from tests.support.otlp import OtlpReceiver
 
 OUT = Path(__file__).resolve().parent / "results" / "tracing.md"
 #: The spans of one single-image EmbedImage (server, then the pipeline's children).

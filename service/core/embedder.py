@@ -36,7 +36,7 @@ from service.core.image_preprocess import (
     preprocess_image_bytes,
     unpack_pixels,
 )
-from service.core.scoring import ensemble, prompts
+from service.core.prompts import ensemble, prompts
 from service.core.single_flight import Abandoned, SingleFlight
 from service.core.text_tokenize import Tokens
 from service.core.validation import Limits

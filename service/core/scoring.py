@@ -15,6 +15,7 @@ import numpy as np
 
 from service.core import validation
 from service.core.image_preprocess import PresizedPixels
+from service.core.prompts import DEFAULT_TEMPLATES
 from service.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -22,30 +23,6 @@ if TYPE_CHECKING:
 
 #: One Similarity item: a text, the bytes of an encoded image, or pre-sized pixels.
 Item = str | bytes | PresizedPixels
-
-#: CLIP's ensemble when a caller gives none: the 7 templates the CLIP authors found to
-#: work best on ImageNet, plus the plain "a photo of a {}." prompt.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
-
-
-def prompts(label: str, templates: Sequence[str]) -> list[str]:
-    """The texts for one label: each template with `{}` replaced (no str.format pitfalls)."""
-    return [template.replace("{}", label) for template in templates]
-
-
-def ensemble(prompt_vectors: np.ndarray) -> np.ndarray:
-    """One label's embedding: the normalized mean of its (normalized) prompt embeddings."""
-    mean = prompt_vectors.astype(np.float32).mean(axis=0)
-    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
 
 def cosine(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:

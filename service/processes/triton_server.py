@@ -394,10 +394,30 @@ def run_triton(args: TritonServerSettings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m service.processes.triton_server ...`: the same as `clipsvc triton ...`."""
-    from service.cli import main as clipsvc
+    """`python -m service.processes.triton_server ...`: the same as `clipsvc triton ...`.
 
-    return clipsvc(["triton", *(sys.argv[1:] if argv is None else argv)])
+    Parses the same `TritonServerSettings` itself instead of calling `service.cli`, which
+    imports this module: the CLI sits above the processes, never below them.
+    """
+    import argparse
+
+    from service.settings import SettingsError, TritonServerSettings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `clipsvc` does (bench/README)
+    parser = argparse.ArgumentParser(
+        prog="clipsvc triton", description="Run the pip tritonserver on a model repository."
+    )
+    TritonServerSettings.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = TritonServerSettings.from_sources(args)
+    except SettingsError as exc:
+        parser.error(str(exc))  # a bad flag or CLIP_* value: a usage error, exit 2
+    return run_triton(settings)
 
 
 if __name__ == "__main__":

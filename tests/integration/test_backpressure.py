@@ -12,11 +12,9 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from service.api.clip.v1 import clip_pb2
 from service.client import decode_embedding
-from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.processes.gateway import gateway_settings
 from service.processes.metric_samples import sample, scrape
 from tests.support.gate import Gate, gated_gateway
@@ -24,6 +22,7 @@ from tests.support.gateway import stub_for
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
 from tests.support.polling import eventually
+from tests.support.reference import exported_image_vectors
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +36,6 @@ async def _call(
     except grpc.aio.AioRpcError as err:
         return err.code(), err.details()
     return grpc.StatusCode.OK, reply
-
-
-def _expected(model: ExportedModel, images: list[bytes]) -> np.ndarray:
-    module = torch.jit.load(str(model.repository / "clip_image" / "1" / "model.pt")).eval()
-    spec, limits = ImageSpec(64), ImageLimits(1 << 24, 1 << 26)
-    pixels = np.stack([preprocess_image_bytes(b, spec, limits) for b in images])
-    with torch.no_grad():
-        return module(torch.from_numpy(pixels)).numpy()
 
 
 async def test_queue_bound_refuses_at_once_and_recovers(demo_model: ExportedModel) -> None:
@@ -91,7 +82,7 @@ async def test_callers_leaving_mid_batch_do_not_fail_the_others(
         demo_model.repository, max_batch_size=32, local_cache_items=0, backend_timeout_s=600
     )
     images = [encode(photo_like(100, 80, seed=300 + i), "JPEG") for i in range(18)]
-    expected = _expected(demo_model, images)
+    expected = exported_image_vectors(demo_model, images)
     gate = Gate()
     async with gated_gateway(settings, gate) as gw, stub_for(gw.port) as stub:
         gate.close()

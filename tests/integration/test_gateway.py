@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import AsyncIterator
 
 import grpc
@@ -25,6 +24,7 @@ from tests.support.gateway import stub_for
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
 from tests.support.polling import eventually
+from tests.support.reference import reference_images, reference_texts
 
 pytestmark = pytest.mark.integration
 
@@ -37,25 +37,12 @@ async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
         yield gw
 
 
-def _reference_texts(model: ExportedModel, texts: list[str]) -> np.ndarray:
-    with torch.no_grad():
-        tokens = open_clip.get_tokenizer(model.name)(texts)
-        return model.clip.encode_text(tokens, normalize=True).numpy()
-
-
-def _reference_images(model: ExportedModel, blobs: list[bytes]) -> np.ndarray:
-    _, _, preprocess = open_clip.create_model_and_transforms(model.name, pretrained=None)
-    batch = torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in blobs])
-    with torch.no_grad():
-        return model.clip.encode_image(batch, normalize=True).numpy()
-
-
 async def test_embed_text_equals_open_clip(gateway: Gateway, demo_model: ExportedModel) -> None:
     texts = ["a red circle", "", "a photo of a blue star", "ünïcödé 日本 🎉", "star " * 100]
     async with stub_for(gateway.port) as stub:
         response = await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=texts))
     got = np.stack([decode_embedding(e) for e in response.embeddings])
-    assert np.abs(got - _reference_texts(demo_model, texts)).max() <= TOL
+    assert np.abs(got - reference_texts(demo_model, texts)).max() <= TOL
     assert [e.truncated for e in response.embeddings] == [False, False, False, False, True]
     assert response.model == gateway.embedder.model_id
     assert all(e.dim == 64 for e in response.embeddings)
@@ -79,7 +66,7 @@ async def test_embed_image_equals_open_clip_for_every_format(
         response = await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=blobs))
     got = np.stack([decode_embedding(e) for e in response.embeddings])
     assert got.shape == (len(blobs), 64)
-    assert np.abs(got - _reference_images(demo_model, blobs)).max() <= TOL
+    assert np.abs(got - reference_images(demo_model, blobs)).max() <= TOL
 
 
 async def test_packed_formats_carry_the_same_vector(
@@ -202,7 +189,7 @@ def _open_clip_zero_shot(
             per_label.append(mean / mean.norm())
         label_matrix = torch.stack(per_label).double().numpy()
         logit_scale = float(model.clip.logit_scale.exp())
-    cos = _reference_images(model, blobs).astype(np.float64) @ label_matrix.T
+    cos = reference_images(model, blobs).astype(np.float64) @ label_matrix.T
     logits = logit_scale * cos
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     return cos, exp / exp.sum(axis=1, keepdims=True), logit_scale

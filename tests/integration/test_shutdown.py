@@ -17,17 +17,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.client import decode_embedding
-from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
 from service.processes.metric_samples import sample, scrape
 from tests.support.gate import FileGate, GatedGatewayProcess
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
 from tests.support.polling import eventually
+from tests.support.reference import exported_image_vectors
 
 pytestmark = pytest.mark.integration
 
@@ -50,14 +49,6 @@ def _gateway(model: ExportedModel, gate: FileGate, grace_s: float) -> GatedGatew
 def _images() -> list[bytes]:
     # Distinct images (no cache or single-flight shortcuts).
     return [encode(photo_like(96, 72, seed=500 + i), "JPEG") for i in range(CALLS * PER_CALL)]
-
-
-def _expected(model: ExportedModel, images: list[bytes]) -> np.ndarray:
-    module = torch.jit.load(str(model.repository / "clip_image" / "1" / "model.pt")).eval()
-    spec, limits = ImageSpec(64), ImageLimits(1 << 24, 1 << 26)
-    pixels = np.stack([preprocess_image_bytes(b, spec, limits) for b in images])
-    with torch.no_grad():
-        return module(torch.from_numpy(pixels)).numpy()
 
 
 async def _start_held_calls(
@@ -141,7 +132,7 @@ async def test_sigterm_flips_health_refuses_new_calls_and_drains_in_flight(
     assert not failed, f"{failed[0]}\n--- server output ---\n{output[-3000:]}"
     got = np.stack([decode_embedding(e) for r in results for e in r.embeddings])
     assert got.shape == (CALLS * PER_CALL, 64), "an in-flight call was dropped"
-    assert np.abs(got - _expected(demo_model, images)).max() <= 1e-5
+    assert np.abs(got - exported_image_vectors(demo_model, images)).max() <= 1e-5
     assert exit_code == 0
     assert "shutting down" in output and "stopped" in output
 

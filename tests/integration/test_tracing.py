@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from bench.otlp import OtlpReceiver
 from service.api.clip.v1 import clip_pb2
 from service.processes.gateway import gateway_settings
 from service.processes.triton_server import opentelemetry_args
@@ -25,7 +26,6 @@ from service.wiring import build_gateway
 from tests.support.gateway import stub_for
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
-from tests.support.otlp import OtlpReceiver
 from tests.support.triton import start_triton
 
 pytestmark = pytest.mark.integration

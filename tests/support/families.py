@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.standins import nllb_tokenizer, styled_tokenizer, tiny_hf_config
+
 #: One representative per family (see README "Model families").
 FAMILIES = (
     "clip",
@@ -23,17 +25,6 @@ FAMILIES = (
     "nllb",
     "coca",
 )
-
-_CORPUS = [
-    "a photo of a cat",
-    "a photo of a dog sitting on the grass",
-    "a diagram of a red circle beside a blue square",
-    "un chat assis sur le rebord de la fenêtre",
-    "кошка сидит на подоконнике",
-    "一只在雪地里玩耍的金毛猎犬",
-    "the quick brown fox jumps over the lazy dog",
-    "tabs and newlines and caps with underscores html",
-] * 4
 
 _TINY_TEXT = {"width": 32, "heads": 2, "layers": 2}
 
@@ -59,61 +50,21 @@ def _vision(timm_model: str | None = None, **extra: object) -> dict[str, object]
     }
 
 
-def train_tokenizer(
-    directory: Path, *, kind: str, specials: dict[str, str], template: tuple[str, str]
-) -> Path:
-    """A small tokenizer trained on a few sentences (`kind` "unigram" or "bpe"), with the
-    special tokens `specials` (transformers' roles → tokens, ids in that order) and the
-    post-processor `template` (single, pair), saved into `directory` as transformers
-    saves one."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _tower(text_cfg: dict[str, object]) -> dict[str, object]:
+    """A tiny config with the default tiny image tower and `text_cfg`."""
+    return {"embed_dim": 24, "vision_cfg": _vision(), "text_cfg": text_cfg}
 
-    tokens = list(dict.fromkeys(specials.values()))
-    if kind == "unigram":
-        tokenizer = Tokenizer(models.Unigram())
-        tokenizer.normalizer = normalizers.NFKC()
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-        trainer = trainers.UnigramTrainer(
-            vocab_size=300, special_tokens=tokens, unk_token=specials["unk_token"]
-        )
-    else:
-        tokenizer = Tokenizer(models.BPE(unk_token=specials["unk_token"]))
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-        trainer = trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=tokens,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-    tokenizer.train_from_iterator(_CORPUS, trainer)
-    single, pair = template
-    used = {t for t in tokens if t in single or t in pair}
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(t, tokenizer.token_to_id(t)) for t in used]
+
+def _hf_tower(tok: Path, context_length: int, **text: object) -> dict[str, object]:
+    """`_tower` whose text side is an HF model and tokenizer stored in `tok`."""
+    return _tower(
+        {
+            "hf_model_name": str(tok),
+            "hf_tokenizer_name": str(tok),
+            "context_length": context_length,
+            **text,
+        }
     )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
-    fast.save_pretrained(str(directory))
-    return directory
-
-
-def _nllb_tokenizer(directory: Path) -> Path:
-    """transformers' NLLB tokenizer over a BPE trained here: its ~200 language codes are
-    special tokens and the source language is the first id of every text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import NllbTokenizer
-
-    base = Tokenizer(models.BPE(unk_token="<unk>"))
-    base.pre_tokenizer = pre_tokenizers.Metaspace()
-    base.train_from_iterator(
-        _CORPUS,
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"]),
-    )
-    model = json.loads(base.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    NllbTokenizer(vocab=model["vocab"], merges=merges, src_lang="eng_Latn").save_pretrained(
-        str(directory)
-    )
-    return directory
 
 
 def write_family(family: str, directory: Path) -> Path:
@@ -121,68 +72,28 @@ def write_family(family: str, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"tiny-{family}"
     if family == "clip":
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, **_TINY_TEXT},
-        }
+        cfg = _tower({"context_length": 77, "vocab_size": 49408, **_TINY_TEXT})
     elif family == "clipa":
         # CLIPA: CLIP's own text tower with BERT's tokenizer (its [SEP] stripped to 0),
         # no causal mask, pooling the last position.
-        tok = train_tokenizer(
-            directory / "tokenizer",
-            kind="bpe",
-            specials={
-                "pad_token": "[PAD]",
-                "unk_token": "[UNK]",
-                "cls_token": "[CLS]",
-                "sep_token": "[SEP]",
-            },
-            template=("[CLS] $A [SEP]", "[CLS] $A [SEP] $B [SEP]"),
-        )
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {
-                "context_length": 16,
-                "vocab_size": 400,
-                "hf_tokenizer_name": str(tok),
-                "tokenizer_kwargs": {"strip_sep_token": True},
-                "pool_type": "last",
-                "no_causal_mask": True,
-                **_TINY_TEXT,
-            },
-        }
+        tok = styled_tokenizer(directory / "tokenizer", "bert")
+        cfg = _tower(
+            {"context_length": 16, "vocab_size": 400, "hf_tokenizer_name": str(tok),
+             "tokenizer_kwargs": {"strip_sep_token": True}, "pool_type": "last",
+             "no_causal_mask": True, **_TINY_TEXT}
+        )  # fmt: skip
     elif family == "worldwide":
         # MetaCLIP 2 worldwide: CLIP's own causal text tower with a multilingual HF
         # tokenizer (mT5's order: <pad> 0, </s> 1), pooling at its end-of-sequence id.
-        tok = train_tokenizer(
-            directory / "tokenizer",
-            kind="unigram",
-            specials={"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
-            template=("$A </s>", "$A </s> $B </s>"),
-        )
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {
-                "context_length": 16,
-                "vocab_size": 300,
-                "hf_tokenizer_name": str(tok),
-                "pool_type": "eos",
-                "eos_id": 1,
-                **_TINY_TEXT,
-            },
-        }
+        tok = styled_tokenizer(directory / "tokenizer", "t5")
+        cfg = _tower(
+            {"context_length": 16, "vocab_size": 300, "hf_tokenizer_name": str(tok),
+             "pool_type": "eos", "eos_id": 1, **_TINY_TEXT}
+        )  # fmt: skip
     elif family == "siglip":
         # SigLIP: HF tokenizer (eos appended, canonicalize), fixed context, `last` pooling
         # without a causal mask, timm image tower, a logit bias.
-        tok = train_tokenizer(
-            directory / "tokenizer",
-            kind="unigram",
-            specials={"unk_token": "<unk>", "pad_token": "<pad>", "eos_token": "</s>"},
-            template=("$A </s>", "$A </s> $B </s>"),
-        )
+        tok = styled_tokenizer(directory / "tokenizer", "siglip")
         cfg = {
             "embed_dim": 24,
             "init_logit_bias": -10,
@@ -226,77 +137,16 @@ def write_family(family: str, directory: Path) -> Path:
             },
         }
     elif family == "xlm-roberta":
-        from transformers import XLMRobertaConfig
-
-        tok = train_tokenizer(
-            directory / "tokenizer",
-            kind="bpe",
-            # XLM-R's order: <s> 0, <pad> 1, </s> 2, <unk> 3 (positions start past the pad id).
-            specials={
-                "bos_token": "<s>",
-                "pad_token": "<pad>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "cls_token": "<s>",
-                "sep_token": "</s>",
-            },
-            template=("<s> $A </s>", "<s> $A </s> </s> $B </s>"),
-        )
-        from transformers import AutoTokenizer
-
-        hf_tok = AutoTokenizer.from_pretrained(str(tok))
-        XLMRobertaConfig(
-            vocab_size=len(hf_tok),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=80,
-            pad_token_id=hf_tok.pad_token_id,
-            bos_token_id=hf_tok.bos_token_id,
-            eos_token_id=hf_tok.eos_token_id,
-        ).save_pretrained(str(tok))
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {
-                "hf_model_name": str(tok),
-                "hf_tokenizer_name": str(tok),
-                "hf_pooler_type": "mean_pooler",
-                "context_length": 24,
-            },
-        }
+        tok = styled_tokenizer(directory / "tokenizer", "xlmr")
+        # positions start past the pad id: 24 tokens need 26; 80 leaves room
+        tiny_hf_config("xlm-roberta", tok, width=32, max_positions=80)
+        cfg = _hf_tower(tok, 24, hf_pooler_type="mean_pooler")
     elif family == "nllb":
         # NLLB: an M2M100 encoder as HF text tower, a tokenizer that takes a language.
-        tok = _nllb_tokenizer(directory / "tokenizer")
-        from transformers import AutoTokenizer, M2M100Config
-
-        hf_tok = AutoTokenizer.from_pretrained(str(tok))
-        M2M100Config(
-            vocab_size=len(hf_tok),
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=64,
-            pad_token_id=hf_tok.pad_token_id,
-            bos_token_id=hf_tok.bos_token_id,
-            eos_token_id=hf_tok.eos_token_id,
-        ).save_pretrained(str(tok))
-        cfg = {
-            "embed_dim": 24,
-            "vision_cfg": _vision(),
-            "text_cfg": {
-                "hf_model_name": str(tok),
-                "hf_tokenizer_name": str(tok),
-                "hf_proj_type": "linear",
-                "hf_pooler_type": "cls_pooler",
-                "context_length": 20,
-            },
-        }
+        tok = tiny_hf_config(
+            "m2m100", nllb_tokenizer(directory / "tokenizer"), width=32, max_positions=64
+        )
+        cfg = _hf_tower(tok, 20, hf_proj_type="linear", hf_pooler_type="cls_pooler")
     elif family == "coca":
         cfg = {
             "embed_dim": 24,

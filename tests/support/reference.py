@@ -25,3 +25,14 @@ def reference_images(model: ExportedModel, blobs: list[bytes]) -> np.ndarray:
     batch = torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in blobs])
     with torch.no_grad():
         return model.clip.encode_image(batch, normalize=True).numpy()
+
+
+def exported_image_vectors(model: ExportedModel, images: list[bytes]) -> np.ndarray:
+    """The exported image tower's vectors of `images`, decoded by the gateway's own code."""
+    from service.core.image_preprocess import ImageLimits, ImageSpec, preprocess_image_bytes
+
+    module = torch.jit.load(str(model.repository / "clip_image" / "1" / "model.pt")).eval()
+    spec, limits = ImageSpec(64), ImageLimits(1 << 24, 1 << 26)
+    pixels = np.stack([preprocess_image_bytes(b, spec, limits) for b in images])
+    with torch.no_grad():
+        return module(torch.from_numpy(pixels)).numpy()

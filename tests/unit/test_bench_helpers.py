@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import LoadResult, write_result
 from bench.gpu import parse_args, ratio_rows, steps_table
+from bench.harness import CallFailed, LoadResult, closed_loop, interleaved, write_result
 from bench.replicas import Round, paired_ratios
 
 
@@ -76,3 +76,31 @@ def test_steps_table_names_timeouts_and_skips(tmp_path: Path) -> None:
         "TIMED OUT",
         "SKIPPED (the run's time budget was spent)",
     ]
+
+
+async def test_interleaved_rotates_the_order_each_round() -> None:
+    seen: list[tuple[int, str]] = []
+
+    async def measure(n: int, point: str) -> str:
+        seen.append((n, point))
+        return f"{point}{n}"
+
+    rounds = await interleaved(3, ["a", "b", "c"], measure, step=1)
+    assert [list(r) for r in rounds] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert rounds[1]["a"] == "a2"
+    assert seen[:4] == [(1, "a"), (1, "b"), (1, "c"), (2, "b")]
+
+
+async def test_closed_loop_counts_failures_by_code_and_stops_at_max_calls() -> None:
+    async def call(i: int) -> int:
+        if i % 3 == 0:
+            raise CallFailed("RESOURCE_EXHAUSTED")
+        return 2
+
+    result = await closed_loop(
+        call, label="t", concurrency=2, seconds=60, max_calls=9, warmup_rounds=0, progress=False
+    )
+    assert result.calls == 9
+    assert result.errors == {"RESOURCE_EXHAUSTED": 3}
+    assert (len(result.latencies_s), result.items) == (6, 12)
+    assert result.error_text == "RESOURCE_EXHAUSTED×3"

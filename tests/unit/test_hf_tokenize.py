@@ -20,12 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.tokenizer import HFTokenizer
 
+from bench.standins import train_tokenizer
 from service.core.hf_tokenize import HFTextTokenizer, build_tokenizer
 from service.core.scoring import probabilities, sigmoid_scores, softmax_scores
 from service.core.text_tokenize import TextTokenizer
 from service.model.metadata import ModelMetadata
 from tests.support.fakes import model_metadata
-from tests.support.families import train_tokenizer
 
 TEXTS = [
     "",
