@@ -7,10 +7,9 @@ which are answered in the stream (as EmbedStream's) while the stream goes on.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -20,53 +19,12 @@ from service.backends.vector_store import MAX_ID_CHARS
 from service.core.catalog import AddItem, AddOutcome, Catalog, Query, VectorQuery
 from service.errors import NotConfigured
 from service.server.status import caller_message, status_for
+from service.server.streams import answer_stream
 
-_In = TypeVar("_In")
-_Out = TypeVar("_Out")
-
-# Items read and not yet answered, per stream: enough to fill batches, and the bound on
-# what a client that writes without reading can make us hold (as EmbedStream's).
-_STREAM_WINDOW = 64
 _NO_CATALOG = (
     "this gateway has no catalog: start it with --catalog ./catalog.db (an embedded Milvus "
     "Lite file) or --catalog http://milvus:19530 [env CLIP_CATALOG]"
 )
-
-
-async def answer_stream(
-    requests: AsyncIterator[_In], work: Callable[[_In], Awaitable[_Out]], window: int
-) -> AsyncIterator[_Out]:
-    """`work` on each request concurrently, answers as they finish; at most `window`
-    read and not yet written (a client that never reads stalls only its own stream)."""
-    slots = asyncio.Semaphore(window)
-    answers: asyncio.Queue[_Out | None] = asyncio.Queue()
-    workers: set[asyncio.Task[None]] = set()
-
-    async def run(request: _In) -> None:
-        answers.put_nowait(await work(request))
-
-    async def read() -> None:
-        try:
-            async for request in requests:
-                await slots.acquire()
-                task = asyncio.create_task(run(request))
-                workers.add(task)
-                task.add_done_callback(workers.discard)
-            if workers:
-                await asyncio.gather(*list(workers))
-        finally:
-            answers.put_nowait(None)
-
-    reader = asyncio.create_task(read())
-    try:
-        while (answer := await answers.get()) is not None:
-            yield answer
-            slots.release()
-        await reader  # surfaces a broken request stream
-    finally:
-        reader.cancel()
-        for task in list(workers):
-            task.cancel()
 
 
 def _metadata_json(metadata: dict[str, object]) -> str:
@@ -105,8 +63,9 @@ class CatalogRpcs:
             )
             return _add_result(await catalog.add(item, timeout_s=self._timeout(context)))
 
-        async for answer in answer_stream(request_iterator, add, _STREAM_WINDOW):
-            yield answer
+        async with contextlib.aclosing(answer_stream(request_iterator, add)) as answers:
+            async for answer in answers:
+                yield answer
 
     async def CatalogDelete(
         self, request: clip_pb2.CatalogDeleteRequest, context: grpc.aio.ServicerContext

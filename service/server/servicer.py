@@ -5,7 +5,7 @@ Errors are raised, never caught here: the interceptor maps them to status codes.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -21,12 +21,9 @@ from service.core.models import ServedModel
 from service.core.scoring import Item
 from service.errors import InvalidInput
 from service.server.catalog_servicer import CatalogRpcs
-from service.server.interceptors import Undecodable
 from service.server.status import caller_message, status_for
+from service.server.streams import answer_stream
 
-# Stream items read and not yet written back, per stream: enough to fill batches, and
-# the bound on what a client that writes without reading can make us hold.
-_STREAM_WINDOW = 64
 # Longest stream item id echoed back; a longer id gets a per-item INVALID_ARGUMENT.
 MAX_STREAM_ID_CHARS = 256
 #: Each packed `VectorFormat` → its rule in `vector_formats` (FLOAT_LIST: `values`).
@@ -207,41 +204,12 @@ class ClipServicer(CatalogRpcs, clip_pb2_grpc.ClipServiceServicer):
         request_iterator: AsyncIterator[clip_pb2.StreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[clip_pb2.StreamResponse]:
-        # A slot is taken when an item is read and freed only once its answer has been
-        # written: a client that writes and never reads stalls its own stream (HTTP/2
-        # flow control blocks the write), and we stop reading after `_STREAM_WINDOW`.
-        window = asyncio.Semaphore(_STREAM_WINDOW)
-        answers: asyncio.Queue[clip_pb2.StreamResponse | None] = asyncio.Queue()
-        workers: set[asyncio.Task[None]] = set()
+        async def work(request: clip_pb2.StreamRequest) -> clip_pb2.StreamResponse:
+            return await self._stream_item(request, context)
 
-        async def work(request: clip_pb2.StreamRequest) -> None:
-            answer = await self._stream_item(request, context)
-            answers.put_nowait(answer)  # at most `_STREAM_WINDOW` wait here
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    if isinstance(request, Undecodable):  # the stream cannot go on
-                        raise request.refusal()
-                    await window.acquire()
-                    task = asyncio.create_task(work(request))
-                    workers.add(task)
-                    task.add_done_callback(workers.discard)
-                if workers:
-                    await asyncio.gather(*list(workers))
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (answer := await answers.get()) is not None:
+        async with contextlib.aclosing(answer_stream(request_iterator, work)) as answers:
+            async for answer in answers:
                 yield answer
-                window.release()  # written: the next item may be read
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
-            for task in list(workers):
-                task.cancel()
 
     async def _stream_item(
         self, request: clip_pb2.StreamRequest, context: grpc.aio.ServicerContext
