@@ -11,9 +11,14 @@ the demo model, against a gateway in its own process (`GatewayProcess`).
   `--seconds` while hostile callers are interleaved: single 10,000-letter words, images
   near `--max-image-pixels`, Classify near `--max-prompts` (and past it), requests whose
   answer would pass `--max-message-bytes`, and EmbedStream clients that write and never
-  read. Reports well-behaved errors (target 0), their p99 against the baseline,
-  grpc.health.v1 latency polled every 0.5 s (target < 1 s throughout) and the gateway's
-  VmRSS every second (target: flat within 10 % after warm-up).
+  read; and over HTTP (issue 24): cached 10,000-letter texts (their `usage` counted),
+  bodies of a million `{}`, nesting a million deep, a Classify answer past the limit,
+  lone surrogates, unknown routes and methods, and connections that send one byte of
+  their body (`--hostile-doors` picks the door). One well-behaved call in four is
+  `POST /v1/embeddings`. Reports well-behaved errors (target 0), their p99 against the
+  baseline, grpc.health.v1 and HTTP `/health` latency polled every 0.5 s (target < 1 s
+  throughout) and the gateway's VmRSS every second (targets: flat within 10 % after
+  warm-up; within 300 MB of the warm baseline).
 - `faults`: the gateway uses backend=triton (a real tritonserver on the demo repository)
   and a real redis-server (in-process LRU off, so every lookup goes to Redis). The script
   kills and restarts Redis, then Triton, a few times each while the callers run. Reports
@@ -29,19 +34,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import io
 import itertools
+import json
 import random
 import string
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -73,6 +82,10 @@ LONG_WORD = 10_000  # letters in one word: --max-text-chars (10,000)
 PROMPT_LABELS, PROMPT_TEMPLATES = 1000, 8  # 8,000 prompts, under --max-prompts 8192
 STREAM_ITEMS = 2000  # per never-read EmbedStream
 STREAM_HOLD_S = 8.0  # how long such a stream stays open unread
+RSS_OVER_BASELINE_MB = 300.0  # issue 24: RSS within this of the warm baseline
+HTTP_LONG_TEXTS = 64  # cached 10,000-letter texts per HTTP call (usage counted)
+WARM_CHUNK = 8  # long texts per gRPC call that puts them in the cache first
+SLOW_BODIES = 4  # connections sending one byte of their body, again and again
 
 
 # ---------------------------------------------------------------------------- samplers
@@ -86,8 +99,10 @@ class Monitor:
 
     target: str
     pid: int
+    http_port: int = 0
     t0: float = field(default_factory=time.perf_counter)
     health: list[tuple[float, float, str]] = field(default_factory=list)  # (t, s, status)
+    http_health: list[tuple[float, float, str]] = field(default_factory=list)  # GET /health
     rss: list[tuple[float, float]] = field(default_factory=list)  # (t, MB)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -105,6 +120,18 @@ class Monitor:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
+    def _http_check(self) -> float:
+        begin = time.perf_counter()
+        try:
+            url = f"http://127.0.0.1:{self.http_port}/health"
+            with urllib.request.urlopen(url, timeout=5.0) as answer:
+                status = str(answer.status)
+        except OSError as exc:  # HTTPError included: its name is the status then
+            status = str(getattr(exc, "code", "")) or type(exc).__name__
+        took = time.perf_counter() - begin
+        self.http_health.append((begin - self.t0, took, status))
+        return took
+
     def _run(self) -> None:
         next_rss = 0.0
         with grpc.insecure_channel(self.target) as channel:
@@ -118,6 +145,8 @@ class Monitor:
                     status = exc.code().name  # type: ignore[attr-defined]
                 took = time.perf_counter() - begin
                 self.health.append((begin - self.t0, took, status))
+                if self.http_port:
+                    took += self._http_check()
                 if self.now() >= next_rss:
                     next_rss = self.now() + RSS_EVERY_S
                     with contextlib.suppress(OSError):
@@ -131,11 +160,17 @@ class WellBehaved:
 
     Half of the inputs repeat from a hot set of `HOT`, half are new. Answers of
     EmbedText and EmbedImage are parsed when `keep_vectors` is set, and every vector
-    is kept by input (a caption; a photo's index, whatever its JPEG comment).
+    is kept by input (a caption; a photo's index, whatever its JPEG comment). With
+    `http_port`, every fourth call is the harness's `POST /v1/embeddings` (one caption).
     """
 
-    def __init__(self, channel: grpc.aio.Channel, *, keep_vectors: bool) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, *, keep_vectors: bool, http_port: int = 0
+    ) -> None:
         self.raw = RawClip(channel)
+        self.http_port = http_port
+        self.session: aiohttp.ClientSession | None = None
+        self.http_call: Callable[[int], Awaitable[int]] | None = None
         self.jpegs = h.photo_pool(HOT, seed=11)
         self.keep_vectors = keep_vectors
         self.vectors: dict[tuple[str, str], set[bytes]] = defaultdict(set)
@@ -153,11 +188,29 @@ class WellBehaved:
     async def call(self, n: int) -> int:
         begin = time.perf_counter()
         try:
+            if self.http_port and n % 4 == 3:
+                return await self._http(n)
             return await self._call(n)
-        except grpc.aio.AioRpcError as exc:
-            self.errors.append((begin - self.t0, time.perf_counter() - self.t0, exc.code().name))
+        except h.FAILED_CALL as exc:
+            self.errors.append((begin - self.t0, time.perf_counter() - self.t0, h.error_code(exc)))
             await asyncio.sleep(BACKOFF_S)  # a well-behaved caller backs off before retrying
             raise
+
+    async def _http(self, n: int) -> int:
+        if self.session is None:
+            timeout = aiohttp.ClientTimeout(total=DEADLINE_S)
+            self.session = aiohttp.ClientSession(timeout=timeout)
+            url = f"http://127.0.0.1:{self.http_port}/v1/embeddings"
+            self.http_call = h.http_text_call(self.session, url, self.caption)
+        assert self.http_call is not None
+        try:
+            return await self.http_call(n)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise h.CallFailed(type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
     async def _call(self, n: int) -> int:
         kind = n % 3
@@ -219,8 +272,22 @@ def small_jpeg(seed: int) -> bytes:
 class Hostile:
     """One task per kind of abuse, each calling again as soon as its last call ends."""
 
-    def __init__(self, channel: grpc.aio.Channel, stop_at: float, gap_s: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        stop_at: float,
+        gap_s: float,
+        http_port: int = 0,
+        doors: str = "both",
+    ) -> None:
+        """`doors`: which hostile kinds run: "both", "grpc" or "http" (to tell them apart)."""
         self.raw = RawClip(channel)
+        self.http_port, self.doors = http_port, doors
+        self.session: aiohttp.ClientSession | None = None
+        self.long_texts: list[str] = []
+        # HTTP bodies, built once: building megabytes per call here would hold this
+        # process's GIL and slow the health monitor's thread, passing for a slow gateway.
+        self.bodies: dict[str, bytes] = {}
         self.gap_s = gap_s
         self.stop_at = stop_at
         self.stats = HostileStats()
@@ -234,11 +301,12 @@ class Hostile:
     async def _timed(self, kind: str, call: Callable[[], Awaitable[object]]) -> None:
         begin = time.perf_counter()
         try:
-            await call()
+            outcome = await call()
         except grpc.aio.AioRpcError as exc:
             self.stats.codes[kind][exc.code().name] += 1
         else:
-            self.stats.codes[kind]["OK"] += 1
+            # HTTP calls answer their status ("HTTP 400"); gRPC ones raise unless OK.
+            self.stats.codes[kind][outcome if isinstance(outcome, str) else "OK"] += 1
         self.stats.seconds[kind].append(time.perf_counter() - begin)
 
     async def _repeat(
@@ -292,16 +360,121 @@ class Hostile:
 
         return go
 
+    # ------------------------------------------------------------------ over HTTP
+    async def _http(self, path: str, body: bytes, method: str = "POST") -> str:
+        """Send `body` as it is; the answer's status as "HTTP 400" (or the error's name)."""
+        assert self.session is not None
+        try:
+            async with self.session.request(
+                method, f"http://127.0.0.1:{self.http_port}{path}", data=body,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=120.0),
+            ) as answer:  # fmt: skip
+                await answer.read()
+                return f"HTTP {answer.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return type(exc).__name__
+
+    def _body(self, name: str, make: Callable[[], bytes]) -> bytes:
+        if name not in self.bodies:
+            self.bodies[name] = make()
+        return self.bodies[name]
+
+    def http_long_texts(self, n: int) -> Callable[[], Awaitable[object]]:
+        # The same texts every call, in the cache first (over gRPC, a few per call, within
+        # the deadline): only their `usage` is left to do.
+        self.long_texts = self.long_texts or [self.word() for _ in range(HTTP_LONG_TEXTS)]
+        texts = self.long_texts
+        body = self._body(
+            "long", lambda: json.dumps({"input": texts, "encoding_format": "base64"}).encode()
+        )
+
+        async def go() -> str:
+            if n == 0:
+                for i in range(0, len(texts), WARM_CHUNK):
+                    request = clip_pb2.EmbedTextRequest(texts=texts[i : i + WARM_CHUNK])
+                    await self.raw.embed_text(request.SerializeToString(), timeout=300)
+            return await self._http("/v1/embeddings", body)
+
+        return go
+
+    def http_empty_objects(self, n: int) -> Callable[[], Awaitable[object]]:
+        count = (MAX_MESSAGE_BYTES - 16) // 3  # just under --max-message-bytes
+        body = self._body("empty", lambda: b'{"input":[' + b",".join([b"{}"] * count) + b"]}")
+        return lambda: self._http("/v1/embeddings", body)
+
+    def http_deep(self, n: int) -> Callable[[], Awaitable[object]]:
+        depth = (MAX_MESSAGE_BYTES - 64) // 2
+        body = self._body(
+            "deep", lambda: b'{"input": "x", "user": ' + b"[" * depth + b"]" * depth + b"}"
+        )
+        return lambda: self._http("/v1/embeddings", body)
+
+    def http_huge_answer(self, n: int) -> Callable[[], Awaitable[object]]:
+        def make() -> bytes:
+            labels = [f"label {i} " + "x" * 280 for i in range(1000)]
+            images = [base64.b64encode(b).decode() for b in self.smalls] * 4  # 256 images
+            return json.dumps({"images": images, "labels": labels, "templates": ["{}"]}).encode()
+
+        body = self._body("answer", make)
+        return lambda: self._http("/v1/classify", body)
+
+    def http_surrogate(self, n: int) -> Callable[[], Awaitable[object]]:
+        body = b'{"input": ["fine", "lone \\ud800 surrogate"]}'
+        return lambda: self._http("/v1/embeddings", body)
+
+    def http_unknown(self, n: int) -> Callable[[], Awaitable[object]]:
+        # In turn an unknown route and a known route with a method it does not take.
+        if n % 2:
+            return lambda: self._http("/v1/embeddings", b"", method="DELETE")
+        return lambda: self._http("/v1/nothing-here", b"{}")
+
+    def http_slow_body(self, n: int) -> Callable[[], Awaitable[object]]:
+        async def go() -> str:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.http_port)
+            try:
+                writer.write(
+                    b"POST /v1/embeddings HTTP/1.1\r\nHost: soak\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+                )
+                await writer.drain()
+                # Never more: the gateway ends it (408 after --http-body-timeout-s), or
+                # the soak does, so that a short run need not wait for that timeout.
+                left = max(1.0, self.stop_at - time.perf_counter())
+                try:
+                    answer = await asyncio.wait_for(reader.read(), left)
+                except TimeoutError:
+                    return "still held at the end"
+                return answer.split(b"\r\n", 1)[0].decode(errors="replace")[9:] or "closed"
+            finally:
+                writer.close()
+
+        return go
+
     async def run(self) -> None:
-        kinds: dict[str, Callable[[int], Callable[[], Awaitable[object]]]] = {
-            "8 × 10,000-letter words": self.long_words,
-            f"{BIG_SIDE}×{BIG_SIDE} image (49 MP)": self.big_image,
-            "Classify 8,000 prompts (¼: 32,000)": self.many_prompts,
-            "answer past --max-message-bytes": self.huge_answer,
-            "EmbedStream never read (1)": self.unread_stream,
-            "EmbedStream never read (2)": self.unread_stream,
-        }
-        await asyncio.gather(*(self._repeat(kind, make) for kind, make in kinds.items()))
+        kinds: dict[str, Callable[[int], Callable[[], Awaitable[object]]]] = {}
+        if self.doors != "http":
+            kinds |= {
+                "8 × 10,000-letter words": self.long_words,
+                f"{BIG_SIDE}×{BIG_SIDE} image (49 MP)": self.big_image,
+                "Classify 8,000 prompts (¼: 32,000)": self.many_prompts,
+                "answer past --max-message-bytes": self.huge_answer,
+                "EmbedStream never read (1)": self.unread_stream,
+                "EmbedStream never read (2)": self.unread_stream,
+            }
+        if self.http_port and self.doors != "grpc":
+            kinds |= {
+                f"HTTP {HTTP_LONG_TEXTS} cached 10,000-letter texts (usage)": self.http_long_texts,
+                "HTTP body of ~1.4 M `{}` (4 MB)": self.http_empty_objects,
+                "HTTP nesting ~2 M deep (4 MB)": self.http_deep,
+                "HTTP Classify answer past --max-message-bytes": self.http_huge_answer,
+                "HTTP lone surrogate": self.http_surrogate,
+                "HTTP unknown route / method": self.http_unknown,
+            }
+            for i in range(SLOW_BODIES):
+                kinds[f"HTTP slow body, 1 byte sent ({i + 1})"] = self.http_slow_body
+        async with aiohttp.ClientSession() as self.session:
+            await asyncio.gather(*(self._repeat(kind, make) for kind, make in kinds.items()))
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -352,10 +525,10 @@ async def hostile(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
     ) as gateway:  # fmt: skip
         print(f"  gateway {gateway.target} pid {gateway.pid}", flush=True)
         assert gateway.pid is not None
-        monitor = Monitor(gateway.target, gateway.pid).start()
+        monitor = Monitor(gateway.target, gateway.pid, gateway.http_port).start()
         channel = h.channel(gateway.target)
         hostile_channel = h.channel(gateway.target)
-        good = WellBehaved(channel, keep_vectors=False)
+        good = WellBehaved(channel, keep_vectors=False, http_port=gateway.http_port)
         counter = itertools.count()
         try:
             section(
@@ -372,19 +545,23 @@ async def hostile(args: argparse.Namespace, info: list[tuple[str, str]]) -> str:
             good.errors.clear()
             t_soak = monitor.now()
             started = time.perf_counter()
-            bad = Hostile(hostile_channel, started + args.seconds, args.hostile_gap_s)
+            bad = Hostile(
+                hostile_channel, started + args.seconds, args.hostile_gap_s,
+                gateway.http_port, args.hostile_doors,
+            )  # fmt: skip
             hostile_task = asyncio.create_task(bad.run())
             progress = asyncio.create_task(report_progress(monitor, bad.stats, t_soak))
             soak = await h.closed_loop(
                 good.call, label="soak", concurrency=args.callers, seconds=args.seconds,
                 counter=counter, warmup_rounds=0, max_seconds=args.seconds + 120,
             )  # fmt: skip
-            await asyncio.wait_for(hostile_task, 180)
+            await asyncio.wait_for(hostile_task, 400)
             progress.cancel()
             t_end = monitor.now()
             metrics = scrape(gateway.metrics_port)
         finally:
             monitor.stop()
+            await good.close()
             await channel.close()
             await hostile_channel.close()
         alive = gateway.running
@@ -422,6 +599,16 @@ def hostile_report(
     base_health = [(t, s, st) for t, s, st in monitor.health if t_base <= t < t_soak]
     worst = max((s for _, s, _ in soak_health), default=float("nan"))
     not_serving = sum(1 for _, _, st in soak_health if st != "SERVING")
+    http_soak = [(t, s, st) for t, s, st in monitor.http_health if t_soak <= t <= t_end]
+    http_worst = max((s for _, s, _ in http_soak), default=float("nan"))
+    http_bad = sum(1 for _, _, st in http_soak if st != "200")
+    # The warm baseline: the gateway's RSS over the last quarter of the baseline run (a
+    # short baseline may hold no sample there: then its last one).
+    before = [v for t, v in monitor.rss if t_base <= t < t_soak]
+    base_rss = [v for t, v in monitor.rss if t_base + 0.75 * (t_soak - t_base) <= t < t_soak]
+    base_rss = base_rss or before[-1:]
+    warm_rss = float(np.median(base_rss)) if base_rss else float("nan")
+    soak_rss = max((v for t, v in monitor.rss if t_soak <= t <= t_end), default=float("nan"))
     warm_end = t_soak + args.warmup_seconds
     after = [(t, v) for t, v in monitor.rss if warm_end <= t <= t_end]
     # Big decodes come and go, so single samples jump: compare the largest RSS of the
@@ -443,6 +630,17 @@ def hostile_report(
             "health-check latency, worst during the soak", "< 1 s",
             f"{worst * 1000:,.0f} ms ({len(soak_health)} checks, {not_serving} not SERVING)",
             verdict(worst < HEALTH_TARGET_S and not_serving == 0),
+        ],
+        [
+            "HTTP `GET /health` latency, worst during the soak", "< 1 s",
+            f"{http_worst * 1000:,.0f} ms ({len(http_soak)} checks, {http_bad} not 200)",
+            verdict(http_worst < HEALTH_TARGET_S and http_bad == 0 and bool(http_soak)),
+        ],
+        [
+            "gateway RSS during the soak over the warm baseline", f"≤ {RSS_OVER_BASELINE_MB:g} MB",
+            f"largest {soak_rss:,.0f} MB − warm baseline {warm_rss:,.0f} MB = "
+            f"{soak_rss - warm_rss:+,.0f} MB",
+            verdict(soak_rss - warm_rss <= RSS_OVER_BASELINE_MB),
         ],
         [
             f"gateway RSS after the first {args.warmup_seconds:g} s of the soak",
@@ -480,7 +678,7 @@ def hostile_report(
     )
     rejected = sample(metrics, "clip_rejected_items_total")
     parts = [
-        "# Soak: well-behaved callers among hostile ones (issue 13)",
+        "# Soak: well-behaved callers among hostile ones (issues 13 and 24)",
         "",
         md_table(["", ""], info),
         "",
@@ -494,8 +692,11 @@ def hostile_report(
         f"LRU, `--max-message-bytes {MAX_MESSAGE_BYTES}`, other limits default: "
         "`--max-image-pixels` 50 MP, `--max-text-chars` 10,000, `--max-prompts` 8192). "
         f"Well-behaved: {args.callers} closed-loop callers, in turn EmbedText (2 captions), "
-        "EmbedImage (one 640×480 JPEG), Classify (one JPEG, 8 labels, default templates); "
-        f"half the inputs repeat from a set of {HOT}; deadline {DEADLINE_S:g} s.",
+        "EmbedImage (one 640×480 JPEG), Classify (one JPEG, 8 labels, default templates) "
+        "over gRPC and, every fourth call, `POST /v1/embeddings` (1 caption, base64) over "
+        f"HTTP; half the inputs repeat from a set of {HOT}; deadline {DEADLINE_S:g} s. "
+        f"Hostile kinds: `--hostile-doors {args.hostile_doors}`. HTTP settings default "
+        "(`--http-body-timeout-s` 30, `--max-http-body-reads` 64).",
         "",
         *targets_and_callers(
             targets, {"baseline (alone)": base, "soak (with hostile traffic)": soak}
@@ -508,12 +709,20 @@ def hostile_report(
         f"EmbedStream: {STREAM_ITEMS} items per stream with ~250-character ids, written and "
         f"never read for {STREAM_HOLD_S:g} s, then cancelled (counted OK). `answer past "
         "--max-message-bytes`: 64 small images × 1000 labels of ~60 characters, all returned. "
-        f"Gateway counter `clip_rejected_items_total` at the end: {rejected:.0f}.",
+        f"Gateway counter `clip_rejected_items_total` at the end: {rejected:.0f}. "
+        f"HTTP kinds (issue 24): {HTTP_LONG_TEXTS} texts of one 10,000-letter word each, "
+        "the same every call (cached after the first: only `usage` is left to count); "
+        '`{"input":[{},{},...]}` and `[[[[...` just under --max-message-bytes; Classify '
+        "of 256 small images × 1000 labels of ~290 characters (a ~95 MB JSON answer); a "
+        "lone `\\ud800`; `POST /v1/nothing-here` and `DELETE /v1/embeddings` in turn; "
+        f"{SLOW_BODIES} connections that each send headers and 1 byte of a 100,000-byte "
+        "body, then wait for the gateway to end them (or the soak: `still held at the end`).",
         "",
         "## Over time",
         "",
-        "Health: grpc.health.v1 `Check` every 0.5 s from a thread with its own channel "
-        "(worst per window). RSS: `/proc/<pid>/status` VmRSS of the gateway every second "
+        "Health: grpc.health.v1 `Check` (then HTTP `GET /health`) every 0.5 s from a "
+        "thread with its own channel (worst gRPC check per window). RSS: "
+        "`/proc/<pid>/status` VmRSS of the gateway every second "
         "(largest per window). Negative times are the baseline.",
         "",
         timeline,
@@ -813,6 +1022,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--callers", type=int, default=4)
     p.add_argument("--hostile-gap-s", type=float, default=0.5, help="hostile: pause between calls")
+    p.add_argument(
+        "--hostile-doors", choices=("both", "grpc", "http"), default="both",
+        help="hostile: the hostile kinds of both doors, or of one (to tell their costs apart)",
+    )  # fmt: skip
     p.add_argument("--redis-kills", type=int, default=3)
     p.add_argument("--triton-kills", type=int, default=3)
     p.add_argument("--down-seconds", type=float, default=2.0, help="faults: time left dead")
