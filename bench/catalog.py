@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000, help="vectors per dimension")
     parser.add_argument("--images", type=int, default=192, help="images per indexing round")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the report (Markdown)")
     args = parser.parse_args()
     metadata = load_repository(args.repository)["clip"]
     index = IndexSettings()
@@ -258,7 +259,8 @@ def main() -> None:
         f"embed {json.dumps([round(r, 1) for r in out['embed_rates']])}.",
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -523,17 +523,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--photos", type=int, default=12, help="12 MP photos for embed-dir (≤ 12)")
-    parser.add_argument("--quick", action="store_true", help="a quarter of the images, 2 rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="a quarter of the images, at most 2 rounds"
+    )
+    parser.add_argument("--out", type=Path, default=OUT, help="the report (Markdown)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds = 2
+        args.rounds = min(args.rounds, 2)
     scale = 0.25 if args.quick else 1.0
     qual = quality()
     dirs = embed_dir(args.rounds, args.photos)
     cpu = cpu_per_image(args.rounds, scale)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(report(cpu, dirs, qual, args))
-    print(f"wrote {OUT}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(cpu, dirs, qual, args))
+    print(f"wrote {args.out}", flush=True)
     return 0
 
 

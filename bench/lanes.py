@@ -206,10 +206,10 @@ def write(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) 
                 f"- {name}, round {i + 1}: "
                 + ", ".join(f"{key} {value:.1f}" for key, value in r.items())
             )
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(lines) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
     parser.add_argument("--warm-s", type=float, default=3.0, help="bulk head start")
     parser.add_argument("--bulk-images", type=int, default=8000, help="files in the folder")
+    parser.add_argument("--out", type=Path, default=OUT, help="the report (Markdown)")
     return asyncio.run(run(parser.parse_args(argv)))
 
 

@@ -149,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the report (Markdown)")
     args = parser.parse_args()
     n = args.corpus + args.queries
     lines = [
@@ -179,8 +180,9 @@ def main() -> None:
             print(f"  {rule:70s} {size:5d} B  recall@10 {value:.3f}")
             lines.append(f"| {rule} | {size} | {value:.3f} |")
         lines.append("")
-    RESULTS.write_text("\n".join(lines))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

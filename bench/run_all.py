@@ -6,9 +6,10 @@
 
 Each step runs in its own process (a failure is reported and the next step still runs).
 The full run is the figures bench/README.md quotes (not the soaks, families, onnx,
-profile or the GPU steps: long, or needing a GPU); `--quick` runs every scenario with
-the shortest points that still produce its tables, which the test suite does as a
-smoke test (the tables, never the figures). Results go to bench/results/ (`--results-dir`).
+profile, the GPU steps or the standalone scripts: long, or needing a GPU); `--quick`
+runs every scenario with the shortest points that still produce its tables, which the
+test suite does as a smoke test (the tables, never the figures). Results go to
+bench/results/ (`--results-dir`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ SCENARIOS = {
         f"profile-images-{D}.md",
     ),
     "families": (None, f"families --only {D} --out {{out}}", "families.md"),
+    # Standalone scripts (their own parsers, no threading flags: OMP_WAIT_POLICY is set
+    # in their environment instead). Quick: their tables, each in well under 2 minutes.
+    "gateway cpu": (
+        None,
+        "gateway_cpu --quick --rounds 1 --photos 2 --out {out}",
+        "gateway-cpu.md",
+    ),
+    "quantization": (None, "quantization --corpus 200 --queries 20 --out {out}", "quantization.md"),
+    "lanes": (
+        None,
+        "lanes --baseline-ref HEAD --rounds 1 --seconds 2 --warm-s 1 --bulk-images 2000 "
+        "--out {out}",
+        "lanes.md",
+    ),
+    "tracing": (None, "tracing --rounds 1 --seconds 2 --callers 2 --out {out}", "tracing.md"),
+    "catalog": (None, "catalog --n 2000 --images 16 --out {out}", "catalog.md"),
     # bench/gpu.sh itself, on the CPU: its steps as it runs them, its steps table.
     "gpu smoke": (
         None,
@@ -88,6 +105,9 @@ SCENARIOS = {
         "gpu-smoke.md",
     ),
 }
+
+#: Steps whose script takes no `--omp-wait-policy`.
+STANDALONE = ("gateway cpu", "quantization", "lanes", "tracing", "catalog")
 
 
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
@@ -101,8 +121,12 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
         words = command.format(out=path, dir=args.results_dir, python=sys.executable).split()
         if words[0] != "env":  # a benchmark module, in the asked threading environment
             policy = [] if name.startswith(("http", "families")) else ["--omp-wait-policy"]
-            words = [sys.executable, "-m", f"bench.{words[0]}", *words[1:], *policy]
-            words += [args.omp_wait_policy] if policy else []
+            words = [sys.executable, "-m", f"bench.{words[0]}", *words[1:]]
+            if name in STANDALONE:
+                if args.omp_wait_policy != "inherit":
+                    words = ["env", f"OMP_WAIT_POLICY={args.omp_wait_policy}", *words]
+            elif policy:
+                words += [*policy, args.omp_wait_policy]
         out.append((name, words, path))
     return out
 

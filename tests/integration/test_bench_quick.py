@@ -44,6 +44,11 @@ REPORTS = {
     "profile-images-clip-demo-shapes.md": ["## CPU by gateway thread", "## Stage means"],
     "families.md": ["| family | pass / tried |", "| model | family | status |"],
     "gpu-smoke.md": ["## Results", "## Steps (from gpu.sh)"],
+    "gateway-cpu.md": ["## 1. Gateway CPU", "## 2. Gateway cores", "## 3.", "## 4."],
+    "quantization.md": ["## demo-images", "## vit-b-32-texts"],
+    "lanes.md": ["| code | idle p50 ms |"],
+    "tracing.md": ["| measure | tracing off |"],
+    "catalog.md": ["| dim | index |", "| query | p50 ms |"],
 }
 
 
