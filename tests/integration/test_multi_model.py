@@ -139,7 +139,7 @@ async def test_one_cache_one_decode_pool_and_one_pixel_budget_for_every_model(
         first, second = (m.embedder for m in gw.models)
         assert first._pixel_budget is second._pixel_budget
         assert first._pixel_budget is not None and first._pixel_budget.limit == 4_000_000
-        assert first._decode_pool is second._decode_pool
+        assert first._decoding is second._decoding  # its threads, both lanes
         assert first._cache is second._cache and first._label_cache is second._label_cache
         # Three new texts per model: the one LRU keeps 4 entries in all (not 4 per model).
         for name in two_models:
