@@ -232,7 +232,7 @@ async def test_too_large_bodies_are_413_and_admission_overflow_is_429(
         assert too_large.value.status_code == 413
         assert "over the limit of 4096 bytes" in too_large.value.body["message"]
         # Without a Content-Length (chunked), the body is counted as it streams in.
-        status, answer = await asyncio.to_thread(_chunked_post, gw.http_port, 64 * 1024)
+        status, answer = await asyncio.to_thread(_chunked_post, gw.http_port, 5 * 1024)
         assert status == 413 and "over the limit of 4096 bytes" in answer["error"]["message"]
         status, answer = await asyncio.to_thread(_chunked_post, gw.http_port, 0)
         assert status == 200 and len(answer["data"]) == 1

@@ -28,10 +28,8 @@ import pytest
 import redis as redis_lib
 import torch
 
-from service.backends import triton as triton_module
 from service.backends.triton import TritonBackend
 from service.client import AsyncClipClient
-from service.errors import BackendUnavailable
 from service.model import configs as model_configs
 from service.model.metadata import IMAGE_MODEL, TEXT_MODEL, ModelMetadata
 from service.processes.gateway import gateway_settings, running_gateway
@@ -178,20 +176,6 @@ async def test_a_call_held_on_a_replica_that_is_killed_returns_the_other_replica
         got = await call  # that very call: answered, not failed
         await statistics_once(r.b.grpc_url, HELD_MODEL, before_b, success_count=1)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
-
-
-async def test_without_the_retry_on_another_replica_that_call_fails(
-    both_up: Replicas, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The test above is not luck: with one attempt per call the held call fails."""
-    r = both_up
-    monkeypatch.setattr(triton_module, "_UNAVAILABLE_ATTEMPTS", 1)
-    rows = _pixels(r.metadata.image_size, seed=2)
-    async with _backend(f"ipv4:{r.a.grpc_url},{r.b.grpc_url}", r.metadata) as backend:
-        call = await _hold_a_call_on_a(backend, r, rows)
-        await asyncio.to_thread(r.a.kill)
-        with pytest.raises(BackendUnavailable):
-            await call
 
 
 async def test_a_draining_replica_gets_no_new_calls_and_its_call_is_answered_elsewhere(
