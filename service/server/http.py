@@ -471,46 +471,106 @@ class HttpApi:
         )
 
 
-def _header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a deadline for a request's headers: a connection that
-    has not sent a whole request head `timeout_s` after it opened, or after it began the
-    next one, is closed (uvicorn itself times out only idle keep-alive connections)."""
+#: How long a connection refused mid-body keeps reading (and dropping) what its caller
+#: still sends before it is closed; nginx's `lingering_time` idea, shorter.
+LINGER_S = 5.0
 
-    class HeaderDeadline(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: `close()` while the caller is still
+    sending its body (a 413, a 408, a refusal before the body was read) first half-closes
+    and drops what still arrives, up to `LINGER_S` or the caller's EOF. Closed at once, the
+    kernel answers the unread bytes with a reset, and the caller loses the error answer
+    that was already on its way (seen with a chunked body past --max-message-bytes)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _ConnectionProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        if not self._protocol.linger():
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _ConnectionProtocol(H11Protocol):
+    """uvicorn's h11 protocol with what a connection needs beyond it: a deadline for a
+    request's headers (set by `_connection_protocol`) and a lingering close."""
+
+    head_timeout_s: float = 10.0
+    lingering: bool = False
+    _head_timer: asyncio.TimerHandle | None = None
+    _linger_timer: asyncio.TimerHandle | None = None
+    _raw: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._raw = transport
+        # Request cycles are given `self.transport`: they close through the proxy too.
+        self.transport = _LingeringTransport(transport, self)  # type: ignore[assignment]
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # the rest of a refused body: dropped unread
+        if self._head_timer is None and self._between_requests():
             self._arm()
+        super().data_received(data)
+        if self._head_timer is not None and not self._between_requests():
+            self._disarm()  # the head is in: the body has its own deadline
 
-        def data_received(self, data: bytes) -> None:
-            if self._head_timer is None and self._between_requests():
-                self._arm()
-            super().data_received(data)
-            if self._head_timer is not None and not self._between_requests():
-                self._disarm()  # the head is in: the body has its own deadline
+    def eof_received(self) -> bool | None:
+        if self.lingering:
+            self._raw.close()
+        return super().eof_received()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        super().connection_lost(exc)
 
-        def _between_requests(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
+    def linger(self) -> bool:
+        """Start the lingering close if the caller is still sending a body (and the
+        transport can half-close: not TLS); False to close at once."""
+        if self.lingering:
+            return True
+        sending = self.conn.their_state is h11.SEND_BODY
+        if not sending or self._raw.is_closing() or not self._raw.can_write_eof():
+            return False
+        self.lingering = True
+        self._raw.resume_reading()  # flow control may have paused it mid-body
+        self._raw.write_eof()  # after what is buffered: the answer goes out first
+        self._linger_timer = self.loop.call_later(LINGER_S, self._raw.close)
+        return True
 
-        def _arm(self) -> None:
-            self._head_timer = self.loop.call_later(timeout_s, self._too_slow)
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
 
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+    def _arm(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._too_slow)
 
-        def _too_slow(self) -> None:
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
             self._head_timer = None
-            if self._between_requests() and self.conn.their_state is not h11.DONE:
-                self.transport.close()
 
-    return HeaderDeadline
+    def _too_slow(self) -> None:
+        self._head_timer = None
+        if self._between_requests() and self.conn.their_state is not h11.DONE:
+            self.transport.close()
+
+
+def _connection_protocol(head_timeout_s: float) -> type[_ConnectionProtocol]:
+    """`_ConnectionProtocol` whose connections close when a request's headers are not all
+    in `head_timeout_s` after it opened, or after the next request began (uvicorn itself
+    times out only idle keep-alive connections)."""
+    return type("ConnectionProtocol", (_ConnectionProtocol,), {"head_timeout_s": head_timeout_s})
 
 
 class _InLoopServer(uvicorn.Server):
@@ -557,7 +617,7 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=None,
-            http=_header_deadline_protocol(header_timeout_s),
+            http=_connection_protocol(header_timeout_s),
             **tls_options,
         )
         self._on_close = on_close
