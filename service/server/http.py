@@ -197,7 +197,7 @@ class HttpApi:
                     "/v1/similarity", self._route("similarity", self._similarity), methods=["POST"]
                 ),
                 *(catalog or CatalogRoutes(None, options.backend_timeout_s)).routes(
-                    self._route, self._parse_object
+                    self._route, self._parse_struct
                 ),
                 Route("/health", self._health_route, methods=["GET"]),
                 Route("/ready", self._ready_route, methods=["GET"]),
@@ -351,8 +351,8 @@ class HttpApi:
             self._reading -= 1
         return b"".join(chunks), held
 
-    async def _parse_object(self, raw: bytes) -> dict[str, Any]:
-        return await self._off_loop(schema.parse_object, raw, self._bounds)
+    async def _parse_struct(self, raw: bytes, kind: type[Any]) -> Any:
+        return await self._off_loop(schema.parse_struct, raw, kind, self._bounds)
 
     # ------------------------------------------------------------------ routes
     async def _embeddings(self, raw: bytes, call: _Call) -> Any:

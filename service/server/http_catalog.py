@@ -16,10 +16,10 @@ shape). Decode and encode only; `core.catalog` does the work.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,58 +35,61 @@ from service.server.status import caller_message, outcome_for
 #: The app's handler shape: the raw body and the call's record (its `model` is set here).
 Handler = Callable[[bytes, Any], Awaitable[dict[str, Any]]]
 Wrap = Callable[[str, Handler], Callable[[Request], Awaitable[Response]]]
-#: The app's bounded JSON-object decoding, off the event loop.
-Parse = Callable[[bytes], Awaitable[dict[str, Any]]]
-_BodyHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+B = TypeVar("B", bound="_Body")
+#: The app's bounded decoding of a body into a struct type, off the event loop.
+Parse = Callable[[bytes, type[B]], Awaitable[B]]
 
 
-def _string(body: Mapping[str, Any], field: str, *, index: int | None = None) -> str:
-    value = body.get(field)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidInput(
-            f"must be a string, not {type(value).__name__}", field=field, index=index
-        )
-    return value
+# The bodies, typed: a value of a wrong type is a 400 naming its path, and a field a
+# route does not take is a 400 naming it (never silently ignored), as on the other routes.
+class _Body(msgspec.Struct, forbid_unknown_fields=True):
+    model: str | None = None
 
 
-def _object_json(body: Mapping[str, Any], field: str, index: int | None = None) -> str:
+class _SearchBody(_Body):
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+    vector_model: str | None = None
+    top_k: int | None = None  # null or 0: the default
+    filter: dict[str, Any] | None = None
+    language: str | None = None
+
+
+class _AddItemBody(msgspec.Struct, forbid_unknown_fields=True):
+    id: str = ""
+    text: str | None = None
+    image: str | None = None
+    metadata: dict[str, Any] | None = None
+    model: str | None = None
+    language: str | None = None
+
+
+class _AddBody(_Body, kw_only=True):
+    items: list[_AddItemBody]
+
+
+class _IdsBody(_Body, kw_only=True):
+    ids: list[str]
+
+
+def _object_json(value: dict[str, Any] | None) -> str:
     """An optional JSON object field, re-serialized for the core (which bounds its size)."""
-    value = body.get(field)
-    if value is None:
-        return ""
-    if not isinstance(value, dict):
-        raise InvalidInput("must be a JSON object ({...})", field=field, index=index)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return "" if value is None else msgspec.json.encode(value).decode()
 
 
-def _ids(body: Mapping[str, Any]) -> list[str]:
-    ids = body.get("ids")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise InvalidInput("must be a list of id strings", field="ids")
-    return ids
-
-
-def _add_item(value: Any, index: int, default_model: str) -> AddItem:
-    if not isinstance(value, dict):
-        raise InvalidInput(
-            "an item is an object {id, text | image, metadata}", field="items", index=index
-        )
-    has_text, has_image = "text" in value, "image" in value
-    if has_text == has_image:
+def _add_item(value: _AddItemBody, index: int, default_model: str) -> AddItem:
+    if (value.text is None) == (value.image is None):
         raise InvalidInput("an item has exactly one of text and image", field="items", index=index)
     content: str | bytes = (
-        _string(value, "text", index=index)
-        if has_text
-        else decode_image(value["image"], "items", index)
+        value.text if value.text is not None else decode_image(value.image or "", "items", index)
     )
     return AddItem(
-        id=_string(value, "id", index=index),
+        id=value.id,
         value=content,
-        metadata_json=_object_json(value, "metadata", index),
-        model=_string(value, "model", index=index) or default_model,
-        language=_string(value, "language", index=index) or None,
+        metadata_json=_object_json(value.metadata),
+        model=value.model or default_model,
+        language=value.language or None,
     )
 
 
@@ -102,24 +105,19 @@ def _outcome(outcome: AddOutcome) -> dict[str, Any]:
     }
 
 
-def _query(body: Mapping[str, Any]) -> Query | None:
-    given = [k for k in ("text", "image", "vector") if k in body]
+def _query(body: _SearchBody) -> Query:
+    given = [k for k in ("text", "image", "vector") if getattr(body, k) is not None]
     if len(given) != 1:
         raise InvalidInput(
             "send exactly one of text, image (base64) and vector (with vector_model: the "
             f"model id its embedding answer named); got {given or 'none'}",
             field="query",
         )
-    if given[0] == "text":
-        return _string(body, "text")
-    if given[0] == "image":
-        return decode_image(body["image"], "image")
-    values = body["vector"]
-    if not isinstance(values, list) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values
-    ):
-        raise InvalidInput("must be a list of numbers", field="vector")
-    return VectorQuery(np.asarray(values, dtype=np.float32), _string(body, "vector_model"))
+    if body.text is not None:
+        return body.text
+    if body.image is not None:
+        return decode_image(body.image, "image")
+    return VectorQuery(np.asarray(body.vector, dtype=np.float32), body.vector_model or "")
 
 
 class CatalogRoutes:
@@ -129,23 +127,24 @@ class CatalogRoutes:
         self._catalog = catalog
         self._timeout_s = backend_timeout_s
 
-    def routes(self, wrap: Wrap, parse: Parse) -> list[Route]:
+    def routes(self, wrap: Wrap, parse: Parse[Any]) -> list[Route]:
         """Starlette routes, each wrapped by the app's `wrap(name, handler)`, their bodies
         decoded by the app's `parse`."""
 
-        def route(path: str, name: str, handler: _BodyHandler) -> Route:
+        def route(path: str, name: str, kind: type[B], handler: Callable[[B], Any]) -> Route:
             async def run(raw: bytes, call: Any) -> dict[str, Any]:
-                body = await parse(raw)
-                call.model = _string(body, "model")
-                return await handler(body)
+                body = await parse(raw, kind)
+                call.model = body.model or ""
+                answer: dict[str, Any] = await handler(body)
+                return answer
 
             return Route(path, wrap(name, run), methods=["POST"])
 
         return [
-            route("/v1/search", "search", self._search),
-            route("/v1/catalog/items", "catalog_add", self._add),
-            route("/v1/catalog/delete", "catalog_delete", self._delete),
-            route("/v1/catalog/get", "catalog_get", self._get),
+            route("/v1/search", "search", _SearchBody, self._search),
+            route("/v1/catalog/items", "catalog_add", _AddBody, self._add),
+            route("/v1/catalog/delete", "catalog_delete", _IdsBody, self._delete),
+            route("/v1/catalog/get", "catalog_get", _IdsBody, self._get),
         ]
 
     def _require(self) -> Catalog:
@@ -156,17 +155,14 @@ class CatalogRoutes:
             )
         return self._catalog
 
-    async def _search(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _search(self, body: _SearchBody) -> dict[str, Any]:
         catalog = self._require()
-        top_k = body.get("top_k") or 0
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise InvalidInput(f"must be an integer, not {top_k!r}", field="top_k")
         result = await catalog.search(
-            _string(body, "model"),
+            body.model or "",
             _query(body),
-            top_k=top_k,
-            filter_json=_object_json(body, "filter"),
-            language=_string(body, "language") or None,
+            top_k=body.top_k or 0,
+            filter_json=_object_json(body.filter),
+            language=body.language or None,
             timeout_s=self._timeout_s,
         )
         return {
@@ -174,21 +170,17 @@ class CatalogRoutes:
             "model": result.model_id,
         }
 
-    async def _add(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _add(self, body: _AddBody) -> dict[str, Any]:
         catalog = self._require()
-        raw = body.get("items")
-        if not isinstance(raw, list):
-            raise InvalidInput("must be a list of items", field="items")
-        check_count(len(raw), "items", catalog.limits.max_ids)
-        model = _string(body, "model")
-        results: list[dict[str, Any] | None] = [None] * len(raw)
+        check_count(len(body.items), "items", catalog.limits.max_ids)
+        model = body.model or ""
+        results: list[dict[str, Any] | None] = [None] * len(body.items)
         pending = []
-        for index, value in enumerate(raw):
+        for index, value in enumerate(body.items):
             try:
                 item = _add_item(value, index, model)
             except InvalidInput as exc:  # per item, as the gRPC stream answers it
-                item_id = value.get("id") if isinstance(value, dict) else None
-                results[index] = _outcome(AddOutcome(str(item_id or ""), error=exc))
+                results[index] = _outcome(AddOutcome(value.id, error=exc))
                 continue
             pending.append((index, item))
         outcomes = await asyncio.gather(
@@ -198,12 +190,12 @@ class CatalogRoutes:
             results[index] = _outcome(outcome)
         return {"results": results}
 
-    async def _delete(self, body: dict[str, Any]) -> dict[str, Any]:
-        deleted = await self._require().delete(_string(body, "model"), _ids(body))
+    async def _delete(self, body: _IdsBody) -> dict[str, Any]:
+        deleted = await self._require().delete(body.model or "", body.ids)
         return {"deleted": deleted}
 
-    async def _get(self, body: dict[str, Any]) -> dict[str, Any]:
-        found = await self._require().get(_string(body, "model"), _ids(body))
+    async def _get(self, body: _IdsBody) -> dict[str, Any]:
+        found = await self._require().get(body.model or "", body.ids)
         return {
             "items": [
                 {"id": item_id, "metadata": metadata, "content_sha256": sha}

@@ -28,7 +28,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -36,6 +36,8 @@ import numpy as np
 from service.core import vector_formats
 from service.core.image_preprocess import PresizedPixels
 from service.errors import InvalidInput
+
+T = TypeVar("T")
 
 #: One input: a text, the bytes of an encoded image, or pre-sized pixels.
 Item = str | bytes | PresizedPixels
@@ -144,12 +146,9 @@ class _SimilarityBody(msgspec.Struct, forbid_unknown_fields=True):
     priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
 
 
-_DECODERS = {
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
     body: msgspec.json.Decoder(body) for body in (_EmbeddingsBody, _ClassifyBody, _SimilarityBody)
 }
-# Bodies whose fields their route checks itself (the catalog's): any JSON object, bounded
-# by `check_json_shape` like the typed ones.
-_DECODERS[dict] = msgspec.json.Decoder(dict[str, Any])
 # What to send instead, by top-level field, appended to msgspec's "Expected ..." message.
 _ITEM_HINT = (
     'an input is a string, {"text": "..."}, {"image": "<base64 or data: URI>"} or '
@@ -389,10 +388,13 @@ def parse_similarity(body: bytes, bounds: JsonBounds) -> SimilarityRequest:
     )
 
 
-def parse_object(body: bytes, bounds: JsonBounds) -> dict[str, Any]:
-    """A body that must be a JSON object (the catalog's routes check its fields), bounded
-    in size and nesting like the typed bodies."""
-    return _decode(body, dict, bounds)
+def parse_struct(body: bytes, kind: type[T], bounds: JsonBounds) -> T:
+    """A body of another route's struct type (the catalog's), bounded and refused like
+    the ones above; its decoder is made once per type."""
+    if kind not in _DECODERS:
+        _DECODERS[kind] = msgspec.json.Decoder(kind)
+    decoded: T = _decode(body, kind, bounds)
+    return decoded
 
 
 def check_dimensions(dimensions: int | None, model_dim: int, model: str) -> None:

@@ -375,6 +375,50 @@ async def test_an_unknown_field_is_a_400_naming_it(gateway: Gateway) -> None:
     assert "this route takes input, model, encoding_format" in answer["error"]["message"]
 
 
+POST_ROUTES = (
+    "/v1/embeddings",
+    "/v1/classify",
+    "/v1/similarity",
+    "/v1/search",
+    "/v1/catalog/items",
+    "/v1/catalog/delete",
+    "/v1/catalog/get",
+)
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+async def test_every_post_route_refuses_hostile_json_by_the_same_rules(
+    gateway: Gateway, path: str
+) -> None:
+    """The door's JSON rules on every route that takes a body, the catalog's included
+    (they decoded any object and ignored unknown fields): nesting, token count, lone
+    surrogates, unknown fields, wrong types, non-objects; then the gateway still answers.
+    (Without --catalog, the catalog's routes decode before they answer 501.)"""
+    limit = gateway.options.max_message_bytes
+    cases = [
+        (b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "deeper than 16 levels"),
+        (
+            b'{"model":[' + b",".join([b"{}"] * ((limit - 16) // 3)) + b"]}",
+            "JSON strings, arrays, objects and list elements",
+        ),
+        (b'{"model": "\\ud800"}', "surrogate"),
+        (b'{"zz_unknown": 1}', "zz_unknown: unknown field"),
+        (b'{"model": 7}', "model: expected `str | null`, got `int`"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"model": "x', "not valid JSON"),
+    ]
+    for body, says in cases:
+        status, _, answer = await asyncio.to_thread(_post, gateway.http_port, path, body)
+        assert status == 400, (body[:40], answer)
+        assert says in answer["error"]["message"], (body[:40], answer)
+    status, _, _ = await asyncio.to_thread(http_raw, gateway.http_port, "/health")
+    assert status == 200
+    status, _, answer = await asyncio.to_thread(
+        _post, gateway.http_port, "/v1/embeddings", {"input": "a blue star"}
+    )
+    assert status == 200 and len(answer["data"]) == 1
+
+
 async def test_one_model_by_its_name(gateway: Gateway) -> None:
     """OpenAI's `GET /v1/models/{model}`: the entry `/v1/models` lists, or a 404."""
     port = gateway.http_port
