@@ -268,7 +268,8 @@ def test_images_in_the_forms_other_servers_take() -> None:
     [
         (
             {"input": DATA_URI},
-            'input[0]: is a data: URI, which is not embedded as text; to send an image, set "modality": "image"',
+            "input[0]: is a data: URI, which is not embedded as text; "
+            'to send an image, set "modality": "image"',
         ),
         ({"input": ["a", "DATA:image/jpeg;base64,AAAA"]}, "input[1]: is a data: URI"),
         ({"input": [{"text": DATA_URI}]}, "input[0]: is a data: URI"),
@@ -289,7 +290,11 @@ def test_images_in_the_forms_other_servers_take() -> None:
         ({"input": [1, 2]}, "check_embedding_ctx_length=False"),
         (
             {"input": [[1, 2]]},
-            "input[0]: token ids are not accepted: send texts (this model has its own tokenizer); LangChain's OpenAIEmbeddings sends token ids unless built with check_embedding_ctx_length=False",
+            (
+                "input[0]: token ids are not accepted: send texts (this model has its own "
+                "tokenizer); LangChain's OpenAIEmbeddings sends token ids unless built with "
+                "check_embedding_ctx_length=False"
+            ),
         ),
     ],
 )
