@@ -5,7 +5,7 @@ forgery tool (cloud metadata at 169.254.169.254, admin ports on loopback, the cl
 private services). So, for every URL and every redirect hop:
 
 - http and https only; the host must match the allow list (an entry `img.example.com`
-  names that host, `.example.com` any host under it);
+  names that host, `.example.com` matches example.com and any host under it);
 - the host's addresses are resolved here and each is checked: private, loopback,
   link-local, multicast, reserved and unspecified addresses are refused unless the host
   is named exactly in the list (an operator who writes `127.0.0.1` or `minio.internal`
@@ -49,7 +49,8 @@ def host_allowed(host: str, allow: tuple[str, ...]) -> tuple[bool, bool]:
     named = any(entry.lower().rstrip(".") == host for entry in allow if not entry.startswith("."))
     if named:
         return True, True
-    return any(e.startswith(".") and host.endswith(e.lower()) for e in allow), False
+    suffixes = [e.lower().rstrip(".") for e in allow if e.startswith(".")]
+    return any(host.endswith(s) or host == s[1:] for s in suffixes), False
 
 
 def public_address(address: str) -> bool:

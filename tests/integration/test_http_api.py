@@ -413,3 +413,15 @@ async def test_tls_files_make_the_http_port_https_with_client_certificates(
         with_certificate = ssl.create_default_context(cafile=str(ca))
         with_certificate.load_cert_chain(str(client), str(client_key))
         assert await asyncio.to_thread(_https_post, gw.http_port, with_certificate) == 200
+
+
+async def test_image_urls_are_refused_unless_allowed(gateway: Gateway) -> None:
+    # Off by default (no --image-url-allow): a URL is refused by index, nothing fetched.
+    async with _client(gateway) as client:
+        with pytest.raises(openai.BadRequestError, match="start it with --image-url-allow") as e:
+            await client.embeddings.create(
+                model="clip",
+                input=["data:image/png;base64,AAAA", "https://example.com/cat.png"],
+                extra_body={"modality": "image"},
+            )
+    assert "input[1]: image URLs are not fetched" in e.value.message
