@@ -270,3 +270,18 @@ async def test_fetched_bytes_count_in_the_request_byte_budget(
     medium = {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{image_server}/medium"}}
     await _refused(gateway, 429, "--max-inflight-request-bytes", input=[inline, medium])
     assert _budget_in_use(gateway) == 0
+
+
+async def test_a_host_named_exactly_is_fetched_through_its_checked_addresses(
+    image_server: int,
+) -> None:
+    # `localhost` named exactly: its loopback address is allowed, and the connection goes
+    # through the pinned resolver (the addresses checked), not a second DNS lookup.
+    fetcher = ImageFetcher(
+        FetchOptions(allow=("localhost",), max_bytes=MAX_IMAGE_BYTES, timeout_s=5.0)
+    )
+    taken: list[int] = []
+    data = await fetcher.fetch(
+        f"http://localhost:{image_server}/img.png", taken.append, field="input", index=0
+    )
+    assert data == IMAGE and sum(taken) == len(IMAGE)
