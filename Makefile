@@ -81,7 +81,8 @@ bench: model
 # The client libraries of README's "Clients" table against an in-process gateway, each
 # in its documented OpenAI-compatible settings; they live in their own venv (not the
 # project's dependencies), built here from PyPI with the versions CLIENTS pins.
-CLIENTS := langchain-openai==1.8.1 llama-index-embeddings-openai litellm haystack-ai
+CLIENTS := langchain-openai==1.8.1 llama-index-embeddings-openai==0.7.0 llama-index-core==0.14.25 \
+	litellm==1.110.2 haystack-ai==3.4.1 openai==3.63.0
 clients-check: model
 	test -x .venv-clients/bin/python || $(PYTHON) -m venv .venv-clients
 	.venv-clients/bin/pip install --quiet $(CLIENTS)

@@ -9,9 +9,11 @@ client's for the same texts (max abs difference, 1e-5 allowed).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -29,7 +31,13 @@ def _reference() -> np.ndarray:
 
 
 def langchain_default() -> list[list[float]]:
+    import llama_index.core
     from langchain_openai import OpenAIEmbeddings
+
+    # tiktoken downloads its cl100k_base file on first use; llama-index-core ships that
+    # file, so the default (token ids) runs without network.
+    cache = Path(llama_index.core.__file__).parent / "_static" / "tiktoken_cache"
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(cache))
 
     return OpenAIEmbeddings(model="clip", base_url=BASE, api_key="unused").embed_documents(TEXTS)
 
@@ -41,6 +49,19 @@ def langchain_fixed() -> list[list[float]]:
         model="clip", base_url=BASE, api_key="unused", check_embedding_ctx_length=False
     )
     return embeddings.embed_documents(TEXTS)
+
+
+def langchain_many() -> list[list[float]]:
+    """1,200 texts: LangChain's default chunk_size=1000 sends 1,000 in one request."""
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(
+        model="clip", base_url=BASE, api_key="unused", check_embedding_ctx_length=False
+    )
+    texts = TEXTS + [f"shape number {i}" for i in range(1198)]
+    vectors = embeddings.embed_documents(texts)
+    assert len(vectors) == len(texts), len(vectors)
+    return vectors[: len(TEXTS)]
 
 
 def llamaindex() -> list[list[float]]:
@@ -73,6 +94,7 @@ def main() -> int:
     probes: list[tuple[str, Callable[[], list[list[float]]], bool]] = [
         ("langchain default (token ids)", langchain_default, False),
         ("langchain check_embedding_ctx_length=False", langchain_fixed, True),
+        ("langchain 1200 texts, chunk_size=1000", langchain_many, True),
         ("llamaindex OpenAIEmbedding", llamaindex, True),
         ("litellm openai/clip", litellm_, True),
         ("haystack OpenAITextEmbedder", haystack, True),
