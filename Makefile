@@ -14,7 +14,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 GATEWAY_IMAGE := $(IMAGE_REGISTRY)/clip-service-gateway:$(VERSION)
 IMAGE_CACHE := .cache/image
 
-.PHONY: help install system-deps model run demo test lint proto bench bench-gpu clean image image-embedded
+.PHONY: help install system-deps model run demo test lint proto bench bench-gpu clean image image-embedded clients-check
 
 help:
 	@echo "make run     install, export the demo model, show it classifying, start the gateway"
@@ -22,6 +22,7 @@ help:
 	@echo "make lint    ruff check + format check"
 	@echo "make bench   benchmarks (figures, not tests) into bench/results/"
 	@echo "make proto   regenerate gRPC stubs from protos/"
+	@echo "make clients-check  LangChain, LlamaIndex, LiteLLM, Haystack against the gateway (own venv, needs PyPI)"
 	@echo "make image   build the gateway image offline (podman or docker); image-embedded: with the demo model as ONNX"
 
 # constraints.txt pins every package to the set the suite was run with (protobuf must
@@ -76,6 +77,16 @@ proto: install
 
 bench: model
 	$(PY) -m bench.run_all
+
+# The client libraries of README's "Clients" table against an in-process gateway, each
+# in its documented OpenAI-compatible settings; they live in their own venv (not the
+# project's dependencies), built here from PyPI with the versions CLIENTS pins.
+CLIENTS := langchain-openai==1.8.1 llama-index-embeddings-openai==0.7.0 llama-index-core==0.14.25 \
+	litellm==1.110.2 haystack-ai==3.4.1 openai==3.63.0
+clients-check: model
+	test -x .venv-clients/bin/python || $(PYTHON) -m venv .venv-clients
+	.venv-clients/bin/pip install --quiet $(CLIENTS)
+	$(PY) scripts/clients_check.py --repository $(MODEL_REPO) --client-python .venv-clients/bin/python
 
 bench-gpu:
 	bash bench/gpu.sh

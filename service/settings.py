@@ -362,6 +362,15 @@ class Settings(FlagSet):
     )
     tls_key: Path | None = _opt(None, "PEM private key for TLS.")
     tls_client_ca: Path | None = _opt(None, "PEM CA bundle; when set, clients need a certificate.")
+    image_url_allow: tuple[str, ...] = _opt(
+        (),
+        "Hosts image URLs may be fetched from over HTTP (comma-separated; '.example.com' = "
+        "any host under it); empty = URLs refused. Private, loopback and link-local "
+        "addresses only for hosts named exactly.",
+    )
+    image_url_timeout_s: float = _opt(
+        10.0, "Seconds one image URL fetch may take (redirects included), within the call's."
+    )
     # --- tracing
     otlp_endpoint: str = _opt(
         "",

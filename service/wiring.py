@@ -238,6 +238,9 @@ def server_options(settings: Settings) -> ServerOptions:
         http_header_timeout_s=settings.http_header_timeout_s,
         http_body_timeout_s=settings.http_body_timeout_s,
         max_http_body_reads=settings.max_http_body_reads,
+        image_url_allow=settings.image_url_allow,
+        image_url_timeout_s=settings.image_url_timeout_s,
+        max_image_bytes=settings.max_image_bytes,
     )
 
 

@@ -22,6 +22,7 @@ from service.core.admission import ByteBudget
 from service.core.calls import Calls
 from service.core.catalog import Catalog
 from service.core.embedder import Embedder
+from service.core.image_fetch import FetchOptions
 from service.core.models import ModelRegistry
 from service.metrics import Metrics
 from service.server import reflection
@@ -59,6 +60,9 @@ class ServerOptions:
     http_header_timeout_s: float = 10.0
     http_body_timeout_s: float = 30.0
     max_http_body_reads: int = 64
+    image_url_allow: tuple[str, ...] = ()
+    image_url_timeout_s: float = 10.0
+    max_image_bytes: int = 20 * 1024 * 1024
 
 
 @dataclass
@@ -229,6 +233,11 @@ def build_server(
                 body_timeout_s=options.http_body_timeout_s,
                 header_timeout_s=options.http_header_timeout_s,
                 max_body_reads=options.max_http_body_reads,
+                image_fetch=FetchOptions(
+                    allow=options.image_url_allow,
+                    max_bytes=options.max_image_bytes,
+                    timeout_s=options.image_url_timeout_s,
+                ),
             ),
             budget,
             CatalogRoutes(catalog, options.backend_timeout_s),

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +41,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.core import lanes
+from service.core import lanes, validation
 from service.core.admission import ByteBudget
 from service.core.calls import AnswerCosts, Calls
+from service.core.image_fetch import FetchOptions, ImageFetcher
 from service.core.models import ModelRegistry, ServedModel
 from service.errors import (
     InvalidInput,
@@ -68,6 +69,8 @@ _CREATED = 0
 #: Threads decoding request JSON and encoding answers: also the bound on bodies decoded
 #: at once, so the memory of decoding is that of two bodies at most.
 _JSON_THREADS = 2
+#: Image URLs of one request fetched at once (the rest wait their turn).
+_FETCHES_AT_ONCE = 8
 #: What JSON answers cost (rounded up). A float32 as JSON: up to 24 characters with its
 #: comma ("-1.2345678901234567e-05,"); base64: 4 bytes → 16/3 characters; int8/uint8 up
 #: to 5 ("-127,"); the bit formats one such integer per 8 dimensions.
@@ -108,6 +111,8 @@ class HttpOptions:
     body_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
     max_body_reads: int = 64
+    #: Image URLs: fetched only from the hosts `allow` names (none by default).
+    image_fetch: FetchOptions = FetchOptions(allow=(), max_bytes=20 * 1024 * 1024, timeout_s=10.0)
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
@@ -173,6 +178,7 @@ class HttpApi:
             limits.max_items, limits.max_labels, limits.max_templates
         )
         self._request_bytes = request_bytes
+        self._fetcher = ImageFetcher(options.image_fetch)
         self._health = health
         self._metrics = metrics
         self._options = options
@@ -351,6 +357,49 @@ class HttpApi:
             self._reading -= 1
         return b"".join(chunks), held
 
+    @contextlib.asynccontextmanager
+    async def _fetched(
+        self, model: str, items: Sequence[Any], field: str
+    ) -> AsyncIterator[list[Any]]:
+        """`items` with each `ImageUrl` replaced by the bytes fetched from it (or a 400),
+        at most `_FETCHES_AT_ONCE` at a time; the fetched bytes are held in the request
+        budget shared with gRPC until the block ends."""
+        urls = [i for i, item in enumerate(items) if isinstance(item, schema.ImageUrl)]
+        if not urls:
+            yield list(items)
+            return
+        # Count first: a request over --max-items fetches nothing.
+        validation.check_count(len(items), field, self._models.get(model).embedder.limits.max_items)
+        taken = 0
+        turns = asyncio.Semaphore(_FETCHES_AT_ONCE)
+        out = list(items)
+
+        def take(n: int) -> None:
+            nonlocal taken
+            self._request_bytes.take(n)
+            taken += n
+
+        async def fetch(i: int) -> None:
+            async with turns:
+                out[i] = await self._fetcher.fetch(
+                    items[i].url,
+                    take,
+                    field=field,
+                    index=i,
+                    timeout_s=self._options.backend_timeout_s,
+                )
+
+        try:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for i in urls:
+                        group.create_task(fetch(i))
+            except* Exception as failed:  # the first refusal answers; the others are cancelled
+                raise failed.exceptions[0] from None
+            yield out
+        finally:
+            self._request_bytes.give(taken)
+
     async def _parse_struct(self, raw: bytes, kind: type[Any]) -> Any:
         return await self._off_loop(schema.parse_struct, raw, kind, self._bounds)
 
@@ -362,17 +411,16 @@ class HttpApi:
         dim = model.embedder.metadata.embedding_dim
         schema.check_dimensions(parsed.dimensions, dim, model.name)
         calls = self._calls
-        with lanes.using(_lane(call, parsed.priority)):
-            embedded = await calls.embed(
-                parsed.model,
-                parsed.items,
-                field="input",
-                encoding=parsed.encoding_format,
-                language=parsed.language,
-            )
-            tokens = await calls.token_counts(
-                model, parsed.items, embedded.results, parsed.language
-            )
+        async with self._fetched(parsed.model, parsed.items, "input") as items:
+            with lanes.using(_lane(call, parsed.priority)):
+                embedded = await calls.embed(
+                    parsed.model,
+                    items,
+                    field="input",
+                    encoding=parsed.encoding_format,
+                    language=parsed.language,
+                )
+                tokens = await calls.token_counts(model, items, embedded.results, parsed.language)
         answer = {
             "object": "list",
             "data": [
@@ -418,15 +466,16 @@ class HttpApi:
     async def _classify(self, raw: bytes, call: _Call) -> Any:
         parsed = await self._off_loop(schema.parse_classify, raw, self._bounds)
         call.model = parsed.model
-        with lanes.using(_lane(call, parsed.priority)):
-            classified = await self._calls.classify(
-                parsed.model,
-                parsed.images,
-                parsed.labels,
-                parsed.templates,
-                parsed.top_k,
-                language=parsed.language,
-            )
+        async with self._fetched(parsed.model, parsed.images, "images") as images:
+            with lanes.using(_lane(call, parsed.priority)):
+                classified = await self._calls.classify(
+                    parsed.model,
+                    images,
+                    parsed.labels,
+                    parsed.templates,
+                    parsed.top_k,
+                    language=parsed.language,
+                )
         answer = {
             "results": [
                 {
@@ -437,23 +486,27 @@ class HttpApi:
                 }
                 for ranked in classified.ranked
             ],
-            "model": classified.model.embedder.model_id,
+            "model": classified.model.name,
         }
         return answer
 
     async def _similarity(self, raw: bytes, call: _Call) -> Any:
         parsed = await self._off_loop(schema.parse_similarity, raw, self._bounds)
         call.model = parsed.model
-        with lanes.using(_lane(call, parsed.priority)):
-            compared = await self._calls.similarity(
-                parsed.model, parsed.queries, parsed.candidates, language=parsed.language
-            )
+        async with (
+            self._fetched(parsed.model, parsed.queries, "queries") as queries,
+            self._fetched(parsed.model, parsed.candidates, "candidates") as candidates,
+        ):
+            with lanes.using(_lane(call, parsed.priority)):
+                compared = await self._calls.similarity(
+                    parsed.model, queries, candidates, language=parsed.language
+                )
         result = compared.result
         rows = [
             {"scores": scores, "probabilities": probabilities}
             for scores, probabilities in zip(result.scores, result.probabilities, strict=True)
         ]
-        return {"rows": rows, "model": compared.model.embedder.model_id}
+        return {"rows": rows, "model": compared.model.name}
 
     async def _health_route(self, request: Request) -> Response:
         """Liveness: 200 while the process runs (like the gRPC `liveness` service)."""

@@ -29,7 +29,7 @@ from service.backends.vector_store import MAX_ID_CHARS
 from service.core.catalog import AddItem, AddOutcome, Catalog, Query, VectorQuery
 from service.core.validation import check_count
 from service.errors import InvalidInput, NotConfigured
-from service.server.http_schema import decode_image
+from service.server.http_schema import decode_image, text_input
 from service.server.status import caller_message, outcome_for
 
 #: The app's handler shape: the raw body and the call's record (its `model` is set here).
@@ -82,7 +82,9 @@ def _add_item(value: _AddItemBody, index: int, default_model: str) -> AddItem:
     if (value.text is None) == (value.image is None):
         raise InvalidInput("an item has exactly one of text and image", field="items", index=index)
     content: str | bytes = (
-        value.text if value.text is not None else decode_image(value.image or "", "items", index)
+        text_input(value.text, "items", index)
+        if value.text is not None
+        else decode_image(value.image or "", "items", index)
     )
     return AddItem(
         id=value.id,
@@ -114,7 +116,7 @@ def _query(body: _SearchBody) -> Query:
             field="query",
         )
     if body.text is not None:
-        return body.text
+        return text_input(body.text, "text")
     if body.image is not None:
         return decode_image(body.image, "image")
     return VectorQuery(np.asarray(body.vector, dtype=np.float32), body.vector_model or "")

@@ -20,6 +20,14 @@ input. Decoding is bounded in CPU, memory and depth before any value is built:
 may name a `language` for towers that take one (NLLB), as the gRPC requests do. A field
 the route does not know, at the top or in an input object, is refused by name (a
 misspelt `encoding_fromat` would otherwise be silently ignored).
+
+Images also come in the forms other servers take: infinity's top-level
+`"modality": "image"` (each string in `input` a data: URI, base64 or an http(s) URL) and
+OpenAI-style content parts `{"type": "image_url", "image_url": {"url": ...}}` (or
+`"image_url": "..."`). Nothing is guessed: a string that is a data: URI is never embedded
+as text (400 saying how to send it), and under `"modality": "image"` a string that is
+none of the three is refused by index. A URL becomes an `ImageUrl`, fetched by the HTTP
+door (`core/image_fetch.py`) only where `--image-url-allow` allows it.
 """
 
 from __future__ import annotations
@@ -39,8 +47,29 @@ from service.errors import InvalidInput
 
 T = TypeVar("T")
 
+
+@dataclass(frozen=True)
+class ImageUrl:
+    """An image named by an http(s) URL: the door fetches it (or refuses) before the call."""
+
+    url: str
+
+
 #: One input: a text, the bytes of an encoded image, or pre-sized pixels.
 Item = str | bytes | PresizedPixels
+#: An input as parsed: an item, or an image URL not fetched yet.
+ParsedItem = Item | ImageUrl
+#: Longest image URL taken (browsers and CDNs stop near 8 KiB).
+MAX_URL_CHARS = 8192
+#: A string that is a data: URI (`data:image/png;base64,...`, `data:,x`), never a text;
+#: "data: the figures" (a space after the colon) is prose.
+_DATA_URI = re.compile(r"\s*data:\S", re.IGNORECASE)
+#: What plain base64 may hold (line breaks allowed, not spaces: "a red circle" is no image).
+_BASE64ISH = re.compile(r"[A-Za-z0-9+/=_\-\r\n]+")
+_HOW_TO_SEND_AN_IMAGE = (
+    'to send an image, set "modality": "image", or send {"image": "<data: URI or base64>"}, '
+    'or a content part {"type": "image_url", "image_url": {"url": "<data: URI or URL>"}}'
+)
 #: OpenAI's two, then the compact ones (integers in the JSON list; `vector_formats`).
 ENCODING_FORMATS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
 #: Nesting a valid body never comes near: `{"input": [{"text": ...}]}` is 2 levels deep.
@@ -104,12 +133,21 @@ def check_json_shape(body: bytes, bounds: JsonBounds) -> None:
             depth -= 1
 
 
+class _ImageUrlPart(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """OpenAI's `{"url": ..., "detail": ...}` of an `image_url` content part."""
+
+    url: str
+    detail: str | None = None
+
+
 class _InputObject(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """`{"text": ...}`, `{"image": ...}` or `{"pixels": ...}`; `"type"` beside it is accepted."""
+    """`{"text": ...}`, `{"image": ...}`, `{"pixels": ...}` or `{"image_url": ...}`;
+    `"type"` beside it must name the one given (OpenAI's content parts)."""
 
     text: str | None = None
     image: str | None = None
     pixels: str | None = None
+    image_url: str | _ImageUrlPart | None = None
     type: str | None = None
 
 
@@ -125,6 +163,7 @@ class _EmbeddingsBody(msgspec.Struct, forbid_unknown_fields=True):
     user: str | None = None
     language: str | None = None
     priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
+    modality: str | None = None  # infinity's "text" (default) | "image"
 
 
 class _ClassifyBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -151,14 +190,21 @@ _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
 }
 # What to send instead, by top-level field, appended to msgspec's "Expected ..." message.
 _ITEM_HINT = (
-    'an input is a string, {"text": "..."}, {"image": "<base64 or data: URI>"} or '
+    'an input is a string, {"text": "..."}, {"image": "<base64 or data: URI>"}, '
+    '{"type": "image_url", "image_url": {"url": "<data: URI or http(s) URL>"}} or '
     '{"pixels": "<base64 of S*S*3 RGB bytes>"} (token ids are not accepted)'
+)
+#: Token ids refused, and the fix for the client that sends them by default.
+_TOKEN_IDS = (
+    "token ids are not accepted: send texts (this model has its own tokenizer); "
+    "LangChain's OpenAIEmbeddings sends token ids unless built with "
+    "check_embedding_ctx_length=False"
 )
 _HINTS = {
     "input": _ITEM_HINT,
     "queries": _ITEM_HINT,
     "candidates": _ITEM_HINT,
-    "images": "a list of base64 strings or data: URIs",
+    "images": "a list of base64 strings, data: URIs or http(s) URLs",
     "labels": "a list of strings",
     "templates": "a list of strings, each with one {}",
     "top_k": "an integer (0 = all labels)",
@@ -166,6 +212,7 @@ _HINTS = {
     "model": "a model name (GET /v1/models lists them)",
     "language": "a language code string such as 'fra_Latn'",
     "encoding_format": f"one of {', '.join(ENCODING_FORMATS)}",
+    "modality": "text or image",
     "priority": "interactive or bulk",
 }
 
@@ -175,7 +222,7 @@ class EmbeddingsRequest:
     """A parsed `POST /v1/embeddings` body."""
 
     model: str
-    items: list[Item]
+    items: list[ParsedItem]
     encoding_format: str
     dimensions: int | None
     language: str | None = None
@@ -187,7 +234,7 @@ class ClassifyRequest:
     """A parsed `POST /v1/classify` body (the fields of `ClassifyRequest` in the proto)."""
 
     model: str
-    images: list[bytes | PresizedPixels]
+    images: list[bytes | PresizedPixels | ImageUrl]
     labels: list[str]
     templates: list[str]
     top_k: int
@@ -200,8 +247,8 @@ class SimilarityRequest:
     """A parsed `POST /v1/similarity` body (the fields of `SimilarityRequest`)."""
 
     model: str
-    queries: list[Item]
-    candidates: list[Item]
+    queries: list[ParsedItem]
+    candidates: list[ParsedItem]
     language: str | None = None
     priority: str | None = None  # "interactive" | "bulk" (lanes.parse checks it)
 
@@ -281,33 +328,88 @@ def decode_image(value: str, field: str, index: int | None = None) -> bytes:
     return data
 
 
-def _item(value: _RawItem, field: str, index: int) -> Item:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, _InputObject):
-        given = [k for k in ("text", "image", "pixels") if getattr(value, k) is not None]
-        if given == ["text"]:
-            return value.text
-        if given == ["image"]:
-            return decode_image(value.image, field, index)
-        if given == ["pixels"]:
-            return PresizedPixels(decode_image(value.pixels, field, index))
+def image_string(
+    value: str, field: str, index: int | None, *, strict: bool = True
+) -> bytes | ImageUrl:
+    """A string that must be an image: an http(s) URL, a data: URI or plain base64;
+    `strict`: a string with characters base64 never holds is refused as "not an image"
+    (a text sent under "modality": "image") before base64 decoding is tried."""
+    text = value.strip()
+    if text[:8].lower().startswith(("http://", "https://")):
+        if len(text) > MAX_URL_CHARS:
+            raise InvalidInput(
+                f"the image URL is {len(text)} characters, over {MAX_URL_CHARS}",
+                field=field,
+                index=index,
+            )
+        return ImageUrl(text)
+    if strict and not text.lower().startswith("data:") and not _BASE64ISH.fullmatch(text):
         raise InvalidInput(
-            'an object input is {"text": "..."}, {"image": "<base64 or data: URI>"} or '
+            "is not an image: send a data:image/...;base64, URI, the base64 of the image "
+            'file, or an http(s) URL (texts go in a request without "modality": "image")',
+            field=field,
+            index=index,
+        )
+    return decode_image(value, field, index)
+
+
+def text_input(value: str, field: str, index: int | None = None) -> str:
+    """A string taken as text, unless it is a data: URI (never embedded as text)."""
+    if _DATA_URI.match(value):
+        raise InvalidInput(
+            f"is a data: URI, which is not embedded as text; {_HOW_TO_SEND_AN_IMAGE}",
+            field=field,
+            index=index,
+        )
+    return value
+
+
+#: The key each content-part `type` names.
+_PART_TYPES = {"text": "text", "image": "image", "image_url": "image_url", "pixels": "pixels"}
+
+
+def _item(value: _RawItem, field: str, index: int, modality: str = "text") -> ParsedItem:
+    if isinstance(value, str):
+        if modality == "image":
+            return image_string(value, field, index)
+        return text_input(value, field, index)
+    if isinstance(value, _InputObject):
+        given = [
+            k for k in ("text", "image", "pixels", "image_url") if getattr(value, k) is not None
+        ]
+        if value.type is not None and (
+            value.type not in _PART_TYPES or [_PART_TYPES[value.type]] != given
+        ):
+            raise InvalidInput(
+                f"an object of type {value.type[:32]!r} must hold "
+                f"{_PART_TYPES.get(value.type, 'text or image_url')!r} alone, not "
+                f"{' and '.join(given) if given else 'nothing'}",
+                field=field,
+                index=index,
+            )
+        if given == ["text"]:
+            return text_input(value.text, field, index)  # type: ignore[arg-type]
+        if given == ["image"]:
+            return decode_image(value.image, field, index)  # type: ignore[arg-type]
+        if given == ["pixels"]:
+            return PresizedPixels(decode_image(value.pixels, field, index))  # type: ignore[arg-type]
+        if given == ["image_url"]:
+            part = value.image_url
+            url = part if isinstance(part, str) else part.url  # type: ignore[union-attr]
+            return image_string(url, field, index)
+        raise InvalidInput(
+            'an object input is {"text": "..."}, {"image": "<base64 or data: URI>"}, '
+            '{"image_url": {"url": "<data: URI or URL>"}} or '
             '{"pixels": "<base64 of S*S*3 RGB bytes>"}, '
             f"not one with {' and '.join(given) if given else 'neither'}",
             field=field,
             index=index,
         )
-    raise InvalidInput(
-        "token ids are not accepted: send texts (this model has its own tokenizer)",
-        field=field,
-        index=index,
-    )
+    raise InvalidInput(_TOKEN_IDS, field=field, index=index)
 
 
-def _items(values: list[_RawItem], field: str) -> list[Item]:
-    return [_item(v, field, i) for i, v in enumerate(values)]
+def _items(values: list[_RawItem], field: str, modality: str = "text") -> list[ParsedItem]:
+    return [_item(v, field, i, modality) for i, v in enumerate(values)]
 
 
 def _language(language: str | None) -> str | None:
@@ -321,15 +423,15 @@ def parse_embeddings(body: bytes, bounds: JsonBounds) -> EmbeddingsRequest:
     raw = parsed.input
     if raw is msgspec.UNSET:
         raise InvalidInput("is required (a string, or a list of strings or objects)", field="input")
+    modality = parsed.modality or "text"
+    if modality not in ("text", "image"):
+        raise InvalidInput(f"must be text or image, not {modality[:32]!r}", field="modality")
     if isinstance(raw, str):
-        items: list[Item] = [raw]
+        items = _items([raw], "input", modality)
     elif raw and all(isinstance(v, int) for v in raw):
-        raise InvalidInput(
-            "token ids are not accepted: send texts (this model has its own tokenizer)",
-            field="input",
-        )
+        raise InvalidInput(_TOKEN_IDS, field="input")
     else:
-        items = _items(raw, "input")
+        items = _items(raw, "input", modality)
     if not items:
         raise InvalidInput("is empty: send at least one text or image", field="input")
     encoding = parsed.encoding_format or "float"
@@ -359,8 +461,8 @@ def parse_classify(body: bytes, bounds: JsonBounds) -> ClassifyRequest:
             "must be a list of base64 strings, sent instead of images (not with them)",
             field="pixels",
         )
-    images: list[bytes | PresizedPixels] = [
-        decode_image(v, "images", i) for i, v in enumerate(parsed.images or [])
+    images: list[bytes | PresizedPixels | ImageUrl] = [
+        image_string(v, "images", i, strict=False) for i, v in enumerate(parsed.images or [])
     ]
     images += [
         PresizedPixels(decode_image(v, "pixels", i)) for i, v in enumerate(parsed.pixels or [])

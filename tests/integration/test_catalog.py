@@ -255,12 +255,19 @@ async def test_http_routes_add_search_get_delete(served: Served) -> None:
                     "metadata": {"colour": "blue"},
                 },
                 {"id": "http_bad", "image": "!!"},
+                # Never embedded as text: on the catalog as on /v1/embeddings.
+                {"id": "http_uri", "text": "data:image/png;base64,iVBORw0KGgo="},
             ]
         },
     )
     assert status == 200, body
     assert "content_sha256" in body["results"][0]
     assert body["results"][1]["error"]["code"] == "INVALID_ARGUMENT"
+    assert "data: URI" in body["results"][2]["error"]["message"], body
+    status, body = await asyncio.to_thread(
+        http_json, port, "/v1/search", {"text": "data:image/png;base64,iVBORw0KGgo="}
+    )
+    assert status == 400 and "data: URI" in body["error"]["message"], body
     status, body = await asyncio.to_thread(
         http_json,
         port,

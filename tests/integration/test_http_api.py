@@ -339,7 +339,8 @@ async def test_classify_and_similarity_are_the_grpc_answers_in_json(
     status, classify = await asyncio.to_thread(
         _raw, gateway, "/v1/classify", json.dumps(body).encode()
     )
-    assert status == 200 and classify["model"] == grpc_classify.model
+    # `model`: the name asked for, as /v1/embeddings answers (gRPC answers the model id).
+    assert status == 200 and classify["model"] == "clip"
     for got, want in zip(classify["results"], grpc_classify.results, strict=True):
         assert [x["label"] for x in got["labels"]] == [x.label for x in want.labels]
         np.testing.assert_allclose(
@@ -354,7 +355,7 @@ async def test_classify_and_similarity_are_the_grpc_answers_in_json(
     status, similarity = await asyncio.to_thread(
         _raw, gateway, "/v1/similarity", json.dumps(body).encode()
     )
-    assert status == 200 and similarity["model"] == grpc_similarity.model
+    assert status == 200 and similarity["model"] == "clip"  # none asked: the default's name
     np.testing.assert_allclose(
         [r["scores"] for r in similarity["rows"]],
         [list(r.scores) for r in grpc_similarity.rows],
@@ -412,3 +413,15 @@ async def test_tls_files_make_the_http_port_https_with_client_certificates(
         with_certificate = ssl.create_default_context(cafile=str(ca))
         with_certificate.load_cert_chain(str(client), str(client_key))
         assert await asyncio.to_thread(_https_post, gw.http_port, with_certificate) == 200
+
+
+async def test_image_urls_are_refused_unless_allowed(gateway: Gateway) -> None:
+    # Off by default (no --image-url-allow): a URL is refused by index, nothing fetched.
+    async with _client(gateway) as client:
+        with pytest.raises(openai.BadRequestError, match="start it with --image-url-allow") as e:
+            await client.embeddings.create(
+                model="clip",
+                input=["data:image/png;base64,AAAA", "https://example.com/cat.png"],
+                extra_body={"modality": "image"},
+            )
+    assert "input[1]: image URLs are not fetched" in e.value.message

@@ -224,7 +224,81 @@ def test_unknown_fields_are_refused_by_name() -> None:
     assert caught.value.field == "encoding_fromat"
     assert str(caught.value) == (
         "encoding_fromat: unknown field; this route takes input, model, encoding_format, "
-        "dimensions, user, language, priority"
+        "dimensions, user, language, priority, modality"
     )
     with pytest.raises(InvalidInput, match=r"^top_k: unknown field; this route takes queries"):
         parse_similarity({"queries": ["a"], "top_k": 3})
+
+
+DATA_URI = f"data:image/png;base64,{B64}"
+
+
+def test_images_in_the_forms_other_servers_take() -> None:
+    # infinity: "modality": "image", each string a data: URI, base64 or an http(s) URL.
+    parsed = parse_embeddings(
+        {"modality": "image", "input": [DATA_URI, B64, " https://img.example.com/a.png "]}
+    )
+    assert parsed.items == [PNG, PNG, http_schema.ImageUrl("https://img.example.com/a.png")]
+    assert parse_embeddings({"modality": "image", "input": DATA_URI}).items == [PNG]
+    assert parse_embeddings({"modality": "text", "input": "a cat"}).items == ["a cat"]
+    # OpenAI-style content parts, the object form and the string form of image_url.
+    parts = parse_embeddings(
+        {
+            "input": [
+                {"type": "text", "text": "a cat"},
+                {"type": "image_url", "image_url": {"url": DATA_URI}},
+                {"type": "image_url", "image_url": {"url": "http://h/x.jpg", "detail": "auto"}},
+                {"image_url": DATA_URI},
+            ]
+        }
+    )
+    assert parts.items == ["a cat", PNG, http_schema.ImageUrl("http://h/x.jpg"), PNG]
+    similarity = parse_similarity(
+        {"queries": [{"type": "image_url", "image_url": {"url": DATA_URI}}], "candidates": ["x"]}
+    )
+    assert similarity.queries == [PNG]
+    classify = parse_classify({"images": ["https://h/a.png", B64], "labels": ["a"]})
+    assert classify.images == [http_schema.ImageUrl("https://h/a.png"), PNG]
+    # Prose that merely starts with "data:" stays a text.
+    assert parse_embeddings({"input": "data: the figures"}).items == ["data: the figures"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"input": DATA_URI},
+            "input[0]: is a data: URI, which is not embedded as text; "
+            'to send an image, set "modality": "image"',
+        ),
+        ({"input": ["a", "DATA:image/jpeg;base64,AAAA"]}, "input[1]: is a data: URI"),
+        ({"input": [{"text": DATA_URI}]}, "input[0]: is a data: URI"),
+        (
+            {"modality": "image", "input": ["a red circle"]},
+            "input[0]: is not an image: send a data:image",
+        ),
+        ({"modality": "image", "input": [DATA_URI, "ftp://h/x.png"]}, "input[1]: is not an image"),
+        ({"modality": "video", "input": "x"}, "modality: must be text or image, not 'video'"),
+        (
+            {"input": [{"type": "image_url", "text": "x"}]},
+            "input[0]: an object of type 'image_url' must hold 'image_url' alone",
+        ),
+        (
+            {"input": [{"type": "image_url", "image_url": {"uri": "x"}}]},
+            "object contains unknown field `uri`",
+        ),
+        ({"input": [1, 2]}, "check_embedding_ctx_length=False"),
+        (
+            {"input": [[1, 2]]},
+            (
+                "input[0]: token ids are not accepted: send texts (this model has its own "
+                "tokenizer); LangChain's OpenAIEmbeddings sends token ids unless built with "
+                "check_embedding_ctx_length=False"
+            ),
+        ),
+    ],
+)
+def test_image_forms_refused_with_how_to_send_them(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        parse_embeddings(body)
+    assert message in str(caught.value)
