@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
+from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient
 from service.processes.gateway import gateway_settings
 from service.processes.metric_samples import sample
 from tests.support.gate import Gate, gated_gateway
+from tests.support.gateway import stub_for
 from tests.support.http_json import http_json, image_input
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
@@ -92,3 +95,40 @@ async def test_http_callers_choose_their_lane(demo_model: ExportedModel) -> None
             http_json, gw.http_port, "/v1/embeddings", {**body, "priority": "urgent"}
         )
         assert status == 400 and "priority" in answer["error"]["message"], answer
+
+
+async def test_an_unknown_priority_is_refused_on_every_rpc_and_stream_item(
+    demo_model: ExportedModel,
+) -> None:
+    """A priority value no lane has (a newer client's, or garbage on the wire) is
+    INVALID_ARGUMENT naming `priority` on each unary call; in a stream, that item alone
+    is refused and the items beside it are answered."""
+    settings = gateway_settings(demo_model.repository, local_cache_items=0)
+    async with gated_gateway(settings, Gate()) as gw, stub_for(gw.port) as stub:
+        image = encode(photo_like(64, 64, seed=99), "PNG")
+        for call, request in (
+            (stub.EmbedText, clip_pb2.EmbedTextRequest(texts=["a"], priority=7)),
+            (stub.EmbedImage, clip_pb2.EmbedImageRequest(images=[image], priority=7)),
+            (stub.Classify, clip_pb2.ClassifyRequest(images=[image], labels=["a"], priority=7)),
+            (
+                stub.Similarity,
+                clip_pb2.SimilarityRequest(
+                    queries=[clip_pb2.Item(text="a")],
+                    candidates=[clip_pb2.Item(text="b")],
+                    priority=7,
+                ),
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(request, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "priority" in (refused.value.details() or "")
+        items = [
+            clip_pb2.StreamRequest(id="ok-1", text="a red circle"),
+            clip_pb2.StreamRequest(id="bad", text="a blue star", priority=-3),
+            clip_pb2.StreamRequest(id="ok-2", image=image, priority=clip_pb2.PRIORITY_BULK),
+        ]
+        answers = {a.id: a async for a in stub.EmbedStream(iter(items), timeout=60)}
+    assert answers["bad"].error.code == "INVALID_ARGUMENT"
+    assert "priority" in answers["bad"].error.message
+    assert answers["ok-1"].HasField("embedding") and answers["ok-2"].HasField("embedding")
