@@ -51,6 +51,7 @@ system-deps:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; fi
 	@bash scripts/install_helm.sh
 	@bash scripts/install_buf.sh
+	@bash scripts/install_node_openai.sh
 
 $(MODEL_REPO)/metadata.json: $(DEMO_WEIGHTS) $(VENV)/.installed service/model/export.py service/model/encoders.py service/model/triton_config.py service/model/triton_python_model.py
 	$(CLIPSVC) export --model clip-demo-shapes --pretrained $(DEMO_WEIGHTS) --flavor python --out $(MODEL_REPO)
