@@ -26,6 +26,7 @@ from service.core.models import ModelRegistry, ServedModel, pick_default
 from service.core.scoring import Scorer
 from service.core.validation import Limits
 from service.cpus import usable_cpus
+from service.memory import return_large_buffers_to_the_os
 from service.metrics import Metrics
 from service.model.metadata import DEFAULT_NAME, ModelMetadata, load_repository
 from service.server.app import Gateway, ServerOptions, build_server
@@ -330,6 +331,7 @@ def build_gateway(
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    return_large_buffers_to_the_os()  # a process-wide allocator setting: the process's own
     gateway = build_gateway(settings)
     await gateway.start()
     stop = asyncio.Event()
