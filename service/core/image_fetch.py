@@ -14,7 +14,8 @@ private services). So, for every URL and every redirect hop:
   a second DNS answer cannot swap in another address between check and connect (DNS
   rebinding);
 - redirects are followed by hand, each hop checked as above, at most `max_redirects`;
-- the body is read in chunks and refused the moment it passes `max_bytes`, each chunk
+- the body is read as sent (`Accept-Encoding: identity`, nothing inflated here) in chunks
+  and refused the moment it passes `max_bytes`, each chunk
   taken from the caller's request-byte budget (`take`) as it arrives;
 - connect and total timeouts, the total within what the caller has left.
 
@@ -137,7 +138,14 @@ class ImageFetcher:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(limit, 5.0))
         try:
             async with (
-                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                # Bodies as sent: a gzip body is not inflated here (a small bomb would
+                # pass the byte cap only after it was inflated in one piece).
+                aiohttp.ClientSession(
+                    connector=connector,
+                    timeout=timeout,
+                    auto_decompress=False,
+                    headers={"Accept-Encoding": "identity"},
+                ) as session,
                 asyncio.timeout(limit),
             ):
                 return await self._follow(session, resolver, url, take, refuse)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import http.server
 import threading
 import time
@@ -58,6 +59,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if parts.path == "/slow":
             time.sleep(3.0)
+        if parts.path == "/gzip":  # 50 MB of zeros in ~50 kB, sent though not asked for
+            packed = gzip.compress(b"\0" * 50_000_000, compresslevel=9)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(packed)))
+            self.end_headers()
+            self.wfile.write(packed)
+            return
         bodies = {
             "/img.png": IMAGE,
             "/other.png": OTHER,
@@ -239,6 +248,8 @@ async def test_token_ids_are_refused_with_langchains_fix(gateway: Gateway) -> No
         ),
         ("http://127.0.0.1:{port}/big", 413, f"over the limit of {MAX_IMAGE_BYTES} bytes"),
         ("http://127.0.0.1:{port}/slow", 400, "did not finish within 1 s"),
+        # Never inflated here: the compressed bytes are what came, and they are no image.
+        ("http://127.0.0.1:{port}/gzip", 400, "not a decodable image"),
         ("http://127.0.0.1:{port}/missing.png", 400, "answered HTTP 404"),
     ],
 )
