@@ -3,12 +3,7 @@
     python -m bench.cache                       # demo model, LRU and a real redis-server
     python -m bench.cache --model ViT-B-32 --quick
 
-One gateway (its own process) per cache setup: none (the baseline), the in-process
-LRU only, Redis only (`local_cache_items=0`, every hit is a Redis MGET) and LRU +
-Redis (production). For each: single-item calls with inputs never seen before
-(misses: the full pipeline plus the cache fill) and with a warm set of inputs
-(hits), at each concurrency. Hits and misses are checked against the gateway's own
-cache counters. Writes bench/results/cache.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

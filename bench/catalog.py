@@ -4,16 +4,7 @@ indexing images/s (issue 31). Writes bench/results/catalog.md.
     python -m bench.catalog                   # 100k vectors (dims 64 and 512), ~10 min here
     python -m bench.catalog --n 20000 --images 96
 
-1. The store alone (Milvus Lite's engine, the gateway's index settings): N unit vectors
-   per dimension, clustered like embeddings are (a mixture of 1,000 directions), written
-   in batches, sealed; 200 held-out queries; recall@10 of the IVF_FLAT index at several
-   nprobe values against exact cosine (numpy over all N), and the engine's own p50/p99.
-2. The gateway (`--catalog` on the same file, the demo model): the dim-64 collection is
-   made as the demo model's, so the gateway searches those N vectors. Search by vector
-   over gRPC and HTTP, and by text (embedding included); p50/p99 of one closed-loop
-   caller, with the engine's own latency above as the baseline.
-3. Indexing: the same rendered shape PNGs through CatalogAdd (embed + store) and through
-   EmbedStream (embed only), interleaved rounds; images/s of each and their ratio.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

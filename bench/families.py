@@ -7,23 +7,7 @@
     python -m bench.families --resume              # keep the table's rows, try the rest
     python -m bench.families --resume --retry-failed   # ... and the failed ones again
 
-Each architecture runs in its own process (a crash or a memory blow-up names that model
-only), with random weights and no hub:
-
-1. export (`clipsvc export --model PATH.json --pretrained none`, python flavor): both
-   towers to TorchScript, the exporter's own self-check against open_clip on the same
-   weights (images in batches of 3 and 1, texts of several lengths, ≤ 1e-4), and the
-   gateway's tokenizer (built from the repository's copied files) against
-   `open_clip.get_tokenizer(model)` on varied texts (exact ids);
-2. load: the repository alone (metadata, tokenizer, both `model.pt`), the way the gateway
-   loads it, and one forward pass per tower (unit-norm, finite vectors).
-
-Offline, a hub tokenizer or HF text model a config names (SigLIP's, XLM-R's, mT5's,
-NLLB's, BERT's) is replaced by a small stand-in of the same kind built here (a tokenizer
-trained in milliseconds, a tiny HF config of the same `model_type`); the table says where.
-The architecture of open_clip's own towers is never changed.
-
-Writes bench/results/families.md: one row per architecture, every failure with its reason.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

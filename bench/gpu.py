@@ -1,24 +1,11 @@
 """The GPU benchmark's steps: export, Triton alone and the gateway end to end, report.
 
-`bench/gpu.sh` runs each step in its own process under its own timeout, so one failing
-or slow step does not lose the others:
-
     python -m bench.gpu export  --model ViT-B-32 --precision fp16      # clipsvc export
     python -m bench.gpu measure --model ViT-B-32 --precision fp16      # Triton, gateway
     python -m bench.gpu report                                         # gpu-cuda.md
     python -m bench.gpu ... --smoke                                    # CPU, demo model
 
-- **export**: `clipsvc export --flavor pytorch --precision fp32|fp16` with random weights
-  (the demo model's own in `--smoke`) into `<work>/<model>-<precision>/`, unless there.
-- **measure**: serves that export from the pip `tritonserver` (python backend only: the
-  served copy gets `bench/triton_device_model.py`, which runs the same `model.pt` on
-  `--device`), then at each concurrency 1. Triton alone (`perf_analyzer` where it runs,
-  else a tritonclient gRPC loop; one pre-decoded image or one 16-token caption per
-  request) and 2. the gateway end to end (`clipsvc serve --backend triton`, cache off, one
-  640×480 JPEG or one short caption per call, every input new); the points go to
-  `<work>/parts/<model>-<precision>.json` after each one (a timeout keeps what was measured).
-- **report**: every part into `bench/results/gpu-cuda.md` (or `gpu-smoke.md`): items/s,
-  gateway ÷ Triton alone, and the status of every step `gpu.sh` recorded.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
 """The one harness every benchmark uses: models, inputs, servers, load, rounds, reports.
 
-A scenario says only what it compares; this module owns the rest:
-- servers as context managers: `gateway()`, `triton()`, `redis()` (the processes of
-  `service/processes/`, each in its own process group on free ports);
-- one closed-loop load generator, `closed_loop` (gRPC through `RawClip`, HTTP through
-  `http_text_call`; concurrency, a duration or a number of calls, per-call latency), and
-  `timed_loop` for in-process micro-timings (a raw module's forward pass);
-- `interleaved`: rounds that measure every point once, the order rotated each round;
-- one result writer: `report_head` (machine, load average, commit), `md_table`, `fmt`,
-  `write_result`; scenarios plot with matplotlib where a figure helps.
-
-Every figure a benchmark prints is measured in the same run as its baseline, so a ratio
-holds on a noisy shared machine even when the absolute numbers do not. pyperf was the
-candidate for micro-timings, but its Runner owns the process (worker processes,
-calibration, its own argv), which rules out timing a raw module between two service
-points of the same round; `timed_loop` is 20 lines instead.
+Which pieces it holds and why: bench/README.md, "The harness".
 """
 
 from __future__ import annotations

@@ -5,13 +5,7 @@ checkout, interleaved in one run.
     python -m bench.lanes                      # ~4 min on 2 cores (--rounds 2 --seconds 15)
     python -m bench.lanes --baseline-ref HEAD~3 --rounds 3
 
-Each variant is a real `clipsvc serve` (embedded demo model, no cache), started from its
-own code: the baseline from `git archive <ref>` in a temporary folder. In each round and
-for each variant: an idle phase (one interactive caller, single 640×480 JPEGs, one call
-at a time), then a loaded phase (the same caller while `clipsvc embed-dir` streams a folder
-of distinct JPEGs through EmbedStream, started `--warm-s` earlier so it saturates). Bulk
-progress is read from the gateway's `clip_items_embedded_total`. Figures are medians over
-rounds; the ratio loaded ÷ idle p99 is the issue's target (≤ 2).
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

@@ -4,14 +4,7 @@
     python -m bench.load --redis --triton --seconds 30     # ... with redis-server, tritonserver
     python -m bench.load --target 127.0.0.1:50051 --pid 1234 --api-key K
 
-The mix per call: EmbedText 40 %, EmbedImage 25 %, Classify 20 %, Similarity 10 %,
-EmbedStream 5 % (16 items each). About 30 % of the texts and images repeat from a
-small hot set, as popular queries do, so caches see hits; the rest are new. Prints
-requests/s, p50/p95/p99 per RPC, errors by gRPC code, and the gateway's memory at
-start and end (its own process when this script starts it; `--pid` otherwise).
-
-Bounded: at most 1024 callers, one hour, `--max-requests` calls if given, every call
-with a deadline; only loopback targets are accepted. Writes bench/results/load.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

@@ -3,21 +3,7 @@
     python -m bench.onnx                 # random ViT-B-32, 3 interleaved rounds, ~5 min
     python -m bench.onnx --rounds 5 --seconds 8
 
-Measures, on the same machine in the same run, in interleaved rounds (each round measures
-every point once, in a rotated order, so a slow minute hits all of them alike):
-- open_clip's eager model at batch 32: `encode_image` on pre-decoded photos, and
-  `encode_text` on 77-padded captions (what `open_clip.tokenize` gives) — the baseline;
-- the forward pass alone at batch 32 on the same pixels: the onnx flavor's `model.onnx`
-  in ONNX Runtime and the TorchScript flavor's `model.pt`;
-- the service: one embedded gateway per flavor, each in its own process, 32 closed-loop
-  callers sending single distinct 640×480 JPEGs or single captions (the caption mix),
-  no cache.
-
-Every ratio divides two figures of the same round; the report gives each round and the
-median. The issue's targets (#17): onnx flavor through the service ≥ 1.2× the eager model
-for images and ≥ 1.0× for texts. Both flavors are exported from the same seeded random
-weights as the eager model, and the report states the onnx flavor's max |diff| from it.
-Writes bench/results/onnx-<model>.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

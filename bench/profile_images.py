@@ -2,16 +2,7 @@
 
     python -m bench.profile_images --model ViT-B-32 --seconds 30
 
-The gateway runs in this process (so its threads can be read from /proc/self/task);
-the callers run in a child process. While they call, this script records:
-- CPU seconds per gateway thread: the event loop, the model thread and torch's OpenMP
-  workers (the forward pass), the decode pool (JPEG decode, resize, crop), gRPC's
-  own threads;
-- the gateway's stage histograms (decode, queue wait, backend call, whole request);
-- a pyinstrument profile of the event-loop thread (what Python does between awaits).
-
-Writes bench/results/profile-images-<model>.md and .txt (pyinstrument text; `--html`
-adds pyinstrument's interactive page).
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """What compact vectors cost in retrieval: recall@10 of int8 and binary against float32.
 
-For each set, every query's 10 nearest corpus vectors by float32 cosine are the truth;
-each compact format ranks the same corpus with the same queries, both quantized by the
-service's own rules (`service/core/vector_formats.py`), as a vector store that holds
-only the compact vectors would, and recall@10 is the share of the truth it finds.
-
-Two sets (no hub here, so no large trained CLIP):
-- `demo-images`: the trained demo CLIP (D = 64) on rendered shape images;
-- `vit-b-32-texts`: ViT-B-32 (D = 512, the production architecture) with random
-  weights on generated captions: real width, untrained geometry.
-
     python -m bench.quantization [--corpus 2000] [--queries 100]   # ~25 min on 2 busy cores
 
-Writes bench/results/quantization.md. Standalone: needs open_clip and the demo weights.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -109,9 +99,7 @@ def evaluate(corpus: np.ndarray, queries: np.ndarray) -> list[tuple[str, int, fl
     bits_q = signs(vf.quantize(queries, vf.UBINARY), dim)
     hamming_top = np.argsort(-(bits_q @ bits_c.T), axis=1, kind="stable")[:, : K * RESCORE]
     rescored = np.take_along_axis(
-        hamming_top,
-        top_k(np.einsum("qd,qkd->qk", queries, corpus[hamming_top])),
-        axis=1,
+        hamming_top, top_k(np.einsum("qd,qkd->qk", queries, corpus[hamming_top])), axis=1
     )
     f32, i8, b1 = (vf.packed_bytes(dim, f) for f in (vf.FLOAT32, vf.INT8, vf.UBINARY))
     return [

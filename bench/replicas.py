@@ -4,39 +4,10 @@
     python -m bench.replicas --rounds 2 --seconds 5        # shorter
     python -m bench.replicas --model ViT-B-32 --callers 16
 
-Starts two real `tritonserver`s (A and B) on the same exported repository and two
-gateways in their own processes: `one` with `--triton-url 127.0.0.1:A`, `two` with
-`--triton-url ipv4:127.0.0.1:A,127.0.0.1:B` (round robin per call), both with cache off
-and `--max-inflight-batches 2` (two batches can be in Triton at once). The same
-closed-loop single-image EmbedImage callers run through them in interleaved rounds
-(the order rotates each round), so that both see the same machine. Reports images/s per
-round, the medians, two ÷ one (median of the paired rounds' ratios, and of the medians),
-how the inferences split between A and B (the image model's `inference_count` around
-each round) and the CPU seconds each server's process group used.
-
-On a machine with few cores both servers share the same cores: the figure shows that
-the calls are balanced and what balancing costs, not a speed-up. Writes
-bench/results/replicas.md (`--out`).
-
-Two more scenarios check what a gateway promises about its replicas (issue 25):
-
     python -m bench.replicas --scenario foreign    # 3 replicas, one foreign; 32 callers, 60 s
     python -m bench.replicas --scenario drain      # SIGTERM, SIGKILL 1 s later; 16 callers
 
-`foreign`: A and A2 serve the export the gateway has, F serves another export of the
-same architecture (random weights: another model id and weights hash); one gateway with
-`--triton-url ipv4:A,F,A2` and a real redis-server. Closed-loop callers alternate
-EmbedText (a new text each call) and EmbedImage (new bytes each call). Every text vector
-answered is compared with both exports' own vectors for that text (embedded gateways of
-X and of F's export compute them afterwards), every value left in Redis with the vectors
-answered, and F's inference counts (Triton's statistics) are read. Writes
-bench/results/replicas-foreign.md.
-
-`drain`: A and B serve the same export; a gateway with `--triton-url ipv4:A,B` (cache
-off) under closed-loop single-image callers. Each cycle sends A's tritonserver SIGTERM
-(what the kubelet sends), SIGKILL one second later, waits, restarts A on the same ports
-and measures how long until A runs inferences again. Caller errors are counted per
-phase. Writes bench/results/replicas-drain.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

@@ -3,31 +3,7 @@
     python -m bench.soak --mode hostile --seconds 300     # issue 13
     python -m bench.soak --mode faults --seconds 300      # issue 14
 
-Both modes run a few closed-loop well-behaved callers (EmbedText with 2 captions,
-EmbedImage with one 640×480 JPEG, Classify of one JPEG against 8 labels, in turn) on
-the demo model, against a gateway in its own process (`GatewayProcess`).
-
-- `hostile`: the callers run alone (the baseline, `--baseline-seconds`), then for
-  `--seconds` while hostile callers are interleaved: single 10,000-letter words, images
-  near `--max-image-pixels`, Classify near `--max-prompts` (and past it), requests whose
-  answer would pass `--max-message-bytes`, and EmbedStream clients that write and never
-  read; and over HTTP (issue 24): cached 10,000-letter texts (their `usage` counted),
-  bodies of a million `{}`, nesting a million deep, a Classify answer past the limit,
-  lone surrogates, unknown routes and methods, and connections that send one byte of
-  their body (`--hostile-doors` picks the door). One well-behaved call in four is
-  `POST /v1/embeddings`. Reports well-behaved errors (target 0), their p99 against the
-  baseline, grpc.health.v1 and HTTP `/health` latency polled every 0.5 s (target < 1 s
-  throughout) and the gateway's VmRSS every second (targets: flat within 10 % after
-  warm-up; within 300 MB of the warm baseline).
-- `faults`: the gateway uses backend=triton (a real tritonserver on the demo repository)
-  and a real redis-server (in-process LRU off, so every lookup goes to Redis). The script
-  kills and restarts Redis, then Triton, a few times each while the callers run. Reports
-  errors outside Triton's own outage (target 0), how long errors went on after Triton was
-  ready again (target ≤ 2 s), every returned vector against a clean gateway's (no cache,
-  the same Triton after the soak; target: all equal) and p99 latency.
-
-Figures, never a test: nothing fails on a missed target. Writes
-bench/results/soak-hostile.md or bench/results/soak-faults.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

@@ -4,17 +4,7 @@
     python -m bench.throughput --model ViT-B-32 --with-triton --quick
     python -m bench.throughput --model ViT-B-32 --device cuda      # on a GPU machine
 
-Measures, on the same machine in the same run:
-- the raw module (no gRPC, no decoding: pre-decoded uint8 pixels, pre-made token ids)
-  at batch 1/8/32: images; texts padded to 77 tokens; texts padded only to the longest
-  real length in the batch;
-- the service (an embedded gateway in its own process, and with `--with-triton` a
-  gateway in front of a real tritonserver) at concurrency 1/8/32: every call is one
-  image or one text, every input is distinct, caching is off;
-- p50/p99 latency per call (per batch for the raw module), the batching gain (32
-  concurrent callers ÷ sequential calls) and service ÷ raw ratios against the targets.
-
-Writes bench/results/throughput-<model>[-<device>].md and .png.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations

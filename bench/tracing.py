@@ -4,9 +4,7 @@ OTLP/gRPC to a receiver on loopback), and single-image calls/s through a gateway
 
     python -m bench.tracing                 # ~2 min on 2 cores (--rounds 2 --seconds 12)
 
-The first figure is the tracer's own CPU per call (the span pattern of one EmbedImage,
-repeated in a loop: steady on a noisy machine); the second is end to end (noisy on
-shared cores: compare it with the round-to-round spread printed beside it).
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -117,10 +115,7 @@ async def run(args: argparse.Namespace) -> int:
         gateways = {
             "off": GatewayProcess(repository, log_name="gateway-off", **common),
             "on": GatewayProcess(
-                repository,
-                log_name="gateway-on",
-                otlp_endpoint=endpoint,
-                **common,
+                repository, log_name="gateway-on", otlp_endpoint=endpoint, **common
             ),
         }
         rates: dict[str, list[float]] = {name: [] for name in gateways}
