@@ -200,29 +200,46 @@ def report(
     return "\n".join(text), summary
 
 
+def tritons(stack: contextlib.ExitStack, repos: dict[str, Path], threads: int) -> dict[str, Any]:
+    """A real tritonserver per name, each on its repository (TORCH_THREADS applied)."""
+    servers = {}
+    for name, repository in repos.items():
+        started = time.perf_counter()
+        servers[name] = stack.enter_context(h.triton(repository, torch_threads=threads))
+        took = time.perf_counter() - started
+        print(f"  tritonserver {name}: {servers[name].grpc_url}, ready in {took:.1f} s")
+    return servers
+
+
+def triton_gateway(
+    stack: contextlib.ExitStack, repository: Path, name: str, urls: Sequence[str],
+    args: argparse.Namespace, **settings: object,
+) -> Any:  # fmt: skip
+    """A gateway (own process, no cache) over `urls`: one address, or `ipv4:` round robin."""
+    target = urls[0] if len(urls) == 1 else "ipv4:" + ",".join(urls)
+    settings = {"local_cache_items": 0, "redis_url": "", **settings}
+    gateway = stack.enter_context(
+        h.gateway(
+            repository, name, backend="triton", triton_url=target, torch_threads=args.torch_threads,
+            max_inflight_batches=args.inflight, **settings,
+        )
+    )  # fmt: skip
+    print(f"  gateway {name}: {gateway.target} → {target}", flush=True)
+    return gateway
+
+
 async def run(args: argparse.Namespace) -> int:
     h.section(f"replicas: {args.model}, one against two tritonservers")
     info = h.machine_info(args.torch_threads)
     repository = h.model_repository(args.model)
     jpegs = h.photo_pool(64, seed=3)
-    settings = {"backend": "triton", "local_cache_items": 0, "redis_url": ""}
-    settings |= {"max_inflight_batches": args.inflight, "torch_threads": args.torch_threads}
     with contextlib.ExitStack() as stack:
         h.section("starting two tritonservers and two gateways")
-        servers = {}
-        for name in SERVERS:
-            started = time.perf_counter()
-            servers[name] = stack.enter_context(
-                h.triton(repository, torch_threads=args.torch_threads)
-            )
-            took = time.perf_counter() - started
-            print(f"  tritonserver {name}: {servers[name].grpc_url}, ready in {took:.1f} s")
+        servers = tritons(stack, dict.fromkeys(SERVERS, repository), args.torch_threads)
         urls = {name: server.grpc_url for name, server in servers.items()}
         gateways = {
-            path: stack.enter_context(
-                h.gateway(repository, f"gateway-{path}", triton_url=url, **settings)
-            )
-            for path, url in {"one": urls["A"], "two": f"ipv4:{urls['A']},{urls['B']}"}.items()
+            path: triton_gateway(stack, repository, f"gateway-{path}", replicas, args)
+            for path, replicas in (("one", [urls["A"]]), ("two", [urls["A"], urls["B"]]))
         }
         bench = Replicas(servers, gateways, jpegs, args)
         h.section("warm-up point per gateway (not reported)")
@@ -240,7 +257,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- scenario: foreign
-def other_export(model: str, torch_threads: int) -> Path:
+def other_export(model: str) -> Path:
     """The same architecture with random weights (seeded): another model id and hash."""
     import torch
 
@@ -250,7 +267,7 @@ def other_export(model: str, torch_threads: int) -> Path:
     target = Path(tempfile.mkdtemp(prefix="bench-rep-foreign-")) / "repo"
     torch.manual_seed(2525)
     export_model(model, "none", target, flavor="python", batching=BatchingOptions(), progress=False)
-    return h.repository_variant(target, torch_threads)
+    return target
 
 
 async def reference_texts(repository: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -275,61 +292,48 @@ async def run_foreign(args: argparse.Namespace) -> int:
     h.section(f"replicas, foreign: {args.model}, three tritonservers, one of another export")
     info = h.machine_info(args.torch_threads)
     repository = h.model_repository(args.model)
-    ours = h.repository_variant(repository, args.torch_threads)
-    theirs = other_export(args.model, args.torch_threads)
+    theirs = other_export(args.model)
     jpegs = h.photo_pool(16, (160, 120), seed=5)
     answered: dict[str, np.ndarray] = {}
     image_vectors: list[np.ndarray] = []
-    errors: dict[str, int] = {}
     calls = {"text": 0, "image": 0}
     with contextlib.ExitStack() as stack:
-        servers: dict[str, Any] = {}
-        for name, repo in (("A", ours), ("F", theirs), ("A2", ours)):
-            servers[name] = stack.enter_context(h.triton(repo))
-            print(f"  tritonserver {name}: {servers[name].grpc_url}", flush=True)
+        repos = {"A": repository, "F": theirs, "A2": repository}
+        servers = tritons(stack, repos, args.torch_threads)
         redis = stack.enter_context(h.redis())
-        target = "ipv4:" + ",".join(servers[n].grpc_url for n in ("A", "F", "A2"))
-        gateway = stack.enter_context(
-            h.gateway(
-                repository,
-                "gateway-foreign",
-                backend="triton",
-                triton_url=target,
-                redis_url=redis.url,
-                local_cache_items=0,
-                max_inflight_batches=args.inflight,
-                torch_threads=args.torch_threads,
-            )
+        urls = [servers[n].grpc_url for n in ("A", "F", "A2")]
+        gateway = triton_gateway(
+            stack, repository, "gateway-foreign", urls, args, redis_url=redis.url
         )
-        print(f"  gateway: {gateway.target} → {target}", flush=True)
+        target = "ipv4:" + ",".join(urls)
         before = {name: inference_counts(server) for name, server in servers.items()}
         h.section(f"{args.callers} callers for {args.seconds:g} s")
-        loop = asyncio.get_running_loop()
-        stop_at = loop.time() + args.seconds
         async with AsyncClipClient(gateway.target) as client:
 
-            async def caller(index: int) -> None:
-                n = 0
-                while loop.time() < stop_at:
-                    n += 1
-                    kind = "text" if n % 2 else "image"
-                    try:
-                        if kind == "text":
-                            text = f"{short_caption(index * 100_000 + n)} #{index}-{n}"
-                            answer = await client.embed_text([text])
-                            answered[text] = answer.vectors[0]
-                        else:
-                            image = h.unique_jpeg(jpegs[n % len(jpegs)], index * 100_000 + n)
-                            answer = await client.embed_image([image])
-                            image_vectors.append(answer.vectors[0])
-                    except grpc.aio.AioRpcError as exc:
-                        key = f"{kind} {exc.code().name}"
-                        errors[key] = errors.get(key, 0) + 1
-                    calls[kind] += 1
+            async def call(i: int) -> int:
+                """EmbedText (a new text) and EmbedImage (new bytes) in turn."""
+                kind = "text" if i % 2 else "image"
+                calls[kind] += 1
+                try:
+                    if kind == "text":
+                        text = f"{short_caption(i)} #{i}"
+                        answered[text] = (await client.embed_text([text])).vectors[0]
+                    else:
+                        image = h.unique_jpeg(jpegs[i % len(jpegs)], i)
+                        image_vectors.append((await client.embed_image([image])).vectors[0])
+                except grpc.aio.AioRpcError as exc:
+                    raise h.CallFailed(f"{kind} {exc.code().name}") from exc
+                return 1
 
-            await asyncio.gather(*(caller(i) for i in range(args.callers)))
+            result = await h.closed_loop(
+                call, label="foreign", concurrency=args.callers, seconds=args.seconds,
+                warmup_rounds=0,
+            )  # fmt: skip
+        errors = result.errors
         after = {name: inference_counts(server) for name, server in servers.items()}
-        raw = redis_client(redis.url)
+        import redis as redis_py
+
+        raw = redis_py.Redis.from_url(redis.url)
         stored = [raw.get(key) for key in raw.scan_iter("clip:*:emb:*")]
     h.section("checking every answered text against both exports' own vectors")
     texts = sorted(answered)
@@ -380,10 +384,9 @@ async def run_foreign(args: argparse.Namespace) -> int:
     summary = h.md_table(["figure", "value"], rows)
     text = "\n".join(
         [
-            f"# Three Triton replicas, one serving another export ({args.model})",
-            "",
-            h.md_table(["", ""], info),
-            "",
+            *h.report_head(
+                f"Three Triton replicas, one serving another export ({args.model})", info
+            ),
             "## What ran",
             "",
             "- Three real `tritonserver`s: A and A2 on the export the gateway has, F on "
@@ -424,12 +427,6 @@ async def run_foreign(args: argparse.Namespace) -> int:
     return 0
 
 
-def redis_client(url: str) -> Any:
-    import redis
-
-    return redis.Redis.from_url(url)
-
-
 # ---------------------------------------------------------------------- scenario: drain
 @dataclass
 class Cycle:
@@ -448,28 +445,14 @@ async def run_drain(args: argparse.Namespace) -> int:
     h.section(f"replicas, drain: {args.model}, SIGTERM then SIGKILL of one of two tritonservers")
     info = h.machine_info(args.torch_threads)
     repository = h.model_repository(args.model)
-    triton_repository = h.repository_variant(repository, args.torch_threads)
     jpegs = h.photo_pool(16, (160, 120), seed=7)
     cycles: list[Cycle] = []
     with contextlib.ExitStack() as stack:
-        servers: dict[str, Any] = {}
-        for name in SERVERS:
-            servers[name] = stack.enter_context(h.triton(triton_repository))
+        servers = tritons(stack, dict.fromkeys(SERVERS, repository), args.torch_threads)
         a = servers["A"]
-        target = f"ipv4:{servers['A'].grpc_url},{servers['B'].grpc_url}"
-        gateway = stack.enter_context(
-            h.gateway(
-                repository,
-                "gateway-drain",
-                backend="triton",
-                triton_url=target,
-                local_cache_items=0,
-                redis_url="",
-                max_inflight_batches=args.inflight,
-                torch_threads=args.torch_threads,
-            )
-        )
-        print(f"  gateway: {gateway.target} → {target}", flush=True)
+        urls = [servers["A"].grpc_url, servers["B"].grpc_url]
+        gateway = triton_gateway(stack, repository, "gateway-drain", urls, args)
+        target = "ipv4:" + ",".join(urls)
         phase = {"now": "before"}
         errors: dict[str, dict[str, int]] = {}
         calls: dict[str, int] = {}
@@ -534,35 +517,21 @@ async def run_drain(args: argparse.Namespace) -> int:
         ]
         for c in cycles
     ]
-    table = h.md_table(
-        [
-            "cycle",
-            "calls before",
-            "calls SIGTERM→restart",
-            "calls after",
-            "caller errors",
-            "rejoin s",
-        ],
-        rows,
-    )
+    headers = ["cycle", "calls before", "calls SIGTERM→restart", "calls after", "caller errors"]
+    table = h.md_table([*headers, "rejoin s"], rows)
+    worst = max((c.rejoin_s for c in cycles), default=0)
     summary = h.md_table(
         ["figure", "value"],
         [
             ["cycles (SIGTERM, SIGKILL 1 s later, restart)", str(len(cycles))],
             ["callers", str(args.callers)],
             ["caller errors, all cycles", str(total_errors)],
-            [
-                "rejoin after restart, worst",
-                f"{max((c.rejoin_s for c in cycles), default=0):.1f} s",
-            ],
+            ["rejoin after restart, worst", f"{worst:.1f} s"],
         ],
     )
     text = "\n".join(
         [
-            f"# A Triton replica drained under load ({args.model})",
-            "",
-            h.md_table(["", ""], info),
-            "",
+            *h.report_head(f"A Triton replica drained under load ({args.model})", info),
             "## What ran",
             "",
             "- Two real `tritonserver`s A and B on the same export; one gateway (own "
