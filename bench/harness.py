@@ -549,6 +549,16 @@ def report_head(title: str, info: Sequence[tuple[str, str]]) -> list[str]:
     return [f"# {title}", "", md_table(["", ""], info), ""]
 
 
+def report(
+    title: str, info: Sequence[tuple[str, str]], sections: dict[str, str | Sequence[str]]
+) -> str:
+    """A whole report: `report_head`, then each `## name` and its lines (or one string)."""
+    lines = report_head(title, info)
+    for name, body in sections.items():
+        lines += [f"## {name}", "", *([body] if isinstance(body, str) else body), ""]
+    return "\n".join(lines)
+
+
 def fmt(value: float, digits: int = 1) -> str:
     """A number for a table: fixed digits, `–` for NaN."""
     if value != value:  # NaN

@@ -102,35 +102,21 @@ def evaluate(corpus: np.ndarray, queries: np.ndarray) -> list[tuple[str, int, fl
         hamming_top, top_k(np.einsum("qd,qkd->qk", queries, corpus[hamming_top])), axis=1
     )
     f32, i8, b1 = (vf.packed_bytes(dim, f) for f in (vf.FLOAT32, vf.INT8, vf.UBINARY))
+    dot = lambda q, c: q.astype(np.float32) @ c.T.astype(np.float32)  # noqa: E731
+    served, fixed = "int8, per-vector scale (served)", "int8, fixed [-1, 1] scale (not served)"
+    rows = [
+        (f"{served}, cosine", i8, cosine(int8_q, int8_c)),
+        (f"{served}, raw dot product", i8, dot(int8_q, int8_c)),
+        (f"{fixed}, cosine", i8, cosine(fixed_q, fixed_c)),
+        (f"{fixed}, dot product", i8, dot(fixed_q, fixed_c)),
+        ("binary / ubinary, Hamming distance", b1, bits_q @ bits_c.T),
+    ]
     return [
         ("float32 (the truth)", f32, 1.0),
-        (
-            "int8, per-vector scale (served), cosine",
-            i8,
-            recall(top_k(cosine(int8_q, int8_c)), truth),
-        ),
-        (
-            "int8, per-vector scale (served), raw dot product",
-            i8,
-            recall(top_k(int8_q.astype(np.float32) @ int8_c.T.astype(np.float32)), truth),
-        ),
-        (
-            "int8, fixed [-1, 1] scale (not served), cosine",
-            i8,
-            recall(top_k(cosine(fixed_q, fixed_c)), truth),
-        ),
-        (
-            "int8, fixed [-1, 1] scale (not served), dot product",
-            i8,
-            recall(top_k(fixed_q.astype(np.float32) @ fixed_c.T.astype(np.float32)), truth),
-        ),
-        ("binary / ubinary, Hamming distance", b1, recall(top_k(bits_q @ bits_c.T), truth)),
-        (
-            f"binary top {K * RESCORE}, rescored with float32 queries and vectors",
-            b1,
-            recall(rescored, truth),
-        ),
-    ]
+        *((name, size, recall(top_k(scores), truth)) for name, size, scores in rows),
+        (f"binary top {K * RESCORE}, rescored with float32 queries and vectors", b1,
+         recall(rescored, truth)),
+    ]  # fmt: skip
 
 
 def main() -> None:

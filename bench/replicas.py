@@ -160,12 +160,7 @@ def report(
         ["caller errors, all rounds", str(sum(sum(r.result.errors.values()) for r in rounds))],
     ]  # fmt: skip
     summary = h.md_table(["figure", "value"], rows)
-    text = [
-        *h.report_head(
-            f"One against two local Triton servers behind one gateway ({args.model})", info
-        ),
-        "## What ran",
-        "",
+    what_ran = [
         f"- Two real `tritonserver`s (pip wheel, python backend, CPU) on the same repository: "
         f"A at `{urls['A']}`, B at `{urls['B']}`. Gateway `one`: `--triton-url {urls['A']}`; "
         f"gateway `two`: `--triton-url ipv4:{urls['A']},{urls['B']}` (round robin per call); "
@@ -176,17 +171,8 @@ def report(
         "unmeasured warm-up point per gateway. Inferences and executions: the change of the "
         "image model's Triton statistics over the round; CPU: user + system time of each "
         "server's process group (tritonserver and its python stubs).",
-        "",
-        "## Summary",
-        "",
-        summary,
-        "",
-        "## Rounds",
-        "",
-        h.md_table(HEADERS, [r.row() for r in rounds]),
-        "",
-        "## How to read it",
-        "",
+    ]
+    reading = [
         *balance,
         f"This machine has {info[1][1]}: both servers, both gateways and the load generator "
         "share them, so a second Triton adds no compute. Two ÷ one shows what spreading the "
@@ -195,9 +181,14 @@ def report(
         f"one server per GPU machine). CPU per image in the `two` rounds: "
         f"{1000 * gw_cpu['two']:.1f} ms in the gateway, {1000 * cpu['two']:.1f} ms in both "
         "Tritons.",
-        "",
     ]
-    return "\n".join(text), summary
+    title = f"One against two local Triton servers behind one gateway ({args.model})"
+    sections = {"What ran": what_ran, "Summary": summary}
+    sections |= {
+        "Rounds": h.md_table(HEADERS, [r.row() for r in rounds]),
+        "How to read it": reading,
+    }
+    return h.report(title, info, sections), summary
 
 
 def tritons(stack: contextlib.ExitStack, repos: dict[str, Path], threads: int) -> dict[str, Any]:
@@ -382,47 +373,37 @@ async def run_foreign(args: argparse.Namespace) -> int:
         ],
     ]
     summary = h.md_table(["figure", "value"], rows)
-    text = "\n".join(
-        [
-            *h.report_head(
-                f"Three Triton replicas, one serving another export ({args.model})", info
-            ),
-            "## What ran",
+    what_ran = [
+        "- Three real `tritonserver`s: A and A2 on the export the gateway has, F on "
+        "another export of the same architecture (random weights, so another model id "
+        "and weights hash in its configs).",
+        f"- One gateway (own process) with `--triton-url {target}` (F in the middle of "
+        f"the list), a real redis-server, no in-process cache, "
+        f"`--max-inflight-batches {args.inflight}`.",
+        f"- {args.callers} closed-loop callers for {args.seconds:g} s, each alternating "
+        "EmbedText (a new text each call) and EmbedImage (new JPEG bytes each call).",
+        "- Afterwards every answered text vector is compared (1e-5) with what embedded "
+        "gateways of both exports answer for that text; every value in Redis with the "
+        "vectors answered and with F's export's text vectors; inferences per server are "
+        "the change of Triton's `inference_count` per model.",
+    ]
+    result_lines = [
+        summary,
+        "",
+        "F's configs are read (once a second, by the probes), its vectors never asked "
+        "for: the gateway sends inference only to replicas whose identity it checked on "
+        "their own connection. The issue's run of the code before this change answered "
+        "96 of 950 calls with F's vectors.",
+    ]
+    if len(stored) < len(known):
+        result_lines += [
             "",
-            "- Three real `tritonserver`s: A and A2 on the export the gateway has, F on "
-            "another export of the same architecture (random weights, so another model id "
-            "and weights hash in its configs).",
-            f"- One gateway (own process) with `--triton-url {target}` (F in the middle of "
-            f"the list), a real redis-server, no in-process cache, "
-            f"`--max-inflight-batches {args.inflight}`.",
-            f"- {args.callers} closed-loop callers for {args.seconds:g} s, each alternating "
-            "EmbedText (a new text each call) and EmbedImage (new JPEG bytes each call).",
-            "- Afterwards every answered text vector is compared (1e-5) with what embedded "
-            "gateways of both exports answer for that text; every value in Redis with the "
-            "vectors answered and with F's export's text vectors; inferences per server are "
-            "the change of Triton's `inference_count` per model.",
-            "",
-            "## Result",
-            "",
-            summary,
-            "",
-            "F's configs are read (once a second, by the probes), its vectors never asked "
-            "for: the gateway sends inference only to replicas whose identity it checked on "
-            "their own connection. The issue's run of the code before this change answered "
-            "96 of 950 calls with F's vectors.",
-            "",
-            *(
-                [
-                    f"Redis holds {len(stored)} of the {len(known)} vectors answered: a write "
-                    "the cache gives up on (it never fails a call) is not retried. Every "
-                    "entry it does hold is one that was answered, none is F's.",
-                    "",
-                ]
-                if len(stored) < len(known)
-                else []
-            ),
+            f"Redis holds {len(stored)} of the {len(known)} vectors answered: a write the cache "
+            "gives up on (it never fails a call) is not retried. Every entry it does hold is "
+            "one that was answered, none is F's.",
         ]
-    )
+    title = f"Three Triton replicas, one serving another export ({args.model})"
+    text = h.report(title, info, {"What ran": what_ran, "Result": result_lines})
     h.write_result(args.out or h.RESULTS_DIR / "replicas-foreign.md", text, summary)
     return 0
 
@@ -529,33 +510,22 @@ async def run_drain(args: argparse.Namespace) -> int:
             ["rejoin after restart, worst", f"{worst:.1f} s"],
         ],
     )
-    text = "\n".join(
-        [
-            *h.report_head(f"A Triton replica drained under load ({args.model})", info),
-            "## What ran",
-            "",
-            "- Two real `tritonserver`s A and B on the same export; one gateway (own "
-            f"process) with `--triton-url {target}`, cache off, "
-            f"`--max-inflight-batches {args.inflight}`.",
-            f"- {args.callers} closed-loop callers, one new image per EmbedImage call.",
-            f"- Each cycle: {args.settle_s:g} s of load; SIGTERM to A's tritonserver (only "
-            "that process, as the kubelet signals a container's PID 1); SIGKILL of A's "
-            f"process group {KILL_AFTER_TERM_S:g} s later; {args.settle_s:g} s on B alone; A "
-            "restarted on the same ports; the time until A's image model runs an "
-            f"inference again; {args.settle_s:g} s more.",
-            "",
-            "## Summary",
-            "",
-            summary,
-            "",
-            "## Cycles",
-            "",
-            table,
-            "",
-            "The issue's run of the code before this change: 233 calls failed with "
-            "UNAVAILABLE in 8 s of the same drain under 16 callers.",
-            "",
-        ]
+    what_ran = [
+        "- Two real `tritonserver`s A and B on the same export; one gateway (own "
+        f"process) with `--triton-url {target}`, cache off, "
+        f"`--max-inflight-batches {args.inflight}`.",
+        f"- {args.callers} closed-loop callers, one new image per EmbedImage call.",
+        f"- Each cycle: {args.settle_s:g} s of load; SIGTERM to A's tritonserver (only "
+        "that process, as the kubelet signals a container's PID 1); SIGKILL of A's "
+        f"process group {KILL_AFTER_TERM_S:g} s later; {args.settle_s:g} s on B alone; A "
+        "restarted on the same ports; the time until A's image model runs an "
+        f"inference again; {args.settle_s:g} s more.",
+    ]
+    before = "The issue's run of the code before this change: 233 calls failed with "
+    before += "UNAVAILABLE in 8 s of the same drain under 16 callers."
+    title = f"A Triton replica drained under load ({args.model})"
+    text = h.report(
+        title, info, {"What ran": what_ran, "Summary": summary, "Cycles": [table, "", before]}
     )
     h.write_result(args.out or h.RESULTS_DIR / "replicas-drain.md", text, summary)
     return 0
