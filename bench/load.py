@@ -28,6 +28,7 @@ from service.processes.gateway import wait_serving
 
 WORKLOAD = {"EmbedText": 40, "EmbedImage": 25, "Classify": 20, "Similarity": 10, "EmbedStream": 5}
 HOT, HOT_SHARE, STREAM_ITEMS = 64, 0.3, 16
+RPC_HEADERS = ["RPC", "calls", "ok/s", "items/s", "p50 ms", "p95 ms", "p99 ms", "errors by code"]
 PACKED = pb.VECTOR_FORMAT_FLOAT32_BYTES
 LABEL_SETS = (
     ("red circle", "blue star", "green square", "yellow triangle", "purple hexagon",
@@ -185,24 +186,14 @@ def report(
 
     def rpc_row(name: str, r: h.LoadResult, errors: str) -> list[object]:
         p = [h.fmt(r.percentile_ms(q)) for q in (50, 95, 99)]
-        calls = len(r.latencies_s) + sum(r.errors.values())
-        return [
-            name,
-            calls,
-            h.fmt(len(r.latencies_s) / elapsed),
-            h.fmt(r.items / elapsed),
-            *p,
-            errors,
-        ]
+        calls, ok = len(r.latencies_s) + sum(r.errors.values()), len(r.latencies_s)
+        return [name, calls, h.fmt(ok / elapsed), h.fmt(r.items / elapsed), *p, errors]
 
     rows = []
     for name, s in mix.stats.items():
-        stream = (
-            "; stream items: " + h.codes_text(mix.item_errors)
-            if name == "EmbedStream" and mix.item_errors
-            else ""
-        )
-        rows.append(rpc_row(name, s, s.error_text + stream))
+        stream = name == "EmbedStream" and mix.item_errors
+        items = "; stream items: " + h.codes_text(mix.item_errors) if stream else ""
+        rows.append(rpc_row(name, s, s.error_text + items))
     rows.append(rpc_row("**all**", result, result.error_text))
     mem_rows = []
     if g := memory.get("gateway"):
@@ -221,10 +212,7 @@ def report(
         f"{STREAM_ITEMS} items (¾ texts); {HOT_SHARE:.0%} of inputs come from a hot set of "
         f"{HOT}. `items/s` counts texts and images sent.",
         "",
-        h.md_table(
-            ["RPC", "calls", "ok/s", "items/s", "p50 ms", "p95 ms", "p99 ms", "errors by code"],
-            rows,
-        ),
+        h.md_table(RPC_HEADERS, rows),
         "",
     ]
     if mem_rows:
@@ -275,10 +263,8 @@ async def self_started(args: argparse.Namespace, info: list) -> tuple:
         else:
             note += ", backend: embedded"
         if args.api_key:
-            keyfile = (
-                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-keys-")))
-                / "keys"
-            )
+            keys = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-keys-"))
+            keyfile = Path(keys) / "keys"
             keyfile.write_text(args.api_key + "\n")
             settings["api_keys_file"], note = keyfile, note + ", API keys on"
         gateway = stack.enter_context(h.gateway(repository, "load", **settings))
@@ -303,11 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis", action="store_true", help="self-started: a real redis-server")
     p.add_argument("--triton", action="store_true", help="self-started: a real tritonserver")
     args = p.parse_args(argv)
-    if (
-        not 1 <= args.callers <= 1024
-        or not 0 < args.seconds <= 3600
-        or not 1 <= args.channels <= 64
-    ):
+    bounds = (1 <= args.callers <= 1024, 0 < args.seconds <= 3600, 1 <= args.channels <= 64)
+    if not all(bounds):
         p.error("--callers must be 1..1024, --seconds in (0, 3600], --channels 1..64")
     if args.target and (args.redis or args.triton):
         p.error("--redis/--triton start servers for a self-started gateway, not a --target")
