@@ -31,23 +31,26 @@ from service.model.metadata import load_repository
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.milvus_lite import MilvusLite
 
-RESULTS = Path(__file__).parent / "results" / "catalog.md"
+RESULTS = h.RESULTS_DIR / "catalog.md"
 QUERIES = 200
 NPROBES = (8, 32, 128)
+QUERY_ROWS = (
+    ("grpc_vector", "gRPC Search, vector"), ("http_vector", "HTTP /v1/search, vector"),
+    ("grpc_text", "gRPC Search, text (embedded per query)"),
+)  # fmt: skip
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     """Unit vectors around 1,000 random directions (spread 0.7 per coordinate)."""
     centres = rng.standard_normal((1000, dim)).astype(np.float32)
-    points = centres[rng.integers(0, 1000, n)] + 0.7 * rng.standard_normal((n, dim)).astype(
-        np.float32
-    )
+    noise = 0.7 * rng.standard_normal((n, dim)).astype(np.float32)
+    points = centres[rng.integers(0, 1000, n)] + noise
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
     """p50 and p99 in milliseconds."""
-    return float(np.percentile(seconds, 50) * 1e3), float(np.percentile(seconds, 99) * 1e3)
+    return h.percentile_ms(seconds, 50), h.percentile_ms(seconds, 99)
 
 
 def fill(store: MilvusStore, name: str, vectors: np.ndarray, model_id: str) -> float:
@@ -55,11 +58,11 @@ def fill(store: MilvusStore, name: str, vectors: np.ndarray, model_id: str) -> f
     store.open_collection(name, dim=vectors.shape[1], model_id=model_id)
     started = time.perf_counter()
     for start in range(0, len(vectors), 1000):
-        rows = [
-            StoredItem(str(i), vectors[i], {"bucket": i % 10}, "")
-            for i in range(start, min(start + 1000, len(vectors)))
-        ]
-        store.upsert(name, rows)
+        end = min(start + 1000, len(vectors))
+        store.upsert(
+            name,
+            [StoredItem(str(i), vectors[i], {"bucket": i % 10}, "") for i in range(start, end)],
+        )
     store.flush(name)
     return len(vectors) / (time.perf_counter() - started)
 
@@ -83,7 +86,7 @@ def recall_rows(
             started = time.perf_counter()
             hits = store.search(name, query, 10, None)
             seconds.append(time.perf_counter() - started)
-            found += len({int(h.id) for h in hits} & set(truth.tolist()))
+            found += len({int(hit.id) for hit in hits} & set(truth.tolist()))
         store.close()
         rows.append((label, found / (10 * len(queries)), *percentiles(seconds)))
     return rows
@@ -197,12 +200,8 @@ def main() -> None:
                 vectors = clustered(args.n + QUERIES, dim, rng)
                 data, queries = vectors[: args.n], vectors[args.n :]
                 # As the gateway writes to its embedded engine (sole writer: new ids inserted).
-                store = MilvusStore(
-                    engine.uri,
-                    index=IndexSettings(index_type=index_type),
-                    timeout_s=600,
-                    sole_writer=True,
-                )
+                settings = IndexSettings(index_type=index_type)
+                store = MilvusStore(engine.uri, index=settings, timeout_s=600, sole_writer=True)
                 # The demo model's own collection (dim 64, the gateway's default index) is
                 # searched through the gateway below.
                 own = dim == metadata.embedding_dim and index_type == index.index_type
@@ -221,10 +220,9 @@ def main() -> None:
                 if own:
                     queries_64 = queries
         assert queries_64 is not None
+        images = shapes_png(args.images)
         out = asyncio.run(
-            gateway_phase(
-                args.repository, catalog, queries_64, metadata.model_id, shapes_png(args.images)
-            )
+            gateway_phase(args.repository, catalog, queries_64, metadata.model_id, images)
         )
     add, embed = np.median(out["add_rates"]), np.median(out["embed_rates"])
     lines += [
@@ -234,14 +232,7 @@ def main() -> None:
         "",
         "| query | p50 ms | p99 ms |",
         "| --- | ---: | ---: |",
-        *(
-            f"| {label} | {out[key][0]:.1f} | {out[key][1]:.1f} |"
-            for key, label in (
-                ("grpc_vector", "gRPC Search, vector"),
-                ("http_vector", "HTTP /v1/search, vector"),
-                ("grpc_text", "gRPC Search, text (embedded per query)"),
-            )
-        ),
+        *(f"| {label} | {out[key][0]:.1f} | {out[key][1]:.1f} |" for key, label in QUERY_ROWS),
         "",
         f"Indexing {args.images} rendered 64×64 PNG shapes per round, 3 interleaved rounds "
         "(median): CatalogAdd (embed + store) "
