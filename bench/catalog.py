@@ -9,7 +9,6 @@ What it measures and how: bench/README.md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -31,7 +30,6 @@ from service.model.metadata import load_repository
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.milvus_lite import MilvusLite
 
-RESULTS = h.RESULTS_DIR / "catalog.md"
 QUERIES = 200
 NPROBES = (8, 32, 128)
 QUERY_ROWS = (
@@ -167,11 +165,10 @@ async def gateway_phase(
 
 def main() -> None:
     """Run the three phases and write the report."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = h.parser(__doc__, out="catalog.md", model=None, threads=False)
     parser.add_argument("--n", type=int, default=100_000, help="vectors per dimension")
     parser.add_argument("--images", type=int, default=192, help="images per indexing round")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--out", type=Path, default=RESULTS, help="the report (Markdown)")
     args = parser.parse_args()
     metadata = load_repository(args.repository)["clip"]
     index = IndexSettings()
@@ -241,9 +238,7 @@ def main() -> None:
         f"embed {json.dumps([round(r, 1) for r in out['embed_rates']])}.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    h.write_result(args.out, "\n".join(lines), "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -461,15 +461,10 @@ the same on both paths.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = h.parser(__doc__, out="gateway-cpu.md", model=None, threads=False)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--photos", type=int, default=12, help="12 MP photos for embed-dir (≤ 12)")
-    parser.add_argument(
-        "--quick", action="store_true", help="a quarter of the images, at most 2 rounds"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=h.RESULTS_DIR / "gateway-cpu.md", help="the report (Markdown)"
-    )
+    parser.add_argument("--quick", action="store_true", help="¼ of the images, ≤ 2 rounds")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = min(args.rounds, 2)
@@ -477,9 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     qual = quality()
     dirs = embed_dir(args.rounds, args.photos)
     cpu = cpu_per_image(args.rounds, scale)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(cpu, dirs, qual, args))
-    print(f"wrote {args.out}", flush=True)
+    text = report(cpu, dirs, qual, args)
+    h.write_result(args.out, text, text.split("## 1.", 1)[1])
     return 0
 
 

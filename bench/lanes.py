@@ -31,8 +31,6 @@ from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import GatewayProcess
 from service.processes.metric_samples import sample, scrape
 
-OUT = h.RESULTS_DIR / "lanes.md"
-
 
 class CodeGateway(GatewayProcess):
     """A gateway run from another copy of the code (`code`: the folder holding `service`)."""
@@ -184,21 +182,17 @@ def write(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) 
     for name, rounds in results.items():
         for i, r in enumerate(rounds):
             lines.append(f"- {name}, round {i + 1}: {per_round(r)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out}")
+    h.write_result(args.out, "\n".join(lines) + "\n", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and run."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = h.parser(__doc__, out="lanes.md", model=None, threads=False)
     parser.add_argument("--baseline-ref", default="main", help="git ref of the baseline code")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
     parser.add_argument("--warm-s", type=float, default=3.0, help="bulk head start")
     parser.add_argument("--bulk-images", type=int, default=8000, help="files in the folder")
-    parser.add_argument("--out", type=Path, default=OUT, help="the report (Markdown)")
     return asyncio.run(run(parser.parse_args(argv)))
 
 

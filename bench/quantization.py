@@ -7,25 +7,22 @@ What it measures and how: bench/README.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import itertools
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 
+from bench import harness as h
 from service.core import vector_formats as vf
 from service.demo import shapes
 from service.model import configs
 from service.model.export import load_open_clip
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "quantization.md"
 K = 10
 RESCORE = 4  # binary, then float32 rescoring of the top K × RESCORE (Sentence-Transformers)
 
@@ -34,7 +31,7 @@ def demo_images(n: int) -> np.ndarray:
     """`[n, 64]`: the trained demo CLIP's vectors of `n` rendered shape images."""
     configs.register()
     model, _, preprocess = open_clip.create_model_and_transforms(
-        "clip-demo-shapes", pretrained=str(ROOT / "demo" / "clip-demo-shapes.pt")
+        "clip-demo-shapes", pretrained=str(h.DEMO_WEIGHTS)
     )
     model.eval()
     rng = random.Random(26)
@@ -120,10 +117,9 @@ def evaluate(corpus: np.ndarray, queries: np.ndarray) -> list[tuple[str, int, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = h.parser(__doc__, out="quantization.md", model=None, threads=False)
     parser.add_argument("--corpus", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="the report (Markdown)")
     args = parser.parse_args()
     n = args.corpus + args.queries
     lines = [
@@ -154,9 +150,7 @@ def main() -> None:
             print(f"  {rule:70s} {size:5d} B  recall@10 {value:.3f}")
             lines.append(f"| {rule} | {size} | {value:.3f} |")
         lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    h.write_result(args.out, "\n".join(lines), "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import asyncio
 import multiprocessing
 import statistics
 import time
-from pathlib import Path
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -29,7 +28,6 @@ from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import GatewayProcess
 from service.telemetry import NO_TRACER, SCOPE, build_tracer_provider
 
-OUT = h.RESULTS_DIR / "tracing.md"
 #: The spans of one single-image EmbedImage (server, then the pipeline's children).
 CALL_SPANS = ("validate", "embed", "cache.lookup", "decode", "queue.wait", "backend", "cache.store")
 
@@ -147,20 +145,16 @@ async def run(args: argparse.Namespace) -> int:
         ),
         f"; the receiver got {received} spans.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out}")
+    h.write_result(args.out, "\n".join(lines) + "\n", "\n".join(lines))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and run."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = h.parser(__doc__, out="tracing.md", model=None, threads=False)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--callers", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=OUT, help="the report (Markdown)")
     return asyncio.run(run(parser.parse_args(argv)))
 
 
