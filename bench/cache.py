@@ -3,12 +3,7 @@
     python -m bench.cache                       # demo model, LRU and a real redis-server
     python -m bench.cache --model ViT-B-32 --quick
 
-One gateway (its own process) per cache setup: none (the baseline), the in-process
-LRU only, Redis only (`local_cache_items=0`, every hit is a Redis MGET) and LRU +
-Redis (production). For each: single-item calls with inputs never seen before
-(misses: the full pipeline plus the cache fill) and with a warm set of inputs
-(hits), at each concurrency. Hits and misses are checked against the gateway's own
-cache counters. Writes bench/results/cache.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -36,9 +31,8 @@ HEADERS = [
 def cache_counters(metrics_port: int) -> dict[str, float]:
     """Hits per level and errors so far."""
     samples = scrape(metrics_port)
-    out = {
-        lv: samples.get(f'clip_cache_hits_total{{level="{lv}"}}', 0.0) for lv in ("local", "redis")
-    }
+    hits = 'clip_cache_hits_total{{level="{}"}}'
+    out = {lv: samples.get(hits.format(lv), 0.0) for lv in ("local", "redis")}
     out["errors"] = sum(v for k, v in samples.items() if k.startswith("clip_cache_errors_total"))
     return out
 
@@ -80,16 +74,8 @@ async def measure(setup: str, gateway: h.GatewayProcess, args: argparse.Namespac
 def fmt_row(row: list) -> list:
     """A measured row as the table shows it."""
     *key, r, hits, cache_errors = row
-    p = r.percentile_ms
-    return [
-        *key,
-        h.fmt(r.calls_per_s),
-        h.fmt(p(50), 2),
-        h.fmt(p(99), 2),
-        hits,
-        cache_errors,
-        r.error_text,
-    ]
+    p50, p99 = (h.fmt(r.percentile_ms(q), 2) for q in (50, 99))
+    return [*key, h.fmt(r.calls_per_s), p50, p99, hits, cache_errors, r.error_text]
 
 
 def ratio_rows(rows: list[list]) -> list[list]:

@@ -4,21 +4,11 @@ indexing images/s (issue 31). Writes bench/results/catalog.md.
     python -m bench.catalog                   # 100k vectors (dims 64 and 512), ~10 min here
     python -m bench.catalog --n 20000 --images 96
 
-1. The store alone (Milvus Lite's engine, the gateway's index settings): N unit vectors
-   per dimension, clustered like embeddings are (a mixture of 1,000 directions), written
-   in batches, sealed; 200 held-out queries; recall@10 of the IVF_FLAT index at several
-   nprobe values against exact cosine (numpy over all N), and the engine's own p50/p99.
-2. The gateway (`--catalog` on the same file, the demo model): the dim-64 collection is
-   made as the demo model's, so the gateway searches those N vectors. Search by vector
-   over gRPC and HTTP, and by text (embedding included); p50/p99 of one closed-loop
-   caller, with the engine's own latency above as the baseline.
-3. Indexing: the same rendered shape PNGs through CatalogAdd (embed + store) and through
-   EmbedStream (embed only), interleaved rounds; images/s of each and their ratio.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -40,23 +30,25 @@ from service.model.metadata import load_repository
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.milvus_lite import MilvusLite
 
-RESULTS = Path(__file__).parent / "results" / "catalog.md"
 QUERIES = 200
 NPROBES = (8, 32, 128)
+QUERY_ROWS = (
+    ("grpc_vector", "gRPC Search, vector"), ("http_vector", "HTTP /v1/search, vector"),
+    ("grpc_text", "gRPC Search, text (embedded per query)"),
+)  # fmt: skip
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     """Unit vectors around 1,000 random directions (spread 0.7 per coordinate)."""
     centres = rng.standard_normal((1000, dim)).astype(np.float32)
-    points = centres[rng.integers(0, 1000, n)] + 0.7 * rng.standard_normal((n, dim)).astype(
-        np.float32
-    )
+    noise = 0.7 * rng.standard_normal((n, dim)).astype(np.float32)
+    points = centres[rng.integers(0, 1000, n)] + noise
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
     """p50 and p99 in milliseconds."""
-    return float(np.percentile(seconds, 50) * 1e3), float(np.percentile(seconds, 99) * 1e3)
+    return h.percentile_ms(seconds, 50), h.percentile_ms(seconds, 99)
 
 
 def fill(store: MilvusStore, name: str, vectors: np.ndarray, model_id: str) -> float:
@@ -64,11 +56,11 @@ def fill(store: MilvusStore, name: str, vectors: np.ndarray, model_id: str) -> f
     store.open_collection(name, dim=vectors.shape[1], model_id=model_id)
     started = time.perf_counter()
     for start in range(0, len(vectors), 1000):
-        rows = [
-            StoredItem(str(i), vectors[i], {"bucket": i % 10}, "")
-            for i in range(start, min(start + 1000, len(vectors)))
-        ]
-        store.upsert(name, rows)
+        end = min(start + 1000, len(vectors))
+        store.upsert(
+            name,
+            [StoredItem(str(i), vectors[i], {"bucket": i % 10}, "") for i in range(start, end)],
+        )
     store.flush(name)
     return len(vectors) / (time.perf_counter() - started)
 
@@ -92,7 +84,7 @@ def recall_rows(
             started = time.perf_counter()
             hits = store.search(name, query, 10, None)
             seconds.append(time.perf_counter() - started)
-            found += len({int(h.id) for h in hits} & set(truth.tolist()))
+            found += len({int(hit.id) for hit in hits} & set(truth.tolist()))
         store.close()
         rows.append((label, found / (10 * len(queries)), *percentiles(seconds)))
     return rows
@@ -173,11 +165,10 @@ async def gateway_phase(
 
 def main() -> None:
     """Run the three phases and write the report."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = h.parser(__doc__, out="catalog.md", model=None, threads=False)
     parser.add_argument("--n", type=int, default=100_000, help="vectors per dimension")
     parser.add_argument("--images", type=int, default=192, help="images per indexing round")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--out", type=Path, default=RESULTS, help="the report (Markdown)")
     args = parser.parse_args()
     metadata = load_repository(args.repository)["clip"]
     index = IndexSettings()
@@ -206,12 +197,8 @@ def main() -> None:
                 vectors = clustered(args.n + QUERIES, dim, rng)
                 data, queries = vectors[: args.n], vectors[args.n :]
                 # As the gateway writes to its embedded engine (sole writer: new ids inserted).
-                store = MilvusStore(
-                    engine.uri,
-                    index=IndexSettings(index_type=index_type),
-                    timeout_s=600,
-                    sole_writer=True,
-                )
+                settings = IndexSettings(index_type=index_type)
+                store = MilvusStore(engine.uri, index=settings, timeout_s=600, sole_writer=True)
                 # The demo model's own collection (dim 64, the gateway's default index) is
                 # searched through the gateway below.
                 own = dim == metadata.embedding_dim and index_type == index.index_type
@@ -230,10 +217,9 @@ def main() -> None:
                 if own:
                     queries_64 = queries
         assert queries_64 is not None
+        images = shapes_png(args.images)
         out = asyncio.run(
-            gateway_phase(
-                args.repository, catalog, queries_64, metadata.model_id, shapes_png(args.images)
-            )
+            gateway_phase(args.repository, catalog, queries_64, metadata.model_id, images)
         )
     add, embed = np.median(out["add_rates"]), np.median(out["embed_rates"])
     lines += [
@@ -243,14 +229,7 @@ def main() -> None:
         "",
         "| query | p50 ms | p99 ms |",
         "| --- | ---: | ---: |",
-        *(
-            f"| {label} | {out[key][0]:.1f} | {out[key][1]:.1f} |"
-            for key, label in (
-                ("grpc_vector", "gRPC Search, vector"),
-                ("http_vector", "HTTP /v1/search, vector"),
-                ("grpc_text", "gRPC Search, text (embedded per query)"),
-            )
-        ),
+        *(f"| {label} | {out[key][0]:.1f} | {out[key][1]:.1f} |" for key, label in QUERY_ROWS),
         "",
         f"Indexing {args.images} rendered 64×64 PNG shapes per round, 3 interleaved rounds "
         "(median): CatalogAdd (embed + store) "
@@ -259,9 +238,7 @@ def main() -> None:
         f"embed {json.dumps([round(r, 1) for r in out['embed_rates']])}.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    h.write_result(args.out, "\n".join(lines), "\n".join(lines))
 
 
 if __name__ == "__main__":

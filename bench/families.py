@@ -7,23 +7,7 @@
     python -m bench.families --resume              # keep the table's rows, try the rest
     python -m bench.families --resume --retry-failed   # ... and the failed ones again
 
-Each architecture runs in its own process (a crash or a memory blow-up names that model
-only), with random weights and no hub:
-
-1. export (`clipsvc export --model PATH.json --pretrained none`, python flavor): both
-   towers to TorchScript, the exporter's own self-check against open_clip on the same
-   weights (images in batches of 3 and 1, texts of several lengths, ≤ 1e-4), and the
-   gateway's tokenizer (built from the repository's copied files) against
-   `open_clip.get_tokenizer(model)` on varied texts (exact ids);
-2. load: the repository alone (metadata, tokenizer, both `model.pt`), the way the gateway
-   loads it, and one forward pass per tower (unit-norm, finite vectors).
-
-Offline, a hub tokenizer or HF text model a config names (SigLIP's, XLM-R's, mT5's,
-NLLB's, BERT's) is replaced by a small stand-in of the same kind built here (a tokenizer
-trained in milliseconds, a tiny HF config of the same `model_type`); the table says where.
-The architecture of open_clip's own towers is never changed.
-
-Writes bench/results/families.md: one row per architecture, every failure with its reason.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -119,12 +103,8 @@ def run_one(name: str) -> dict[str, object]:
         row["export_s"] = round(time.perf_counter() - started, 1)
         row["max_diff"] = summary.max_abs_diff
         metadata = ModelMetadata.load(directory / "repo")
-        row |= {
-            "tokenizer": metadata.tokenizer,
-            "padding": metadata.text_padding,
-            "score": metadata.score_function,
-            "context": metadata.context_length,
-        }
+        row |= {"tokenizer": metadata.tokenizer, "padding": metadata.text_padding}
+        row |= {"score": metadata.score_function, "context": metadata.context_length}
         tokenizer = build_tokenizer(metadata, (16, 32, 48, 64))
         tokens = [tokenizer.tokenize(t) for t in ("a photo of a cat", "")]
         length = max(tokenizer.bucket_length(len(t.ids)) for t in tokens)
@@ -133,10 +113,8 @@ def run_one(name: str) -> dict[str, object]:
         image = torch.jit.load(str(directory / "repo" / "clip_image" / "1" / "model.pt"))
         size = metadata.image_size
         with torch.no_grad():
-            vectors = [
-                text(ids).numpy(),
-                image(torch.zeros(2, 3, size, size, dtype=torch.uint8)).numpy(),
-            ]
+            pixels = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+            vectors = [text(ids).numpy(), image(pixels).numpy()]
         for v in vectors:
             norms = np.linalg.norm(v, axis=1)
             if not np.all(np.isfinite(v)) or np.abs(norms - 1).max() > 1e-3:
@@ -154,16 +132,17 @@ def _reason(text: str) -> str:
     return (lines[-1] if lines else "no output")[:300]
 
 
+def failed(name: str, reason: str) -> dict[str, object]:
+    """The row of an architecture that did not pass."""
+    return {"model": name, "status": "fail", "reason": reason}
+
+
 def _child(name: str, out: Path) -> None:
     try:
         row = run_one(name)
     except BaseException as exc:  # the parent writes every failure with its reason
-        row = {
-            "model": name,
-            "status": "fail",
-            "reason": f"{type(exc).__name__}: {exc}"[:400],
-            "trace": traceback.format_exc()[-2000:],
-        }
+        row = failed(name, f"{type(exc).__name__}: {exc}"[:400])
+        row["trace"] = traceback.format_exc()[-2000:]
     out.write_text(json.dumps(row, default=float))
 
 
@@ -239,14 +218,8 @@ def _read_rows(path: Path) -> list[dict]:
         model, family, status, tokenizer, padding, score, diff, seconds, note = cells
         row: dict[str, object] = {"model": model, "family": family, "status": status}
         if status == "ok":
-            row |= {
-                "tokenizer": tokenizer,
-                "padding": padding,
-                "score": score,
-                "max_diff": float(diff),
-                "seconds": seconds,
-                "notes": note,
-            }
+            row |= {"tokenizer": tokenizer, "padding": padding, "score": score}
+            row |= {"max_diff": float(diff), "seconds": seconds, "notes": note}
         else:
             row["reason"] = note.replace("\\|", "|")
         rows.append(row)
@@ -266,12 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="these architectures only")
     parser.add_argument("--budget-min", type=float, default=0, help="0: no time budget")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "families.md")
-    parser.add_argument(
-        "--resume", action="store_true", help="keep the rows already in --out, try the rest"
-    )
-    parser.add_argument(
-        "--retry-failed", action="store_true", help="with --resume: try failed rows again"
-    )
+    parser.add_argument("--resume", action="store_true", help="keep --out's rows, try the rest")
+    parser.add_argument("--retry-failed", action="store_true", help="--resume: failed ones too")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -300,25 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str(name)
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             try:
-                proc = subprocess.run(
-                    [sys.executable, "-m", "bench.families", "--child", name, out.name],
-                    capture_output=True,
-                    text=True,
-                    timeout=TIMEOUT_S,
-                    check=False,
-                )
+                command = [sys.executable, "-m", "bench.families", "--child", name, out.name]
+                proc = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
                 text = Path(out.name).read_text()
-                row = (
-                    json.loads(text)
-                    if text
-                    else {
-                        "model": name,
-                        "status": "fail",
-                        "reason": f"process ended with {proc.returncode}: {_reason(proc.stderr)}",
-                    }
-                )
+                ended = f"process ended with {proc.returncode}: {_reason(proc.stderr)}"
+                row = json.loads(text) if text else failed(name, ended)
             except subprocess.TimeoutExpired:
-                row = {"model": name, "status": "fail", "reason": f"over {TIMEOUT_S} s"}
+                row = failed(name, f"over {TIMEOUT_S} s")
         if "family" not in row:
             row["family"] = _family(model_config(name))
         rows.append(row)

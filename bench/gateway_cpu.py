@@ -3,29 +3,8 @@
     python -m bench.gateway_cpu              # ~10-15 min on 2 busy cores
     python -m bench.gateway_cpu --quick      # fewer images and rounds
 
-1. CPU per image: `clipsvc serve --backend triton` (cache off) in front of a real
-   tritonserver serving the ViT-B-32 export's repository (S = 224) with its TorchScript
-   files swapped for stand-ins of the same shapes that answer in a millisecond: the
-   gateway's work is the same, and the short wall time keeps its idle CPU (gRPC
-   pollers, Triton readiness checks: ~8 ms/s, taken out) from burying the small
-   figures. Callers send EmbedImage
-   batches of 8 distinct images (a JPEG comment or PNG text chunk makes every image new
-   to the cache and to single-flight). The figure is the gateway process's CPU time
-   (the sum over its threads of /proc/<pid>/task/*/schedstat, in ns) divided by the
-   images, less its idle rate; the model's forward pass runs in Triton, not counted.
-   Paths: exact (the default), --fast-jpeg (a second gateway), pre-sized pixels.
-   Interleaved rounds, median of the rounds.
-2. Gateway cores to feed one GPU: published forward rates × CPU per image.
-3. `clipsvc embed-dir` over a folder of 12 MP JPEGs against an embedded demo gateway
-   (max batch 1, so each vector's forward pass is the same whatever the arrival
-   order): --no-pixels (today), --pixels --workers 2, and with --fast-jpeg; wall time,
-   CPU of the client (its pool included) and of the gateway, and the vectors compared.
-4. --fast-jpeg quality: cosine to the exact path and zero-shot top-1 agreement on real
-   photos (scikit-image, scikit-learn) at full size, 1920 px and 12 MP, for the demo
-   model and a random ViT-B-32, in this process with open_clip.
-
-Writes bench/results/gateway-cpu.md. Standalone: servers start through
-service/processes/*.
+Four sections (CPU per image, cores per GPU, embed-dir, --fast-jpeg quality): see
+bench/README.md. Writes bench/results/gateway-cpu.md.
 """
 
 from __future__ import annotations
@@ -48,15 +27,17 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from bench import harness as h
 from service.api.clip.v1 import clip_pb2
-from service.core.image_preprocess import ImageLimits, ImageSpec, image_pixels
+from service.core.image_preprocess import (
+    ImageLimits,
+    ImageSpec,
+    image_pixels,
+    preprocess_image_bytes,
+)
 from service.processes.gateway import GatewayProcess
 from service.processes.triton_server import TritonProcess
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "bench" / ".models"
-DEMO_WEIGHTS = ROOT / "demo" / "clip-demo-shapes.pt"
-OUT = ROOT / "bench" / "results" / "gateway-cpu.md"
 LIMITS = ImageLimits(max_bytes=50_000_000, max_pixels=50_000_000)
 BATCH = 8
 #: One forward pass on one GPU, images/s (timm's benchmark tables: RTX 4090, AMP,
@@ -76,18 +57,6 @@ PIXELS_PER_ROUND = 128
 
 
 # ---------------------------------------------------------------------------- inputs
-def photos() -> dict[str, Image.Image]:
-    """Real photos shipped by scikit-image and scikit-learn (no download)."""
-    from skimage import data
-    from sklearn.datasets import load_sample_images
-
-    out = {n: Image.fromarray(getattr(data, n)()) for n in ("astronaut", "chelsea", "coffee")}
-    out["rocket"] = Image.fromarray(data.rocket())
-    china, flower = load_sample_images().images
-    out.update(china=Image.fromarray(china), flower=Image.fromarray(flower))
-    return {k: v.convert("RGB") for k, v in out.items()}
-
-
 def encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
@@ -97,7 +66,7 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 def variants(size: tuple[int, int], fmt: str, n: int) -> list[bytes]:
     """`n` (≤ 12) different pictures of `size`: each photo upscaled/cropped, and flipped."""
     out = []
-    for i, image in enumerate(list(photos().values()) * 2):
+    for i, image in enumerate(h.source_photos() * 2):
         if len(out) == n:
             break
         scale = max(size[0] / image.width, size[1] / image.height)
@@ -113,10 +82,9 @@ def variants(size: tuple[int, int], fmt: str, n: int) -> list[bytes]:
 
 def tagged(blob: bytes, tag: int) -> bytes:
     """The same picture with other bytes: a JPEG comment or a PNG tEXt chunk holding `tag`."""
-    payload = f"bench {tag}".encode()
     if blob[:2] == b"\xff\xd8":
-        return blob[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + blob[2:]
-    chunk = b"tEXt" + b"tag\0" + payload
+        return h.unique_jpeg(blob, tag)
+    chunk = b"tEXt" + b"tag\0" + f"bench {tag}".encode()
     body = len(chunk) - 4
     end = blob.rindex(b"IEND") - 4
     crc = zlib.crc32(chunk).to_bytes(4, "big")
@@ -184,16 +152,9 @@ def batches(items: list[bytes], field: str) -> list[bytes]:
 
 def export(model: str, weights: str, name: str) -> Path:
     """An exported (python flavor) repository, cached in bench/.models/."""
-    from service.model.export import export_model
     from service.settings import BatchingOptions
 
-    target = MODELS / name
-    if not (target / "metadata.json").is_file():
-        print(f"exporting {model} → {target} ...", flush=True)
-        partial = target.with_name(target.name + ".partial")
-        export_model(model, weights, partial, batching=BatchingOptions(), progress=False)
-        partial.rename(target)
-    return target
+    return h.exported(h.MODELS_DIR / name, model, weights, batching=BatchingOptions())
 
 
 def instant_repository(real: Path, into: Path) -> Path:
@@ -275,7 +236,7 @@ def summary_line(samples: dict[str, dict[str, list[float]]]) -> str:
 # ---------------------------------------------------------------------------- 3. embed-dir
 def embed_dir(rounds: int, n_photos: int) -> tuple[list[list[object]], str]:
     """Rows of the embed-dir table and a line on the vectors."""
-    repository = export("clip-demo-shapes", str(DEMO_WEIGHTS), "clip-demo-shapes-bench")
+    repository = export("clip-demo-shapes", str(h.DEMO_WEIGHTS), "clip-demo-shapes-bench")
     modes = {
         "--no-pixels (today)": ["--no-pixels"],
         "--pixels --workers 2": ["--pixels", "--workers", "2"],
@@ -305,7 +266,7 @@ def embed_dir(rounds: int, n_photos: int) -> tuple[list[list[object]], str]:
                         env=env,
                         check=True,
                         capture_output=True,
-                        cwd=ROOT,
+                        cwd=h.REPO_ROOT,
                     )
                     wall[mode].append(time.perf_counter() - start)
                     gateway_cpu[mode].append((process_cpu_ns(pid) - cpu) / 1e9)
@@ -350,7 +311,7 @@ def quality() -> list[list[object]]:
     ]  # fmt: skip
     models = {
         "demo (clip-demo-shapes)": (
-            "clip-demo-shapes", str(DEMO_WEIGHTS), [f"a {c} {s}" for c, s in ALL_PAIRS]
+            "clip-demo-shapes", str(h.DEMO_WEIGHTS), [f"a {c} {s}" for c, s in ALL_PAIRS]
         ),
         "ViT-B-32 (random weights)": ("ViT-B-32", "none", [f"a photo of {x}" for x in imagenetish]),
     }  # fmt: skip
@@ -370,14 +331,16 @@ def quality() -> list[list[object]]:
         def embed(
             blobs: list[bytes], fast: bool, clip=clip, size=size, mean=mean, std=std
         ) -> torch.Tensor:
-            arrays = [image_pixels_chw(b, ImageSpec(size, fast_jpeg=fast)) for b in blobs]
+            arrays = [
+                preprocess_image_bytes(b, ImageSpec(size, fast_jpeg=fast), LIMITS) for b in blobs
+            ]
             batch = torch.from_numpy(np.stack(arrays)).float() / 255.0
             with torch.no_grad():
                 return clip.encode_image((batch - mean) / std, normalize=True)
 
         for size_label, long_side in sizes.items():
             blobs = []
-            for image in photos().values():
+            for image in h.source_photos():
                 if long_side:
                     scale = long_side / max(image.size)
                     image = image.resize(
@@ -388,32 +351,16 @@ def quality() -> list[list[object]]:
             exact, fast = embed(blobs, False), embed(blobs, True)
             cos = (exact * fast).sum(dim=1)
             agree = ((exact @ texts.T).argmax(1) == (fast @ texts.T).argmax(1)).float().mean()
-            rows.append(
-                [
-                    label,
-                    size_label,
-                    len(blobs),
-                    f"{cos.min():.5f}",
-                    f"{cos.mean():.5f}",
-                    f"{agree:.0%}",
-                ]
-            )
+            row = [label, size_label, len(blobs), f"{cos.min():.5f}", f"{cos.mean():.5f}"]
+            rows.append([*row, f"{agree:.0%}"])
             print(f"quality {label} {size_label}: {rows[-1][3:]}", flush=True)
     return rows
-
-
-def image_pixels_chw(blob: bytes, spec: ImageSpec) -> np.ndarray:
-    from service.core.image_preprocess import preprocess_image_bytes
-
-    return preprocess_image_bytes(blob, spec, LIMITS)
 
 
 # ---------------------------------------------------------------------------- report
 def table(headers: str, rows: list[list[object]]) -> str:
     """A Markdown table; `headers` separated by `|`."""
-    names = headers.split("|")
-    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+    return h.md_table(headers.split("|"), rows)
 
 
 def report(
@@ -437,16 +384,12 @@ def report(
                 gpu, label, f"{rate * ms['exact'] / 1000:.1f}",
                 f"{rate * fast / 1000:.1f}" if fast else "–", f"{rate * pixels_ms / 1000:.2f}",
             ])  # fmt: skip
-    cpu_rows.append(
-        [
-            "pre-sized pixels (224×224×3 bytes)",
-            f"{pixels_ms:.3f}",
-            f"{1000 / pixels_ms:.0f}",
-            "–",
-            "–",
-            "100%",
-        ]
-    )
+    pixels_row = [
+        "pre-sized pixels (224×224×3 bytes)",
+        f"{pixels_ms:.3f}",
+        f"{1000 / pixels_ms:.0f}",
+    ]
+    cpu_rows.append([*pixels_row, "–", "–", "100%"])
     dir_rows, vectors = dirs
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -455,12 +398,10 @@ def report(
     command = "python -m bench.gateway_cpu" + (" --quick" if args.quick else "")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cpu_table = table(
-        "input|exact ms/img|img/s per core|--fast-jpeg ms/img|fast ÷ exact|pixels ÷ exact",
-        cpu_rows,
+        "input|exact ms/img|img/s per core|--fast-jpeg ms/img|fast ÷ exact|pixels ÷ exact", cpu_rows
     )
     core_table = table(
-        "GPU model|input|cores, exact (before)|cores, --fast-jpeg|cores, pixels (after)",
-        core_rows,
+        "GPU model|input|cores, exact (before)|cores, --fast-jpeg|cores, pixels (after)", core_rows
     )
     dir_table = table(
         "embed-dir|wall s|speed vs today|client CPU ms/img (pool included)|gateway CPU ms/img",
@@ -520,13 +461,10 @@ the same on both paths.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = h.parser(__doc__, out="gateway-cpu.md", model=None, threads=False)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--photos", type=int, default=12, help="12 MP photos for embed-dir (≤ 12)")
-    parser.add_argument(
-        "--quick", action="store_true", help="a quarter of the images, at most 2 rounds"
-    )
-    parser.add_argument("--out", type=Path, default=OUT, help="the report (Markdown)")
+    parser.add_argument("--quick", action="store_true", help="¼ of the images, ≤ 2 rounds")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = min(args.rounds, 2)
@@ -534,9 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     qual = quality()
     dirs = embed_dir(args.rounds, args.photos)
     cpu = cpu_per_image(args.rounds, scale)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(cpu, dirs, qual, args))
-    print(f"wrote {args.out}", flush=True)
+    text = report(cpu, dirs, qual, args)
+    h.write_result(args.out, text, text.split("## 1.", 1)[1])
     return 0
 
 

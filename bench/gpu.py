@@ -1,24 +1,11 @@
 """The GPU benchmark's steps: export, Triton alone and the gateway end to end, report.
 
-`bench/gpu.sh` runs each step in its own process under its own timeout, so one failing
-or slow step does not lose the others:
-
     python -m bench.gpu export  --model ViT-B-32 --precision fp16      # clipsvc export
     python -m bench.gpu measure --model ViT-B-32 --precision fp16      # Triton, gateway
     python -m bench.gpu report                                         # gpu-cuda.md
     python -m bench.gpu ... --smoke                                    # CPU, demo model
 
-- **export**: `clipsvc export --flavor pytorch --precision fp32|fp16` with random weights
-  (the demo model's own in `--smoke`) into `<work>/<model>-<precision>/`, unless there.
-- **measure**: serves that export from the pip `tritonserver` (python backend only: the
-  served copy gets `bench/triton_device_model.py`, which runs the same `model.pt` on
-  `--device`), then at each concurrency 1. Triton alone (`perf_analyzer` where it runs,
-  else a tritonclient gRPC loop; one pre-decoded image or one 16-token caption per
-  request) and 2. the gateway end to end (`clipsvc serve --backend triton`, cache off, one
-  640×480 JPEG or one short caption per call, every input new); the points go to
-  `<work>/parts/<model>-<precision>.json` after each one (a timeout keeps what was measured).
-- **report**: every part into `bench/results/gpu-cuda.md` (or `gpu-smoke.md`): items/s,
-  gateway ÷ Triton alone, and the status of every step `gpu.sh` recorded.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -134,15 +121,13 @@ def served_repository(source: Path, into: Path, args: argparse.Namespace) -> Pat
 def perf_analyzer_usable() -> str | None:
     """`perf_analyzer`'s path when it is on PATH and starts (its libraries resolve)."""
     path = shutil.which("perf_analyzer")
+    if path is None:
+        return None
     try:
-        probe = (
-            subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
-            if path
-            else None
-        )
+        probe = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
-    if probe is not None and "error while loading shared libraries" in probe.stderr:
+    if "error while loading shared libraries" in probe.stderr:
         print(f"  perf_analyzer at {path} does not start: {probe.stderr.strip()[:200]}")
         return None
     return path
@@ -167,24 +152,15 @@ def perf_analyzer_point(
         except (OSError, subprocess.SubprocessError) as exc:
             print(f"  perf_analyzer failed: {exc}")
             return None
-        lines = (
-            [line.split(",") for line in csv.read_text().splitlines() if line]
-            if csv.is_file()
-            else []
-        )
+        text = csv.read_text() if csv.is_file() else ""
+        lines = [line.split(",") for line in text.splitlines() if line]
         if run.returncode != 0 or len(lines) < 2:
             print(f"  perf_analyzer exited {run.returncode}: {(run.stderr or run.stdout)[-300:]}")
             return None
         row = dict(zip(lines[0], lines[1], strict=False))
     ms = lambda key: float(row.get(key, "nan")) / 1000.0  # noqa: E731
-    return {
-        "items_per_s": float(row["Inferences/Second"]),
-        "p50_ms": ms("p50 latency"),
-        "p99_ms": ms("p99 latency"),
-        "calls": 0,
-        "errors": "0",
-        "tool": "perf_analyzer",
-    }
+    items_per_s = float(row["Inferences/Second"])
+    return point(items_per_s, ms("p50 latency"), ms("p99 latency"), 0, "0", "perf_analyzer")
 
 
 async def triton_loop(
@@ -202,42 +178,34 @@ async def triton_loop(
     async def call(i: int) -> int:
         tensor = triton_aio.InferInput(input_name, list(rows(i).shape), datatype)
         tensor.set_data_from_numpy(rows(i))
+        output = triton_aio.InferRequestedOutput(OUTPUT)
         try:
-            await client.infer(
-                model,
-                [tensor],
-                outputs=[triton_aio.InferRequestedOutput(OUTPUT)],
-                client_timeout=120,
-            )
+            await client.infer(model, [tensor], outputs=[output], client_timeout=120)
         except InferenceServerException as exc:
             raise h.CallFailed("triton") from exc
         return 1
 
     try:
         result = await h.closed_loop(
-            call,
-            label=f"triton {model} c{concurrency}",
-            concurrency=concurrency,
-            seconds=seconds,
-            min_calls=concurrency,
-            counter=counter,
-        )
+            call, label=f"triton {model} c{concurrency}", concurrency=concurrency,
+            seconds=seconds, min_calls=concurrency, counter=counter,
+        )  # fmt: skip
     finally:
         await client.close()
     return record(result, "tritonclient loop")
 
 
-def record(result: h.LoadResult, tool: str) -> dict:
+def point(items_per_s: float, p50: float, p99: float, calls: int, errors: str, tool: str) -> dict:
+    """A part-file point."""
+    keys = ("items_per_s", "p50_ms", "p99_ms", "calls", "errors", "tool")
+    return dict(zip(keys, (items_per_s, p50, p99, calls, errors, tool), strict=True))
+
+
+def record(r: h.LoadResult, tool: str) -> dict:
     """A LoadResult as a part-file point."""
-    p50, p99 = result.percentile_ms(50), result.percentile_ms(99)
-    return {
-        "items_per_s": result.items_per_s,
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "calls": result.calls,
-        "errors": result.error_text,
-        "tool": tool,
-    }
+    return point(
+        r.items_per_s, r.percentile_ms(50), r.percentile_ms(99), r.calls, r.error_text, tool
+    )
 
 
 class Part:
@@ -296,22 +264,12 @@ async def measure(args: argparse.Namespace) -> int:
     size = metadata.image_size
     decoded_note = f"the same decoded to uint8 3×{size}×{size} to Triton alone"
     part.data["inputs"] = f"{h.photo_note(jpegs)} to the gateway, {decoded_note}"
-    specs = {
-        "image": (
-            m.IMAGE_MODEL,
-            m.IMAGE_INPUT,
-            "UINT8",
-            lambda i: pixels[i % len(pixels)][None],
-            f"3,{size},{size}",
-        ),
-        "text": (
-            m.TEXT_MODEL,
-            m.TEXT_INPUT,
-            "INT64",
-            lambda i: tokens[i % len(tokens)],
-            str(TEXT_BUCKET),
-        ),
-    }
+    specs = {  # (model, input, datatype, request i's rows, perf_analyzer's shape)
+        "image": (m.IMAGE_MODEL, m.IMAGE_INPUT, "UINT8", lambda i: pixels[i % len(pixels)][None],
+                  f"3,{size},{size}"),
+        "text": (m.TEXT_MODEL, m.TEXT_INPUT, "INT64", lambda i: tokens[i % len(tokens)],
+                 str(TEXT_BUCKET)),
+    }  # fmt: skip
     concurrencies, counter = [int(c) for c in args.concurrency.split(",")], itertools.count()
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-gpu-")))
@@ -334,20 +292,18 @@ async def measure(args: argparse.Namespace) -> int:
                 triton.grpc_url, specs[modality], max(concurrencies), args.warmup_seconds, counter
             )
             for concurrency in concurrencies:
-                point = (
-                    perf_analyzer_point(
-                        tool, triton.grpc_url, specs[modality], concurrency, args.seconds
+                spec, found = specs[modality], None
+                if tool:
+                    found = perf_analyzer_point(
+                        tool, triton.grpc_url, spec, concurrency, args.seconds
                     )
-                    if tool
-                    else None
+                    if found is None:
+                        part.note("perf_analyzer failed: the tritonclient loop measures instead")
+                        tool = None
+                found = found or await triton_loop(
+                    triton.grpc_url, spec, concurrency, args.seconds, counter
                 )
-                if tool and point is None:
-                    part.note("perf_analyzer failed: the tritonclient loop measures instead")
-                    tool = None
-                point = point or await triton_loop(
-                    triton.grpc_url, specs[modality], concurrency, args.seconds, counter
-                )
-                part.add("triton", modality, concurrency, point)
+                part.add("triton", modality, concurrency, found)
         h.section("gateway end to end")
         started = time.perf_counter()
         limits = {"max_batch_size": args.max_batch, "max_inflight_batches": args.inflight}
@@ -364,13 +320,11 @@ async def measure(args: argparse.Namespace) -> int:
             for modality, concurrency in itertools.product(MODALITIES, [0, *concurrencies]):
                 warm = concurrency == 0  # an unreported warm-up at the highest concurrency first
                 result = await h.closed_loop(
-                    calls[modality],
-                    label=f"gateway {modality} c{concurrency}",
+                    calls[modality], label=f"gateway {modality} c{concurrency}",
                     concurrency=concurrency or max(concurrencies),
                     seconds=args.warmup_seconds if warm else args.seconds,
-                    min_calls=0 if warm else concurrency,
-                    counter=counter,
-                )
+                    min_calls=0 if warm else concurrency, counter=counter,
+                )  # fmt: skip
                 if not warm:
                     part.add("gateway", modality, concurrency, record(result, "gateway"))
         if not gateway.running:
@@ -468,9 +422,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = h.parser(__doc__, model=None, threads=False)
     p.add_argument("step", choices=("export", "measure", "report"))
     p.add_argument("--model", default=GPU_MODELS[0], help="open_clip model name")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")

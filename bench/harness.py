@@ -1,20 +1,6 @@
 """The one harness every benchmark uses: models, inputs, servers, load, rounds, reports.
 
-A scenario says only what it compares; this module owns the rest:
-- servers as context managers: `gateway()`, `triton()`, `redis()` (the processes of
-  `service/processes/`, each in its own process group on free ports);
-- one closed-loop load generator, `closed_loop` (gRPC through `RawClip`, HTTP through
-  `http_text_call`; concurrency, a duration or a number of calls, per-call latency), and
-  `timed_loop` for in-process micro-timings (a raw module's forward pass);
-- `interleaved`: rounds that measure every point once, the order rotated each round;
-- one result writer: `report_head` (machine, load average, commit), `md_table`, `fmt`,
-  `write_result`; scenarios plot with matplotlib where a figure helps.
-
-Every figure a benchmark prints is measured in the same run as its baseline, so a ratio
-holds on a noisy shared machine even when the absolute numbers do not. pyperf was the
-candidate for micro-timings, but its Runner owns the process (worker processes,
-calibration, its own argv), which rules out timing a raw module between two service
-points of the same round; `timed_loop` is 20 lines instead.
+Which pieces it holds and why: bench/README.md, "The harness".
 """
 
 from __future__ import annotations
@@ -62,11 +48,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # ---------------------------------------------------------------------------- models
 def model_repository(model: str, pretrained: str | None = None) -> Path:
-    """An exported (python-flavor) repository for `model`, cached under `bench/.models/`.
-
-    The demo model uses its trained weights when `demo/clip-demo-shapes.pt` exists and
-    random ones otherwise: the speed is the same, only the vectors differ.
-    """
+    """An exported (python-flavor) repository for `model`, cached under `bench/.models/`
+    (the demo model with its trained weights where they exist: the same speed)."""
     if pretrained is None:
         pretrained = str(DEMO_WEIGHTS) if model == DEMO_MODEL and DEMO_WEIGHTS.is_file() else "none"
     tag = "none"
@@ -168,11 +151,8 @@ def photo_pool(n: int, size: tuple[int, int] = PHOTO, *, seed: int = 0) -> list[
 
 
 def unique_jpeg(jpeg: bytes, tag: int) -> bytes:
-    """The same picture with a JPEG comment holding `tag`: other bytes, same decode work.
-
-    Cache keys hash the encoded bytes, so this defeats caching and single-flight
-    dedup without changing what the gateway has to decode.
-    """
+    """The same picture with a JPEG comment holding `tag`: other bytes (no cache hit, no
+    single-flight), the same decode work."""
     payload = f"bench {tag}".encode()
     return jpeg[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
 
@@ -370,11 +350,8 @@ def timed_loop(
 
 
 class RawClip:
-    """ClipService methods on a channel that sends and receives bytes as they are.
-
-    Requests are serialized by the caller and answers are not parsed, so the load
-    generator spends as little CPU as possible beside the gateway on the same cores.
-    """
+    """ClipService methods that send and receive bytes as they are (the load generator
+    serializes ahead and parses nothing: little CPU beside the gateway)."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         from service.api.clip.v1 import clip_pb2
@@ -404,11 +381,8 @@ def grpc_calls(
     pick: Callable[[int], int] = lambda i: i,
     timeout_s: float = 600.0,
 ) -> dict[str, Callable[[int], Awaitable[int]]]:
-    """One single-item EmbedImage / EmbedText call per `i`, packed float32 answers.
-
-    Input `pick(i)`: a photo with a JPEG comment of its own (new bytes each time), or
-    `caption(pick(i))`; `pick` maps the call number onto a warm set or a fresh range.
-    """
+    """One single-item EmbedImage / EmbedText call per `i`, packed float32 answers: photo
+    `pick(i)` with new bytes, or `caption(pick(i))` (`pick`: a warm set or a fresh range)."""
     from service.api.clip.v1 import clip_pb2
 
     packed = clip_pb2.VECTOR_FORMAT_FLOAT32_BYTES
@@ -482,8 +456,8 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of `pid` so far."""
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds of `pid` (or `self/task/<tid>`) so far."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -531,12 +505,8 @@ def machine_info(torch_threads: int | None = None) -> list[tuple[str, str]]:
     commit = "?"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         git = ["git", "rev-parse", "--short", "HEAD"]
-        commit = (
-            subprocess.run(
-                git, cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or "?"
-        )
+        run = subprocess.run(git, cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        commit = run.stdout.strip() or "?"
     info = [
         ("date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
         ("cpu", f"{cpu}, {len(os.sched_getaffinity(0))} cores usable"),
@@ -563,6 +533,16 @@ def report_head(title: str, info: Sequence[tuple[str, str]]) -> list[str]:
     return [f"# {title}", "", md_table(["", ""], info), ""]
 
 
+def report(
+    title: str, info: Sequence[tuple[str, str]], sections: dict[str, str | Sequence[str]]
+) -> str:
+    """A whole report: `report_head`, then each `## name` and its lines (or one string)."""
+    lines = report_head(title, info)
+    for name, body in sections.items():
+        lines += [f"## {name}", "", *([body] if isinstance(body, str) else body), ""]
+    return "\n".join(lines)
+
+
 def fmt(value: float, digits: int = 1) -> str:
     """A number for a table: fixed digits, `–` for NaN."""
     if value != value:  # NaN
@@ -585,22 +565,16 @@ def write_result(out: Path, text: str, summary: str, *extra_files: Path) -> None
 
 
 # ---------------------------------------------------------------------------- entry points
-# Every benchmark runs with OMP_WAIT_POLICY=PASSIVE unless told otherwise: with libgomp's
-# default (spin before sleeping) torch's idle OpenMP workers spin on the cores that the
-# decode threads, the event loop, the load generator or a neighbour need, and a forward
-# pass on 2 shared cores gets 10-200× slower (bench/README.md, "Threads"). The figures
-# should measure the code, not that; `--omp-wait-policy inherit` measures it on purpose.
+# OMP_WAIT_POLICY=PASSIVE unless told otherwise: spinning OpenMP workers steal the shared
+# cores (bench/README.md, "Threads"); `--omp-wait-policy inherit` measures that on purpose.
 THREADS_HELP = "intra-op threads of the raw module, the gateway and Triton (0 = torch's)"
 
 
 def parser(
     doc: str | None, *, out: str | None = None, model: str | None = DEMO_MODEL, threads: bool = True
 ) -> argparse.ArgumentParser:
-    """A scenario's parser with the flags every benchmark shares.
-
-    `--out` (default `bench/results/<out>`), `--model` (choices: the demo model and
-    ViT-B-32) and `--torch-threads` / `--omp-wait-policy`, each where asked for.
-    """
+    """A scenario's parser: `--model`, `--out` (bench/results/<out>) and the threading
+    flags, each where asked for."""
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -618,11 +592,8 @@ def parser(
 
 
 def apply_threading(args: argparse.Namespace, module: str) -> None:
-    """Run `module` again with the asked OMP_WAIT_POLICY when the environment differs.
-
-    Threading variables are read once, when torch's OpenMP runtime loads, so they cannot
-    be changed inside a process that imported torch.
-    """
+    """Run `module` again with the asked OMP_WAIT_POLICY when the environment differs
+    (OpenMP reads it once, when torch loads)."""
     policy = getattr(args, "omp_wait_policy", "inherit")
     if policy == "inherit" or os.environ.get("OMP_WAIT_POLICY") == policy:
         return

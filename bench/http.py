@@ -3,16 +3,7 @@
     python -m bench.http                     # demo model, 32 callers, 3 rounds of 5 s
     python -m bench.http --rounds 5 --seconds 10
 
-One gateway (its own process) serves both transports from the same pipeline. Each
-round measures gRPC and HTTP back to back (the order rotates between rounds, so a
-drift of the shared machine's load does not favour one), 32 callers each calling again
-as soon as their answer arrives, in two states: `miss` (every text new: the whole
-pipeline, tokenizer and forward pass included) and `hit` (a warm set of 64 texts in the
-gateway's LRU: what is left is mostly the transport). The ratios are taken per round
-and their median is reported. Both load generators send prepared bytes and do not parse
-answers (gRPC: serialized `EmbedTextRequest`, packed float32 answers; HTTP: one keep-alive
-aiohttp session, JSON with `encoding_format: base64`, the openai client's default).
-Writes bench/results/http-vs-grpc.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -68,12 +59,8 @@ async def measure(gateway: h.GatewayProcess, args: argparse.Namespace) -> list[d
 
 def row(r: h.LoadResult) -> list[str]:
     """req/s, p50, p99, errors."""
-    return [
-        h.fmt(r.calls_per_s),
-        h.fmt(r.percentile_ms(50), 2),
-        h.fmt(r.percentile_ms(99), 2),
-        r.error_text,
-    ]
+    p50, p99 = (h.fmt(r.percentile_ms(q), 2) for q in (50, 99))
+    return [h.fmt(r.calls_per_s), p50, p99, r.error_text]
 
 
 def summary(rounds: list[dict]) -> list[list[object]]:

@@ -5,19 +5,14 @@ checkout, interleaved in one run.
     python -m bench.lanes                      # ~4 min on 2 cores (--rounds 2 --seconds 15)
     python -m bench.lanes --baseline-ref HEAD~3 --rounds 3
 
-Each variant is a real `clipsvc serve` (embedded demo model, no cache), started from its
-own code: the baseline from `git archive <ref>` in a temporary folder. In each round and
-for each variant: an idle phase (one interactive caller, single 640×480 JPEGs, one call
-at a time), then a loaded phase (the same caller while `clipsvc embed-dir` streams a folder
-of distinct JPEGs through EmbedStream, started `--warm-s` earlier so it saturates). Bulk
-progress is read from the gateway's `clip_items_embedded_total`. Figures are medians over
-rounds; the ratio loaded ÷ idle p99 is the issue's target (≤ 2).
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import statistics
 import subprocess
@@ -28,15 +23,13 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 
+from bench import harness as h
+from bench.harness import REPO_ROOT as ROOT
 from bench.harness import model_repository, photo_pool, unique_jpeg
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import GatewayProcess
 from service.processes.metric_samples import sample, scrape
-
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "results" / "lanes.md"
 
 
 class CodeGateway(GatewayProcess):
@@ -57,15 +50,11 @@ class CodeGateway(GatewayProcess):
 
 def checkout(ref: str, into: Path) -> Path:
     """`ref`'s tree (git archive) in `into`; returns it."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref], cwd=ROOT, check=True, capture_output=True
-    ).stdout
+    git = ["git", "archive", "--format=tar", ref]
+    archive = subprocess.run(git, cwd=ROOT, check=True, capture_output=True).stdout
     into.mkdir(parents=True)
-    tar_path = into.with_suffix(".tar")
-    tar_path.write_bytes(archive)
-    with tarfile.open(tar_path) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
-    tar_path.unlink()
     return into
 
 
@@ -109,27 +98,17 @@ async def phase(
         await asyncio.sleep(args.warm_s)
         before, started = embedded_images(gateway), time.perf_counter()
         loaded = await interactive(gateway.target, pool, args.seconds, tag + 1)
-        bulk_rate = (embedded_images(gateway) - before - len(loaded)) / (
-            time.perf_counter() - started
-        )
+        bulk_items = embedded_images(gateway) - before - len(loaded)
+        bulk_rate = bulk_items / (time.perf_counter() - started)
         assert bulk.returncode is None, "the embed-dir run ended early: raise --bulk-images"
     finally:
         if bulk.returncode is None:
             bulk.terminate()
         await asyncio.wait_for(bulk.wait(), 30)
 
-    def p(values: list[float], q: float) -> float:
-        return float(np.percentile(np.asarray(values) * 1000, q))
-
-    return {
-        "idle_p50": p(idle, 50),
-        "idle_p99": p(idle, 99),
-        "loaded_p50": p(loaded, 50),
-        "loaded_p99": p(loaded, 99),
-        "idle_calls": len(idle),
-        "loaded_calls": len(loaded),
-        "bulk_per_s": bulk_rate,
-    }
+    phases = {"idle": idle, "loaded": loaded}
+    figures = {f"{k}_p{q}": h.percentile_ms(v, q) for k, v in phases.items() for q in (50, 99)}
+    return figures | {"idle_calls": len(idle), "loaded_calls": len(loaded), "bulk_per_s": bulk_rate}
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -162,11 +141,7 @@ async def run(args: argparse.Namespace) -> int:
                 for k, (name, gateway) in enumerate(gateways.items()):
                     figures = await phase(gateway, pool, folder, args, tag=10 * (2 * r + k))
                     results[name].append(figures)
-                    print(
-                        f"round {r + 1} {name}: "
-                        + ", ".join(f"{key} {value:.1f}" for key, value in figures.items()),
-                        flush=True,
-                    )
+                    print(f"round {r + 1} {name}: {per_round(figures)}", flush=True)
         finally:
             for gateway in gateways.values():
                 gateway.close()
@@ -174,11 +149,15 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def per_round(figures: dict[str, float]) -> str:
+    """`key value, ...` of one round."""
+    return ", ".join(f"{key} {value:.1f}" for key, value in figures.items())
+
+
 def write(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
     """The Markdown table: medians over rounds per variant, and the loaded ÷ idle ratio."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
     lines = [
         "# Priority lanes: interactive p99 while embed-dir saturates the gateway",
         "",
@@ -202,25 +181,18 @@ def write(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) 
     lines += ["", "Per round:", ""]
     for name, rounds in results.items():
         for i, r in enumerate(rounds):
-            lines.append(
-                f"- {name}, round {i + 1}: "
-                + ", ".join(f"{key} {value:.1f}" for key, value in r.items())
-            )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out}")
+            lines.append(f"- {name}, round {i + 1}: {per_round(r)}")
+    h.write_result(args.out, "\n".join(lines) + "\n", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and run."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = h.parser(__doc__, out="lanes.md", model=None, threads=False)
     parser.add_argument("--baseline-ref", default="main", help="git ref of the baseline code")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
     parser.add_argument("--warm-s", type=float, default=3.0, help="bulk head start")
     parser.add_argument("--bulk-images", type=int, default=8000, help="files in the folder")
-    parser.add_argument("--out", type=Path, default=OUT, help="the report (Markdown)")
     return asyncio.run(run(parser.parse_args(argv)))
 
 

@@ -4,14 +4,7 @@
     python -m bench.load --redis --triton --seconds 30     # ... with redis-server, tritonserver
     python -m bench.load --target 127.0.0.1:50051 --pid 1234 --api-key K
 
-The mix per call: EmbedText 40 %, EmbedImage 25 %, Classify 20 %, Similarity 10 %,
-EmbedStream 5 % (16 items each). About 30 % of the texts and images repeat from a
-small hot set, as popular queries do, so caches see hits; the rest are new. Prints
-requests/s, p50/p95/p99 per RPC, errors by gRPC code, and the gateway's memory at
-start and end (its own process when this script starts it; `--pid` otherwise).
-
-Bounded: at most 1024 callers, one hour, `--max-requests` calls if given, every call
-with a deadline; only loopback targets are accepted. Writes bench/results/load.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -35,6 +28,7 @@ from service.processes.gateway import wait_serving
 
 WORKLOAD = {"EmbedText": 40, "EmbedImage": 25, "Classify": 20, "Similarity": 10, "EmbedStream": 5}
 HOT, HOT_SHARE, STREAM_ITEMS = 64, 0.3, 16
+RPC_HEADERS = ["RPC", "calls", "ok/s", "items/s", "p50 ms", "p95 ms", "p99 ms", "errors by code"]
 PACKED = pb.VECTOR_FORMAT_FLOAT32_BYTES
 LABEL_SETS = (
     ("red circle", "blue star", "green square", "yellow triangle", "purple hexagon",
@@ -192,24 +186,14 @@ def report(
 
     def rpc_row(name: str, r: h.LoadResult, errors: str) -> list[object]:
         p = [h.fmt(r.percentile_ms(q)) for q in (50, 95, 99)]
-        calls = len(r.latencies_s) + sum(r.errors.values())
-        return [
-            name,
-            calls,
-            h.fmt(len(r.latencies_s) / elapsed),
-            h.fmt(r.items / elapsed),
-            *p,
-            errors,
-        ]
+        calls, ok = len(r.latencies_s) + sum(r.errors.values()), len(r.latencies_s)
+        return [name, calls, h.fmt(ok / elapsed), h.fmt(r.items / elapsed), *p, errors]
 
     rows = []
     for name, s in mix.stats.items():
-        stream = (
-            "; stream items: " + h.codes_text(mix.item_errors)
-            if name == "EmbedStream" and mix.item_errors
-            else ""
-        )
-        rows.append(rpc_row(name, s, s.error_text + stream))
+        stream = name == "EmbedStream" and mix.item_errors
+        items = "; stream items: " + h.codes_text(mix.item_errors) if stream else ""
+        rows.append(rpc_row(name, s, s.error_text + items))
     rows.append(rpc_row("**all**", result, result.error_text))
     mem_rows = []
     if g := memory.get("gateway"):
@@ -228,10 +212,7 @@ def report(
         f"{STREAM_ITEMS} items (¾ texts); {HOT_SHARE:.0%} of inputs come from a hot set of "
         f"{HOT}. `items/s` counts texts and images sent.",
         "",
-        h.md_table(
-            ["RPC", "calls", "ok/s", "items/s", "p50 ms", "p95 ms", "p99 ms", "errors by code"],
-            rows,
-        ),
+        h.md_table(RPC_HEADERS, rows),
         "",
     ]
     if mem_rows:
@@ -282,10 +263,8 @@ async def self_started(args: argparse.Namespace, info: list) -> tuple:
         else:
             note += ", backend: embedded"
         if args.api_key:
-            keyfile = (
-                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-keys-")))
-                / "keys"
-            )
+            keys = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-keys-"))
+            keyfile = Path(keys) / "keys"
             keyfile.write_text(args.api_key + "\n")
             settings["api_keys_file"], note = keyfile, note + ", API keys on"
         gateway = stack.enter_context(h.gateway(repository, "load", **settings))
@@ -310,11 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis", action="store_true", help="self-started: a real redis-server")
     p.add_argument("--triton", action="store_true", help="self-started: a real tritonserver")
     args = p.parse_args(argv)
-    if (
-        not 1 <= args.callers <= 1024
-        or not 0 < args.seconds <= 3600
-        or not 1 <= args.channels <= 64
-    ):
+    bounds = (1 <= args.callers <= 1024, 0 < args.seconds <= 3600, 1 <= args.channels <= 64)
+    if not all(bounds):
         p.error("--callers must be 1..1024, --seconds in (0, 3600], --channels 1..64")
     if args.target and (args.redis or args.triton):
         p.error("--redis/--triton start servers for a self-started gateway, not a --target")

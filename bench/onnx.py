@@ -3,21 +3,7 @@
     python -m bench.onnx                 # random ViT-B-32, 3 interleaved rounds, ~5 min
     python -m bench.onnx --rounds 5 --seconds 8
 
-Measures, on the same machine in the same run, in interleaved rounds (each round measures
-every point once, in a rotated order, so a slow minute hits all of them alike):
-- open_clip's eager model at batch 32: `encode_image` on pre-decoded photos, and
-  `encode_text` on 77-padded captions (what `open_clip.tokenize` gives) — the baseline;
-- the forward pass alone at batch 32 on the same pixels: the onnx flavor's `model.onnx`
-  in ONNX Runtime and the TorchScript flavor's `model.pt`;
-- the service: one embedded gateway per flavor, each in its own process, 32 closed-loop
-  callers sending single distinct 640×480 JPEGs or single captions (the caption mix),
-  no cache.
-
-Every ratio divides two figures of the same round; the report gives each round and the
-median. The issue's targets (#17): onnx flavor through the service ≥ 1.2× the eager model
-for images and ≥ 1.0× for texts. Both flavors are exported from the same seeded random
-weights as the eager model, and the report states the onnx flavor's max |diff| from it.
-Writes bench/results/onnx-<model>.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -36,6 +22,7 @@ from service.model.metadata import ModelMetadata
 
 BATCH = CONCURRENCY = 32
 SEED, POOL = 0, 64
+TOWERS = ("clip_image", "clip_text")
 EAGER_IMAGES, EAGER_TEXTS = "eager images b32", "eager texts b32 (77-padded)"
 ORT_IMAGES, TS_IMAGES = "onnx forward images b32", "torchscript forward images b32"
 SVC = {f"service {f} {k} c32": (f, k) for f in ("onnx", "torchscript") for k in ("images", "texts")}
@@ -62,12 +49,9 @@ def seeded_repository(model: str, flavor: str) -> Path:
 
 
 def local_steps(
-    args: argparse.Namespace,
-    onnx_repo: Path,
-    ts_repo: Path,
-    metadata: ModelMetadata,
+    args: argparse.Namespace, onnx_repo: Path, ts_repo: Path, metadata: ModelMetadata,
     jpegs: list[bytes],
-):
+):  # fmt: skip
     """The in-process points (eager, ONNX Runtime, TorchScript) and the onnx flavor's parity."""
     import open_clip
     import torch
@@ -85,24 +69,24 @@ def local_steps(
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (metadata.mean, metadata.std))
     normalized = (torch.from_numpy(pixels).float() / 255 - mean) / std
     tokens77 = open_clip.get_tokenizer(args.model)([mixed_caption(i) for i in range(POOL)])
-    sessions = {
-        tower: open_session(
-            onnx_repo / tower / "1" / "model.onnx", intra_op_threads=args.torch_threads
-        )
-        for tower in ("clip_image", "clip_text")
-    }
+    onnx = lambda tower: onnx_repo / tower / "1" / "model.onnx"  # noqa: E731
+    sessions = {t: open_session(onnx(t), intra_op_threads=args.torch_threads) for t in TOWERS}
     image_ts = torch.jit.load(str(ts_repo / "clip_image" / "1" / "model.pt")).eval()
+
+    def ort_image(rows: list[int]) -> np.ndarray:
+        return run_session(sessions["clip_image"], metadata.image_input, pixels[rows])
+
+    def ort_text(rows: list[int]) -> np.ndarray:
+        return run_session(sessions["clip_text"], metadata.text_input, tokens77[rows].numpy())
+
+    ort = {"clip_image": ort_image, "clip_text": ort_text}
+    eager = {
+        "clip_image": lambda rows: clip.encode_image(normalized[rows], normalize=True),
+        "clip_text": lambda rows: clip.encode_text(tokens77[rows], normalize=True),
+    }
     with torch.no_grad():
-        parity = (
-            np.abs(
-                clip.encode_image(normalized[:8], normalize=True).numpy()
-                - run_session(sessions["clip_image"], metadata.image_input, pixels[:8])
-            ).max(),
-            np.abs(
-                clip.encode_text(tokens77[:8], normalize=True).numpy()
-                - run_session(sessions["clip_text"], metadata.text_input, tokens77[:8].numpy())
-            ).max(),
-        )
+        first = list(range(8))
+        parity = tuple(np.abs(eager[t](first).numpy() - ort[t](first)).max() for t in TOWERS)
     print(f"onnx flavor vs eager: images {parity[0]:.2e}, texts {parity[1]:.2e}", flush=True)
 
     def batch_of(run):
@@ -114,22 +98,16 @@ def local_steps(
         return step
 
     steps = {
-        EAGER_IMAGES: batch_of(lambda rows: clip.encode_image(normalized[rows], normalize=True)),
-        EAGER_TEXTS: batch_of(lambda rows: clip.encode_text(tokens77[rows], normalize=True)),
-        ORT_IMAGES: batch_of(
-            lambda rows: run_session(sessions["clip_image"], metadata.image_input, pixels[rows])
-        ),
+        EAGER_IMAGES: batch_of(eager["clip_image"]), EAGER_TEXTS: batch_of(eager["clip_text"]),
+        ORT_IMAGES: batch_of(ort["clip_image"]),
         TS_IMAGES: batch_of(lambda rows: image_ts(torch.from_numpy(pixels[rows]))),
-    }
+    }  # fmt: skip
     return steps, (float(parity[0]), float(parity[1]))
 
 
 async def run(args: argparse.Namespace) -> int:
     h.section("models")
-    onnx_repo, ts_repo = (
-        seeded_repository(args.model, "onnx"),
-        seeded_repository(args.model, "python"),
-    )
+    onnx_repo, ts_repo = (seeded_repository(args.model, f) for f in ("onnx", "python"))
     metadata = ModelMetadata.load(onnx_repo)
     jpegs = h.photo_pool(POOL)
     steps, parity = local_steps(args, onnx_repo, ts_repo, metadata, jpegs)

@@ -2,16 +2,7 @@
 
     python -m bench.profile_images --model ViT-B-32 --seconds 30
 
-The gateway runs in this process (so its threads can be read from /proc/self/task);
-the callers run in a child process. While they call, this script records:
-- CPU seconds per gateway thread: the event loop, the model thread and torch's OpenMP
-  workers (the forward pass), the decode pool (JPEG decode, resize, crop), gRPC's
-  own threads;
-- the gateway's stage histograms (decode, queue wait, backend call, whole request);
-- a pyinstrument profile of the event-loop thread (what Python does between awaits).
-
-Writes bench/results/profile-images-<model>.md and .txt (pyinstrument text; `--html`
-adds pyinstrument's interactive page).
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -48,31 +39,25 @@ async def drive(target: str, concurrency: int, seconds: float) -> None:
             concurrency=concurrency, seconds=seconds, min_calls=2 * concurrency, progress=False,
             before_measure=lambda: print("START", flush=True),
         )  # fmt: skip
-    summary = {
-        "items_per_s": r.items_per_s,
-        "p50_ms": r.percentile_ms(50),
-        "p99_ms": r.percentile_ms(99),
-    }
-    print("RESULT " + json.dumps({**summary, "errors": dict(r.errors)}), flush=True)
+    summary = {"items_per_s": r.items_per_s, "errors": dict(r.errors)}
+    summary |= {"p50_ms": r.percentile_ms(50), "p99_ms": r.percentile_ms(99)}
+    print("RESULT " + json.dumps(summary), flush=True)
 
 
 # ---------------------------------------------------------------------------- threads
 def thread_cpu() -> dict[int, tuple[str, float]]:
     """{tid: (name, CPU seconds)} for every thread of this process."""
     names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[int, tuple[str, float]] = {}
     for entry in os.scandir("/proc/self/task"):
         tid = int(entry.name)
         try:
-            with open(f"/proc/self/task/{tid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+            seconds = h.cpu_seconds(f"self/task/{tid}")
             with open(f"/proc/self/task/{tid}/comm") as comm:
                 native = comm.read().strip()
         except OSError:
             continue
-        name = names.get(tid) or f"native:{native}"
-        out[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        out[tid] = (names.get(tid) or f"native:{native}", seconds)
     return out
 
 
@@ -153,20 +138,16 @@ async def profile(args: argparse.Namespace) -> int:
     info = h.machine_info(args.torch_threads)
     repository = h.model_repository(args.model)
     settings = gateway_settings(
-        repository,
-        local_cache_items=0,
-        redis_url="",
-        torch_threads=args.torch_threads,
+        repository, local_cache_items=0, redis_url="", torch_threads=args.torch_threads,
         log_level="WARNING",
-    )
+    )  # fmt: skip
     async with running_gateway(settings) as gateway:
         target = f"127.0.0.1:{gateway.port}"
         timeline = Timeline()
         embedder = gateway.embedder
         timeline.wrap(embedder, "embed_images", "Embedder.embed_images: all of one call's work")
-        timeline.wrap(
-            embedder, "_prepare_images", "decode step, waiting for a decode thread included"
-        )
+        decode = "decode step, waiting for a decode thread included"
+        timeline.wrap(embedder, "_prepare_images", decode)
         queue = getattr(embedder._backend, "_queue", None)
         timeline.wrap(queue, "submit", "batching queue: waiting for the batch ahead + own forward")
         timeline.record_batches(queue)
@@ -222,17 +203,15 @@ async def profile(args: argparse.Namespace) -> int:
     out.with_suffix(".txt").write_text(text_profile)
     if args.html:
         out.with_suffix(".html").write_text(profiler.output_html())
+    got = lambda key: h.fmt(float(summary.get(key, float("nan"))))  # type: ignore[arg-type]  # noqa: E731
     parts = [
-        f"# Profile: {args.model}, {args.concurrency} concurrent single-image callers",
-        "",
-        h.md_table(["", ""], info),
-        "",
+        *h.report_head(
+            f"Profile: {args.model}, {args.concurrency} concurrent single-image callers", info
+        ),
         "In-process embedded gateway, cache off, distinct 640×480 JPEG photos; the callers "
-        "run in a child process. Result of the callers: "
-        f"{h.fmt(float(summary.get('items_per_s', float('nan'))))} images/s, p50 "  # type: ignore[arg-type]
-        f"{h.fmt(float(summary.get('p50_ms', float('nan'))))} ms, p99 "  # type: ignore[arg-type]
-        f"{h.fmt(float(summary.get('p99_ms', float('nan'))))} ms, errors "  # type: ignore[arg-type]
-        f"{summary.get('errors', {})} (the profiler slows the event loop somewhat).",
+        f"run in a child process. Result of the callers: {got('items_per_s')} images/s, p50 "
+        f"{got('p50_ms')} ms, p99 {got('p99_ms')} ms, errors {summary.get('errors', {})} "
+        "(the profiler slows the event loop somewhat).",
         "",
         f"## CPU by gateway thread ({wall:.1f} s of wall time, {total_cpu:.1f} CPU s)",
         "",

@@ -1,41 +1,28 @@
 """What compact vectors cost in retrieval: recall@10 of int8 and binary against float32.
 
-For each set, every query's 10 nearest corpus vectors by float32 cosine are the truth;
-each compact format ranks the same corpus with the same queries, both quantized by the
-service's own rules (`service/core/vector_formats.py`), as a vector store that holds
-only the compact vectors would, and recall@10 is the share of the truth it finds.
-
-Two sets (no hub here, so no large trained CLIP):
-- `demo-images`: the trained demo CLIP (D = 64) on rendered shape images;
-- `vit-b-32-texts`: ViT-B-32 (D = 512, the production architecture) with random
-  weights on generated captions: real width, untrained geometry.
-
     python -m bench.quantization [--corpus 2000] [--queries 100]   # ~25 min on 2 busy cores
 
-Writes bench/results/quantization.md. Standalone: needs open_clip and the demo weights.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import itertools
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 
+from bench import harness as h
 from service.core import vector_formats as vf
 from service.demo import shapes
 from service.model import configs
 from service.model.export import load_open_clip
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "quantization.md"
 K = 10
 RESCORE = 4  # binary, then float32 rescoring of the top K × RESCORE (Sentence-Transformers)
 
@@ -44,7 +31,7 @@ def demo_images(n: int) -> np.ndarray:
     """`[n, 64]`: the trained demo CLIP's vectors of `n` rendered shape images."""
     configs.register()
     model, _, preprocess = open_clip.create_model_and_transforms(
-        "clip-demo-shapes", pretrained=str(ROOT / "demo" / "clip-demo-shapes.pt")
+        "clip-demo-shapes", pretrained=str(h.DEMO_WEIGHTS)
     )
     model.eval()
     rng = random.Random(26)
@@ -109,47 +96,30 @@ def evaluate(corpus: np.ndarray, queries: np.ndarray) -> list[tuple[str, int, fl
     bits_q = signs(vf.quantize(queries, vf.UBINARY), dim)
     hamming_top = np.argsort(-(bits_q @ bits_c.T), axis=1, kind="stable")[:, : K * RESCORE]
     rescored = np.take_along_axis(
-        hamming_top,
-        top_k(np.einsum("qd,qkd->qk", queries, corpus[hamming_top])),
-        axis=1,
+        hamming_top, top_k(np.einsum("qd,qkd->qk", queries, corpus[hamming_top])), axis=1
     )
     f32, i8, b1 = (vf.packed_bytes(dim, f) for f in (vf.FLOAT32, vf.INT8, vf.UBINARY))
+    dot = lambda q, c: q.astype(np.float32) @ c.T.astype(np.float32)  # noqa: E731
+    served, fixed = "int8, per-vector scale (served)", "int8, fixed [-1, 1] scale (not served)"
+    rows = [
+        (f"{served}, cosine", i8, cosine(int8_q, int8_c)),
+        (f"{served}, raw dot product", i8, dot(int8_q, int8_c)),
+        (f"{fixed}, cosine", i8, cosine(fixed_q, fixed_c)),
+        (f"{fixed}, dot product", i8, dot(fixed_q, fixed_c)),
+        ("binary / ubinary, Hamming distance", b1, bits_q @ bits_c.T),
+    ]
     return [
         ("float32 (the truth)", f32, 1.0),
-        (
-            "int8, per-vector scale (served), cosine",
-            i8,
-            recall(top_k(cosine(int8_q, int8_c)), truth),
-        ),
-        (
-            "int8, per-vector scale (served), raw dot product",
-            i8,
-            recall(top_k(int8_q.astype(np.float32) @ int8_c.T.astype(np.float32)), truth),
-        ),
-        (
-            "int8, fixed [-1, 1] scale (not served), cosine",
-            i8,
-            recall(top_k(cosine(fixed_q, fixed_c)), truth),
-        ),
-        (
-            "int8, fixed [-1, 1] scale (not served), dot product",
-            i8,
-            recall(top_k(fixed_q.astype(np.float32) @ fixed_c.T.astype(np.float32)), truth),
-        ),
-        ("binary / ubinary, Hamming distance", b1, recall(top_k(bits_q @ bits_c.T), truth)),
-        (
-            f"binary top {K * RESCORE}, rescored with float32 queries and vectors",
-            b1,
-            recall(rescored, truth),
-        ),
-    ]
+        *((name, size, recall(top_k(scores), truth)) for name, size, scores in rows),
+        (f"binary top {K * RESCORE}, rescored with float32 queries and vectors", b1,
+         recall(rescored, truth)),
+    ]  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = h.parser(__doc__, out="quantization.md", model=None, threads=False)
     parser.add_argument("--corpus", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="the report (Markdown)")
     args = parser.parse_args()
     n = args.corpus + args.queries
     lines = [
@@ -180,9 +150,7 @@ def main() -> None:
             print(f"  {rule:70s} {size:5d} B  recall@10 {value:.3f}")
             lines.append(f"| {rule} | {size} | {value:.3f} |")
         lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    h.write_result(args.out, "\n".join(lines), "\n".join(lines))
 
 
 if __name__ == "__main__":

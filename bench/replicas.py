@@ -4,39 +4,10 @@
     python -m bench.replicas --rounds 2 --seconds 5        # shorter
     python -m bench.replicas --model ViT-B-32 --callers 16
 
-Starts two real `tritonserver`s (A and B) on the same exported repository and two
-gateways in their own processes: `one` with `--triton-url 127.0.0.1:A`, `two` with
-`--triton-url ipv4:127.0.0.1:A,127.0.0.1:B` (round robin per call), both with cache off
-and `--max-inflight-batches 2` (two batches can be in Triton at once). The same
-closed-loop single-image EmbedImage callers run through them in interleaved rounds
-(the order rotates each round), so that both see the same machine. Reports images/s per
-round, the medians, two ÷ one (median of the paired rounds' ratios, and of the medians),
-how the inferences split between A and B (the image model's `inference_count` around
-each round) and the CPU seconds each server's process group used.
-
-On a machine with few cores both servers share the same cores: the figure shows that
-the calls are balanced and what balancing costs, not a speed-up. Writes
-bench/results/replicas.md (`--out`).
-
-Two more scenarios check what a gateway promises about its replicas (issue 25):
-
     python -m bench.replicas --scenario foreign    # 3 replicas, one foreign; 32 callers, 60 s
     python -m bench.replicas --scenario drain      # SIGTERM, SIGKILL 1 s later; 16 callers
 
-`foreign`: A and A2 serve the export the gateway has, F serves another export of the
-same architecture (random weights: another model id and weights hash); one gateway with
-`--triton-url ipv4:A,F,A2` and a real redis-server. Closed-loop callers alternate
-EmbedText (a new text each call) and EmbedImage (new bytes each call). Every text vector
-answered is compared with both exports' own vectors for that text (embedded gateways of
-X and of F's export compute them afterwards), every value left in Redis with the vectors
-answered, and F's inference counts (Triton's statistics) are read. Writes
-bench/results/replicas-foreign.md.
-
-`drain`: A and B serve the same export; a gateway with `--triton-url ipv4:A,B` (cache
-off) under closed-loop single-image callers. Each cycle sends A's tritonserver SIGTERM
-(what the kubelet sends), SIGKILL one second later, waits, restarts A on the same ports
-and measures how long until A runs inferences again. Caller errors are counted per
-phase. Writes bench/results/replicas-drain.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -189,12 +160,7 @@ def report(
         ["caller errors, all rounds", str(sum(sum(r.result.errors.values()) for r in rounds))],
     ]  # fmt: skip
     summary = h.md_table(["figure", "value"], rows)
-    text = [
-        *h.report_head(
-            f"One against two local Triton servers behind one gateway ({args.model})", info
-        ),
-        "## What ran",
-        "",
+    what_ran = [
         f"- Two real `tritonserver`s (pip wheel, python backend, CPU) on the same repository: "
         f"A at `{urls['A']}`, B at `{urls['B']}`. Gateway `one`: `--triton-url {urls['A']}`; "
         f"gateway `two`: `--triton-url ipv4:{urls['A']},{urls['B']}` (round robin per call); "
@@ -205,17 +171,8 @@ def report(
         "unmeasured warm-up point per gateway. Inferences and executions: the change of the "
         "image model's Triton statistics over the round; CPU: user + system time of each "
         "server's process group (tritonserver and its python stubs).",
-        "",
-        "## Summary",
-        "",
-        summary,
-        "",
-        "## Rounds",
-        "",
-        h.md_table(HEADERS, [r.row() for r in rounds]),
-        "",
-        "## How to read it",
-        "",
+    ]
+    reading = [
         *balance,
         f"This machine has {info[1][1]}: both servers, both gateways and the load generator "
         "share them, so a second Triton adds no compute. Two ÷ one shows what spreading the "
@@ -224,9 +181,42 @@ def report(
         f"one server per GPU machine). CPU per image in the `two` rounds: "
         f"{1000 * gw_cpu['two']:.1f} ms in the gateway, {1000 * cpu['two']:.1f} ms in both "
         "Tritons.",
-        "",
     ]
-    return "\n".join(text), summary
+    title = f"One against two local Triton servers behind one gateway ({args.model})"
+    sections = {"What ran": what_ran, "Summary": summary}
+    sections |= {
+        "Rounds": h.md_table(HEADERS, [r.row() for r in rounds]),
+        "How to read it": reading,
+    }
+    return h.report(title, info, sections), summary
+
+
+def tritons(stack: contextlib.ExitStack, repos: dict[str, Path], threads: int) -> dict[str, Any]:
+    """A real tritonserver per name, each on its repository (TORCH_THREADS applied)."""
+    servers = {}
+    for name, repository in repos.items():
+        started = time.perf_counter()
+        servers[name] = stack.enter_context(h.triton(repository, torch_threads=threads))
+        took = time.perf_counter() - started
+        print(f"  tritonserver {name}: {servers[name].grpc_url}, ready in {took:.1f} s")
+    return servers
+
+
+def triton_gateway(
+    stack: contextlib.ExitStack, repository: Path, name: str, urls: Sequence[str],
+    args: argparse.Namespace, **settings: object,
+) -> Any:  # fmt: skip
+    """A gateway (own process, no cache) over `urls`: one address, or `ipv4:` round robin."""
+    target = urls[0] if len(urls) == 1 else "ipv4:" + ",".join(urls)
+    settings = {"local_cache_items": 0, "redis_url": "", **settings}
+    gateway = stack.enter_context(
+        h.gateway(
+            repository, name, backend="triton", triton_url=target, torch_threads=args.torch_threads,
+            max_inflight_batches=args.inflight, **settings,
+        )
+    )  # fmt: skip
+    print(f"  gateway {name}: {gateway.target} → {target}", flush=True)
+    return gateway
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -234,24 +224,13 @@ async def run(args: argparse.Namespace) -> int:
     info = h.machine_info(args.torch_threads)
     repository = h.model_repository(args.model)
     jpegs = h.photo_pool(64, seed=3)
-    settings = {"backend": "triton", "local_cache_items": 0, "redis_url": ""}
-    settings |= {"max_inflight_batches": args.inflight, "torch_threads": args.torch_threads}
     with contextlib.ExitStack() as stack:
         h.section("starting two tritonservers and two gateways")
-        servers = {}
-        for name in SERVERS:
-            started = time.perf_counter()
-            servers[name] = stack.enter_context(
-                h.triton(repository, torch_threads=args.torch_threads)
-            )
-            took = time.perf_counter() - started
-            print(f"  tritonserver {name}: {servers[name].grpc_url}, ready in {took:.1f} s")
+        servers = tritons(stack, dict.fromkeys(SERVERS, repository), args.torch_threads)
         urls = {name: server.grpc_url for name, server in servers.items()}
         gateways = {
-            path: stack.enter_context(
-                h.gateway(repository, f"gateway-{path}", triton_url=url, **settings)
-            )
-            for path, url in {"one": urls["A"], "two": f"ipv4:{urls['A']},{urls['B']}"}.items()
+            path: triton_gateway(stack, repository, f"gateway-{path}", replicas, args)
+            for path, replicas in (("one", [urls["A"]]), ("two", [urls["A"], urls["B"]]))
         }
         bench = Replicas(servers, gateways, jpegs, args)
         h.section("warm-up point per gateway (not reported)")
@@ -269,7 +248,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- scenario: foreign
-def other_export(model: str, torch_threads: int) -> Path:
+def other_export(model: str) -> Path:
     """The same architecture with random weights (seeded): another model id and hash."""
     import torch
 
@@ -279,7 +258,7 @@ def other_export(model: str, torch_threads: int) -> Path:
     target = Path(tempfile.mkdtemp(prefix="bench-rep-foreign-")) / "repo"
     torch.manual_seed(2525)
     export_model(model, "none", target, flavor="python", batching=BatchingOptions(), progress=False)
-    return h.repository_variant(target, torch_threads)
+    return target
 
 
 async def reference_texts(repository: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -304,61 +283,48 @@ async def run_foreign(args: argparse.Namespace) -> int:
     h.section(f"replicas, foreign: {args.model}, three tritonservers, one of another export")
     info = h.machine_info(args.torch_threads)
     repository = h.model_repository(args.model)
-    ours = h.repository_variant(repository, args.torch_threads)
-    theirs = other_export(args.model, args.torch_threads)
+    theirs = other_export(args.model)
     jpegs = h.photo_pool(16, (160, 120), seed=5)
     answered: dict[str, np.ndarray] = {}
     image_vectors: list[np.ndarray] = []
-    errors: dict[str, int] = {}
     calls = {"text": 0, "image": 0}
     with contextlib.ExitStack() as stack:
-        servers: dict[str, Any] = {}
-        for name, repo in (("A", ours), ("F", theirs), ("A2", ours)):
-            servers[name] = stack.enter_context(h.triton(repo))
-            print(f"  tritonserver {name}: {servers[name].grpc_url}", flush=True)
+        repos = {"A": repository, "F": theirs, "A2": repository}
+        servers = tritons(stack, repos, args.torch_threads)
         redis = stack.enter_context(h.redis())
-        target = "ipv4:" + ",".join(servers[n].grpc_url for n in ("A", "F", "A2"))
-        gateway = stack.enter_context(
-            h.gateway(
-                repository,
-                "gateway-foreign",
-                backend="triton",
-                triton_url=target,
-                redis_url=redis.url,
-                local_cache_items=0,
-                max_inflight_batches=args.inflight,
-                torch_threads=args.torch_threads,
-            )
+        urls = [servers[n].grpc_url for n in ("A", "F", "A2")]
+        gateway = triton_gateway(
+            stack, repository, "gateway-foreign", urls, args, redis_url=redis.url
         )
-        print(f"  gateway: {gateway.target} → {target}", flush=True)
+        target = "ipv4:" + ",".join(urls)
         before = {name: inference_counts(server) for name, server in servers.items()}
         h.section(f"{args.callers} callers for {args.seconds:g} s")
-        loop = asyncio.get_running_loop()
-        stop_at = loop.time() + args.seconds
         async with AsyncClipClient(gateway.target) as client:
 
-            async def caller(index: int) -> None:
-                n = 0
-                while loop.time() < stop_at:
-                    n += 1
-                    kind = "text" if n % 2 else "image"
-                    try:
-                        if kind == "text":
-                            text = f"{short_caption(index * 100_000 + n)} #{index}-{n}"
-                            answer = await client.embed_text([text])
-                            answered[text] = answer.vectors[0]
-                        else:
-                            image = h.unique_jpeg(jpegs[n % len(jpegs)], index * 100_000 + n)
-                            answer = await client.embed_image([image])
-                            image_vectors.append(answer.vectors[0])
-                    except grpc.aio.AioRpcError as exc:
-                        key = f"{kind} {exc.code().name}"
-                        errors[key] = errors.get(key, 0) + 1
-                    calls[kind] += 1
+            async def call(i: int) -> int:
+                """EmbedText (a new text) and EmbedImage (new bytes) in turn."""
+                kind = "text" if i % 2 else "image"
+                calls[kind] += 1
+                try:
+                    if kind == "text":
+                        text = f"{short_caption(i)} #{i}"
+                        answered[text] = (await client.embed_text([text])).vectors[0]
+                    else:
+                        image = h.unique_jpeg(jpegs[i % len(jpegs)], i)
+                        image_vectors.append((await client.embed_image([image])).vectors[0])
+                except grpc.aio.AioRpcError as exc:
+                    raise h.CallFailed(f"{kind} {exc.code().name}") from exc
+                return 1
 
-            await asyncio.gather(*(caller(i) for i in range(args.callers)))
+            result = await h.closed_loop(
+                call, label="foreign", concurrency=args.callers, seconds=args.seconds,
+                warmup_rounds=0,
+            )  # fmt: skip
+        errors = result.errors
         after = {name: inference_counts(server) for name, server in servers.items()}
-        raw = redis_client(redis.url)
+        import redis as redis_py
+
+        raw = redis_py.Redis.from_url(redis.url)
         stored = [raw.get(key) for key in raw.scan_iter("clip:*:emb:*")]
     h.section("checking every answered text against both exports' own vectors")
     texts = sorted(answered)
@@ -407,56 +373,39 @@ async def run_foreign(args: argparse.Namespace) -> int:
         ],
     ]
     summary = h.md_table(["figure", "value"], rows)
-    text = "\n".join(
-        [
-            f"# Three Triton replicas, one serving another export ({args.model})",
+    what_ran = [
+        "- Three real `tritonserver`s: A and A2 on the export the gateway has, F on "
+        "another export of the same architecture (random weights, so another model id "
+        "and weights hash in its configs).",
+        f"- One gateway (own process) with `--triton-url {target}` (F in the middle of "
+        f"the list), a real redis-server, no in-process cache, "
+        f"`--max-inflight-batches {args.inflight}`.",
+        f"- {args.callers} closed-loop callers for {args.seconds:g} s, each alternating "
+        "EmbedText (a new text each call) and EmbedImage (new JPEG bytes each call).",
+        "- Afterwards every answered text vector is compared (1e-5) with what embedded "
+        "gateways of both exports answer for that text; every value in Redis with the "
+        "vectors answered and with F's export's text vectors; inferences per server are "
+        "the change of Triton's `inference_count` per model.",
+    ]
+    result_lines = [
+        summary,
+        "",
+        "F's configs are read (once a second, by the probes), its vectors never asked "
+        "for: the gateway sends inference only to replicas whose identity it checked on "
+        "their own connection. The issue's run of the code before this change answered "
+        "96 of 950 calls with F's vectors.",
+    ]
+    if len(stored) < len(known):
+        result_lines += [
             "",
-            h.md_table(["", ""], info),
-            "",
-            "## What ran",
-            "",
-            "- Three real `tritonserver`s: A and A2 on the export the gateway has, F on "
-            "another export of the same architecture (random weights, so another model id "
-            "and weights hash in its configs).",
-            f"- One gateway (own process) with `--triton-url {target}` (F in the middle of "
-            f"the list), a real redis-server, no in-process cache, "
-            f"`--max-inflight-batches {args.inflight}`.",
-            f"- {args.callers} closed-loop callers for {args.seconds:g} s, each alternating "
-            "EmbedText (a new text each call) and EmbedImage (new JPEG bytes each call).",
-            "- Afterwards every answered text vector is compared (1e-5) with what embedded "
-            "gateways of both exports answer for that text; every value in Redis with the "
-            "vectors answered and with F's export's text vectors; inferences per server are "
-            "the change of Triton's `inference_count` per model.",
-            "",
-            "## Result",
-            "",
-            summary,
-            "",
-            "F's configs are read (once a second, by the probes), its vectors never asked "
-            "for: the gateway sends inference only to replicas whose identity it checked on "
-            "their own connection. The issue's run of the code before this change answered "
-            "96 of 950 calls with F's vectors.",
-            "",
-            *(
-                [
-                    f"Redis holds {len(stored)} of the {len(known)} vectors answered: a write "
-                    "the cache gives up on (it never fails a call) is not retried. Every "
-                    "entry it does hold is one that was answered, none is F's.",
-                    "",
-                ]
-                if len(stored) < len(known)
-                else []
-            ),
+            f"Redis holds {len(stored)} of the {len(known)} vectors answered: a write the cache "
+            "gives up on (it never fails a call) is not retried. Every entry it does hold is "
+            "one that was answered, none is F's.",
         ]
-    )
+    title = f"Three Triton replicas, one serving another export ({args.model})"
+    text = h.report(title, info, {"What ran": what_ran, "Result": result_lines})
     h.write_result(args.out or h.RESULTS_DIR / "replicas-foreign.md", text, summary)
     return 0
-
-
-def redis_client(url: str) -> Any:
-    import redis
-
-    return redis.Redis.from_url(url)
 
 
 # ---------------------------------------------------------------------- scenario: drain
@@ -477,28 +426,14 @@ async def run_drain(args: argparse.Namespace) -> int:
     h.section(f"replicas, drain: {args.model}, SIGTERM then SIGKILL of one of two tritonservers")
     info = h.machine_info(args.torch_threads)
     repository = h.model_repository(args.model)
-    triton_repository = h.repository_variant(repository, args.torch_threads)
     jpegs = h.photo_pool(16, (160, 120), seed=7)
     cycles: list[Cycle] = []
     with contextlib.ExitStack() as stack:
-        servers: dict[str, Any] = {}
-        for name in SERVERS:
-            servers[name] = stack.enter_context(h.triton(triton_repository))
+        servers = tritons(stack, dict.fromkeys(SERVERS, repository), args.torch_threads)
         a = servers["A"]
-        target = f"ipv4:{servers['A'].grpc_url},{servers['B'].grpc_url}"
-        gateway = stack.enter_context(
-            h.gateway(
-                repository,
-                "gateway-drain",
-                backend="triton",
-                triton_url=target,
-                local_cache_items=0,
-                redis_url="",
-                max_inflight_batches=args.inflight,
-                torch_threads=args.torch_threads,
-            )
-        )
-        print(f"  gateway: {gateway.target} → {target}", flush=True)
+        urls = [servers["A"].grpc_url, servers["B"].grpc_url]
+        gateway = triton_gateway(stack, repository, "gateway-drain", urls, args)
+        target = "ipv4:" + ",".join(urls)
         phase = {"now": "before"}
         errors: dict[str, dict[str, int]] = {}
         calls: dict[str, int] = {}
@@ -563,59 +498,34 @@ async def run_drain(args: argparse.Namespace) -> int:
         ]
         for c in cycles
     ]
-    table = h.md_table(
-        [
-            "cycle",
-            "calls before",
-            "calls SIGTERM→restart",
-            "calls after",
-            "caller errors",
-            "rejoin s",
-        ],
-        rows,
-    )
+    headers = ["cycle", "calls before", "calls SIGTERM→restart", "calls after", "caller errors"]
+    table = h.md_table([*headers, "rejoin s"], rows)
+    worst = max((c.rejoin_s for c in cycles), default=0)
     summary = h.md_table(
         ["figure", "value"],
         [
             ["cycles (SIGTERM, SIGKILL 1 s later, restart)", str(len(cycles))],
             ["callers", str(args.callers)],
             ["caller errors, all cycles", str(total_errors)],
-            [
-                "rejoin after restart, worst",
-                f"{max((c.rejoin_s for c in cycles), default=0):.1f} s",
-            ],
+            ["rejoin after restart, worst", f"{worst:.1f} s"],
         ],
     )
-    text = "\n".join(
-        [
-            f"# A Triton replica drained under load ({args.model})",
-            "",
-            h.md_table(["", ""], info),
-            "",
-            "## What ran",
-            "",
-            "- Two real `tritonserver`s A and B on the same export; one gateway (own "
-            f"process) with `--triton-url {target}`, cache off, "
-            f"`--max-inflight-batches {args.inflight}`.",
-            f"- {args.callers} closed-loop callers, one new image per EmbedImage call.",
-            f"- Each cycle: {args.settle_s:g} s of load; SIGTERM to A's tritonserver (only "
-            "that process, as the kubelet signals a container's PID 1); SIGKILL of A's "
-            f"process group {KILL_AFTER_TERM_S:g} s later; {args.settle_s:g} s on B alone; A "
-            "restarted on the same ports; the time until A's image model runs an "
-            f"inference again; {args.settle_s:g} s more.",
-            "",
-            "## Summary",
-            "",
-            summary,
-            "",
-            "## Cycles",
-            "",
-            table,
-            "",
-            "The issue's run of the code before this change: 233 calls failed with "
-            "UNAVAILABLE in 8 s of the same drain under 16 callers.",
-            "",
-        ]
+    what_ran = [
+        "- Two real `tritonserver`s A and B on the same export; one gateway (own "
+        f"process) with `--triton-url {target}`, cache off, "
+        f"`--max-inflight-batches {args.inflight}`.",
+        f"- {args.callers} closed-loop callers, one new image per EmbedImage call.",
+        f"- Each cycle: {args.settle_s:g} s of load; SIGTERM to A's tritonserver (only "
+        "that process, as the kubelet signals a container's PID 1); SIGKILL of A's "
+        f"process group {KILL_AFTER_TERM_S:g} s later; {args.settle_s:g} s on B alone; A "
+        "restarted on the same ports; the time until A's image model runs an "
+        f"inference again; {args.settle_s:g} s more.",
+    ]
+    before = "The issue's run of the code before this change: 233 calls failed with "
+    before += "UNAVAILABLE in 8 s of the same drain under 16 callers."
+    title = f"A Triton replica drained under load ({args.model})"
+    text = h.report(
+        title, info, {"What ran": what_ran, "Summary": summary, "Cycles": [table, "", before]}
     )
     h.write_result(args.out or h.RESULTS_DIR / "replicas-drain.md", text, summary)
     return 0

@@ -4,12 +4,7 @@
     python -m bench.run_all --quick          # every scenario, minimal points (a few minutes)
     python -m bench.run_all --quick --results-dir /tmp/r --only cache http
 
-Each step runs in its own process (a failure is reported and the next step still runs).
-The full run is the figures bench/README.md quotes (not the soaks, families, onnx,
-profile, the GPU steps or the standalone scripts: long, or needing a GPU); `--quick`
-runs every scenario with the shortest points that still produce its tables, which the
-test suite does as a smoke test (the tables, never the figures). Results go to
-bench/results/ (`--results-dir`).
+The steps: `SCENARIOS` below; bench/README.md says which run has which.
 """
 
 from __future__ import annotations

@@ -3,31 +3,7 @@
     python -m bench.soak --mode hostile --seconds 300     # issue 13
     python -m bench.soak --mode faults --seconds 300      # issue 14
 
-Both modes run a few closed-loop well-behaved callers (EmbedText with 2 captions,
-EmbedImage with one 640×480 JPEG, Classify of one JPEG against 8 labels, in turn) on
-the demo model, against a gateway in its own process (`GatewayProcess`).
-
-- `hostile`: the callers run alone (the baseline, `--baseline-seconds`), then for
-  `--seconds` while hostile callers are interleaved: single 10,000-letter words, images
-  near `--max-image-pixels`, Classify near `--max-prompts` (and past it), requests whose
-  answer would pass `--max-message-bytes`, and EmbedStream clients that write and never
-  read; and over HTTP (issue 24): cached 10,000-letter texts (their `usage` counted),
-  bodies of a million `{}`, nesting a million deep, a Classify answer past the limit,
-  lone surrogates, unknown routes and methods, and connections that send one byte of
-  their body (`--hostile-doors` picks the door). One well-behaved call in four is
-  `POST /v1/embeddings`. Reports well-behaved errors (target 0), their p99 against the
-  baseline, grpc.health.v1 and HTTP `/health` latency polled every 0.5 s (target < 1 s
-  throughout) and the gateway's VmRSS every second (targets: flat within 10 % after
-  warm-up; within 300 MB of the warm baseline).
-- `faults`: the gateway uses backend=triton (a real tritonserver on the demo repository)
-  and a real redis-server (in-process LRU off, so every lookup goes to Redis). The script
-  kills and restarts Redis, then Triton, a few times each while the callers run. Reports
-  errors outside Triton's own outage (target 0), how long errors went on after Triton was
-  ready again (target ≤ 2 s), every returned vector against a clean gateway's (no cache,
-  the same Triton after the soak; target: all equal) and p99 latency.
-
-Figures, never a test: nothing fails on a missed target. Writes
-bench/results/soak-hostile.md or bench/results/soak-faults.md.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -678,25 +654,12 @@ def hostile_report(
     )
     rejected = sample(metrics, "clip_rejected_items_total")
     parts = [
-        "# Soak: well-behaved callers among hostile ones (issues 13 and 24)",
-        "",
-        md_table(["", ""], info),
-        "",
+        *h.report_head("Soak: well-behaved callers among hostile ones (issues 13 and 24)", info),
         f"**Duration used: baseline {base.seconds:.0f} s, soak {soak.seconds:.0f} s** "
-        f"{_duration_note(args.seconds)}. The machine is a **2-core VM shared with other "
-        "engineers' test runs**, so latencies "
-        "and ratios are noisy; the hostile callers and the well-behaved ones run in this "
-        "process, beside the gateway, on the same 2 cores.",
-        "",
-        f"Gateway: `clipsvc serve` in its own process (demo model, embedded backend, default "
-        f"LRU, `--max-message-bytes {MAX_MESSAGE_BYTES}`, other limits default: "
-        "`--max-image-pixels` 50 MP, `--max-text-chars` 10,000, `--max-prompts` 8192). "
-        f"Well-behaved: {args.callers} closed-loop callers, in turn EmbedText (2 captions), "
-        "EmbedImage (one 640×480 JPEG), Classify (one JPEG, 8 labels, default templates) "
-        "over gRPC and, every fourth call, `POST /v1/embeddings` (1 caption, base64) over "
-        f"HTTP; half the inputs repeat from a set of {HOT}; deadline {DEADLINE_S:g} s. "
-        f"Hostile kinds: `--hostile-doors {args.hostile_doors}`. HTTP settings default "
-        "(`--http-body-timeout-s` 30, `--max-http-body-reads` 64).",
+        f"{_duration_note(args.seconds)}; callers, gateway and hostile traffic share this "
+        f"machine's cores. {args.callers} well-behaved callers; `--max-message-bytes "
+        f"{MAX_MESSAGE_BYTES}`, other limits default; `--hostile-doors {args.hostile_doors}`. "
+        "The callers, the gateway's settings and every hostile kind: bench/README.md (soak).",
         "",
         *targets_and_callers(
             targets, {"baseline (alone)": base, "soak (with hostile traffic)": soak}
@@ -706,24 +669,12 @@ def hostile_report(
         "",
         md_table(["kind", "calls", "outcomes", "median ms", "max ms"], hostile_rows),
         "",
-        f"EmbedStream: {STREAM_ITEMS} items per stream with ~250-character ids, written and "
-        f"never read for {STREAM_HOLD_S:g} s, then cancelled (counted OK). `answer past "
-        "--max-message-bytes`: 64 small images × 1000 labels of ~60 characters, all returned. "
-        f"Gateway counter `clip_rejected_items_total` at the end: {rejected:.0f}. "
-        f"HTTP kinds (issue 24): {HTTP_LONG_TEXTS} texts of one 10,000-letter word each, "
-        "the same every call (cached after the first: only `usage` is left to count); "
-        '`{"input":[{},{},...]}` and `[[[[...` just under --max-message-bytes; Classify '
-        "of 256 small images × 1000 labels of ~290 characters (a ~95 MB JSON answer); a "
-        "lone `\\ud800`; `POST /v1/nothing-here` and `DELETE /v1/embeddings` in turn; "
-        f"{SLOW_BODIES} connections that each send headers and 1 byte of a 100,000-byte "
-        "body, then wait for the gateway to end them (or the soak: `still held at the end`).",
+        f"Gateway counter `clip_rejected_items_total` at the end: {rejected:.0f}.",
         "",
         "## Over time",
         "",
-        "Health: grpc.health.v1 `Check` (then HTTP `GET /health`) every 0.5 s from a "
-        "thread with its own channel (worst gRPC check per window). RSS: "
-        "`/proc/<pid>/status` VmRSS of the gateway every second "
-        "(largest per window). Negative times are the baseline.",
+        "Worst grpc.health.v1 check and largest gateway VmRSS per window; negative times are "
+        "the baseline.",
         "",
         timeline,
         "",
@@ -960,25 +911,14 @@ def faults_report(
     ]  # fmt: skip
     outside_rows = [[f"{s:.1f}", f"{e:.1f}", c] for s, e, c in outside[:20]]
     parts = [
-        "# Soak: well-behaved callers while Redis and Triton are killed (issue 14)",
-        "",
-        md_table(["", ""], info),
-        "",
-        f"**Duration used: {result.seconds:.0f} s** {_duration_note(args.seconds)}. "
-        "The machine is a **2-core VM shared "
-        "with other engineers' test runs**; tritonserver, redis-server, the gateway and the "
-        "callers all share those 2 cores, so latencies are noisy and Triton restarts are slow.",
-        "",
-        "Gateway: `clipsvc serve` in its own process, backend=triton (a real `tritonserver`, "
-        "python backend, demo repository), a real `redis-server`, **in-process LRU off** so "
-        f"every lookup goes to Redis. {args.callers} closed-loop callers, in turn EmbedText "
-        "(2 captions), EmbedImage (one 640×480 JPEG), Classify (one JPEG, 8 labels); half the "
-        f"inputs repeat from a set of {HOT} (Redis hits), half are new (Triton work); deadline "
-        f"{DEADLINE_S:g} s. Redis was SIGKILLed {args.redis_kills}× and Triton (its whole "
-        f"process group) {len(tritons)}×, each left down {args.down_seconds:g} s and then "
-        "started on the same ports; a Triton restart counts as over when it answers "
-        "/v2/health/ready. The clean run is a second gateway with no cache at all on the same "
-        "Triton after the soak, embedding every input seen once.",
+        *h.report_head(
+            "Soak: well-behaved callers while Redis and Triton are killed (issue 14)", info
+        ),
+        f"**Duration used: {result.seconds:.0f} s** {_duration_note(args.seconds)}; "
+        "tritonserver, redis-server, the gateway and the callers share this machine's cores. "
+        f"{args.callers} well-behaved callers; Redis SIGKILLed {args.redis_kills}×, Triton "
+        f"{len(tritons)}×, each down {args.down_seconds:g} s. The setup, the targets and the "
+        "clean run: bench/README.md (soak).",
         "",
         *targets_and_callers(targets, {"with faults": result}),
         f"Errors during Triton's outages ({outage_s:.1f} s in all): {len(during)} "
@@ -986,12 +926,10 @@ def faults_report(
         f"after: {len(recovery)}. Inputs answered with more than one distinct vector: "
         f"{inconsistent} of {len(good.vectors)}.",
         "",
-        "Bit for bit is the target as written; float32 results of the same input differ in "
-        "the last bits when it is batched with other inputs (other batch sizes, other "
-        "padding buckets). The clean gateway against itself, with nothing killed: "
-        f"{self_check[1]} texts sent one per call against the same texts in one call of 64: "
-        f"{self_check[0]} of {self_check[1]} equal bit for bit, largest difference "
-        f"{self_check[2]:.1e}.",
+        "Float32 results of one input differ in the last bits across batch sizes; the clean "
+        f"gateway against itself, with nothing killed: {self_check[1]} texts one per call "
+        f"against the same in one call of 64: {self_check[0]} of {self_check[1]} equal bit for "
+        f"bit, largest difference {self_check[2]:.1e}.",
         "",
         "## Faults (seconds from the start of the soak)",
         "",

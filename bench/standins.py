@@ -118,13 +118,7 @@ def nllb_tokenizer(directory: Path) -> Path:
 def tiny_hf_config(model_type: str, directory: Path, *, width: int, max_positions: int) -> Path:
     """A tiny HF text-model config of `model_type` (xlm-roberta, roberta, m2m100, mt5) for
     the tokenizer in `directory`, saved beside it: 2 layers, heads of 16, FFN 2 × width."""
-    from transformers import (
-        AutoTokenizer,
-        M2M100Config,
-        MT5Config,
-        RobertaConfig,
-        XLMRobertaConfig,
-    )
+    from transformers import AutoTokenizer, M2M100Config, MT5Config, RobertaConfig, XLMRobertaConfig
 
     tok = AutoTokenizer.from_pretrained(str(directory))
     ids = {

@@ -4,17 +4,7 @@
     python -m bench.throughput --model ViT-B-32 --with-triton --quick
     python -m bench.throughput --model ViT-B-32 --device cuda      # on a GPU machine
 
-Measures, on the same machine in the same run:
-- the raw module (no gRPC, no decoding: pre-decoded uint8 pixels, pre-made token ids)
-  at batch 1/8/32: images; texts padded to 77 tokens; texts padded only to the longest
-  real length in the batch;
-- the service (an embedded gateway in its own process, and with `--with-triton` a
-  gateway in front of a real tritonserver) at concurrency 1/8/32: every call is one
-  image or one text, every input is distinct, caching is off;
-- p50/p99 latency per call (per batch for the raw module), the batching gain (32
-  concurrent callers ÷ sequential calls) and service ÷ raw ratios against the targets.
-
-Writes bench/results/throughput-<model>[-<device>].md and .png.
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -71,6 +61,7 @@ class Point:
     def row(self) -> list[object]:
         r = self.result
         p50, p99 = h.fmt(r.percentile_ms(50)), h.fmt(r.percentile_ms(99))
+        mean_batch = h.fmt(self.mean_batch)
         return [
             self.path,
             self.inputs,
@@ -78,7 +69,7 @@ class Point:
             h.fmt(r.items_per_s),
             p50,
             p99,
-            h.fmt(self.mean_batch),
+            mean_batch,
             r.error_text,
         ]
 
@@ -208,15 +199,8 @@ async def measure_service(
                 counter=counter, before_measure=lambda m=marks: m.update(read()),
             )  # fmt: skip
             (i0, b0), (i1, b1) = marks[modality], read()[modality]
-            points.append(
-                Point(
-                    path,
-                    kind,
-                    concurrency,
-                    result,
-                    (i1 - i0) / (b1 - b0) if b1 > b0 else float("nan"),
-                )
-            )
+            mean_batch = (i1 - i0) / (b1 - b0) if b1 > b0 else float("nan")
+            points.append(Point(path, kind, concurrency, result, mean_batch))
             print(f"  {' | '.join(map(str, points[-1].row()))}", flush=True)
     return points
 
@@ -371,25 +355,19 @@ def plot(points: list[Point], title: str, out_png: Path) -> None:
                 continue
             series = list(series)
             label = f"{path}: {kind}" + (" (x = batch)" if path == "raw" else "")
-            for col, ys in enumerate(
-                (
-                    [p.result.items_per_s for p in series],
-                    [p.result.percentile_ms(99) for p in series],
-                )
-            ):
-                axes[row][col].plot(
-                    [p.x for p in series], ys, styles[path], marker="o", label=label
-                )
+            xs = [p.x for p in series]
+            ys = (
+                [p.result.items_per_s for p in series],
+                [p.result.percentile_ms(99) for p in series],
+            )
+            for col in (0, 1):
+                axes[row][col].plot(xs, ys[col], styles[path], marker="o", label=label)
         for col, (ylabel, what) in enumerate(
             ((f"{modality}/s", "throughput"), ("p99 latency, ms (raw: per batch)", "p99 latency"))
         ):
             ax = axes[row][col]
-            ax.set(
-                ylabel=ylabel,
-                yscale="log",
-                xlabel="concurrent single-item callers (raw module: batch size)",
-                title=f"{modality}: {what}",
-            )
+            xlabel = "concurrent single-item callers (raw module: batch size)"
+            ax.set(ylabel=ylabel, yscale="log", xlabel=xlabel, title=f"{modality}: {what}")
             ax.set_xscale("log", base=2)
             ax.set_xticks([1, 8, 32], ["1", "8", "32"])
             ax.grid(True, alpha=0.3)
@@ -402,48 +380,20 @@ def plot(points: list[Point], title: str, out_png: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = h.parser(__doc__)
-    p.add_argument(
-        "--pretrained",
-        default=None,
-        help="checkpoint or 'none' (default: demo weights if present, else none)",
-    )
-    p.add_argument(
-        "--seconds", type=float, default=None, help="seconds per point (default 5, --quick 2)"
-    )
-    p.add_argument(
-        "--with-triton", action="store_true", help="also a gateway in front of a real tritonserver"
-    )
+    p.add_argument("--pretrained", help="checkpoint or 'none' (default: demo weights, else none)")
+    p.add_argument("--seconds", type=float, help="seconds per point (default 5, --quick 2)")
+    p.add_argument("--with-triton", action="store_true", help="also a gateway over Triton")
     p.add_argument("--quick", action="store_true", help="shorter points, one measured round")
+    p.add_argument("--device", default="cpu", help="raw module's and embedded gateway's")
     p.add_argument(
-        "--device", default="cpu", help="torch device of the raw module and the embedded gateway"
+        "--image-size", choices=("photo", "model"), default="photo", help="640×480 / S×S"
     )
-    p.add_argument(
-        "--image-size",
-        choices=("photo", "model"),
-        default="photo",
-        help="640×480 photos, or JPEGs already at the model's size",
-    )
-    p.add_argument(
-        "--concurrency",
-        default="1,8,32",
-        help="service concurrencies (the last one is the ratios' point)",
-    )
-    p.add_argument(
-        "--batches",
-        default="1,8,32",
-        help="raw module batch sizes (must include the last concurrency)",
-    )
-    p.add_argument(
-        "--paired-rounds",
-        type=int,
-        default=0,
-        help="afterwards, N rounds of raw images → service images, each ratio within its round",
-    )
+    p.add_argument("--concurrency", default="1,8,32", help="service's (the last: the ratios')")
+    p.add_argument("--batches", default="1,8,32", help="raw's (with the last concurrency)")
+    p.add_argument("--paired-rounds", type=int, default=0, help="then N rounds raw → service")
     p.add_argument("--tag", default="", help="suffix for the result file names")
     p.add_argument("--results-dir", type=Path, default=h.RESULTS_DIR)
-    p.add_argument(
-        "--no-embedded", action="store_true", help="skip the embedded gateway (e.g. only Triton)"
-    )
+    p.add_argument("--no-embedded", action="store_true", help="skip the embedded gateway")
     args = p.parse_args(argv)
     args.seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 5.0)
     args.min_iters, args.min_rounds = (2, 1) if args.quick else (3, 2)
@@ -485,17 +435,9 @@ async def run(args: argparse.Namespace) -> int:
     out_md = args.results_dir / f"throughput-{args.model}{suffix}.md"
     text, verdicts = write_report(args, points, rechecks, rounds, raw, info, out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    plot(
-        points,
-        f"{args.model} on {args.device}: throughput and p99 latency",
-        out_md.with_suffix(".png"),
-    )
-    h.write_result(
-        out_md,
-        text,
-        "\n".join([text.split("## Points", 1)[1], *verdicts]),
-        out_md.with_suffix(".png"),
-    )
+    png = out_md.with_suffix(".png")
+    plot(points, f"{args.model} on {args.device}: throughput and p99 latency", png)
+    h.write_result(out_md, text, "\n".join([text.split("## Points", 1)[1], *verdicts]), png)
     return 0
 
 

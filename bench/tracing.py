@@ -4,9 +4,7 @@ OTLP/gRPC to a receiver on loopback), and single-image calls/s through a gateway
 
     python -m bench.tracing                 # ~2 min on 2 cores (--rounds 2 --seconds 12)
 
-The first figure is the tracer's own CPU per call (the span pattern of one EmbedImage,
-repeated in a loop: steady on a noisy machine); the second is end to end (noisy on
-shared cores: compare it with the round-to-round spread printed beside it).
+What it measures and how: bench/README.md.
 """
 
 from __future__ import annotations
@@ -16,22 +14,20 @@ import asyncio
 import multiprocessing
 import statistics
 import time
-from pathlib import Path
 
-import grpc
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from bench import harness as h
 from bench.harness import model_repository, photo_pool, unique_jpeg
 from bench.otlp import OtlpReceiver
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import GatewayProcess
 from service.telemetry import NO_TRACER, SCOPE, build_tracer_provider
 
-OUT = Path(__file__).resolve().parent / "results" / "tracing.md"
 #: The spans of one single-image EmbedImage (server, then the pipeline's children).
 CALL_SPANS = ("validate", "embed", "cache.lookup", "decode", "queue.wait", "backend", "cache.store")
 
@@ -76,23 +72,18 @@ def spans_per_call_us(tracer: trace.Tracer, calls: int) -> float:
 
 async def calls_per_s(target: str, pool: list[bytes], seconds: float, callers: int) -> float:
     """Single-image EmbedImage calls per second from `callers` closed-loop callers."""
-    done = 0
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with h.channel(target) as channel:
         stub = clip_pb2_grpc.ClipServiceStub(channel)
-        end = time.perf_counter() + seconds
 
-        async def caller(k: int) -> None:
-            nonlocal done
-            i = 0
-            while time.perf_counter() < end:
-                image = unique_jpeg(pool[(k + i) % len(pool)], k * 1_000_000 + i)
-                await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[image]), timeout=120)
-                done += 1
-                i += 1
+        async def call(i: int) -> int:
+            image = unique_jpeg(pool[i % len(pool)], i)
+            await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[image]), timeout=120)
+            return 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(caller(k) for k in range(callers)))
-        return done / (time.perf_counter() - started)
+        result = await h.closed_loop(
+            call, label="calls", concurrency=callers, seconds=seconds, warmup_rounds=0
+        )
+    return result.calls_per_s
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -113,15 +104,11 @@ async def run(args: argparse.Namespace) -> int:
     try:
         repository = model_repository("clip-demo-shapes")
         pool = photo_pool(32, (640, 480), seed=3)
-        common = {"local_cache_items": 0}
         gateways = {
-            "off": GatewayProcess(repository, log_name="gateway-off", **common),
-            "on": GatewayProcess(
-                repository,
-                log_name="gateway-on",
-                otlp_endpoint=endpoint,
-                **common,
-            ),
+            name: GatewayProcess(
+                repository, log_name=f"gateway-{name}", local_cache_items=0, **otlp
+            )
+            for name, otlp in (("off", {}), ("on", {"otlp_endpoint": endpoint}))
         }
         rates: dict[str, list[float]] = {name: [] for name in gateways}
         try:
@@ -158,20 +145,16 @@ async def run(args: argparse.Namespace) -> int:
         ),
         f"; the receiver got {received} spans.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out}")
+    h.write_result(args.out, "\n".join(lines) + "\n", "\n".join(lines))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and run."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = h.parser(__doc__, out="tracing.md", model=None, threads=False)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--callers", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=OUT, help="the report (Markdown)")
     return asyncio.run(run(parser.parse_args(argv)))
 
 

@@ -1,14 +1,6 @@
 """Triton python-backend model for `bench/gpu.py`: an exported `model.pt` on a torch device.
 
-The pip `tritonserver` ships only the python backend, and the project's own
-`service/model/triton_python_model.py` runs the TorchScript on the CPU. For the GPU
-benchmark this copy of it moves the module to the device named by the model parameter
-`DEVICE` (`cuda`, `cuda:1`, `cpu`); the instance stays KIND_CPU (the stub process), so
-the server needs no GPU support of its own. Inputs arrive as uint8 pixels or int64 token
-ids and go to the device as they are (4× fewer bytes than float32 pixels); fp16 towers
-return float32, as exported. `execute` (concatenate same-shape requests, run once,
-split) is the project's own: `bench/gpu.py` copies that file beside this one as
-`clip_base_model.py` and this class only overrides where the module runs.
+What it measures and how: bench/README.md.
 """
 
 import importlib.util
