@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import torch
 from PIL import Image
 
+from service.processes.gateway import gateway_settings, running_gateway
+from service.server.app import Gateway
 from tests.support.images import real_photos
 from tests.support.models import ExportedModel, export_and_load
 from tests.support.paths import DEMO_WEIGHTS
@@ -34,6 +36,14 @@ def vit_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExportedMode
     exported = export_and_load("ViT-B-32", checkpoint, directory / "repo")
     yield exported
     checkpoint.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
+    """A gateway with default settings over the demo model, in process, one per module
+    (a module that needs other settings defines its own `gateway`)."""
+    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient, ClipClient, decode_embedding
-from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.gateway import gateway_settings
 from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
 from tests.support.gate import Gate, gated_gateway
@@ -29,12 +29,6 @@ from tests.support.reference import reference_images, reference_texts
 pytestmark = pytest.mark.integration
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
-    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
-        yield gw
 
 
 async def test_embed_text_equals_open_clip(gateway: Gateway, demo_model: ExportedModel) -> None:

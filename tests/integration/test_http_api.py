@@ -10,7 +10,6 @@ import json
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,6 @@ pytestmark = pytest.mark.integration
 
 TOL = 1e-5
 KEY = "http-test-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
-    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
-        yield gw
 
 
 def _client(gw: Gateway, key: str = "unused") -> openai.AsyncOpenAI:

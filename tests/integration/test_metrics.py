@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
 
 from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient
-from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.server.app import Gateway
 from tests.support.gateway import stub_for
 from tests.support.images import encode, photo_like
-from tests.support.models import ExportedModel
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
-    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
-        yield gw
 
 
 async def test_every_family_moves(gateway: Gateway) -> None:

@@ -10,14 +10,12 @@ import base64
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 
-from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
@@ -36,12 +34,6 @@ def _node_openai() -> Path:
             ["bash", str(REPO_ROOT / "scripts" / "install_node_openai.sh")], check=True, timeout=300
         )
     return NODE_OPENAI
-
-
-@pytest.fixture(scope="module")
-async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
-    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
-        yield gw
 
 
 async def test_the_node_client_s_defaults_and_every_image_form(

@@ -10,14 +10,11 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
-from tests.support.models import ExportedModel
 from tests.support.paths import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -41,12 +38,6 @@ def _buf() -> str:
             ["bash", str(REPO_ROOT / "scripts" / "install_buf.sh")], check=True, timeout=300
         )
     return str(LOCAL_BUF)
-
-
-@pytest.fixture(scope="module")
-async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
-    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
-        yield gw
 
 
 async def _buf_curl(gw: Gateway, protocol: str, *args: str, path: str = "") -> str:

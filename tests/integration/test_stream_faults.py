@@ -11,19 +11,11 @@ import pytest
 
 from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.client import AsyncClipClient
-from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
 from tests.support.images import encode, photo_like
-from tests.support.models import ExportedModel
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
-    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
-        yield gw
 
 
 async def _abandoned_stream(port: int, seed: int, cancel_after: int) -> int:

@@ -55,12 +55,6 @@ def assert_quantized(values: np.ndarray, floats: np.ndarray, fmt: str) -> None:
         np.testing.assert_array_equal(values, want)
 
 
-@pytest.fixture(scope="module")
-async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
-    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
-        yield gw
-
-
 async def test_embed_text_and_image_answer_every_compact_format(
     gateway: Gateway, demo_model: ExportedModel
 ) -> None:
