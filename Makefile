@@ -29,11 +29,12 @@ help:
 # be at least the version the committed stubs were generated for). The base install is
 # the gateway alone (no torch); the demo, the tests and the local Triton need the extras:
 # export (open_clip, torch, ...), triton (tritonserver, and torch for its model.py),
-# catalog (pymilvus, milvus-lite).
+# catalog (pymilvus, milvus-lite). The tritonserver wheel goes in alone (see pyproject).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export,triton,catalog]'
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps nvidia-pytriton
 	touch $@
 
 install: $(VENV)/.installed

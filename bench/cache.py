@@ -1,7 +1,7 @@
 """Cached against uncached EmbedText and EmbedImage through the gateway, in one run.
 
     python -m bench.cache                       # demo model, LRU and a real redis-server
-    python -m bench.cache --model ViT-B-32 --quick
+    python -m bench.cache --model ViT-B-32 --seconds 1.5
 
 What it measures and how: bench/README.md.
 """
@@ -31,14 +31,15 @@ HEADERS = [
 def cache_counters(metrics_port: int) -> dict[str, float]:
     """Hits per level and errors so far."""
     samples = scrape(metrics_port)
-    hits = 'clip_cache_hits_total{{level="{}"}}'
-    out = {lv: samples.get(hits.format(lv), 0.0) for lv in ("local", "redis")}
-    out["errors"] = sum(v for k, v in samples.items() if k.startswith("clip_cache_errors_total"))
-    return out
+    errors = sum(v for k, v in samples.items() if k.startswith("clip_cache_errors_total"))
+    hits = {
+        lv: samples.get(f'clip_cache_hits_total{{level="{lv}"}}', 0.0) for lv in ("local", "redis")
+    }
+    return hits | {"errors": errors}
 
 
 async def measure(setup: str, gateway: h.GatewayProcess, args: argparse.Namespace) -> list[list]:
-    """Misses then hits (plain calls for `no cache`) for both modalities: one row each."""
+    """Misses then hits (plain calls for `no cache`) of both modalities: a row each."""
     rows = []
     async with h.channel(gateway.target) as channel:
         for modality, state, concurrency in itertools.product(
@@ -54,19 +55,16 @@ async def measure(setup: str, gateway: h.GatewayProcess, args: argparse.Namespac
             )  # fmt: skip
             for i in range(WARM_SET if warm else 0):  # fill the cache with the warm set
                 await calls[modality](i)
-            marks: dict[str, float] = {}
             result = await h.closed_loop(
                 calls[modality], label=f"{setup} {modality} {state} c{concurrency}",
                 concurrency=concurrency, seconds=args.seconds, min_calls=2 * concurrency,
-                before_measure=lambda m=marks: m.update(cache_counters(gateway.metrics_port)),
+                counters=lambda: cache_counters(gateway.metrics_port),
             )  # fmt: skip
-            after = cache_counters(gateway.metrics_port)
-            ok = max(len(result.latencies_s), 1)
-            hits = [(after[lv] - marks[lv]) / ok for lv in ("local", "redis")]
-            rows.append([
-                setup, modality, state, concurrency, result,
-                f"{hits[0]:.0%} / {hits[1]:.0%}", f"{after['errors'] - marks['errors']:.0f}",
-            ])  # fmt: skip
+            change, ok = result.counters, max(len(result.latencies_s), 1)
+            hits = f"{change['local'] / ok:.0%} / {change['redis'] / ok:.0%}"
+            rows.append(
+                [setup, modality, state, concurrency, result, hits, f"{change['errors']:.0f}"]
+            )
             print("  " + " | ".join(map(str, fmt_row(rows[-1]))), flush=True)
     return rows
 
@@ -102,44 +100,31 @@ async def run(args: argparse.Namespace) -> int:
     with h.redis() as redis:
         for name, local_items, with_redis in SETUPS:
             h.section(f"gateway with {name}")
-            settings = {
-                "local_cache_items": local_items,
-                "redis_url": redis.url if with_redis else "",
-            }
+            settings = dict(
+                local_cache_items=local_items, redis_url=redis.url if with_redis else ""
+            )
             with h.gateway(repository, name, torch_threads=args.torch_threads, **settings) as gw:
                 rows += await measure(name, gw, args)
-    ratios = md_table_ratios(ratio_rows(rows))
-    text = "\n".join([
-        *h.report_head(f"Cache: {args.model}", info),
-        "Single-item calls through a gateway in its own process. `miss`: every input is new "
-        "(the whole pipeline, plus the LRU/Redis fill); `hit`: a warm set of "
-        f"{WARM_SET} inputs embedded once before the point, then called again and again; "
-        "`none`: the gateway has no cache at all (the baseline of the ratios). Texts are "
-        "captions of mixed length; images are 640×480 JPEG photos. Hit rates are the "
-        "gateway's own `clip_cache_hits_total` per call, by level (LRU / Redis). Each "
-        f"point: ≥ {args.seconds:g} s and ≥ 2 rounds of calls after one warm-up round.",
-        "", "## Points", "", h.md_table(HEADERS, [fmt_row(r) for r in rows]), "", ratios,
-    ])  # fmt: skip
+    headers = ["cache", "input", "state", "concurrency", "req/s ratio", "p50 ratio", "p99 ratio"]
+    ratios = h.md_table(headers, ratio_rows(rows))
+    text = h.report(f"Cache: {args.model}", info, {
+        "Points": h.md_table(HEADERS, [fmt_row(r) for r in rows]),
+        "Ratios against no cache (same input, same concurrency)": [
+            "req/s above 1× is faster; latency below 1× is faster.", "", ratios],
+    }, intro=f"Single-item calls through a gateway in its own process; `miss`: every input new, "
+       f"`hit`: a warm set of {WARM_SET} inputs, `none`: no cache (the ratios' baseline). Hit "
+       f"rates: the gateway's `clip_cache_hits_total` per call (LRU / Redis). Each point ≥ "
+       f"{args.seconds:g} s after a warm-up round; the setups: bench/README.md (cache).",
+    )  # fmt: skip
     h.write_result(args.out, text, ratios)
     return 0
 
 
-def md_table_ratios(rows: list[list]) -> str:
-    """The ratios section."""
-    headers = ["cache", "input", "state", "concurrency", "req/s ratio", "p50 ratio", "p99 ratio"]
-    return "\n".join([
-        "## Ratios against no cache (same input, same concurrency)", "",
-        "req/s above 1× is faster; latency below 1× is faster.", "", h.md_table(headers, rows), "",
-    ])  # fmt: skip
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = h.parser(__doc__, out="cache.md")
-    p.add_argument("--seconds", type=float, default=None, help="per point (default 3)")
+    p.add_argument("--seconds", type=float, default=3.0, help="per point")
     p.add_argument("--concurrency", default="1,16", help="concurrencies to measure")
-    p.add_argument("--quick", action="store_true", help="1.5 s points")
     args = p.parse_args(argv)
-    args.seconds = args.seconds if args.seconds is not None else (1.5 if args.quick else 3.0)
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
     return args
 

@@ -15,7 +15,9 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -106,7 +108,7 @@ async def gateway_phase(
 ) -> dict[str, object]:
     """Query latencies over gRPC and HTTP, and indexing rates, through one gateway."""
     settings = gateway_settings(repository, catalog=str(catalog), local_cache_items=0)
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     async with (
         running_gateway(settings) as gateway,
         h.channel(f"127.0.0.1:{gateway.port}") as channel,
@@ -114,52 +116,43 @@ async def gateway_phase(
     ):
         stub = clip_pb2_grpc.ClipServiceStub(channel)
         search_url = f"http://127.0.0.1:{gateway.http_port}/v1/search"
-        grpc_s, http_s, text_s = [], [], []
-        for i, query in enumerate(queries):
-            vector = clip_pb2.QueryVector(values=query.tolist(), model_id=model_id)
-            started = time.perf_counter()
-            await stub.Search(clip_pb2.SearchRequest(vector=vector, top_k=10))
-            grpc_s.append(time.perf_counter() - started)
-            body = {"vector": query.tolist(), "vector_model": model_id, "top_k": 10}
-            started = time.perf_counter()
+
+        async def http_search(body: dict) -> None:
             async with session.post(search_url, json=body) as answer:
                 await answer.read()
-                status = answer.status
-            http_s.append(time.perf_counter() - started)
-            assert status == 200
+                assert answer.status == 200
+
+        async def timed(key: str, call: Awaitable[object]) -> None:
             started = time.perf_counter()
+            await call
+            out.setdefault(key, []).append(time.perf_counter() - started)
+
+        for i, query in enumerate(queries):
+            vector = clip_pb2.QueryVector(values=query.tolist(), model_id=model_id)
+            await timed("grpc_vector", stub.Search(clip_pb2.SearchRequest(vector=vector, top_k=10)))
+            body = {"vector": query.tolist(), "vector_model": model_id, "top_k": 10}
+            await timed("http_vector", http_search(body))
             # Distinct texts: every query is embedded (the cache is off as well).
-            await stub.Search(clip_pb2.SearchRequest(text=f"a blue star number {i}", top_k=10))
-            text_s.append(time.perf_counter() - started)
-        out["grpc_vector"] = percentiles(grpc_s)
-        out["http_vector"] = percentiles(http_s)
-        out["grpc_text"] = percentiles(text_s)
+            text = clip_pb2.SearchRequest(text=f"a blue star number {i}", top_k=10)
+            await timed("grpc_text", stub.Search(text))
+        out |= {key: percentiles(out[key]) for key, _ in QUERY_ROWS}
 
-        async def add(round_no: int) -> float:
+        async def rate(method: Callable, item: Callable, ok: Callable) -> float:
             async def items():
                 for i, image in enumerate(images):
-                    yield clip_pb2.CatalogItem(id=f"img_{round_no}_{i}", image=image)
+                    yield item(i, image)
 
             started = time.perf_counter()
-            answers = [a async for a in stub.CatalogAdd(items())]
-            assert not [a for a in answers if a.HasField("error")]
+            assert all([ok(a) async for a in method(items())])
             return len(images) / (time.perf_counter() - started)
 
-        async def embed() -> float:
-            async def items():
-                for i, image in enumerate(images):
-                    yield clip_pb2.StreamRequest(id=str(i), image=image)
-
-            started = time.perf_counter()
-            answers = [a async for a in stub.EmbedStream(items())]
-            assert all(a.WhichOneof("result") == "embedding" for a in answers)
-            return len(images) / (time.perf_counter() - started)
-
-        add_rates, embed_rates = [], []
-        for round_no in range(3):  # interleaved: the machine's speed drifts
-            embed_rates.append(await embed())
-            add_rates.append(await add(round_no))
-        out["add_rates"], out["embed_rates"] = add_rates, embed_rates
+        embedded = lambda a: a.WhichOneof("result") == "embedding"  # noqa: E731
+        stream = lambda i, image: clip_pb2.StreamRequest(id=str(i), image=image)  # noqa: E731
+        for r in range(3):  # interleaved: the machine's speed drifts
+            add = lambda i, image, r=r: clip_pb2.CatalogItem(id=f"img_{r}_{i}", image=image)  # noqa: E731
+            out.setdefault("embed_rates", []).append(await rate(stub.EmbedStream, stream, embedded))
+            added = await rate(stub.CatalogAdd, add, lambda a: not a.HasField("error"))
+            out.setdefault("add_rates", []).append(added)
     return out
 
 
@@ -183,26 +176,22 @@ def main() -> None:
         f"0.7), {QUERIES} held-out queries; exact = numpy cosine over all {args.n}.",
         "",
     ]
+    rows, queries_64 = [], None
     with tempfile.TemporaryDirectory(prefix="bench-catalog-") as tmp:
         catalog = Path(tmp) / "catalog.db"
-        demo_name = collection_name(metadata.model_id, metadata.model_name)
-        queries_64 = None
-        lines += [
-            "| dim | index | write vectors/s | search | recall@10 | engine p50 ms | p99 ms |",
-            "| ---: | --- | ---: | --- | ---: | ---: | ---: |",
-        ]
         with MilvusLite(catalog) as engine:
             for dim, index_type in ((64, "IVF_FLAT"), (64, "FLAT"), (512, "IVF_FLAT")):
                 rng = np.random.default_rng(dim)  # the same vectors for both indexes of a dim
                 vectors = clustered(args.n + QUERIES, dim, rng)
                 data, queries = vectors[: args.n], vectors[args.n :]
-                # As the gateway writes to its embedded engine (sole writer: new ids inserted).
-                settings = IndexSettings(index_type=index_type)
-                store = MilvusStore(engine.uri, index=settings, timeout_s=600, sole_writer=True)
                 # The demo model's own collection (dim 64, the gateway's default index) is
                 # searched through the gateway below.
                 own = dim == metadata.embedding_dim and index_type == index.index_type
-                name = demo_name if own else f"bench_{dim}_{index_type.lower()}"
+                name = f"bench_{dim}_{index_type.lower()}"
+                name = collection_name(metadata.model_id, metadata.model_name) if own else name
+                # As the gateway writes to its embedded engine (sole writer: new ids inserted).
+                settings = IndexSettings(index_type=index_type)
+                store = MilvusStore(engine.uri, index=settings, timeout_s=600, sole_writer=True)
                 rate = fill(store, name, data, metadata.model_id if own else f"bench/{name}")
                 store.close()
                 print(f"dim {dim} {index_type}: wrote {args.n} at {rate:.0f}/s", flush=True)
@@ -210,34 +199,28 @@ def main() -> None:
                     engine.uri, name, data, queries, index_type
                 ):
                     print(f"  {label}: recall@10 {recall:.3f} p50 {p50:.1f} ms", flush=True)
-                    lines.append(
-                        f"| {dim} | {index_type} | {rate:.0f} | {label} | {recall:.3f} "
-                        f"| {p50:.1f} | {p99:.1f} |"
-                    )
+                    rows.append([dim, index_type, f"{rate:.0f}", label, f"{recall:.3f}",
+                                 f"{p50:.1f}", f"{p99:.1f}"])  # fmt: skip
                 if own:
                     queries_64 = queries
         assert queries_64 is not None
-        images = shapes_png(args.images)
-        out = asyncio.run(
-            gateway_phase(args.repository, catalog, queries_64, metadata.model_id, images)
-        )
+        out = asyncio.run(gateway_phase(
+            args.repository, catalog, queries_64, metadata.model_id, shapes_png(args.images)
+        ))  # fmt: skip
     add, embed = np.median(out["add_rates"]), np.median(out["embed_rates"])
+    rounds = {k: json.dumps([round(r, 1) for r in out[f"{k}_rates"]]) for k in ("add", "embed")}
     lines += [
-        "",
+        h.md_table(["dim", "index", "write vectors/s", "search", "recall@10", "engine p50 ms",
+                    "p99 ms"], rows), "",
         f"Through the gateway (demo model, {args.n} vectors of dim 64, index "
-        f"{index.describe()}, top_k 10, one closed-loop caller):",
-        "",
-        "| query | p50 ms | p99 ms |",
-        "| --- | ---: | ---: |",
-        *(f"| {label} | {out[key][0]:.1f} | {out[key][1]:.1f} |" for key, label in QUERY_ROWS),
-        "",
+        f"{index.describe()}, top_k 10, one closed-loop caller):", "",
+        h.md_table(["query", "p50 ms", "p99 ms"],
+                   [[label, *(f"{v:.1f}" for v in out[key])] for key, label in QUERY_ROWS]), "",
         f"Indexing {args.images} rendered 64×64 PNG shapes per round, 3 interleaved rounds "
-        "(median): CatalogAdd (embed + store) "
-        f"{add:.1f} images/s, EmbedStream (embed only) {embed:.1f} images/s, ratio "
-        f"{add / embed:.2f}. Rounds: add {json.dumps([round(r, 1) for r in out['add_rates']])}, "
-        f"embed {json.dumps([round(r, 1) for r in out['embed_rates']])}.",
-        "",
-    ]
+        f"(median): CatalogAdd (embed + store) {add:.1f} images/s, EmbedStream (embed only) "
+        f"{embed:.1f} images/s, ratio {add / embed:.2f}. Rounds: add {rounds['add']}, "
+        f"embed {rounds['embed']}.", "",
+    ]  # fmt: skip
     h.write_result(args.out, "\n".join(lines), "\n".join(lines))
 
 

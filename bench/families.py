@@ -4,8 +4,6 @@
     python -m bench.families --large               # all of them (hours, tens of GB of RAM)
     python -m bench.families --only ViT-B-16-SigLIP2 MobileCLIP2-S0
     python -m bench.families --budget-min 45       # stop starting new ones after 45 minutes
-    python -m bench.families --resume              # keep the table's rows, try the rest
-    python -m bench.families --resume --retry-failed   # ... and the failed ones again
 
 What it measures and how: bench/README.md.
 """
@@ -24,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from bench import standins
-from bench.harness import RESULTS_DIR
+from bench.harness import RESULTS_DIR, md_table
 
 #: Names of the architectures that need `--large` (roughly > 400M parameters or > 10 GB
 #: to export on a CPU).
@@ -132,17 +130,17 @@ def _reason(text: str) -> str:
     return (lines[-1] if lines else "no output")[:300]
 
 
-def failed(name: str, reason: str) -> dict[str, object]:
+def failed(name: str, reason: str, **more: str) -> dict[str, object]:
     """The row of an architecture that did not pass."""
-    return {"model": name, "status": "fail", "reason": reason}
+    return {"model": name, "status": "fail", "reason": reason, **more}
 
 
 def _child(name: str, out: Path) -> None:
     try:
         row = run_one(name)
     except BaseException as exc:  # the parent writes every failure with its reason
-        row = failed(name, f"{type(exc).__name__}: {exc}"[:400])
-        row["trace"] = traceback.format_exc()[-2000:]
+        reason = f"{type(exc).__name__}: {exc}"[:400]
+        row = failed(name, reason, trace=traceback.format_exc()[-2000:])
     out.write_text(json.dumps(row, default=float))
 
 
@@ -157,79 +155,36 @@ def _order(names: list[str]) -> list[str]:
 
 
 def _write(rows: list[dict], skipped: dict[str, str], path: Path, took_s: float) -> None:
-    ok = [r for r in rows if r.get("status") == "ok"]
-    by_family: dict[str, list[int]] = {}
-    for r in rows:
-        counts = by_family.setdefault(str(r.get("family", "?")), [0, 0])
-        counts[0] += r.get("status") == "ok"
-        counts[1] += 1
-    lines = [
-        "# open_clip architectures: export, load, parity (random weights, no hub)",
-        "",
-        f"`python -m bench.families` on {time.strftime('%Y-%m-%d')}, open_clip "
-        f"{_version()}, {took_s / 60:.0f} min on this machine's CPUs.",
-        "",
-        f"**{len(ok)} of {len(rows)} tried architectures pass**; "
-        f"{len(skipped)} not tried (listed at the end with why).",
-        "",
-        "| family | pass / tried |",
-        "| --- | --- |",
-        *[f"| {f} | {c[0]} / {c[1]} |" for f, c in sorted(by_family.items())],
-        "",
-        "A pass means: the export's self-check (exported TorchScript vs open_clip on the same "
-        "weights, ≤ 1e-4; `max diff` below) and its tokenizer check (the gateway's ids == "
-        "`open_clip.get_tokenizer(model)`) held, and the repository loaded alone gave "
-        "unit vectors.",
-        "",
-        "| model | family | status | tokenizer | padding | score | max diff | s | notes / reason |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        diff = f"{r['max_diff']:.1e}" if "max_diff" in r else ""
-        note = r.get("notes", "") if r.get("status") == "ok" else r.get("reason", "")
-        note = str(note).replace("|", "\\|").replace("\n", " ")
-        lines.append(
-            f"| {r['model']} | {r.get('family', '')} | {r['status']} | {r.get('tokenizer', '')} "
-            f"| {r.get('padding', '')} | {r.get('score', '')} | {diff} | {r.get('seconds', '')} "
-            f"| {note} |"
-        )
-    if skipped:
-        lines += ["", "## Not tried", "", "| model | why |", "| --- | --- |"]
-        lines += [f"| {n} | {why} |" for n, why in skipped.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """The rows of a table `_write` wrote (for `--resume`)."""
-    rows: list[dict] = []
-    if not path.is_file():
-        return rows
-    in_table = False
-    for line in path.read_text().splitlines():
-        if line.startswith("| model | family | status"):
-            in_table = True
-            continue
-        if not in_table or line.startswith("| ---"):
-            continue
-        if not line.startswith("| "):
-            break
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-        model, family, status, tokenizer, padding, score, diff, seconds, note = cells
-        row: dict[str, object] = {"model": model, "family": family, "status": status}
-        if status == "ok":
-            row |= {"tokenizer": tokenizer, "padding": padding, "score": score}
-            row |= {"max_diff": float(diff), "seconds": seconds, "notes": note}
-        else:
-            row["reason"] = note.replace("\\|", "|")
-        rows.append(row)
-    return rows
-
-
-def _version() -> str:
     import open_clip
 
-    return open_clip.__version__
+    families = sorted({str(r.get("family", "?")) for r in rows})
+    tried = [[r.get("status") == "ok" for r in rows if r.get("family", "?") == f] for f in families]
+    table = [
+        [*(r.get(k, "") for k in ("model", "family", "status", "tokenizer", "padding", "score")),
+         f"{r['max_diff']:.1e}" if "max_diff" in r else "", r.get("seconds", ""),
+         str(r.get("notes", "") if r["status"] == "ok" else r.get("reason", ""))
+         .replace("|", "\\|").replace("\n", " ")]
+        for r in rows
+    ]  # fmt: skip
+    headers = ["model", "family", "status", "tokenizer", "padding", "score", "max diff", "s",
+               "notes / reason"]  # fmt: skip
+    lines = [
+        "# open_clip architectures: export, load, parity (random weights, no hub)", "",
+        f"`python -m bench.families` on {time.strftime('%Y-%m-%d')}, open_clip "
+        f"{open_clip.__version__}, {took_s / 60:.0f} min on this machine's CPUs.", "",
+        f"**{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} tried architectures pass**; "
+        f"{len(skipped)} not tried (listed at the end with why).", "",
+        md_table(["family", "pass / tried"],
+                 [[f, f"{sum(t)} / {len(t)}"] for f, t in zip(families, tried, strict=True)]),
+        "", "A pass: the export's self-checks (TorchScript against open_clip ≤ 1e-4, `max diff`; "
+        "the gateway's token ids against `open_clip.get_tokenizer`) held, and the repository "
+        "loaded alone gave unit vectors.", "",
+        md_table(headers, table),
+    ]  # fmt: skip
+    if skipped:
+        lines += ["", "## Not tried", "", md_table(["model", "why"], list(skipped.items()))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="these architectures only")
     parser.add_argument("--budget-min", type=float, default=0, help="0: no time budget")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "families.md")
-    parser.add_argument("--resume", action="store_true", help="keep --out's rows, try the rest")
-    parser.add_argument("--retry-failed", action="store_true", help="--resume: failed ones too")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -255,13 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.large and not args.only:
         skipped = {n: "very large: `--large`" for n in names if LARGE.search(n)}
         names = [n for n in names if n not in skipped]
-    rows: list[dict] = _read_rows(args.out) if args.resume else []
-    if args.retry_failed:
-        rows = [r for r in rows if r["status"] == "ok"]
-    done = {str(r["model"]) for r in rows}
-    names = _order([n for n in names if n not in done])
+    rows: list[dict] = []
     started = time.monotonic()
-    bar = tqdm(names, unit="model")
+    bar = tqdm(_order(names), unit="model")
     for name in bar:
         if args.budget_min and time.monotonic() - started > args.budget_min * 60:
             skipped[name] = f"time budget ({args.budget_min:g} min) spent"
@@ -281,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         ok = sum(r["status"] == "ok" for r in rows)
         bar.set_description(f"{ok}/{len(rows)} pass")
-        _write(rows, skipped, args.out, time.monotonic() - started)
+        _write(rows, skipped, args.out, time.monotonic() - started)  # a cut run keeps its rows
     bar.close()
     _write(rows, skipped, args.out, time.monotonic() - started)
     ok = sum(r["status"] == "ok" for r in rows)

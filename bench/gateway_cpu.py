@@ -9,32 +9,27 @@ bench/README.md. Writes bench/results/gateway-cpu.md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import io
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
+from collections import defaultdict
 from pathlib import Path
+from statistics import median
 
-import grpc
 import numpy as np
 from PIL import Image
 
 from bench import harness as h
 from service.api.clip.v1 import clip_pb2
-from service.core.image_preprocess import (
-    ImageLimits,
-    ImageSpec,
-    image_pixels,
-    preprocess_image_bytes,
-)
+from service.core.image_preprocess import ImageLimits, ImageSpec, image_pixels
 from service.processes.gateway import GatewayProcess
 from service.processes.triton_server import TritonProcess
 
@@ -53,7 +48,12 @@ KINDS = [
     ("12 MP JPEG (4000×3000)", (4000, 3000), "JPEG", 8, True),
     ("1920×1080 PNG", (1920, 1080), "PNG", 8, False),
 ]
-PIXELS_PER_ROUND = 128
+PIXELS_PER_ROUND = 1024  # ~0.6 s of gateway CPU: fewer would measure the idle-rate noise
+EMBED_DIR_MODES = {
+    "--no-pixels (today)": ["--no-pixels"],
+    "--pixels --workers 2": ["--pixels", "--workers", "2"],
+    "--pixels --workers 2 --fast-jpeg": ["--pixels", "--workers", "2", "--fast-jpeg"],
+}
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -63,20 +63,20 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def scaled(image: Image.Image, scale: float) -> Image.Image:
+    size = (round(image.width * scale), round(image.height * scale))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def variants(size: tuple[int, int], fmt: str, n: int) -> list[bytes]:
-    """`n` (≤ 12) different pictures of `size`: each photo upscaled/cropped, and flipped."""
-    out = []
-    for i, image in enumerate(h.source_photos() * 2):
-        if len(out) == n:
-            break
-        scale = max(size[0] / image.width, size[1] / image.height)
-        resized = image.resize(
-            (round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC
-        )
-        resized = resized.crop((0, 0, *size))
-        out.append(
-            encode(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i >= 6 else resized, fmt)
-        )
+    """`n` (≤ 12) different pictures of `size`: each photo upscaled/cropped, then flipped."""
+    photos, out = h.source_photos(), []
+    for i in range(n):
+        image = photos[i % len(photos)]
+        image = scaled(image, max(size[0] / image.width, size[1] / image.height))
+        image = image.crop((0, 0, *size))
+        flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i >= 6 else image
+        out.append(encode(flipped, fmt))
     return out
 
 
@@ -85,15 +85,9 @@ def tagged(blob: bytes, tag: int) -> bytes:
     if blob[:2] == b"\xff\xd8":
         return h.unique_jpeg(blob, tag)
     chunk = b"tEXt" + b"tag\0" + f"bench {tag}".encode()
-    body = len(chunk) - 4
     end = blob.rindex(b"IEND") - 4
     crc = zlib.crc32(chunk).to_bytes(4, "big")
-    return blob[:end] + body.to_bytes(4, "big") + chunk + crc + blob[end:]
-
-
-def tagged_pixels(pixels: bytes, tag: int) -> bytes:
-    """Other pixels, same length: the first three bytes hold `tag`."""
-    return tag.to_bytes(3, "big") + pixels[3:]
+    return blob[:end] + (len(chunk) - 4).to_bytes(4, "big") + chunk + crc + blob[end:]
 
 
 # ---------------------------------------------------------------------------- CPU clocks
@@ -116,38 +110,29 @@ def idle_rate(pid: int, seconds: float = 2.0) -> float:
     return (process_cpu_ns(pid) - before) / (time.perf_counter() - start)
 
 
-async def send(target: str, requests: list[bytes], concurrency: int = 2) -> None:
-    """Each serialized EmbedImage request once, `concurrency` at a time."""
-    options = [("grpc.max_send_message_length", 256 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        call = channel.unary_unary("/clip.v1.ClipService/EmbedImage")
-        queue = list(reversed(requests))
-
-        async def worker() -> None:
-            while queue:
-                await call(queue.pop(), timeout=600)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-
-def measure(
-    gateway: GatewayProcess, idle_ns_per_s: float, requests: list[bytes], images: int
-) -> float:
-    """Gateway CPU ms per image for these requests (its idle rate taken out)."""
-    pid = gateway.pid
-    assert pid is not None
-    before, start = process_cpu_ns(pid), time.perf_counter()
-    asyncio.run(send(gateway.target, requests))
-    used = process_cpu_ns(pid) - before - idle_ns_per_s * (time.perf_counter() - start)
-    return used / images / 1e6
-
-
-def batches(items: list[bytes], field: str) -> list[bytes]:
-    """Serialized EmbedImage requests of `BATCH` items (made before the clock runs)."""
-    return [
+def cpu_ms(gateway: GatewayProcess, idle_ns_per_s: float, field: str, items: list[bytes]) -> float:
+    """Gateway CPU ms per item to embed `items` (EmbedImage `field`, batches of BATCH, two
+    in flight; serialized before the clock runs), its idle rate taken out."""
+    requests = [
         clip_pb2.EmbedImageRequest(**{field: items[i : i + BATCH]}, format=1).SerializeToString()
         for i in range(0, len(items), BATCH)
-    ]
+    ][::-1]
+
+    async def send() -> None:
+        async with h.channel(gateway.target) as channel:
+            call = channel.unary_unary(h.SERVICE + "EmbedImage")
+
+            async def worker() -> None:
+                while requests:
+                    await call(requests.pop(), timeout=600)
+
+            await asyncio.gather(worker(), worker())
+
+    pid = gateway.pid or 0
+    before, start = process_cpu_ns(pid), time.perf_counter()
+    asyncio.run(send())
+    used = process_cpu_ns(pid) - before - idle_ns_per_s * (time.perf_counter() - start)
+    return used / len(items) / 1e6
 
 
 def export(model: str, weights: str, name: str) -> Path:
@@ -174,8 +159,7 @@ def instant_repository(real: Path, into: Path) -> Path:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             mean = x.float().flatten(1).mean(dim=1, keepdim=True)
-            v = (mean + 1.0) * self.weight
-            return torch.nn.functional.normalize(v, dim=1)
+            return torch.nn.functional.normalize((mean + 1.0) * self.weight, dim=1)
 
     shutil.copytree(real, into, ignore=shutil.ignore_patterns("model.pt", "__pycache__"))
     for version in into.glob("*/1"):
@@ -185,67 +169,62 @@ def instant_repository(real: Path, into: Path) -> Path:
 
 # ---------------------------------------------------------------------------- 1. CPU
 def cpu_per_image(rounds: int, scale: float) -> dict[str, dict[str, float]]:
-    """{kind: {"exact": ms, "fast": ms}} plus {"pixels": {"exact": ms}}: median of rounds."""
-    tmp = tempfile.TemporaryDirectory()
-    real = export("ViT-B-32", "none", "ViT-B-32-none")
-    repository = instant_repository(real, Path(tmp.name) / "repo")
+    """{kind: {"exact": ms, "fast": ms}} plus {"pixels": {"exact": ms, "shm": ms}}: median of
+    rounds ("shm": a gateway with --triton-shared-memory)."""
     blobs = {label: variants(size, fmt, 12) for label, size, fmt, *_ in KINDS}
-    spec = ImageSpec(224)
-    pixels = image_pixels(blobs[KINDS[1][0]][0], spec, LIMITS)
-    samples: dict[str, dict[str, list[float]]] = {}
+    pixels = image_pixels(blobs[KINDS[1][0]][0], ImageSpec(224), LIMITS)
+    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     common = {"backend": "triton", "local_cache_items": 0, "max_batch_size": 32}
-    with TritonProcess(repository) as triton:
-        with (
-            GatewayProcess(repository, triton_url=triton.grpc_url, **common) as exact,
-            GatewayProcess(
-                repository, triton_url=triton.grpc_url, fast_jpeg=True, **common
-            ) as fast,
-        ):
-            idle = {id(g): idle_rate(g.pid or 0) for g in (exact, fast)}
-            tag = 0
-            # One unmeasured round: Triton and both gateways warm at every batch shape.
-            for round_index in range(rounds + 1):
-                for label, _, _, per_round, with_fast in KINDS:
-                    n = max(BATCH, int(per_round * scale) // BATCH * BATCH)
-                    for path, gateway in (("exact", exact), ("fast", fast)):
-                        if path == "fast" and not with_fast:
-                            continue
-                        items = [tagged(blobs[label][(tag + i) % 12], tag + i) for i in range(n)]
-                        tag += n
-                        ms = measure(gateway, idle[id(gateway)], batches(items, "images"), n)
-                        if round_index:
-                            samples.setdefault(label, {}).setdefault(path, []).append(ms)
-                n = max(BATCH, int(PIXELS_PER_ROUND * scale) // BATCH * BATCH)
-                items = [tagged_pixels(pixels, tag + i) for i in range(n)]
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        real = export("ViT-B-32", "none", "ViT-B-32-none")
+        repository = instant_repository(real, Path(tmp) / "repo")
+        triton = stack.enter_context(TritonProcess(repository))
+        common["triton_url"] = triton.grpc_url
+        exact = stack.enter_context(GatewayProcess(repository, **common))
+        fast = stack.enter_context(GatewayProcess(repository, fast_jpeg=True, **common))
+        shm = stack.enter_context(GatewayProcess(repository, triton_shared_memory=True, **common))
+        idle = {
+            p: idle_rate(g.pid or 0) for p, g in (("exact", exact), ("fast", fast), ("shm", shm))
+        }
+        points = [
+            (label, path, gateway, "images", per_round, blobs[label])
+            for label, _, _, per_round, with_fast in KINDS
+            for path, gateway in (("exact", exact), ("fast", fast))
+            if with_fast or path == "exact"
+        ] + [
+            ("pixels", p, g, "pixels", PIXELS_PER_ROUND, None)
+            for p, g in (("exact", exact), ("shm", shm))
+        ]
+        tag = 0
+        # One unmeasured round: Triton and both gateways warm at every batch shape.
+        for round_index in range(rounds + 1):
+            for label, path, gateway, field, per_round, pool in points:
+                n = max(BATCH, int(per_round * scale) // BATCH * BATCH)
+                items = [  # new bytes each: a comment or chunk, or other first pixels
+                    tagged(pool[(tag + i) % 12], tag + i)
+                    if pool
+                    else (tag + i).to_bytes(3, "big") + pixels[3:]
+                    for i in range(n)
+                ]
                 tag += n
-                ms = measure(exact, idle[id(exact)], batches(items, "pixels"), n)
+                ms = cpu_ms(gateway, idle[path], field, items)
                 if round_index:
-                    samples.setdefault("pixels", {}).setdefault("exact", []).append(ms)
-                print(f"round {round_index}: {summary_line(samples)}", flush=True)
-    tmp.cleanup()
-    return {k: {p: statistics.median(v) for p, v in d.items()} for k, d in samples.items()}
-
-
-def summary_line(samples: dict[str, dict[str, list[float]]]) -> str:
-    return "; ".join(
-        f"{k.split(' (')[0]} " + "/".join(f"{p} {v[-1]:.2f}" for p, v in d.items())
-        for k, d in samples.items()
-    )
+                    samples[label][path].append(ms)
+            last = "; ".join(
+                f"{k.split(' (')[0]} " + "/".join(f"{p} {v[-1]:.2f}" for p, v in d.items())
+                for k, d in samples.items()
+            )
+            print(f"round {round_index}: {last}", flush=True)
+    return {k: {p: median(v) for p, v in d.items()} for k, d in samples.items()}
 
 
 # ---------------------------------------------------------------------------- 3. embed-dir
 def embed_dir(rounds: int, n_photos: int) -> tuple[list[list[object]], str]:
     """Rows of the embed-dir table and a line on the vectors."""
     repository = export("clip-demo-shapes", str(h.DEMO_WEIGHTS), "clip-demo-shapes-bench")
-    modes = {
-        "--no-pixels (today)": ["--no-pixels"],
-        "--pixels --workers 2": ["--pixels", "--workers", "2"],
-        "--pixels --workers 2 --fast-jpeg": ["--pixels", "--workers", "2", "--fast-jpeg"],
-    }
-    files = dict(zip(modes, ("today.npy", "pixels.npy", "fast.npy"), strict=True))
-    wall: dict[str, list[float]] = {m: [] for m in modes}
-    client_cpu: dict[str, list[float]] = {m: [] for m in modes}
-    gateway_cpu: dict[str, list[float]] = {m: [] for m in modes}
+    files = dict(zip(EMBED_DIR_MODES, ("today.npy", "pixels.npy", "fast.npy"), strict=True))
+    seconds: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
@@ -253,40 +232,29 @@ def embed_dir(rounds: int, n_photos: int) -> tuple[list[list[object]], str]:
             (folder / f"{i:02d}.jpg").write_bytes(blob)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
         with GatewayProcess(repository, local_cache_items=0, max_batch_size=1) as gateway:
-            env["CLIP_TARGET"] = gateway.target
-            pid = gateway.pid or 0
-            for _ in range(rounds):
-                for mode, flags in modes.items():
-                    out = Path(tmp) / files[mode]
-                    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    cpu, start = process_cpu_ns(pid), time.perf_counter()
-                    command = ["embed-dir", str(folder), "--out", str(out), *flags]
-                    subprocess.run(
-                        [sys.executable, "-m", "service.cli", *command],
-                        env=env,
-                        check=True,
-                        capture_output=True,
-                        cwd=h.REPO_ROOT,
-                    )
-                    wall[mode].append(time.perf_counter() - start)
-                    gateway_cpu[mode].append((process_cpu_ns(pid) - cpu) / 1e9)
-                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    client_cpu[mode].append(
-                        after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-                    )
-                    print(f"embed-dir {mode}: {wall[mode][-1]:.1f} s", flush=True)
+            env["CLIP_TARGET"], pid = gateway.target, gateway.pid or 0
+            for mode, flags in [*EMBED_DIR_MODES.items()] * rounds:
+                usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu, start = process_cpu_ns(pid), time.perf_counter()
+                command = ["embed-dir", str(folder), "--out", str(Path(tmp) / files[mode])]
+                subprocess.run(
+                    [sys.executable, "-m", "service.cli", *command, *flags],
+                    env=env, check=True, capture_output=True, cwd=h.REPO_ROOT,
+                )  # fmt: skip
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                seconds[mode]["wall"].append(time.perf_counter() - start)
+                seconds[mode]["gateway"].append((process_cpu_ns(pid) - cpu) / 1e9)
+                client = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+                seconds[mode]["client"].append(client)
+                print(f"embed-dir {mode}: {seconds[mode]['wall'][-1]:.1f} s", flush=True)
         today, exact, fast = (np.load(Path(tmp) / name) for name in files.values())
-    base = statistics.median(wall["--no-pixels (today)"])
+    mid = {m: {k: median(v) for k, v in s.items()} for m, s in seconds.items()}
+    base = mid["--no-pixels (today)"]["wall"]
     rows = [
-        [
-            mode,
-            f"{statistics.median(wall[mode]):.1f}",
-            f"{base / statistics.median(wall[mode]):.2f}×",
-            f"{statistics.median(client_cpu[mode]) / n_photos * 1000:.0f}",
-            f"{statistics.median(gateway_cpu[mode]) / n_photos * 1000:.1f}",
-        ]
-        for mode in modes
-    ]
+        [mode, f"{s['wall']:.1f}", f"{base / s['wall']:.2f}×",
+         f"{s['client'] / n_photos * 1000:.0f}", f"{s['gateway'] / n_photos * 1000:.1f}"]
+        for mode, s in mid.items()
+    ]  # fmt: skip
     cos = (today * fast).sum(axis=1)
     vectors = (
         f"--pixels vectors equal --no-pixels ones bit for bit: {np.array_equal(today, exact)} "
@@ -302,6 +270,7 @@ def quality() -> list[list[object]]:
     import open_clip
     import torch
 
+    from service.core import image_preprocess as ip
     from service.demo.shapes import ALL_PAIRS
     from service.model.export import load_open_clip
 
@@ -316,44 +285,35 @@ def quality() -> list[list[object]]:
         "ViT-B-32 (random weights)": ("ViT-B-32", "none", [f"a photo of {x}" for x in imagenetish]),
     }  # fmt: skip
     sizes = {"full size": None, "long side 1920": 1920, "long side 4000 (12 MP)": 4000}
+    mean, std = (
+        torch.tensor(v).view(1, 3, 1, 1)
+        for v in (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    )
     rows = []
     for label, (name, weights, prompts) in models.items():
         torch.manual_seed(0)
         clip, _ = load_open_clip(name, weights)
-        meta = clip.visual.image_size
-        size = meta[0] if isinstance(meta, tuple | list) else int(meta)
-        mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-        tokenizer = open_clip.get_tokenizer(name)
+        size = clip.visual.image_size
+        size = size[0] if isinstance(size, tuple | list) else int(size)
+
+        def embed(blobs: list[bytes], fast: bool, clip=clip, size=size) -> torch.Tensor:
+            spec = ImageSpec(size, fast_jpeg=fast)
+            arrays = np.stack([ip.preprocess_image_bytes(b, spec, LIMITS) for b in blobs])
+            batch = torch.from_numpy(arrays).float() / 255.0
+            return clip.encode_image((batch - mean) / std, normalize=True)
+
         with torch.no_grad():
-            texts = clip.encode_text(tokenizer(prompts), normalize=True)
-
-        def embed(
-            blobs: list[bytes], fast: bool, clip=clip, size=size, mean=mean, std=std
-        ) -> torch.Tensor:
-            arrays = [
-                preprocess_image_bytes(b, ImageSpec(size, fast_jpeg=fast), LIMITS) for b in blobs
-            ]
-            batch = torch.from_numpy(np.stack(arrays)).float() / 255.0
-            with torch.no_grad():
-                return clip.encode_image((batch - mean) / std, normalize=True)
-
-        for size_label, long_side in sizes.items():
-            blobs = []
-            for image in h.source_photos():
-                if long_side:
-                    scale = long_side / max(image.size)
-                    image = image.resize(
-                        (round(image.width * scale), round(image.height * scale)),
-                        Image.Resampling.BICUBIC,
-                    )
-                blobs.append(encode(image, "JPEG"))
-            exact, fast = embed(blobs, False), embed(blobs, True)
-            cos = (exact * fast).sum(dim=1)
-            agree = ((exact @ texts.T).argmax(1) == (fast @ texts.T).argmax(1)).float().mean()
-            row = [label, size_label, len(blobs), f"{cos.min():.5f}", f"{cos.mean():.5f}"]
-            rows.append([*row, f"{agree:.0%}"])
-            print(f"quality {label} {size_label}: {rows[-1][3:]}", flush=True)
+            texts = clip.encode_text(open_clip.get_tokenizer(name)(prompts), normalize=True)
+            for size_label, long_side in sizes.items():
+                photos = [scaled(p, long_side / max(p.size)) if long_side else p
+                          for p in h.source_photos()]  # fmt: skip
+                blobs = [encode(p, "JPEG") for p in photos]
+                exact, fast = embed(blobs, False), embed(blobs, True)
+                cos = (exact * fast).sum(dim=1)
+                agree = ((exact @ texts.T).argmax(1) == (fast @ texts.T).argmax(1)).float().mean()
+                rows.append([label, size_label, len(blobs), f"{cos.min():.5f}",
+                             f"{cos.mean():.5f}", f"{agree:.0%}"])  # fmt: skip
+                print(f"quality {label} {size_label}: {rows[-1][3:]}", flush=True)
     return rows
 
 
@@ -364,83 +324,76 @@ def table(headers: str, rows: list[list[object]]) -> str:
 
 
 def report(
-    cpu: dict[str, dict[str, float]],
-    dirs: tuple[list[list[object]], str],
-    qual: list[list[object]],
-    args: argparse.Namespace,
-) -> str:
-    pixels_ms = cpu["pixels"]["exact"]
+    cpu: dict, dirs: tuple[list[list[object]], str], qual: list, rounds: int, photos: int,
+    quick: bool,
+) -> str:  # fmt: skip
+    """The whole Markdown report."""
+    px, shm = cpu["pixels"]["exact"], cpu["pixels"]["shm"]
     cpu_rows, core_rows = [], []
     for label, *_ in KINDS:
-        ms = cpu[label]
-        fast = ms.get("fast")
+        exact, fast = cpu[label]["exact"], cpu[label].get("fast")
         cpu_rows.append([
-            label, f"{ms['exact']:.2f}", f"{1000 / ms['exact']:.0f}",
-            f"{fast:.2f}" if fast else "–", f"{fast / ms['exact']:.0%}" if fast else "–",
-            f"{pixels_ms / ms['exact']:.2%}",
+            label, f"{exact:.2f}", f"{1000 / exact:.0f}", f"{fast:.2f}" if fast else "–",
+            f"{fast / exact:.0%}" if fast else "–", f"{px / exact:.2%}",
         ])  # fmt: skip
-        for gpu, rate in GPU_RATES.items():
-            core_rows.append([
-                gpu, label, f"{rate * ms['exact'] / 1000:.1f}",
-                f"{rate * fast / 1000:.1f}" if fast else "–", f"{rate * pixels_ms / 1000:.2f}",
-            ])  # fmt: skip
-    pixels_row = [
-        "pre-sized pixels (224×224×3 bytes)",
-        f"{pixels_ms:.3f}",
-        f"{1000 / pixels_ms:.0f}",
-    ]
-    cpu_rows.append([*pixels_row, "–", "–", "100%"])
+        core_rows += [
+            [gpu, label, f"{rate * exact / 1000:.1f}",
+             f"{rate * fast / 1000:.1f}" if fast else "–", f"{rate * px / 1000:.2f}",
+             f"{rate * shm / 1000:.2f}"]
+            for gpu, rate in GPU_RATES.items()
+        ]  # fmt: skip
+    cpu_rows.append(["pre-sized pixels (224×224×3 bytes)", f"{px:.3f}", f"{1000 / px:.0f}",
+                     "–", "–", "100%"])  # fmt: skip
+    cpu_rows.append(["pre-sized pixels, --triton-shared-memory", f"{shm:.3f}",
+                     f"{1000 / shm:.0f}", "–", "–", f"{shm / px:.0%}"])  # fmt: skip
     dir_rows, vectors = dirs
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at the end"
     )
-    command = "python -m bench.gateway_cpu" + (" --quick" if args.quick else "")
+    command = "python -m bench.gateway_cpu" + (" --quick" if quick else "")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cpu_table = table(
         "input|exact ms/img|img/s per core|--fast-jpeg ms/img|fast ÷ exact|pixels ÷ exact", cpu_rows
     )
     core_table = table(
-        "GPU model|input|cores, exact (before)|cores, --fast-jpeg|cores, pixels (after)", core_rows
+        "GPU model|input|cores, exact (before)|cores, --fast-jpeg|cores, pixels (after)"
+        "|cores, pixels + shared memory",
+        core_rows,
     )
     dir_table = table(
         "embed-dir|wall s|speed vs today|client CPU ms/img (pool included)|gateway CPU ms/img",
         dir_rows,
     )
-    quality_table = table("model|photos|n|cosine min|cosine mean|top-1 agreement", qual)
     return f"""# Gateway CPU per image (issue 28)
 
 `{command}`, {when}; {machine}.
-Shared machine: CPU seconds, not wall time, are the figures of sections 1-2 (they move
-far less with the load beside us than wall time does). Median of {args.rounds} interleaved
-rounds.
+Figures of sections 1-2 are CPU seconds, not wall time (they move far less with the load
+of this shared machine); median of {rounds} interleaved rounds.
 
 ## 1. Gateway CPU per image (exact path = today's default, cache off)
 
-The gateway process's CPU (all its threads: gRPC, event loop, hashing, decode pool,
-Triton client) per image, in ms, in front of Triton serving ViT-B-32 (S = 224); EmbedImage
-batches of {BATCH}. "img/s per core" = 1000 ÷ ms. "fast-jpeg" is a gateway started with
-`--fast-jpeg`; "pixels ÷ exact" is what the gateway spends when the client sends
-pre-sized pixels instead.
+The gateway process's CPU (all its threads) per image, in ms, in front of Triton serving
+ViT-B-32 (S = 224); EmbedImage batches of {BATCH}. "img/s per core" = 1000 ÷ ms;
+"--fast-jpeg": a gateway started with it; "pixels": the client sends pre-sized pixels;
+"--triton-shared-memory": a gateway that hands Triton its batches through /dev/shm.
 
 {cpu_table}
 
 ## 2. Gateway cores needed to feed one GPU
 
-cores = GPU images/s × gateway CPU seconds per image (section 1). GPU rates: one forward
-pass on an RTX 4090 with mixed precision, from timm's published inference benchmark tables
-(pytorch-image-models `results/benchmark-infer-amp-nchw-*-rtx4090.csv`, rows
-`vit_base_patch32_clip_224` ≈ 12,000 img/s and `vit_large_patch14_clip_224` ≈ 785 img/s, as
-quoted in issue 28). Both models take 224×224 input, so the per-image CPU of section 1
-applies to both. Before = exact path; after = `--fast-jpeg` or pre-sized pixels.
+cores = GPU images/s × gateway CPU seconds per image (section 1, 224×224 input for both
+models). GPU rates: RTX 4090, mixed precision, timm's inference benchmark tables
+(`vit_base_patch32_clip_224` ≈ 12,000 img/s, `vit_large_patch14_clip_224` ≈ 785 img/s,
+as issue 28 quotes them). Before = exact path; after = `--fast-jpeg` or pre-sized pixels
+(over gRPC bytes, or through shared memory).
 
 {core_table}
 
-## 3. `clipsvc embed-dir` over {args.photos} photos of 12 MP
+## 3. `clipsvc embed-dir` over {photos} photos of 12 MP
 
-Gateway: embedded demo model, cache off, `--max-batch-size 1` (each vector's forward pass
-is then the same whatever order images arrive in, so vectors can be compared bit for
-bit). Client and gateway share this machine's cores. CPU columns are ms per image.
+Embedded demo gateway, cache off, `--max-batch-size 1` (vectors then compare bit for
+bit whatever the arrival order); client and gateway share the cores; CPU in ms per image.
 
 {dir_table}
 
@@ -448,15 +401,12 @@ bit). Client and gateway share this machine's cores. CPU columns are ms per imag
 
 ## 4. What `--fast-jpeg` changes: cosine to the exact path, zero-shot top-1 agreement
 
-Real photos (scikit-image astronaut, chelsea, coffee, rocket; scikit-learn china, flower)
-as JPEG (quality 90) at their own size (≤ 640 px: below 4 × 224, so ViT-B-32's path is
-unchanged there), upscaled (bicubic) to a long side of 1920 and of 4000 (12 MP at 4:3).
-Each image embedded through the exact path and through `--fast-jpeg` (the
-gateway's own preprocessing, open_clip's model in this process). Top-1: the argmax over
-the model's prompts (demo: its 48 colour-shape captions; ViT-B-32: 18 everyday labels) is
-the same on both paths.
+Real photos (scikit-image, scikit-learn) as JPEG (quality 90) at their own size (≤ 640
+px: ViT-B-32's path is unchanged there) and upscaled to a long side of 1920 and 4000,
+embedded through both paths in this process. Top-1: the argmax over the model's prompts
+(demo: its 48 colour-shape captions; ViT-B-32: 18 everyday labels) is the same.
 
-{quality_table}
+{table("model|photos|n|cosine min|cosine mean|top-1 agreement", qual)}
 """
 
 
@@ -466,13 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=12, help="12 MP photos for embed-dir (≤ 12)")
     parser.add_argument("--quick", action="store_true", help="¼ of the images, ≤ 2 rounds")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds = min(args.rounds, 2)
-    scale = 0.25 if args.quick else 1.0
+    rounds = min(args.rounds, 2) if args.quick else args.rounds
     qual = quality()
-    dirs = embed_dir(args.rounds, args.photos)
-    cpu = cpu_per_image(args.rounds, scale)
-    text = report(cpu, dirs, qual, args)
+    dirs = embed_dir(rounds, args.photos)
+    cpu = cpu_per_image(rounds, 0.25 if args.quick else 1.0)
+    text = report(cpu, dirs, qual, rounds, args.photos, args.quick)
     h.write_result(args.out, text, text.split("## 1.", 1)[1])
     return 0
 

@@ -33,10 +33,15 @@ DEVICE_MODEL = Path(__file__).resolve().parent / "triton_device_model.py"
 BASE_MODEL = REPO_ROOT / "service" / "model" / "triton_python_model.py"
 #: What each mode measures unless told otherwise: (GPU run, smoke run).
 DEFAULTS = {
-    "device": ("cuda", "cpu"), "seconds": (2.5, 1.0), "warmup_seconds": (2.0, 1.0),
-    "concurrency": ("1,16,64", "1,8"), "instances": (2, 1), "max_batch": (64, 32),
-    "inflight": (4, 2),
-}  # fmt: skip
+    "device": ("cuda", "cpu", "torch device of Triton's model"),
+    "seconds": (2.5, 1.0, "per point"),
+    "warmup_seconds": (2.0, 1.0, "unreported, per path and input"),
+    "concurrency": ("1,16,64", "1,8", "callers per point"),
+    "instances": (2, 1, "Triton instances per tower"),
+    "max_batch": (64, 32, "Triton's and the gateway's"),
+    "inflight": (4, 2, "gateway batches in flight"),
+}
+UTC = "%Y-%m-%d %H:%M:%S UTC"
 TITLE = "GPU benchmark: Triton alone and the gateway end to end"
 SMOKE_TITLE = "GPU benchmark script, CPU SMOKE RUN (not GPU figures)"
 SMOKE_NOTE = (
@@ -82,12 +87,9 @@ def export(args: argparse.Namespace) -> int:
 
 
 def served_repository(source: Path, into: Path, args: argparse.Namespace) -> Path:
-    """A repository the pip tritonserver can serve: the python backend, the model on `--device`.
-
-    The pytorch flavor's config names the libtorch backend, which the pip wheel lacks; this
-    copy renders the python flavor's config (KIND_CPU: the stub) with a `DEVICE`
-    parameter, and `bench/triton_device_model.py` loads the same `model.pt` (symlinked).
-    """
+    """A repository the pip tritonserver (no libtorch backend) can serve: the python
+    flavor's config with a `DEVICE` parameter, `bench/triton_device_model.py` loading the
+    same `model.pt` (symlinked) onto that device."""
     from service.model import metadata as m
     from service.model.triton_config import TensorSpec, render_config
     from service.settings import BatchingOptions
@@ -118,21 +120,6 @@ def served_repository(source: Path, into: Path, args: argparse.Namespace) -> Pat
     return into
 
 
-def perf_analyzer_usable() -> str | None:
-    """`perf_analyzer`'s path when it is on PATH and starts (its libraries resolve)."""
-    path = shutil.which("perf_analyzer")
-    if path is None:
-        return None
-    try:
-        probe = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if "error while loading shared libraries" in probe.stderr:
-        print(f"  perf_analyzer at {path} does not start: {probe.stderr.strip()[:200]}")
-        return None
-    return path
-
-
 def perf_analyzer_point(
     tool: str, url: str, spec: tuple, concurrency: int, seconds: float
 ) -> dict | None:
@@ -159,8 +146,7 @@ def perf_analyzer_point(
             return None
         row = dict(zip(lines[0], lines[1], strict=False))
     ms = lambda key: float(row.get(key, "nan")) / 1000.0  # noqa: E731
-    items_per_s = float(row["Inferences/Second"])
-    return point(items_per_s, ms("p50 latency"), ms("p99 latency"), 0, "0", "perf_analyzer")
+    return point(float(row["Inferences/Second"]), ms("p50 latency"), ms("p99 latency"))
 
 
 async def triton_loop(
@@ -195,10 +181,11 @@ async def triton_loop(
     return record(result, "tritonclient loop")
 
 
-def point(items_per_s: float, p50: float, p99: float, calls: int, errors: str, tool: str) -> dict:
+def point(items_per_s: float, p50: float, p99: float, calls=0, errors="0", tool="perf_analyzer"):
     """A part-file point."""
-    keys = ("items_per_s", "p50_ms", "p99_ms", "calls", "errors", "tool")
-    return dict(zip(keys, (items_per_s, p50, p99, calls, errors, tool), strict=True))
+    return dict(
+        items_per_s=items_per_s, p50_ms=p50, p99_ms=p99, calls=calls, errors=errors, tool=tool
+    )
 
 
 def record(r: h.LoadResult, tool: str) -> dict:
@@ -217,14 +204,11 @@ class Part:
 
     def add(self, path: str, modality: str, concurrency: int, point: dict) -> None:
         self.data["points"].append(
-            {"path": path, "modality": modality, "concurrency": concurrency, **point}
+            dict(path=path, modality=modality, concurrency=concurrency, **point)
         )
-        print(
-            f"  {path:<8} {modality:<5} conc {concurrency:>3}: {fmt(point['items_per_s']):>8} "
-            f"items/s, p50 {fmt(point['p50_ms'])} ms, p99 {fmt(point['p99_ms'])} ms, "
-            f"errors {point['errors']} ({point['tool']})",
-            flush=True,
-        )
+        rate, p50, p99 = (fmt(point[k]) for k in ("items_per_s", "p50_ms", "p99_ms"))
+        print(f"  {path:<8} {modality:<5} conc {concurrency:>3}: {rate:>8} items/s, p50 {p50} ms, "
+              f"p99 {p99} ms, errors {point['errors']} ({point['tool']})", flush=True)  # fmt: skip
         self.save()
 
     def note(self, text: str) -> None:
@@ -234,9 +218,8 @@ class Part:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        self.path.with_suffix(".tmp").write_text(json.dumps(self.data, indent=1))
+        self.path.with_suffix(".tmp").replace(self.path)
 
 
 async def measure(args: argparse.Namespace) -> int:
@@ -249,11 +232,8 @@ async def measure(args: argparse.Namespace) -> int:
         print(f"  no export at {source}: run the export step first", flush=True)
         return 2
     keys = ("model", "precision", "device", "seconds", "instances", "max_batch", "inflight")
-    part = Part(
-        work_dir(args) / "parts" / f"{args.model}-{args.precision}.json",
-        {k: getattr(args, k) for k in keys}
-        | {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
-    )
+    header = {k: getattr(args, k) for k in keys} | {"started": time.strftime(UTC, time.gmtime())}
+    part = Part(work_dir(args) / "parts" / f"{args.model}-{args.precision}.json", header)
     metadata = m.ModelMetadata.load(source)
     jpegs = h.photo_pool(64, seed=5)
     pixels = h.decoded(jpegs, metadata)
@@ -276,7 +256,7 @@ async def measure(args: argparse.Namespace) -> int:
         served = served_repository(source, tmp / "repository", args)
         started = time.perf_counter()
         triton = stack.enter_context(
-            h.triton(served, workdir=tmp / "triton", startup_timeout_s=args.startup_timeout)
+            h.triton(served, workdir=tmp / "triton", startup_timeout_s=240)
         )
         part.note(
             f"tritonserver (pip wheel, python backend, model on {args.device}, {args.instances} "
@@ -284,33 +264,28 @@ async def measure(args: argparse.Namespace) -> int:
             f"{time.perf_counter() - started:.1f} s"
         )
         h.section("Triton alone")
-        tool = None if args.no_perf_analyzer else perf_analyzer_usable()
+        tool = shutil.which("perf_analyzer")  # where it is on PATH; it may still fail to start
         for modality in MODALITIES:
             # Unreported: the first batches at each size are slow (TorchScript's profiling
             # executor, CUDA kernels and allocator, the stub's shared memory).
             await triton_loop(
                 triton.grpc_url, specs[modality], max(concurrencies), args.warmup_seconds, counter
             )
-            for concurrency in concurrencies:
-                spec, found = specs[modality], None
-                if tool:
-                    found = perf_analyzer_point(
-                        tool, triton.grpc_url, spec, concurrency, args.seconds
-                    )
-                    if found is None:
-                        part.note("perf_analyzer failed: the tritonclient loop measures instead")
-                        tool = None
-                found = found or await triton_loop(
-                    triton.grpc_url, spec, concurrency, args.seconds, counter
-                )
-                part.add("triton", modality, concurrency, found)
+            for n in concurrencies:
+                spec = (triton.grpc_url, specs[modality], n, args.seconds)
+                found = tool and perf_analyzer_point(tool, *spec)
+                if tool and found is None:
+                    part.note("perf_analyzer failed: the tritonclient loop measures instead")
+                    tool = None
+                found = found or await triton_loop(*spec, counter)
+                part.add("triton", modality, n, found)
         h.section("gateway end to end")
         started = time.perf_counter()
-        limits = {"max_batch_size": args.max_batch, "max_inflight_batches": args.inflight}
-        off = {"local_cache_items": 0, "redis_url": ""}  # every input reaches Triton
-        triton_backend = {"backend": "triton", "triton_url": triton.grpc_url}
-        gateway = h.gateway(served, "gpu-gateway", **triton_backend, **off, **limits)
-        stack.enter_context(gateway)
+        gateway = stack.enter_context(h.gateway(
+            served, "gpu-gateway", backend="triton", triton_url=triton.grpc_url,
+            local_cache_items=0, redis_url="",  # every input reaches Triton
+            max_batch_size=args.max_batch, max_inflight_batches=args.inflight,
+        ))  # fmt: skip
         part.note(
             f"gateway (cache off, max batch {args.max_batch}, {args.inflight} batches in flight) "
             f"SERVING in {time.perf_counter() - started:.1f} s"
@@ -329,7 +304,7 @@ async def measure(args: argparse.Namespace) -> int:
                     part.add("gateway", modality, concurrency, record(result, "gateway"))
         if not gateway.running:
             part.note("the gateway process died during the run")
-    part.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    part.data["finished"] = time.strftime(UTC, time.gmtime())
     part.save()
     return 0
 
@@ -346,13 +321,6 @@ def load_parts(args: argparse.Namespace) -> list[dict]:
     )
 
 
-def _cells(point: dict | None) -> list[str]:
-    """items/s and `p50 / p99` of a part-file point, or dashes when it is missing."""
-    if point is None:
-        return ["–", "–"]
-    return [fmt(point["items_per_s"]), f"{fmt(point['p50_ms'])} / {fmt(point['p99_ms'])}"]
-
-
 def ratio_rows(part: dict) -> list[list[str]]:
     """Per modality and concurrency: Triton alone, gateway, and gateway ÷ Triton."""
     by = {(p["path"], p["modality"], p["concurrency"]): p for p in part["points"]}
@@ -365,10 +333,14 @@ def ratio_rows(part: dict) -> list[list[str]]:
         errors = [
             f"{p['path']} {p['errors']}" for p in (alone, gateway) if p and p["errors"] != "0"
         ]
+        cells = [
+            c for p in (alone, gateway)
+            for c in ([fmt(p["items_per_s"]), f"{fmt(p['p50_ms'])} / {fmt(p['p99_ms'])}"]
+                      if p else ["–", "–"])
+        ]  # fmt: skip
         unit = "images/s" if modality == "image" else "texts/s"
-        name = f"{part['model']} {part['precision']}"
-        cells = [*_cells(alone), *_cells(gateway), ratio, ", ".join(errors) or "0"]
-        rows.append([name, f"{modality} ({unit})", str(n), *cells])
+        rows.append([f"{part['model']} {part['precision']}", f"{modality} ({unit})", str(n),
+                     *cells, ratio, ", ".join(errors) or "0"])  # fmt: skip
     return rows
 
 
@@ -376,11 +348,8 @@ def steps_table(args: argparse.Namespace) -> list[list[str]]:
     """The steps `gpu.sh` ran: name, exit status, seconds (`steps.tsv` in the work folder)."""
     path = work_dir(args) / "steps.tsv"
     lines = path.read_text().splitlines() if path.is_file() else []
-    rows = [[*line.split("\t"), "", "", ""][:3] for line in lines]
-    return [
-        [name, STEP_STATUS.get(code, f"FAILED (exit {code})"), seconds]
-        for name, code, seconds in rows
-    ]
+    rows = [[*line.split("\t"), "", ""][:3] for line in lines]
+    return [[name, STEP_STATUS.get(code, f"FAILED (exit {code})"), s] for name, code, s in rows]
 
 
 def report(args: argparse.Namespace) -> int:
@@ -390,27 +359,20 @@ def report(args: argparse.Namespace) -> int:
     table = h.md_table(RESULT_HEADERS, rows)
     steps = md_table(["step", "status", "seconds"], steps_table(args))
     notes = [
-        f"- {p['model']} {p['precision']}: " + "; ".join(p["notes"])
-        for p in parts
-        if p.get("notes")
+        f"- {p['model']} {p['precision']}: {'; '.join(p['notes'])}" for p in parts if p.get("notes")
     ]
     cut = ", ".join(f"{p['model']} {p['precision']}" for p in parts if "finished" not in p)
     first = parts[0] if parts else {}
     text = [
         f"# {SMOKE_TITLE if args.smoke else TITLE}", "", *([SMOKE_NOTE, ""] if args.smoke else []),
         md_table(["", ""], h.machine_info()), "", "## What ran", "",
-        "- Models: open_clip architectures with random weights (the demo model's own in a smoke "
-        "run), exported by `clipsvc export --flavor pytorch --precision fp32|fp16`.",
-        "- Triton: the pip `tritonserver`, python backend only, running the export's `model.pt` "
-        f"through `bench/triton_device_model.py` on `{first.get('device', '?')}`.",
-        "- Triton alone: closed-loop callers, one item per request (a pre-decoded uint8 image, "
-        f"or a short caption's ids padded to {TEXT_BUCKET}), `perf_analyzer` where it runs, "
-        "else a tritonclient gRPC loop. Gateway: `clipsvc serve --backend triton` in front of "
-        "the same Triton, cache off, one JPEG or one caption per call, every input new.",
+        "- open_clip architectures with random weights (a smoke run: the demo model's own), "
+        "`clipsvc export --flavor pytorch`, served by the pip `tritonserver` (python backend) "
+        f"through `bench/triton_device_model.py` on `{first.get('device', '?')}`; the steps, "
+        "Triton alone and the gateway end to end: bench/README.md (gpu.sh).",
         "- On 2-core CPU machines Triton now and then holds a request ~0.5 s in its queue: read "
         "points with p99 ≈ 500 ms by p50.",
-        f"- Each point ≥ {first.get('seconds', '?')} s after one unmeasured call per caller and "
-        "an unreported warm-up at the highest concurrency per path and input.",
+        f"- Each point ≥ {first.get('seconds', '?')} s after a warm-up.",
         "", "## Results", "", table if rows else "No part was measured (see the steps below).", "",
         *(["Notes:", "", *notes, ""] if notes else []),
         *([f"Incomplete (the step ended before its last point): {cut}.", ""] if cut else []),
@@ -427,26 +389,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=GPU_MODELS[0], help="open_clip model name")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument(
-        "--smoke",
-        action="store_true",
-        default=os.environ.get("GPU_BENCH_SMOKE", "") == "1",
+        "--smoke", action="store_true", default=os.environ.get("GPU_BENCH_SMOKE") == "1",
         help="CPU smoke run: device cpu, tiny points, gpu-smoke.md (env GPU_BENCH_SMOKE=1)",
-    )
-    p.add_argument("--device", help="torch device of Triton's model (cuda; smoke: cpu)")
-    p.add_argument("--seconds", type=float, help="per point (2.5; smoke: 1)")
-    p.add_argument(
-        "--warmup-seconds", type=float, help="unreported, per path and input (2; smoke: 1)"
-    )
-    p.add_argument("--concurrency", help="callers per point (1,16,64; smoke: 1,8)")
-    p.add_argument("--instances", type=int, help="Triton instances per tower (2; smoke: 1)")
-    p.add_argument("--max-batch", type=int, help="Triton's and the gateway's (64; smoke: 32)")
-    p.add_argument("--inflight", type=int, help="gateway batches in flight (4; smoke: 2)")
-    p.add_argument("--startup-timeout", type=float, default=240.0)
-    p.add_argument("--no-perf-analyzer", action="store_true", help="always the loop")
+    )  # fmt: skip
+    for key, (gpu, smoke, about) in DEFAULTS.items():
+        p.add_argument(
+            "--" + key.replace("_", "-"), type=type(gpu), help=f"{about} ({gpu}; smoke: {smoke})"
+        )
     p.add_argument("--work", help="exports and parts (default bench/.models/gpu[-smoke])")
     p.add_argument("--results-dir", type=Path, default=h.RESULTS_DIR)
     args = p.parse_args(argv)
-    for key, (gpu, smoke) in DEFAULTS.items():
+    for key, (gpu, smoke, _) in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, smoke if args.smoke else gpu)
     return args

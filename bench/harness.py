@@ -12,6 +12,7 @@ import datetime as dt
 import io
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,8 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # ---------------------------------------------------------------------------- models
 def model_repository(model: str, pretrained: str | None = None) -> Path:
-    """An exported (python-flavor) repository for `model`, cached under `bench/.models/`
-    (the demo model with its trained weights where they exist: the same speed)."""
+    """`model`'s exported repository, cached in bench/.models/ (demo: its trained weights)."""
     if pretrained is None:
         pretrained = str(DEMO_WEIGHTS) if model == DEMO_MODEL and DEMO_WEIGHTS.is_file() else "none"
     tag = "none"
@@ -80,21 +80,16 @@ def repository_variant(repository: Path, torch_threads: int) -> Path:
     if torch_threads <= 0:
         return repository
     target = repository.with_name(f"{repository.name}-t{torch_threads}")
-    if not (target / "metadata.json").is_file():
-        for path in sorted(repository.rglob("*")):
-            dest = target / path.relative_to(repository)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_dir():
-                dest.mkdir(exist_ok=True)
-            elif path.name == "config.pbtxt":
-                dest.write_text(
-                    path.read_text().replace(
-                        'key: "TORCH_THREADS" value: { string_value: "0" }',
-                        f'key: "TORCH_THREADS" value: {{ string_value: "{torch_threads}" }}',
-                    )
-                )
-            elif not dest.exists():
-                dest.symlink_to(path.resolve())
+    key = 'key: "TORCH_THREADS" value: {{ string_value: "{}" }}'
+    for path in [] if (target / "metadata.json").is_file() else sorted(repository.rglob("*")):
+        dest = target / path.relative_to(repository)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            dest.mkdir(exist_ok=True)
+        elif path.name == "config.pbtxt":
+            dest.write_text(path.read_text().replace(key.format(0), key.format(torch_threads)))
+        elif not dest.exists():
+            dest.symlink_to(path.resolve())
     return target
 
 
@@ -151,8 +146,7 @@ def photo_pool(n: int, size: tuple[int, int] = PHOTO, *, seed: int = 0) -> list[
 
 
 def unique_jpeg(jpeg: bytes, tag: int) -> bytes:
-    """The same picture with a JPEG comment holding `tag`: other bytes (no cache hit, no
-    single-flight), the same decode work."""
+    """The picture with a JPEG comment holding `tag`: new bytes (no cache hit), same decode."""
     payload = f"bench {tag}".encode()
     return jpeg[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
 
@@ -168,9 +162,8 @@ def decoded(jpegs: Sequence[bytes], metadata: Any) -> np.ndarray:
 
 def photo_note(jpegs: Sequence[bytes], size: tuple[int, int] = PHOTO) -> str:
     """`640×480 JPEG photos (mean 60 KiB)`."""
-    return (
-        f"{size[0]}×{size[1]} JPEG photos (mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB)"
-    )
+    mean_kib = np.mean([len(j) for j in jpegs]) / 1024
+    return f"{size[0]}×{size[1]} JPEG photos (mean {mean_kib:.0f} KiB)"
 
 
 # ---------------------------------------------------------------------------- load
@@ -185,6 +178,7 @@ class LoadResult:
     seconds: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    counters: dict[str, float] = field(default_factory=dict)  # their change over the point
 
     @property
     def items_per_s(self) -> float:
@@ -225,34 +219,12 @@ class CallFailed(Exception):
         self.code = code
 
 
-def error_code(exc: BaseException) -> str:
-    """The name a failed call is counted under."""
-    return exc.code if isinstance(exc, CallFailed) else exc.code().name  # type: ignore[attr-defined]
-
-
 FAILED_CALL = (grpc.aio.AioRpcError, CallFailed)
 
 
-def _bar(label: str, seconds: float, result: LoadResult, enabled: bool) -> Callable[[], None]:
-    """A tqdm bar over a time budget; returns its `update` (which closes it when past)."""
-    bar = tqdm(
-        total=round(seconds, 1), desc=label, unit="s", leave=False,
-        disable=None if enabled else True,  # None: off when stderr is not a terminal
-        bar_format="{desc}: {bar:20} {n:.1f}/{total:.1f}s {postfix}",
-    )  # fmt: skip
-    started = time.perf_counter()
-
-    def update(close: bool = False) -> None:
-        elapsed = time.perf_counter() - started
-        bar.n = min(round(elapsed, 1), bar.total)
-        bar.set_postfix_str(
-            f"{len(result.latencies_s)} ok, {sum(result.errors.values())} err, "
-            f"{result.items / max(elapsed, 1e-9):.1f} items/s"
-        )
-        if close:
-            bar.close()
-
-    return update
+def error_code(exc: BaseException) -> str:
+    """The name a failed call is counted under."""
+    return exc.code if isinstance(exc, CallFailed) else exc.code().name  # type: ignore[attr-defined]
 
 
 async def closed_loop(
@@ -268,17 +240,15 @@ async def closed_loop(
     progress: bool = True,
     counter: Iterator[int] | None = None,
     before_measure: Callable[[], None] | None = None,
+    counters: Callable[[], dict[str, float]] | None = None,
 ) -> LoadResult:
     """`concurrency` callers, each calling again as soon as its answer arrives.
 
-    `call(i)` gets a number never given before (for distinct inputs) and returns how
-    many items it embedded; a gRPC error or `CallFailed` counts under its code. Each
-    caller first makes `warmup_rounds` unmeasured calls (TorchScript specializes on the
-    first shapes it sees; batches need to fill), then all start together. The point
-    lasts `seconds` and at least `min_calls` calls (at most `max_calls` when set); calls
-    in flight at the end are finished and counted, so with batches the window starts and
-    ends on batch boundaries. `before_measure` runs between the warm-up and the measured
-    calls, with nothing in flight (to read counters).
+    `call(i)` gets a new number (distinct inputs) and returns the items it embedded; a gRPC
+    error or `CallFailed` counts under its code. After `warmup_rounds` unmeasured calls per
+    caller and `before_measure()`, the point lasts `seconds` and ≥ `min_calls` calls (≤
+    `max_calls`); calls in flight at the end count. `counters()` is read with nothing in
+    flight and again at the end: `result.counters` holds each one's change.
     """
     counter = counter if counter is not None else itertools.count()
 
@@ -290,10 +260,14 @@ async def closed_loop(
     await asyncio.gather(*(warm() for _ in range(concurrency)))
     if before_measure is not None:
         before_measure()
-    result = LoadResult(label, concurrency)
-    started = time.perf_counter()
+    marks = counters() if counters else {}
+    result, started = LoadResult(label, concurrency), time.perf_counter()
     stop_at, hard_stop = started + seconds, started + max_seconds
-    update = _bar(label, seconds, result, progress)
+    bar = tqdm(
+        total=round(seconds, 1), desc=label, unit="s", leave=False,
+        disable=None if progress else True,  # None: off when stderr is not a terminal
+        bar_format="{desc}: {bar:20} {n:.1f}/{total:.1f}s {postfix}",
+    )  # fmt: skip
 
     async def caller() -> None:
         while True:
@@ -314,44 +288,41 @@ async def closed_loop(
                 result.items += done
                 result.latencies_s.append(time.perf_counter() - begin)
 
-    async def tick() -> None:
-        while True:
-            update()
-            await asyncio.sleep(0.5)
+    def tick() -> None:
+        elapsed = time.perf_counter() - started
+        bar.n = min(round(elapsed, 1), bar.total)
+        bar.set_postfix_str(
+            f"{len(result.latencies_s)} ok, {sum(result.errors.values())} err, "
+            f"{result.items / max(elapsed, 1e-9):.1f} items/s"
+        )
 
-    ticking = asyncio.get_running_loop().create_task(tick())
     try:
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        async with every(0.5, tick):
+            await asyncio.gather(*(caller() for _ in range(concurrency)))
     finally:
-        ticking.cancel()
-        update(close=True)
+        bar.close()
     result.seconds = time.perf_counter() - started
+    if counters:
+        result.counters = {key: value - marks[key] for key, value in counters().items()}
     return result
 
 
-def timed_loop(
-    step: Callable[[int], int], *, label: str, batch: int, seconds: float, min_iters: int = 3
+async def timed_loop(
+    step: Callable[[int], int], *, label: str, seconds: float, min_iters: int = 3
 ) -> LoadResult:
-    """`step(i)` (returns items done) back to back for `seconds` and ≥ `min_iters`, after 2
-    unmeasured calls; latency is per call (a batch)."""
-    step(-1), step(-2)
-    result = LoadResult(label, batch)
-    started = time.perf_counter()
-    update = _bar(label, seconds, result, True)
-    while time.perf_counter() - started < seconds or result.calls < min_iters:
-        begin = time.perf_counter()
-        result.items += step(result.calls)
-        result.latencies_s.append(time.perf_counter() - begin)
-        result.calls += 1
-        update()
-    update(close=True)
-    result.seconds = time.perf_counter() - started
-    return result
+    """In-process `step(i)` (returns items) as a one-caller `closed_loop`, 2 warm-up calls."""
+
+    async def call(i: int) -> int:
+        await asyncio.sleep(0)  # the progress bar ticks between batches
+        return step(i)
+
+    return await closed_loop(
+        call, label=label, concurrency=1, seconds=seconds, min_calls=min_iters, warmup_rounds=2
+    )
 
 
 class RawClip:
-    """ClipService methods that send and receive bytes as they are (the load generator
-    serializes ahead and parses nothing: little CPU beside the gateway)."""
+    """ClipService methods on raw bytes: the load generator serializes ahead, parses nothing."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         from service.api.clip.v1 import clip_pb2
@@ -428,15 +399,30 @@ async def interleaved(
     *,
     step: int = 1,
 ) -> list[dict[str, T]]:
-    """`rounds` rounds that measure every point once; round r starts `r × step` points
-    further on, so a slow minute of the shared machine hits every point alike. Each
-    round's dict keeps the order the points ran in."""
+    """`rounds` rounds measuring every point once, round r shifted `r × step` points so a slow
+    minute hits every point alike; each round's dict is in the order its points ran."""
     out: list[dict[str, T]] = []
     for r in range(rounds):
         shift = (r * step) % len(points)
         order = [*points[shift:], *points[:shift]]
         out.append({point: await measure(r + 1, point) for point in order})
     return out
+
+
+@contextlib.asynccontextmanager
+async def every(seconds: float, tick: Callable[[], object]) -> AsyncIterator[None]:
+    """Calls `tick()` every `seconds` while the block runs."""
+
+    async def loop() -> None:
+        while True:
+            tick()
+            await asyncio.sleep(seconds)
+
+    task = asyncio.get_running_loop().create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 def spread(values: Sequence[float], unit: str = "×") -> str:
@@ -447,13 +433,10 @@ def spread(values: Sequence[float], unit: str = "×") -> str:
 # ---------------------------------------------------------------------------- processes
 def memory_mb(pid: int) -> tuple[float, float]:
     """(resident set size, peak resident set size) of `pid` in MB, from /proc."""
-    values: dict[str, float] = {}
     with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = float(rest.split()[0]) / 1024.0
-    return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
+        kb = dict(line.split()[:2] for line in status if line.startswith(("VmRSS:", "VmHWM:")))
+    rss, peak = (float(kb.get(key, "nan")) / 1024.0 for key in ("VmRSS:", "VmHWM:"))
+    return rss, peak
 
 
 def cpu_seconds(pid: int | str) -> float:
@@ -478,17 +461,14 @@ def triton_stats(url: str, models: Sequence[str]) -> dict[str, tuple[int, int]]:
     """(inference_count, execution_count) per model from Triton's statistics API."""
     import tritonclient.grpc as triton_grpc
 
-    client = triton_grpc.InferenceServerClient(url)
+    client, out = triton_grpc.InferenceServerClient(url), {}
     try:
-        stats = {
-            m: client.get_inference_statistics(m, as_json=True)["model_stats"][0] for m in models
-        }
+        for m in models:
+            s = client.get_inference_statistics(m, as_json=True)["model_stats"][0]
+            out[m] = (int(s.get("inference_count", 0)), int(s.get("execution_count", 0)))
     finally:
         client.close()
-    return {
-        m: (int(s.get("inference_count", 0)), int(s.get("execution_count", 0)))
-        for m, s in stats.items()
-    }
+    return out
 
 
 # ---------------------------------------------------------------------------- reports
@@ -534,10 +514,11 @@ def report_head(title: str, info: Sequence[tuple[str, str]]) -> list[str]:
 
 
 def report(
-    title: str, info: Sequence[tuple[str, str]], sections: dict[str, str | Sequence[str]]
-) -> str:
-    """A whole report: `report_head`, then each `## name` and its lines (or one string)."""
-    lines = report_head(title, info)
+    title: str, info: Sequence[tuple[str, str]], sections: dict[str, str | Sequence[str]],
+    intro: str = "",
+) -> str:  # fmt: skip
+    """`report_head`, `intro`, then each `## name` and its lines (or one string)."""
+    lines = report_head(title, info) + ([intro, ""] if intro else [])
     for name, body in sections.items():
         lines += [f"## {name}", "", *([body] if isinstance(body, str) else body), ""]
     return "\n".join(lines)
@@ -545,9 +526,14 @@ def report(
 
 def fmt(value: float, digits: int = 1) -> str:
     """A number for a table: fixed digits, `–` for NaN."""
-    if value != value:  # NaN
+    if math.isnan(value):
         return "–"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+
+
+def verdict(ok: bool) -> str:
+    """A target's verdict."""
+    return "PASS" if ok else "MISS"
 
 
 def section(title: str) -> None:
@@ -567,14 +553,12 @@ def write_result(out: Path, text: str, summary: str, *extra_files: Path) -> None
 # ---------------------------------------------------------------------------- entry points
 # OMP_WAIT_POLICY=PASSIVE unless told otherwise: spinning OpenMP workers steal the shared
 # cores (bench/README.md, "Threads"); `--omp-wait-policy inherit` measures that on purpose.
-THREADS_HELP = "intra-op threads of the raw module, the gateway and Triton (0 = torch's)"
 
 
 def parser(
     doc: str | None, *, out: str | None = None, model: str | None = DEMO_MODEL, threads: bool = True
 ) -> argparse.ArgumentParser:
-    """A scenario's parser: `--model`, `--out` (bench/results/<out>) and the threading
-    flags, each where asked for."""
+    """A scenario's parser: `--model`, `--out` (bench/results/<out>), threading flags."""
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -583,7 +567,7 @@ def parser(
     if out is not None:
         p.add_argument("--out", type=Path, default=RESULTS_DIR / out)
     if threads:
-        p.add_argument("--torch-threads", type=int, default=0, help=THREADS_HELP)
+        p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: torch's)")
         p.add_argument(
             "--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "inherit"), default="PASSIVE",
             help="OMP_WAIT_POLICY of every process of the run; inherit = leave the environment",
@@ -592,8 +576,7 @@ def parser(
 
 
 def apply_threading(args: argparse.Namespace, module: str) -> None:
-    """Run `module` again with the asked OMP_WAIT_POLICY when the environment differs
-    (OpenMP reads it once, when torch loads)."""
+    """Re-exec `module` with the asked OMP_WAIT_POLICY (OpenMP reads it once, at load)."""
     policy = getattr(args, "omp_wait_policy", "inherit")
     if policy == "inherit" or os.environ.get("OMP_WAIT_POLICY") == policy:
         return
@@ -603,8 +586,7 @@ def apply_threading(args: argparse.Namespace, module: str) -> None:
 
 
 def interrupt_on_sigterm() -> None:
-    """SIGTERM (`timeout`, a CI runner) raises KeyboardInterrupt, as Ctrl-C does, so the
-    `with` blocks that stop the servers (each in its own session) unwind."""
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C: the `with` blocks stopping servers unwind."""
 
     def _interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

@@ -93,19 +93,14 @@ async def run(args: argparse.Namespace) -> int:
         for n, rr in enumerate(rounds, 1)
         for name, r in rr.items()
     ]
-    text = "\n".join([
-        *h.report_head(f"HTTP vs gRPC: single-text calls, {args.model}", info),
-        f"{args.concurrency} callers, each calling again as soon as its answer arrives; "
-        f"{args.rounds} interleaved rounds of ≥ {args.seconds:g} s per transport and "
-        "state (the order rotates by round). `miss`: every text is new (tokenizer and "
-        f"forward pass included); `hit`: a warm set of {WARM_SET} texts in the LRU, so "
-        "mostly transport. gRPC: `EmbedText` with packed float32 answers; HTTP: "
-        "`POST /v1/embeddings` with `encoding_format: base64` on keep-alive connections. "
-        "One gateway serves both; the load generators run on the same cores. Ratios "
-        "are per round; the table gives their median (and range).",
-        "", "## Medians", "", medians, "", "## Every point", "",
-        h.md_table(["round", "state", "transport", *POINT_HEADERS], points), "",
-    ])  # fmt: skip
+    text = h.report(f"HTTP vs gRPC: single-text calls, {args.model}", info, {
+        "Medians": medians,
+        "Every point": h.md_table(["round", "state", "transport", *POINT_HEADERS], points),
+    }, intro=f"{args.concurrency} closed-loop callers; {args.rounds} interleaved rounds of ≥ "
+       f"{args.seconds:g} s per transport and state. `miss`: every text new; `hit`: a warm set of "
+       f"{WARM_SET} texts in the LRU (mostly transport). Ratios are per round, the table gives "
+       "their median (and range); the setup: bench/README.md (http).",
+    )  # fmt: skip
     h.write_result(args.out, text, medians)
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import statistics
@@ -22,14 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-
 from bench import harness as h
 from bench.harness import REPO_ROOT as ROOT
-from bench.harness import model_repository, photo_pool, unique_jpeg
-from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
 from service.processes.gateway import GatewayProcess
 from service.processes.metric_samples import sample, scrape
+
+HEADERS = [
+    "code", "idle p50 ms", "idle p99 ms", "loaded p50 ms", "loaded p99 ms", "loaded ÷ idle p99",
+    "bulk images/s while loaded",
+]  # fmt: skip
 
 
 class CodeGateway(GatewayProcess):
@@ -58,32 +60,30 @@ def checkout(ref: str, into: Path) -> Path:
     return into
 
 
-async def interactive(target: str, pool: list[bytes], seconds: float, tag: int) -> list[float]:
-    """One caller, one single-image EmbedImage at a time for `seconds`: latencies in s."""
-    latencies: list[float] = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = clip_pb2_grpc.ClipServiceStub(channel)
-        end = time.perf_counter() + seconds
-        i = 0
-        while time.perf_counter() < end:
-            image = unique_jpeg(pool[i % len(pool)], tag * 1_000_000 + i)
-            started = time.perf_counter()
-            await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[image]), timeout=120)
-            latencies.append(time.perf_counter() - started)
-            i += 1
-    return latencies
+def embedded_images(gateway: GatewayProcess) -> dict[str, float]:
+    """Images embedded so far (no cache here: each one a forward pass)."""
+    samples = scrape(gateway.metrics_port)
+    return {"images": sample(samples, "clip_items_embedded_total", modality="image")}
 
 
-def embedded_images(gateway: GatewayProcess) -> float:
-    """Images embedded so far (cache hits included; there is no cache here)."""
-    return sample(scrape(gateway.metrics_port), "clip_items_embedded_total", modality="image")
+async def interactive(
+    gateway: GatewayProcess, pool: list[bytes], seconds: float, tag: int
+) -> h.LoadResult:
+    """One caller, one single-image EmbedImage at a time for `seconds`; `counters`: the
+    images embedded meanwhile, bulk ones included."""
+    async with h.channel(gateway.target) as channel:
+        calls = h.grpc_calls(h.RawClip(channel), pool, pick=lambda i: tag * 1_000_000 + i)
+        return await h.closed_loop(
+            calls["image"], label=f"interactive {tag}", concurrency=1, seconds=seconds,
+            warmup_rounds=0, counters=lambda: embedded_images(gateway),
+        )  # fmt: skip
 
 
 async def phase(
     gateway: GatewayProcess, pool: list[bytes], folder: Path, args: argparse.Namespace, tag: int
 ) -> dict[str, float]:
     """An idle and a loaded measurement on `gateway`: p50/p99 (ms) and bulk images/s."""
-    idle = await interactive(gateway.target, pool, args.seconds, tag)
+    idle = await interactive(gateway, pool, args.seconds, tag)
     out = folder.parent / f"out-{tag}.npy"
     bulk = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "service.cli", "embed-dir", str(folder), "--out", str(out)],
@@ -96,31 +96,29 @@ async def phase(
     )
     try:
         await asyncio.sleep(args.warm_s)
-        before, started = embedded_images(gateway), time.perf_counter()
-        loaded = await interactive(gateway.target, pool, args.seconds, tag + 1)
-        bulk_items = embedded_images(gateway) - before - len(loaded)
-        bulk_rate = bulk_items / (time.perf_counter() - started)
+        loaded = await interactive(gateway, pool, args.seconds, tag + 1)
         assert bulk.returncode is None, "the embed-dir run ended early: raise --bulk-images"
     finally:
         if bulk.returncode is None:
             bulk.terminate()
         await asyncio.wait_for(bulk.wait(), 30)
-
-    phases = {"idle": idle, "loaded": loaded}
-    figures = {f"{k}_p{q}": h.percentile_ms(v, q) for k, v in phases.items() for q in (50, 99)}
-    return figures | {"idle_calls": len(idle), "loaded_calls": len(loaded), "bulk_per_s": bulk_rate}
+    bulk_per_s = (loaded.counters["images"] - loaded.items) / loaded.seconds
+    runs = {"idle": idle, "loaded": loaded}
+    figures = {f"{k}_p{q}": r.percentile_ms(q) for k, r in runs.items() for q in (50, 99)}
+    calls = {f"{k}_calls": len(r.latencies_s) for k, r in runs.items()}
+    return figures | calls | {"bulk_per_s": bulk_per_s}
 
 
 async def run(args: argparse.Namespace) -> int:
     """Start both gateways, run the interleaved rounds, write the table."""
-    repository = model_repository("clip-demo-shapes")
-    pool = photo_pool(32, (640, 480), seed=5)
-    with tempfile.TemporaryDirectory(prefix="bench-lanes-") as tmp:
+    repository = h.model_repository(h.DEMO_MODEL)
+    pool = h.photo_pool(32, seed=5)
+    with tempfile.TemporaryDirectory(prefix="bench-lanes-") as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp) / "images"
         folder.mkdir()
         # Distinct files; their bytes repeat (hard links), which costs the same work with
         # no cache, and keeps the set-up short.
-        distinct = photo_pool(200, (640, 480), seed=6)
+        distinct = h.photo_pool(200, seed=6)
         for i, jpeg in enumerate(distinct):
             (folder / f"src-{i:05d}.jpg").write_bytes(jpeg)
         for i in range(len(distinct), args.bulk_images):
@@ -131,20 +129,14 @@ async def run(args: argparse.Namespace) -> int:
         }
         settings = {"local_cache_items": 0, "max_queued_items": 4096}
         gateways = {
-            name: CodeGateway(code, repository, **settings) for name, code in variants.items()
+            name: stack.enter_context(CodeGateway(code, repository, **settings))
+            for name, code in variants.items()
         }
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-        try:
-            for gateway in gateways.values():
-                gateway.start()
-            for r in range(args.rounds):
-                for k, (name, gateway) in enumerate(gateways.items()):
-                    figures = await phase(gateway, pool, folder, args, tag=10 * (2 * r + k))
-                    results[name].append(figures)
-                    print(f"round {r + 1} {name}: {per_round(figures)}", flush=True)
-        finally:
-            for gateway in gateways.values():
-                gateway.close()
+        for r in range(args.rounds):
+            for k, (name, gateway) in enumerate(gateways.items()):
+                results[name].append(await phase(gateway, pool, folder, args, 10 * (2 * r + k)))
+                print(f"round {r + 1} {name}: {per_round(results[name][-1])}", flush=True)
     write(results, args)
     return 0
 
@@ -158,31 +150,26 @@ def write(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) 
     """The Markdown table: medians over rounds per variant, and the loaded ÷ idle ratio."""
     git = ["git", "rev-parse", "--short", "HEAD"]
     commit = subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    lines = [
-        "# Priority lanes: interactive p99 while embed-dir saturates the gateway",
-        "",
+    rows = []
+    for name, rounds in results.items():
+        med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        figures = [med[k] for k in ("idle_p50", "idle_p99", "loaded_p50", "loaded_p99")]
+        ratio = med["loaded_p99"] / med["idle_p99"]
+        rows.append(
+            [name, *(f"{v:.0f}" for v in figures), f"{ratio:.2f}", f"{med['bulk_per_s']:.1f}"]
+        )
+    text = "\n".join([
+        "# Priority lanes: interactive p99 while embed-dir saturates the gateway", "",
         f"`python -m bench.lanes --baseline-ref {args.baseline_ref} --rounds {args.rounds} "
         f"--seconds {args.seconds}` at {commit}, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} "
         f"UTC; {os.cpu_count()} CPUs (shared). Embedded demo model, no cache, 640×480 JPEGs; one "
         "interactive caller (single images, one at a time); bulk = `clipsvc embed-dir` "
-        "(EmbedStream). Medians over rounds, variants interleaved.",
-        "",
-        "| code | idle p50 ms | idle p99 ms | loaded p50 ms | loaded p99 ms | loaded ÷ idle p99 "
-        "| bulk images/s while loaded |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, rounds in results.items():
-        med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-        lines.append(
-            f"| {name} | {med['idle_p50']:.0f} | {med['idle_p99']:.0f} | {med['loaded_p50']:.0f} "
-            f"| {med['loaded_p99']:.0f} | {med['loaded_p99'] / med['idle_p99']:.2f} "
-            f"| {med['bulk_per_s']:.1f} |"
-        )
-    lines += ["", "Per round:", ""]
-    for name, rounds in results.items():
-        for i, r in enumerate(rounds):
-            lines.append(f"- {name}, round {i + 1}: {per_round(r)}")
-    h.write_result(args.out, "\n".join(lines) + "\n", "\n".join(lines))
+        "(EmbedStream). Medians over rounds, variants interleaved.", "",
+        h.md_table(HEADERS, rows), "", "Per round:", "",
+        *(f"- {name}, round {i}: {per_round(r)}" for name, rr in results.items()
+          for i, r in enumerate(rr, 1)),
+    ])  # fmt: skip
+    h.write_result(args.out, text + "\n", text)
 
 
 def main(argv: list[str] | None = None) -> int:

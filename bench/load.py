@@ -10,7 +10,6 @@ What it measures and how: bench/README.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ipaddress
 import random
@@ -118,24 +117,17 @@ class Mix:
         return count
 
     async def _stream(self, client: h.RawClip, rng: random.Random, n: int) -> int:
-        def item(k: int) -> pb.StreamRequest:
-            if k % 4 == 3:
-                return pb.StreamRequest(id=str(k), image=self.image(rng, n * 32 + k), format=PACKED)
-            return pb.StreamRequest(id=str(k), text=self.text(rng, n * 32 + k), format=PACKED)
-
-        async def requests():
+        async def requests():  # every fourth item an image
             for k in range(STREAM_ITEMS):
-                yield item(k)
+                i = n * 32 + k
+                item = {"image": self.image(rng, i)} if k % 4 == 3 else {"text": self.text(rng, i)}
+                yield pb.StreamRequest(id=str(k), format=PACKED, **item)
 
-        items = 0
-        async for answer in client.embed_stream(
-            requests(), timeout=self.deadline_s, metadata=self.metadata
-        ):
-            if answer.WhichOneof("result") == "error":
-                self.item_errors[answer.error.code] += 1
-            else:
-                items += 1
-        return items
+        call = client.embed_stream(requests(), timeout=self.deadline_s, metadata=self.metadata)
+        answers = [answer async for answer in call]
+        errors = [a.error.code for a in answers if a.WhichOneof("result") == "error"]
+        self.item_errors.update(errors)
+        return len(answers) - len(errors)
 
 
 async def drive(target: str, args: argparse.Namespace, pid: int | None, triton_pgid: int | None):
@@ -153,22 +145,14 @@ async def drive(target: str, args: argparse.Namespace, pid: int | None, triton_p
 
     channels = [h.channel(target) for _ in range(args.channels)]
     mix = Mix(channels, args)
-    sample()
     cpu_start = h.cpu_seconds(pid) if pid is not None else float("nan")
-
-    async def every_second() -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            sample()
-
-    sampler = asyncio.get_running_loop().create_task(every_second())
     try:
-        result = await h.closed_loop(
-            mix.call, label="load", concurrency=args.callers, seconds=args.seconds,
-            max_calls=args.max_requests, warmup_rounds=0, max_seconds=args.seconds,
-        )  # fmt: skip
+        async with h.every(1.0, sample):
+            result = await h.closed_loop(
+                mix.call, label="load", concurrency=args.callers, seconds=args.seconds,
+                max_calls=args.max_requests, warmup_rounds=0, max_seconds=args.seconds,
+            )  # fmt: skip
     finally:
-        sampler.cancel()
         for c in channels:
             await c.close()
     if pid is not None:
@@ -189,44 +173,35 @@ def report(
         calls, ok = len(r.latencies_s) + sum(r.errors.values()), len(r.latencies_s)
         return [name, calls, h.fmt(ok / elapsed), h.fmt(r.items / elapsed), *p, errors]
 
-    rows = []
-    for name, s in mix.stats.items():
-        stream = name == "EmbedStream" and mix.item_errors
-        items = "; stream items: " + h.codes_text(mix.item_errors) if stream else ""
-        rows.append(rpc_row(name, s, s.error_text + items))
+    stream = "; stream items: " + h.codes_text(mix.item_errors) if mix.item_errors else ""
+    rows = [
+        rpc_row(n, s, s.error_text + stream * (n == "EmbedStream")) for n, s in mix.stats.items()
+    ]
     rows.append(rpc_row("**all**", result, result.error_text))
-    mem_rows = []
-    if g := memory.get("gateway"):
-        mem_rows.append(
-            ["gateway", h.fmt(g[0]), h.fmt(g[-1]), h.fmt(max(g)), h.fmt(memory["peak"][0])]
-        )
-    if t := memory.get("triton"):
-        mem_rows.append(["tritonserver + stubs", h.fmt(t[0]), h.fmt(t[-1]), h.fmt(max(t)), "–"])
+    peak = {"gateway": h.fmt(memory.get("peak", [float("nan")])[0]), "triton": "–"}
+    mem_rows = [
+        [name, h.fmt(m[0]), h.fmt(m[-1]), h.fmt(max(m)), peak[key]]
+        for key, name in (("gateway", "gateway"), ("triton", "tritonserver + stubs"))
+        if (m := memory.get(key))
+    ]
     parts = [
         *h.report_head("Load run", info),
         f"{note} {args.callers} callers over {args.channels} connections for "
         f"{elapsed:.1f} s (asked {args.seconds:g} s), call deadline {args.deadline_s:g} s. Mix: "
         + ", ".join(f"{n} {w} %" for n, w in WORKLOAD.items())
-        + f"; EmbedText 1–4 texts, EmbedImage 1–2 640×480 JPEGs, Classify 1 image against "
-        f"8–16 labels (default templates, top 3), Similarity 2 texts × 3 images, EmbedStream "
-        f"{STREAM_ITEMS} items (¾ texts); {HOT_SHARE:.0%} of inputs come from a hot set of "
-        f"{HOT}. `items/s` counts texts and images sent.",
+        + " (what each call holds: bench/README.md). `items/s` counts texts and images sent.",
         "",
         h.md_table(RPC_HEADERS, rows),
         "",
     ]
     if mem_rows:
         headers = ["process", "start", "end", "max sampled", "peak (VmHWM)"]
-        parts += [
-            "Resident memory (MB), sampled every second:",
-            "",
-            h.md_table(headers, mem_rows),
-            "",
-        ]
+        table = h.md_table(headers, mem_rows)
+        parts += ["Resident memory (MB), sampled every second:", "", table, ""]
     if cpu := memory.get("cpu"):
         used = cpu[1] - cpu[0]
-        parts += [f"Gateway CPU: {used:.1f} s in {elapsed:.1f} s of wall time ", ""]
-        parts[-2] += f"({used / elapsed:.2f} cores on average)."
+        parts += [f"Gateway CPU: {used:.1f} s in {elapsed:.1f} s of wall time "
+                  f"({used / elapsed:.2f} cores on average).", ""]  # fmt: skip
     return "\n".join(parts)
 
 

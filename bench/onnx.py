@@ -73,13 +73,14 @@ def local_steps(
     sessions = {t: open_session(onnx(t), intra_op_threads=args.torch_threads) for t in TOWERS}
     image_ts = torch.jit.load(str(ts_repo / "clip_image" / "1" / "model.pt")).eval()
 
-    def ort_image(rows: list[int]) -> np.ndarray:
-        return run_session(sessions["clip_image"], metadata.image_input, pixels[rows])
-
-    def ort_text(rows: list[int]) -> np.ndarray:
-        return run_session(sessions["clip_text"], metadata.text_input, tokens77[rows].numpy())
-
-    ort = {"clip_image": ort_image, "clip_text": ort_text}
+    inputs = {
+        "clip_image": (metadata.image_input, pixels),
+        "clip_text": (metadata.text_input, tokens77.numpy()),
+    }
+    ort = {
+        t: lambda rows, t=t: run_session(sessions[t], inputs[t][0], inputs[t][1][rows])
+        for t in TOWERS
+    }
     eager = {
         "clip_image": lambda rows: clip.encode_image(normalized[rows], normalize=True),
         "clip_text": lambda rows: clip.encode_text(tokens77[rows], normalize=True),
@@ -111,11 +112,7 @@ async def run(args: argparse.Namespace) -> int:
     metadata = ModelMetadata.load(onnx_repo)
     jpegs = h.photo_pool(POOL)
     steps, parity = local_steps(args, onnx_repo, ts_repo, metadata, jpegs)
-    settings = {
-        "local_cache_items": 0,
-        "max_batch_size": BATCH,
-        "torch_threads": args.torch_threads,
-    }
+    settings = dict(local_cache_items=0, max_batch_size=BATCH, torch_threads=args.torch_threads)
     counter = itertools.count(10_000_000)
     h.section(f"{args.rounds} interleaved rounds, {args.seconds:.0f} s per point")
     with (
@@ -126,9 +123,7 @@ async def run(args: argparse.Namespace) -> int:
 
         async def point(n: int, name: str) -> float:
             if name in steps:
-                value = h.timed_loop(
-                    steps[name], label=name, batch=BATCH, seconds=args.seconds
-                ).items_per_s
+                result = await h.timed_loop(steps[name], label=name, seconds=args.seconds)
             else:
                 flavor, kind = SVC[name]
                 async with h.channel(gateways[flavor].target) as channel:
@@ -137,11 +132,10 @@ async def run(args: argparse.Namespace) -> int:
                         call, label=name, concurrency=CONCURRENCY, seconds=args.seconds,
                         min_calls=2 * CONCURRENCY, counter=counter,
                     )  # fmt: skip
-                if result.errors:
-                    raise RuntimeError(f"service errors: {result.error_text}")
-                value = result.items_per_s
-            print(f"  round {n} {name:<32} {h.fmt(value):>7} items/s", flush=True)
-            return value
+            if result.errors:
+                raise RuntimeError(f"errors: {result.error_text}")
+            print(f"  round {n} {name:<32} {h.fmt(result.items_per_s):>7} items/s", flush=True)
+            return result.items_per_s
 
         rounds = await h.interleaved(args.rounds, POINTS, point, step=3)
     heads = [f"round {i + 1}" for i in range(len(rounds))]
@@ -149,12 +143,9 @@ async def run(args: argparse.Namespace) -> int:
     for num, den, target in RATIOS:
         values = [r[num] / r[den] for r in rounds]
         median = statistics.median(values)
-        verdict = (
-            "–" if target is None else f"≥ {target:.1f}: {'met' if median >= target else 'missed'}"
-        )
-        ratio_rows.append(
-            [f"{num} ÷ {den}", *(f"{v:.2f}" for v in values), f"**{median:.2f}**", verdict]
-        )
+        verdict = f"≥ {target:.1f}: {'met' if median >= target else 'missed'}" if target else "–"
+        cells = [*(f"{v:.2f}" for v in values), f"**{median:.2f}**", verdict]
+        ratio_rows.append([f"{num} ÷ {den}", *cells])
     rates = [
         [p, *(h.fmt(r[p]) for r in rounds), h.fmt(statistics.median(r[p] for r in rounds))]
         for p in POINTS
@@ -169,12 +160,8 @@ async def run(args: argparse.Namespace) -> int:
         f"- onnx flavor vs eager on the bench inputs: max |diff| images {parity[0]:.1e}, "
         f"texts {parity[1]:.1e} (the tests hold every path to 1e-5)",
         f"- ONNX Runtime intra-op threads {args.torch_threads or 'default (one per core)'}",
-        "- eager: `encode_image` on pre-decoded, normalized 640×480 photos and `encode_text` "
-        "on 77-padded captions of the caption mix, batch 32; forward: the exported file alone "
-        "on the same uint8 pixels, batch 32",
-        "- service: `clipsvc serve` (embedded backend, its own process, no cache, max batch "
-        "32), 32 closed-loop callers, one distinct 640×480 JPEG or one caption per call",
-        f"- each point {args.seconds:g} s; the order rotates every round", "",
+        f"- each point {args.seconds:g} s, the order rotating every round; the points: "
+        "bench/README.md (onnx)", "",
         "## Ratios (each divides two points of the same round)", "",
         h.md_table(["ratio", *heads, "median", "target (#17)"], ratio_rows), "",
         "## Items per second", "", h.md_table(["point", *heads, "median"], rates), "",

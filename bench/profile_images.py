@@ -80,52 +80,33 @@ def group_of(name: str) -> str:
 
 # ---------------------------------------------------------------------------- timeline
 class Timeline:
-    """Wall time of a few gateway methods per call, by wrapping them on the live objects.
-
-    The histograms time the stages themselves; this adds the waits between them (for a
-    decode thread, for the batch ahead). It wraps private attributes of the gateway, so
-    a method that is renamed is skipped, not an error.
-    """
+    """Wall time of a few gateway methods per call (the waits between the stages the
+    histograms time), wrapped on the live objects; a renamed method is skipped."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, list[float]] = {}
         self.batches: list[int] = []
         self.recording = False
 
-    def wrap(self, owner: object, name: str, label: str) -> None:
+    def wrap(self, owner: object, name: str, label: str | None) -> None:
+        """Time `owner.name` under `label`; None: keep the size of each batch it runs."""
         original = getattr(owner, name, None)
         if original is None:
             return
-        self.seconds[label] = []
+        if label:
+            self.seconds[label] = []
 
         async def timed(*args: object, **kwargs: object) -> object:
             started = time.perf_counter()
+            if label is None and self.recording:
+                self.batches.append(len(args[0]))  # type: ignore[arg-type]
             try:
                 return await original(*args, **kwargs)
             finally:
-                if self.recording:
+                if self.recording and label:
                     self.seconds[label].append(time.perf_counter() - started)
 
         setattr(owner, name, timed)
-
-    def record_batches(self, queue: object) -> None:
-        """Keep the size of every batch the embedded queue runs, in order."""
-        original = getattr(queue, "_run", None)
-        if original is None:
-            return
-
-        async def run(batch: list[object]) -> object:
-            if self.recording:
-                self.batches.append(len(batch))
-            return await original(batch)
-
-        setattr(queue, "_run", run)  # noqa: B010  (`queue` is an `object` here)
-
-    def rows(self) -> list[list[str]]:
-        return [
-            [label, str(len(v)), h.fmt(1000 * sum(v) / len(v)) if v else "–"]
-            for label, v in self.seconds.items()
-        ]
 
 
 # ---------------------------------------------------------------------------- main
@@ -150,7 +131,7 @@ async def profile(args: argparse.Namespace) -> int:
         timeline.wrap(embedder, "_prepare_images", decode)
         queue = getattr(embedder._backend, "_queue", None)
         timeline.wrap(queue, "submit", "batching queue: waiting for the batch ahead + own forward")
-        timeline.record_batches(queue)
+        timeline.wrap(queue, "_run", None)
         child = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.profile_images", "--drive", target,
             "--concurrency", str(args.concurrency), "--seconds", str(args.seconds),
@@ -158,10 +139,7 @@ async def profile(args: argparse.Namespace) -> int:
         )  # fmt: skip
         assert child.stdout is not None
         profiler = Profiler(interval=0.001, async_mode="disabled")
-        before_cpu: dict[int, tuple[str, float]] = {}
-        before_metrics: dict[str, float] = {}
-        started = 0.0
-        summary: dict[str, object] = {}
+        before_cpu, before_metrics, started, summary = {}, {}, 0.0, {}
         print("  callers warming up ...", flush=True)
         while line := (await child.stdout.readline()).decode():
             if line.startswith("START"):
@@ -198,52 +176,37 @@ async def profile(args: argparse.Namespace) -> int:
                 unit = mean if metric == "clip_batch_size" else mean * 1000
                 stage_rows.append([f"`{metric}{labels}`", meaning, h.fmt(unit)])
     out = args.results_dir / f"profile-images-{args.model}{'-' + args.tag if args.tag else ''}"
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     text_profile = profiler.output_text(unicode=True, color=False, show_all=False)
+    got = lambda key: h.fmt(float(summary.get(key, float("nan"))))  # type: ignore[arg-type]  # noqa: E731
+    timeline_rows = [
+        [label, str(len(v)), h.fmt(1000 * sum(v) / len(v)) if v else "–"]
+        for label, v in timeline.seconds.items()
+    ]
+    batches = ", ".join(str(n) for n in timeline.batches[:40]) or "–"
+    html = f", `{out.with_suffix('.html').name}`" if args.html else ""
+    text = h.report(
+        f"Profile: {args.model}, {args.concurrency} concurrent single-image callers", info, {
+            f"CPU by gateway thread ({wall:.1f} s of wall time, {total_cpu:.1f} CPU s)":
+                h.md_table(["threads", "CPU s", "cores", "share"], cpu_rows),
+            "Stage means (gateway histograms, this window)":
+                h.md_table(["series", "what", "mean (ms; batch: items)"], stage_rows),
+            "Per-call timeline (wrapped gateway methods, this window)": [
+                h.md_table(["step", "calls", "mean ms"], timeline_rows), "",
+                f"Batch sizes in the order the queue ran them (first 40): {batches}."],
+            "Event-loop thread (pyinstrument)": [
+                f"Full tree: `{out.with_suffix('.txt').name}`{html}.", "",
+                "```", "\n".join(text_profile.splitlines()[:80]), "```"],
+        },
+        intro=f"In-process embedded gateway, cache off (bench/README.md). Callers: "
+        f"{got('items_per_s')} images/s, p50 {got('p50_ms')} ms, p99 {got('p99_ms')} ms, errors "
+        f"{summary.get('errors', {})} (the profiler slows the event loop somewhat).",
+    )  # fmt: skip
+    h.write_result(
+        out.with_suffix(".md"), text, text.split("\n## ", 1)[1].split("## Event-loop")[0]
+    )
     out.with_suffix(".txt").write_text(text_profile)
     if args.html:
         out.with_suffix(".html").write_text(profiler.output_html())
-    got = lambda key: h.fmt(float(summary.get(key, float("nan"))))  # type: ignore[arg-type]  # noqa: E731
-    parts = [
-        *h.report_head(
-            f"Profile: {args.model}, {args.concurrency} concurrent single-image callers", info
-        ),
-        "In-process embedded gateway, cache off, distinct 640×480 JPEG photos; the callers "
-        f"run in a child process. Result of the callers: {got('items_per_s')} images/s, p50 "
-        f"{got('p50_ms')} ms, p99 {got('p99_ms')} ms, errors {summary.get('errors', {})} "
-        "(the profiler slows the event loop somewhat).",
-        "",
-        f"## CPU by gateway thread ({wall:.1f} s of wall time, {total_cpu:.1f} CPU s)",
-        "",
-        h.md_table(["threads", "CPU s", "cores", "share"], cpu_rows),
-        "",
-        "## Stage means (gateway histograms, this window)",
-        "",
-        h.md_table(["series", "what", "mean (ms; batch: items)"], stage_rows),
-        "",
-        "## Per-call timeline (wrapped gateway methods, this window)",
-        "",
-        h.md_table(["step", "calls", "mean ms"], timeline.rows()),
-        "",
-        "Batch sizes in the order the queue ran them (first 40): "
-        + (", ".join(str(n) for n in timeline.batches[:40]) or "–")
-        + ".",
-        "",
-        "## Event-loop thread (pyinstrument)",
-        "",
-        f"Full tree: `{out.with_suffix('.txt').name}`"
-        + (f", `{out.with_suffix('.html').name}`." if args.html else "."),
-        "",
-        "```",
-        "\n".join(text_profile.splitlines()[:80]),
-        "```",
-        "",
-    ]
-    report = "\n".join(parts)
-    out.with_suffix(".md").write_text(report)
-    h.section("summary")
-    print("\n".join(parts[4 : parts.index("## Event-loop thread (pyinstrument)")]))
-    print(f"wrote {out.with_suffix('.md')} (+ .txt{', .html' if args.html else ''})")
     return 0
 
 

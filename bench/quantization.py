@@ -36,12 +36,8 @@ def demo_images(n: int) -> np.ndarray:
     model.eval()
     rng = random.Random(26)
     images = [shapes.sample(rng, shapes.ALL_PAIRS)[0] for _ in range(n)]
-    return _encode(
-        lambda batch: model.encode_image(
-            torch.stack([preprocess(i) for i in batch]), normalize=True
-        ),
-        images,
-    )
+    preprocessed = lambda batch: torch.stack([preprocess(i) for i in batch])  # noqa: E731
+    return _encode(lambda batch: model.encode_image(preprocessed(batch), normalize=True), images)
 
 
 def vit_texts(n: int) -> np.ndarray:
@@ -72,6 +68,7 @@ def top_k(scores: np.ndarray) -> np.ndarray:
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row's true K found."""
     return float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth, strict=True)]))
 
 
@@ -85,15 +82,14 @@ def evaluate(corpus: np.ndarray, queries: np.ndarray) -> list[tuple[str, int, fl
     dim = corpus.shape[1]
     truth = top_k(queries @ corpus.T)
 
-    def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        a = a.astype(np.float32) / np.linalg.norm(a.astype(np.float32), axis=1, keepdims=True)
-        b = b.astype(np.float32) / np.linalg.norm(b.astype(np.float32), axis=1, keepdims=True)
-        return a @ b.T
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float32) / np.linalg.norm(x.astype(np.float32), axis=1, keepdims=True)
+
+    cosine = lambda a, b: unit(a) @ unit(b).T  # noqa: E731
 
     int8_c, int8_q = vf.quantize(corpus, vf.INT8), vf.quantize(queries, vf.INT8)
     fixed_c, fixed_q = (np.rint(x * 127).astype(np.int8) for x in (corpus, queries))
-    bits_c = signs(vf.quantize(corpus, vf.UBINARY), dim)
-    bits_q = signs(vf.quantize(queries, vf.UBINARY), dim)
+    bits_c, bits_q = (signs(vf.quantize(x, vf.UBINARY), dim) for x in (corpus, queries))
     hamming_top = np.argsort(-(bits_q @ bits_c.T), axis=1, kind="stable")[:, : K * RESCORE]
     rescored = np.take_along_axis(
         hamming_top, top_k(np.einsum("qd,qkd->qk", queries, corpus[hamming_top])), axis=1
@@ -121,35 +117,28 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=100)
     args = parser.parse_args()
-    n = args.corpus + args.queries
     lines = [
-        "# Compact vectors: recall@10 against float32",
-        "",
+        "# Compact vectors: recall@10 against float32", "",
         f"`python -m bench.quantization --corpus {args.corpus} --queries {args.queries}`, "
         f"{dt.date.today().isoformat()}. Truth: each query's 10 nearest corpus vectors by "
         "float32 cosine; queries and corpus both quantized by the served rules; ties broken "
         "by corpus order. The demo set is near-duplicate heavy (48 classes of rendered "
         "shapes): a query's 10 nearest are same-class images a hair apart, which any "
         "quantization reorders. ViT-B-32 has random weights: the production width, not "
-        "trained geometry.",
-        "",
-    ]
+        "trained geometry.", "",
+    ]  # fmt: skip
     for name, make in (("demo-images", demo_images), ("vit-b-32-texts", vit_texts)):
         started = time.perf_counter()
-        vectors = make(n)
-        corpus, queries = vectors[: args.corpus], vectors[args.corpus :]
-        rows = evaluate(corpus, queries)
-        print(f"{name}: D={vectors.shape[1]}, {time.perf_counter() - started:.0f}s")
-        lines += [
-            f"## {name} (D = {vectors.shape[1]}, {args.corpus} corpus, {args.queries} queries)",
-            "",
-            "| rule | bytes / vector | recall@10 |",
-            "| --- | ---: | ---: |",
-        ]
+        vectors = make(args.corpus + args.queries)
+        rows = evaluate(vectors[: args.corpus], vectors[args.corpus :])
+        dim = vectors.shape[1]
+        print(f"{name}: D={dim}, {time.perf_counter() - started:.0f}s")
         for rule, size, value in rows:
             print(f"  {rule:70s} {size:5d} B  recall@10 {value:.3f}")
-            lines.append(f"| {rule} | {size} | {value:.3f} |")
-        lines.append("")
+        table = [(rule, size, f"{value:.3f}") for rule, size, value in rows]
+        table = h.md_table(["rule", "bytes / vector", "recall@10"], table)
+        heading = f"## {name} (D = {dim}, {args.corpus} corpus, {args.queries} queries)"
+        lines += [heading, "", table, ""]
     h.write_result(args.out, "\n".join(lines), "\n".join(lines))
 
 

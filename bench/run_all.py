@@ -25,81 +25,45 @@ SCENARIOS = {
     "throughput, demo model": (
         f"throughput --model {D} --results-dir {{dir}}",
         "throughput --quick --seconds 0.3 --concurrency 1,4 --batches 1,4 --paired-rounds 1 "
-        "--results-dir {dir}",
-        f"throughput-{D}.md",
-    ),
+        "--results-dir {dir}", f"throughput-{D}.md"),
     "throughput, ViT-B-32 + Triton": (
-        "throughput --model ViT-B-32 --with-triton --paired-rounds 3 --results-dir {dir}",
-        None,
-        "throughput-ViT-B-32.md",
-    ),
+        "throughput --model ViT-B-32 --with-triton --paired-rounds 3 --results-dir {dir}", None,
+        "throughput-ViT-B-32.md"),
     "cache": ("cache --out {out}", "cache --seconds 0.3 --concurrency 4 --out {out}", "cache.md"),
-    "load": (
-        "load --callers 32 --seconds 30 --out {out}",
-        "load --callers 8 --seconds 2 --out {out}",
-        "load.md",
-    ),
-    "http against grpc": (
-        "http --out {out}",
-        "http --rounds 2 --seconds 0.5 --concurrency 8 --out {out}",
-        "http-vs-grpc.md",
-    ),
-    "replicas, 2 Tritons": (
-        "replicas --out {out}",
-        "replicas --rounds 1 --seconds 1 --callers 8 --out {out}",
-        "replicas.md",
-    ),
-    "replicas drain": (
-        None,
-        "replicas --scenario drain --cycles 1 --settle-s 1 --callers 4 --out {out}",
-        "replicas-drain.md",
-    ),
-    "replicas foreign": (
-        None,
-        "replicas --scenario foreign --seconds 3 --callers 4 --out {out}",
-        "replicas-foreign.md",
-    ),
+    "load": ("load --callers 32 --seconds 30 --out {out}",
+             "load --callers 8 --seconds 2 --out {out}", "load.md"),
+    "http against grpc": ("http --out {out}",
+                          "http --rounds 2 --seconds 0.5 --concurrency 8 --out {out}",
+                          "http-vs-grpc.md"),
+    "replicas, 2 Tritons": ("replicas --out {out}",
+                            "replicas --rounds 1 --seconds 1 --callers 8 --out {out}",
+                            "replicas.md"),
+    "replicas drain": (None, "replicas --scenario drain --cycles 1 --settle-s 1 --callers 4 "
+                       "--out {out}", "replicas-drain.md"),
+    "replicas foreign": (None, "replicas --scenario foreign --seconds 3 --callers 4 --out {out}",
+                         "replicas-foreign.md"),
     "onnx": (None, f"onnx --model {D} --rounds 1 --seconds 0.3 --out {{out}}", "onnx.md"),
-    "soak hostile": (
-        None,
-        "soak --mode hostile --seconds 4 --callers 2 --out {out}",
-        "soak-hostile.md",
-    ),
-    "soak faults": (
-        None,
-        "soak --mode faults --seconds 8 --redis-kills 1 --triton-kills 0 --out {out}",
-        "soak-faults.md",
-    ),
-    "profile": (
-        None,
-        f"profile_images --model {D} --seconds 1 --concurrency 8 --results-dir {{dir}}",
-        f"profile-images-{D}.md",
-    ),
+    "soak hostile": (None, "soak --mode hostile --seconds 4 --callers 2 --out {out}",
+                     "soak-hostile.md"),
+    "soak faults": (None, "soak --mode faults --seconds 8 --redis-kills 1 --triton-kills 0 "
+                    "--out {out}", "soak-faults.md"),
+    "profile": (None, f"profile_images --model {D} --seconds 1 --concurrency 8 "
+                "--results-dir {dir}", f"profile-images-{D}.md"),
     "families": (None, f"families --only {D} --out {{out}}", "families.md"),
     # Standalone scripts (their own parsers, no threading flags: OMP_WAIT_POLICY is set
     # in their environment instead). Quick: their tables, each in well under 2 minutes.
-    "gateway cpu": (
-        None,
-        "gateway_cpu --quick --rounds 1 --photos 2 --out {out}",
-        "gateway-cpu.md",
-    ),
+    "gateway cpu": (None, "gateway_cpu --quick --rounds 1 --photos 2 --out {out}",
+                    "gateway-cpu.md"),
     "quantization": (None, "quantization --corpus 200 --queries 20 --out {out}", "quantization.md"),
-    "lanes": (
-        None,
-        "lanes --baseline-ref HEAD --rounds 1 --seconds 2 --warm-s 1 --bulk-images 2000 "
-        "--out {out}",
-        "lanes.md",
-    ),
+    "lanes": (None, "lanes --baseline-ref HEAD --rounds 1 --seconds 2 --warm-s 1 "
+              "--bulk-images 2000 --out {out}", "lanes.md"),
     "tracing": (None, "tracing --rounds 1 --seconds 2 --callers 2 --out {out}", "tracing.md"),
     "catalog": (None, "catalog --n 2000 --images 16 --out {out}", "catalog.md"),
     # bench/gpu.sh itself, on the CPU: its steps as it runs them, its steps table.
-    "gpu smoke": (
-        None,
-        f"env MODELS={D} PRECISIONS=fp32 SECONDS_PER_POINT=0.3 CONCURRENCY=2 PY={{python}} "
-        "WORK={dir}/gpu-work OUT={dir} bash bench/gpu.sh --smoke",
-        "gpu-smoke.md",
-    ),
-}
+    "gpu smoke": (None, f"env MODELS={D} PRECISIONS=fp32 SECONDS_PER_POINT=0.3 CONCURRENCY=2 "
+                  "PY={python} WORK={dir}/gpu-work OUT={dir} bash bench/gpu.sh --smoke",
+                  "gpu-smoke.md"),
+}  # fmt: skip
 
 #: Steps whose script takes no `--omp-wait-policy`.
 STANDALONE = ("gateway cpu", "quantization", "lanes", "tracing", "catalog")

@@ -24,37 +24,19 @@ CORPUS = [
 #: post-processor templates (single, pair)).
 STYLES: dict[str, tuple[str, dict[str, str], tuple[str, str]]] = {
     # BERT (CLIPA): [CLS] ... [SEP]
-    "bert": (
-        "bpe",
-        {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"},
-        ("[CLS] $A [SEP]", "[CLS] $A [SEP] $B [SEP]"),
-    ),
+    "bert": ("bpe", {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                     "sep_token": "[SEP]"}, ("[CLS] $A [SEP]", "[CLS] $A [SEP] $B [SEP]")),
     # mT5 / SigLIP / MetaCLIP worldwide: <pad> 0, </s> 1, eos appended
-    "t5": (
-        "unigram",
-        {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
-        ("$A </s>", "$A </s> $B </s>"),
-    ),
+    "t5": ("unigram", {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+           ("$A </s>", "$A </s> $B </s>")),
     # SigLIP's test family: <unk> 0, <pad> 1 (a pad id that is not 0)
-    "siglip": (
-        "unigram",
-        {"unk_token": "<unk>", "pad_token": "<pad>", "eos_token": "</s>"},
-        ("$A </s>", "$A </s> $B </s>"),
-    ),
+    "siglip": ("unigram", {"unk_token": "<unk>", "pad_token": "<pad>", "eos_token": "</s>"},
+               ("$A </s>", "$A </s> $B </s>")),
     # XLM-R, RoBERTa, XLM-V, NLLB: <s> 0, <pad> 1, </s> 2, <unk> 3
-    "xlmr": (
-        "bpe",
-        {
-            "bos_token": "<s>",
-            "pad_token": "<pad>",
-            "eos_token": "</s>",
-            "unk_token": "<unk>",
-            "cls_token": "<s>",
-            "sep_token": "</s>",
-        },
-        ("<s> $A </s>", "<s> $A </s> </s> $B </s>"),
-    ),
-}
+    "xlmr": ("bpe", {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>",
+                     "unk_token": "<unk>", "cls_token": "<s>", "sep_token": "</s>"},
+             ("<s> $A </s>", "<s> $A </s> </s> $B </s>")),
+}  # fmt: skip
 
 
 def train_tokenizer(
@@ -121,11 +103,7 @@ def tiny_hf_config(model_type: str, directory: Path, *, width: int, max_position
     from transformers import AutoTokenizer, M2M100Config, MT5Config, RobertaConfig, XLMRobertaConfig
 
     tok = AutoTokenizer.from_pretrained(str(directory))
-    ids = {
-        "vocab_size": len(tok),
-        "pad_token_id": tok.pad_token_id,
-        "eos_token_id": tok.eos_token_id,
-    }
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     heads, ffn = width // 16, 2 * width
     if model_type == "mt5":
         config = MT5Config(d_model=width, d_kv=16, d_ff=ffn, num_layers=2, num_heads=heads, **ids)

@@ -60,18 +60,8 @@ class Point:
 
     def row(self) -> list[object]:
         r = self.result
-        p50, p99 = h.fmt(r.percentile_ms(50)), h.fmt(r.percentile_ms(99))
-        mean_batch = h.fmt(self.mean_batch)
-        return [
-            self.path,
-            self.inputs,
-            self.x,
-            h.fmt(r.items_per_s),
-            p50,
-            p99,
-            mean_batch,
-            r.error_text,
-        ]
+        figures = (r.items_per_s, r.percentile_ms(50), r.percentile_ms(99), self.mean_batch)
+        return [self.path, self.inputs, self.x, *map(h.fmt, figures), r.error_text]
 
 
 class Raw:
@@ -83,10 +73,9 @@ class Raw:
         if args.torch_threads > 0:
             torch.set_num_threads(args.torch_threads)
         self.torch, self.device, self.args = torch, torch.device(args.device), args
+        model = lambda name: str(repository / name / "1" / "model.pt")  # noqa: E731
         self.modules = {
-            m: torch.jit.load(
-                str(repository / name / "1" / "model.pt"), map_location=self.device
-            ).eval()
+            m: torch.jit.load(model(name), map_location=self.device).eval()
             for m, name in (("image", metadata.image_model), ("text", metadata.text_model))
         }
         self.tokenizer = TextTokenizer(metadata.context_length, (8, 16, 24, 32, 48, 77))
@@ -95,45 +84,40 @@ class Raw:
         self.jpegs = h.photo_pool(POOL, dims)
         self.pixels = h.decoded(self.jpegs, metadata)
         self.tokens = {
-            SHORT_REAL: [self.tokenizer.tokenize(short_caption(i)) for i in range(1024)],
-            MIX_REAL: [self.tokenizer.tokenize(mixed_caption(i)) for i in range(1024)],
+            kind: [self.tokenizer.tokenize(caption(i)) for i in range(1024)]
+            for kind, caption in ((SHORT_REAL, short_caption), (MIX_REAL, mixed_caption))
         }
         self.image_note = (
             f"{h.photo_note(self.jpegs, dims)}, quality 90, decoded and resized to {size}×{size} "
             "by the gateway; the raw module gets them pre-decoded"
         )
 
-    def run(self, modality: str, batch: np.ndarray) -> int:
-        """One forward pass; host → device and back included, as the service does it."""
-        with self.torch.inference_mode():
-            self.modules[modality](self.torch.from_numpy(batch).to(self.device)).to("cpu").numpy()
-        return len(batch)
-
     def step(self, kind: str, batch: int) -> Callable[[int], int]:
-        """Batch `i` of `kind`: pixels, or token ids padded to 77 or to the batch's longest."""
-        if kind == IMAGES:
-            return lambda i: self.run(
-                "image",
-                np.take(self.pixels, range(i * batch, (i + 1) * batch), axis=0, mode="wrap"),
-            )
+        """Batch `i` of `kind` through one forward pass (host → device and back, as the
+        service does it): pixels, or token ids padded to 77 or to the batch's longest."""
         tokens = self.tokens[MIX_REAL if kind == MIX_REAL else SHORT_REAL]
 
-        def text(i: int) -> int:
-            chunk = [tokens[(i * batch + k) % len(tokens)] for k in range(batch)]
-            return self.run(
-                "text",
-                TextTokenizer.pad(chunk, 77 if kind == TEXT_77 else max(len(t.ids) for t in chunk)),
-            )
+        def run(i: int) -> int:
+            if kind == IMAGES:
+                rows = range(i * batch, (i + 1) * batch)
+                modality, rows = "image", np.take(self.pixels, rows, axis=0, mode="wrap")
+            else:
+                chunk = [tokens[(i * batch + k) % len(tokens)] for k in range(batch)]
+                longest = 77 if kind == TEXT_77 else max(len(t.ids) for t in chunk)
+                modality, rows = "text", TextTokenizer.pad(chunk, longest)
+            with self.torch.inference_mode():
+                self.modules[modality](self.torch.from_numpy(rows).to(self.device)).cpu().numpy()
+            return batch
 
-        return text
+        return run
 
-    def measure(self, batches: list[int], kinds: tuple[str, ...] = RAW_KINDS) -> list[Point]:
+    async def measure(self, batches: list[int], kinds: tuple[str, ...] = RAW_KINDS) -> list[Point]:
         """The raw module at each batch size, for each kind of input."""
         points = []
         for kind, batch in itertools.product(kinds, batches):
-            result = h.timed_loop(
-                self.step(kind, batch), label=f"raw {kind} b{batch}", batch=batch,
-                seconds=self.args.seconds, min_iters=self.args.min_iters,
+            result = await h.timed_loop(
+                self.step(kind, batch), label=f"raw {kind} b{batch}", seconds=self.args.seconds,
+                min_iters=self.args.min_iters,
             )  # fmt: skip
             points.append(Point("raw", kind, batch, result))
             print(f"  {' | '.join(map(str, points[-1].row()))}", flush=True)
@@ -174,16 +158,13 @@ async def service(
 
 
 async def measure_service(
-    path: str,
-    target: str,
-    read: Callable,
-    raw: Raw,
-    concurrencies: list[int],
+    path: str, gateway: tuple[str, Callable], raw: Raw, concurrencies: list[int],
     kinds: tuple[str, ...] = SERVICE_KINDS,
-) -> list[Point]:
-    """The gateway at `target` at each concurrency, for each kind of input; the mean batch
-    of a point is the change of (items, forward passes) over it."""
-    points, counter = [], itertools.count(10_000_000)  # distinct inputs across the whole run
+) -> list[Point]:  # fmt: skip
+    """The gateway (target, reader) at each concurrency, for each kind of input; the mean
+    batch of a point is the change of (items, forward passes) over it."""
+    (target, read), points = gateway, []
+    counter = itertools.count(10_000_000)  # distinct inputs across the whole run
     async with h.channel(target) as channel:
         client = h.RawClip(channel)
         calls = {
@@ -210,7 +191,8 @@ async def paired_rounds(
 ) -> list[tuple[list[float], dict[str, float]]]:
     """The image target as rounds of raw → service → raw → ...: each path's ratio uses the raw
     points just before and after it, seconds away instead of minutes (the machine drifts)."""
-    rounds = []
+    rounds, rate = [], lambda points: points[0].result.items_per_s
+
     async with contextlib.AsyncExitStack() as stack:
         paths = {
             p: await stack.enter_async_context(service(p, repository, metadata, args))
@@ -218,12 +200,11 @@ async def paired_rounds(
         }
         for n in range(args.paired_rounds):
             print(f"  round {n + 1} of {args.paired_rounds}", flush=True)
-            raws, served = [raw.measure([args.top], (IMAGES,))[0].result.items_per_s], {}
-            for path, (target, read) in paths.items():
-                served[path] = (
-                    await measure_service(path, target, read, raw, [args.top], (IMAGES,))
-                )[0].result.items_per_s
-                raws.append(raw.measure([args.top], (IMAGES,))[0].result.items_per_s)
+            raws, served = [rate(await raw.measure([args.top], (IMAGES,)))], {}
+            for path, gateway in paths.items():
+                points = await measure_service(path, gateway, raw, [args.top], (IMAGES,))
+                served[path] = rate(points)
+                raws.append(rate(await raw.measure([args.top], (IMAGES,))))
             rounds.append((raws, served))
     return rounds
 
@@ -260,34 +241,6 @@ def verdict(value: float, target: float | None) -> str:
     return "info" if target is None else ("PASS" if value >= target else "MISS")
 
 
-def baseline_rows(first: dict, again: dict, baselines: dict) -> list[list[str]]:
-    """First and repeated raw rate at the top batch of each input, the drift, the baseline."""
-    rows = []
-    for kind in (k for k in RAW_KINDS if k in first):
-        drift = f"{100 * (again[kind] / first[kind] - 1):+.0f} %" if kind in again else "–"
-        rate = h.fmt(again.get(kind, float("nan")))
-        rows.append([kind, h.fmt(first[kind]), rate, drift, h.fmt(baselines[kind])])
-    return rows
-
-
-def paired_section(rounds: list, top: int) -> list[str]:
-    """The paired image rounds: raw items/s in order, each path's items/s and ratio."""
-    if not rounds:
-        return []
-    rows = []
-    for n, (raws, served) in enumerate(rounds, 1):
-        paths = [f"{h.fmt(served[p])} ({x:.2f}×)" for p, x in round_ratios(raws, served).items()]
-        rows.append([n, " → ".join(h.fmt(v) for v in raws), *paths])
-    headers = ["round", "raw items/s, in order", *(f"{p} items/s (÷ raw)" for p in rounds[0][1])]
-    return [
-        "## Paired rounds (images)", "",
-        f"Each round measures the raw module at batch {top}, then each service path at {top} "
-        "callers followed by the raw module again; a path's ratio uses the mean of the raw "
-        "points just before and after it, and the image verdicts below with `median` use the "
-        "median round.", "", h.md_table(headers, rows), "",
-    ]  # fmt: skip
-
-
 def write_report(
     args: argparse.Namespace, points: list[Point], rechecks: list[Point], rounds: list,
     raw: Raw, info: list, out_md: Path,
@@ -298,12 +251,36 @@ def write_report(
     baselines = {
         k: float(np.mean([v[k] for v in (first, again) if k in v] or [np.nan])) for k in RAW_KINDS
     }
+    baseline_rows = [  # the first and repeated raw rate at the top batch, the drift
+        [kind, h.fmt(first[kind]), h.fmt(again.get(kind, float("nan"))),
+         f"{100 * (again[kind] / first[kind] - 1):+.0f} %" if kind in again else "–",
+         h.fmt(baselines[kind])]
+        for kind in RAW_KINDS if kind in first
+    ]  # fmt: skip
     lines = ratios(points, baselines, rounds, args.top)
     mix, short = ([len(t.ids) for t in raw.tokens[k]] for k in (MIX_REAL, SHORT_REAL))
     buckets = Counter(raw.tokenizer.bucket_length(n) for n in mix)
     shares = ", ".join(f"≤{k}: {100 * v / len(mix):.0f} %" for k, v in sorted(buckets.items()))
     classes = ", ".join(f"{name} {share} %" for name, _, share in CAPTION_MIX)
     ratio_rows = [[n, f"{v:.2f}×", f"≥ {t:g}×" if t else "", verdict(v, t)] for n, v, t in lines]
+    paired = []
+    if rounds:  # raw items/s in order, each path's items/s and ratio
+        paired_rows = [
+            [n, " → ".join(h.fmt(v) for v in raws),
+             *(f"{h.fmt(served[p])} ({x:.2f}×)" for p, x in round_ratios(raws, served).items())]
+            for n, (raws, served) in enumerate(rounds, 1)
+        ]  # fmt: skip
+        headers = [
+            "round",
+            "raw items/s, in order",
+            *(f"{p} items/s (÷ raw)" for p in rounds[0][1]),
+        ]
+        paired = [
+            "## Paired rounds (images)", "",
+            f"Raw at batch {args.top}, then each service path at {args.top} callers, then raw "
+            "again; a path's ratio uses the mean of the raw points around it; the `median` "
+            "verdicts use the median round.", "", h.md_table(headers, paired_rows), "",
+        ]  # fmt: skip
     text = [
         *h.report_head(f"Throughput: {args.model} on {args.device}", info),
         f"- Images: {raw.image_note}.",
@@ -311,25 +288,16 @@ def write_report(
         f"(mean {np.mean(short):.1f}).",
         f"- Caption mix: {classes}; {min(mix)}–{max(mix)} tokens (mean {np.mean(mix):.1f}); by "
         f"gateway length bucket: {shares}.",
-        "- Service: every call carries one item, every input is distinct (a JPEG comment or "
-        "another caption), the LRU is off and there is no Redis, so nothing is served from a "
-        "cache or single-flight dedup. The gateway runs in its own process; the load generator "
-        "sends pre-serialized bytes and does not parse answers.",
-        f"- Each point: ≥ {args.seconds:g} s and ≥ {args.min_rounds} round(s) of calls after one "
-        f"unmeasured warm-up round; raw module: ≥ {args.seconds:g} s and ≥ {args.min_iters} "
-        "batches after 2 warm-up batches. Latency is per call (service) or per batch (raw). "
-        "`mean batch` is items per forward pass during the point (gateway metrics, or Triton's "
-        "statistics).",
+        f"- Each point: ≥ {args.seconds:g} s and ≥ {args.min_rounds} round(s) of calls (raw: "
+        f"≥ {args.min_iters} batches) after a warm-up; latency per call (raw: per batch). How "
+        "inputs, points and `mean batch` are kept fair: bench/README.md.",
         "", "## Points", "", h.md_table(POINT_HEADERS, [p.row() for p in points]), "",
         "## Baselines for the ratios", "",
-        "The raw batch-32 points were measured again after the service points; the ratios use "
-        "the mean of both, and the drift says how much the machine changed meanwhile "
-        "(`--quick` skips the second measurement: the baselines are the first).", "",
-        h.md_table(BASELINE_HEADERS, baseline_rows(first, again, baselines)), "",
-        *paired_section(rounds, args.top),
+        "The raw top-batch points measured again after the service points; the ratios use the "
+        "mean of both (`--quick`: the first only).", "",
+        h.md_table(BASELINE_HEADERS, baseline_rows), "", *paired,
         "## Ratios", "", h.md_table(["ratio", "value", "target", "verdict"], ratio_rows), "",
-        f"Targets (from the issues) are defined for ViT-B-32 with {args.top} concurrent "
-        "single-item callers; for other models the verdicts are informative.", "",
+        "Targets (from the issues) are for ViT-B-32; on other models the verdicts inform.", "",
         f"![throughput and p99 latency]({out_md.with_suffix('.png').name})", "",
     ]  # fmt: skip
     targets = [(n, v, t) for n, v, t in lines if t is not None]
@@ -339,39 +307,35 @@ def write_report(
 
 
 def plot(points: list[Point], title: str, out_png: Path) -> None:
-    """Throughput and p99 latency against concurrency (batch for raw), one line per path."""
+    """Throughput and p99 latency against concurrency (batch for raw), one line per path
+    and input; images above, texts below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    styles = {"raw": "--", "embedded": "-", "triton": ":"}
-    for row, modality in enumerate(("images", "texts")):
-        for (path, kind), series in itertools.groupby(
-            sorted(points, key=lambda p: (p.path, p.inputs, p.x)), key=lambda p: (p.path, p.inputs)
-        ):
-            if (kind == IMAGES) != (modality == "images"):
-                continue
-            series = list(series)
-            label = f"{path}: {kind}" + (" (x = batch)" if path == "raw" else "")
-            xs = [p.x for p in series]
-            ys = (
-                [p.result.items_per_s for p in series],
-                [p.result.percentile_ms(99) for p in series],
-            )
-            for col in (0, 1):
-                axes[row][col].plot(xs, ys[col], styles[path], marker="o", label=label)
-        for col, (ylabel, what) in enumerate(
-            ((f"{modality}/s", "throughput"), ("p99 latency, ms (raw: per batch)", "p99 latency"))
-        ):
-            ax = axes[row][col]
-            xlabel = "concurrent single-item callers (raw module: batch size)"
-            ax.set(ylabel=ylabel, yscale="log", xlabel=xlabel, title=f"{modality}: {what}")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks([1, 8, 32], ["1", "8", "32"])
-            ax.grid(True, alpha=0.3)
-        axes[row][0].legend(fontsize=7)
+    series: dict[tuple[str, str], list[Point]] = {}
+    for p in sorted(points, key=lambda p: p.x):
+        series.setdefault((p.path, p.inputs), []).append(p)
+    for (path, kind), ps in sorted(series.items()):
+        label = f"{path}: {kind}" + (" (x = batch)" if path == "raw" else "")
+        style = {"raw": "--", "embedded": "-", "triton": ":"}[path]
+        rates, p99 = [p.result.items_per_s for p in ps], [p.result.percentile_ms(99) for p in ps]
+        for ax, ys in zip(axes[int(kind != IMAGES)], (rates, p99), strict=True):
+            ax.plot([p.x for p in ps], ys, style, marker="o", label=label)
+    for (row, modality), (col, what) in itertools.product(
+        enumerate(("images", "texts")), enumerate(("throughput", "p99 latency"))
+    ):
+        ax = axes[row][col]
+        ylabel = f"{modality}/s" if col == 0 else "p99 latency, ms (raw: per batch)"
+        xlabel = "concurrent single-item callers (raw module: batch size)"
+        ax.set(ylabel=ylabel, yscale="log", xlabel=xlabel, title=f"{modality}: {what}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 8, 32], ["1", "8", "32"])
+        ax.grid(True, alpha=0.3)
+        if col == 0:
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -380,7 +344,6 @@ def plot(points: list[Point], title: str, out_png: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = h.parser(__doc__)
-    p.add_argument("--pretrained", help="checkpoint or 'none' (default: demo weights, else none)")
     p.add_argument("--seconds", type=float, help="seconds per point (default 5, --quick 2)")
     p.add_argument("--with-triton", action="store_true", help="also a gateway over Triton")
     p.add_argument("--quick", action="store_true", help="shorter points, one measured round")
@@ -393,16 +356,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paired-rounds", type=int, default=0, help="then N rounds raw → service")
     p.add_argument("--tag", default="", help="suffix for the result file names")
     p.add_argument("--results-dir", type=Path, default=h.RESULTS_DIR)
-    p.add_argument("--no-embedded", action="store_true", help="skip the embedded gateway")
     args = p.parse_args(argv)
     args.seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 5.0)
     args.min_iters, args.min_rounds = (2, 1) if args.quick else (3, 2)
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.batch_sizes = [int(b) for b in args.batches.split(",")]
     args.top = args.concurrencies[-1]
-    args.paths = [
-        p for p, on in (("embedded", not args.no_embedded), ("triton", args.with_triton)) if on
-    ]
+    args.paths = ["embedded", *(["triton"] if args.with_triton else [])]
     if args.top not in args.batch_sizes or 1 not in args.concurrencies:
         p.error("--batches must include the last concurrency, and --concurrency must include 1")
     return args
@@ -411,28 +371,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> int:
     h.section(f"throughput: {args.model} on {args.device}")
     info = h.machine_info(args.torch_threads)
-    repository = h.model_repository(args.model, args.pretrained)
+    repository = h.model_repository(args.model)
     metadata = ModelMetadata.load(repository)
     raw = Raw(repository, metadata, args)
     print(f"  model repository: {repository}\n  images: {raw.image_note}")
     h.section("raw module")
-    points = raw.measure(args.batch_sizes)
+    points = await raw.measure(args.batch_sizes)
     for path in args.paths:
         h.section(f"service: {path} gateway")
-        async with service(path, repository, metadata, args) as (target, read):
-            points += await measure_service(path, target, read, raw, args.concurrencies)
+        async with service(path, repository, metadata, args) as gateway:
+            points += await measure_service(path, gateway, raw, args.concurrencies)
     rechecks = []
     if not args.quick:  # --quick trusts the first raw points: one pass saves ~1 min on ViT
         h.section("raw module again (drift check of the ratio baselines)")
-        rechecks = raw.measure([args.top])
+        rechecks = await raw.measure([args.top])
     rounds = []
     if args.paired_rounds > 0:
         h.section(f"paired rounds: images, raw b{args.top} then service c{args.top}")
         rounds = await paired_rounds(raw, repository, metadata, args)
-    suffix = ("" if args.device == "cpu" else f"-{args.device.replace(':', '')}") + (
-        f"-{args.tag}" if args.tag else ""
-    )
-    out_md = args.results_dir / f"throughput-{args.model}{suffix}.md"
+    device = "" if args.device == "cpu" else f"-{args.device.replace(':', '')}"
+    tag = f"-{args.tag}" if args.tag else ""
+    out_md = args.results_dir / f"throughput-{args.model}{device}{tag}.md"
     text, verdicts = write_report(args, points, rechecks, rounds, raw, info, out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     png = out_md.with_suffix(".png")

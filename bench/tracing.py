@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import statistics
 import time
@@ -22,10 +23,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bench import harness as h
-from bench.harness import model_repository, photo_pool, unique_jpeg
 from bench.otlp import OtlpReceiver
-from service.api.clip.v1 import clip_pb2, clip_pb2_grpc
-from service.processes.gateway import GatewayProcess
 from service.telemetry import NO_TRACER, SCOPE, build_tracer_provider
 
 #: The spans of one single-image EmbedImage (server, then the pipeline's children).
@@ -39,11 +37,21 @@ class _Discard(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
+def spans_per_call_us(tracer: trace.Tracer, calls: int) -> float:
+    """Microseconds of tracer work per call: one SERVER span and its children."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        with tracer.start_as_current_span("clip.v1.ClipService/EmbedImage", attributes={"a": 1}):
+            for name in CALL_SPANS:
+                with tracer.start_as_current_span(name, attributes={"clip.items": 1}) as span:
+                    span.set_attribute("clip.batch_size", 1)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
 def encode_per_call_us(calls: int) -> float:
     """Microseconds to encode one call's spans as OTLP protobuf (the exporter thread's work)."""
     memory = InMemorySpanExporter()
-    provider = build_tracer_provider("", "bench", memory)
-    spans_per_call_us(provider.get_tracer(SCOPE), 1)
+    spans_per_call_us(build_tracer_provider("", "bench", memory).get_tracer(SCOPE), 1)
     spans = memory.get_finished_spans()
     started = time.perf_counter()
     for _ in range(calls):
@@ -59,27 +67,10 @@ def serve_receiver(ports: multiprocessing.Queue, stop: multiprocessing.Event) ->
         ports.put(len(receiver.snapshot()))
 
 
-def spans_per_call_us(tracer: trace.Tracer, calls: int) -> float:
-    """Microseconds of tracer work per call: one SERVER span and its children."""
-    started = time.perf_counter()
-    for _ in range(calls):
-        with tracer.start_as_current_span("clip.v1.ClipService/EmbedImage", attributes={"a": 1}):
-            for name in CALL_SPANS:
-                with tracer.start_as_current_span(name, attributes={"clip.items": 1}) as span:
-                    span.set_attribute("clip.batch_size", 1)
-    return (time.perf_counter() - started) / calls * 1e6
-
-
 async def calls_per_s(target: str, pool: list[bytes], seconds: float, callers: int) -> float:
     """Single-image EmbedImage calls per second from `callers` closed-loop callers."""
     async with h.channel(target) as channel:
-        stub = clip_pb2_grpc.ClipServiceStub(channel)
-
-        async def call(i: int) -> int:
-            image = unique_jpeg(pool[i % len(pool)], i)
-            await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[image]), timeout=120)
-            return 1
-
+        call = h.grpc_calls(h.RawClip(channel), pool, timeout_s=120)["image"]
         result = await h.closed_loop(
             call, label="calls", concurrency=callers, seconds=seconds, warmup_rounds=0
         )
@@ -88,12 +79,12 @@ async def calls_per_s(target: str, pool: list[bytes], seconds: float, callers: i
 
 async def run(args: argparse.Namespace) -> int:
     """Both measurements; the Markdown report."""
-    lines = ["# Tracing: what it costs", ""]
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_Discard()))
-    on = provider.get_tracer(SCOPE)
-    off_us = statistics.median(spans_per_call_us(NO_TRACER, 2000) for _ in range(5))
-    on_us = statistics.median(spans_per_call_us(on, 2000) for _ in range(5))
+    off_us, on_us = (
+        statistics.median(spans_per_call_us(tracer, 2000) for _ in range(5))
+        for tracer in (NO_TRACER, provider.get_tracer(SCOPE))
+    )
     provider.shutdown()
     encode_us = statistics.median(encode_per_call_us(2000) for _ in range(3))
     ports: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
@@ -102,50 +93,43 @@ async def run(args: argparse.Namespace) -> int:
     child.start()
     endpoint = ports.get(timeout=60)
     try:
-        repository = model_repository("clip-demo-shapes")
-        pool = photo_pool(32, (640, 480), seed=3)
-        gateways = {
-            name: GatewayProcess(
-                repository, log_name=f"gateway-{name}", local_cache_items=0, **otlp
-            )
-            for name, otlp in (("off", {}), ("on", {"otlp_endpoint": endpoint}))
-        }
-        rates: dict[str, list[float]] = {name: [] for name in gateways}
-        try:
-            for gateway in gateways.values():
-                gateway.start()
+        repository, pool = h.model_repository(h.DEMO_MODEL), h.photo_pool(32, seed=3)
+        with contextlib.ExitStack() as stack:
+            gateways = {
+                name: stack.enter_context(
+                    h.gateway(repository, f"gateway-{name}", local_cache_items=0, **otlp)
+                )
+                for name, otlp in (("off", {}), ("on", {"otlp_endpoint": endpoint}))
+            }
+            rates: dict[str, list[float]] = {name: [] for name in gateways}
             for r in range(args.rounds):
                 for name, gateway in gateways.items():
                     rate = await calls_per_s(gateway.target, pool, args.seconds, args.callers)
                     rates[name].append(rate)
                     print(f"round {r + 1} tracing {name}: {rate:.1f} calls/s", flush=True)
-        finally:
-            for gateway in gateways.values():
-                gateway.close()
     finally:
         stop.set()
         received = ports.get(timeout=60)
         child.join(30)
     off_rate, on_rate = statistics.median(rates["off"]), statistics.median(rates["on"])
-    lines += [
+    per_round = "; ".join(
+        f"{name}: {', '.join(f'{v:.1f}' for v in vs)}" for name, vs in rates.items()
+    )
+    rows = [
+        ["tracer CPU per call on the request path (8 spans, µs)",
+         f"{off_us:.1f}", f"{on_us:.1f}", "–"],
+        ["OTLP encoding of one call's spans (exporter thread, µs)", "–", f"{encode_us:.1f}", "–"],
+        [f"single-image calls/s, {args.callers} callers (median of {args.rounds})",
+         f"{off_rate:.1f}", f"{on_rate:.1f}", f"{on_rate / off_rate:.2f}"],
+    ]  # fmt: skip
+    text = "\n".join([
+        "# Tracing: what it costs", "",
         f"`python -m bench.tracing --rounds {args.rounds} --seconds {args.seconds} --callers "
         f"{args.callers}`, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, 2 shared CPUs.",
-        "",
-        "| measure | tracing off | tracing on | on ÷ off |",
-        "| --- | --- | --- | --- |",
-        f"| tracer CPU per call on the request path (8 spans, µs) | {off_us:.1f} | {on_us:.1f} "
-        "| – |",
-        f"| OTLP encoding of one call's spans (exporter thread, µs) | – | {encode_us:.1f} | – |",
-        f"| single-image calls/s, {args.callers} callers (median of {args.rounds}) "
-        f"| {off_rate:.1f} | {on_rate:.1f} | {on_rate / off_rate:.2f} |",
-        "",
-        "Per round (calls/s): "
-        + "; ".join(
-            f"{name}: {', '.join(f'{v:.1f}' for v in vals)}" for name, vals in rates.items()
-        ),
-        f"; the receiver got {received} spans.",
-    ]
-    h.write_result(args.out, "\n".join(lines) + "\n", "\n".join(lines))
+        "", h.md_table(["measure", "tracing off", "tracing on", "on ÷ off"], rows), "",
+        f"Per round (calls/s): {per_round}", f"; the receiver got {received} spans.",
+    ])  # fmt: skip
+    h.write_result(args.out, text + "\n", text)
     return 0
 
 

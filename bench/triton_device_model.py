@@ -4,23 +4,18 @@ What it measures and how: bench/README.md.
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def _load_base():
-    """The project's python-backend model, copied beside this file by `bench/gpu.py`."""
-    path = Path(__file__).with_name(BASE_FILE)
-    spec = importlib.util.spec_from_file_location("clip_base_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BASE_FILE = "clip_base_model.py"
-_base = _load_base()
+# The project's python-backend model, copied beside this file by `bench/gpu.py`.
+_spec = importlib.util.spec_from_file_location(
+    "clip_base_model", Path(__file__).with_name("clip_base_model.py")
+)
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
 
 
 class TritonPythonModel(_base.TritonPythonModel):
@@ -28,8 +23,6 @@ class TritonPythonModel(_base.TritonPythonModel):
 
     def initialize(self, args):
         """Load `model.pt` onto `DEVICE` (map_location: constants too) and warm up."""
-        import json
-
         config = json.loads(args["model_config"])
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]

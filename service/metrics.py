@@ -144,6 +144,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.triton_image_batches = Counter(
+            "clip_triton_image_batches",
+            "Image batches sent to Triton with --triton-shared-memory, by transport: "
+            "shared_memory, or grpc (no slot free, not registered yet, or refused).",
+            ["transport"],
+            registry=r,
+        )
         self.model_mismatch = Gauge(
             "clip_model_mismatch",
             "1 while Triton serves another model than metadata.json describes (or one exported "

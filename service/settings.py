@@ -237,6 +237,12 @@ class Settings(FlagSet):
         "Triton model name of the text encoder of the model named `clip` (the others: NAME_text).",
     )
     triton_model_version: str = _opt("", "Triton model version ('' = the server's policy).")
+    triton_shared_memory: bool = _opt(
+        False,
+        "Send image batches to Triton through POSIX shared memory (/dev/shm) instead of gRPC "
+        "bytes: less gateway CPU per image. Only for a Triton on the same host or in the same "
+        "pod with a shared /dev/shm; a replica that cannot map it gets bytes.",
+    )
     backend_timeout_s: float = _opt(
         30.0, "Longest a backend call may take when the caller set no deadline."
     )

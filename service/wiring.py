@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from service.core.models import ModelRegistry, ServedModel, pick_default
 from service.core.scoring import Scorer
 from service.core.validation import Limits
 from service.cpus import usable_cpus
-from service.memory import return_large_buffers_to_the_os
+from service.memory import tune_malloc
 from service.metrics import Metrics
 from service.model.metadata import DEFAULT_NAME, ModelMetadata, load_repository
 from service.server.app import Gateway, ServerOptions, build_server
@@ -62,31 +63,32 @@ def build_backend(
             # Serve nothing until Triton serves the model this metadata.json describes.
             expected_model_id=metadata.model_id if metadata is not None else None,
             expected_weights_sha256=metadata.weights_sha256 if metadata is not None else None,
+            # A slot per batch in flight, and as many again for split calls and probes.
+            shared_memory_slots=(
+                2 * settings.max_inflight_batches if settings.triton_shared_memory else 0
+            ),
         )
         inflight = settings.max_inflight_batches
-    elif metadata.is_onnx:  # the repository decides the in-process runtime, no flag
-        from service.backends.onnx import OnnxBackend
-
-        if settings.device != "cpu":
-            raise ValueError(f"the onnx flavor runs on the CPU in-process, not {settings.device}")
-        inner = OnnxBackend(
-            settings.model_repository,
-            metadata,
-            metrics=metrics,
-            max_batch_size=settings.max_batch_size,
-            intra_op_threads=settings.torch_threads,
-        )
-        inflight = 1
     else:
-        from service.backends.embedded import EmbeddedBackend
+        runtime: Callable[..., Backend]
+        if metadata.is_onnx:  # the repository decides the in-process runtime, no flag
+            from service.backends.onnx import OnnxBackend
 
-        inner = EmbeddedBackend(
+            if settings.device != "cpu":
+                raise ValueError(
+                    f"the onnx flavor runs on the CPU in-process, not {settings.device}"
+                )
+            runtime = OnnxBackend
+        else:
+            from service.backends.embedded import EmbeddedBackend
+
+            runtime = functools.partial(EmbeddedBackend, device=settings.device)
+        inner = runtime(
             settings.model_repository,
             metadata,
             metrics=metrics,
-            device=settings.device,
             max_batch_size=settings.max_batch_size,
-            torch_threads=settings.torch_threads,
+            threads=settings.torch_threads,
         )
         inflight = 1  # one model thread: a second batch would only wait for it, half full
     return BatchedBackend(
@@ -331,7 +333,7 @@ def build_gateway(
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    return_large_buffers_to_the_os()  # a process-wide allocator setting: the process's own
+    tune_malloc()  # a process-wide allocator setting: the process's own
     gateway = build_gateway(settings)
     await gateway.start()
     stop = asyncio.Event()

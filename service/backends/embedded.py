@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from service.backends.model_thread import ModelThreadBackend, Tower
 from service.extras import MissingExtra
-from service.metrics import Metrics
-from service.model.metadata import ModelMetadata
 
 try:
     import torch
@@ -25,23 +24,15 @@ class EmbeddedBackend(ModelThreadBackend):
 
     name = "embedded"
 
-    def __init__(
-        self,
-        repository: Path,
-        metadata: ModelMetadata,
-        *,
-        metrics: Metrics,
-        device: str,
-        max_batch_size: int,
-        torch_threads: int,
-    ) -> None:
-        super().__init__(repository, metadata, metrics=metrics, max_batch_size=max_batch_size)
+    def __init__(self, *args: Any, device: str, **kwargs: Any) -> None:
+        """`device`: where the towers run (`cpu`, `cuda`, `cuda:1`); the rest as
+        `ModelThreadBackend`'s."""
+        super().__init__(*args, **kwargs)
         self._device = torch.device(device)
-        self._torch_threads = torch_threads
 
     def _load_towers(self) -> dict[str, Tower]:
-        if self._torch_threads > 0:
-            torch.set_num_threads(self._torch_threads)
+        if self._threads > 0:
+            torch.set_num_threads(self._threads)
         towers = {
             modality: self._tower(self._tower_path(modality, "model.pt", "export the model first"))
             for modality in ("image", "text")

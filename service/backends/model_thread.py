@@ -37,11 +37,14 @@ class ModelThreadBackend:
         *,
         metrics: Metrics,
         max_batch_size: int,
+        threads: int,
     ) -> None:
+        """`threads`: the runtime's threads inside one forward pass (0: its default)."""
         self._repository = Path(repository)
         self._metadata = metadata
         self._metrics = metrics
         self.max_batch_size = max_batch_size
+        self._threads = threads
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._towers: dict[str, Tower] = {}
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service.backends.model_thread import ModelThreadBackend, Tower
-from service.metrics import Metrics
-from service.model.metadata import ModelMetadata
 from service.model.onnx_graphs import ONNX_FILE, open_session, run_session
 
 _LOGGER = logging.getLogger(__name__)
@@ -30,18 +27,6 @@ class OnnxBackend(ModelThreadBackend):
     #: `embedded`, as the runtime follows from the repository.
     name = "embedded-onnx"
 
-    def __init__(
-        self,
-        repository: Path,
-        metadata: ModelMetadata,
-        *,
-        metrics: Metrics,
-        max_batch_size: int,
-        intra_op_threads: int,
-    ) -> None:
-        super().__init__(repository, metadata, metrics=metrics, max_batch_size=max_batch_size)
-        self._intra_op_threads = intra_op_threads
-
     def _load_towers(self) -> dict[str, Tower]:
         towers: dict[str, Tower] = {}
         for modality, input_name in (
@@ -49,7 +34,7 @@ class OnnxBackend(ModelThreadBackend):
             ("text", self._metadata.text_input),
         ):
             path = self._tower_path(modality, ONNX_FILE, "export with --flavor onnx first")
-            session = open_session(path, intra_op_threads=self._intra_op_threads)
+            session = open_session(path, intra_op_threads=self._threads)
             towers[modality] = functools.partial(_run, session, input_name)
         _LOGGER.info("opened ONNX Runtime sessions for %s (CPU)", self._repository)
         return towers

@@ -46,13 +46,25 @@ silently (a node that stopped answering without closing its connections): keepal
 pings find that out, and so does a passed deadline, but only one that nothing else on
 that channel answered since, and only once a cheap liveness call on it has gone
 unanswered too, so that one slow call does not make everyone reconnect.
+
+**Shared memory** (`shared_memory_slots` > 0, `--triton-shared-memory`). Image batches
+go to Triton through a region in /dev/shm (`service.backends.shared_memory`) instead of
+as gRPC bytes: the gateway writes a batch into a free slot and sends the slot's place.
+Only a Triton on the same host (or in the same pod, sharing /dev/shm) can map it. The
+region is registered on each connection (again after a reconnect: a restarted Triton
+forgot it); a replica that refuses it gets bytes, and so does a call when every slot
+is taken or while a registration is under way. A call whose region Triton no longer
+knows is sent again as bytes at once. Text token ids are small and always go as bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import math
+import os
 import re
 import socket
 import time
@@ -66,6 +78,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from service.backends.base import CALL_PRIORITY, split_rows, trace_headers
+from service.backends.shared_memory import SlotRegion
 from service.errors import (
     BackendFailure,
     BackendUnavailable,
@@ -118,6 +131,14 @@ _KEEPALIVE_TIMEOUT_S = 5.0
 # per quiet spell stay under it; any request resets the count.
 _MAX_PINGS_WITHOUT_DATA = 2
 _RECREATE_INTERVAL_S = 0.5
+# Numbers the shared-memory regions of this process.
+_REGION_NUMBERS = itertools.count()
+# Registering the shared-memory region: a quick control call, apart from any deadline.
+_SHM_CALL_S = 5.0
+# What Triton says of a request whose shared-memory region it does not know (lowercased).
+_SHARED_MEMORY = "shared memory"
+# Registration errors that say nothing about whether Triton can map the region.
+_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
 # After a deadline passed with no answer on the channel since the call began, one
 # liveness call gets this long before the channel is declared stale.
 _LIVENESS_PROBE_S = 1.0
@@ -131,7 +152,7 @@ _IDENTITY_ATTEMPTS = 3
 _OUTER_GRACE_S = 1.0
 _READY_TIMEOUT_S = 2.0
 _REQUEST_ID = re.compile(r"^\[request id: [^\]]*\]\s*")
-# Triton's own words (core/src/dynamic_batch_scheduler.cc, 2.41) for the two ways its
+# Triton's own words (core/src/dynamic_batch_scheduler.cc, 2.41-2.43) for the two ways its
 # queue turns a request away; both arrive as gRPC UNAVAILABLE.
 _QUEUE_FULL = "Exceeds maximum queue size"
 _QUEUE_TIMEOUT = "Request timeout expired"
@@ -268,6 +289,12 @@ class _Channel:
         self.verifying: asyncio.Task[None] | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.probe: asyncio.Task[None] | None = None
+        #: The epoch on which the shared-memory region was registered on it (None: not
+        #: registered on this connection), the registration under way, and whether the
+        #: server refused to map it (it runs on another host: bytes from then on).
+        self.shm_epoch: int | None = None
+        self.shm_registering: asyncio.Task[None] | None = None
+        self.shm_refused = False
 
 
 class _Replica:
@@ -311,11 +338,13 @@ class TritonBackend:
         expected_weights_sha256: str | None = None,
         keepalive_time_s: float = _KEEPALIVE_TIME_S,
         keepalive_timeout_s: float = _KEEPALIVE_TIMEOUT_S,
+        shared_memory_slots: int = 0,
     ) -> None:
         """Prepare (not connect); `max_batch_size` holds until the models' configs are read.
 
         With `expected_model_id` / `expected_weights_sha256` (the gateway's metadata),
-        no replica gets inference until its model configs carry that identity.
+        no replica gets inference until its model configs carry that identity. With
+        `shared_memory_slots`, that many image batches at once go through /dev/shm.
         """
         self.url = url
         self.model_version = model_version
@@ -344,6 +373,10 @@ class TritonBackend:
             if expected_model_id is not None or expected_weights_sha256 is not None
             else None
         )
+        self._shm_slots = shared_memory_slots
+        self._shm_wanted = shared_memory_slots > 0  # batches are counted by transport
+        #: Made at the first image call (its slot size needs the model's input shape).
+        self._shm: SlotRegion | None = None
 
     @property
     def image_model(self) -> str:
@@ -413,6 +446,10 @@ class TritonBackend:
         channels = [r.channel for r in self._replicas.values() if r.channel is not None]
         for replica in self._replicas.values():
             replica.channel = None
+        if self._shm is not None:
+            await asyncio.gather(*(self._unregister_shm(c) for c in channels))
+            self._shm.close()
+            self._shm = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -553,7 +590,13 @@ class TritonBackend:
         if remaining_s <= 0:
             raise DeadlineExceeded(f"the deadline passed before {model.name} was called")
         tensor = InferInput(model.input_name, list(rows.shape), model.datatype)
-        tensor.set_data_from_numpy(rows)
+        slot = self._shm_slot(channel, model, rows)
+        if slot is None:
+            tensor.set_data_from_numpy(rows)
+        else:
+            assert self._shm is not None
+            tensor.set_shared_memory(self._shm.name, rows.nbytes, slot)
+        self._count_transport(model, slot)
         started = time.monotonic()
         try:
             async with asyncio.timeout(remaining_s + _OUTER_GRACE_S):
@@ -571,6 +614,11 @@ class TritonBackend:
                     headers=trace_headers(),
                 )
         except InferenceServerException as exc:
+            if slot is not None and _SHARED_MEMORY in (exc.message() or "").lower():
+                # It does not know the region (it restarted and the reconnect was not
+                # seen yet): register again later, send these as bytes now.
+                channel.shm_epoch = None
+                return await self._infer(replica, channel, model, rows, deadline)
             raise self._call_failed(replica, channel, model, exc, started) from exc
         except TimeoutError as exc:
             self._deadline_passed(replica, channel, started)
@@ -582,6 +630,9 @@ class TritonBackend:
         except Exception as exc:  # e.g. grpc.aio.UsageError on a closed channel
             self._mark_unreachable(replica, repr(exc), channel)
             raise BackendUnavailable(f"Triton at {replica.address}: {exc!r}") from exc
+        finally:
+            if slot is not None and self._shm is not None:
+                self._shm.give_back(slot)
         self._answered(replica, channel)
         embeddings = result.as_numpy(model.output_name)
         if embeddings is None or embeddings.ndim != 2 or embeddings.shape[0] != rows.shape[0]:
@@ -592,6 +643,83 @@ class TritonBackend:
             )
         # as_numpy() is a read-only view of the response buffer; callers may write.
         return np.array(embeddings, dtype=np.float32)
+
+    # ------------------------------------------------------------------ shared memory
+    def _shm_slot(self, channel: _Channel, model: _TritonModel, rows: np.ndarray) -> int | None:
+        """The slot `rows` were copied into, or None: send them as bytes (text, no slot
+        free, the region not registered on this connection yet, or refused there)."""
+        if not self._shm_slots or model is not self._models["image"] or channel.shm_refused:
+            return None
+        if self._shm is None:
+            # Unique in this process (two gateways in one process, tests do that, must
+            # not share slots), the same after a restart (so the old file is taken over).
+            number = next(_REGION_NUMBERS)
+            name = f"clip_{socket.gethostname()}_{os.getpid()}_{number}_{model.name}"
+            size = rows[0].nbytes * (model.max_batch_size or self.max_batch_size)
+            try:
+                self._shm = SlotRegion(name, size, self._shm_slots)
+            except OSError as exc:
+                _LOGGER.warning(
+                    "no shared memory for image batches (%s: %d × %d bytes: %s); they go to "
+                    "Triton as gRPC bytes",
+                    name,
+                    self._shm_slots,
+                    size,
+                    exc,
+                )
+                self._shm_slots = 0  # for good: bytes, as without the flag
+                return None
+        if channel.shm_epoch != channel.epoch:
+            # Not waited for: calls go as bytes until Triton has mapped the region.
+            if channel.shm_registering is None:
+                channel.shm_registering = self._spawn(self._register_shm(channel))
+            return None
+        return self._shm.take(rows)
+
+    async def _register_shm(self, channel: _Channel) -> None:
+        assert self._shm is not None
+        epoch, region = channel.epoch, self._shm
+        try:
+            # Registering is not idempotent: a name Triton still holds (from the last
+            # connection, or from the gateway that had this host name and pid before)
+            # is dropped first. The name is this process's own.
+            with contextlib.suppress(InferenceServerException):
+                await channel.client.unregister_system_shared_memory(
+                    region.name, client_timeout=_SHM_CALL_S
+                )
+            await channel.client.register_system_shared_memory(
+                region.name, region.key, region.byte_size, client_timeout=_SHM_CALL_S
+            )
+            channel.shm_epoch = epoch
+            _LOGGER.info(
+                "Triton maps %s (%d bytes) for image batches", region.key, region.byte_size
+            )
+        except InferenceServerException as exc:
+            if (exc.status() or "").removeprefix("StatusCode.") not in _TRANSIENT:
+                channel.shm_refused = True
+                _LOGGER.warning(
+                    "Triton cannot map the gateway's shared memory %s (%s): image batches "
+                    "go to it as gRPC bytes (is it on another host?)",
+                    region.key,
+                    exc.message(),
+                )
+        except Exception as exc:  # e.g. its channel closed meanwhile: the next call tries again
+            _LOGGER.debug("registering %s with Triton failed: %r", region.key, exc)
+        finally:
+            channel.shm_registering = None
+
+    async def _unregister_shm(self, channel: _Channel) -> None:
+        if channel.shm_epoch is None or self._shm is None:
+            return
+        with contextlib.suppress(Exception):  # best effort: the gateway is stopping
+            await channel.client.unregister_system_shared_memory(
+                self._shm.name, client_timeout=_SHM_CALL_S
+            )
+
+    def _count_transport(self, model: _TritonModel, slot: int | None) -> None:
+        if self._metrics is not None and self._shm_wanted and model is self._models["image"]:
+            transport = "grpc" if slot is None else "shared_memory"
+            self._metrics.triton_image_batches.labels(transport).inc()
 
     def _check_rows(self, model: _TritonModel, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)

@@ -77,6 +77,19 @@ class _Entry:
         return (self.modality, self.rows.shape[1:], self.lane)
 
 
+def _trace_home(batch: list[_Entry]) -> otel_context.Context | None:
+    """The context a batch's `backend` span (and Triton's spans under it) goes in: the
+    first entry that came inside a trace, a caller's, rather than an untraced one (a
+    health probe's forward pass), so a traced call merged behind one still has its
+    backend and Triton spans in its own trace."""
+    for entry in batch:
+        if entry.context is not None and (
+            trace.get_current_span(entry.context).get_span_context().is_valid
+        ):
+            return entry.context
+    return batch[0].context
+
+
 class BatchQueue:
     """Merges `submit` calls of the same modality and shape into batches of ≤ max_batch_size."""
 
@@ -276,10 +289,10 @@ class BatchQueue:
         timeout_s = max(deadlines) - now if len(deadlines) == len(batch) else None
         self._rows_running[lane] += len(rows)
         started = time.perf_counter()
-        # One span per batch, in the trace of its first caller, linked to every entry.
+        # One span per batch, in the trace of its first traced caller, linked to every entry.
         backend_span = self._tracer.start_span(
             "backend",
-            context=batch[0].context,
+            context=_trace_home(batch),
             links=[trace.Link(e.span.get_span_context()) for e in batch],
             attributes={
                 "clip.modality": modality,

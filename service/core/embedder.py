@@ -351,35 +351,27 @@ class Embedder:
             "embed",
             attributes={**attributes, "clip.items": len(keys), "clip.lane": lanes.current()},
         ):
-            return await self._embed_traced(modality, keys, prepare, deadline, field, store)
-
-    async def _embed_traced(
-        self,
-        modality: str,
-        keys: list[str],
-        prepare: Prepare,
-        deadline: float | None,
-        field: str,
-        store: bool,
-    ) -> list[EmbeddingResult]:
-        unique = list(dict.fromkeys(keys))
-        for _ in range(_CLAIM_ATTEMPTS):
-            _check_deadline(deadline, f"{modality} embedding")
-            try:
-                async with asyncio.timeout_at(deadline):
-                    results = await self._lookup_or_compute(
-                        keys, unique, prepare, deadline, field, store
-                    )
-                return [results[k] for k in keys]
-            except Abandoned:
-                # Another request owned some of our keys and failed on its own input, or
-                # gave up (its deadline, its cancellation): claim them again, our budget.
-                continue
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"{modality} embedding passed the caller's deadline"
-                ) from None
-        raise BackendFailure("could not embed: concurrent requests kept failing on shared inputs")
+            unique = list(dict.fromkeys(keys))
+            for _ in range(_CLAIM_ATTEMPTS):
+                _check_deadline(deadline, f"{modality} embedding")
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        results = await self._lookup_or_compute(
+                            keys, unique, prepare, deadline, field, store
+                        )
+                    return [results[k] for k in keys]
+                except Abandoned:
+                    # Another request owned some of our keys and failed on its own input,
+                    # or gave up (its deadline, its cancellation): claim them again, our
+                    # budget.
+                    continue
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"{modality} embedding passed the caller's deadline"
+                    ) from None
+            raise BackendFailure(
+                "could not embed: concurrent requests kept failing on shared inputs"
+            )
 
     async def _lookup_or_compute(
         self,

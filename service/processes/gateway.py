@@ -170,11 +170,14 @@ def gateway_settings(repository: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    """A gateway in this process: started, SERVING inside the block, stopped after it."""
+async def running_gateway(
+    settings: Settings, *, tracer_provider: Any = None
+) -> AsyncIterator[Gateway]:
+    """A gateway in this process: started, SERVING inside the block, stopped after it
+    (`tracer_provider`: as `build_gateway`'s, an SDK provider a test traces into)."""
     from service.wiring import build_gateway
 
-    gateway = build_gateway(settings)
+    gateway = build_gateway(settings, tracer_provider=tracer_provider)
     await gateway.start()
     try:
         await gateway.wait_until_serving(120)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -70,7 +71,7 @@ class TritonInstallation:
         if spec is None or not spec.submodule_search_locations:
             raise TritonError(
                 "the `nvidia-pytriton` package is not installed "
-                "(pip install 'clip-service[triton]')"
+                "(pip install --no-deps nvidia-pytriton==0.5.5; `make install` does)"
             )
         root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
         found = cls(
@@ -116,7 +117,12 @@ class TritonInstallation:
             link = python_dir / name
             if link.is_symlink() or link.exists():
                 link.unlink()
-            link.symlink_to(target)
+            if name == "libtriton_python.so":
+                # Copied: Triton (2.43) refuses a python-based backend's library whose
+                # real path escapes the backend directory, as a symlink's does.
+                shutil.copyfile(target, link)
+            else:
+                link.symlink_to(target)
         return into
 
 
@@ -322,9 +328,8 @@ def server_version(http_url: str, timeout_s: float = 2.0) -> str:
 
 def opentelemetry_args(url: str, rate: int = 1, service_name: str = "triton") -> list[str]:
     """tritonserver flags that export its inference traces to `url` over OTLP/HTTP (none
-    when `url` is ''). Triton 2.41 (the pip server) starts its own trace per request: it
-    does not continue the caller's `traceparent` (no context propagation before 24.01);
-    newer servers (NGC images) put their spans under the gateway's `backend` span."""
+    when `url` is ''). Triton continues the caller's `traceparent` (context propagation,
+    24.01 / 2.42 and later): its spans go under the gateway's `backend` span."""
     if not url:
         return []
     settings = [

@@ -108,11 +108,11 @@ class HttpOptions:
     max_concurrent: int
     backend_timeout_s: float
     api_keys: ApiKeys
-    body_timeout_s: float = 30.0
-    header_timeout_s: float = 10.0
-    max_body_reads: int = 64
-    #: Image URLs: fetched only from the hosts `allow` names (none by default).
-    image_fetch: FetchOptions = FetchOptions(allow=(), max_bytes=20 * 1024 * 1024, timeout_s=10.0)
+    body_timeout_s: float
+    header_timeout_s: float
+    max_body_reads: int
+    #: Image URLs: fetched only from the hosts `allow` names.
+    image_fetch: FetchOptions
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:

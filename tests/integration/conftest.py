@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.redis_server import RedisServer
 from service.server.app import Gateway
 from tests.support.images import real_photos
 from tests.support.models import ExportedModel, export_and_load
@@ -44,6 +45,14 @@ async def gateway(demo_model: ExportedModel) -> AsyncIterator[Gateway]:
     (a module that needs other settings defines its own `gateway`)."""
     async with running_gateway(gateway_settings(demo_model.repository)) as gw:
         yield gw
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server, one per module that asks (a test that crashes or pauses its
+    server, or needs one of its own, starts its own)."""
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

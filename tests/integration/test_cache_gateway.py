@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +27,6 @@ PATIENT_S = 120.0
 
 
 @pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture, different (random) weights: a different weights hash."""
     out = tmp_path_factory.mktemp("other")
@@ -40,13 +34,13 @@ def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _settings(repository: Path, redis: RedisServer, **extra: object) -> object:
+def _settings(repository: Path, redis_server: RedisServer, **extra: object) -> object:
     # The in-process LRU is off so every lookup has to go through Redis. These tests are
     # not about the Redis timeout: on a loaded machine one round trip can take longer
     # than the default 0.1 s, and a write cut short would look like a lost entry.
     return gateway_settings(
         repository,
-        redis_url=redis.url,
+        redis_url=redis_server.url,
         local_cache_items=0,
         redis_timeout_s=5.0,
         redis_breaker_reset_s=0.5,
@@ -55,8 +49,8 @@ def _settings(repository: Path, redis: RedisServer, **extra: object) -> object:
 
 
 @pytest.fixture(scope="module")
-async def gateway(demo_model: ExportedModel, redis: RedisServer) -> AsyncIterator[Gateway]:
-    async with running_gateway(_settings(demo_model.repository, redis)) as gw:
+async def gateway(demo_model: ExportedModel, redis_server: RedisServer) -> AsyncIterator[Gateway]:
+    async with running_gateway(_settings(demo_model.repository, redis_server)) as gw:
         yield gw
 
 
@@ -82,12 +76,12 @@ async def test_repeats_come_from_redis_and_are_identical(gateway: Gateway) -> No
 
 
 async def test_other_weights_never_hit_these_entries(
-    gateway: Gateway, other_weights: Path, redis: RedisServer
+    gateway: Gateway, other_weights: Path, redis_server: RedisServer
 ) -> None:
     text = "shared redis, different models"
     async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
         ours = await client.embed_text([text])
-    async with running_gateway(_settings(other_weights, redis)) as other:
+    async with running_gateway(_settings(other_weights, redis_server)) as other:
         assert other.embedder.model_id != gateway.embedder.model_id
         async with AsyncClipClient(f"127.0.0.1:{other.port}") as client:
             theirs = await client.embed_text([text])
@@ -107,18 +101,18 @@ async def test_identical_concurrent_misses_reach_the_backend_once(gateway: Gatew
 
 
 async def test_redis_outage_fails_nothing_and_recovers(
-    gateway: Gateway, redis: RedisServer
+    gateway: Gateway, redis_server: RedisServer
 ) -> None:
     errors_before = sample(scrape(gateway.metrics_port), "clip_cache_errors_total", level="redis")
     async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
-        redis.stop(kill=True)
+        redis_server.stop(kill=True)
         results = []
         for i in range(12):  # every call must still succeed, without the cache
             results.append(await client.embed_text([f"during the outage {i}", "same"]))
         samples = scrape(gateway.metrics_port)
         assert sample(samples, "clip_cache_errors_total", level="redis") > errors_before
         assert sample(samples, "clip_cache_breaker_open") == 1
-        redis.restart()
+        redis_server.restart()
         # Recovered once a vector stored after the restart is read back from Redis. Polled,
         # not slept: the breaker's half-open trial may come before Redis accepts again.
         # The bound only ends a broken test: recovery takes a breaker period (0.5 s) or two.
@@ -135,7 +129,7 @@ async def test_redis_outage_fails_nothing_and_recovers(
 
 
 async def test_other_weights_never_hit_these_image_or_label_set_entries(
-    gateway: Gateway, other_weights: Path, redis: RedisServer
+    gateway: Gateway, other_weights: Path, redis_server: RedisServer
 ) -> None:
     """Two gateways of different weights share one Redis: an image's vector and a
     Classify label set (its template ensemble) stored by one are never served by the
@@ -146,7 +140,7 @@ async def test_other_weights_never_hit_these_image_or_label_set_entries(
         ours = await client.embed_image([image])
         ours_labels = await client.classify([image], labels)
         await until_cached(lambda: client.embed_image([image]))
-    stored = redis_sync.Redis.from_url(redis.url)
+    stored = redis_sync.Redis.from_url(redis_server.url)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + PATIENT_S
     while len(list(stored.scan_iter("clip:*:labelset:*"))) < len(labels):
@@ -157,7 +151,7 @@ async def test_other_weights_never_hit_these_image_or_label_set_entries(
         want = await client.embed_image([image])
         want_labels = await client.classify([image], labels)
     async with (
-        running_gateway(_settings(other_weights, redis)) as other,
+        running_gateway(_settings(other_weights, redis_server)) as other,
         AsyncClipClient(f"127.0.0.1:{other.port}") as client,
     ):
         theirs = await client.embed_image([image])

@@ -26,12 +26,6 @@ def vec(seed: int, dim: int = 8) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A server of the test's own, to crash, restart or pause."""

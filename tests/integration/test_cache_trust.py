@@ -5,13 +5,13 @@ Real redis-server and a real gateway over gRPC (issue 14, items 2 and 3).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 import redis as redis_sync
 
-from service.client import AsyncClipClient
+from service.client import AsyncClipClient, Embeddings
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.metric_samples import sample, scrape
 from service.processes.redis_server import RedisServer
@@ -25,36 +25,35 @@ pytestmark = pytest.mark.integration
 LONG_TEXT = "a photo of " + " ".join(f"word{i}" for i in range(120))
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest.fixture
-async def gateway(demo_model: ExportedModel, redis: RedisServer) -> AsyncIterator[Gateway]:
-    redis_sync.Redis.from_url(redis.url).flushall()
+async def gateway(demo_model: ExportedModel, redis_server: RedisServer) -> AsyncIterator[Gateway]:
+    redis_sync.Redis.from_url(redis_server.url).flushall()
     # No LRU: every lookup reads Redis, so what Redis holds is what callers get.
-    settings = gateway_settings(demo_model.repository, redis_url=redis.url, local_cache_items=0)
+    settings = gateway_settings(
+        demo_model.repository, redis_url=redis_server.url, local_cache_items=0
+    )
     async with running_gateway(settings) as gw:
         yield gw
 
 
-def _only_key(redis: RedisServer, pattern: str) -> bytes:
-    keys = redis_sync.Redis.from_url(redis.url).keys(pattern)
+async def _cached_text(
+    client: AsyncClipClient, redis_server: RedisServer, text: str
+) -> tuple[Embeddings, bytes, redis_sync.Redis]:
+    """Embed `text` until Redis holds it (no write of it pending, so a later write cannot
+    replace what the test puts there); its first answer, its only key and a raw client."""
+    first = await client.embed_text([text])
+    await until_cached(lambda: client.embed_text([text]))
+    raw = redis_sync.Redis.from_url(redis_server.url)
+    keys = raw.keys("clip:*:emb:*:text:*")
     assert len(keys) == 1, keys
-    return keys[0]
+    return first, keys[0], raw
 
 
 async def test_a_short_value_under_a_real_key_is_a_counted_miss_and_is_overwritten(
-    gateway: Gateway, redis: RedisServer
+    gateway: Gateway, redis_server: RedisServer
 ) -> None:
     async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
-        first = await client.embed_text(["a red circle"])
-        # Once a repeat is cached, Redis holds the value and no write of it is pending.
-        await until_cached(lambda: client.embed_text(["a red circle"]))
-        key = _only_key(redis, "clip:*:emb:*:text:*")
-        raw = redis_sync.Redis.from_url(redis.url)
+        first, key, raw = await _cached_text(client, redis_server, "a red circle")
         raw.set(key, b"\x00\x00\x80\x3f")  # 4 bytes: once made EmbedText answer dim 1
         lied = await client.embed_text(["a red circle"])
         assert lied.vectors.shape == first.vectors.shape
@@ -71,15 +70,11 @@ async def test_a_short_value_under_a_real_key_is_a_counted_miss_and_is_overwritt
 
 
 async def test_a_right_length_value_that_is_not_a_unit_vector_is_refused(
-    gateway: Gateway, redis: RedisServer
+    gateway: Gateway, redis_server: RedisServer
 ) -> None:
     async with AsyncClipClient(f"127.0.0.1:{gateway.port}") as client:
-        first = await client.embed_text(["a blue star"])
-        # Its write is done before ours: a late write would replace the bad value.
-        await until_cached(lambda: client.embed_text(["a blue star"]))
-        key = _only_key(redis, "clip:*:emb:*:text:*")
+        first, key, raw = await _cached_text(client, redis_server, "a blue star")
         dim = first.vectors.shape[1]
-        raw = redis_sync.Redis.from_url(redis.url)
         raw.set(key, b"\x00" + np.full(dim, 7.0, dtype="<f4").tobytes())
         second = await client.embed_text(["a blue star"])
     np.testing.assert_array_equal(second.vectors, first.vectors)

@@ -54,5 +54,5 @@ async def test_entries_the_gateway_writes_expire_after_cache_ttl_s(
                 what="the five vectors written to Redis",
             )
         ttls = {key: redis.ttl(key) for key in keys}
-    assert all(key.startswith(b"clip:v2:") for key in ttls), sorted(ttls)
+    assert all(key.startswith(b"clip:v3:") for key in ttls), sorted(ttls)
     assert all(TTL_S - SLACK_S <= ttl <= TTL_S for ttl in ttls.values()), ttls

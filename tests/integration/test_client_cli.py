@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 from collections.abc import AsyncIterator
@@ -66,15 +67,6 @@ def _readme_clipsvc_lines(text: str) -> list[list[str]]:
 
 
 FIRST_CALLS = {args[0]: args for args in _readme_clipsvc_lines(_readme_section("## First calls"))}
-
-
-@dataclass(frozen=True)
-class Cli:
-    """What one `clipsvc` process did."""
-
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,7 @@ async def served(
         yield Served(gw, workdir)
 
 
-async def _clipsvc(served: Served, args: list[str]) -> Cli:
+async def _clipsvc(served: Served, args: list[str]) -> subprocess.CompletedProcess[str]:
     """`clipsvc ARGS` in a child process, in the work folder, aimed at the gateway
     through CLIP_TARGET (so the README's arguments run unchanged). The child runs this
     tree's `service` package: `-m service.cli` is what the `clipsvc` script calls."""
@@ -148,10 +140,10 @@ async def _clipsvc(served: Served, args: list[str]) -> Cli:
         process.kill()
         await process.wait()
         raise
-    return Cli(process.returncode or 0, out.decode(), err.decode())
+    return subprocess.CompletedProcess(args, process.returncode or 0, out.decode(), err.decode())
 
 
-def _ok(result: Cli) -> str:
+def _ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     return result.stdout
 

@@ -9,7 +9,7 @@ The reference is open_clip on the image turned by hand from the EXIF table (not 
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 import open_clip
@@ -72,12 +72,6 @@ def _turned(blob: bytes, orientation: int) -> Image.Image:
     assert image.getexif().get(0x0112) == orientation
     turn = TURN[orientation]
     return image if turn is None else image.transpose(turn)
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,12 @@ from PIL import Image
 from service.api.clip.v1 import clip_pb2
 from service.processes.gateway import gateway_settings
 from service.processes.metric_samples import sample, scrape
-from service.server.app import Gateway
 from tests.support.gate import Gate, gated_gateway
 from tests.support.gateway import stub_for
 from tests.support.http_json import http_json, image_input
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
-from tests.support.polling import eventually
+from tests.support.polling import metric_reads
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +32,6 @@ pytestmark = pytest.mark.integration
 def _images(n: int, seed: int) -> list[bytes]:
     """`n` different small PNGs (different inputs: none is deduplicated or cached)."""
     return [encode(photo_like(48, 40, seed=seed + i)) for i in range(n)]
-
-
-async def _gauge(gw: Gateway, name: str, want: float, what: str) -> float:
-    """Scrape /metrics until `name` reads `want` (the timeout only catches a hang)."""
-    return await eventually(
-        lambda: sample(scrape(gw.metrics_port), name),
-        lambda value: value == want,
-        what=what,
-        blocking=True,
-    )
 
 
 async def test_queued_items_gauge_counts_items_waiting_for_the_backend(
@@ -57,17 +46,17 @@ async def test_queued_items_gauge_counts_items_waiting_for_the_backend(
             stub.EmbedImage(clip_pb2.EmbedImageRequest(images=_images(3, 10)), timeout=300)
         )
         await gate.wait_waiting(1)  # its batch of 3 is held in the backend
-        await _gauge(gw, "clip_queued_items", 3, what="3 items queued")
+        await metric_reads(gw.metrics_port, "clip_queued_items", 3, what="3 items queued")
         second = asyncio.ensure_future(
             stub.EmbedImage(clip_pb2.EmbedImageRequest(images=_images(2, 20)), timeout=300)
         )
         await gate.wait_queued(5)  # 2 more wait in the batching queue behind it
-        await _gauge(gw, "clip_queued_items", 5, what="5 items queued")
+        await metric_reads(gw.metrics_port, "clip_queued_items", 5, what="5 items queued")
         assert not first.done() and not second.done()
         gate.open()
         answers = await asyncio.gather(first, second)
         assert [len(a.embeddings) for a in answers] == [3, 2]
-        await _gauge(gw, "clip_queued_items", 0, what="the queue empty again")
+        await metric_reads(gw.metrics_port, "clip_queued_items", 0, what="the queue empty again")
 
 
 async def test_http_calls_past_max_concurrent_rpcs_get_an_openai_shaped_429(
@@ -151,7 +140,9 @@ async def test_grpc_and_http_share_the_inflight_request_byte_budget(
         assert "--max-inflight-request-bytes" in answer["error"]["message"]
         gate.open()
         assert len((await held).embeddings) == 1
-        await _gauge(gw, "clip_inflight_request_bytes", 0, what="the gRPC call's bytes let go")
+        await metric_reads(
+            gw.metrics_port, "clip_inflight_request_bytes", 0, what="the gRPC call's bytes let go"
+        )
 
         # And the other way: an HTTP call held in the backend, a gRPC call refused.
         gate.close()
@@ -166,7 +157,9 @@ async def test_grpc_and_http_share_the_inflight_request_byte_budget(
         gate.open()
         status, answer = await held_http
         assert status == 200 and len(answer["data"]) == 1
-        await _gauge(gw, "clip_inflight_request_bytes", 0, what="the HTTP call's bytes let go")
+        await metric_reads(
+            gw.metrics_port, "clip_inflight_request_bytes", 0, what="the HTTP call's bytes let go"
+        )
 
         # Alone, each refused request runs: it was refused for the other one's bytes.
         status, answer = await asyncio.to_thread(post, blobs[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import threading
@@ -25,7 +26,7 @@ from tests.support.gateway import stub_for
 from tests.support.http_json import http_raw, image_input
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
-from tests.support.polling import eventually
+from tests.support.polling import metric_reads
 
 pytestmark = pytest.mark.integration
 
@@ -245,16 +246,12 @@ async def test_slow_bodies_take_no_slot_end_with_408_and_are_bounded(
     has --http-body-timeout-s to arrive (then 408, connection closed), and at most
     --max-http-body-reads bodies are received at once."""
     gw = small_gateway
+    bodies_read = functools.partial(
+        metric_reads, gw.metrics_port, "clip_requests_in_flight", method="http:embeddings"
+    )
     slow = [_slow_request(gw.http_port) for _ in range(4)]
     try:
-        await eventually(
-            lambda: sample(
-                scrape(gw.metrics_port), "clip_requests_in_flight", method="http:embeddings"
-            ),
-            lambda n: n == 4,
-            what="four slow bodies being read",
-            blocking=True,
-        )
+        await bodies_read(4, what="four slow bodies being read")
         for _ in range(3):  # well-behaved callers, one after the other, are served
             status, _, answer = await asyncio.to_thread(
                 _post, gw.http_port, "/v1/embeddings", {"input": "a red circle"}
@@ -262,14 +259,7 @@ async def test_slow_bodies_take_no_slot_end_with_408_and_are_bounded(
             assert status == 200, answer
         more = [_slow_request(gw.http_port) for _ in range(2)]  # 6 bodies being read
         slow += more
-        await eventually(
-            lambda: sample(
-                scrape(gw.metrics_port), "clip_requests_in_flight", method="http:embeddings"
-            ),
-            lambda n: n == 6,
-            what="six slow bodies being read",
-            blocking=True,
-        )
+        await bodies_read(6, what="six slow bodies being read")
         status, _, answer = await asyncio.to_thread(
             _post, gw.http_port, "/v1/embeddings", {"input": "one too many"}
         )
@@ -279,14 +269,7 @@ async def test_slow_bodies_take_no_slot_end_with_408_and_are_bounded(
             reply = await asyncio.to_thread(_read_to_end, connection)
             assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
             assert b"--http-body-timeout-s" in reply
-        await eventually(
-            lambda: sample(
-                scrape(gw.metrics_port), "clip_requests_in_flight", method="http:embeddings"
-            ),
-            lambda n: n == 0,
-            what="every slow call ended",
-            blocking=True,
-        )
+        await bodies_read(0, what="every slow call ended")
         assert sample(scrape(gw.metrics_port), "clip_inflight_request_bytes") == 0
         # A request head that never ends is closed after --http-header-timeout-s.
         head = _slow_request(gw.http_port, head_only=True)

@@ -22,7 +22,7 @@ from tests.support.gateway import stub_for
 from tests.support.http_json import http_json
 from tests.support.images import encode
 from tests.support.models import ExportedModel
-from tests.support.polling import eventually
+from tests.support.polling import eventually, metric_reads
 
 pytestmark = pytest.mark.integration
 
@@ -124,13 +124,12 @@ async def test_concurrent_rpcs_past_the_cap_are_refused_and_probes_still_answer(
         held = [stub.EmbedStream(requests()) for _ in range(4)]
         # The server runs a handler only for an RPC it accepted under the cap: once four
         # stream handlers are in flight, the cap is full.
-        await eventually(
-            lambda: sample(
-                scrape(small_gateway.metrics_port), "clip_requests_in_flight", method="EmbedStream"
-            ),
-            lambda n: n == 4,
+        await metric_reads(
+            small_gateway.metrics_port,
+            "clip_requests_in_flight",
+            4,
             what="four EmbedStream calls in flight",
-            blocking=True,
+            method="EmbedStream",
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.EmbedText(clip_pb2.EmbedTextRequest(texts=["one more"]), timeout=30)

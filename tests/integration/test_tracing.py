@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import urllib.request
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,12 +16,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from bench.otlp import OtlpReceiver
 from service.api.clip.v1 import clip_pb2
-from service.processes.gateway import gateway_settings
+from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.triton_server import opentelemetry_args
-from service.server.app import Gateway
 from service.settings import Settings
 from service.telemetry import NO_TRACER, build_tracer_provider
-from service.wiring import build_gateway
 from tests.support.gateway import stub_for
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
@@ -34,17 +31,6 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
 PIPELINE = {"validate", "embed", "cache.lookup", "decode", "queue.wait", "backend", "cache.store"}
-
-
-@contextlib.asynccontextmanager
-async def _gateway(settings: Settings, provider: Any = None) -> AsyncIterator[Gateway]:
-    gateway = build_gateway(settings, tracer_provider=provider)
-    await gateway.start()
-    try:
-        await gateway.wait_until_serving(120)
-        yield gateway
-    finally:
-        await gateway.stop(1.0)
 
 
 def _trace(spans: tuple[ReadableSpan, ...]) -> list[ReadableSpan]:
@@ -67,7 +53,7 @@ async def test_a_call_is_one_trace_continuing_the_callers(demo_model: ExportedMo
     provider = build_tracer_provider("", "clip-gateway", exporter)
     settings = gateway_settings(demo_model.repository, local_cache_items=0)
     images = [encode(photo_like(64, 64, seed=40 + i), "PNG") for i in range(2)]
-    async with _gateway(settings, provider) as gw, stub_for(gw.port) as stub:
+    async with running_gateway(settings, tracer_provider=provider) as gw, stub_for(gw.port) as stub:
         exporter.clear()  # the warm-up is not a call
         await stub.EmbedImage(
             clip_pb2.EmbedImageRequest(images=images), metadata=(("traceparent", TRACEPARENT),)
@@ -138,7 +124,7 @@ async def test_without_an_endpoint_nothing_is_traced(demo_model: ExportedModel) 
     assert settings.otlp_endpoint == ""
     from_standard = Settings.from_sources(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
     assert from_standard.otlp_endpoint == "http://c:4317"
-    async with _gateway(gateway_settings(demo_model.repository)) as gw:
+    async with running_gateway(gateway_settings(demo_model.repository)) as gw:
         assert gw.tracer_provider is None
         assert gw.embedder._tracer is NO_TRACER
 
@@ -146,8 +132,9 @@ async def test_without_an_endpoint_nothing_is_traced(demo_model: ExportedModel) 
 async def test_gateway_and_triton_export_over_otlp(
     demo_model: ExportedModel, tmp_path: Any
 ) -> None:
-    """A real OTLP receiver on loopback gets the gateway's spans (OTLP/gRPC, the caller's
-    trace) and a real tritonserver's (OTLP/HTTP, the same inference)."""
+    """A real OTLP receiver on loopback gets the gateway's spans (OTLP/gRPC) and a real
+    tritonserver's (OTLP/HTTP): one trace, the caller's, with Triton's request span under
+    the gateway's `backend` span (the `traceparent` the gateway sends with the inference)."""
     with OtlpReceiver() as receiver:
         with start_triton(
             demo_model.repository,
@@ -161,7 +148,7 @@ async def test_gateway_and_triton_export_over_otlp(
                 local_cache_items=0,
                 otlp_endpoint=receiver.grpc_endpoint,
             )
-            async with _gateway(settings) as gw, stub_for(gw.port) as stub:
+            async with running_gateway(settings) as gw, stub_for(gw.port) as stub:
                 image = encode(photo_like(64, 64, seed=77), "PNG")
                 await stub.EmbedImage(
                     clip_pb2.EmbedImageRequest(images=[image]),
@@ -171,7 +158,10 @@ async def test_gateway_and_triton_export_over_otlp(
             spans = await asyncio.to_thread(
                 receiver.wait_for,
                 lambda got: (
-                    any(s.service == "triton" and s.name == "clip_image" for s in got)
+                    any(
+                        s.service == "triton" and s.name == "clip_image" and s.trace_id == TRACE_ID
+                        for s in got
+                    )
                     and any(s.name == "backend" and s.trace_id == TRACE_ID for s in got)
                 ),
             )
@@ -180,6 +170,16 @@ async def test_gateway_and_triton_export_over_otlp(
     assert {"clip.v1.ClipService/EmbedImage", *PIPELINE} - {"cache.store"} <= names, names
     server = next(s for s in gateway if s.name == "clip.v1.ClipService/EmbedImage")
     assert server.parent_span_id == CALLER_SPAN and server.transport == "grpc"
-    model_span = next(s for s in spans if s.service == "triton" and s.name == "clip_image")
+    triton_spans = {s.span_id: s for s in spans if s.service == "triton" and s.trace_id == TRACE_ID}
+    model_span = next(s for s in triton_spans.values() if s.name == "clip_image")
     assert model_span.attributes["triton.model_name"] == "clip_image"
     assert model_span.transport == "http"
+    # Triton's request span hangs under the gateway's one `backend` span of this call,
+    # the model span under the request span, and Triton's compute under the model span.
+    backend = next(s for s in gateway if s.name == "backend")
+    request = triton_spans[model_span.parent_span_id]
+    assert request.name == "InferRequest" and request.parent_span_id == backend.span_id
+    assert any(
+        s.name == "compute" and s.parent_span_id == model_span.span_id
+        for s in triton_spans.values()
+    )

@@ -106,12 +106,6 @@ def triton(repo_y: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
         yield server
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 def _serve(triton: TritonProcess, repository: Path) -> None:
     repository = Path(repository).resolve()
     if triton.running and triton.repository == repository:

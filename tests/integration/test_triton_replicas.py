@@ -33,6 +33,7 @@ from service.client import AsyncClipClient
 from service.model import configs as model_configs
 from service.model.metadata import IMAGE_MODEL, TEXT_MODEL, ModelMetadata
 from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample
 from service.processes.redis_server import RedisServer
 from service.processes.triton_server import TritonProcess
 from service.settings import BatchingOptions
@@ -44,6 +45,7 @@ from tests.support.triton import (
     export_demo_repository,
     inference_statistics,
     require_triton,
+    shared_memory_regions,
     start_triton,
     statistics_once,
     wait_for,
@@ -228,8 +230,10 @@ async def test_a_draining_replica_gets_no_new_calls_and_its_call_is_answered_els
             await asyncio.sleep(0.05)
 
 
+# Also with the batches handed over through /dev/shm: each replica maps the region.
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc-bytes", "shared-memory"])
 async def test_two_replicas_share_load_and_a_death_under_load_costs_no_caller_an_error(
-    demo_model: ExportedModel, both_up: Replicas
+    demo_model: ExportedModel, both_up: Replicas, shared_memory: bool
 ) -> None:
     r = both_up
     target = f"ipv4:{r.a.grpc_url},{r.b.grpc_url}"
@@ -239,6 +243,7 @@ async def test_two_replicas_share_load_and_a_death_under_load_costs_no_caller_an
         triton_url=target,
         triton_image_model=HELD_MODEL,
         local_cache_items=0,
+        triton_shared_memory=shared_memory,
     )
     errors: list[BaseException] = []
     calls = 0
@@ -273,6 +278,15 @@ async def test_two_replicas_share_load_and_a_death_under_load_costs_no_caller_an
                     await asyncio.sleep(0.2)
                 share_a = got_a / (got_a + got_b)
                 assert 0.25 <= share_a <= 0.75, (got_a, got_b)
+                if shared_memory:
+                    for replica in (r.a, r.b):
+                        assert await shared_memory_regions(replica.grpc_url), replica.grpc_url
+                    shared, as_bytes = (
+                        sample(gw.metrics.registry, "clip_triton_image_batches_total", transport=t)
+                        for t in ("shared_memory", "grpc")
+                    )
+                    # Bytes only while each replica's registration was under way.
+                    assert shared > 4 * as_bytes, (shared, as_bytes)
 
                 # 2. One replica dies under load: no caller sees an error.
                 await asyncio.to_thread(r.a.kill)

@@ -58,6 +58,22 @@ from service.settings import BatchingOptions
 
 DEMO_MODEL = "clip-demo-shapes"
 
+#: The marks of a module whose tests hold Triton's executions at a gate: whatever a test
+#: did, the next one starts with the gate open and no failure (`control_reset`).
+GATED_MODULE_MARKS = [
+    pytest.mark.integration,
+    pytest.mark.timeout(300),
+    pytest.mark.usefixtures("control_reset"),
+]
+#: The controlled copies `add_controlled_models` adds: the image and text models with a
+#: queue of 256, and an image model with no batching and room for one waiting request.
+GATED_IMAGE_MODEL = "clip_image_gated"
+GATED_TEXT_MODEL = "clip_text_gated"
+TINY_QUEUE_MODEL = "clip_image_tiny_queue"
+# Far past any deadline a test passes: a request Triton drops from a copy's queue was
+# dropped by the deadline it carried, not by this default.
+CONFIG_QUEUE_TIMEOUT_US = 600_000_000
+
 
 def require_triton() -> None:
     """Fail loudly when the pip `tritonserver` (nvidia-pytriton) is missing: never skip."""
@@ -229,6 +245,24 @@ def add_model_variant(
     return target
 
 
+def add_controlled_models(repository: Path, control: ModelControl) -> None:
+    """Add the controlled copies (`GATED_IMAGE_MODEL`, `GATED_TEXT_MODEL`,
+    `TINY_QUEUE_MODEL`) of an exported repository's models, all obeying `control`."""
+    gated = BatchingOptions(queue_timeout_us=CONFIG_QUEUE_TIMEOUT_US, torch_threads=1)
+    for source, name in ((IMAGE_MODEL, GATED_IMAGE_MODEL), (TEXT_MODEL, GATED_TEXT_MODEL)):
+        add_model_variant(repository, source=source, name=name, batching=gated, control=control)
+    tiny = BatchingOptions(
+        max_batch_size=1,
+        max_queue_delay_us=0,
+        max_queue_size=1,
+        queue_timeout_us=CONFIG_QUEUE_TIMEOUT_US,
+        torch_threads=1,
+    )
+    add_model_variant(
+        repository, source=IMAGE_MODEL, name=TINY_QUEUE_MODEL, batching=tiny, control=control
+    )
+
+
 @contextmanager
 def start_triton(
     repository: Path,
@@ -269,6 +303,17 @@ async def inference_statistics(url: str, model: str) -> dict[str, int]:
         "success_count": int(inference.get("success", {}).get("count", 0)),
         "fail_count": int(inference.get("fail", {}).get("count", 0)),
     }
+
+
+async def shared_memory_regions(url: str) -> dict[str, dict[str, Any]]:
+    """The system shared-memory regions gateways registered with the Triton at `url`
+    (named `clip_...`), by name: each `{"name", "key", "offset", "byte_size"}`."""
+    import tritonclient.grpc.aio as triton_aio
+
+    async with triton_aio.InferenceServerClient(url) as client:
+        status = await client.get_system_shared_memory_status(as_json=True, client_timeout=10)
+    regions = status.get("regions", {}).values()
+    return {r["name"]: r for r in regions if r["name"].startswith("clip_")}
 
 
 async def pending_requests(triton: TritonProcess, model: str, version: str = "1") -> int:

@@ -296,3 +296,36 @@ async def test_an_entry_over_a_limit_that_shrank_still_runs() -> None:
     await asyncio.wait_for(asyncio.gather(big, small), PATIENT_S)
     await queue.aclose()
     assert sizes == [6, 1]
+
+
+async def test_a_batch_is_traced_in_its_first_traced_callers_trace() -> None:
+    """An untraced entry (a health probe's forward pass) first in a batch does not take
+    the batch's `backend` span, and Triton's spans under it, out of the caller's trace."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.telemetry import build_tracer_provider
+
+    exporter = InMemorySpanExporter()
+    provider = build_tracer_provider("", "t", exporter)
+    tracer = provider.get_tracer("t")
+    admission = Admission(100, Metrics())
+    admission.admit(8)  # the batch waits for all 8 rows: one batch, whatever the clock
+    queue, sizes = _queue(admission, last_batch_s=LONG_LAST_BATCH_S, tracer=tracer)
+    queue.start()
+    try:
+        untraced = asyncio.ensure_future(queue.submit("image", np.zeros((1, 3), np.int64)))
+        await _turns()
+
+        async def traced() -> tuple[int, np.ndarray]:
+            with tracer.start_as_current_span("call") as span:
+                rows = await queue.submit("image", np.ones((7, 3), np.int64))
+                return span.get_span_context().trace_id, rows
+
+        trace_id, _ = await asyncio.wait_for(traced(), PATIENT_S)
+        await asyncio.wait_for(untraced, PATIENT_S)
+    finally:
+        await queue.aclose()
+    provider.force_flush()
+    assert sizes == [("image", 8, (3,))]  # one batch: the untraced entry first
+    backend = [s for s in exporter.get_finished_spans() if s.name == "backend"]
+    assert len(backend) == 1 and backend[0].context.trace_id == trace_id

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.core.cache import EmbeddingCache, encode_value
+from service.core.cache import CachedVector, EmbeddingCache, encode_value
 from service.core.cache_keys import embedding_key, label_set_key
 from service.metrics import Metrics
 from service.processes.metric_samples import sample
@@ -107,7 +107,7 @@ def fake_cache(
 # ---------------------------------------------------------------------- keys
 def test_embedding_key_names_every_input() -> None:
     base = embedding_key(MODEL, "image", b"pixels", "img:1:exif")
-    assert base.startswith("clip:v2:")
+    assert base.startswith("clip:v3:")
     assert base == embedding_key(MODEL, "image", b"pixels", "img:1:exif")
     variants = {
         embedding_key("clip-demo-shapes/demo@ffffffff", "image", b"pixels", "img:1:exif"),
@@ -158,7 +158,7 @@ def test_label_set_key_is_unambiguous() -> None:
     assert len(set(keys)) == len(keys)
     assert label_set_key(MODEL, ("a", "b"), ("t",)) == keys[1]
     # A label set never shares a key with an embedding, whatever the payload.
-    assert not any(key.startswith("clip:v2:emb:") for key in keys)
+    assert not any(key.startswith("clip:v3:emb:") for key in keys)
 
 
 # ---------------------------------------------------------------------- local LRU
@@ -311,11 +311,14 @@ async def test_success_resets_the_consecutive_error_count() -> None:
     assert sample(metrics.registry, "clip_cache_breaker_open") == 0
 
 
-async def test_half_open_lets_exactly_one_trial_through() -> None:
-    metrics = Metrics()
+async def _half_open_trial_waiting() -> tuple[
+    EmbeddingCache, FakeRedis, asyncio.Task[list[CachedVector | None]]
+]:
+    """A cache whose breaker opened on one failure, and its half-open trial 5 s later,
+    waiting on a Redis that is back but stalls (`fake.stall`)."""
     fake = FakeRedis()
     clock = FakeClock()
-    cache = fake_cache(fake, metrics, clock, breaker_failures=1, breaker_reset_s=5.0)
+    cache = fake_cache(fake, Metrics(), clock, breaker_failures=1, breaker_reset_s=5.0)
     fake.failing = True
     await cache.get_many(["k"])
     assert cache.breaker_open
@@ -323,7 +326,12 @@ async def test_half_open_lets_exactly_one_trial_through() -> None:
     clock.advance(5.0)
     fake.stall = asyncio.Event()
     trial = asyncio.create_task(cache.get_many(["k"]))
-    await until(lambda: fake.mget_calls == 2)
+    await until(lambda: fake.mget_calls == 2)  # the trial is waiting on Redis
+    return cache, fake, trial
+
+
+async def test_half_open_lets_exactly_one_trial_through() -> None:
+    cache, fake, trial = await _half_open_trial_waiting()
     # While the trial is out, everyone else skips Redis instead of piling on.
     assert await cache.get_many(["k"]) == [None]
     assert fake.mget_calls == 2
@@ -333,16 +341,7 @@ async def test_half_open_lets_exactly_one_trial_through() -> None:
 
 
 async def test_cancelled_trial_frees_the_half_open_slot() -> None:
-    fake = FakeRedis()
-    clock = FakeClock()
-    cache = fake_cache(fake, Metrics(), clock, breaker_failures=1, breaker_reset_s=5.0)
-    fake.failing = True
-    await cache.get_many(["k"])
-    fake.failing = False
-    clock.advance(5.0)
-    fake.stall = asyncio.Event()
-    trial = asyncio.create_task(cache.get_many(["k"]))
-    await until(lambda: fake.mget_calls == 2)  # the trial is waiting on Redis
+    cache, fake, trial = await _half_open_trial_waiting()
     trial.cancel()
     with pytest.raises(asyncio.CancelledError):
         await trial

@@ -14,6 +14,7 @@ from service.metrics import Metrics
 from service.model.metadata import IMAGE_INPUT, OUTPUT, TEXT_INPUT, ModelMetadata
 from service.model.triton_config import TensorSpec, render_config
 from service.settings import BatchingOptions, ExportSettings, Settings, SettingsError
+from tests.support.fakes import DEMO_METADATA_FIELDS
 
 BATCHING = BatchingOptions(
     max_batch_size=16, instances=2, max_queue_delay_us=500, max_queue_size=64
@@ -104,19 +105,8 @@ def test_export_flags_parse_flavor_onnx_and_tensorrt() -> None:
 
 
 def _metadata(**changes: object) -> dict[str, object]:
-    raw: dict[str, object] = {
-        "model_name": "clip-demo-shapes",
-        "pretrained": "none",
-        "weights_sha256": "0" * 64,
-        "embedding_dim": 64,
-        "image_size": 64,
-        "context_length": 77,
-        "logit_scale": 100.0,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-    }
-    raw.update(changes)
-    return raw
+    """A metadata.json's content: the fields an export has always written, and `changes`."""
+    return DEMO_METADATA_FIELDS | changes
 
 
 def test_repositories_exported_before_the_flavor_field_still_load(tmp_path: Path) -> None:

@@ -201,16 +201,21 @@ def fake_triton(monkeypatch: pytest.MonkeyPatch) -> FakeTriton:
     return server
 
 
-@pytest.fixture
-async def fake_backend(fake_triton: FakeTriton) -> AsyncIterator[TritonBackend]:
-    backend = TritonBackend(
-        url="triton:8001",
+def _backend(url: str, **kwargs: Any) -> TritonBackend:
+    """A backend on `url` that expects model X (not started)."""
+    return TritonBackend(
+        url=url,
         default_timeout_s=5.0,
         max_batch_size=8,
-        metrics=Metrics(),
         expected_model_id=X.model_id,
         expected_weights_sha256=X.weights_sha256,
+        **kwargs,
     )
+
+
+@pytest.fixture
+async def fake_backend(fake_triton: FakeTriton) -> AsyncIterator[TritonBackend]:
+    backend = _backend("triton:8001", metrics=Metrics())
     await backend.start()
     yield backend
     await backend.aclose()
@@ -258,13 +263,7 @@ async def test_a_repository_exported_without_the_stamp_is_refused_with_a_reexpor
     fake_triton: FakeTriton,
 ) -> None:
     fake_triton.identity = {IMAGE_MODEL: None, TEXT_MODEL: None}
-    backend = TritonBackend(
-        url="triton:8001",
-        default_timeout_s=5.0,
-        max_batch_size=8,
-        expected_model_id=X.model_id,
-        expected_weights_sha256=X.weights_sha256,
-    )
+    backend = _backend("triton:8001")
     await backend.start()
     try:
         assert not await backend.ready()
@@ -405,20 +404,9 @@ def _infers(server: FakeTriton, address: str) -> int:
     return sum(c.calls.count("infer") for c in server.clients if c.url == address)
 
 
-def _replica_backend(url: str = REPLICAS, **kwargs: Any) -> TritonBackend:
-    return TritonBackend(
-        url=url,
-        default_timeout_s=5.0,
-        max_batch_size=8,
-        expected_model_id=X.model_id,
-        expected_weights_sha256=X.weights_sha256,
-        **kwargs,
-    )
-
-
 @pytest.fixture
 async def replica_backend(fake_triton: FakeTriton) -> AsyncIterator[TritonBackend]:
-    backend = _replica_backend()
+    backend = _backend(REPLICAS)
     await backend.start()
     yield backend
     await backend.aclose()
@@ -475,7 +463,7 @@ async def test_no_inference_reaches_a_replica_that_serves_another_model(
 ) -> None:
     fake_triton.per_address[C] = {IMAGE_MODEL: Y, TEXT_MODEL: Y}
     metrics = Metrics()
-    backend = _replica_backend(f"ipv4:{A},{B},{C}", metrics=metrics)
+    backend = _backend(f"ipv4:{A},{B},{C}", metrics=metrics)
     await backend.start()
     try:
         for _ in range(30):
@@ -491,7 +479,7 @@ async def test_no_inference_reaches_a_replica_that_serves_another_model(
 
 async def test_only_foreign_replicas_left_is_a_mismatch(fake_triton: FakeTriton) -> None:
     fake_triton.per_address[A] = fake_triton.per_address[B] = {IMAGE_MODEL: Y, TEXT_MODEL: Y}
-    backend = _replica_backend()
+    backend = _backend(REPLICAS)
     await backend.start()
     try:
         assert not await backend.ready()
@@ -535,7 +523,7 @@ async def test_a_new_dns_address_gets_no_call_before_its_model_is_checked(
     monkeypatch.setattr(triton_module, "_lookup", lookup)
     monkeypatch.setattr(triton_module, "_DNS_REFRESH_S", 0.0)
     fake_triton.per_address[C] = {IMAGE_MODEL: Y, TEXT_MODEL: Y}
-    backend = _replica_backend("dns:///triton-headless:8001")
+    backend = _backend("dns:///triton-headless:8001")
     await backend.start()
     try:
         assert set(backend.replica_states()) == {A, B}
