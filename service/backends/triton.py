@@ -109,6 +109,11 @@ _CHANNEL_ARGS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Each channel its own connections: by default gRPC shares one subchannel per
+    # address across channels, so the fresh channel that replaces a failed replica's
+    # would inherit the old one's reconnect back-off and be refused for up to 2 s
+    # after the replica is back.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 # gRPC's default port when a target names none (its own rule for dns:/ipv4:/ipv6:).
 _GRPC_DEFAULT_PORT = 443

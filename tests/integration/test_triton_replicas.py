@@ -16,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import open_clip
 import pytest
 import redis as redis_lib
 import torch
+from grpc_health.v1 import health, health_pb2_grpc
 
 from service.backends.triton import TritonBackend
 from service.client import AsyncClipClient
@@ -394,3 +397,42 @@ async def test_three_replicas_one_foreign_answer_and_cache_no_foreign_vector(
         assert value is not None
         vector = np.frombuffer(value[1:], dtype="<f4")
         assert np.abs(known - vector).max(axis=1).min() < 1e-6
+
+
+async def test_a_fresh_channel_to_a_replica_that_came_back_connects_at_once() -> None:
+    """The backend replaces a failed replica's channel; with gRPC's shared subchannel
+    pool the new channel inherited the old one's reconnect back-off (up to 2 s), so a
+    replica restarted just then was refused to every probe and call meanwhile (CI saw
+    all 40 sequential calls go to one replica after a restart).
+
+    A plain listener on the port accepts and drops the old channel's attempts until its
+    back-off has grown to the maximum; right after one such attempt a gRPC server
+    takes the port, and a channel with the backend's own arguments must be ready at
+    once, not when the old back-off ends."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    args = TritonBackend(url=address, default_timeout_s=5.0, max_batch_size=8)._channel_args()
+    loop = asyncio.get_running_loop()
+    old = grpc.aio.insecure_channel(address, options=args)
+    server = grpc.aio.server()
+    try:
+        # 0.25, 0.4, 0.64, 1.0, 1.6 s: after the sixth failed attempt the back-off is
+        # 2 s ± 20%, so the old subchannel tries again no sooner than 1.6 s later.
+        for _ in range(6):
+            old.get_state(try_to_connect=True)
+            attempt, _ = await asyncio.wait_for(loop.sock_accept(listener), 30)
+            attempt.close()
+        listener.close()
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        server.add_insecure_port(address)
+        await server.start()
+        async with grpc.aio.insecure_channel(address, options=args) as fresh:
+            await asyncio.wait_for(fresh.channel_ready(), 1.0)
+    finally:
+        listener.close()
+        await old.close()
+        await server.stop(None)
