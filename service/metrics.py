@@ -151,6 +151,14 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        # A slot in use outlives its call only while Triton holds the batch: a count that
+        # stays below the total at idle is a leak, and image batches then go as bytes.
+        self.triton_shared_memory_slots_free = Gauge(
+            "clip_triton_shared_memory_slots_free",
+            "Free slots of the --triton-shared-memory region (2 × --max-inflight-batches "
+            "when idle).",
+            registry=r,
+        )
         self.model_mismatch = Gauge(
             "clip_model_mismatch",
             "1 while Triton serves another model than metadata.json describes (or one exported "

@@ -663,6 +663,11 @@ class TritonBackend:
             size = rows[0].nbytes * (model.max_batch_size or self.max_batch_size)
             try:
                 self._shm = SlotRegion(name, size, self._shm_slots)
+                if self._metrics is not None:
+                    region = self._shm
+                    self._metrics.triton_shared_memory_slots_free.set_function(
+                        lambda: region.free_slots
+                    )
             except OSError as exc:
                 _LOGGER.warning(
                     "no shared memory for image batches (%s: %d × %d bytes: %s); they go to "

@@ -194,6 +194,36 @@ async def _one_held_then_queued(
     return await asyncio.gather(first, *rest)
 
 
+# The image faults again with batches handed to Triton through /dev/shm
+# (`--triton-shared-memory`): the refused, failed or expired call's slot comes back.
+TRANSPORTS = pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc-bytes", "shm"])
+SHM_BATCHES = "clip_triton_image_batches_total"
+
+
+def _shm_state(gateway: Gateway) -> tuple[float, float]:
+    """(image batches sent as bytes, free slots): unchanged by a fault when its calls
+    went through the region and gave their slots back."""
+    return (
+        _gateway_count(gateway, SHM_BATCHES, transport="grpc"),
+        _gateway_count(gateway, "clip_triton_shared_memory_slots_free"),
+    )
+
+
+async def _until_shared(
+    gateway: Gateway, stub: clip_pb2_grpc.ClipServiceStub
+) -> tuple[float, float]:
+    """Image calls until one went through shared memory (they go as bytes while the
+    region is being registered); `_shm_state` then, at idle."""
+    before = _gateway_count(gateway, SHM_BATCHES, transport="shared_memory")
+    deadline = time.monotonic() + PATIENT_S
+    seed = 900
+    while _gateway_count(gateway, SHM_BATCHES, transport="shared_memory") == before:
+        assert time.monotonic() < deadline, "no image batch went through shared memory"
+        seed += 1
+        await _embed_image(stub, seed, PATIENT_S)
+    return _shm_state(gateway)
+
+
 def _image_request(seed: int) -> clip_pb2.EmbedImageRequest:
     return clip_pb2.EmbedImageRequest(images=[encode(photo_like(80, 60, seed=seed), "PNG")])
 
@@ -387,17 +417,56 @@ async def test_hung_triton_gives_deadline_exceeded_and_gateway_stays_responsive(
     assert len(reply.embeddings) == 1
 
 
+async def test_hung_triton_with_shared_memory_expires_image_calls_and_frees_their_slots(
+    repository: Path, triton: TritonProcess
+) -> None:
+    """Image calls that expire in a hung Triton give their slots back: once it answers
+    again, batches go through the region, not as bytes for want of a slot."""
+    async with (
+        controlled_gateway(
+            repository, triton, max_inflight_batches=1, triton_shared_memory=True
+        ) as gateway,
+        stub_for(gateway.port) as stub,
+    ):
+        _, slots = await _until_shared(gateway, stub)
+        assert slots == 2  # two per batch in flight
+        assert triton.pid is not None
+        os.killpg(triton.pid, signal.SIGSTOP)
+        try:
+            # More expired batches than slots, one after another.
+            for seed in range(61, 64):
+                outcome = (
+                    await asyncio.gather(_embed_image(stub, seed, 1.0), return_exceptions=True)
+                )[0]
+                # The first one waits out its deadline; then the replica may be marked
+                # gone (no keepalive answer) and the next fail at once.
+                assert _code(outcome) in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.UNAVAILABLE,
+                ), outcome
+        finally:
+            os.killpg(triton.pid, signal.SIGCONT)
+        assert _shm_state(gateway)[1] == slots
+        await _wait_health(gateway.port, SERVING)
+        await _until_shared(gateway, stub)
+        assert _shm_state(gateway)[1] == slots
+
+
+@TRANSPORTS
 async def test_the_callers_deadline_reaches_triton(
-    repository: Path, triton: TritonProcess, control: ModelControl
+    repository: Path, triton: TritonProcess, control: ModelControl, shared_memory: bool
 ) -> None:
     """A call that gives up is dropped from Triton's queue, where it waited behind a
     held execution: the gateway derived the Triton request's timeout from the caller's
     deadline, not from --backend-timeout-s (30 s) or Triton's config (600 s)."""
     # Several batches at Triton at once, so the late call is not held in the gateway.
     async with (
-        controlled_gateway(repository, triton, max_inflight_batches=4) as gateway,
+        controlled_gateway(
+            repository, triton, max_inflight_batches=4, triton_shared_memory=shared_memory
+        ) as gateway,
         stub_for(gateway.port) as stub,
     ):
+        idle = await _until_shared(gateway, stub) if shared_memory else None
         before = await inference_statistics(triton.grpc_url, GATED_IMAGE_MODEL)  # past warm-up
         control.hold()
         blocker = asyncio.create_task(_embed_image(stub, 31, PATIENT_S))
@@ -424,21 +493,29 @@ async def test_the_callers_deadline_reaches_triton(
         await wait_pending(triton, GATED_IMAGE_MODEL, left + 1)  # the marker is queued too...
         control.release()
         answers = await asyncio.gather(blocker, marker)
+        if shared_memory:  # none of the three went as bytes
+            assert _shm_state(gateway) == idle
     assert [len(a.embeddings) for a in answers] == [1, 1]
     counts = await statistics_once(triton.grpc_url, GATED_IMAGE_MODEL, before, success_count=2)
     # ...and dropped, not run: had it run, it would share the marker's execution.
     assert counts["inference_count"] == 2, counts
 
 
+@TRANSPORTS
 async def test_a_full_triton_queue_is_resource_exhausted(
-    repository: Path, triton: TritonProcess, control: ModelControl
+    repository: Path, triton: TritonProcess, control: ModelControl, shared_memory: bool
 ) -> None:
     async with (
         controlled_gateway(
-            repository, triton, image_model=TINY_QUEUE_MODEL, max_inflight_batches=4
+            repository,
+            triton,
+            image_model=TINY_QUEUE_MODEL,
+            max_inflight_batches=4,
+            triton_shared_memory=shared_memory,
         ) as gateway,
         stub_for(gateway.port) as stub,
     ):
+        idle = await _until_shared(gateway, stub) if shared_memory else None
         refused_before = _gateway_count(
             gateway, "clip_requests_total", method="EmbedImage", code="RESOURCE_EXHAUSTED"
         )
@@ -455,6 +532,8 @@ async def test_a_full_triton_queue_is_resource_exhausted(
         assert control.held() == [1]
         control.release()
         answers = await asyncio.gather(running, queued)
+        if shared_memory:
+            assert _shm_state(gateway) == idle
         refused = _gateway_count(
             gateway, "clip_requests_total", method="EmbedImage", code="RESOURCE_EXHAUSTED"
         )
@@ -462,13 +541,15 @@ async def test_a_full_triton_queue_is_resource_exhausted(
     assert refused == refused_before + 1
 
 
+@TRANSPORTS
 async def test_a_model_that_raises_is_internal_and_the_gateway_goes_on(
-    repository: Path, triton: TritonProcess, control: ModelControl
+    repository: Path, triton: TritonProcess, control: ModelControl, shared_memory: bool
 ) -> None:
     async with (
-        controlled_gateway(repository, triton) as gateway,
+        controlled_gateway(repository, triton, triton_shared_memory=shared_memory) as gateway,
         stub_for(gateway.port) as stub,
     ):
+        idle = await _until_shared(gateway, stub) if shared_memory else None
         errors_before = _gateway_count(
             gateway, "clip_backend_errors_total", backend="triton", modality="image"
         )
@@ -490,3 +571,5 @@ async def test_a_model_that_raises_is_internal_and_the_gateway_goes_on(
         reply = await stub.EmbedImage(_image_request(51), timeout=PATIENT_S)
         assert not reply.embeddings[0].cached
         assert await _health(gateway.port) == SERVING
+        if shared_memory:  # the failure did not cost the region
+            assert _shm_state(gateway) == idle
