@@ -601,7 +601,7 @@ class TritonBackend:
         else:
             assert self._shm is not None
             tensor.set_shared_memory(self._shm.name, rows.nbytes, slot)
-        self._count_transport(model, slot)
+        resent = False
         started = time.monotonic()
         try:
             async with asyncio.timeout(remaining_s + _OUTER_GRACE_S):
@@ -623,6 +623,7 @@ class TritonBackend:
                 # It does not know the region (it restarted and the reconnect was not
                 # seen yet): register again later, send these as bytes now.
                 channel.shm_epoch = None
+                resent = True  # counted once, as the bytes it went as
                 return await self._infer(replica, channel, model, rows, deadline)
             raise self._call_failed(replica, channel, model, exc, started) from exc
         except TimeoutError as exc:
@@ -638,6 +639,8 @@ class TritonBackend:
         finally:
             if slot is not None and self._shm is not None:
                 self._shm.give_back(slot)
+            if not resent:
+                self._count_transport(model, slot)
         self._answered(replica, channel)
         embeddings = result.as_numpy(model.output_name)
         if embeddings is None or embeddings.ndim != 2 or embeddings.shape[0] != rows.shape[0]:

@@ -159,8 +159,12 @@ async def test_a_triton_that_forgot_the_region_costs_no_call(
                 await admin.close()
             assert not await shared_memory_regions(triton.grpc_url)
             caplog.clear()
+            counts = _batches(gw, "shared_memory"), _batches(gw, "grpc")
             got = (await client.embed_image(blobs)).vectors
             np.testing.assert_allclose(got, bytes_vectors, atol=SAME, rtol=0)
+            # Counted once, as the bytes it went as (not also as the refused attempt).
+            assert _batches(gw, "shared_memory") == counts[0]
+            assert _batches(gw, "grpc") > counts[1]
             # Sent again as bytes at once: Triton's NOT_FOUND for the region did not
             # count as the replica being gone (no reconnect, no failover).
             assert "unreachable" not in caplog.text
