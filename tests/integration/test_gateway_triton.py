@@ -444,6 +444,15 @@ async def test_hung_triton_with_shared_memory_expires_image_calls_and_frees_thei
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     grpc.StatusCode.UNAVAILABLE,
                 ), outcome
+            # The caller's deadline and the gateway's end together: the last handler
+            # may still be unwinding when its caller has its answer.
+            await wait_for(
+                lambda: (
+                    _gateway_count(gateway, "clip_requests_in_flight", method="EmbedImage") == 0
+                ),
+                PATIENT_S,
+                "EmbedImage handlers ended",
+            )
         finally:
             os.killpg(triton.pid, signal.SIGCONT)
         assert _shm_state(gateway)[1] == slots
