@@ -70,7 +70,8 @@ local_base() {
     if "${engine_cmd[@]}" image inspect "${base_tag}" >/dev/null 2>&1; then
         return
     fi
-    if [[ ! -s "${base_tar}" ]]; then
+    if [[ ! -f "${base_tar}" || ! -s "${base_tar}" ]]; then
+        rm -rf "${base_tar}" "${base_tar}.partial"  # a directory left by an older build
         command -v mmdebstrap >/dev/null 2>&1 || {
             echo "build_image: no registry reachable and no mmdebstrap (make system-deps installs it)" >&2
             exit 1
@@ -79,7 +80,9 @@ local_base() {
         # minbase + Python; documentation, man pages and locales left out, apt's lists
         # dropped; merged /usr set up by mmdebstrap's hook rather than the usrmerge package
         # (which pulls in perl: 45 MB).
-        mmdebstrap --quiet --variant=minbase \
+        # --format: mmdebstrap guesses it from the name's ending, and `.partial` made
+        # 1.3.x write a directory, which `podman import` cannot read.
+        mmdebstrap --quiet --variant=minbase --format=tar \
             --include=python3,python3-venv,python-is-python3,ca-certificates \
             --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
             --dpkgopt='path-exclude=/usr/share/man/*' \
