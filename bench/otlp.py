@@ -161,6 +161,6 @@ class OtlpReceiver:
             if done(spans):
                 return spans
             if time.monotonic() > deadline:
-                names = sorted({(s.service, s.name) for s in spans})
+                names = sorted({(s.service, s.name, s.trace_id[:8]) for s in spans})
                 raise AssertionError(f"OTLP receiver: not done within {timeout_s} s; got {names}")
             time.sleep(0.1)  # poll interval of a list filled by other threads

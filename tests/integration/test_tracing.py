@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from bench.otlp import OtlpReceiver
+from bench.otlp import OtlpReceiver, ReceivedSpan
 from service.api.clip.v1 import clip_pb2
 from service.processes.gateway import gateway_settings, running_gateway
 from service.processes.triton_server import opentelemetry_args
@@ -30,6 +30,9 @@ pytestmark = pytest.mark.integration
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+# Traced calls (each waited for this long) until Triton's spans arrive under one.
+OTLP_CALLS = 3
+OTLP_WAIT_S = 30.0
 PIPELINE = {"validate", "embed", "cache.lookup", "decode", "queue.wait", "backend", "cache.store"}
 
 
@@ -129,6 +132,27 @@ async def test_without_an_endpoint_nothing_is_traced(demo_model: ExportedModel) 
         assert gw.embedder._tracer is NO_TRACER
 
 
+def _triton_under_a_backend_span(spans: list[ReceivedSpan]) -> ReceivedSpan | None:
+    """Triton's `InferRequest` span of the caller's trace whose parent is a gateway
+    `backend` span of that trace (the `traceparent` the gateway sent), if received."""
+    backends = {
+        s.span_id
+        for s in spans
+        if s.service == "clip-gateway" and s.name == "backend" and s.trace_id == TRACE_ID
+    }
+    return next(
+        (
+            s
+            for s in spans
+            if s.service == "triton"
+            and s.name == "InferRequest"
+            and s.trace_id == TRACE_ID
+            and s.parent_span_id in backends
+        ),
+        None,
+    )
+
+
 async def test_gateway_and_triton_export_over_otlp(
     demo_model: ExportedModel, tmp_path: Any
 ) -> None:
@@ -150,36 +174,37 @@ async def test_gateway_and_triton_export_over_otlp(
             )
             async with running_gateway(settings) as gw, stub_for(gw.port) as stub:
                 image = encode(photo_like(64, 64, seed=77), "PNG")
-                await stub.EmbedImage(
-                    clip_pb2.EmbedImageRequest(images=[image]),
-                    metadata=(("traceparent", TRACEPARENT),),
-                )
-            # Leaving the gateway flushed its spans; Triton sends its own in batches.
-            spans = await asyncio.to_thread(
-                receiver.wait_for,
-                lambda got: (
-                    any(
-                        s.service == "triton" and s.name == "clip_image" and s.trace_id == TRACE_ID
-                        for s in got
+                for attempt in range(1, OTLP_CALLS + 1):
+                    await stub.EmbedImage(
+                        clip_pb2.EmbedImageRequest(images=[image]),
+                        metadata=(("traceparent", TRACEPARENT),),
                     )
-                    and any(s.name == "backend" and s.trace_id == TRACE_ID for s in got)
-                ),
-            )
+                    # Both export in batches, every few seconds. A whole CI run once
+                    # ended with this call's Triton spans missing (cause not found; not
+                    # seen in dozens of runs since): another call of the same trace then.
+                    try:
+                        await asyncio.to_thread(
+                            receiver.wait_for,
+                            lambda got: _triton_under_a_backend_span(got) is not None,
+                            OTLP_WAIT_S,
+                        )
+                        break
+                    except AssertionError:
+                        if attempt == OTLP_CALLS:
+                            raise
+            spans = receiver.snapshot()  # leaving the gateway flushed the rest of its spans
     gateway = [s for s in spans if s.service == "clip-gateway" and s.trace_id == TRACE_ID]
     names = {s.name for s in gateway}
     assert {"clip.v1.ClipService/EmbedImage", *PIPELINE} - {"cache.store"} <= names, names
     server = next(s for s in gateway if s.name == "clip.v1.ClipService/EmbedImage")
     assert server.parent_span_id == CALLER_SPAN and server.transport == "grpc"
-    triton_spans = {s.span_id: s for s in spans if s.service == "triton" and s.trace_id == TRACE_ID}
-    model_span = next(s for s in triton_spans.values() if s.name == "clip_image")
-    assert model_span.attributes["triton.model_name"] == "clip_image"
-    assert model_span.transport == "http"
-    # Triton's request span hangs under the gateway's one `backend` span of this call,
-    # the model span under the request span, and Triton's compute under the model span.
-    backend = next(s for s in gateway if s.name == "backend")
-    request = triton_spans[model_span.parent_span_id]
-    assert request.name == "InferRequest" and request.parent_span_id == backend.span_id
-    assert any(
-        s.name == "compute" and s.parent_span_id == model_span.span_id
-        for s in triton_spans.values()
+    # Triton's request span hangs under the gateway's `backend` span of a call of this
+    # trace, the model span under the request span, and Triton's compute under the model.
+    request = _triton_under_a_backend_span(spans)
+    assert request is not None and request.transport == "http"
+    triton_spans = [s for s in spans if s.service == "triton" and s.trace_id == TRACE_ID]
+    model_span = next(
+        s for s in triton_spans if s.name == "clip_image" and s.parent_span_id == request.span_id
     )
+    assert model_span.attributes["triton.model_name"] == "clip_image"
+    assert any(s.name == "compute" and s.parent_span_id == model_span.span_id for s in triton_spans)
