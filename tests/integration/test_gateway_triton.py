@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import os
 import shutil
 import signal
@@ -42,6 +43,7 @@ from service.server.health import LIVENESS_SERVICE
 from tests.support.gateway import stub_for
 from tests.support.images import encode, photo_like
 from tests.support.models import ExportedModel
+from tests.support.polling import eventually
 from tests.support.reference import reference_images, reference_texts
 from tests.support.triton import (
     GATED_IMAGE_MODEL,
@@ -215,12 +217,13 @@ async def _until_shared(
     """Image calls until one went through shared memory (they go as bytes while the
     region is being registered); `_shm_state` then, at idle."""
     before = _gateway_count(gateway, SHM_BATCHES, transport="shared_memory")
-    deadline = time.monotonic() + PATIENT_S
-    seed = 900
-    while _gateway_count(gateway, SHM_BATCHES, transport="shared_memory") == before:
-        assert time.monotonic() < deadline, "no image batch went through shared memory"
-        seed += 1
-        await _embed_image(stub, seed, PATIENT_S)
+    seeds = itertools.count(901)
+
+    async def shared() -> bool:
+        await _embed_image(stub, next(seeds), PATIENT_S)
+        return _gateway_count(gateway, SHM_BATCHES, transport="shared_memory") > before
+
+    await eventually(shared, what="an image batch through shared memory", timeout_s=PATIENT_S)
     return _shm_state(gateway)
 
 
