@@ -666,11 +666,6 @@ class TritonBackend:
             size = rows[0].nbytes * (model.max_batch_size or self.max_batch_size)
             try:
                 self._shm = SlotRegion(name, size, self._shm_slots)
-                if self._metrics is not None:
-                    region = self._shm
-                    self._metrics.triton_shared_memory_slots_free.set_function(
-                        lambda: region.free_slots
-                    )
             except OSError as exc:
                 _LOGGER.warning(
                     "no shared memory for image batches (%s: %d × %d bytes: %s); they go to "
@@ -682,6 +677,11 @@ class TritonBackend:
                 )
                 self._shm_slots = 0  # for good: bytes, as without the flag
                 return None
+            if self._metrics is not None:
+                region = self._shm
+                self._metrics.triton_shared_memory_slots_free.set_function(
+                    lambda: region.free_slots
+                )
         if channel.shm_epoch != channel.epoch:
             # Not waited for: calls go as bytes until Triton has mapped the region.
             if channel.shm_registering is None:
