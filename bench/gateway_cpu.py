@@ -1,6 +1,6 @@
 """Gateway CPU per image, and what pre-sized pixels and --fast-jpeg change (issue 28).
 
-    python -m bench.gateway_cpu              # ~10-15 min on 2 busy cores
+    python -m bench.gateway_cpu              # ~1-2 min on 2 quiet cores
     python -m bench.gateway_cpu --quick      # fewer images and rounds
 
 Four sections (CPU per image, cores per GPU, embed-dir, --fast-jpeg quality): see
@@ -325,7 +325,7 @@ def table(headers: str, rows: list[list[object]]) -> str:
 
 def report(
     cpu: dict, dirs: tuple[list[list[object]], str], qual: list, rounds: int, photos: int,
-    quick: bool,
+    quick: bool, load_start: float,
 ) -> str:  # fmt: skip
     """The whole Markdown report."""
     px, shm = cpu["pixels"]["exact"], cpu["pixels"]["shm"]
@@ -349,7 +349,7 @@ def report(
     dir_rows, vectors = dirs
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f} at the end"
+        f"load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"
     )
     command = "python -m bench.gateway_cpu" + (" --quick" if quick else "")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -368,8 +368,10 @@ def report(
     return f"""# Gateway CPU per image (issue 28)
 
 `{command}`, {when}; {machine}.
-Figures of sections 1-2 are CPU seconds, not wall time (they move far less with the load
-of this shared machine); median of {rounds} interleaved rounds.
+Figures of sections 1-2 are CPU seconds, not wall time, median of {rounds} interleaved
+rounds. CPU seconds still grow when other work shares the cores (caches, memory
+bandwidth): a run beside a test suite measured about twice these, so compare figures of
+one run, and run it on a quiet machine.
 
 ## 1. Gateway CPU per image (exact path = today's default, cache off)
 
@@ -417,10 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="¼ of the images, ≤ 2 rounds")
     args = parser.parse_args(argv)
     rounds = min(args.rounds, 2) if args.quick else args.rounds
+    load_start = os.getloadavg()[0]
     qual = quality()
     dirs = embed_dir(rounds, args.photos)
     cpu = cpu_per_image(rounds, 0.25 if args.quick else 1.0)
-    text = report(cpu, dirs, qual, rounds, args.photos, args.quick)
+    text = report(cpu, dirs, qual, rounds, args.photos, args.quick, load_start)
     h.write_result(args.out, text, text.split("## 1.", 1)[1])
     return 0
 
