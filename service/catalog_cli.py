@@ -2,8 +2,10 @@
 gateway's catalog (`clipsvc serve --catalog ...`), and queries against it.
 
 `index` is incremental and resumable: an image's id is its path under DIR, the catalog
-keeps the SHA-256 of the bytes it embedded, and images whose stored hash equals the
+keeps the SHA-256 of the file it embedded, and images whose stored hash equals the
 file's are not sent again; a run that was interrupted adds only what it had not stored.
+Like `embed-dir`, it decodes here by default (`--pixels`, `--workers`) and sends the
+model's pixels with the file's hash, so the gateway's CPU does not bound the indexing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from tqdm import tqdm
 
 from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient
-from service.client_cli import IMAGE_SUFFIXES, _common
+from service.client_cli import IMAGE_SUFFIXES, _common, _pixel_flags, local_files
+from service.client_pixels import PixelPool, default_workers
+from service.core.image_preprocess import PresizedPixels
 
 # Ids asked about in one CatalogGet (under the server's --max-items default).
 _GET_CHUNK = 256
@@ -54,37 +58,49 @@ async def _index(args: argparse.Namespace, root: Path, files: list[Path]) -> int
     ids = {path: path.relative_to(root).as_posix() for path in files}
     errors: dict[str, str] = {}
     added = 0
+    pool = PixelPool(args.workers or default_workers())
     async with _async_client(args, args.timeout) as client:
         with tqdm(total=len(files), unit="img", desc="indexing") as bar:
             # Which files the catalog already holds with the same bytes: those are skipped.
             todo: list[Path] = []
+            hashes: dict[Path, str] = {}
             for start in range(0, len(files), _GET_CHUNK):
                 chunk = files[start : start + _GET_CHUNK]
                 stored = await client.catalog_get([ids[p] for p in chunk], model=args.model)
                 for path in chunk:
-                    if stored.get(ids[path]) == await asyncio.to_thread(_sha256, path):
+                    hashes[path] = await asyncio.to_thread(_sha256, path)
+                    if stored.get(ids[path]) == hashes[path]:
                         bar.update()
                     else:
                         todo.append(path)
             skipped = len(files) - len(todo)
+            values = await local_files(client, args, todo, pool)
 
             async def items() -> AsyncIterator[clip_pb2.CatalogItem]:
-                # Read lazily: the stream's flow control keeps a window of files in memory.
-                for path in todo:
-                    metadata = {"path": str(path.resolve())}
-                    yield clip_pb2.CatalogItem(
+                # Made lazily: the stream's flow control keeps a window of files in memory.
+                async for index, value in values:
+                    path = todo[int(index)]
+                    item = clip_pb2.CatalogItem(
                         id=ids[path],
-                        image=await asyncio.to_thread(path.read_bytes),
-                        metadata_json=json.dumps(metadata),
+                        metadata_json=json.dumps({"path": str(path.resolve())}),
                         model=args.model,
                     )
+                    if isinstance(value, PresizedPixels):
+                        # The file's hash, not the pixels': a later run skips it unread.
+                        item.pixels, item.source_sha256 = value.data, hashes[path]
+                    else:
+                        item.image = value  # type: ignore[assignment]
+                    yield item
 
-            async for result in client.catalog_add(items()):
-                if result.HasField("error"):
-                    errors[result.id] = f"{result.error.code}: {result.error.message}"
-                else:
-                    added += 1
-                bar.update()
+            try:
+                async for result in client.catalog_add(items()):
+                    if result.HasField("error"):
+                        errors[result.id] = f"{result.error.code}: {result.error.message}"
+                    else:
+                        added += 1
+                    bar.update()
+            finally:
+                pool.close()
     print(f"indexed {root}: {added} added or updated, {skipped} unchanged, {len(errors)} failed")
     for item_id, message in sorted(errors.items()):
         print(f"  failed: {item_id}: {message}")
@@ -115,6 +131,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     _common(p)
     p.add_argument("directory")
+    _pixel_flags(p)
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("search", help="Search the catalog by text (or @image-file).")

@@ -643,16 +643,19 @@ class AsyncClipClient:
 
     async def search(
         self,
-        query: str | bytes | Path,
+        query: str | bytes | Path | PresizedPixels,
         *,
         top_k: int = 10,
         filter_json: str = "",
         model: str = "",
     ) -> list[clip_pb2.SearchHit]:
-        """The catalog's items nearest a text, or an image (bytes or a file path)."""
+        """The catalog's items nearest a text, an image (bytes or a file path) or
+        pre-sized pixels."""
         request = clip_pb2.SearchRequest(top_k=top_k, filter_json=filter_json, model=model)
         if isinstance(query, str):
             request.text = query
+        elif isinstance(query, PresizedPixels):
+            request.pixels = query.data
         else:
             request.image = _image_bytes(query)
         return list((await self._call("Search", request)).hits)

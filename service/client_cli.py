@@ -206,6 +206,22 @@ async def _pixel_files(
                 yield str(done_index), PresizedPixels(pixels)
 
 
+async def local_files(
+    client: AsyncClipClient, args: argparse.Namespace, files: list[Path], pool: PixelPool
+) -> AsyncIterator[tuple[str, StreamValue]]:
+    """(index, value) of each file: its pixels made by `pool` when `--pixels` and the
+    server takes them (`GetModelInfo`), else its encoded bytes; says which it sends."""
+    recipe = None
+    if args.pixels:
+        info = await client.model_info(args.model)
+        recipe = PixelRecipe.from_model_info(info, fast_jpeg=args.fast_jpeg)
+    if recipe is None:
+        print("sending encoded files", flush=True)
+        return _encoded_files(files)
+    print(f"sending pixels made by {pool.workers} local workers", flush=True)
+    return _pixel_files(files, pool, recipe)
+
+
 async def _embed_dir(args: argparse.Namespace, root: Path, files: list[Path]) -> int:
     ca = args.tls_ca.read_bytes() if args.tls_ca else None
     started = time.perf_counter()
@@ -214,16 +230,7 @@ async def _embed_dir(args: argparse.Namespace, root: Path, files: list[Path]) ->
     async with AsyncClipClient(
         args.target, api_key=args.api_key, tls=args.tls, tls_ca=ca, timeout_s=None
     ) as client:
-        recipe = None
-        if args.pixels:
-            info = await client.model_info(args.model)
-            recipe = PixelRecipe.from_model_info(info, fast_jpeg=args.fast_jpeg)
-        if recipe is None:
-            items = _encoded_files(files)
-            print("sending encoded files", flush=True)
-        else:
-            items = _pixel_files(files, pool, recipe)
-            print(f"sending pixels made by {pool.workers} local workers", flush=True)
+        items = await local_files(client, args, files, pool)
         try:
             vectors, errors = await _stream_all(client, items, len(files), args)
         finally:

@@ -31,6 +31,7 @@ import numpy as np
 
 from service.backends.vector_store import MAX_ID_CHARS, StoredItem, StoreHit, VectorStore
 from service.core.embedder import Embedder
+from service.core.image_preprocess import PresizedPixels
 from service.core.models import ModelRegistry
 from service.core.validation import check_count
 from service.errors import BackendFailure, InvalidInput, NotConfigured
@@ -57,13 +58,16 @@ class CatalogLimits:
 
 @dataclass(frozen=True)
 class AddItem:
-    """One item to add or replace: `value` is a text (str) or encoded image (bytes)."""
+    """One item to add or replace: `value` is a text (str), an encoded image (bytes) or
+    pre-sized pixels; `source_sha256`, with pixels only, names the file they were made
+    from (stored as the item's content hash in place of the pixels')."""
 
     id: str
-    value: str | bytes | None
+    value: str | bytes | PresizedPixels | None
     metadata_json: str = ""
     model: str = ""
     language: str | None = None
+    source_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class VectorQuery:
     model_id: str
 
 
-Query = str | bytes | VectorQuery
+Query = str | bytes | PresizedPixels | VectorQuery
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,34 @@ def collection_name(model_id: str, model_name: str) -> str:
     return f"clip_{slug}_{digest}"
 
 
-def content_sha256(value: str | bytes) -> str:
-    """SHA-256 (hex) of what is embedded: image bytes, or a text's UTF-8."""
+def content_sha256(value: str | bytes | PresizedPixels) -> str:
+    """SHA-256 (hex) of what is embedded: image bytes, a text's UTF-8, or the pixels."""
+    if isinstance(value, PresizedPixels):
+        value = value.data
     data = value.encode() if isinstance(value, str) else value
     return hashlib.sha256(data).hexdigest()
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _stored_hash(item: AddItem) -> str:
+    """The content hash an item is stored with: the caller's `source_sha256` for pixels
+    (so an unchanged file is known without decoding it again), else its own."""
+    if not item.source_sha256:
+        return content_sha256(item.value)  # type: ignore[arg-type]
+    if not isinstance(item.value, PresizedPixels):
+        raise InvalidInput(
+            "source_sha256 goes with pixels only (the gateway hashes texts and images "
+            "itself); leave it empty",
+            field="source_sha256",
+        )
+    if not _SHA256_HEX.fullmatch(item.source_sha256):
+        raise InvalidInput(
+            "source_sha256 is not a SHA-256 in hex (64 characters 0-9, a-f)",
+            field="source_sha256",
+        )
+    return item.source_sha256
 
 
 class Catalog:
@@ -171,12 +199,13 @@ class Catalog:
             results = await embedder.embed_texts(
                 [item.value], timeout_s=timeout_s, field="text", language=item.language
             )
-        elif isinstance(item.value, bytes):
+        elif isinstance(item.value, bytes | PresizedPixels):
             embedder.check_language(item.language)
-            results = await embedder.embed_images([item.value], timeout_s=timeout_s, field="image")
+            field = "pixels" if isinstance(item.value, PresizedPixels) else "image"
+            results = await embedder.embed_images([item.value], timeout_s=timeout_s, field=field)
         else:
-            raise InvalidInput("item has neither text nor image set")
-        digest = content_sha256(item.value)
+            raise InvalidInput("item has no text, image or pixels set")
+        digest = _stored_hash(item)
         stored = StoredItem(item.id, results[0].vector, metadata, digest)
         await self._write(self._names[model.name], stored)
         return digest
@@ -291,13 +320,14 @@ class Catalog:
                 [query], timeout_s=timeout_s, field="text", language=language
             )
             return results[0].vector
-        if isinstance(query, bytes):
+        if isinstance(query, bytes | PresizedPixels):
             embedder.check_language(language)
-            results = await embedder.embed_images([query], timeout_s=timeout_s, field="image")
+            field = "pixels" if isinstance(query, PresizedPixels) else "image"
+            results = await embedder.embed_images([query], timeout_s=timeout_s, field=field)
             return results[0].vector
         if isinstance(query, VectorQuery):
             return _checked_vector(query, embedder)
-        raise InvalidInput("the search has no query: send a text, an image or a vector")
+        raise InvalidInput("the search has no query: send a text, an image, pixels or a vector")
 
     def _collection(self, model_name: str) -> str:
         if self._pending is None:

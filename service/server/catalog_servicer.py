@@ -17,6 +17,7 @@ import numpy as np
 from service.api.clip.v1 import clip_pb2
 from service.backends.vector_store import MAX_ID_CHARS
 from service.core.catalog import AddItem, AddOutcome, Catalog, Query, VectorQuery
+from service.core.image_preprocess import PresizedPixels
 from service.errors import NotConfigured
 from service.server.status import caller_message, status_for
 from service.server.streams import answer_stream
@@ -52,14 +53,13 @@ class CatalogRpcs:
         catalog = self._require_catalog()
 
         async def add(request: clip_pb2.CatalogItem) -> clip_pb2.CatalogAddResult:
-            kind = request.WhichOneof("input")
-            value = request.text if kind == "text" else request.image if kind == "image" else None
             item = AddItem(
                 id=request.id,
-                value=value,
+                value=_input(request, request.WhichOneof("input")),
                 metadata_json=request.metadata_json,
                 model=request.model,
                 language=request.language or None,
+                source_sha256=request.source_sha256,
             )
             return _add_result(await catalog.add(item, timeout_s=self._timeout(context)))
 
@@ -91,12 +91,8 @@ class CatalogRpcs:
     ) -> clip_pb2.SearchResponse:
         catalog = self._require_catalog()
         kind = request.WhichOneof("query")
-        query: Query | None = None
-        if kind == "text":
-            query = request.text
-        elif kind == "image":
-            query = request.image
-        elif kind == "vector":
+        query: Query | None = _input(request, kind)
+        if kind == "vector":
             query = VectorQuery(
                 np.asarray(request.vector.values, dtype=np.float32), request.vector.model_id
             )
@@ -115,6 +111,17 @@ class CatalogRpcs:
             ],
             model=result.model_id,
         )
+
+
+def _input(
+    request: clip_pb2.CatalogItem | clip_pb2.SearchRequest, kind: str | None
+) -> str | bytes | PresizedPixels | None:
+    """A text, an encoded image or pre-sized pixels, by which of them the message set."""
+    if kind == "text":
+        return request.text
+    if kind == "image":
+        return request.image
+    return PresizedPixels(request.pixels) if kind == "pixels" else None
 
 
 def _add_result(outcome: AddOutcome) -> clip_pb2.CatalogAddResult:

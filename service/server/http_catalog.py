@@ -2,11 +2,13 @@
 through its route wrapper (auth, body bound, concurrency, metrics, errors in OpenAI's
 shape). Decode and encode only; `core.catalog` does the work.
 
-    POST /v1/search          {"text" | "image" (base64) | "vector" + "vector_model",
-                              "top_k", "filter": {...}, "model", "language"}
+    POST /v1/search          {"text" | "image" (base64) | "pixels" (base64) | "vector" +
+                              "vector_model", "top_k", "filter": {...}, "model",
+                              "language"}
                              → {"hits": [{"id", "score", "metadata"}], "model"}
-    POST /v1/catalog/items   {"items": [{"id", "text" | "image", "metadata": {...},
-                              "model", "language"}], "model"}
+    POST /v1/catalog/items   {"items": [{"id", "text" | "image" | "pixels" (+
+                              "source_sha256"), "metadata": {...}, "model",
+                              "language"}], "model"}
                              → {"results": [{"id", "content_sha256"} | {"id", "error"}]}
     POST /v1/catalog/delete  {"ids": [...], "model"} → {"deleted": n}
     POST /v1/catalog/get     {"ids": [...], "model"} → {"items": [{"id", "metadata",
@@ -27,6 +29,7 @@ from starlette.routing import Route
 
 from service.backends.vector_store import MAX_ID_CHARS
 from service.core.catalog import AddItem, AddOutcome, Catalog, Query, VectorQuery
+from service.core.image_preprocess import PresizedPixels
 from service.core.validation import check_count
 from service.errors import InvalidInput, NotConfigured
 from service.server.http_schema import decode_image, text_input
@@ -49,6 +52,7 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True):
 class _SearchBody(_Body):
     text: str | None = None
     image: str | None = None
+    pixels: str | None = None
     vector: list[float] | None = None
     vector_model: str | None = None
     top_k: int | None = None  # null or 0: the default
@@ -60,6 +64,8 @@ class _AddItemBody(msgspec.Struct, forbid_unknown_fields=True):
     id: str = ""
     text: str | None = None
     image: str | None = None
+    pixels: str | None = None
+    source_sha256: str | None = None
     metadata: dict[str, Any] | None = None
     model: str | None = None
     language: str | None = None
@@ -78,20 +84,34 @@ def _object_json(value: dict[str, Any] | None) -> str:
     return "" if value is None else msgspec.json.encode(value).decode()
 
 
+def _content(
+    value: _AddItemBody | _SearchBody, field: str, index: int | None
+) -> str | bytes | PresizedPixels | None:
+    """The item's or query's text, encoded image or pixels (base64), whichever is set."""
+    if value.text is not None:
+        return text_input(value.text, field, index)
+    if value.image is not None:
+        return decode_image(value.image, field, index)
+    if value.pixels is not None:
+        return PresizedPixels(decode_image(value.pixels, field, index))
+    return None
+
+
 def _add_item(value: _AddItemBody, index: int, default_model: str) -> AddItem:
-    if (value.text is None) == (value.image is None):
-        raise InvalidInput("an item has exactly one of text and image", field="items", index=index)
-    content: str | bytes = (
-        text_input(value.text, "items", index)
-        if value.text is not None
-        else decode_image(value.image or "", "items", index)
-    )
+    given = [k for k in ("text", "image", "pixels") if getattr(value, k) is not None]
+    if len(given) != 1:
+        raise InvalidInput(
+            f"an item has exactly one of text, image and pixels; got {given or 'none'}",
+            field="items",
+            index=index,
+        )
     return AddItem(
         id=value.id,
-        value=content,
+        value=_content(value, "items", index),
         metadata_json=_object_json(value.metadata),
         model=value.model or default_model,
         language=value.language or None,
+        source_sha256=value.source_sha256 or "",
     )
 
 
@@ -108,18 +128,16 @@ def _outcome(outcome: AddOutcome) -> dict[str, Any]:
 
 
 def _query(body: _SearchBody) -> Query:
-    given = [k for k in ("text", "image", "vector") if getattr(body, k) is not None]
+    given = [k for k in ("text", "image", "pixels", "vector") if getattr(body, k) is not None]
     if len(given) != 1:
         raise InvalidInput(
-            "send exactly one of text, image (base64) and vector (with vector_model: the "
-            f"model id its embedding answer named); got {given or 'none'}",
+            "send exactly one of text, image (base64), pixels (base64) and vector (with "
+            f"vector_model: the model id its embedding answer named); got {given or 'none'}",
             field="query",
         )
-    if body.text is not None:
-        return text_input(body.text, "text")
-    if body.image is not None:
-        return decode_image(body.image, "image")
-    return VectorQuery(np.asarray(body.vector, dtype=np.float32), body.vector_model or "")
+    if body.vector is not None:
+        return VectorQuery(np.asarray(body.vector, dtype=np.float32), body.vector_model or "")
+    return _content(body, given[0], None)  # type: ignore[return-value]
 
 
 class CatalogRoutes:

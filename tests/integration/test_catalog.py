@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import pytest
 from service.api.clip.v1 import clip_pb2
 from service.backends.milvus_store import MilvusStore
 from service.backends.vector_store import IndexSettings
+from service.client_pixels import PixelRecipe, make_pixels
 from service.core.catalog import collection_name
 from service.demo.images import write_demo_images
 from service.demo.shapes import render
@@ -192,6 +194,7 @@ async def test_a_metadata_filter_keeps_only_matching_items(served: Served) -> No
         ({"text": "x", "filter_json": "[1]"}, "JSON object"),
         ({"text": "x", "top_k": 100_000}, "top_k"),
         ({}, "no query"),
+        ({"pixels": b"\x00" * 5}, "pixels are 5 bytes"),
     ],
 )
 async def test_bad_searches_are_invalid_argument_and_say_why(
@@ -238,6 +241,78 @@ async def test_a_vector_of_another_model_is_refused_and_named(served: Served) ->
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _search(served.gateway, vector=clip_pb2.QueryVector(values=[0.1] * 64))
     assert "must name the model" in caught.value.details()
+
+
+async def _pixels_of(gateway: Gateway, image: bytes) -> bytes:
+    """The image's pre-sized pixels, made as `clipsvc index` makes them (the model's
+    recipe from GetModelInfo, the gateway's own preprocessing code)."""
+    async with stub_for(gateway.port) as stub:
+        info = await stub.GetModelInfo(clip_pb2.GetModelInfoRequest())
+    recipe = PixelRecipe.from_model_info(info)
+    assert recipe is not None
+    pixels = make_pixels(image, recipe)
+    assert pixels is not None
+    return pixels
+
+
+async def test_pixel_items_and_queries_equal_their_encoded_images(served: Served) -> None:
+    image = _png("red", "square", 777)
+    pixels = await _pixels_of(served.gateway, image)
+    file_sha = hashlib.sha256(image).hexdigest()
+    answers = await _add(
+        served.gateway,
+        [
+            clip_pb2.CatalogItem(id="px_encoded", image=image),
+            clip_pb2.CatalogItem(id="px_pixels", pixels=pixels, source_sha256=file_sha),
+            clip_pb2.CatalogItem(id="px_unnamed", pixels=pixels),
+        ],
+    )
+    stored = {a.id: (a.error.message, a.content_sha256) for a in answers}
+    # The file's hash is kept for pixels made from it (a re-run can skip the file).
+    assert stored == {
+        "px_encoded": ("", file_sha),
+        "px_pixels": ("", file_sha),
+        "px_unnamed": ("", hashlib.sha256(pixels).hexdigest()),
+    }
+    try:
+        by_image = await _search(served.gateway, image=image, top_k=5)
+        by_pixels = await _search(served.gateway, pixels=pixels, top_k=5)
+        assert [(h.id, h.score) for h in by_pixels] == [(h.id, h.score) for h in by_image]
+        scores = {h.id: h.score for h in by_pixels}
+        # The same vector stored three times: each is the query's own (cosine 1).
+        for item_id in ("px_encoded", "px_pixels", "px_unnamed"):
+            assert scores[item_id] == pytest.approx(1.0, abs=1e-6), scores
+    finally:
+        async with stub_for(served.gateway.port) as stub:
+            ids = ["px_encoded", "px_pixels", "px_unnamed"]
+            await stub.CatalogDelete(clip_pb2.CatalogDeleteRequest(ids=ids))
+
+
+async def test_bad_pixel_items_answer_alone_and_say_why(served: Served) -> None:
+    pixels = await _pixels_of(served.gateway, _png("blue", "circle", 778))
+    answers = await _add(
+        served.gateway,
+        [
+            clip_pb2.CatalogItem(id="px_short", pixels=pixels[:-1]),
+            clip_pb2.CatalogItem(
+                id="px_image_sha", image=_png("red", "star", 1), source_sha256="a" * 64
+            ),
+            clip_pb2.CatalogItem(id="px_bad_sha", pixels=pixels, source_sha256="not a hash"),
+            clip_pb2.CatalogItem(id="px_upper_sha", pixels=pixels, source_sha256="A" * 64),
+        ],
+    )
+    says = {a.id: (a.error.code, a.error.message) for a in answers}
+    assert says["px_short"][0] == "INVALID_ARGUMENT"
+    assert (
+        f"{len(pixels) - 1} bytes" in says["px_short"][1]
+        and str(len(pixels)) in says["px_short"][1]
+    )
+    for item_id in ("px_image_sha", "px_bad_sha", "px_upper_sha"):
+        assert says[item_id][0] == "INVALID_ARGUMENT", says
+        assert "source_sha256" in says[item_id][1], says
+    async with stub_for(served.gateway.port) as stub:
+        got = await stub.CatalogGet(clip_pb2.CatalogGetRequest(ids=list(says)))
+    assert list(got.entries) == []
 
 
 async def test_http_routes_add_search_get_delete(served: Served) -> None:
@@ -289,6 +364,48 @@ async def test_http_routes_add_search_get_delete(served: Served) -> None:
         http_json, port, "/v1/catalog/delete", {"ids": ["http_square"]}
     )
     assert (status, body) == (200, {"deleted": 1})
+
+
+async def test_http_routes_take_pixels_as_the_grpc_ones_do(served: Served) -> None:
+    port = served.gateway.http_port
+    image = _png("green", "star", 4343)
+    pixels = await _pixels_of(served.gateway, image)
+    file_sha = hashlib.sha256(image).hexdigest()
+    encoded = base64.b64encode(pixels).decode()
+    status, body = await asyncio.to_thread(
+        http_json,
+        port,
+        "/v1/catalog/items",
+        {
+            "items": [
+                {"id": "http_px", "pixels": encoded, "source_sha256": file_sha},
+                {"id": "http_px_short", "pixels": base64.b64encode(pixels[:10]).decode()},
+                {"id": "http_px_two", "pixels": encoded, "image": base64.b64encode(image).decode()},
+            ]
+        },
+    )
+    assert status == 200, body
+    first, short, two = body["results"]
+    assert first == {"id": "http_px", "content_sha256": file_sha}, body
+    assert short["error"]["code"] == "INVALID_ARGUMENT" and "10 bytes" in short["error"]["message"]
+    assert "exactly one of text, image and pixels" in two["error"]["message"], two
+    try:
+        status, by_pixels = await asyncio.to_thread(
+            http_json, port, "/v1/search", {"pixels": encoded, "top_k": 3}
+        )
+        assert status == 200, by_pixels
+        status, by_image = await asyncio.to_thread(
+            http_json, port, "/v1/search", {"image": base64.b64encode(image).decode(), "top_k": 3}
+        )
+        assert by_pixels == by_image
+        assert by_pixels["hits"][0]["id"] == "http_px"
+        assert by_pixels["hits"][0]["score"] == pytest.approx(1.0, abs=1e-6)
+        status, body = await asyncio.to_thread(
+            http_json, port, "/v1/search", {"pixels": base64.b64encode(b"abc").decode()}
+        )
+        assert status == 400 and "pixels are 3 bytes" in body["error"]["message"], body
+    finally:
+        await asyncio.to_thread(http_json, port, "/v1/catalog/delete", {"ids": ["http_px"]})
 
 
 async def test_a_restarted_gateway_keeps_the_catalog(demo_model, tmp_path: Path) -> None:
@@ -382,3 +499,31 @@ async def test_readme_index_then_search_finds_blue_stars_and_a_rerun_adds_only_c
         code, out = await _clipsvc(gateway.port, tmp_path, lines[0])
         assert code == 0, out
         assert "2 added or updated, 95 unchanged, 0 failed" in out
+
+
+async def test_index_sends_pixels_from_local_workers_and_a_no_pixels_rerun_skips_them(
+    demo_model, tmp_path: Path
+) -> None:
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for colour, shape in PAIRS:
+        (folder / f"{colour}_{shape}.png").write_bytes(_png(colour, shape, 31))
+    settings = gateway_settings(demo_model.repository, catalog=str(tmp_path / "catalog.db"))
+    async with running_gateway(settings) as gateway:
+        code, out = await _clipsvc(gateway.port, tmp_path, ["index", "shapes", "--workers", "2"])
+        assert code == 0, out
+        assert "sending pixels made by 2 local workers" in out, out
+        assert f"{len(PAIRS)} added or updated, 0 unchanged, 0 failed" in out, out
+        ids = sorted(p.name for p in folder.iterdir())
+        async with stub_for(gateway.port) as stub:
+            got = await stub.CatalogGet(clip_pb2.CatalogGetRequest(ids=ids))
+        # Stored under the file's hash: the pixels were made from these very bytes.
+        want = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in ids}
+        assert {e.id: e.content_sha256 for e in got.entries} == want
+        # The same vector as the gateway's own decode: each file finds itself at cosine 1.
+        for name in ids[:3]:
+            [hit] = await _search(gateway, image=(folder / name).read_bytes(), top_k=1)
+            assert hit.id == name and hit.score == pytest.approx(1.0, abs=1e-6)
+        code, out = await _clipsvc(gateway.port, tmp_path, ["index", "shapes", "--no-pixels"])
+        assert code == 0, out
+        assert f"0 added or updated, {len(PAIRS)} unchanged, 0 failed" in out, out

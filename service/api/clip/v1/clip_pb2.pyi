@@ -264,20 +264,24 @@ class StreamResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
 
 class CatalogItem(_message.Message):
-    __slots__ = ("id", "text", "image", "metadata_json", "model", "language")
+    __slots__ = ("id", "text", "image", "pixels", "source_sha256", "metadata_json", "model", "language")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SHA256_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     image: bytes
+    pixels: bytes
+    source_sha256: str
     metadata_json: str
     model: str
     language: str
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata_json: _Optional[str] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., pixels: _Optional[bytes] = ..., source_sha256: _Optional[str] = ..., metadata_json: _Optional[str] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
 
 class CatalogAddResult(_message.Message):
     __slots__ = ("id", "error", "content_sha256")
@@ -336,10 +340,11 @@ class QueryVector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("text", "image", "vector", "top_k", "filter_json", "model", "language")
+    __slots__ = ("text", "image", "vector", "pixels", "top_k", "filter_json", "model", "language")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTER_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -347,11 +352,12 @@ class SearchRequest(_message.Message):
     text: str
     image: bytes
     vector: QueryVector
+    pixels: bytes
     top_k: int
     filter_json: str
     model: str
     language: str
-    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[QueryVector, _Mapping]] = ..., top_k: _Optional[int] = ..., filter_json: _Optional[str] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[QueryVector, _Mapping]] = ..., pixels: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filter_json: _Optional[str] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "metadata_json")
