@@ -84,6 +84,11 @@ class Metrics:
             ["backend", "modality"],
             registry=r,
         )
+        self.catalog_engine_restarts = Counter(
+            "clip_catalog_engine_restarts",
+            "Times the embedded catalog engine (--catalog FILE) died and was started again.",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "clip_batch_size",
             "Items per forward pass of the batching queue, by modality.",

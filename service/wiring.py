@@ -252,9 +252,11 @@ def is_catalog_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "tcp://", "unix:"))
 
 
-def build_catalog(settings: Settings, models: ModelRegistry) -> tuple[Catalog, Callable[[], None]]:
-    """The catalog `--catalog` names (the embedded engine started now), and how to stop
-    what was started."""
+def build_catalog(
+    settings: Settings, models: ModelRegistry, metrics: Metrics
+) -> tuple[Catalog, Callable[[], None]]:
+    """The catalog `--catalog` names (the embedded engine started now, and restarted
+    whenever it dies), and how to stop what was started."""
     from service.backends.milvus_store import MilvusStore
     from service.backends.vector_store import IndexSettings
 
@@ -292,8 +294,18 @@ def build_catalog(settings: Settings, models: ModelRegistry) -> tuple[Catalog, C
         max_metadata_bytes=settings.catalog_max_metadata_bytes,
         max_ids=settings.max_items,
     )
+    # The gateway owns the embedded engine: nothing else would restart it after a crash
+    # (the store reconnects to the same socket by itself; the file keeps the items).
+    supervisor = None
+    if engine is not None:
+        from service.processes.supervisor import Supervisor
+
+        supervisor = Supervisor(engine, on_restart=metrics.catalog_engine_restarts.inc)
+        supervisor.start()
 
     def stop() -> None:
+        if supervisor is not None:
+            supervisor.stop()  # first: a stop on purpose is no crash to restart from
         if engine is not None:
             engine.stop()
 
@@ -318,7 +330,9 @@ def build_gateway(
     for model in models:
         embedder = model.embedder
         metrics.build_info.labels(__version__, embedder.model_id, embedder.backend_name).set(1)
-    catalog, stop_catalog = build_catalog(settings, models) if settings.catalog else (None, None)
+    catalog, stop_catalog = (
+        build_catalog(settings, models, metrics) if settings.catalog else (None, None)
+    )
     try:
         gateway = build_server(server_options(settings), models, metrics, catalog, tracer)
     except BaseException:

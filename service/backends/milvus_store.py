@@ -26,6 +26,7 @@ from service.extras import MissingExtra
 
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
+    from pymilvus.client.types import Status
 except ImportError as exc:  # the gateway install leaves the catalog's client out
     raise MissingExtra("catalog", "--catalog", exc.name) from exc
 
@@ -39,6 +40,10 @@ from service.backends.vector_store import (
 from service.errors import BackendFailure, BackendUnavailable, ModelMismatch
 
 _LOGGER = logging.getLogger(__name__)
+# pymilvus logs every failed call with two full tracebacks (~60 lines) before raising;
+# each failure is raised here as the gateway's own error and logged once, by the status
+# layer. An engine that is down for a few seconds would otherwise bury the log.
+logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 # Id bytes: 4 per character at most in UTF-8 (the VARCHAR's bound is in bytes).
 _ID_BYTES = 4 * MAX_ID_CHARS
@@ -219,6 +224,15 @@ class MilvusStore:
         try:
             return method(*args, timeout=self._timeout_s, **kwargs)
         except MilvusException as exc:
+            if exc.code == Status.CONNECT_FAILED:
+                # Down, restarting (the embedded engine is restarted by its supervisor)
+                # or unreachable: a caller may retry, unlike a failed call.
+                _LOGGER.warning(
+                    "catalog %s: the engine at %s is not reachable: %s", what, self._uri, exc
+                )
+                raise BackendUnavailable(
+                    "the catalog engine is not reachable (down or restarting); retry shortly"
+                ) from exc
             raise BackendFailure(
                 f"catalog {what} failed at {self._uri}: {exc}", source="the catalog engine"
             ) from exc

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shlex
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,11 +36,13 @@ from service.demo.shapes import render
 from service.errors import ModelMismatch
 from service.model.metadata import load_repository
 from service.processes.gateway import gateway_settings, running_gateway
+from service.processes.metric_samples import sample, scrape
 from service.processes.milvus_lite import MilvusLite
 from service.server.app import Gateway
 from tests.support.gateway import stub_for
 from tests.support.http_json import http_json
 from tests.support.paths import REPO_ROOT
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -415,6 +418,58 @@ async def test_a_restarted_gateway_keeps_the_catalog(demo_model, tmp_path: Path)
     async with running_gateway(settings) as gateway:
         hits = await _search(gateway, text="a red circle", top_k=PER_PAIR)
     assert sorted(h.id for h in hits) == [f"red_circle_{k}" for k in range(PER_PAIR)]
+
+
+def _engine_pids(db: Path) -> list[int]:
+    """Live (not zombie) milvus engine processes serving `db`, from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and argv[0].endswith(b"/milvus") and str(db).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+async def test_a_crashed_engine_is_restarted_and_its_items_come_back(
+    demo_model, tmp_path: Path
+) -> None:
+    db = tmp_path / "crash.db"
+    settings = gateway_settings(demo_model.repository, catalog=str(db))
+    async with running_gateway(settings) as gateway:
+        await _add(gateway, [i for i in _shape_items() if i.id.startswith("red_")])
+        [pid] = _engine_pids(db)
+        os.killpg(pid, signal.SIGKILL)
+        await eventually(lambda: _engine_pids(db), lambda pids: pid not in pids, what="dead")
+        # Down: UNAVAILABLE, which a caller may retry (before: INTERNAL, for ever).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _search(gateway, text="a red circle", top_k=PER_PAIR)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert "retry" in caught.value.details()
+
+        async def search() -> list[str] | grpc.StatusCode:
+            try:
+                return sorted(h.id for h in await _search(gateway, text="a red circle", top_k=3))
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+        # Restarted on the same file: the items added before the crash are found again,
+        # and every answer on the way was UNAVAILABLE or the items.
+        answers = []
+        want = [f"red_circle_{k}" for k in range(PER_PAIR)]
+        await eventually(search, lambda got: answers.append(got) or got == want, what="found again")
+        assert set(map(str, answers)) <= {str(want), str(grpc.StatusCode.UNAVAILABLE)}, answers
+        [again] = _engine_pids(db)
+        assert again != pid
+        assert sample(scrape(gateway.metrics_port), "clip_catalog_engine_restarts_total") == 1
+        # Adding works again too.
+        [added] = await _add(gateway, [clip_pb2.CatalogItem(id="after", text="a red star")])
+        assert not added.HasField("error"), added.error
+    # Stopped on purpose: not restarted, nothing left running on the file.
+    assert _engine_pids(db) == []
 
 
 async def test_a_catalog_made_for_another_model_is_refused_at_start(
