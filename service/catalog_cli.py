@@ -74,7 +74,7 @@ async def _index(args: argparse.Namespace, root: Path, files: list[Path]) -> int
                     else:
                         todo.append(path)
             skipped = len(files) - len(todo)
-            values = await local_files(client, args, todo, pool)
+            values = await local_files(client, args, todo, pool, catalog=True)
 
             async def items() -> AsyncIterator[clip_pb2.CatalogItem]:
                 # Made lazily: the stream's flow control keeps a window of files in memory.

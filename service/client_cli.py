@@ -207,14 +207,21 @@ async def _pixel_files(
 
 
 async def local_files(
-    client: AsyncClipClient, args: argparse.Namespace, files: list[Path], pool: PixelPool
+    client: AsyncClipClient,
+    args: argparse.Namespace,
+    files: list[Path],
+    pool: PixelPool,
+    *,
+    catalog: bool = False,
 ) -> AsyncIterator[tuple[str, StreamValue]]:
     """(index, value) of each file: its pixels made by `pool` when `--pixels` and the
-    server takes them (`GetModelInfo`), else its encoded bytes; says which it sends."""
+    server takes them (`GetModelInfo`; for the `catalog`, its catalog too), else its
+    encoded bytes; says which it sends."""
     recipe = None
     if args.pixels:
         info = await client.model_info(args.model)
-        recipe = PixelRecipe.from_model_info(info, fast_jpeg=args.fast_jpeg)
+        if not catalog or getattr(info, "catalog_accepts_pixels", False):
+            recipe = PixelRecipe.from_model_info(info, fast_jpeg=args.fast_jpeg)
     if recipe is None:
         print("sending encoded files", flush=True)
         return _encoded_files(files)

@@ -272,6 +272,7 @@ def model_info(model: ServedModel) -> clip_pb2.ModelInfo:
         default_language=meta.language or "",
         tokenizer=meta.tokenizer,
         accepts_pixels=True,
+        catalog_accepts_pixels=True,
         image_interpolation=meta.interpolation,
         exif_transpose=model.embedder.exif_transpose,
     )

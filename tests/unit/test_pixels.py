@@ -125,6 +125,44 @@ def test_a_recipe_needs_a_server_that_takes_pixels() -> None:
     assert recipe.limits.exif_transpose is False
 
 
+class _InfoOnly:
+    """A client whose server answers GetModelInfo with `info`."""
+
+    def __init__(self, info: clip_pb2.ModelInfo) -> None:
+        self.info = info
+
+    async def model_info(self, model: str = "") -> clip_pb2.ModelInfo:
+        return self.info
+
+
+async def test_index_sends_pixels_only_to_a_catalog_that_takes_them(tmp_path) -> None:
+    import argparse
+
+    from service.client_cli import local_files
+
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(photo_like(80, 60), "PNG"))
+    args = argparse.Namespace(pixels=True, fast_jpeg=False, model="")
+    pool = PixelPool(workers=0)
+    # A gateway whose embedding calls take pixels but whose catalog predates them (it
+    # would ignore CatalogItem.pixels and refuse an item with no input): files.
+    embeds_only = clip_pb2.ModelInfo(image_size=64, accepts_pixels=True)
+    both = clip_pb2.ModelInfo(image_size=64, accepts_pixels=True, catalog_accepts_pixels=True)
+    sent = {}
+    for name, info, catalog in [
+        ("embed-dir", embeds_only, False),
+        ("index, old catalog", embeds_only, True),
+        ("index", both, True),
+    ]:
+        values = await local_files(_InfoOnly(info), args, [image], pool, catalog=catalog)  # type: ignore[arg-type]
+        sent[name] = [type(value).__name__ for _, value in [v async for v in values]]
+    assert sent == {
+        "embed-dir": ["PresizedPixels"],
+        "index, old catalog": ["bytes"],
+        "index": ["PresizedPixels"],
+    }
+
+
 def test_pixels_the_client_cannot_make_are_none_so_the_server_answers(tmp_path) -> None:
     recipe = PixelRecipe(ImageSpec(64), LIMITS)
     good = tmp_path / "good.png"

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63lip/v1/clip.proto\x12\x07\x63lip.v1\"\x8e\x01\n\x10\x45mbedTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.clip.v1.VectorFormat\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.Priority\"\x8e\x01\n\x11\x45mbedImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06pixels\x18\x03 \x03(\x0c\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.clip.v1.VectorFormat\x12\r\n\x05model\x18\n \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.Priority\"\x82\x01\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06packed\x18\x02 \x01(\x0c\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\x12%\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x15.clip.v1.VectorFormat\"F\n\rEmbedResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.clip.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\"A\n\x04Item\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x9c\x01\n\x11SimilarityRequest\x12\x1e\n\x07queries\x18\x01 \x03(\x0b\x32\r.clip.v1.Item\x12!\n\ncandidates\x18\x02 \x03(\x0b\x32\r.clip.v1.Item\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.Priority\",\n\x03Row\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\"?\n\x12SimilarityResponse\x12\x1a\n\x04rows\x18\x01 \x03(\x0b\x32\x0c.clip.v1.Row\x12\r\n\x05model\x18\x02 \x01(\t\"\xa9\x01\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06pixels\x18\x06 \x03(\x0c\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x11\n\ttemplates\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.Priority\"?\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"5\n\x0e\x43lassification\x12#\n\x06labels\x18\x01 \x03(\x0b\x32\x13.clip.v1.LabelScore\"K\n\x10\x43lassifyResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.clip.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8d\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\npretrained\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x12\n\nimage_size\x18\x04 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x13\n\x0blogit_scale\x18\x06 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12\x16\n\x0eweights_sha256\x18\t \x01(\t\x12\x12\n\nlogit_bias\x18\n \x01(\x02\x12\x16\n\x0escore_function\x18\x0b \x01(\t\x12\x11\n\tlanguages\x18\x0c \x03(\t\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\r \x01(\t\x12\x11\n\ttokenizer\x18\x0e \x01(\t\x12\x0c\n\x04name\x18\x14 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_pixels\x18\x0f \x01(\x08\x12\x1b\n\x13image_interpolation\x18\x10 \x01(\t\x12\x16\n\x0e\x65xif_transpose\x18\x11 \x01(\x08\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.clip.v1.ModelInfo\"\xc4\x01\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x06 \x01(\x0cH\x00\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.clip.v1.VectorFormat\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.PriorityB\x07\n\x05input\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"v\n\x0eStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\tembedding\x18\x02 \x01(\x0b\x32\x12.clip.v1.EmbeddingH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.clip.v1.StreamErrorH\x00\x42\x08\n\x06result\"\xa4\x01\n\x0b\x43\x61talogItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x06 \x01(\x0cH\x00\x12\x15\n\rsource_sha256\x18\x07 \x01(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\tB\x07\n\x05input\"[\n\x10\x43\x61talogAddResult\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.clip.v1.StreamError\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t\"2\n\x14\x43\x61talogDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\r\n\x05model\x18\n \x01(\t\"(\n\x15\x43\x61talogDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\"/\n\x11\x43\x61talogGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\r\n\x05model\x18\n \x01(\t\"I\n\x0c\x43\x61talogEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t\"<\n\x12\x43\x61talogGetResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.clip.v1.CatalogEntry\"/\n\x0bQueryVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x10\n\x08model_id\x18\x02 \x01(\t\"\xb8\x01\n\rSearchRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12&\n\x06vector\x18\x03 \x01(\x0b\x32\x14.clip.v1.QueryVectorH\x00\x12\x10\n\x06pixels\x18\x07 \x01(\x0cH\x00\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x13\n\x0b\x66ilter_json\x18\x05 \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x06 \x01(\tB\x07\n\x05query\"=\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\"A\n\x0eSearchResponse\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.clip.v1.SearchHit\x12\r\n\x05model\x18\x02 \x01(\t*\xd4\x01\n\x0cVectorFormat\x12\x1c\n\x18VECTOR_FORMAT_FLOAT_LIST\x10\x00\x12\x1f\n\x1bVECTOR_FORMAT_FLOAT32_BYTES\x10\x01\x12\x1f\n\x1bVECTOR_FORMAT_FLOAT16_BYTES\x10\x02\x12\x16\n\x12VECTOR_FORMAT_INT8\x10\x03\x12\x17\n\x13VECTOR_FORMAT_UINT8\x10\x04\x12\x18\n\x14VECTOR_FORMAT_BINARY\x10\x05\x12\x19\n\x15VECTOR_FORMAT_UBINARY\x10\x06*Q\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x11\n\rPRIORITY_BULK\x10\x02\x32\xf9\x05\n\x0b\x43lipService\x12>\n\tEmbedText\x12\x19.clip.v1.EmbedTextRequest\x1a\x16.clip.v1.EmbedResponse\x12@\n\nEmbedImage\x12\x1a.clip.v1.EmbedImageRequest\x1a\x16.clip.v1.EmbedResponse\x12\x45\n\nSimilarity\x12\x1a.clip.v1.SimilarityRequest\x1a\x1b.clip.v1.SimilarityResponse\x12?\n\x08\x43lassify\x12\x18.clip.v1.ClassifyRequest\x1a\x19.clip.v1.ClassifyResponse\x12@\n\x0cGetModelInfo\x12\x1c.clip.v1.GetModelInfoRequest\x1a\x12.clip.v1.ModelInfo\x12\x45\n\nListModels\x12\x1a.clip.v1.ListModelsRequest\x1a\x1b.clip.v1.ListModelsResponse\x12\x42\n\x0b\x45mbedStream\x12\x16.clip.v1.StreamRequest\x1a\x17.clip.v1.StreamResponse(\x01\x30\x01\x12\x41\n\nCatalogAdd\x12\x14.clip.v1.CatalogItem\x1a\x19.clip.v1.CatalogAddResult(\x01\x30\x01\x12N\n\rCatalogDelete\x12\x1d.clip.v1.CatalogDeleteRequest\x1a\x1e.clip.v1.CatalogDeleteResponse\x12\x45\n\nCatalogGet\x12\x1a.clip.v1.CatalogGetRequest\x1a\x1b.clip.v1.CatalogGetResponse\x12\x39\n\x06Search\x12\x16.clip.v1.SearchRequest\x1a\x17.clip.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63lip/v1/clip.proto\x12\x07\x63lip.v1\"\x8e\x01\n\x10\x45mbedTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.clip.v1.VectorFormat\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.Priority\"\x8e\x01\n\x11\x45mbedImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06pixels\x18\x03 \x03(\x0c\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.clip.v1.VectorFormat\x12\r\n\x05model\x18\n \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.Priority\"\x82\x01\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06packed\x18\x02 \x01(\x0c\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\x12%\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x15.clip.v1.VectorFormat\"F\n\rEmbedResponse\x12&\n\nembeddings\x18\x01 \x03(\x0b\x32\x12.clip.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\"A\n\x04Item\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x9c\x01\n\x11SimilarityRequest\x12\x1e\n\x07queries\x18\x01 \x03(\x0b\x32\r.clip.v1.Item\x12!\n\ncandidates\x18\x02 \x03(\x0b\x32\r.clip.v1.Item\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.Priority\",\n\x03Row\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\"?\n\x12SimilarityResponse\x12\x1a\n\x04rows\x18\x01 \x03(\x0b\x32\x0c.clip.v1.Row\x12\r\n\x05model\x18\x02 \x01(\t\"\xa9\x01\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06pixels\x18\x06 \x03(\x0c\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x11\n\ttemplates\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.Priority\"?\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"5\n\x0e\x43lassification\x12#\n\x06labels\x18\x01 \x03(\x0b\x32\x13.clip.v1.LabelScore\"K\n\x10\x43lassifyResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.clip.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xad\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\npretrained\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x12\n\nimage_size\x18\x04 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x13\n\x0blogit_scale\x18\x06 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12\x16\n\x0eweights_sha256\x18\t \x01(\t\x12\x12\n\nlogit_bias\x18\n \x01(\x02\x12\x16\n\x0escore_function\x18\x0b \x01(\t\x12\x11\n\tlanguages\x18\x0c \x03(\t\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\r \x01(\t\x12\x11\n\ttokenizer\x18\x0e \x01(\t\x12\x0c\n\x04name\x18\x14 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_pixels\x18\x0f \x01(\x08\x12\x1b\n\x13image_interpolation\x18\x10 \x01(\t\x12\x16\n\x0e\x65xif_transpose\x18\x11 \x01(\x08\x12\x1e\n\x16\x63\x61talog_accepts_pixels\x18\x12 \x01(\x08\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.clip.v1.ModelInfo\"\xc4\x01\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x06 \x01(\x0cH\x00\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.clip.v1.VectorFormat\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12#\n\x08priority\x18\x0f \x01(\x0e\x32\x11.clip.v1.PriorityB\x07\n\x05input\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"v\n\x0eStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\tembedding\x18\x02 \x01(\x0b\x32\x12.clip.v1.EmbeddingH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.clip.v1.StreamErrorH\x00\x42\x08\n\x06result\"\xa4\x01\n\x0b\x43\x61talogItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x06 \x01(\x0cH\x00\x12\x15\n\rsource_sha256\x18\x07 \x01(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\tB\x07\n\x05input\"[\n\x10\x43\x61talogAddResult\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.clip.v1.StreamError\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t\"2\n\x14\x43\x61talogDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\r\n\x05model\x18\n \x01(\t\"(\n\x15\x43\x61talogDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\"/\n\x11\x43\x61talogGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\r\n\x05model\x18\n \x01(\t\"I\n\x0c\x43\x61talogEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_sha256\x18\x03 \x01(\t\"<\n\x12\x43\x61talogGetResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.clip.v1.CatalogEntry\"/\n\x0bQueryVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x10\n\x08model_id\x18\x02 \x01(\t\"\xb8\x01\n\rSearchRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12&\n\x06vector\x18\x03 \x01(\x0b\x32\x14.clip.v1.QueryVectorH\x00\x12\x10\n\x06pixels\x18\x07 \x01(\x0cH\x00\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x13\n\x0b\x66ilter_json\x18\x05 \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08language\x18\x06 \x01(\tB\x07\n\x05query\"=\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\"A\n\x0eSearchResponse\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.clip.v1.SearchHit\x12\r\n\x05model\x18\x02 \x01(\t*\xd4\x01\n\x0cVectorFormat\x12\x1c\n\x18VECTOR_FORMAT_FLOAT_LIST\x10\x00\x12\x1f\n\x1bVECTOR_FORMAT_FLOAT32_BYTES\x10\x01\x12\x1f\n\x1bVECTOR_FORMAT_FLOAT16_BYTES\x10\x02\x12\x16\n\x12VECTOR_FORMAT_INT8\x10\x03\x12\x17\n\x13VECTOR_FORMAT_UINT8\x10\x04\x12\x18\n\x14VECTOR_FORMAT_BINARY\x10\x05\x12\x19\n\x15VECTOR_FORMAT_UBINARY\x10\x06*Q\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x11\n\rPRIORITY_BULK\x10\x02\x32\xf9\x05\n\x0b\x43lipService\x12>\n\tEmbedText\x12\x19.clip.v1.EmbedTextRequest\x1a\x16.clip.v1.EmbedResponse\x12@\n\nEmbedImage\x12\x1a.clip.v1.EmbedImageRequest\x1a\x16.clip.v1.EmbedResponse\x12\x45\n\nSimilarity\x12\x1a.clip.v1.SimilarityRequest\x1a\x1b.clip.v1.SimilarityResponse\x12?\n\x08\x43lassify\x12\x18.clip.v1.ClassifyRequest\x1a\x19.clip.v1.ClassifyResponse\x12@\n\x0cGetModelInfo\x12\x1c.clip.v1.GetModelInfoRequest\x1a\x12.clip.v1.ModelInfo\x12\x45\n\nListModels\x12\x1a.clip.v1.ListModelsRequest\x1a\x1b.clip.v1.ListModelsResponse\x12\x42\n\x0b\x45mbedStream\x12\x16.clip.v1.StreamRequest\x1a\x17.clip.v1.StreamResponse(\x01\x30\x01\x12\x41\n\nCatalogAdd\x12\x14.clip.v1.CatalogItem\x1a\x19.clip.v1.CatalogAddResult(\x01\x30\x01\x12N\n\rCatalogDelete\x12\x1d.clip.v1.CatalogDeleteRequest\x1a\x1e.clip.v1.CatalogDeleteResponse\x12\x45\n\nCatalogGet\x12\x1a.clip.v1.CatalogGetRequest\x1a\x1b.clip.v1.CatalogGetResponse\x12\x39\n\x06Search\x12\x16.clip.v1.SearchRequest\x1a\x17.clip.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clip.v1.clip_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VECTORFORMAT']._serialized_start=3021
-  _globals['_VECTORFORMAT']._serialized_end=3233
-  _globals['_PRIORITY']._serialized_start=3235
-  _globals['_PRIORITY']._serialized_end=3316
+  _globals['_VECTORFORMAT']._serialized_start=3053
+  _globals['_VECTORFORMAT']._serialized_end=3265
+  _globals['_PRIORITY']._serialized_start=3267
+  _globals['_PRIORITY']._serialized_end=3348
   _globals['_EMBEDTEXTREQUEST']._serialized_start=32
   _globals['_EMBEDTEXTREQUEST']._serialized_end=174
   _globals['_EMBEDIMAGEREQUEST']._serialized_start=177
@@ -62,39 +62,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=1232
   _globals['_GETMODELINFOREQUEST']._serialized_end=1268
   _globals['_MODELINFO']._serialized_start=1271
-  _globals['_MODELINFO']._serialized_end=1668
-  _globals['_LISTMODELSREQUEST']._serialized_start=1670
-  _globals['_LISTMODELSREQUEST']._serialized_end=1689
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1691
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1747
-  _globals['_STREAMREQUEST']._serialized_start=1750
-  _globals['_STREAMREQUEST']._serialized_end=1946
-  _globals['_STREAMERROR']._serialized_start=1948
-  _globals['_STREAMERROR']._serialized_end=1992
-  _globals['_STREAMRESPONSE']._serialized_start=1994
-  _globals['_STREAMRESPONSE']._serialized_end=2112
-  _globals['_CATALOGITEM']._serialized_start=2115
-  _globals['_CATALOGITEM']._serialized_end=2279
-  _globals['_CATALOGADDRESULT']._serialized_start=2281
-  _globals['_CATALOGADDRESULT']._serialized_end=2372
-  _globals['_CATALOGDELETEREQUEST']._serialized_start=2374
-  _globals['_CATALOGDELETEREQUEST']._serialized_end=2424
-  _globals['_CATALOGDELETERESPONSE']._serialized_start=2426
-  _globals['_CATALOGDELETERESPONSE']._serialized_end=2466
-  _globals['_CATALOGGETREQUEST']._serialized_start=2468
-  _globals['_CATALOGGETREQUEST']._serialized_end=2515
-  _globals['_CATALOGENTRY']._serialized_start=2517
-  _globals['_CATALOGENTRY']._serialized_end=2590
-  _globals['_CATALOGGETRESPONSE']._serialized_start=2592
-  _globals['_CATALOGGETRESPONSE']._serialized_end=2652
-  _globals['_QUERYVECTOR']._serialized_start=2654
-  _globals['_QUERYVECTOR']._serialized_end=2701
-  _globals['_SEARCHREQUEST']._serialized_start=2704
-  _globals['_SEARCHREQUEST']._serialized_end=2888
-  _globals['_SEARCHHIT']._serialized_start=2890
-  _globals['_SEARCHHIT']._serialized_end=2951
-  _globals['_SEARCHRESPONSE']._serialized_start=2953
-  _globals['_SEARCHRESPONSE']._serialized_end=3018
-  _globals['_CLIPSERVICE']._serialized_start=3319
-  _globals['_CLIPSERVICE']._serialized_end=4080
+  _globals['_MODELINFO']._serialized_end=1700
+  _globals['_LISTMODELSREQUEST']._serialized_start=1702
+  _globals['_LISTMODELSREQUEST']._serialized_end=1721
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1723
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1779
+  _globals['_STREAMREQUEST']._serialized_start=1782
+  _globals['_STREAMREQUEST']._serialized_end=1978
+  _globals['_STREAMERROR']._serialized_start=1980
+  _globals['_STREAMERROR']._serialized_end=2024
+  _globals['_STREAMRESPONSE']._serialized_start=2026
+  _globals['_STREAMRESPONSE']._serialized_end=2144
+  _globals['_CATALOGITEM']._serialized_start=2147
+  _globals['_CATALOGITEM']._serialized_end=2311
+  _globals['_CATALOGADDRESULT']._serialized_start=2313
+  _globals['_CATALOGADDRESULT']._serialized_end=2404
+  _globals['_CATALOGDELETEREQUEST']._serialized_start=2406
+  _globals['_CATALOGDELETEREQUEST']._serialized_end=2456
+  _globals['_CATALOGDELETERESPONSE']._serialized_start=2458
+  _globals['_CATALOGDELETERESPONSE']._serialized_end=2498
+  _globals['_CATALOGGETREQUEST']._serialized_start=2500
+  _globals['_CATALOGGETREQUEST']._serialized_end=2547
+  _globals['_CATALOGENTRY']._serialized_start=2549
+  _globals['_CATALOGENTRY']._serialized_end=2622
+  _globals['_CATALOGGETRESPONSE']._serialized_start=2624
+  _globals['_CATALOGGETRESPONSE']._serialized_end=2684
+  _globals['_QUERYVECTOR']._serialized_start=2686
+  _globals['_QUERYVECTOR']._serialized_end=2733
+  _globals['_SEARCHREQUEST']._serialized_start=2736
+  _globals['_SEARCHREQUEST']._serialized_end=2920
+  _globals['_SEARCHHIT']._serialized_start=2922
+  _globals['_SEARCHHIT']._serialized_end=2983
+  _globals['_SEARCHRESPONSE']._serialized_start=2985
+  _globals['_SEARCHRESPONSE']._serialized_end=3050
+  _globals['_CLIPSERVICE']._serialized_start=3351
+  _globals['_CLIPSERVICE']._serialized_end=4112
 # @@protoc_insertion_point(module_scope)

@@ -176,7 +176,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "logit_scale", "backend", "model_id", "weights_sha256", "logit_bias", "score_function", "languages", "default_language", "tokenizer", "name", "accepts_pixels", "image_interpolation", "exif_transpose")
+    __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "logit_scale", "backend", "model_id", "weights_sha256", "logit_bias", "score_function", "languages", "default_language", "tokenizer", "name", "accepts_pixels", "image_interpolation", "exif_transpose", "catalog_accepts_pixels")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class ModelInfo(_message.Message):
     ACCEPTS_PIXELS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_INTERPOLATION_FIELD_NUMBER: _ClassVar[int]
     EXIF_TRANSPOSE_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_ACCEPTS_PIXELS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     pretrained: str
     embedding_dim: int
@@ -213,7 +214,8 @@ class ModelInfo(_message.Message):
     accepts_pixels: bool
     image_interpolation: str
     exif_transpose: bool
-    def __init__(self, model_name: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., backend: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., logit_bias: _Optional[float] = ..., score_function: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ..., default_language: _Optional[str] = ..., tokenizer: _Optional[str] = ..., name: _Optional[str] = ..., accepts_pixels: _Optional[bool] = ..., image_interpolation: _Optional[str] = ..., exif_transpose: _Optional[bool] = ...) -> None: ...
+    catalog_accepts_pixels: bool
+    def __init__(self, model_name: _Optional[str] = ..., pretrained: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., backend: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., logit_bias: _Optional[float] = ..., score_function: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ..., default_language: _Optional[str] = ..., tokenizer: _Optional[str] = ..., name: _Optional[str] = ..., accepts_pixels: _Optional[bool] = ..., image_interpolation: _Optional[str] = ..., exif_transpose: _Optional[bool] = ..., catalog_accepts_pixels: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
