@@ -96,12 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    import grpc  # every client command talks gRPC; `serve` imports it anyway
+
     try:
         return int(args.func(args) or 0)
     except SettingsError as exc:
         parser.error(str(exc))  # a bad flag or CLIP_* value: a usage error, exit 2
     except MissingExtra as exc:  # the message names the extra to install
         print(f"clipsvc: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:  # a refused call or no server: its status, not a traceback
+        code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"clipsvc: {code}: {details}", file=sys.stderr)
         return 1
 
 

@@ -60,6 +60,17 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _workers(text: str) -> int | None:
+    """`--workers` (or CLIP_WORKERS): a number of processes; 0 means the default (None)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of processes: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (one per CPU) or more, not {value}")
+    return value or None
+
+
 def _pixel_flags(p: argparse.ArgumentParser) -> None:
     """Local preprocessing: decode here and send the model's pixels (issue 28)."""
     p.add_argument(
@@ -72,9 +83,11 @@ def _pixel_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--workers",
-        type=int,
-        default=int(os.environ.get("CLIP_WORKERS", "0")) or None,
-        help="processes making pixels (default: one per CPU this process may use) "
+        type=_workers,
+        # A string: argparse runs it through `type` too, so a bad CLIP_WORKERS is a usage
+        # error like a bad flag.
+        default=os.environ.get("CLIP_WORKERS", "0"),
+        help="processes making pixels (default, or 0: one per CPU this process may use) "
         "[env CLIP_WORKERS]",
     )
     p.add_argument(

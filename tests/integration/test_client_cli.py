@@ -35,6 +35,7 @@ from service.client import ClipClient, decode_embedding
 from service.demo.shapes import render
 from service.model.export import export_model
 from service.model.metadata import repository_names
+from service.processes.child_server import free_port
 from service.processes.gateway import gateway_settings, running_gateway
 from service.server.app import Gateway
 from tests.support.gateway import stub_for
@@ -117,12 +118,15 @@ async def served(
         yield Served(gw, workdir)
 
 
-async def _clipsvc(served: Served, args: list[str]) -> subprocess.CompletedProcess[str]:
-    """`clipsvc ARGS` in a child process, in the work folder, aimed at the gateway
-    through CLIP_TARGET (so the README's arguments run unchanged). The child runs this
-    tree's `service` package: `-m service.cli` is what the `clipsvc` script calls."""
+async def _clipsvc(
+    served: Served, args: list[str], target: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """`clipsvc ARGS` in a child process, in the work folder, aimed at the gateway (or
+    `target`) through CLIP_TARGET (so the README's arguments run unchanged). The child
+    runs this tree's `service` package: `-m service.cli` is what the `clipsvc` script
+    calls."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
-    env["CLIP_TARGET"] = f"127.0.0.1:{served.gateway.port}"
+    env["CLIP_TARGET"] = target or f"127.0.0.1:{served.gateway.port}"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -251,6 +255,27 @@ async def test_classify_ranks_the_labels_as_the_gateway_does(served: Served) -> 
     for match, label in zip(parsed, want, strict=True):
         assert abs(float(match[1]) / 100 - label.probability) <= 5.1e-5
         assert abs(float(match[3]) - label.score) <= 5.1e-4
+
+
+async def test_a_refused_call_or_no_server_is_one_line_and_exit_1_not_a_traceback(
+    served: Served,
+) -> None:
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    runs = {
+        "no server": await _clipsvc(served, ["embed-text", "hello", "--timeout", "5"], nobody),
+        "no server, index": await _clipsvc(served, ["index", "photos", "--timeout", "5"], nobody),
+        "refused": await _clipsvc(served, ["classify", "my_shape.png", "--labels", "a", "a"]),
+    }
+    for name, run in runs.items():
+        assert run.returncode == 1, (name, run)
+        assert "Traceback" not in run.stderr, (name, run.stderr)
+    assert runs["no server"].stderr.startswith("clipsvc: UNAVAILABLE: "), runs["no server"]
+    assert "clipsvc: UNAVAILABLE: " in runs["no server, index"].stderr
+    assert runs["refused"].stderr.startswith("clipsvc: INVALID_ARGUMENT: "), runs["refused"]
+    assert "label" in runs["refused"].stderr
+    # A bad --workers (or CLIP_WORKERS) is a usage error, exit 2, naming the flag.
+    bad = await _clipsvc(served, ["embed-dir", "photos", "--out", "x.npy", "--workers", "-1"])
+    assert bad.returncode == 2 and "--workers" in bad.stderr and "Traceback" not in bad.stderr
 
 
 async def test_similarity_reads_at_path_arguments_as_images(served: Served) -> None:
