@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -149,12 +151,15 @@ async def test_concurrent_rpcs_past_the_cap_are_refused_and_probes_still_answer(
         assert len(ok.embeddings) == 1
 
 
+@pytest.mark.parametrize("rpc", ["EmbedStream", "CatalogAdd"])
 async def test_a_stream_client_that_never_reads_stalls_only_its_own_stream(
-    demo_model: ExportedModel,
+    demo_model: ExportedModel, rpc: str, tmp_path: Path
 ) -> None:
     """The server stops reading a stream whose answers go unread (flow control, not an
-    ever-growing buffer), while other callers are served as usual."""
-    settings = gateway_settings(demo_model.repository)
+    ever-growing buffer), while other callers are served as usual: on both streams,
+    EmbedStream and the catalog's CatalogAdd."""
+    catalog = str(tmp_path / "catalog.db") if rpc == "CatalogAdd" else ""
+    settings = gateway_settings(demo_model.repository, catalog=catalog)
     n_sent = 2000
     # A slow reader's receive window: no BDP probing to grow it past 64 KiB.
     client_options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
@@ -165,11 +170,12 @@ async def test_a_stream_client_that_never_reads_stalls_only_its_own_stream(
             stub = clip_pb2_grpc.ClipServiceStub(channel)
             before = _items_embedded(gw)
 
-            async def requests() -> AsyncIterator[clip_pb2.StreamRequest]:
+            async def requests() -> AsyncIterator[Any]:
+                message = clip_pb2.StreamRequest if rpc == "EmbedStream" else clip_pb2.CatalogItem
                 for i in range(n_sent):
-                    yield clip_pb2.StreamRequest(id=f"{i:06d}" + "-" * 200, text=f"text {i}")
+                    yield message(id=f"{i:06d}" + "-" * 200, text=f"text {i}")
 
-            call = stub.EmbedStream(requests())
+            call = getattr(stub, rpc)(requests())
             # Never read: wait until the server takes items in (a loaded machine may
             # take a while to start), then until it stops: 3 s without one more item.
             deadline = loop.time() + 120.0
@@ -190,7 +196,11 @@ async def test_a_stream_client_that_never_reads_stalls_only_its_own_stream(
             assert len(answer.embeddings) == 1
             assert _items_embedded(gw) - before == seen + 1  # the stream still stalls
             answers = [a async for a in call]  # reading again drains the rest
-    assert len(answers) == n_sent and all(a.WhichOneof("result") == "embedding" for a in answers)
+    assert len(answers) == n_sent
+    if rpc == "EmbedStream":
+        assert all(a.WhichOneof("result") == "embedding" for a in answers)
+    else:
+        assert all(not a.HasField("error") and a.content_sha256 for a in answers)
 
 
 async def test_an_overlong_stream_id_is_a_per_item_error(gateway_default: Gateway) -> None:
