@@ -4,8 +4,11 @@ tests/integration/test_catalog.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from service.processes.supervisor import Supervisor
 
@@ -48,48 +51,48 @@ def _until(condition, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+@contextlib.contextmanager
+def _watching(child: FakeChild, **options: Any) -> Iterator[Supervisor]:
+    """A supervisor of `child` checking every 10 ms, stopped at the end of the block."""
+    supervisor = Supervisor(child, check_every_s=0.01, **options)  # type: ignore[arg-type]
+    supervisor.start()
+    try:
+        yield supervisor
+    finally:
+        supervisor.stop()
+
+
 def test_a_dead_child_is_started_again_once_and_reported() -> None:
     child = FakeChild()
     restarted: list[int | None] = []
-    supervisor = Supervisor(
-        child, check_every_s=0.01, on_restart=lambda: restarted.append(child.pid)
-    )  # type: ignore[arg-type]
-    supervisor.start()
-    try:
+    with _watching(child, on_restart=lambda: restarted.append(child.pid)) as supervisor:
         time.sleep(0.05)
         assert child.starts == 0  # running: left alone
         child.crash()
         _until(lambda: supervisor.restarts == 1)
         time.sleep(0.05)
         assert (child.starts, restarted) == (1, [101])
-    finally:
-        supervisor.stop()
 
 
 def test_failed_starts_are_retried_with_a_growing_pause() -> None:
     child = FakeChild(failures=3)
-    supervisor = Supervisor(child, check_every_s=0.01, max_backoff_s=0.04)  # type: ignore[arg-type]
-    supervisor.start()
-    try:
+    with _watching(child, max_backoff_s=0.04) as supervisor:
         began = time.monotonic()
         child.crash()
         _until(lambda: supervisor.restarts == 1)
         # Pauses of 0.01, 0.02 and 0.04 s between the four starts.
         assert child.starts == 4 and child.running
         assert time.monotonic() - began >= 0.07
-    finally:
-        supervisor.stop()
 
 
 def test_after_stop_a_dead_child_stays_down() -> None:
     child = FakeChild(failures=1000)
-    supervisor = Supervisor(child, check_every_s=0.01, max_backoff_s=30.0)  # type: ignore[arg-type]
-    supervisor.start()
-    child.crash()
-    _until(lambda: child.starts >= 2)  # now in a long back-off
-    began = time.monotonic()
-    supervisor.stop()
-    assert time.monotonic() - began < 2.0  # the pause ends with the stop
-    starts = child.starts
-    time.sleep(0.05)
-    assert child.starts == starts and not child.running
+    with _watching(child, max_backoff_s=30.0) as supervisor:
+        child.crash()
+        _until(lambda: child.starts >= 2)  # now in a long back-off
+        began = time.monotonic()
+        supervisor.stop()
+        assert time.monotonic() - began < 2.0  # the pause ends with the stop
+        starts = child.starts
+        time.sleep(0.05)
+        assert child.starts == starts and not child.running
