@@ -108,14 +108,23 @@ async def _index(args: argparse.Namespace, root: Path, files: list[Path]) -> int
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    if (args.query is None) == (args.like is None):
+        print("clipsvc search: give a query or --like ID, exactly one", file=sys.stderr)
+        return 2
     return asyncio.run(_search(args))
 
 
 async def _search(args: argparse.Namespace) -> int:
-    query: str | Path = Path(args.query[1:]) if args.query.startswith("@") else args.query
+    query: str | Path | None = args.query
+    if args.query and args.query.startswith("@"):
+        query = Path(args.query[1:])
     async with _async_client(args, args.timeout) as client:
         hits = await client.search(
-            query, top_k=args.top_k, filter_json=args.filter or "", model=args.model
+            query,
+            like=args.like or "",
+            top_k=args.top_k,
+            filter_json=args.filter or "",
+            model=args.model,
         )
     for hit in hits:
         metadata = json.loads(hit.metadata_json) if hit.metadata_json else {}
@@ -134,9 +143,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _pixel_flags(p)
     p.set_defaults(func=_cmd_index)
 
-    p = sub.add_parser("search", help="Search the catalog by text (or @image-file).")
+    p = sub.add_parser(
+        "search", help="Search the catalog by text, @image-file, or --like a stored item."
+    )
     _common(p)
-    p.add_argument("query", help="a text, or @path of an image")
+    p.add_argument("query", nargs="?", help="a text, or @path of an image")
+    p.add_argument(
+        "--like",
+        metavar="ID",
+        help="items like the stored item ID (a path under the indexed folder, as `index` "
+        "names them), itself left out; instead of a query",
+    )
     p.add_argument("-k", "--top-k", type=int, default=10, help="how many hits")
     p.add_argument(
         "--filter", help='JSON object of metadata values to match, e.g. \'{"colour": "red"}\''

@@ -643,16 +643,22 @@ class AsyncClipClient:
 
     async def search(
         self,
-        query: str | bytes | Path | PresizedPixels,
+        query: str | bytes | Path | PresizedPixels | None = None,
         *,
+        like: str = "",
         top_k: int = 10,
         filter_json: str = "",
         model: str = "",
     ) -> list[clip_pb2.SearchHit]:
         """The catalog's items nearest a text, an image (bytes or a file path) or
-        pre-sized pixels."""
+        pre-sized pixels; or, with `like` (and no query), nearest the stored item of that
+        id, which is left out."""
+        if (query is None) == (not like):
+            raise ValueError("search takes a query or `like`, exactly one of them")
         request = clip_pb2.SearchRequest(top_k=top_k, filter_json=filter_json, model=model)
-        if isinstance(query, str):
+        if like:
+            request.item_id = like
+        elif isinstance(query, str):
             request.text = query
         elif isinstance(query, PresizedPixels):
             request.pixels = query.data

@@ -111,6 +111,10 @@ class ModelNotFound(ClipError):
         self.known = known
 
 
+class ItemNotFound(ClipError):
+    """A catalog call names an item id the catalog does not hold (NOT_FOUND)."""
+
+
 class Unauthenticated(ClipError):
     """No API key, or one that is not accepted (UNAUTHENTICATED, HTTP 401)."""
 

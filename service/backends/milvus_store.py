@@ -179,6 +179,11 @@ class MilvusStore:
         )
         return {row["id"]: (row["metadata"] or {}, row["content_sha256"]) for row in rows}
 
+    def vector(self, name: str, item_id: str) -> np.ndarray | None:
+        """The stored vector of `item_id`; None when it is not stored."""
+        rows = self._call("get", self._client.query, name, ids=[item_id], output_fields=["vector"])
+        return np.asarray(rows[0]["vector"], dtype=np.float32) if rows else None
+
     def delete(self, name: str, ids: Sequence[str]) -> int:
         """Delete `ids`; how many of them were stored."""
         present = list(self.get(name, ids))

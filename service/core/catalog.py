@@ -34,7 +34,7 @@ from service.core.embedder import Embedder
 from service.core.image_preprocess import PresizedPixels
 from service.core.models import ModelRegistry
 from service.core.validation import check_count
-from service.errors import BackendFailure, InvalidInput, NotConfigured
+from service.errors import BackendFailure, InvalidInput, ItemNotFound, NotConfigured
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -87,7 +87,15 @@ class VectorQuery:
     model_id: str
 
 
-Query = str | bytes | PresizedPixels | VectorQuery
+@dataclass(frozen=True)
+class ItemQuery:
+    """ "More like this": the stored vector of the catalog's item `id` is the query, and
+    the item itself is left out of the hits."""
+
+    id: str
+
+
+Query = str | bytes | PresizedPixels | VectorQuery | ItemQuery
 
 
 @dataclass(frozen=True)
@@ -308,9 +316,30 @@ class Catalog:
                 field="filter",
             )
         conditions = _json_object(filter_json, "filter") if filter_json else None
+        if isinstance(query, ItemQuery):
+            vector = await self._item_vector(collection, query.id, model_name)
+            # One more, as the item finds itself first (unless a filter leaves it out).
+            hits = await self._run(
+                lambda: self._store.search(collection, vector, k + 1, conditions)
+            )
+            return SearchResult([h for h in hits if h.id != query.id][:k], embedder.model_id)
         vector = await self._query_vector(embedder, query, language, timeout_s)
         hits = await self._run(lambda: self._store.search(collection, vector, k, conditions))
         return SearchResult(hits, embedder.model_id)
+
+    async def _item_vector(self, collection: str, item_id: str, model_name: str) -> np.ndarray:
+        if not 0 < len(item_id) <= MAX_ID_CHARS:
+            raise InvalidInput(
+                f"item_id is {len(item_id)} characters; an id has 1 to {MAX_ID_CHARS}",
+                field="item_id",
+            )
+        vector = await self._run(lambda: self._store.vector(collection, item_id))
+        if vector is None:
+            raise ItemNotFound(
+                f"no item {item_id!r} in the catalog of model "
+                f"{self._models.get(model_name).name!r} to search like"
+            )
+        return vector
 
     async def _query_vector(
         self, embedder: Embedder, query: Query | None, language: str | None, timeout_s: float
@@ -327,7 +356,9 @@ class Catalog:
             return results[0].vector
         if isinstance(query, VectorQuery):
             return _checked_vector(query, embedder)
-        raise InvalidInput("the search has no query: send a text, an image, pixels or a vector")
+        raise InvalidInput(
+            "the search has no query: send a text, an image, pixels, a vector or an item_id"
+        )
 
     def _collection(self, model_name: str) -> str:
         if self._pending is None:

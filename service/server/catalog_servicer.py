@@ -16,7 +16,7 @@ import numpy as np
 
 from service.api.clip.v1 import clip_pb2
 from service.backends.vector_store import MAX_ID_CHARS
-from service.core.catalog import AddItem, AddOutcome, Catalog, Query, VectorQuery
+from service.core.catalog import AddItem, AddOutcome, Catalog, ItemQuery, Query, VectorQuery
 from service.core.image_preprocess import PresizedPixels
 from service.errors import NotConfigured
 from service.server.status import caller_message, status_for
@@ -96,6 +96,8 @@ class CatalogRpcs:
             query = VectorQuery(
                 np.asarray(request.vector.values, dtype=np.float32), request.vector.model_id
             )
+        elif kind == "item_id":
+            query = ItemQuery(request.item_id)
         result = await catalog.search(
             request.model,
             query,

@@ -3,8 +3,8 @@ through its route wrapper (auth, body bound, concurrency, metrics, errors in Ope
 shape). Decode and encode only; `core.catalog` does the work.
 
     POST /v1/search          {"text" | "image" (base64) | "pixels" (base64) | "vector" +
-                              "vector_model", "top_k", "filter": {...}, "model",
-                              "language"}
+                              "vector_model" | "item_id", "top_k", "filter": {...},
+                              "model", "language"}
                              → {"hits": [{"id", "score", "metadata"}], "model"}
     POST /v1/catalog/items   {"items": [{"id", "text" | "image" | "pixels" (+
                               "source_sha256"), "metadata": {...}, "model",
@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.backends.vector_store import MAX_ID_CHARS
-from service.core.catalog import AddItem, AddOutcome, Catalog, Query, VectorQuery
+from service.core.catalog import AddItem, AddOutcome, Catalog, ItemQuery, Query, VectorQuery
 from service.core.image_preprocess import PresizedPixels
 from service.core.validation import check_count
 from service.errors import InvalidInput, NotConfigured
@@ -55,6 +55,7 @@ class _SearchBody(_Body):
     pixels: str | None = None
     vector: list[float] | None = None
     vector_model: str | None = None
+    item_id: str | None = None
     top_k: int | None = None  # null or 0: the default
     filter: dict[str, Any] | None = None
     language: str | None = None
@@ -128,13 +129,17 @@ def _outcome(outcome: AddOutcome) -> dict[str, Any]:
 
 
 def _query(body: _SearchBody) -> Query:
-    given = [k for k in ("text", "image", "pixels", "vector") if getattr(body, k) is not None]
+    kinds = ("text", "image", "pixels", "vector", "item_id")
+    given = [k for k in kinds if getattr(body, k) is not None]
     if len(given) != 1:
         raise InvalidInput(
-            "send exactly one of text, image (base64), pixels (base64) and vector (with "
-            f"vector_model: the model id its embedding answer named); got {given or 'none'}",
+            "send exactly one of text, image (base64), pixels (base64), vector (with "
+            "vector_model: the model id its embedding answer named) and item_id (items "
+            f"like a stored one); got {given or 'none'}",
             field="query",
         )
+    if body.item_id is not None:
+        return ItemQuery(body.item_id)
     if body.vector is not None:
         return VectorQuery(np.asarray(body.vector, dtype=np.float32), body.vector_model or "")
     return _content(body, given[0], None)  # type: ignore[return-value]

@@ -16,6 +16,7 @@ from service.errors import (
     ClipError,
     DeadlineExceeded,
     InvalidInput,
+    ItemNotFound,
     MethodNotAllowed,
     ModelMismatch,
     ModelNotFound,
@@ -45,6 +46,7 @@ _TABLE: dict[type[ClipError], Outcome] = {
     InvalidInput: Outcome(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
     Unauthenticated: Outcome(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
     ModelNotFound: Outcome(grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
+    ItemNotFound: Outcome(grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
     # 429 for every RESOURCE_EXHAUSTED: "too much now, retry later or send less".
     Overloaded: Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
     RequestTooLarge: Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error"),

@@ -198,6 +198,8 @@ async def test_a_metadata_filter_keeps_only_matching_items(served: Served) -> No
         ({"text": "x", "top_k": 100_000}, "top_k"),
         ({}, "no query"),
         ({"pixels": b"\x00" * 5}, "pixels are 5 bytes"),
+        ({"item_id": ""}, "item_id is 0 characters"),
+        ({"item_id": "x" * 600}, "item_id is 600 characters"),
     ],
 )
 async def test_bad_searches_are_invalid_argument_and_say_why(
@@ -231,6 +233,36 @@ async def test_bad_items_answer_alone_and_the_stream_goes_on(served: Served) -> 
         )
         assert [e.id for e in got.entries] == ["extra_text"]
         await stub.CatalogDelete(clip_pb2.CatalogDeleteRequest(ids=["extra_text"]))
+
+
+async def test_items_like_a_stored_one_are_its_nearest_others(served: Served) -> None:
+    hits = await _search(served.gateway, item_id="blue_star_0", top_k=PER_PAIR - 1)
+    # The same as a search by its stored vector, without the item itself.
+    source = next(i for i in _shape_items() if i.id == "blue_star_0")
+    async with stub_for(served.gateway.port) as stub:
+        embedded = await stub.EmbedImage(clip_pb2.EmbedImageRequest(images=[source.image]))
+    vector = clip_pb2.QueryVector(values=embedded.embeddings[0].values, model_id=embedded.model)
+    by_vector = await _search(served.gateway, vector=vector, top_k=PER_PAIR)
+    assert by_vector[0].id == "blue_star_0"
+    assert [h.id for h in hits] == [h.id for h in by_vector[1:]]
+    assert [h.score for h in hits] == pytest.approx([h.score for h in by_vector[1:]], abs=1e-5)
+    assert sorted(h.id for h in hits) == [f"blue_star_{k}" for k in range(1, PER_PAIR)]
+    # A filter applies as to any query; a missing item is NOT_FOUND, named.
+    red = await _search(
+        served.gateway, item_id="blue_star_0", top_k=5, filter_json='{"colour": "red"}'
+    )
+    assert len(red) == 5 and {json.loads(h.metadata_json)["colour"] for h in red} == {"red"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _search(served.gateway, item_id='no "such" item')
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert 'no "such" item' in caught.value.details()
+    port = served.gateway.http_port
+    status, body = await asyncio.to_thread(
+        http_json, port, "/v1/search", {"item_id": "blue_star_0", "top_k": PER_PAIR - 1}
+    )
+    assert status == 200 and [h["id"] for h in body["hits"]] == [h.id for h in hits], body
+    status, body = await asyncio.to_thread(http_json, port, "/v1/search", {"item_id": "gone"})
+    assert status == 404 and "gone" in body["error"]["message"], body
 
 
 async def test_a_vector_of_another_model_is_refused_and_named(served: Served) -> None:
@@ -582,3 +614,16 @@ async def test_index_sends_pixels_from_local_workers_and_a_no_pixels_rerun_skips
         code, out = await _clipsvc(gateway.port, tmp_path, ["index", "shapes", "--no-pixels"])
         assert code == 0, out
         assert f"0 added or updated, {len(PAIRS)} unchanged, 0 failed" in out, out
+        # More like one of them: the others, best first, by their paths; never itself.
+        like = ["search", "--like", "red_circle.png", "-k", "3"]
+        code, out = await _clipsvc(gateway.port, tmp_path, like)
+        assert code == 0, out
+        rows = [line.split(maxsplit=1) for line in out.splitlines() if line.strip()]
+        names = [Path(path).name for _, path in rows]
+        assert len(names) == 3 and "red_circle.png" not in names, out
+        assert [float(score) for score, _ in rows] == sorted(
+            (float(score) for score, _ in rows), reverse=True
+        )
+        for wrong in (["search"], ["search", "a star", "--like", "red_circle.png"]):
+            code, out = await _clipsvc(gateway.port, tmp_path, wrong)
+            assert code == 2 and "exactly one" in out, out

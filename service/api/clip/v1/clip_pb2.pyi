@@ -342,11 +342,12 @@ class QueryVector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("text", "image", "vector", "pixels", "top_k", "filter_json", "model", "language")
+    __slots__ = ("text", "image", "vector", "pixels", "item_id", "top_k", "filter_json", "model", "language")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTER_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -355,11 +356,12 @@ class SearchRequest(_message.Message):
     image: bytes
     vector: QueryVector
     pixels: bytes
+    item_id: str
     top_k: int
     filter_json: str
     model: str
     language: str
-    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[QueryVector, _Mapping]] = ..., pixels: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filter_json: _Optional[str] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[QueryVector, _Mapping]] = ..., pixels: _Optional[bytes] = ..., item_id: _Optional[str] = ..., top_k: _Optional[int] = ..., filter_json: _Optional[str] = ..., model: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "metadata_json")
