@@ -47,6 +47,7 @@ from service.core.calls import AnswerCosts, Calls
 from service.core.image_fetch import FetchOptions, ImageFetcher
 from service.core.models import ModelRegistry, ServedModel
 from service.errors import (
+    ClipError,
     InvalidInput,
     MethodNotAllowed,
     ModelNotFound,
@@ -203,7 +204,7 @@ class HttpApi:
                     "/v1/similarity", self._route("similarity", self._similarity), methods=["POST"]
                 ),
                 *(catalog or CatalogRoutes(None, options.backend_timeout_s)).routes(
-                    self._route, self._parse_struct
+                    self._route, self._parse_struct, self._fetched
                 ),
                 Route("/health", self._health_route, methods=["GET"]),
                 Route("/ready", self._ready_route, methods=["GET"]),
@@ -359,11 +360,19 @@ class HttpApi:
 
     @contextlib.asynccontextmanager
     async def _fetched(
-        self, model: str, items: Sequence[Any], field: str
+        self,
+        model: str,
+        items: Sequence[Any],
+        field: str,
+        *,
+        per_item: bool = False,
+        indexed: bool = True,
     ) -> AsyncIterator[list[Any]]:
         """`items` with each `ImageUrl` replaced by the bytes fetched from it (or a 400),
         at most `_FETCHES_AT_ONCE` at a time; the fetched bytes are held in the request
-        budget shared with gRPC until the block ends."""
+        budget shared with gRPC until the block ends. `per_item` (the catalog's adds,
+        answered one by one): a failed fetch leaves its error in the item's place instead
+        of failing the request. `indexed`: errors name `field[i]`, else `field` alone."""
         urls = [i for i, item in enumerate(items) if isinstance(item, schema.ImageUrl)]
         if not urls:
             yield list(items)
@@ -381,13 +390,18 @@ class HttpApi:
 
         async def fetch(i: int) -> None:
             async with turns:
-                out[i] = await self._fetcher.fetch(
-                    items[i].url,
-                    take,
-                    field=field,
-                    index=i,
-                    timeout_s=self._options.backend_timeout_s,
-                )
+                try:
+                    out[i] = await self._fetcher.fetch(
+                        items[i].url,
+                        take,
+                        field=field,
+                        index=i if indexed else None,
+                        timeout_s=self._options.backend_timeout_s,
+                    )
+                except ClipError as exc:
+                    if not per_item:
+                        raise
+                    out[i] = exc
 
         try:
             try:

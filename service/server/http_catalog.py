@@ -2,13 +2,16 @@
 through its route wrapper (auth, body bound, concurrency, metrics, errors in OpenAI's
 shape). Decode and encode only; `core.catalog` does the work.
 
-    POST /v1/search          {"text" | "image" (base64) | "pixels" (base64) | "vector" +
-                              "vector_model" | "item_id", "top_k", "filter": {...},
-                              "model", "language"}
+    POST /v1/search          {"text" | "image" (base64, data: URI or URL) | "pixels"
+                              (base64) | "vector" + "vector_model" | "item_id",
+                              "top_k", "filter": {...}, "model", "language"}
                              → {"hits": [{"id", "score", "metadata"}], "model"}
-    POST /v1/catalog/items   {"items": [{"id", "text" | "image" | "pixels" (+
-                              "source_sha256"), "metadata": {...}, "model",
+    POST /v1/catalog/items   {"items": [{"id", "text" | "image" (as above) | "pixels"
+                              (+ "source_sha256"), "metadata": {...}, "model",
                               "language"}], "model"}
+
+An image URL is fetched by the app's fetcher (only from `--image-url-allow` hosts, as on
+/v1/embeddings); an item whose fetch fails gets that error alone.
                              → {"results": [{"id", "content_sha256"} | {"id", "error"}]}
     POST /v1/catalog/delete  {"ids": [...], "model"} → {"deleted": n}
     POST /v1/catalog/get     {"ids": [...], "model"} → {"items": [{"id", "metadata",
@@ -18,7 +21,9 @@ shape). Decode and encode only; `core.catalog` does the work.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import msgspec
@@ -32,7 +37,7 @@ from service.core.catalog import AddItem, AddOutcome, Catalog, ItemQuery, Query,
 from service.core.image_preprocess import PresizedPixels
 from service.core.validation import check_count
 from service.errors import InvalidInput, NotConfigured
-from service.server.http_schema import decode_image, text_input
+from service.server.http_schema import ImageUrl, decode_image, image_string, text_input
 from service.server.status import caller_message, outcome_for
 
 #: The app's handler shape: the raw body and the call's record (its `model` is set here).
@@ -41,6 +46,10 @@ Wrap = Callable[[str, Handler], Callable[[Request], Awaitable[Response]]]
 B = TypeVar("B", bound="_Body")
 #: The app's bounded decoding of a body into a struct type, off the event loop.
 Parse = Callable[[bytes, type[B]], Awaitable[B]]
+#: The app's image URL fetching: (model, values, field, per_item=, indexed=) → the values
+#: with each `ImageUrl` replaced by its bytes (or, per item, its error), held in the
+#: request budget while the block runs.
+Fetched = Callable[..., AbstractAsyncContextManager[list[Any]]]
 
 
 # The bodies, typed: a value of a wrong type is a 400 naming its path, and a field a
@@ -87,12 +96,13 @@ def _object_json(value: dict[str, Any] | None) -> str:
 
 def _content(
     value: _AddItemBody | _SearchBody, field: str, index: int | None
-) -> str | bytes | PresizedPixels | None:
-    """The item's or query's text, encoded image or pixels (base64), whichever is set."""
+) -> str | bytes | ImageUrl | PresizedPixels | None:
+    """The item's or query's text, encoded image (base64, a data: URI, or a URL to fetch)
+    or pixels (base64), whichever is set."""
     if value.text is not None:
         return text_input(value.text, field, index)
     if value.image is not None:
-        return decode_image(value.image, field, index)
+        return image_string(value.image, field, index, strict=False)
     if value.pixels is not None:
         return PresizedPixels(decode_image(value.pixels, field, index))
     return None
@@ -128,7 +138,7 @@ def _outcome(outcome: AddOutcome) -> dict[str, Any]:
     }
 
 
-def _query(body: _SearchBody) -> Query:
+def _query(body: _SearchBody) -> Query | ImageUrl:
     kinds = ("text", "image", "pixels", "vector", "item_id")
     given = [k for k in kinds if getattr(body, k) is not None]
     if len(given) != 1:
@@ -151,10 +161,12 @@ class CatalogRoutes:
     def __init__(self, catalog: Catalog | None, backend_timeout_s: float) -> None:
         self._catalog = catalog
         self._timeout_s = backend_timeout_s
+        self._fetched: Fetched | None = None  # the app's, given with `routes()`
 
-    def routes(self, wrap: Wrap, parse: Parse[Any]) -> list[Route]:
+    def routes(self, wrap: Wrap, parse: Parse[Any], fetched: Fetched) -> list[Route]:
         """Starlette routes, each wrapped by the app's `wrap(name, handler)`, their bodies
-        decoded by the app's `parse`."""
+        decoded by the app's `parse`, image URLs fetched by its `fetched`."""
+        self._fetched = fetched
 
         def route(path: str, name: str, kind: type[B], handler: Callable[[B], Any]) -> Route:
             async def run(raw: bytes, call: Any) -> dict[str, Any]:
@@ -182,14 +194,16 @@ class CatalogRoutes:
 
     async def _search(self, body: _SearchBody) -> dict[str, Any]:
         catalog = self._require()
-        result = await catalog.search(
-            body.model or "",
-            _query(body),
-            top_k=body.top_k or 0,
-            filter_json=_object_json(body.filter),
-            language=body.language or None,
-            timeout_s=self._timeout_s,
-        )
+        query = _query(body)
+        async with self._fetched(body.model or "", [query], "image", indexed=False) as fetched:
+            result = await catalog.search(
+                body.model or "",
+                fetched[0],
+                top_k=body.top_k or 0,
+                filter_json=_object_json(body.filter),
+                language=body.language or None,
+                timeout_s=self._timeout_s,
+            )
         return {
             "hits": [{"id": h.id, "score": h.score, "metadata": h.metadata} for h in result.hits],
             "model": result.model_id,
@@ -208,10 +222,21 @@ class CatalogRoutes:
                 results[index] = _outcome(AddOutcome(value.id, error=exc))
                 continue
             pending.append((index, item))
-        outcomes = await asyncio.gather(
-            *(catalog.add(item, timeout_s=self._timeout_s) for _, item in pending)
-        )
-        for (index, _), outcome in zip(pending, outcomes, strict=True):
+        values: list[Any] = [None] * len(body.items)
+        for index, item in pending:
+            values[index] = item.value
+        async with self._fetched(model, values, "items", per_item=True) as fetched:
+            ready = []
+            for index, item in pending:
+                value = fetched[index]
+                if isinstance(value, BaseException):  # its URL could not be fetched
+                    results[index] = _outcome(AddOutcome(item.id, error=value))
+                else:
+                    ready.append((index, dataclasses.replace(item, value=value)))
+            outcomes = await asyncio.gather(
+                *(catalog.add(item, timeout_s=self._timeout_s) for _, item in ready)
+            )
+        for (index, _), outcome in zip(ready, outcomes, strict=True):
             results[index] = _outcome(outcome)
         return {"results": results}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import hashlib
 import http.server
 import threading
 import time
@@ -296,3 +297,55 @@ async def test_a_host_named_exactly_is_fetched_through_its_checked_addresses(
         f"http://localhost:{image_server}/img.png", taken.append, field="input", index=0
     )
     assert data == IMAGE and sum(taken) == len(IMAGE)
+
+
+async def test_catalog_items_and_searches_take_image_urls_each_item_failing_alone(
+    demo_model: ExportedModel, image_server: int, tmp_path
+) -> None:
+    """The catalog's HTTP routes fetch image URLs by the same rules as /v1/embeddings;
+    an item whose fetch is refused gets that error alone, the others are stored."""
+    settings = gateway_settings(
+        demo_model.repository,
+        image_url_allow=("127.0.0.1",),
+        image_url_timeout_s=1.0,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        catalog=str(tmp_path / "catalog.db"),
+    )
+    base = f"http://127.0.0.1:{image_server}"
+    async with running_gateway(settings) as gw:
+        items = {
+            "by_url": f"{base}/img.png",
+            "inline": base64.b64encode(IMAGE).decode(),
+            "missing": f"{base}/missing.png",
+            "too_big": f"{base}/big",
+            "elsewhere": "http://169.254.169.254/latest/meta-data",
+            "other": f"{base}/other.png",
+        }
+        status, body = await asyncio.to_thread(
+            http_json,
+            gw.http_port,
+            "/v1/catalog/items",
+            {"items": [{"id": k, "image": v} for k, v in items.items()]},
+        )
+        assert status == 200, body
+        results = {r["id"]: r for r in body["results"]}
+        sha = hashlib.sha256(IMAGE).hexdigest()
+        assert results["by_url"] == {"id": "by_url", "content_sha256": sha}
+        assert results["inline"] == {"id": "inline", "content_sha256": sha}
+        assert "content_sha256" in results["other"]
+        assert "answered HTTP 404" in results["missing"]["error"]["message"]
+        assert (
+            f"over the limit of {MAX_IMAGE_BYTES} bytes" in results["too_big"]["error"]["message"]
+        )
+        assert "is not in --image-url-allow" in results["elsewhere"]["error"]["message"]
+        status, body = await asyncio.to_thread(
+            http_json, gw.http_port, "/v1/search", {"image": f"{base}/img.png", "top_k": 2}
+        )
+        assert status == 200, body
+        assert sorted(h["id"] for h in body["hits"]) == ["by_url", "inline"]
+        assert all(abs(h["score"] - 1.0) < 1e-5 for h in body["hits"]), body
+        status, body = await asyncio.to_thread(
+            http_json, gw.http_port, "/v1/search", {"image": f"{base}/missing.png"}
+        )
+        assert status == 400 and body["error"]["message"].startswith("image: "), body
+        assert "answered HTTP 404" in body["error"]["message"]
