@@ -9,13 +9,13 @@ shape). Decode and encode only; `core.catalog` does the work.
     POST /v1/catalog/items   {"items": [{"id", "text" | "image" (as above) | "pixels"
                               (+ "source_sha256"), "metadata": {...}, "model",
                               "language"}], "model"}
-
-An image URL is fetched by the app's fetcher (only from `--image-url-allow` hosts, as on
-/v1/embeddings); an item whose fetch fails gets that error alone.
                              → {"results": [{"id", "content_sha256"} | {"id", "error"}]}
     POST /v1/catalog/delete  {"ids": [...], "model"} → {"deleted": n}
     POST /v1/catalog/get     {"ids": [...], "model"} → {"items": [{"id", "metadata",
                               "content_sha256"}]}
+
+An image URL is fetched by the app's fetcher (only from `--image-url-allow` hosts, as on
+/v1/embeddings); an item whose fetch fails gets that error alone.
 """
 
 from __future__ import annotations
