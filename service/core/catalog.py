@@ -129,7 +129,7 @@ def _stored_hash(item: AddItem) -> str:
     """The content hash an item is stored with: the caller's `source_sha256` for pixels
     (so an unchanged file is known without decoding it again), else its own."""
     if not item.source_sha256:
-        return content_sha256(item.value)  # type: ignore[arg-type]
+        return content_sha256(item.value)  # type: ignore[arg-type]  # not None: checked
     if not isinstance(item.value, PresizedPixels):
         raise InvalidInput(
             "source_sha256 goes with pixels only (the gateway hashes texts and images "
@@ -201,6 +201,9 @@ class Catalog:
     async def _add(self, item: AddItem, timeout_s: float) -> str:
         _check_id(item.id)
         metadata = self._parse_metadata(item.metadata_json)
+        if item.value is None:
+            raise InvalidInput("item has no text, image or pixels set")
+        digest = _stored_hash(item)  # before the embedding: a bad hash costs none
         model = self._models.get(item.model)
         embedder = model.embedder
         if isinstance(item.value, str):
@@ -212,8 +215,7 @@ class Catalog:
             field = "pixels" if isinstance(item.value, PresizedPixels) else "image"
             results = await embedder.embed_images([item.value], timeout_s=timeout_s, field=field)
         else:
-            raise InvalidInput("item has no text, image or pixels set")
-        digest = _stored_hash(item)
+            raise InvalidInput(f"item input of type {type(item.value).__name__} is not embeddable")
         stored = StoredItem(item.id, results[0].vector, metadata, digest)
         await self._write(self._names[model.name], stored)
         return digest
