@@ -298,6 +298,9 @@ def _explain(message: str, kind: type[Any]) -> InvalidInput:
     return InvalidInput(f"{reason}; {hint}" if hint else reason, field=path)
 
 
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
 def decode_image(value: str, field: str, index: int | None = None) -> bytes:
     """Base64 (standard or URL-safe, padding optional) or a `data:<type>;base64,` URI → bytes."""
     text = value.strip()
@@ -313,9 +316,12 @@ def decode_image(value: str, field: str, index: int | None = None) -> bytes:
     text += "=" * (-len(text) % 4)
     try:
         if "-" in text or "_" in text:
-            data = base64.urlsafe_b64decode(text.encode("ascii"))
-        else:
-            data = base64.b64decode(text.encode("ascii"), validate=True)
+            # URL-safe; checked as strictly as the standard alphabet (urlsafe_b64decode
+            # skips what is not in the alphabet), and never the two mixed.
+            if "+" in text or "/" in text:
+                raise ValueError("both base64 alphabets")
+            text = text.translate(_URLSAFE_TO_STANDARD)
+        data = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise InvalidInput(
             "the image is not valid base64 (send the file's bytes base64 encoded, or a "

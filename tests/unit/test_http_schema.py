@@ -101,6 +101,10 @@ def test_images_as_base64_in_every_common_spelling() -> None:
         ("data:image/png,rawbytes", "input[3]: a data: URI must be base64 encoded"),
         ("", "input[3]: image is empty (0 bytes)"),
         ("ünï", "input[3]: the image is not valid base64"),
+        # URL-safe base64 is checked as strictly: a stray character is not skipped (it
+        # would shift every following bit, and pixels could keep their length).
+        (urlsafe[:40] + "!" + urlsafe[40:], "input[3]: the image is not valid base64"),
+        (urlsafe[:40] + "+" + urlsafe[40:], "input[3]: the image is not valid base64"),
     ]
     for value, message in cases:
         with pytest.raises(InvalidInput) as caught:
