@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient
-from service.client_cli import IMAGE_SUFFIXES, _common, _pixel_flags, local_files
+from service.client_cli import _common, _pixel_flags, folder_images, local_files
 from service.client_pixels import PixelPool, default_workers
 from service.core.image_preprocess import PresizedPixels
 
@@ -46,12 +46,8 @@ def _sha256(path: Path) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    root = Path(args.directory)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        print(f"no images under {root}", file=sys.stderr)
-        return 1
-    return asyncio.run(_index(args, root, files))
+    root, files = folder_images(args.directory)
+    return asyncio.run(_index(args, root, files)) if files else 1
 
 
 async def _index(args: argparse.Namespace, root: Path, files: list[Path]) -> int:

@@ -71,16 +71,24 @@ def _workers(text: str) -> int | None:
     return value or None
 
 
+def _switch(p: argparse.ArgumentParser, flag: str, env: str, default: bool, help: str) -> None:
+    """`--flag` / `--no-flag`, defaulting to the environment variable `env`."""
+    p.add_argument(
+        flag,
+        action=argparse.BooleanOptionalAction,
+        default=_env_flag(env, default),
+        help=f"{help} [env {env}]",
+    )
+
+
 def _pixel_flags(p: argparse.ArgumentParser) -> None:
     """Local preprocessing: decode here and send the model's pixels (issue 28)."""
-    p.add_argument(
-        "--pixels",
-        action=argparse.BooleanOptionalAction,
-        default=_env_flag("CLIP_PIXELS", True),
-        help="decode, resize and crop images here with the gateway's own code and send the "
+    _switch(
+        p, "--pixels", "CLIP_PIXELS", True,
+        "decode, resize and crop images here with the gateway's own code and send the "
         "model's pixels when the server takes them (same vectors, bit for bit; the "
-        "gateway's CPU is spared); --no-pixels sends the encoded files [env CLIP_PIXELS]",
-    )
+        "gateway's CPU is spared); --no-pixels sends the encoded files",
+    )  # fmt: skip
     p.add_argument(
         "--workers",
         type=_workers,
@@ -90,14 +98,12 @@ def _pixel_flags(p: argparse.ArgumentParser) -> None:
         help="processes making pixels (default, or 0: one per CPU this process may use) "
         "[env CLIP_WORKERS]",
     )
-    p.add_argument(
-        "--fast-jpeg",
-        action=argparse.BooleanOptionalAction,
-        default=_env_flag("CLIP_FAST_JPEG", False),
-        help="with --pixels: decode large JPEGs at a reduced size (libjpeg DCT scaling, never "
+    _switch(
+        p, "--fast-jpeg", "CLIP_FAST_JPEG", False,
+        "with --pixels: decode large JPEGs at a reduced size (libjpeg DCT scaling, never "
         "below 2x the model's size) before the resize; several times faster on photos, "
-        "vectors no longer bit-identical (README: measured cosine) [env CLIP_FAST_JPEG]",
-    )
+        "vectors no longer bit-identical (README: measured cosine)",
+    )  # fmt: skip
 
 
 def _client(args: argparse.Namespace) -> ClipClient:
@@ -185,13 +191,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_embed_dir(args: argparse.Namespace) -> int:
-    root = Path(args.directory)
+def folder_images(directory: str) -> tuple[Path, list[Path]]:
+    """The folder and every image file under it (recursively, by suffix), sorted; says so
+    when there is none."""
+    root = Path(directory)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         print(f"no images under {root}", file=sys.stderr)
-        return 1
-    return asyncio.run(_embed_dir(args, root, files))
+    return root, files
+
+
+def _cmd_embed_dir(args: argparse.Namespace) -> int:
+    root, files = folder_images(args.directory)
+    return asyncio.run(_embed_dir(args, root, files)) if files else 1
 
 
 async def _encoded_files(files: list[Path]) -> AsyncIterator[tuple[str, StreamValue]]:
