@@ -207,4 +207,5 @@ async def test_calls_without_a_deadline_end_at_backend_timeout_s(
     # One batch is held at the gate; the other item is in it, or waits in the queue
     # behind it (one batch in flight at a time) and ends there.
     assert 1 <= sum(call.rows for call in held) <= 2, held
-    assert all(c.timeout_s is not None and 0 < c.timeout_s <= timeout_s for c in held), held
+    # Within the callers' time (gRPC core may round a `grpc-timeout` header up a little).
+    assert all(c.timeout_s is not None and 0 < c.timeout_s <= timeout_s + 0.5 for c in held), held
