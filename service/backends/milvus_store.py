@@ -20,6 +20,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import grpc
 import numpy as np
 
 from service.extras import MissingExtra
@@ -37,7 +38,7 @@ from service.backends.vector_store import (
     StoreHit,
     filter_expression,
 )
-from service.errors import BackendFailure, BackendUnavailable, ModelMismatch
+from service.errors import BackendFailure, BackendUnavailable, DeadlineExceeded, ModelMismatch
 
 _LOGGER = logging.getLogger(__name__)
 # pymilvus logs every failed call with two full tracebacks (~60 lines) before raising;
@@ -230,14 +231,31 @@ class MilvusStore:
             return method(*args, timeout=self._timeout_s, **kwargs)
         except MilvusException as exc:
             if exc.code == Status.CONNECT_FAILED:
-                # Down, restarting (the embedded engine is restarted by its supervisor)
-                # or unreachable: a caller may retry, unlike a failed call.
-                _LOGGER.warning(
-                    "catalog %s: the engine at %s is not reachable: %s", what, self._uri, exc
-                )
-                raise BackendUnavailable(
-                    "the catalog engine is not reachable (down or restarting); retry shortly"
+                raise self._unreachable(what, exc) from exc
+            raise self._failed(what, exc) from exc
+        except grpc.RpcError as exc:
+            # pymilvus passes some channel errors through as they are: an engine that
+            # stopped answering (hung, or swamped) ends in DEADLINE_EXCEEDED here.
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                _LOGGER.warning("catalog %s: the engine at %s did not answer", what, self._uri)
+                raise DeadlineExceeded(
+                    f"the catalog engine did not answer within {self._timeout_s:g} s "
+                    "(--backend-timeout-s)"
                 ) from exc
-            raise BackendFailure(
-                f"catalog {what} failed at {self._uri}: {exc}", source="the catalog engine"
-            ) from exc
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise self._unreachable(what, exc) from exc
+            raise self._failed(what, exc) from exc
+
+    def _unreachable(self, what: str, exc: Exception) -> BackendUnavailable:
+        """Down, restarting (the embedded engine is restarted by its supervisor) or
+        unreachable: a caller may retry, unlike after a failed call."""
+        _LOGGER.warning("catalog %s: the engine at %s is not reachable: %s", what, self._uri, exc)
+        return BackendUnavailable(
+            "the catalog engine is not reachable (down or restarting); retry shortly"
+        )
+
+    def _failed(self, what: str, exc: Exception) -> BackendFailure:
+        return BackendFailure(
+            f"catalog {what} failed at {self._uri}: {exc}", source="the catalog engine"
+        )

@@ -504,6 +504,29 @@ async def test_a_crashed_engine_is_restarted_and_its_items_come_back(
     assert _engine_pids(db) == []
 
 
+async def test_a_hung_engine_is_deadline_exceeded_and_answers_again_when_it_resumes(
+    demo_model, tmp_path: Path
+) -> None:
+    db = tmp_path / "hung.db"
+    settings = gateway_settings(demo_model.repository, catalog=str(db), backend_timeout_s=3.0)
+    async with running_gateway(settings) as gateway:
+        await _add(gateway, [i for i in _shape_items() if i.id.startswith("green_")])
+        [pid] = _engine_pids(db)
+        os.killpg(pid, signal.SIGSTOP)
+        try:
+            # Before: pymilvus's own DEADLINE_EXCEEDED passed through as an unknown error,
+            # INTERNAL "internal error (_InactiveRpcError)".
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _search(gateway, text="a green star", top_k=PER_PAIR)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
+            assert "--backend-timeout-s" in caught.value.details()
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        hits = await _search(gateway, text="a green star", top_k=PER_PAIR)
+        assert sorted(h.id for h in hits) == [f"green_star_{k}" for k in range(PER_PAIR)]
+        assert _engine_pids(db) == [pid]  # the same engine: a pause is no crash
+
+
 async def test_a_catalog_made_for_another_model_is_refused_at_start(
     demo_model, tmp_path: Path
 ) -> None:
