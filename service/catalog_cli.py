@@ -23,7 +23,7 @@ from tqdm import tqdm
 from service.api.clip.v1 import clip_pb2
 from service.client import AsyncClipClient
 from service.client_cli import _common, _pixel_flags, folder_images, local_files
-from service.client_pixels import PixelPool, default_workers
+from service.client_pixels import PixelPool
 from service.core.image_preprocess import PresizedPixels
 
 # Ids asked about in one CatalogGet (under the server's --max-items default).
@@ -54,7 +54,7 @@ async def _index(args: argparse.Namespace, root: Path, files: list[Path]) -> int
     ids = {path: path.relative_to(root).as_posix() for path in files}
     errors: dict[str, str] = {}
     added = 0
-    pool = PixelPool(args.workers or default_workers())
+    pool = PixelPool(args.workers)  # None (no --workers, or 0): one per CPU
     async with _async_client(args, args.timeout) as client:
         with tqdm(total=len(files), unit="img", desc="indexing") as bar:
             # Which files the catalog already holds with the same bytes: those are skipped.

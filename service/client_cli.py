@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.client import WIRE_FORMATS, AsyncClipClient, ClipClient, StreamValue
-from service.client_pixels import PixelPool, PixelRecipe, default_workers
+from service.client_pixels import PixelPool, PixelRecipe
 from service.core.image_preprocess import PresizedPixels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -257,7 +257,7 @@ async def local_files(
 async def _embed_dir(args: argparse.Namespace, root: Path, files: list[Path]) -> int:
     ca = args.tls_ca.read_bytes() if args.tls_ca else None
     started = time.perf_counter()
-    pool = PixelPool(args.workers or default_workers())
+    pool = PixelPool(args.workers)  # None (no --workers, or 0): one per CPU
 
     async with AsyncClipClient(
         args.target, api_key=args.api_key, tls=args.tls, tls_ca=ca, timeout_s=None
