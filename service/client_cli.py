@@ -243,6 +243,8 @@ async def local_files(
     server takes them (`GetModelInfo`; for the `catalog`, its catalog too), else its
     encoded bytes; says which it sends."""
     recipe = None
+    if not files:  # an index re-run with nothing new: no model info asked, nothing said
+        return _encoded_files(files)
     if args.pixels:
         info = await client.model_info(args.model)
         if not catalog or getattr(info, "catalog_accepts_pixels", False):
